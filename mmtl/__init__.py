@@ -1,0 +1,1 @@
+"""mmtl: multimodal transfer learning in JAX/Flax from Hugging Face checkpoints."""
