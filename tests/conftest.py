@@ -8,3 +8,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir): see tests/hf_fixtures.py.
+from tests.hf_fixtures import tiny_bert_dir, tiny_clip_dir, tiny_vit_dir  # noqa: E402,F401

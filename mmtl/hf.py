@@ -1,0 +1,336 @@
+"""Hugging Face checkpoints <-> mmtl's Flax encoders.
+
+transformers 5 has no Flax classes, so mmtl owns the modules (mmtl/models/) and
+each model class lists its params' HF names (`hf_names()`); this file does the
+rest: find the checkpoint (local folder or hub id through the HF cache, with
+HF_HUB_OFFLINE honoured), read `config.json` + weights (`model.safetensors`,
+`flax_model.msgpack`, or their sharded `*.index.json`), convert layouts (torch
+Linear/Conv weights are transposed Flax kernels), check every name and shape,
+and write checkpoints that `transformers.AutoModel.from_pretrained` loads.
+
+Loading never initializes a weight silently: a param missing from the
+checkpoint, an extra encoder weight in it, or a shape mismatch is a
+`CheckpointError`, unless a `dont_load` regex (mmtl.rules syntax, on the
+encoder's own param paths) says to keep the initialized value / skip it.
+Checkpoint entries outside the encoder (task heads like `cls.*`, the other CLIP
+tower, old `position_ids` buffers) are skipped and logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import flax.serialization
+import huggingface_hub
+import huggingface_hub.errors
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from mmtl import rules
+from mmtl.models import bert, clip, vit
+
+Dtype = Any
+
+# model_type in config.json -> (module class, config class).
+MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "bert": (bert.BertModel, bert.BertConfig),
+    "vit": (vit.ViTModel, vit.ViTConfig),
+    "clip": (clip.CLIPModel, clip.CLIPConfig),
+    "clip_vision_model": (clip.CLIPVisionModel, clip.CLIPVisionConfig),
+    "clip_text_model": (clip.CLIPTextModel, clip.CLIPTextConfig),
+}
+# tower -> (key of its sub-config in a full CLIP config.json, model_type of the tower).
+TOWERS = {"vision": ("vision_config", "clip_vision_model"), "text": ("text_config", "clip_text_model")}
+
+# Weight files in order of preference.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "flax_model.msgpack", "flax_model.msgpack.index.json")
+# What to fetch from the hub: config, weights, tokenizer and processor files (no *.bin / *.h5).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint can't be found, read, or matched to the module."""
+
+
+def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
+  """Local checkpoint folder, or the HF-cache snapshot of a hub id (downloads unless offline)."""
+  path = Path(name_or_path).expanduser()
+  if path.is_dir():
+    if revision is not None:
+      raise CheckpointError(f"revision={revision!r} only applies to hub ids, but {str(path)!r} is a "
+                            "local folder: drop `revision` or pass the hub id.")
+    return path
+  if path.exists():
+    raise CheckpointError(f"{str(path)!r} is a file: pass the checkpoint folder (with config.json) or a hub id.")
+  try:
+    return Path(huggingface_hub.snapshot_download(str(name_or_path), revision=revision,
+                                                  allow_patterns=HUB_PATTERNS))
+  except huggingface_hub.errors.HFValidationError:
+    raise CheckpointError(f"{str(name_or_path)!r} is neither an existing folder nor a valid hub id "
+                          "(owner/name): check the path.") from None
+  except (huggingface_hub.errors.LocalEntryNotFoundError, huggingface_hub.errors.IncompleteSnapshotError,
+          huggingface_hub.errors.OfflineModeIsEnabled) as e:
+    raise CheckpointError(
+        f"{str(name_or_path)!r} (revision {revision or 'main'}) is not in the HF cache and downloads are "
+        f"off (HF_HUB_OFFLINE=1 or no network): download it once with network access, or pass a local "
+        f"folder. ({type(e).__name__}: {e})") from None
+  except (huggingface_hub.errors.RepositoryNotFoundError,
+          huggingface_hub.errors.RevisionNotFoundError) as e:
+    raise CheckpointError(f"Hub checkpoint {str(name_or_path)!r} revision {revision or 'main'} not found: "
+                          f"check the id, the revision and your HF token. ({e})") from None
+
+
+def read_config(name_or_path: str | Path, revision: str | None = None) -> dict[str, Any]:
+  """The checkpoint's config.json as a dict."""
+  file = resolve(name_or_path, revision) / "config.json"
+  if not file.exists():
+    raise CheckpointError(f"No config.json in {str(file.parent)!r}: mmtl reads the architecture from it. "
+                          "Point at a transformers checkpoint folder.")
+  return json.loads(file.read_text())
+
+
+def _hf_config(config: Mapping[str, Any] | str | Path, revision: str | None) -> dict[str, Any]:
+  return dict(config) if isinstance(config, Mapping) else read_config(config, revision)
+
+
+def build_module(name_or_path_or_config: str | Path | Mapping[str, Any], *, tower: str | None = None,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 revision: str | None = None, **module_kw) -> nn.Module:
+  """The encoder module for a checkpoint or a config.json dict (architecture only, no weights).
+
+  `tower` ("vision" or "text") picks one CLIP tower; `module_kw` sets module
+  attributes such as `remat`, `attention_impl`, `add_pooling_layer` (BERT, ViT).
+  """
+  d = _hf_config(name_or_path_or_config, revision)
+  model_type = d.get("model_type")
+  if tower is not None:
+    if tower not in TOWERS:
+      raise CheckpointError(f"tower={tower!r}: use one of {sorted(TOWERS)} or None.")
+    sub_key, tower_type = TOWERS[tower]
+    if model_type == "clip":
+      d, model_type = d.get(sub_key) or {}, tower_type
+    elif model_type != tower_type:
+      raise CheckpointError(f"tower={tower!r} picks a tower of a CLIP checkpoint, but this checkpoint has "
+                            f"model_type={model_type!r}: drop `tower`.")
+  if model_type not in MODELS:
+    raise CheckpointError(f"Unknown model_type {model_type!r} in config.json: mmtl implements "
+                          f"{sorted(MODELS)}. Add a module to mmtl/models and register it in mmtl.hf.MODELS.")
+  module_cls, config_cls = MODELS[model_type]
+  return module_cls(config_cls.from_hf(d), dtype=dtype, param_dtype=param_dtype, **module_kw)
+
+
+def _init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
+  return module.init(rng, **module.dummy_inputs())["params"]
+
+
+_jitted_init = jax.jit(_init, static_argnums=0)  # modules are hashable: one compile per architecture
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
+  """Randomly initialized params of an encoder built by `build_module`."""
+  return _jitted_init(module, rng)
+
+
+def param_shapes(module: nn.Module) -> dict[str, Any]:
+  """`init_params` as ShapeDtypeStructs, without computing anything."""
+  return jax.eval_shape(lambda r: _init(module, r), jax.random.PRNGKey(0))
+
+
+# --- Reading weights -----------------------------------------------------------
+
+def _from_flax_layout(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """HF Flax param tree (flax_model.msgpack) -> the torch state-dict names and layouts."""
+  state = {}
+  for path, x in flat.items():
+    *module, leaf = path.split("/")
+    leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+    state[".".join([*module, leaf])] = _to_torch(path, x)  # HF Flax kernels are laid out as mmtl's
+  return state
+
+
+def _read_file(file: Path) -> dict[str, np.ndarray]:
+  if file.suffix == ".safetensors":
+    return safetensors.numpy.load_file(file)
+  tree = flax.serialization.msgpack_restore(file.read_bytes())
+  return _from_flax_layout({k: np.asarray(v) for k, v in rules.flatten(tree).items()})
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+  """The checkpoint's weights as a torch-style state dict {HF key: array} (any of WEIGHT_FILES)."""
+  for name in WEIGHT_FILES:
+    file = folder / name
+    if not file.exists():
+      continue
+    if not name.endswith(".index.json"):
+      return _read_file(file)
+    shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+    absent = [s for s in shards if not (folder / s).exists()]
+    if absent:
+      raise CheckpointError(f"{file} lists shard files that are not in {str(folder)!r}: {absent}. "
+                            "Re-download the checkpoint.")
+    state = {}
+    for shard in shards:
+      state.update(_read_file(folder / shard))
+    return state
+  present = sorted(p.name for p in folder.iterdir())
+  raise CheckpointError(f"No weights in {str(folder)!r}: expected one of {list(WEIGHT_FILES)}, found "
+                        f"{present}. PyTorch .bin checkpoints: re-save with safetensors "
+                        "(model.save_pretrained(dir, safe_serialization=True)).")
+
+
+# --- Name and layout mapping -----------------------------------------------------
+
+def _to_flax(path: str, x: np.ndarray) -> np.ndarray:
+  if path.endswith("/kernel"):
+    return x.T if x.ndim == 2 else x.transpose(2, 3, 1, 0)  # torch (out, in, kh, kw) -> (kh, kw, in, out)
+  return x
+
+
+def _to_torch(path: str, x: np.ndarray) -> np.ndarray:
+  if path.endswith("/kernel"):
+    x = x.T if x.ndim == 2 else x.transpose(3, 2, 0, 1)
+  return np.ascontiguousarray(x).reshape(x.shape)  # safetensors wants C order; keep 0-d as 0-d
+
+
+def _align_prefix(state: dict[str, np.ndarray], hf_keys: set[str],
+                  prefix: str | None) -> dict[str, np.ndarray]:
+  """Strip or add the encoder's HF prefix (`bert.` in BertForX checkpoints; `vision_model.`
+  which transformers 5 leaves out of a lone CLIPVisionModel) so names match `hf_keys`."""
+  if prefix is None:
+    return state
+  p = prefix + "."
+  candidates = [state,
+                {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()},
+                {p + k: v for k, v in state.items()}]
+  return max(candidates, key=lambda s: len(hf_keys.intersection(s)))
+
+
+def from_hf_state(state: dict[str, np.ndarray], module: nn.Module) -> dict[str, np.ndarray]:
+  """{mmtl path: array} for every param of `module`'s family found in a torch-style state dict."""
+  names = module.hf_names()
+  state = _align_prefix(state, set(names.values()), module.hf_base_prefix)
+  skipped = sorted(set(state) - set(names.values()))
+  if skipped:
+    logging.info("Checkpoint entries outside %s, not loaded: %s", type(module).__name__, skipped)
+  return {path: _to_flax(path, np.asarray(state[key])) for path, key in names.items() if key in state}
+
+
+def to_hf_state(module: nn.Module, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Torch-style state dict {HF key: array} of `params`."""
+  names = module.hf_names()
+  flat = rules.flatten(params)
+  unknown = [p for p in flat if p not in names]
+  if unknown:
+    raise CheckpointError(f"Params with no HF name in {type(module).__name__}: {unknown[:10]}. Export "
+                          "the encoder's own params (e.g. params['image_encoder']), with LoRA merged.")
+  return {names[p]: _to_torch(p, np.asarray(x)) for p, x in flat.items()}
+
+
+def _listing(paths: list[str]) -> str:
+  return ", ".join(paths[:20]) + (f", ... ({len(paths)} in all)" if len(paths) > 20 else "")
+
+
+def merge_checkpoint(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], *,
+                     dont_load: Iterable[str] = (), where: str = "", source: str = "") -> dict[str, Any]:
+  """Checkpoint values onto a flat `target` ({path: array or ShapeDtypeStruct}).
+
+  `dont_load` paths keep the target value (and are dropped from the checkpoint).
+  Every other target path must be in `loaded` with the target's shape; loaded
+  paths must all be in `target`. Values are cast to the target's dtype.
+  """
+  dont_load = list(dont_load)
+  skip = rules.assign(sorted(set(target) | set(loaded)), dont_load, default=False, what="dont_load")
+  full = lambda p: f"{where}/{p}" if where else p
+  missing = [full(p) for p in target if p not in loaded and not skip[p]]
+  unexpected = [full(p) for p in loaded if p not in target and not skip[p]]
+  mismatched = [f"{full(p)}: checkpoint {tuple(loaded[p].shape)} vs model {tuple(target[p].shape)}"
+                for p in target if p in loaded and not skip[p] and loaded[p].shape != target[p].shape]
+  problems = []
+  if mismatched:
+    problems.append(f"shape mismatch for {len(mismatched)} param(s): {'; '.join(mismatched[:20])}")
+  if missing:
+    problems.append(f"{len(missing)} param(s) missing from the checkpoint: {_listing(missing)}")
+  if unexpected:
+    problems.append(f"{len(unexpected)} checkpoint param(s) the model does not have: {_listing(unexpected)}")
+  if problems:
+    raise CheckpointError(
+        f"Checkpoint {source} does not fit the model: " + ". ".join(problems) + ". Build the module from "
+        "the checkpoint's config.json (mmtl.hf.build_module), or list the params to leave out in "
+        "dont_load (regexes on the encoder's param paths, e.g. dont_load=['pooler/.*']): those keep "
+        "their initialized values.")
+  return {p: target[p] if skip[p] else np.asarray(loaded[p]).astype(target[p].dtype) for p in target}
+
+
+# --- Public entry points --------------------------------------------------------
+
+def load_pretrained(name_or_path: str | Path, *, tower: str | None = None, dtype: Dtype = jnp.float32,
+                    param_dtype: Dtype = jnp.float32, revision: str | None = None,
+                    dont_load: Iterable[str] = (), rng: jax.Array | None = None,
+                    **module_kw) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+  """(module, params, config.json dict) from a local folder or a hub id.
+
+  `params` are host numpy arrays in `param_dtype`; `dtype` is the compute dtype.
+  Params matched by `dont_load` are initialized with `rng` (default PRNGKey(0)).
+  """
+  folder = resolve(name_or_path, revision)
+  config = read_config(folder)
+  module = build_module(config, tower=tower, dtype=dtype, param_dtype=param_dtype, **module_kw)
+  loaded = from_hf_state(read_weights(folder), module)
+  dont_load = list(dont_load)
+  target = rules.flatten(param_shapes(module))
+  if any(rules.assign(target, dont_load, default=False, require_match=False).values()):
+    # Only now are initialized values kept: pay for an init.
+    init = init_params(module, jax.random.PRNGKey(0) if rng is None else rng)
+    target = {p: np.asarray(x) for p, x in rules.flatten(init).items()}
+  params = merge_checkpoint(target, loaded, dont_load=dont_load, source=str(folder))
+  return module, rules.unflatten(params), config
+
+
+def load_params_into(params: Mapping[str, Any], subtree: str, name_or_path: str | Path, *,
+                     tower: str | None = None, dont_load: Iterable[str] = (),
+                     revision: str | None = None) -> dict[str, Any]:
+  """`params` with `params[subtree]` (e.g. "image_encoder") replaced by checkpoint values.
+
+  As big_vision's `load`: the bigger model is initialized first; every shape is
+  checked against that initialized subtree, and values are cast to its dtypes.
+  `dont_load` regexes are on paths inside the subtree. Returns a new tree.
+  """
+  keys = subtree.split("/")
+  node = params
+  for i, k in enumerate(keys):
+    if not isinstance(node, Mapping) or k not in node:
+      have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+      raise CheckpointError(f"No subtree {'/'.join(keys[:i + 1])!r} in params (has {have}): "
+                            "pass the path of the encoder inside the model, e.g. 'image_encoder'.")
+    node = node[k]
+  folder = resolve(name_or_path, revision)
+  module = build_module(read_config(folder), tower=tower)
+  loaded = from_hf_state(read_weights(folder), module)
+  merged = merge_checkpoint(rules.flatten(node), loaded, dont_load=dont_load, where=subtree,
+                            source=str(folder))
+  return _replace(params, keys, rules.unflatten(merged))
+
+
+def _replace(tree: Mapping[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+  """Copy of `tree` with tree[keys[0]][keys[1]]... = value (copies only along the path)."""
+  if not keys:
+    return value
+  return {**tree, keys[0]: _replace(tree[keys[0]], keys[1:], value)}
+
+
+def save_pretrained(module: nn.Module, params: Mapping[str, Any], out_dir: str | Path) -> Path:
+  """Write `config.json` + `model.safetensors` that transformers (PyTorch) loads as-is."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  state = to_hf_state(module, params)
+  config = {"architectures": [module.hf_architecture], **module.config.to_hf()}
+  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  safetensors.numpy.save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+  return out

@@ -1,0 +1,324 @@
+"""CLIP (HF `CLIPModel`) and its towers, with the HF name mapping.
+
+Params: `vision/...`, `text/...`, `visual_projection/kernel`,
+`text_projection/kernel`, `logit_scale`. `CLIPVisionModel` / `CLIPTextModel`
+params are exactly the `vision` / `text` subtrees, so a tower loads from a full
+CLIP checkpoint and its params drop into a CLIPModel unchanged.
+Inputs: `pixel_values` float (B, H, W, 3) NHWC normalized with the checkpoint's
+mean/std; `input_ids`, `attention_mask` int32 (B, L).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmtl.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(layers.HFConfig):
+  model_type: ClassVar[str] = "clip_text_model"
+  vocab_size: int = 49408
+  hidden_size: int = 512
+  intermediate_size: int = 2048
+  projection_dim: int = 512
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 8
+  max_position_embeddings: int = 77
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  attention_dropout: float = 0.0
+  pad_token_id: int | None = 1
+  bos_token_id: int | None = 49406
+  eos_token_id: int = 49407
+
+  def layer_spec(self) -> layers.LayerSpec:
+    return layers.LayerSpec(
+        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
+        mlp_dim=self.intermediate_size, activation=self.hidden_act,
+        layer_norm_eps=self.layer_norm_eps, pre_norm=True,
+        attention_dropout=self.attention_dropout, causal=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig(layers.HFConfig):
+  model_type: ClassVar[str] = "clip_vision_model"
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  projection_dim: int = 512
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_channels: int = 3
+  image_size: int | tuple[int, int] = 224
+  patch_size: int | tuple[int, int] = 32
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  attention_dropout: float = 0.0
+
+  def layer_spec(self) -> layers.LayerSpec:
+    return layers.LayerSpec(
+        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
+        mlp_dim=self.intermediate_size, activation=self.hidden_act,
+        layer_norm_eps=self.layer_norm_eps, pre_norm=True,
+        attention_dropout=self.attention_dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig(layers.HFConfig):
+  model_type: ClassVar[str] = "clip"
+  text_config: CLIPTextConfig = CLIPTextConfig()
+  vision_config: CLIPVisionConfig = CLIPVisionConfig()
+  projection_dim: int = 512
+  logit_scale_init_value: float = 2.6592
+
+  @classmethod
+  def from_hf(cls, d: dict[str, Any]) -> CLIPConfig:
+    return cls(text_config=CLIPTextConfig.from_hf(d.get("text_config") or {}),
+               vision_config=CLIPVisionConfig.from_hf(d.get("vision_config") or {}),
+               **{k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d})
+
+  def to_hf(self) -> dict[str, Any]:
+    return dict(model_type=self.model_type, text_config=self.text_config.to_hf(),
+                vision_config=self.vision_config.to_hf(), projection_dim=self.projection_dim,
+                logit_scale_init_value=self.logit_scale_init_value)
+
+
+def _tower_names(tower, hf_prefix: str, embeddings: dict[str, str]) -> dict[str, str]:
+  """Shared encoder-layer names of both towers (HF `CLIPEncoderLayer`)."""
+  names = dict(embeddings)
+  spec = tower.config.layer_spec()
+  for i in range(tower.config.num_hidden_layers):
+    hf = f"{hf_prefix}.encoder.layers.{i}"
+    names.update(layers.hf_layer(f"encoder/layer_{i}", spec, dict(
+        query=f"{hf}.self_attn.q_proj", key=f"{hf}.self_attn.k_proj", value=f"{hf}.self_attn.v_proj",
+        out=f"{hf}.self_attn.out_proj", attn_norm=f"{hf}.layer_norm1", fc1=f"{hf}.mlp.fc1",
+        fc2=f"{hf}.mlp.fc2", mlp_norm=f"{hf}.layer_norm2")))
+  return names
+
+
+class CLIPVisionEmbeddings(nn.Module):
+  config: CLIPVisionConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values) -> jax.Array:
+    c = self.config
+    x = layers.patchify(pixel_values, image_size=c.image_size, patch_size=c.patch_size,
+                        num_channels=c.num_channels, features=c.hidden_size, use_bias=False,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding")
+    cls = self.param("class_embedding", nn.initializers.normal(c.hidden_size ** -0.5),
+                     (c.hidden_size,), self.param_dtype)
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size))
+    x = jnp.concatenate([cls, x], axis=1)
+    pos = nn.Embed(x.shape[1], c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="position_embedding")
+    return x + pos(jnp.arange(x.shape[1])[None])
+
+
+class CLIPVisionModel(nn.Module):
+  """HF `CLIPVisionModel`: pooler_output = post_layernorm(last_hidden_state[:, 0])."""
+  config: CLIPVisionConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  hf_architecture: ClassVar[str] = "CLIPVisionModel"
+  hf_base_prefix: ClassVar[str] = "vision_model"
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def dummy_inputs(self) -> dict[str, jax.Array]:
+    """Smallest valid inputs, for `init` and shape evaluation."""
+    c = self.config
+    return dict(pixel_values=jnp.zeros((1, *layers.pair(c.image_size), c.num_channels), jnp.float32))
+
+  def setup(self):
+    c = self.config
+    self.embeddings = CLIPVisionEmbeddings(c, self.dtype, self.param_dtype)
+    self.pre_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
+    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
+                                  self.param_dtype, self.attention_impl)
+    self.post_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
+
+  def embed(self, pixel_values, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    del deterministic  # CLIP has no embedding dropout
+    x = self.pre_layernorm(self.embeddings(pixel_values))
+    return x, jnp.ones(x.shape[:2], bool)
+
+  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
+    return self.encoder(x, mask, start, stop, deterministic=deterministic)
+
+  def finalize(self, x, mask) -> dict[str, jax.Array]:
+    del mask
+    return dict(last_hidden_state=x, pooler_output=self.post_layernorm(x[:, 0]))
+
+  def __call__(self, pixel_values, *, deterministic: bool = True) -> dict[str, jax.Array]:
+    x, mask = self.embed(pixel_values)
+    x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
+    return self.finalize(x, mask)
+
+  def hf_names(self) -> dict[str, str]:
+    p = self.hf_base_prefix
+    emb = {"embeddings/class_embedding": f"{p}.embeddings.class_embedding"}
+    emb.update(layers.hf_dense("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding", bias=False))
+    emb.update(layers.hf_embed("embeddings/position_embedding", f"{p}.embeddings.position_embedding"))
+    # HF spells it "pre_layrnorm".
+    emb.update(layers.hf_norm("pre_layernorm", f"{p}.pre_layrnorm"))
+    emb.update(layers.hf_norm("post_layernorm", f"{p}.post_layernorm"))
+    return _tower_names(self, p, emb)
+
+
+class CLIPTextModel(nn.Module):
+  """HF `CLIPTextModel`: causal encoder; pooler_output = final state at the EOS token."""
+  config: CLIPTextConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  hf_architecture: ClassVar[str] = "CLIPTextModel"
+  hf_base_prefix: ClassVar[str] = "text_model"
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def dummy_inputs(self) -> dict[str, jax.Array]:
+    """Smallest valid inputs, for `init` and shape evaluation."""
+    return dict(input_ids=jnp.zeros((1, 1), jnp.int32))
+
+  def setup(self):
+    c = self.config
+    embed = lambda num, name: nn.Embed(num, c.hidden_size, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
+    self.token_embedding = embed(c.vocab_size, "token_embedding")
+    self.position_embedding = embed(c.max_position_embeddings, "position_embedding")
+    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
+                                  self.param_dtype, self.attention_impl)
+    self.final_layer_norm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
+
+  def embed(self, input_ids, attention_mask=None, *,
+            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    del deterministic  # CLIP has no embedding dropout
+    length, max_len = input_ids.shape[1], self.config.max_position_embeddings
+    if length > max_len:
+      raise ValueError(f"Sequence length {length} > max_position_embeddings {max_len}: "
+                       "truncate the inputs (tokenizer max_length).")
+    x = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(length)[None])
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    return x, attention_mask.astype(bool)
+
+  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
+    return self.encoder(x, mask, start, stop, deterministic=deterministic)
+
+  def finalize(self, x, mask, input_ids=None) -> dict[str, jax.Array]:
+    """Final LN and EOS pooling.
+
+    With `input_ids`, the EOS position follows transformers exactly: the first
+    `eos_token_id` token, or the largest id when eos_token_id == 2 (configs from
+    before transformers PR #24773). Without them (fusion passes only x, mask) it
+    is the last real token, which is the EOS for right-padded tokenizer output.
+    """
+    x = self.final_layer_norm(x)
+    eos = self.config.eos_token_id
+    if input_ids is None:
+      pos = mask.sum(-1) - 1
+    elif eos == 2:
+      pos = jnp.argmax(input_ids, -1)
+    else:
+      pos = jnp.argmax(input_ids == eos, -1)
+    pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+    return dict(last_hidden_state=x, pooler_output=pooled)
+
+  def __call__(self, input_ids, attention_mask=None, *,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    x, mask = self.embed(input_ids, attention_mask)
+    x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
+    return self.finalize(x, mask, input_ids)
+
+  def hf_names(self) -> dict[str, str]:
+    p = self.hf_base_prefix
+    emb = {}
+    emb.update(layers.hf_embed("token_embedding", f"{p}.embeddings.token_embedding"))
+    emb.update(layers.hf_embed("position_embedding", f"{p}.embeddings.position_embedding"))
+    emb.update(layers.hf_norm("final_layer_norm", f"{p}.final_layer_norm"))
+    return _tower_names(self, p, emb)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class CLIPModel(nn.Module):
+  """HF `CLIPModel`: both towers, projections and the learned `logit_scale`."""
+  config: CLIPConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  hf_architecture: ClassVar[str] = "CLIPModel"
+  hf_base_prefix: ClassVar[str | None] = None  # CLIP checkpoints don't nest the model
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+              attention_impl=self.attention_impl)
+    self.vision = CLIPVisionModel(c.vision_config, **kw)
+    self.text = CLIPTextModel(c.text_config, **kw)
+    proj = lambda: nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.visual_projection = proj()
+    self.text_projection = proj()
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
+                                  (), self.param_dtype)
+
+  def dummy_inputs(self) -> dict[str, jax.Array]:
+    """Smallest valid inputs, for `init` and shape evaluation."""
+    return {**CLIPTextModel(self.config.text_config, parent=None).dummy_inputs(),
+            **CLIPVisionModel(self.config.vision_config, parent=None).dummy_inputs()}
+
+  def get_image_features(self, pixel_values, *, deterministic: bool = True) -> jax.Array:
+    """Projected (not normalized) image embeddings, as HF's get_image_features."""
+    return self.visual_projection(self.vision(pixel_values, deterministic=deterministic)["pooler_output"])
+
+  def get_text_features(self, input_ids, attention_mask=None, *, deterministic: bool = True) -> jax.Array:
+    """Projected (not normalized) text embeddings, as HF's get_text_features."""
+    out = self.text(input_ids, attention_mask, deterministic=deterministic)
+    return self.text_projection(out["pooler_output"])
+
+  def __call__(self, input_ids, pixel_values, attention_mask=None, *,
+               deterministic: bool = True) -> dict[str, Any]:
+    vision_out = self.vision(pixel_values, deterministic=deterministic)
+    text_out = self.text(input_ids, attention_mask, deterministic=deterministic)
+    image_embeds = _normalize(self.visual_projection(vision_out["pooler_output"]))
+    text_embeds = _normalize(self.text_projection(text_out["pooler_output"]))
+    logits_per_text = text_embeds @ image_embeds.T * jnp.exp(self.logit_scale)
+    return dict(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
+                image_embeds=image_embeds, text_embeds=text_embeds,
+                vision_model_output=vision_out, text_model_output=text_out)
+
+  def hf_names(self) -> dict[str, str]:
+    c = self.config
+    names = {"logit_scale": "logit_scale"}
+    names.update(layers.hf_dense("visual_projection", "visual_projection", bias=False))
+    names.update(layers.hf_dense("text_projection", "text_projection", bias=False))
+    for path, tower in (("vision", CLIPVisionModel(c.vision_config, parent=None)), ("text", CLIPTextModel(c.text_config, parent=None))):
+      names.update({f"{path}/{k}": v for k, v in tower.hf_names().items()})
+    return names

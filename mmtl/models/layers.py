@@ -1,0 +1,269 @@
+"""Transformer pieces shared by the BERT, ViT and CLIP encoders.
+
+The three HF families differ only in where the layer norms sit (post-LN BERT,
+pre-LN ViT/CLIP), the activation, biases and causality, so one `EncoderLayer`
+driven by a `LayerSpec` covers all of them and keeps the param names uniform:
+`encoder/layer_{i}/{attn/{query,key,value,out},attn_norm,mlp/{fc1,fc2},mlp_norm}`.
+Uniform names let one regex (e.g. `.*/attn/(query|value)/kernel`) address every
+family for freezing, LoRA or sharding.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# HF `hidden_act` names (transformers.activations.ACT2FN) -> the same math in jax.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+# `remat` attribute of the encoders -> jax.checkpoint policy for each layer.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "full": None,  # save nothing inside a layer: recompute all of it in backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_batch": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unsupported hidden_act {name!r}: mmtl implements {sorted(ACTIVATIONS)}; "
+                     "add the function to mmtl.models.layers.ACTIVATIONS.")
+  return ACTIVATIONS[name]
+
+
+class HFConfig:
+  """Mixin for frozen dataclasses that mirror an HF `config.json`.
+
+  Fields are the HF keys mmtl uses, with the HF defaults, so `from_hf` of a
+  config.json that omits a default gives what transformers would build. Keys
+  mmtl does not use are dropped (they do not change the encoder's math).
+  """
+  model_type: ClassVar[str]
+
+  @classmethod
+  def from_hf(cls, d: dict[str, Any]):
+    kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+    # Lists (e.g. image_size [H, W]) become tuples so configs stay hashable.
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    return cls(**kw)
+
+  def to_hf(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {"model_type": self.model_type, **d}
+
+
+def pair(x: int | tuple[int, int]) -> tuple[int, int]:
+  return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """What distinguishes one family's encoder layer from another's."""
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  activation: str
+  layer_norm_eps: float
+  pre_norm: bool  # ViT/CLIP: LN -> sublayer -> residual. BERT: sublayer -> residual -> LN.
+  qkv_bias: bool = True
+  dropout: float = 0.0  # on each sublayer's output, before the residual add
+  attention_dropout: float = 0.0  # on the attention probabilities
+  causal: bool = False  # CLIP text
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  # Two-pass variance like torch.nn.LayerNorm: the fast E[x^2]-E[x]^2 costs parity.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)
+
+
+def check_remat(remat: str) -> None:
+  if remat != "none" and remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: use 'none' or one of {sorted(REMAT_POLICIES)}.")
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over a key padding mask (True = real token)."""
+  spec: LayerSpec
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    s = self.spec
+    if s.hidden_size % s.num_heads:
+      raise ValueError(f"hidden_size {s.hidden_size} is not a multiple of num_attention_heads {s.num_heads}.")
+    head_dim = s.hidden_size // s.num_heads
+    dense = lambda name, bias: nn.Dense(s.hidden_size, use_bias=bias, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name=name)
+    split = lambda y: y.reshape(*y.shape[:-1], s.num_heads, head_dim)
+    q, k, v = (split(dense(n, s.qkv_bias)(x)) for n in ("query", "key", "value"))
+    mask = mask[:, None, None, :]  # (B, heads, queries, keys)
+    if deterministic or s.attention_dropout == 0.0:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=s.causal,
+                                         implementation=self.attention_impl)
+    else:  # jax.nn.dot_product_attention has no dropout on the probabilities.
+      if s.causal:
+        mask = nn.combine_masks(mask, nn.make_causal_mask(x[..., 0], dtype=jnp.bool_))
+      out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
+                                     dropout_rate=s.attention_dropout, deterministic=False,
+                                     dtype=self.dtype)
+    return dense("out", True)(out.reshape(*x.shape[:-1], s.hidden_size))
+
+
+class Mlp(nn.Module):
+  spec: LayerSpec
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.spec
+    x = nn.Dense(s.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+    x = activation(s.activation)(x)
+    return nn.Dense(s.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+
+
+class EncoderLayer(nn.Module):
+  """One transformer block, pre-LN or post-LN per `spec.pre_norm`."""
+  spec: LayerSpec
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    s = self.spec
+    norm = lambda name: layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype, name)
+    drop = nn.Dropout(s.dropout)
+    attn_norm, mlp_norm = norm("attn_norm"), norm("mlp_norm")
+
+    h = attn_norm(x) if s.pre_norm else x
+    h = Attention(s, self.dtype, self.param_dtype, self.attention_impl, name="attn")(h, mask, deterministic)
+    x = x + drop(h, deterministic=deterministic)
+    if not s.pre_norm:
+      x = attn_norm(x)
+
+    h = mlp_norm(x) if s.pre_norm else x
+    h = Mlp(s, self.dtype, self.param_dtype, name="mlp")(h)
+    x = x + drop(h, deterministic=deterministic)
+    if not s.pre_norm:
+      x = mlp_norm(x)
+    return x
+
+
+class Encoder(nn.Module):
+  """`num_layers` blocks named `layer_{i}`; any contiguous range can be run.
+
+  Running a range (not only all layers) is what lets fusion interleave towers,
+  e.g. bottleneck tokens exchanged between layers 4..8 of two encoders.
+  """
+  spec: LayerSpec
+  num_layers: int
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  def setup(self):
+    check_remat(self.remat)
+    layer_cls = EncoderLayer
+    if self.remat != "none":
+      # static_argnums counts `self`: (self, x, mask, deterministic).
+      layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+    for i in range(self.num_layers):
+      setattr(self, f"layer_{i}", layer_cls(self.spec, self.dtype, self.param_dtype, self.attention_impl))
+
+  def __call__(self, x: jax.Array, mask: jax.Array, start: int, stop: int, *,
+               deterministic: bool = True) -> jax.Array:
+    if not 0 <= start <= stop <= self.num_layers:
+      raise ValueError(f"Layer range [{start}, {stop}) is outside the encoder's "
+                       f"{self.num_layers} layers; need 0 <= start <= stop <= {self.num_layers}.")
+    for i in range(start, stop):
+      x = getattr(self, f"layer_{i}")(x, mask, deterministic)
+    return x
+
+
+class Pooler(nn.Module):
+  """Dense + activation on the first token (BERT and ViT `pooler`)."""
+  features: int
+  act: str = "tanh"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
+    return activation(self.act)(dense(x[:, 0]))
+
+
+def patchify(pixel_values: jax.Array, *, image_size: int | tuple[int, int],
+             patch_size: int | tuple[int, int], num_channels: int, features: int, use_bias: bool,
+             dtype: Dtype, param_dtype: Dtype, name: str) -> jax.Array:
+  """Non-overlapping patches of NHWC pixels -> tokens (B, N, features), N row-major.
+
+  Call from a compact method: the patch nn.Conv (param `{name}/kernel`) lands there.
+  """
+  expected = (*pair(image_size), num_channels)
+  if tuple(pixel_values.shape[1:]) != expected:
+    raise ValueError(
+        f"pixel_values has shape {tuple(pixel_values.shape)}; the model expects NHWC (B, {expected[0]}, "
+        f"{expected[1]}, {expected[2]}). Resize to the checkpoint's image_size and transpose NCHW "
+        "inputs (as HF processors return them) with x.transpose(0, 2, 3, 1).")
+  p = pair(patch_size)
+  x = nn.Conv(features, p, strides=p, padding="VALID", use_bias=use_bias, dtype=dtype,
+              param_dtype=param_dtype, name=name)(pixel_values.astype(dtype))
+  return x.reshape(x.shape[0], -1, features)
+
+
+# --- HF name mapping helpers -------------------------------------------------
+# Model files list their params as {mmtl leaf path: HF state-dict key}; the
+# layout change (kernel transposes) follows from the mmtl leaf name in mmtl.hf.
+
+def hf_dense(path: str, hf: str, bias: bool = True) -> Iterator[tuple[str, str]]:
+  yield f"{path}/kernel", f"{hf}.weight"
+  if bias:
+    yield f"{path}/bias", f"{hf}.bias"
+
+
+def hf_norm(path: str, hf: str) -> Iterator[tuple[str, str]]:
+  yield f"{path}/scale", f"{hf}.weight"
+  yield f"{path}/bias", f"{hf}.bias"
+
+
+def hf_embed(path: str, hf: str) -> Iterator[tuple[str, str]]:
+  yield f"{path}/embedding", f"{hf}.weight"
+
+
+def hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[str, str]]:
+  """Names of one `EncoderLayer`; `hf` gives the HF module prefix of each part."""
+  for name in ("query", "key", "value"):
+    yield from hf_dense(f"{path}/attn/{name}", hf[name], spec.qkv_bias)
+  yield from hf_dense(f"{path}/attn/out", hf["out"])
+  yield from hf_norm(f"{path}/attn_norm", hf["attn_norm"])
+  yield from hf_dense(f"{path}/mlp/fc1", hf["fc1"])
+  yield from hf_dense(f"{path}/mlp/fc2", hf["fc2"])
+  yield from hf_norm(f"{path}/mlp_norm", hf["mlp_norm"])

@@ -1,0 +1,139 @@
+"""Vision Transformer (HF `ViTModel`, pre-LN) and its HF name mapping.
+
+Input: `pixel_values` float (B, H, W, C) NHWC, normalized with the checkpoint's
+mean/std (HF processors give NCHW: transpose with `x.transpose(0, 2, 3, 1)`).
+Also the audio encoder: `num_channels=1` and `image_size=[F, T]` over a
+log-mel spectrogram (B, F, T, 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmtl.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(layers.HFConfig):
+  model_type: ClassVar[str] = "vit"
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.0
+  attention_probs_dropout_prob: float = 0.0
+  layer_norm_eps: float = 1e-12
+  image_size: int | tuple[int, int] = 224
+  patch_size: int | tuple[int, int] = 16
+  num_channels: int = 3
+  qkv_bias: bool = True
+  pooler_output_size: int | None = None  # None: hidden_size
+  pooler_act: str = "tanh"
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    (h, w), (ph, pw) = layers.pair(self.image_size), layers.pair(self.patch_size)
+    return h // ph, w // pw
+
+  def layer_spec(self) -> layers.LayerSpec:
+    return layers.LayerSpec(
+        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
+        mlp_dim=self.intermediate_size, activation=self.hidden_act,
+        layer_norm_eps=self.layer_norm_eps, pre_norm=True, qkv_bias=self.qkv_bias,
+        dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob)
+
+
+class ViTEmbeddings(nn.Module):
+  config: ViTConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values, deterministic: bool) -> jax.Array:
+    c = self.config
+    x = layers.patchify(pixel_values, image_size=c.image_size, patch_size=c.patch_size,
+                        num_channels=c.num_channels, features=c.hidden_size, use_bias=True,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embeddings")
+    init = nn.initializers.truncated_normal(0.02)
+    cls = self.param("cls_token", init, (1, 1, c.hidden_size), self.param_dtype)
+    num_tokens = c.grid[0] * c.grid[1] + 1
+    pos = self.param("position_embeddings", init, (1, num_tokens, c.hidden_size), self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size)), x], 1)
+    x = x + pos.astype(self.dtype)
+    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class ViTModel(nn.Module):
+  """HF `ViTModel`: [CLS] + patches -> pre-LN encoder -> final LN -> optional pooler."""
+  config: ViTConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  remat: str = "none"
+  attention_impl: str | None = None
+  add_pooling_layer: bool = True
+
+  hf_architecture: ClassVar[str] = "ViTModel"
+  hf_base_prefix: ClassVar[str] = "vit"  # ViTForImageClassification nests the encoder here
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def dummy_inputs(self) -> dict[str, jax.Array]:
+    """Smallest valid inputs, for `init` and shape evaluation."""
+    c = self.config
+    return dict(pixel_values=jnp.zeros((1, *layers.pair(c.image_size), c.num_channels), jnp.float32))
+
+  def setup(self):
+    c = self.config
+    self.embeddings = ViTEmbeddings(c, self.dtype, self.param_dtype)
+    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
+                                  self.param_dtype, self.attention_impl)
+    self.layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
+    if self.add_pooling_layer:
+      self.pooler = layers.Pooler(c.pooler_output_size or c.hidden_size, c.pooler_act,
+                                  self.dtype, self.param_dtype)
+
+  def embed(self, pixel_values, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    x = self.embeddings(pixel_values, deterministic)
+    return x, jnp.ones(x.shape[:2], bool)
+
+  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
+    return self.encoder(x, mask, start, stop, deterministic=deterministic)
+
+  def finalize(self, x, mask) -> dict[str, jax.Array | None]:
+    del mask  # every image token is real
+    x = self.layernorm(x)
+    return dict(last_hidden_state=x, pooler_output=self.pooler(x) if self.add_pooling_layer else None)
+
+  def __call__(self, pixel_values, *, deterministic: bool = True) -> dict[str, jax.Array | None]:
+    x, mask = self.embed(pixel_values, deterministic=deterministic)
+    x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
+    return self.finalize(x, mask)
+
+  def hf_names(self) -> dict[str, str]:
+    """{mmtl param path: HF state-dict key}, pooler included (see mmtl.hf)."""
+    c = self.config
+    names = {"embeddings/cls_token": "embeddings.cls_token",
+             "embeddings/position_embeddings": "embeddings.position_embeddings"}
+    names.update(layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection"))
+    spec = c.layer_spec()
+    for i in range(c.num_hidden_layers):
+      hf = f"encoder.layer.{i}"
+      names.update(layers.hf_layer(f"encoder/layer_{i}", spec, dict(
+          query=f"{hf}.attention.attention.query", key=f"{hf}.attention.attention.key",
+          value=f"{hf}.attention.attention.value", out=f"{hf}.attention.output.dense",
+          attn_norm=f"{hf}.layernorm_before", fc1=f"{hf}.intermediate.dense",
+          fc2=f"{hf}.output.dense", mlp_norm=f"{hf}.layernorm_after")))
+    names.update(layers.hf_norm("layernorm", "layernorm"))
+    names.update(layers.hf_dense("pooler/dense", "pooler.dense"))
+    return names

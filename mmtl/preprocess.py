@@ -1,0 +1,60 @@
+"""Inputs that match a pretrained encoder: its tokenizer and its image statistics.
+
+Both come from the same checkpoint folder (or hub id) as the weights, so text
+and pixels are prepared exactly as the encoder saw them in pretraining.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mmtl import hf
+
+# When a checkpoint has no preprocessor_config.json: the defaults of the HF image
+# processor of its family (CLIPImageProcessor: OpenAI CLIP stats; ViTImageProcessor: 0.5).
+DEFAULT_STATS = {
+    "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
+    "default": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+
+
+def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, **kw: Any):
+  """`transformers.AutoTokenizer` of the checkpoint (kw, e.g. model_max_length, pass through)."""
+  from transformers import AutoTokenizer  # heavy import, only when text is used
+  return AutoTokenizer.from_pretrained(str(hf.resolve(name_or_path, revision)), **kw)
+
+
+def _size(processor: dict[str, Any]) -> int | None:
+  """Side of the square image the model sees: crop size if it crops, else resize size."""
+  for key in ("crop_size", "size"):
+    s = processor.get(key)
+    if isinstance(s, int):
+      return s
+    if isinstance(s, dict):
+      for k in ("height", "shortest_edge"):
+        if k in s:
+          return s[k]
+  return None
+
+
+def image_stats(name_or_path: str | Path, *, revision: str | None = None) -> dict[str, Any]:
+  """dict(mean=(r, g, b), std=(r, g, b), size=int) for pixels scaled to [0, 1]: (x - mean) / std.
+
+  Read from preprocessor_config.json (`image_mean`, `image_std`, and `crop_size`
+  or `size`). Absent entries: DEFAULT_STATS of the family, and the config's
+  `image_size` (a CLIP config's vision_config.image_size).
+  """
+  folder = hf.resolve(name_or_path, revision)
+  config = hf.read_config(folder)
+  family = "clip" if str(config.get("model_type", "")).startswith("clip") else "default"
+  file = folder / "preprocessor_config.json"
+  processor = json.loads(file.read_text()) if file.exists() else {}
+  size = _size(processor) or (config.get("vision_config") or config).get("image_size")
+  if size is None:
+    raise hf.CheckpointError(f"{str(folder)!r} has no image size in preprocessor_config.json or config.json: "
+                             "is it an image checkpoint?")
+  defaults = DEFAULT_STATS[family]
+  return dict(mean=tuple(processor.get("image_mean", defaults["mean"])),
+              std=tuple(processor.get("image_std", defaults["std"])),
+              size=size if isinstance(size, int) else tuple(size))  # (H, W) only for non-square configs

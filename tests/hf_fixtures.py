@@ -1,0 +1,107 @@
+"""Tiny random Hugging Face checkpoints (PyTorch transformers) for tests.
+
+Session fixtures, each a folder path (str) written by `save_pretrained` of a
+randomly initialized transformers model, plus a matching tokenizer or
+`preprocessor_config.json`, so every loader in mmtl can read them like a hub
+checkpoint:
+- `tiny_bert_dir`: BertModel, hidden 32, 2 layers, 4 heads, max 32 tokens,
+  WordPiece tokenizer over lowercase letters (any lowercase text tokenizes).
+- `tiny_vit_dir`: ViTModel, 16x16x3 images, patch 4 (17 tokens), hidden 32, 2 layers.
+- `tiny_clip_dir`: CLIPModel, vision 16x16 patch 4, text max 32 tokens, hidden 32,
+  2 layers each, projection 24; character-level BPE CLIP tokenizer.
+`make_tiny_checkpoint(family, out_dir, **config_overrides)` writes variants.
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+
+_LETTERS = list(string.ascii_lowercase) + list(string.digits)
+_WORDS = ["a", "the", "photo", "of", "red", "green", "blue", "circle", "square", "triangle"]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _bert_tokenizer(out: Path):
+  from transformers import BertTokenizer
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,!?'-", *_LETTERS,
+           *(f"##{c}" for c in _LETTERS), *_WORDS[1:]]
+  tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=32)
+  tok.save_pretrained(out)
+  return tok
+
+
+def _clip_tokenizer(out: Path):
+  from transformers import CLIPTokenizer
+  # Character-level BPE: every letter alone and at a word's end ("</w>"), a few merges.
+  vocab = ["<|startoftext|>", "<|endoftext|>", *".,!?'-", *_LETTERS, *(f"{c}</w>" for c in _LETTERS)]
+  merges = [("r", "e"), ("re", "d</w>"), ("o", "f</w>")]
+  vocab += ["".join(m) for m in merges]
+  tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=32)
+  tok.save_pretrained(out)
+  return tok
+
+
+def _preprocessor(out: Path, processor: str, mean, std, size: dict, crop: dict | None = None):
+  cfg = dict(image_processor_type=processor, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
+             do_normalize=True, image_mean=mean, image_std=std, size=size, resample=3)
+  if crop:
+    cfg.update(do_center_crop=True, crop_size=crop)
+  (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> str:
+  """Save a tiny random transformers `family` ("bert", "vit", "clip") model to `out_dir`.
+
+  For "clip", `config_overrides` may hold `text_config` / `vision_config` dicts
+  that update the tiny defaults.
+  """
+  import torch
+  import transformers as tr
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  torch.manual_seed(seed)
+  common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+  if family == "bert":
+    tok = _bert_tokenizer(out)
+    cfg = tr.BertConfig(**{**common, "vocab_size": len(tok), "max_position_embeddings": 32,
+                           **config_overrides})
+    model = tr.BertModel(cfg)
+  elif family == "vit":
+    _preprocessor(out, "ViTImageProcessor", [0.5] * 3, [0.5] * 3, dict(height=16, width=16))
+    cfg = tr.ViTConfig(**{**common, "image_size": 16, "patch_size": 4, **config_overrides})
+    model = tr.ViTModel(cfg)
+  elif family == "clip":
+    tok = _clip_tokenizer(out)
+    _preprocessor(out, "CLIPImageProcessor", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, dict(shortest_edge=16),
+                  crop=dict(height=16, width=16))
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    text = dict(common, vocab_size=len(tok), max_position_embeddings=32, eos_token_id=eos,
+                pad_token_id=eos, bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"))
+    vision = dict(common, image_size=16, patch_size=4)
+    text.update(config_overrides.pop("text_config", {}))
+    vision.update(config_overrides.pop("vision_config", {}))
+    cfg = tr.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24, **config_overrides)
+    model = tr.CLIPModel(cfg)
+  else:
+    raise ValueError(f"family={family!r}: use 'bert', 'vit' or 'clip'.")
+  model.eval().save_pretrained(out)
+  return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+  return make_tiny_checkpoint("bert", tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> str:
+  return make_tiny_checkpoint("vit", tmp_path_factory.mktemp("tiny_vit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+  return make_tiny_checkpoint("clip", tmp_path_factory.mktemp("tiny_clip"))
