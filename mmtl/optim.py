@@ -1,0 +1,396 @@
+"""Transfer-learning optimizer: one optax transformation built from `config.optim` rules.
+
+Every per-parameter choice is a regex over the `/`-joined param path, matched by
+mmtl.rules (whole-path match, first rule wins, a rule that matches nothing raises
+`rules.RuleError` naming the config key):
+
+  config.optim = dict(
+    name="adamw", kwargs=dict(b1=0.9, b2=0.999),  # optax.scale_by_<name>(**kwargs)
+    lr=1e-3,                                       # peak learning rate
+    wd=1e-4, wd_mults=[(".*/kernel", 1.0)],        # decoupled, absolute weight decay
+    lr_mults=[("text_encoder/.*", 0.1)],           # per-param LR multipliers (> 0)
+    frozen=["image_encoder/.*"],                   # never updated, no optimizer state
+    trainable=None,                                # if set: everything else is frozen
+    preset=None,                                   # "full" | "lit" | "linear_probe" | "bitfit" | "lora"
+    layer_decay=dict(rate=0.75, towers=[".*_encoder/.*"]),
+    unfreeze=[(1000, ["text_encoder/encoder/layer_(10|11)/.*"]), (2000, ["text_encoder/.*"])],
+    lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=8, alpha=16),
+    schedule=dict(warmup_steps=100, decay="cosine", end_mult=0.0),
+    grad_clip_norm=1.0,
+  )
+
+Frozen params are labelled "frozen" in an `optax.multi_transform`: their update is
+`set_to_zero`, they hold no optimizer state (no Adam moments) and gradient
+clipping only sees trainable gradients. Params unfrozen later by `unfreeze` form
+their own group ("unfrozen_at_<step>") with their own Adam count. The trainer
+differentiates only w.r.t. trainable params (`split`/`combine`), so frozen
+towers keep no activations for backward and cost no weight-gradient FLOPs.
+
+The update of a trainable param p with gradient g at step t is
+  -sched(t) * (lr * lr_mult(p) * decay(p) * opt(g) + wd * wd_mult(p) * p)
+i.e. weight decay is big_vision's: decoupled and *not* scaled by lr (AdamW's
+weight_decay=0.05 at lr=1e-4 is wd=5e-6 here).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmtl import lora
+from mmtl import rules
+
+_KEYS = ("name", "kwargs", "lr", "wd", "wd_mults", "lr_mults", "frozen", "trainable", "preset",
+         "layer_decay", "unfreeze", "lora", "schedule", "grad_clip_norm")
+
+# New layers (fusion, head) always train in the parameter-efficient presets: they start random.
+_NEW_LAYERS = "(fusion|head)/.*"
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "full": {},
+    "lit": dict(frozen=["image_encoder/.*"]),                   # locked image, tuned text
+    "linear_probe": dict(frozen=[".*_encoder/.*"]),             # every encoder locked
+    "bitfit": dict(trainable=[".*/bias", _NEW_LAYERS]),         # biases + new layers
+    "lora": dict(trainable=[lora.TRAINABLE, _NEW_LAYERS]),      # LoRA A/B + new layers
+}
+
+# optax scalings by config name; anything else resolves to optax.scale_by_<name>.
+_SCALERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": optax.scale_by_adam,
+    "adam": optax.scale_by_adam,
+    "sgd": optax.identity,
+    "momentum": optax.trace,
+    "adafactor": optax.scale_by_factored_rms,
+}
+
+# Embedding-like params of a tower, for layer-wise decay (lowest LR).
+DEFAULT_EMBEDDINGS = (r".*/(embeddings|pre_layrnorm)/.*",)
+_LAYER = re.compile(r"layer_(\d+)")
+
+
+def _check_keys(cfg: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+  for key in cfg.keys():
+    if key not in allowed:
+      close = difflib.get_close_matches(key, allowed, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"{what}.{key} is not a known key ({', '.join(allowed)}).{hint}")
+
+
+def _as_list(rule_or_rules: Any) -> list[Any]:
+  return [rule_or_rules] if isinstance(rule_or_rules, str) else list(rule_or_rules or ())
+
+
+def _preset(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+  name = cfg.get("preset") or "full"
+  if name not in PRESETS:
+    raise ValueError(f"config.optim.preset={name!r} is unknown; use one of {sorted(PRESETS)}.")
+  if name == "lora" and not cfg.get("lora"):
+    raise ValueError("config.optim.preset='lora' needs config.optim.lora = dict(targets=[...], "
+                     "rank=8, alpha=16), and params from mmtl.lora.init.")
+  return PRESETS[name]
+
+
+def _unfreeze_phases(cfg: Mapping[str, Any]) -> list[tuple[int, list[str]]]:
+  phases = []
+  for i, entry in enumerate(cfg.get("unfreeze") or ()):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], int)):
+      raise ValueError(f"config.optim.unfreeze[{i}]={entry!r}: each entry is (step, [regex, ...]).")
+    phases.append((entry[0], _as_list(entry[1])))
+  return phases
+
+
+def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any:
+  """Bool tree, True where a param is frozen for the update at `step` (0-based).
+
+  Frozen = matched by `frozen` (config + preset), or not matched by `trainable`
+  when that is given; then every `unfreeze` entry with `entry_step <= step`
+  makes its matches trainable again. LoRA's constant `lora_scale` is always
+  frozen. Every rule must match some param (a typo raises `rules.RuleError`).
+  """
+  _check_keys(optim_cfg, _KEYS, "config.optim")
+  preset = _preset(optim_cfg)
+  name = optim_cfg.get("preset")
+  hint = " (params need mmtl.lora.init)" if name == "lora" else ""
+  flat = rules.flatten(params)
+  frozen = dict.fromkeys(flat, False)
+  for rule_list, what in ((preset.get("frozen", []), f"config.optim.preset={name!r}"),
+                          (_as_list(optim_cfg.get("frozen")), "config.optim.frozen")):
+    for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
+      frozen[path] |= hit
+  for rule_list, what in ((preset.get("trainable", []), f"config.optim.preset={name!r}{hint}"),
+                          (_as_list(optim_cfg.get("trainable")), "config.optim.trainable")):
+    if rule_list:
+      for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
+        frozen[path] |= not hit
+  for i, (at, rule_list) in enumerate(_unfreeze_phases(optim_cfg)):
+    hits = rules.assign(flat, rule_list, default=False, what=f"config.optim.unfreeze[{i}]")
+    if at <= step:
+      frozen = {path: f and not hits[path] for path, f in frozen.items()}
+  constant = rules.assign(flat, [lora.CONSTANT], default=False, require_match=False)
+  frozen = {path: f or constant[path] for path, f in frozen.items()}
+  return jax.tree.unflatten(jax.tree.structure(params), list(frozen.values()))
+
+
+def phase_boundaries(optim_cfg: Mapping[str, Any]) -> list[int]:
+  """Sorted steps > 0 at which gradual unfreezing changes the trainable set.
+
+  At each boundary the trainer rebuilds (`make(..., step=boundary)`), carries the
+  state over (`migrate_state`) and re-jits its step: one compilation per phase.
+  """
+  return sorted({at for at, _ in _unfreeze_phases(optim_cfg) if at > 0})
+
+
+def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[str, float]:
+  """Per-path LR factor rate**(depth - i) for `layer_{i}` of a decayed tower.
+
+  A tower is the first path segment; its depth is 1 + its largest layer index.
+  Embeddings (`ld.embeddings`) get rate**(depth + 1), other params of the tower
+  (final norm, pooler, projection) and everything outside `ld.towers` get 1.
+  """
+  if not ld:
+    return dict.fromkeys(flat, 1.0)
+  _check_keys(ld, ("rate", "towers", "embeddings"), "config.optim.layer_decay")
+  if "rate" not in ld or not 0.0 < ld["rate"] <= 1.0:
+    raise ValueError("config.optim.layer_decay.rate must be in (0, 1], e.g. 0.75.")
+  towers = [(t, ld["rate"]) if isinstance(t, str) else tuple(t)
+            for t in _as_list(ld.get("towers", [".*_encoder/.*"]))]
+  rate = rules.assign(flat, towers, default=None, what="config.optim.layer_decay.towers")
+  embeddings = rules.assign(flat, _as_list(ld.get("embeddings", DEFAULT_EMBEDDINGS)), default=False,
+                            what="config.optim.layer_decay.embeddings",
+                            require_match="embeddings" in ld)
+  index = {}
+  for path in flat:
+    found = [int(m.group(1)) for seg in path.split("/") if (m := _LAYER.fullmatch(seg))]
+    index[path] = found[0] if found else None
+  depth: dict[str, int] = {}
+  for path in flat:
+    if rate[path] is not None and index[path] is not None:
+      tower = path.split("/")[0]
+      depth[tower] = max(depth.get(tower, 0), index[path] + 1)
+  out = {}
+  for path in flat:
+    if rate[path] is None:
+      out[path] = 1.0
+      continue
+    tower = path.split("/")[0]
+    if tower not in depth:
+      raise rules.RuleError(
+          f"config.optim.layer_decay.towers matched {path} but tower {tower!r} has no `layer_{{i}}` "
+          "params; layer-wise decay needs encoder layers named layer_0, layer_1, ...")
+    if index[path] is not None:
+      exponent = depth[tower] - index[path]
+    else:
+      exponent = depth[tower] + 1 if embeddings[path] else 0
+    out[path] = float(rate[path]) ** exponent
+  return out
+
+
+def lr_mults(params: Any, optim_cfg: Mapping[str, Any]) -> Any:
+  """Float tree: `lr_mults` rule value x layer-wise decay factor, per param."""
+  flat = rules.flatten(params)
+  mults = rules.assign(flat, optim_cfg.get("lr_mults") or (), default=1.0,
+                       what="config.optim.lr_mults")
+  if any(m <= 0 for m in mults.values()):
+    raise ValueError("config.optim.lr_mults must be > 0; freeze params with config.optim.frozen.")
+  decay = _layer_decay(flat, optim_cfg.get("layer_decay"))
+  return jax.tree.unflatten(jax.tree.structure(params), [mults[p] * decay[p] for p in flat])
+
+
+def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Schedule:
+  """LR multiplier in [0, 1]: linear warmup from 0, then cosine/linear decay or constant."""
+  sched_cfg = dict(sched_cfg or {})
+  _check_keys(sched_cfg, ("warmup_steps", "decay", "end_mult"), "config.optim.schedule")
+  warmup = int(sched_cfg.get("warmup_steps", 0))
+  decay = sched_cfg.get("decay", "cosine")
+  end = float(sched_cfg.get("end_mult", 0.0))
+  if not 0 <= warmup <= total_steps:
+    raise ValueError(f"config.optim.schedule.warmup_steps={warmup} must be in "
+                     f"[0, total_steps={total_steps}].")
+  steps = max(total_steps - warmup, 1)
+  decays = {
+      "cosine": lambda: optax.cosine_decay_schedule(1.0, steps, alpha=end),
+      "linear": lambda: optax.linear_schedule(1.0, end, steps),
+      "constant": lambda: optax.constant_schedule(1.0),
+  }
+  if decay not in decays:
+    raise ValueError(f"config.optim.schedule.decay={decay!r}; use one of {sorted(decays)}.")
+  if not warmup:
+    return decays[decay]()
+  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), decays[decay]()], [warmup])
+
+
+def _scaler(optim_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  name = optim_cfg.get("name", "adamw")
+  fn = _SCALERS.get(name) or getattr(optax, f"scale_by_{name}", None)
+  if fn is None:
+    raise ValueError(f"config.optim.name={name!r}: not one of {sorted(_SCALERS)} nor an "
+                     f"optax.scale_by_{name}.")
+  kwargs = dict(optim_cfg.get("kwargs") or {})
+  try:
+    return fn(**kwargs)
+  except TypeError as e:
+    raise ValueError(f"config.optim.kwargs={kwargs} do not fit config.optim.name={name!r}: {e}") from None
+
+
+def _scale_and_decay(lr: Any, wd: Any) -> optax.GradientTransformation:
+  """`u * lr + wd * p` per leaf with float trees `lr`, `wd`; skips masked-out leaves."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      params = updates  # only read where wd != 0
+    def one(lr, wd, u, p):
+      if isinstance(u, optax.MaskedNode):
+        return u
+      return u * lr + wd * p if wd else u * lr
+    return jax.tree.map(one, lr, wd, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _labels(params: Any, optim_cfg: Mapping[str, Any], step: int) -> Any:
+  """Per param: "frozen", "trainable" (from step 0) or "unfrozen_at_<b>" (phase boundary b).
+
+  Each group gets its own optimizer state, so Adam's bias correction restarts
+  for params unfrozen later instead of inflating their first updates.
+  """
+  starts = [0] + [b for b in phase_boundaries(optim_cfg) if b <= step]
+  masks = [rules.flatten(freeze_mask(params, optim_cfg, b)) for b in starts]
+  labels = []
+  for path in masks[0]:
+    first = next((b for b, mask in zip(starts, masks) if not mask[path]), None)
+    labels.append("frozen" if first is None else "trainable" if first == 0 else f"unfrozen_at_{first}")
+  return jax.tree.unflatten(jax.tree.structure(params), labels)
+
+
+def make(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int,
+         step: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns `(tx, lr_fn)` for the trainable set at `step`.
+
+  `tx` updates the full params tree (frozen leaves: zero update, no state);
+  `lr_fn(step)` is the base LR (`lr * schedule`) for logging. `params` may be
+  abstract (`jax.ShapeDtypeStruct` leaves). The schedule reads its own step
+  count from the state, so a state carried over by `migrate_state` (or restored
+  from a checkpoint) continues it.
+  """
+  sched = schedule(optim_cfg.get("schedule"), total_steps)
+  return _build(optim_cfg, params, step, sched), lambda s: float(optim_cfg["lr"]) * sched(s)
+
+
+def _build(optim_cfg: Mapping[str, Any], params: Any, step: int,
+           sched: optax.Schedule) -> optax.GradientTransformation:
+  if "lr" not in optim_cfg:
+    raise ValueError("config.optim.lr is missing: set the peak learning rate, e.g. 1e-3.")
+  labels = _labels(params, optim_cfg, step)
+  groups = sorted(set(jax.tree.leaves(labels)) - {"frozen"})
+  if not groups:
+    raise ValueError(f"Every parameter is frozen at step {step}: loosen config.optim.frozen/"
+                     "trainable/preset or add an earlier config.optim.unfreeze entry.")
+  base_lr = float(optim_cfg["lr"])
+  lr = jax.tree.map(lambda m: base_lr * m, lr_mults(params, optim_cfg))
+  wd = float(optim_cfg.get("wd") or 0.0)
+  wd_mults = rules.tree_assign(params, optim_cfg.get("wd_mults", [(".*/kernel", 1.0)]), default=0.0,
+                               what="config.optim.wd_mults",
+                               require_match="wd_mults" in optim_cfg)
+  scale_and_decay = _scale_and_decay(lr, jax.tree.map(lambda m: wd * m, wd_mults))
+  clip = optim_cfg.get("grad_clip_norm")
+  trainable = jax.tree.map(lambda label: label != "frozen", labels)
+  return optax.chain(
+      optax.masked(optax.clip_by_global_norm(clip), trainable) if clip else optax.identity(),
+      optax.multi_transform(
+          {"frozen": optax.set_to_zero(),
+           **{g: optax.chain(_scaler(optim_cfg), scale_and_decay) for g in groups}}, labels),
+      optax.scale_by_schedule(lambda count: -sched(count)),
+  )
+
+
+def migrate_state(old_state: Any, new_tx: optax.GradientTransformation, params: Any) -> Any:
+  """`new_tx.init(params)` with every leaf that also exists in `old_state` copied over.
+
+  Leaves are matched by their path in the state tree, so at a gradual-unfreezing
+  boundary params that were trainable keep their moments and counts, the LR
+  schedule continues, and newly unfrozen params start a new group with zero
+  moments and their own count (fresh Adam bias correction). Jittable: run it
+  under `jax.jit(..., out_shardings=...)` when the state is sharded.
+  """
+  old = rules.flatten(old_state)
+
+  def pick(key_path, fresh):
+    kept = old.get(rules.path_str(key_path))
+    if kept is not None and jnp.shape(kept) == jnp.shape(fresh) and (
+        jnp.result_type(kept) == jnp.result_type(fresh)):
+      return kept
+    return fresh
+
+  return jax.tree_util.tree_map_with_path(pick, new_tx.init(params))
+
+
+def split(params: Any, mask: Any) -> tuple[Any, Any]:
+  """`(trainable, frozen)`: two trees shaped like `params` with None where the other holds the leaf.
+
+  Differentiate w.r.t. `trainable` only, so no gradient or backward pass is
+  computed for frozen params:
+
+    trainable, frozen = optim.split(params, mask)
+    grads = jax.grad(lambda t: loss(lora.merge(optim.combine(t, frozen))))(trainable)
+    grads = optim.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = tx.update(grads, opt_state, params)
+  """
+  trainable = jax.tree.map(lambda p, f: None if f else p, params, mask)
+  frozen = jax.tree.map(lambda p, f: p if f else None, params, mask)
+  return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+  """Inverse of `split`: the leaf from whichever tree is not None."""
+  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
+def _nbytes(leaf: Any) -> int:
+  return int(np.prod(jnp.shape(leaf))) * jnp.dtype(leaf.dtype).itemsize
+
+
+def _human(n: float) -> str:
+  units = ("B", "KiB", "MiB", "GiB")
+  i = 0
+  while n >= 1024 and i < len(units) - 1:
+    n, i = n / 1024, i + 1
+  return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
+            step: int = 0) -> str:
+  """Table of trainable/frozen params (count, bytes) and LR mult range per tower.
+
+  Towers are first path segments. Optimizer-state bytes come from `opt_state`,
+  else from `jax.eval_shape` of a fresh state (nothing is allocated).
+  """
+  mask = rules.flatten(freeze_mask(params, optim_cfg, step))
+  mults = rules.flatten(lr_mults(params, optim_cfg))
+  if opt_state is None:
+    tx = _build(optim_cfg, params, step, optax.constant_schedule(1.0))
+    opt_state = jax.eval_shape(tx.init, params)
+  rows: dict[str, list[Any]] = {}
+  for path, leaf in rules.flatten(params).items():
+    row = rows.setdefault(path.split("/")[0], [0, 0, 0, 0, []])
+    col = 2 if mask[path] else 0
+    row[col] += int(np.prod(jnp.shape(leaf)))
+    row[col + 1] += _nbytes(leaf)
+    if not mask[path]:
+      row[4].append(mults[path])
+  total = [sum(r[i] for r in rows.values()) for i in range(4)]
+  lines = [f"optim: {optim_cfg.get('name', 'adamw')} lr={optim_cfg.get('lr')} "
+           f"wd={optim_cfg.get('wd', 0.0)} preset={optim_cfg.get('preset') or 'full'} step={step} "
+           f"phase boundaries={phase_boundaries(optim_cfg)}",
+           f"{'tower':<20} {'trainable':>24} {'frozen':>24}  lr mult"]
+  for tower, (tn, tb, fn, fb, ms) in [*rows.items(), ("total", [*total, []])]:
+    lr = f"{min(ms):.3g}..{max(ms):.3g}" if ms else "-"
+    lines.append(f"{tower:<20} {f'{tn:,} ({_human(tb)})':>24} {f'{fn:,} ({_human(fb)})':>24}  {lr}")
+  state_bytes = sum(_nbytes(x) for x in jax.tree.leaves(opt_state))
+  lines.append(f"optimizer state: {_human(state_bytes)}")
+  return "\n".join(lines)
