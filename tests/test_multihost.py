@@ -1,0 +1,114 @@
+"""Two processes on localhost (jax.distributed + gloo) train like one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mmtl import checkpoint, distributed, rules, sharding
+from tests import multihost_worker as worker
+from tests import sharding_toy as toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, num_processes=2):
+  """Runs the worker as `num_processes` processes; fails fast if one fails."""
+  port = _free_port()
+  procs, logs = [], []
+  for i in range(num_processes):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=REPO)
+    logs.append(open(workdir / f"log_{i}.txt", "w"))
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(workdir)],
+        env=env, cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      if any(p.poll() not in (None, 0) for p in procs):
+        break  # the other process would wait for its peer until JAX's own timeout
+      time.sleep(0.2)
+  finally:
+    for p, log in zip(procs, logs):
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+      log.close()
+  for i, p in enumerate(procs):
+    log = (workdir / f"log_{i}.txt").read_text()
+    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("multihost")
+  _launch(workdir)
+  return workdir
+
+
+def test_two_processes_match_one_process(two_process_run):
+  # The same global mesh, in one process.
+  state, losses = toy.reference_run(tuple(worker.MESH.items()), worker.RULES, worker.STEPS)
+  expected = {f"params/{k}": v for k, v in rules.flatten(state["params"]).items()}
+  for i in range(2):
+    result = np.load(two_process_run / f"result_{i}.npz")
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    assert int(result["step"]) == worker.STEPS
+    assert set(result.files) == set(expected) | {"losses", "step", "host_tree_sum"}
+    np.testing.assert_allclose(result["host_tree_sum"], sum(v.sum() for v in expected.values()),
+                               rtol=1e-5)
+    for k, v in expected.items():
+      np.testing.assert_allclose(result[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_each_process_keeps_its_own_data_state(two_process_run):
+  for i in range(2):
+    assert json.loads((two_process_run / f"data_state_{i}.json").read_text()) == {"slice": [i, 2]}
+  data_dir = two_process_run / "checkpoints" / str(worker.STEPS) / "data"
+  names = sorted(p.name for p in data_dir.iterdir() if p.name.endswith(".json"))
+  assert names == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_two_process_checkpoint_restores_in_one_process(two_process_run):
+  mesh = sharding.make_mesh(dict(data=4), devices=jax.devices()[:4])
+  shapes, shardings = toy.state_shardings(mesh, "fsdp_tp")
+  with checkpoint.CheckpointManager(two_process_run / "checkpoints") as manager:
+    restored = manager.restore(checkpoint.abstract(shapes, shardings))
+    assert manager.data_state() is None  # 1 process now: no input state of its own
+  result = np.load(two_process_run / "result_0.npz")
+  for k, v in rules.flatten(jax.device_get(restored["params"])).items():
+    np.testing.assert_array_equal(v, result[f"params/{k}"])
+
+
+def test_when_maybe_initialize_initializes(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MMTL_DISTRIBUTED",
+              "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.maybe_initialize() is False and not calls  # a plain single process
+  assert distributed.is_main_process()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+  assert distributed.maybe_initialize() is False and not calls
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
+    distributed.maybe_initialize()
+  monkeypatch.delenv("JAX_NUM_PROCESSES")
+  monkeypatch.setenv("SLURM_NTASKS", "4")  # a cluster JAX detects: no arguments needed
+  distributed.maybe_initialize()
+  assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
