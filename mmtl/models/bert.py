@@ -70,25 +70,13 @@ class BertEmbeddings(nn.Module):
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-class BertModel(nn.Module):
+class BertModel(layers.EncoderTower):
   """HF `BertModel`: embeddings -> post-LN encoder -> optional tanh pooler on [CLS]."""
   config: BertConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  remat: str = "none"
-  attention_impl: str | None = None
   add_pooling_layer: bool = True
 
   hf_architecture: ClassVar[str] = "BertModel"
   hf_base_prefix: ClassVar[str] = "bert"  # task checkpoints (BertForX) nest the encoder here
-
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
-  @property
-  def hidden_size(self) -> int:
-    return self.config.hidden_size
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
@@ -97,8 +85,7 @@ class BertModel(nn.Module):
   def setup(self):
     c = self.config
     self.embeddings = BertEmbeddings(c, self.dtype, self.param_dtype)
-    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
-                                  self.param_dtype, self.attention_impl)
+    self.encoder = self.make_encoder()
     if self.add_pooling_layer:
       self.pooler = layers.Pooler(c.hidden_size, "tanh", self.dtype, self.param_dtype)
 
@@ -109,9 +96,6 @@ class BertModel(nn.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     return self.embeddings(input_ids, token_type_ids, deterministic), attention_mask.astype(bool)
-
-  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
-    return self.encoder(x, mask, start, stop, deterministic=deterministic)
 
   def finalize(self, x, mask) -> dict[str, jax.Array | None]:
     del mask  # BERT pools the [CLS] token, which is never padding.

@@ -120,45 +120,27 @@ class CLIPVisionEmbeddings(nn.Module):
     return x + pos(jnp.arange(x.shape[1])[None])
 
 
-class CLIPVisionModel(nn.Module):
+class CLIPVisionModel(layers.EncoderTower):
   """HF `CLIPVisionModel`: pooler_output = post_layernorm(last_hidden_state[:, 0])."""
   config: CLIPVisionConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  remat: str = "none"
-  attention_impl: str | None = None
 
   hf_architecture: ClassVar[str] = "CLIPVisionModel"
   hf_base_prefix: ClassVar[str] = "vision_model"
 
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
-  @property
-  def hidden_size(self) -> int:
-    return self.config.hidden_size
-
   def dummy_inputs(self) -> dict[str, jax.Array]:
-    """Smallest valid inputs, for `init` and shape evaluation."""
-    c = self.config
-    return dict(pixel_values=jnp.zeros((1, *layers.pair(c.image_size), c.num_channels), jnp.float32))
+    return layers.image_dummy_inputs(self.config)
 
   def setup(self):
     c = self.config
     self.embeddings = CLIPVisionEmbeddings(c, self.dtype, self.param_dtype)
     self.pre_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
-    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
-                                  self.param_dtype, self.attention_impl)
+    self.encoder = self.make_encoder()
     self.post_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
 
   def embed(self, pixel_values, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     del deterministic  # CLIP has no embedding dropout
     x = self.pre_layernorm(self.embeddings(pixel_values))
     return x, jnp.ones(x.shape[:2], bool)
-
-  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
-    return self.encoder(x, mask, start, stop, deterministic=deterministic)
 
   def finalize(self, x, mask) -> dict[str, jax.Array]:
     del mask
@@ -180,24 +162,12 @@ class CLIPVisionModel(nn.Module):
     return _tower_names(self, p, emb)
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(layers.EncoderTower):
   """HF `CLIPTextModel`: causal encoder; pooler_output = final state at the EOS token."""
   config: CLIPTextConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  remat: str = "none"
-  attention_impl: str | None = None
 
   hf_architecture: ClassVar[str] = "CLIPTextModel"
   hf_base_prefix: ClassVar[str] = "text_model"
-
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
-  @property
-  def hidden_size(self) -> int:
-    return self.config.hidden_size
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
@@ -209,8 +179,7 @@ class CLIPTextModel(nn.Module):
                                        param_dtype=self.param_dtype, name=name)
     self.token_embedding = embed(c.vocab_size, "token_embedding")
     self.position_embedding = embed(c.max_position_embeddings, "position_embedding")
-    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
-                                  self.param_dtype, self.attention_impl)
+    self.encoder = self.make_encoder()
     self.final_layer_norm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
 
   def embed(self, input_ids, attention_mask=None, *,
@@ -224,9 +193,6 @@ class CLIPTextModel(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     return x, attention_mask.astype(bool)
-
-  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
-    return self.encoder(x, mask, start, stop, deterministic=deterministic)
 
   def finalize(self, x, mask, input_ids=None) -> dict[str, jax.Array]:
     """Final LN and EOS pooling.

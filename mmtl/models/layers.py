@@ -207,6 +207,42 @@ class Encoder(nn.Module):
     return x
 
 
+class EncoderTower(nn.Module):
+  """What every encoder (BERT, ViT, CLIP towers) shares: fields, layer stack, protocol.
+
+  Subclasses add `embed`, `finalize` and an HF-named `__call__`, and create
+  `self.encoder = self.make_encoder()` in `setup`. Fusion models drive any
+  tower through embed -> run_layers(start, stop) -> finalize.
+  """
+  config: Any
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def make_encoder(self) -> Encoder:
+    c = self.config
+    return Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype, self.param_dtype,
+                   self.attention_impl)
+
+  def run_layers(self, x: jax.Array, mask: jax.Array, start: int, stop: int, *,
+                 deterministic: bool = True) -> jax.Array:
+    return self.encoder(x, mask, start, stop, deterministic=deterministic)
+
+
+def image_dummy_inputs(config: Any) -> dict[str, jax.Array]:
+  """Smallest valid `pixel_values` of an image tower, for `init` and shape evaluation."""
+  return dict(pixel_values=jnp.zeros((1, *pair(config.image_size), config.num_channels), jnp.float32))
+
+
 class Pooler(nn.Module):
   """Dense + activation on the first token (BERT and ViT `pooler`)."""
   features: int

@@ -68,36 +68,21 @@ class ViTEmbeddings(nn.Module):
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-class ViTModel(nn.Module):
+class ViTModel(layers.EncoderTower):
   """HF `ViTModel`: [CLS] + patches -> pre-LN encoder -> final LN -> optional pooler."""
   config: ViTConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  remat: str = "none"
-  attention_impl: str | None = None
   add_pooling_layer: bool = True
 
   hf_architecture: ClassVar[str] = "ViTModel"
   hf_base_prefix: ClassVar[str] = "vit"  # ViTForImageClassification nests the encoder here
 
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
-  @property
-  def hidden_size(self) -> int:
-    return self.config.hidden_size
-
   def dummy_inputs(self) -> dict[str, jax.Array]:
-    """Smallest valid inputs, for `init` and shape evaluation."""
-    c = self.config
-    return dict(pixel_values=jnp.zeros((1, *layers.pair(c.image_size), c.num_channels), jnp.float32))
+    return layers.image_dummy_inputs(self.config)
 
   def setup(self):
     c = self.config
     self.embeddings = ViTEmbeddings(c, self.dtype, self.param_dtype)
-    self.encoder = layers.Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype,
-                                  self.param_dtype, self.attention_impl)
+    self.encoder = self.make_encoder()
     self.layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
     if self.add_pooling_layer:
       self.pooler = layers.Pooler(c.pooler_output_size or c.hidden_size, c.pooler_act,
@@ -106,9 +91,6 @@ class ViTModel(nn.Module):
   def embed(self, pixel_values, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     x = self.embeddings(pixel_values, deterministic)
     return x, jnp.ones(x.shape[:2], bool)
-
-  def run_layers(self, x, mask, start: int, stop: int, *, deterministic: bool = True) -> jax.Array:
-    return self.encoder(x, mask, start, stop, deterministic=deterministic)
 
   def finalize(self, x, mask) -> dict[str, jax.Array | None]:
     del mask  # every image token is real
