@@ -121,16 +121,25 @@ class Attention(nn.Module):
                                         param_dtype=self.param_dtype, name=name)
     split = lambda y: y.reshape(*y.shape[:-1], s.num_heads, head_dim)
     q, k, v = (split(dense(n, s.qkv_bias)(x)) for n in ("query", "key", "value"))
-    mask = mask[:, None, None, :]  # (B, heads, queries, keys)
-    if deterministic or s.attention_dropout == 0.0:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=s.causal,
-                                         implementation=self.attention_impl)
-    else:  # jax.nn.dot_product_attention has no dropout on the probabilities.
+    if s.attention_dropout and not deterministic:
+      # jax.nn.dot_product_attention has no dropout on the probabilities.
+      mask = mask[:, None, None, :]  # (B, heads, queries, keys)
       if s.causal:
         mask = nn.combine_masks(mask, nn.make_causal_mask(x[..., 0], dtype=jnp.bool_))
       out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
                                      dropout_rate=s.attention_dropout, deterministic=False,
                                      dtype=self.dtype)
+    elif self.attention_impl == "cudnn":
+      # cuDNN flash attention takes padding as per-example lengths (its PADDING mask
+      # type). A boolean mask would become a dense additive bias: slower, and cuDNN
+      # then needs an even sequence length in training (ViT-B/16 has 197 tokens).
+      # Exact for masks with the real tokens first (images, right-padded text).
+      lengths = mask.sum(-1, dtype=jnp.int32)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=s.causal, query_seq_lengths=lengths,
+                                         key_value_seq_lengths=lengths, implementation="cudnn")
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], is_causal=s.causal,
+                                         implementation=self.attention_impl)
     return dense("out", True)(out.reshape(*x.shape[:-1], s.hidden_size))
 
 
