@@ -1,0 +1,65 @@
+"""Knowledge distillation: a frozen teacher (any finished mmtl run) guides a student.
+
+  config.distill = dict(teacher_workdir="workdirs/big", temperature=2.0, alpha=0.5)
+
+The student's loss is `(1 - alpha) * task_loss + alpha * kd_loss`, with Hinton
+et al.'s KD term `T^2 * KL(softmax(teacher / T) || softmax(student / T))`
+(the T^2 keeps its gradient scale independent of T). The teacher is rebuilt from
+its own `config.json` and best checkpoint, runs in the train step without
+gradients, and may have other towers than the student, as long as both
+classify into the same classes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mmtl import losses
+
+_KEYS = ("teacher_workdir", "temperature", "alpha")
+
+
+def kd_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
+                        temperature: float) -> jax.Array:
+  t = temperature
+  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / t)
+  log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
+  log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t)
+  return t * t * (teacher * (log_teacher - log_student)).sum(-1)
+
+
+def check_config(distill_cfg: Mapping[str, Any], head_type: str) -> None:
+  unknown = set(distill_cfg.keys()) - set(_KEYS)
+  if unknown:
+    raise ValueError(f"config.distill: unknown key(s) {sorted(unknown)}; use {list(_KEYS)}.")
+  if not distill_cfg.get("teacher_workdir"):
+    raise ValueError("config.distill.teacher_workdir is not set: give the workdir of a finished "
+                     "mmtl run (it holds config.json and checkpoints).")
+  if head_type != "classification":
+    raise ValueError(f"Distillation matches classification logits; the student has "
+                     f"head_type={head_type!r}. Remove config.distill or use a classifier.")
+  if not 0.0 <= distill_cfg.get("alpha", 0.5) <= 1.0:
+    raise ValueError("config.distill.alpha must be in [0, 1] (weight of the KD term).")
+
+
+def student_loss(task_loss: jax.Array, student_logits: jax.Array, teacher_logits: jax.Array,
+                 weights: jax.Array | None, distill_cfg: Mapping[str, Any]) -> jax.Array:
+  """`(1 - alpha) * task_loss + alpha * KD`; teacher logits carry no gradient."""
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"Student logits {student_logits.shape} and teacher logits "
+                     f"{teacher_logits.shape} differ: both must classify into the same classes.")
+  alpha = distill_cfg.get("alpha", 0.5)
+  kd = losses.weighted_mean(
+      kd_loss_per_example(student_logits, jax.lax.stop_gradient(teacher_logits),
+                          distill_cfg.get("temperature", 2.0)), weights)
+  return (1.0 - alpha) * task_loss + alpha * kd
+
+
+def load_teacher(teacher_workdir: str, mesh) -> tuple[Callable[[Any, Any], jax.Array], Any]:
+  """`(logits_fn(params, batch), params)` of a finished run, params placed on `mesh`."""
+  from mmtl import evaluate  # The teacher loads exactly like `python -m mmtl.evaluate`.
+  model, params = evaluate.load_run(teacher_workdir, mesh)
+  return (lambda p, batch: model.apply({"params": p}, batch)["logits"]), params

@@ -1,0 +1,60 @@
+"""Task losses, each a weighted mean over the batch.
+
+`example_weight` (B,) carries class weights and zeroes eval padding rows, so
+every loss here divides by the weight sum, not by the batch size.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# CLIP clips the learned temperature at 100 so logits cannot blow up.
+MAX_LOGIT_SCALE = jnp.log(100.0)
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  if weights is None:
+    return values.mean()
+  weights = weights.astype(values.dtype)
+  return (values * weights).sum() / jnp.maximum(weights.sum(), 1e-6)
+
+
+def softmax_xent_per_example(logits: jax.Array, labels: jax.Array,
+                             label_smoothing: float = 0.0) -> jax.Array:
+  """Cross-entropy of integer `labels` (B,) under `logits` (B, C), per example."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return -(targets * jax.nn.log_softmax(logits.astype(jnp.float32))).sum(-1)
+
+
+def contrastive_per_example(image_embeds: jax.Array, text_embeds: jax.Array,
+                            logit_scale: jax.Array) -> jax.Array:
+  """CLIP's symmetric InfoNCE: row i's positive is column i, both directions."""
+  scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+  logits = scale * image_embeds @ text_embeds.T
+  labels = jnp.arange(logits.shape[0])
+  return 0.5 * (softmax_xent_per_example(logits, labels)
+                + softmax_xent_per_example(logits.T, labels))
+
+
+def task_loss(head_type: str, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any],
+              loss_cfg: Mapping[str, Any]) -> jax.Array:
+  """The loss of a FusionModel head (see mmtl.models.fusion) on one batch."""
+  weights = batch.get("example_weight")
+  if head_type == "classification":
+    per_example = softmax_xent_per_example(outputs["logits"], batch["labels"],
+                                           loss_cfg.get("label_smoothing", 0.0))
+  elif head_type == "regression":
+    targets = jnp.asarray(batch["labels"], jnp.float32).reshape(outputs["predictions"].shape)
+    per_example = ((outputs["predictions"] - targets) ** 2).mean(-1)
+  elif head_type == "contrastive":
+    per_example = contrastive_per_example(outputs["image_embeds"], outputs["text_embeds"],
+                                          outputs["logit_scale"])
+  else:
+    raise ValueError(f"No loss for head_type={head_type!r}.")
+  return weighted_mean(per_example, weights)

@@ -1,0 +1,146 @@
+"""Metric logging: JSON lines + TensorBoard, a progress line, and a PNG of the curves.
+
+`DIR/metrics.jsonl` holds one `{"step": s, name: value, ...}` object per write;
+a resumed run appends, and readers keep the last value per (step, name), so a
+re-done step after a preemption does not plot twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+def quiet_library_logs() -> None:
+  """absl INFO logs of orbax/TFDS drown the progress lines; keep WARNING and up
+  unless --verbosity was given."""
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def _scalar(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+class MetricWriter:
+  """Writes scalars to `DIR/metrics.jsonl` and TensorBoard, and prints progress.
+
+  Only the main process (`is_main`) writes; others make every call a no-op so
+  the trainer needs no `if process_index == 0` around logging.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, first_step: int = 0,
+               is_main: bool = True):
+    self.total_steps, self.batch_size, self.is_main = total_steps, batch_size, is_main
+    self._last_step, self._last_time = first_step, None
+    self._file = self._tb = None
+    if is_main:
+      from tensorboardX import SummaryWriter
+      self._file = open(os.path.join(workdir, METRICS_FILE), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.is_main or not metrics:
+      return
+    values = {k: _scalar(v) for k, v in metrics.items()}
+    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._file.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+
+  def progress(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Prints `step s/N | name value ... | steps/s | examples/s | ETA` and returns
+    the speed numbers (for logging). Speed is measured between consecutive calls;
+    the first call only starts the clock, so compilation does not count."""
+    now = time.perf_counter()
+    speed = {}
+    if self._last_time is not None and step > self._last_step:
+      steps_per_s = (step - self._last_step) / (now - self._last_time)
+      speed = {"steps_per_s": steps_per_s, "examples_per_s": steps_per_s * self.batch_size}
+    self._last_step, self._last_time = step, now
+    if self.is_main:
+      parts = [f"step {step}/{self.total_steps}"]
+      parts += [f"{k} {_scalar(v):.4g}" for k, v in metrics.items()]
+      if speed:
+        eta = (self.total_steps - step) / speed["steps_per_s"]
+        parts += [f"{speed['steps_per_s']:.2f} steps/s", f"{speed['examples_per_s']:.0f} ex/s",
+                  f"ETA {format_duration(eta)}"]
+      print(" | ".join(parts), flush=True)
+    return speed
+
+  def close(self) -> None:
+    if self.is_main:
+      self._file.close()
+      self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def read(workdir: str) -> dict[str, dict[int, float]]:
+  """`{name: {step: value}}` from `DIR/metrics.jsonl` (last write per step wins)."""
+  curves: dict[str, dict[int, float]] = {}
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return curves
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      step = record.pop("step")
+      for name, value in record.items():
+        curves.setdefault(name, {})[step] = value
+  return curves
+
+
+def plot_curves(workdir: str) -> str:
+  """Writes `DIR/curves.png`: one panel per metric kind (the part after the last
+  `/`), so `train/loss`, `val/loss` share a panel and `val/accuracy`,
+  `test/accuracy` another."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  curves = {k: v for k, v in read(workdir).items() if not k.startswith("speed/")}
+  groups: dict[str, list[str]] = {}
+  for name in curves:
+    groups.setdefault(name.split("/")[-1], []).append(name)
+  cols = min(3, max(len(groups), 1))
+  rows = max(math.ceil(len(groups) / cols), 1)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+  for ax, (group, names) in zip(axes.flat, groups.items()):
+    for name in names:
+      steps = sorted(curves[name])
+      ax.plot(steps, [curves[name][s] for s in steps], label=name,
+              marker="o" if len(steps) < 20 else None)
+    ax.set_title(group)
+    ax.set_xlabel("step")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(groups):]:
+    ax.axis("off")
+  fig.tight_layout()
+  path = os.path.join(workdir, CURVES_FILE)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def format_table(metrics: Mapping[str, float], title: str = "Final metrics") -> str:
+  """A two-column Markdown table of a flat metrics dict."""
+  width = max([len(k) for k in metrics] + [6])
+  lines = [f"{title}", f"| {'metric':<{width}} | {'value':>8} |", f"|{'-' * (width + 2)}|{'-' * 10}|"]
+  lines += [f"| {k:<{width}} | {v:>8.4f} |" for k, v in metrics.items()]
+  return "\n".join(lines)

@@ -1,0 +1,479 @@
+"""Fusion models: two or three encoders combined into one multimodal model.
+
+Any module that follows the encoder protocol (`embed`, `run_layers`,
+`finalize`, `num_layers`, `hidden_size`; see mmtl.models.bert/vit/clip) can be
+a tower. Towers are named `image_encoder`, `text_encoder`, `audio_encoder`, so
+pretrained checkpoints load into them by name and regex rules address them as
+`text_encoder/encoder/layer_3/...`; fusion params live under `fusion/...` and
+the task head under `head/...`.
+
+Fusion types (`fusion_type`):
+  concat:          pooled tower features projected to `width`, concatenated,
+                   one hidden layer (a linear head on a concat cannot model
+                   interactions such as "is the *named* shape in the image").
+  gated:           gated multimodal unit: a learned per-dimension softmax over
+                   modalities mixes the projected features.
+  bilinear:        low-rank bilinear pooling (MLB): tanh projections multiplied
+                   elementwise; the interaction is there from the first step.
+  cross_attention: every modality's tokens attend to the other modalities'
+                   tokens (text->image patches and back), then pooled + concat.
+  bottleneck:      MBT (Nagrani et al. 2021): towers run layers
+                   [0, fusion_layer) alone; in [fusion_layer, L) they exchange
+                   information only through a few shared bottleneck tokens.
+  contrastive:     two towers and a CLIP/LiT head: projected, L2-normalized
+                   embeddings and a learnable temperature.
+
+Missing modalities: a tower runs only when its inputs are in the batch, and
+`image_present` / `text_present` / `audio_present` (B,) floats (1 = present)
+zero a modality per example, so a fused model can be trained with modality
+dropout and evaluated with a modality missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODALITIES = ("image", "text", "audio")
+# Batch key whose presence means "this modality was given".
+PRIMARY_INPUT = {"image": "pixel_values", "text": "input_ids", "audio": "audio_values"}
+TOWER_INPUTS = {
+    "image": {"pixel_values": "pixel_values"},
+    "text": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+             "token_type_ids": "token_type_ids"},
+    # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
+    "audio": {"audio_values": "pixel_values"},
+}
+FUSION_TYPES = ("concat", "gated", "bilinear", "cross_attention", "bottleneck", "contrastive")
+HEAD_TYPES = ("classification", "regression", "contrastive")
+POOL_TYPES = ("mean", "cls", "pooler")
+
+
+def tower_inputs(modality: str, encoder: nn.Module, batch: Mapping[str, Any], *,
+                 train: bool) -> dict:
+  """Keyword arguments of `encoder.embed`: the batch fields it takes (renamed to
+  its argument names) and `deterministic` if it has dropout in the embeddings."""
+  params = inspect.signature(encoder.embed).parameters
+  takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  out = {}
+  for batch_key, arg in TOWER_INPUTS[modality].items():
+    if batch_key in batch and (takes_any or arg in params):
+      out[arg] = batch[batch_key]
+  if "deterministic" in params:
+    out["deterministic"] = not train
+  return out
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over tokens (axis 1) where mask is True."""
+  w = mask.astype(x.dtype)[..., None]
+  return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+
+@dataclasses.dataclass
+class TowerOutput:
+  """What fusion sees of one tower."""
+  tokens: jax.Array   # (B, T, D) last hidden state
+  mask: jax.Array     # (B, T) bool
+  pooled: jax.Array   # (B, D)
+  present: jax.Array  # (B,) float, 1 = modality present for that example
+
+
+def pool(out: Mapping[str, jax.Array], mask: jax.Array, how: str) -> jax.Array:
+  """Tower-level representation: masked mean, first token, or the pooler."""
+  if how == "mean":
+    return masked_mean(out["last_hidden_state"], mask)
+  if how == "cls":
+    return out["last_hidden_state"][:, 0]
+  if how == "pooler":
+    return out["pooler_output"]
+  raise ValueError(f"Unknown pool {how!r}; use one of {POOL_TYPES}.")
+
+
+class MlpBlock(nn.Module):
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Dense(4 * self.width, dtype=self.dtype, name="fc1")(x)
+    return nn.Dense(self.width, dtype=self.dtype, name="fc2")(nn.gelu(y))
+
+
+def _stack_present(towers: Mapping[str, TowerOutput], feats: Mapping[str, jax.Array]):
+  """Features (B, M, W) with absent modalities zeroed, and presence (B, M)."""
+  present = jnp.stack([towers[m].present for m in feats], axis=1)
+  x = jnp.stack(list(feats.values()), axis=1)
+  return x * present[..., None].astype(x.dtype), present
+
+
+class ConcatFusion(nn.Module):
+  """Project each tower to `width`, zero absent ones, concat, one hidden layer."""
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+    feats = {m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled)
+             for m, t in towers.items()}
+    x, _ = _stack_present(towers, feats)
+    x = x.reshape(x.shape[0], -1)
+    return nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="hidden")(x))
+
+
+class GatedFusion(nn.Module):
+  """Gated multimodal unit (Arevalo et al. 2017) for any number of modalities.
+
+  h_m = tanh(W_m x_m); z = softmax over present modalities of W_z [h_1..h_M],
+  per output dimension; output sum_m z_m * h_m.
+  """
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+    feats = {m: jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled))
+             for m, t in towers.items()}
+    h, present = _stack_present(towers, feats)  # (B, M, W), (B, M)
+    b, m, w = h.shape
+    gate = nn.Dense(m * w, dtype=self.dtype, name="gate")(h.reshape(b, m * w))
+    gate = gate.reshape(b, m, w).astype(jnp.float32)
+    gate = jnp.where(present[..., None] > 0, gate, -1e9)
+    z = jax.nn.softmax(gate, axis=1).astype(h.dtype)
+    return (z * h).sum(1)
+
+
+class BilinearFusion(nn.Module):
+  """Low-rank bilinear pooling (MLB, Kim et al. 2017): tanh projections multiplied
+  elementwise across modalities, an absent modality contributing 1.
+
+  Products make "does the image contain what the text asks about" a linear
+  function of the features from the start, where a concat + MLP first has to
+  discover the interaction (a long loss plateau when neither modality alone
+  predicts the label, as in mmtl_shapes).
+  """
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+    out = None
+    for m, t in towers.items():
+      h = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled))
+      present = t.present[:, None].astype(h.dtype)
+      h = present * h + (1 - present)
+      out = h if out is None else out * h
+    return out
+
+
+class CrossAttentionBlock(nn.Module):
+  """Pre-LN cross-attention + MLP: queries of one modality, keys of the others."""
+  width: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q, q_mask, kv, kv_mask, *, train: bool):
+    attn_mask = q_mask[:, None, :, None] & kv_mask[:, None, None, :]
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
+        deterministic=not train, name="attn")(
+            nn.LayerNorm(dtype=self.dtype, name="ln_q")(q),
+            nn.LayerNorm(dtype=self.dtype, name="ln_kv")(kv), mask=attn_mask)
+    # Nothing to attend to (the other modalities absent): add nothing.
+    y = y * kv_mask.any(-1)[:, None, None].astype(y.dtype)
+    x = q + y
+    return x + MlpBlock(self.width, self.dtype, name="mlp")(
+        nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x))
+
+
+class CrossAttentionFusion(nn.Module):
+  """Each modality's tokens attend to all other modalities' tokens, `depth` times."""
+  width: int
+  num_heads: int = 4
+  depth: int = 1
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
+    x = {m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.tokens)
+         for m, t in towers.items()}
+    mask = {m: t.mask & (t.present[:, None] > 0) for m, t in towers.items()}
+    for i in range(self.depth):
+      x = {m: CrossAttentionBlock(self.width, self.num_heads, self.dropout, self.dtype,
+                                  name=f"cross_{m}_{i}")(
+              x[m], mask[m],
+              jnp.concatenate([x[o] for o in x if o != m], axis=1),
+              jnp.concatenate([mask[o] for o in x if o != m], axis=1), train=train)
+           for m in x}
+    pooled = {m: masked_mean(x[m], mask[m]) for m in x}
+    h, _ = _stack_present(towers, pooled)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_out")(h.reshape(h.shape[0], -1))
+    return nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="hidden")(h))
+
+
+class BottleneckFusion(nn.Module):
+  """MBT's shared tokens, the per-tower maps in and out of each tower's width,
+  and the late concat that combines the towers after the fusion layers."""
+  width: int
+  num_tokens: int
+  hidden_sizes: tuple[tuple[str, int], ...]
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.tokens = self.param("tokens", nn.initializers.normal(0.02),
+                             (self.num_tokens, self.width))
+    self.to_tower = {m: nn.Dense(d, dtype=self.dtype, name=f"to_{m}")
+                     for m, d in self.hidden_sizes}
+    self.from_tower = {m: nn.Dense(self.width, dtype=self.dtype, name=f"from_{m}")
+                       for m, _ in self.hidden_sizes}
+    self.late = ConcatFusion(self.width, self.dtype)
+
+  def init_tokens(self, batch_size: int) -> jax.Array:
+    return jnp.broadcast_to(self.tokens, (batch_size, *self.tokens.shape)).astype(self.dtype)
+
+  def enter(self, m: str, b: jax.Array) -> jax.Array:
+    return self.to_tower[m](b)
+
+  def leave(self, m: str, b: jax.Array) -> jax.Array:
+    return self.from_tower[m](b)
+
+  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+    return self.late(towers)
+
+
+class FusionModel(nn.Module):
+  """Two or three encoder towers, a fusion module and a head.
+
+  Call with a batch dict (the data pipeline's field names). Returns a dict:
+  classification `logits` (B, C); regression `predictions` (B, C); contrastive
+  `image_embeds`, `text_embeds` (B, width, L2-normalized) and `logit_scale`.
+  `features` is the representation the head sees (the linear-probe input).
+  """
+  image_encoder: nn.Module | None = None
+  text_encoder: nn.Module | None = None
+  audio_encoder: nn.Module | None = None
+  fusion_type: str = "concat"
+  head_type: str = "classification"
+  num_classes: int = 2
+  width: int = 256
+  dropout: float = 0.0
+  num_heads: int = 4
+  fusion_depth: int = 1
+  fusion_layer: int = -2
+  bottleneck_tokens: int = 4
+  image_pool: str = "cls"
+  text_pool: str = "mean"
+  audio_pool: str = "mean"
+  temperature_init: float = 0.07
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.fusion_type not in FUSION_TYPES:
+      raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {FUSION_TYPES}.")
+    if self.head_type not in HEAD_TYPES:
+      raise ValueError(f"Unknown head_type {self.head_type!r}; use one of {HEAD_TYPES}.")
+    names = [m for m in MODALITIES if getattr(self, f"{m}_encoder") is not None]
+    if not names:
+      raise ValueError("FusionModel needs at least one tower (image_encoder, text_encoder, "
+                       "audio_encoder).")
+    if (self.fusion_type == "contrastive") != (self.head_type == "contrastive"):
+      raise ValueError("fusion_type='contrastive' goes with head_type='contrastive' and "
+                       f"vice versa; got {self.fusion_type!r} / {self.head_type!r}.")
+    if self.fusion_type == "contrastive" and not {"image", "text"} <= set(names):
+      raise ValueError(f"Contrastive model needs image and text towers, got {names}.")
+    if self.fusion_type in ("cross_attention", "bottleneck") and len(names) < 2:
+      raise ValueError(f"fusion_type={self.fusion_type!r} needs at least two towers, got "
+                       f"{names}; use fusion_type='concat' for a single-modality model.")
+    super().__post_init__()
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return tuple(m for m in MODALITIES if getattr(self, f"{m}_encoder") is not None)
+
+  def _encoder(self, m: str) -> nn.Module:
+    return getattr(self, f"{m}_encoder")
+
+  def _present(self, m: str, batch: Mapping[str, Any], batch_size: int) -> jax.Array:
+    if PRIMARY_INPUT[m] not in batch:
+      return jnp.zeros((batch_size,), jnp.float32)
+    return jnp.asarray(batch.get(f"{m}_present", jnp.ones((batch_size,), jnp.float32)),
+                       jnp.float32)
+
+  def _run_towers(self, batch, bottleneck: BottleneckFusion | None, *,
+                  train: bool) -> dict[str, TowerOutput]:
+    """Run every tower whose inputs are in the batch; bottleneck towers exchange tokens."""
+    given = [m for m in self.modalities if PRIMARY_INPUT[m] in batch]
+    if not given:
+      raise ValueError(f"The batch has none of the model's inputs "
+                       f"{[PRIMARY_INPUT[m] for m in self.modalities]}; got {sorted(batch)}.")
+    embedded = {m: self._encoder(m).embed(**tower_inputs(m, self._encoder(m), batch, train=train))
+                for m in given}
+    batch_size = next(iter(embedded.values()))[0].shape[0]
+    present = {m: self._present(m, batch, batch_size) for m in given}
+    if bottleneck is not None:
+      hidden = self._bottleneck_layers(bottleneck, embedded, present, train=train)
+    else:
+      hidden = {m: self._encoder(m).run_layers(x, mask, 0, self._encoder(m).num_layers,
+                                               deterministic=not train)
+                for m, (x, mask) in embedded.items()}
+    out = {}
+    for m in given:
+      mask = embedded[m][1]
+      final = self._encoder(m).finalize(hidden[m], mask)
+      out[m] = TowerOutput(tokens=final["last_hidden_state"], mask=mask,
+                           pooled=pool(final, mask, getattr(self, f"{m}_pool")),
+                           present=present[m])
+    return out
+
+  def _fusion_starts(self) -> tuple[dict[str, int], int]:
+    """First fusion layer of each tower, and the number of fusion layers."""
+    depths = {m: self._encoder(m).num_layers for m in self.modalities}
+    starts = {m: self.fusion_layer if self.fusion_layer >= 0 else d + self.fusion_layer
+              for m, d in depths.items()}
+    num_fusion = {depths[m] - s for m, s in starts.items()}
+    if len(num_fusion) != 1 or min(starts.values()) < 0 or num_fusion == {0}:
+      raise ValueError(
+          f"Bottleneck fusion_layer={self.fusion_layer} does not give every tower the same "
+          f"(>0) number of fusion layers (depths {depths}). Use a negative fusion_layer "
+          "(-k: the top k layers of every tower exchange bottleneck tokens) or towers of "
+          "equal depth.")
+    return starts, num_fusion.pop()
+
+  def _bottleneck_layers(self, bn: BottleneckFusion, embedded, present, *,
+                         train: bool) -> dict[str, jax.Array]:
+    starts, num_fusion = self._fusion_starts()
+    hidden = {m: self._encoder(m).run_layers(x, mask, 0, starts[m], deterministic=not train)
+              for m, (x, mask) in embedded.items()}
+    n = self.bottleneck_tokens
+    b = bn.init_tokens(next(iter(hidden.values())).shape[0])
+    weights = jnp.stack([present[m] for m in hidden], 1)  # (B, M)
+    weights = weights / jnp.maximum(weights.sum(1, keepdims=True), 1.0)
+    for k in range(num_fusion):
+      updates = []
+      for m, (_, mask) in embedded.items():
+        x = jnp.concatenate([hidden[m], bn.enter(m, b)], axis=1)
+        x_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], n), bool)], axis=1)
+        x = self._encoder(m).run_layers(x, x_mask, starts[m] + k, starts[m] + k + 1,
+                                        deterministic=not train)
+        hidden[m] = x[:, :-n]
+        updates.append(bn.leave(m, x[:, -n:]))
+      # Shared tokens: the present towers' views averaged (MBT); absent ones don't vote.
+      b = jnp.einsum("bm,bmnd->bnd", weights.astype(b.dtype), jnp.stack(updates, 1))
+    return hidden
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, jax.Array]:
+    bottleneck = None
+    if self.fusion_type == "bottleneck":
+      bottleneck = BottleneckFusion(
+          self.width, self.bottleneck_tokens,
+          tuple((m, self._encoder(m).hidden_size) for m in self.modalities),
+          dtype=self.dtype, name="fusion")
+    towers = self._run_towers(batch, bottleneck, train=train)
+    if self.fusion_type == "contrastive":
+      return ContrastiveHead(self.width, self.temperature_init, dtype=self.dtype,
+                             name="head")({m: t.pooled for m, t in towers.items()})
+    towers = self._fill_absent(towers)
+    if bottleneck is not None:
+      features = bottleneck(towers)
+    elif self.fusion_type == "concat":
+      features = ConcatFusion(self.width, self.dtype, name="fusion")(towers)
+    elif self.fusion_type == "gated":
+      features = GatedFusion(self.width, self.dtype, name="fusion")(towers)
+    elif self.fusion_type == "bilinear":
+      features = BilinearFusion(self.width, self.dtype, name="fusion")(towers)
+    else:
+      features = CrossAttentionFusion(self.width, self.num_heads, self.fusion_depth,
+                                      self.dropout, self.dtype, name="fusion")(towers, train=train)
+    x = nn.Dropout(self.dropout, deterministic=not train)(features)
+    # Zero-init head (big_vision transfer): the first steps don't fight random logits.
+    out = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name="head")(x).astype(jnp.float32)
+    key = "logits" if self.head_type == "classification" else "predictions"
+    return {key: out, "features": features.astype(jnp.float32)}
+
+  def _fill_absent(self, towers: dict[str, TowerOutput]) -> dict[str, TowerOutput]:
+    """Zero stand-ins for towers whose inputs were not given (keeps param shapes)."""
+    ref = next(iter(towers.values()))
+    b = ref.pooled.shape[0]
+    out = {}
+    for m in self.modalities:
+      if m in towers:
+        out[m] = towers[m]
+        continue
+      d = self._encoder(m).hidden_size
+      out[m] = TowerOutput(tokens=jnp.zeros((b, 1, d), ref.tokens.dtype),
+                           mask=jnp.zeros((b, 1), bool),
+                           pooled=jnp.zeros((b, d), ref.pooled.dtype),
+                           present=jnp.zeros((b,), jnp.float32))
+    return out
+
+
+class ContrastiveHead(nn.Module):
+  """CLIP / LiT head: per-tower linear projections, L2 norm, learnable temperature."""
+  width: int
+  temperature_init: float = 0.07
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    out = {}
+    for m, x in pooled.items():
+      z = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name=f"{m}_proj")(x)
+      z = z.astype(jnp.float32)
+      out[f"{m}_embeds"] = z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-6)
+    out["logit_scale"] = self.param(
+        "logit_scale", nn.initializers.constant(np.log(1 / self.temperature_init)), ())
+    out["features"] = out.get("image_embeds", next(iter(out.values())))
+    return out
+
+
+def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+  """The towers `model_cfg.modalities` selects (all when empty), in config order."""
+  towers = dict(model_cfg["towers"])
+  if not model_cfg.get("modalities"):
+    return towers
+  wanted = [m.strip() for m in model_cfg["modalities"].split(",") if m.strip()]
+  unknown = [m for m in wanted if m not in towers]
+  if unknown or not wanted:
+    raise ValueError(f"config.model.modalities={model_cfg['modalities']!r} names "
+                     f"{unknown or 'nothing'}; the config's towers are {sorted(towers)}.")
+  return {m: towers[m] for m in towers if m in wanted}
+
+
+def build(model_cfg: Mapping[str, Any]) -> FusionModel:
+  """The FusionModel that `config.model` describes (architecture only; see mmtl.config).
+
+  Each tower is `mmtl.hf.build_module(name, tower=...)` of a checkpoint name or
+  path or a config.json dict (a scratch or tiny encoder).
+  """
+  from mmtl import hf  # Loading code is only needed when building from a config.
+  dtype, param_dtype = jnp.dtype(model_cfg["dtype"]), jnp.dtype(model_cfg["param_dtype"])
+  towers, pools = {}, {}
+  for m, t in selected_towers(model_cfg).items():
+    if m not in MODALITIES:
+      raise ValueError(f"config.model.towers.{m}: towers are named by modality, one of {MODALITIES}.")
+    name = t["name"]
+    name = name.to_dict() if hasattr(name, "to_dict") else name
+    kwargs = dict(t.get("kwargs") or {})
+    towers[f"{m}_encoder"] = hf.build_module(
+        name, tower=t.get("tower"), dtype=dtype, param_dtype=param_dtype,
+        remat=model_cfg.get("remat", "none"), **kwargs)
+    if t.get("pool"):
+      pools[f"{m}_pool"] = t["pool"]
+  return FusionModel(
+      **towers, **pools, fusion_type=model_cfg["fusion"], head_type=model_cfg["head"],
+      num_classes=model_cfg["num_classes"], width=model_cfg["width"],
+      dropout=model_cfg["dropout"], num_heads=model_cfg["num_heads"],
+      fusion_depth=model_cfg["fusion_depth"], fusion_layer=model_cfg["fusion_layer"],
+      bottleneck_tokens=model_cfg["bottleneck_tokens"],
+      temperature_init=model_cfg["temperature_init"], dtype=dtype)

@@ -1,0 +1,236 @@
+"""The trainer end to end on tiny models and the small built-in dataset (8 CPU devices)."""
+import json
+import os
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from mmtl import checkpoint
+from mmtl import data
+from mmtl import evaluate
+from mmtl import metrics
+from mmtl import train
+
+TINY_VIT = dict(model_type="vit", image_size=16, patch_size=8, num_channels=3, hidden_size=16,
+                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Every test trains the same tiny model: compile its step once (XLA CPU
+  compiles dominate these tests), the other runs hit the persistent cache."""
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield
+  jax.config.update("jax_compilation_cache_dir", old)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def tiny_config(text_dir, data_dir, **overrides):
+  """Tiny ViT from scratch + the tiny pretrained BERT fixture, on 32 examples."""
+  config = mlc.ConfigDict(dict(
+      seed=0, total_steps=6, batch_size=16, log_every=1, ckpt_every=2,
+      input=dict(dataset="mmtl_shapes/small", data_dir=data_dir, split="train[:32]",
+                 fields=dict(image="image", text="question", label="label"),
+                 image=dict(size=16), text=dict(tokenizer=text_dir, max_length=24)),
+      model=dict(towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=text_dir)),
+                 fusion="concat", num_classes=2, width=16),
+      model_init=dict(text_encoder=text_dir),
+      optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant")),
+      evals=dict(val=dict(type="classification", input=dict(split="validation[:32]"))),
+  ))
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def losses(workdir):
+  return metrics.read(str(workdir))["train/loss"]
+
+
+def final_params(workdir):
+  return jax.device_get(checkpoint.restore_params_only(os.path.join(workdir, "checkpoints")))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert_dir, data_dir, tmp_path_factory):
+  """(workdir, final metrics) of a complete 24-step run (also the distillation teacher)."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  config = tiny_config(tiny_bert_dir, data_dir, total_steps=24, ckpt_every=100)
+  return workdir, train.train(config, str(workdir))
+
+
+def test_training_decreases_loss_and_writes_outputs(finished_run):
+  workdir, final = finished_run
+  loss = losses(workdir)
+  first, last = np.mean([loss[s] for s in (1, 2, 3)]), np.mean([loss[s] for s in (22, 23, 24)])
+  assert last < first - 0.05, loss
+  on_disk = json.loads((workdir / "final_metrics.json").read_text())
+  assert on_disk == pytest.approx(final) and set(final) >= {"val/accuracy", "val/macro_f1", "step"}
+  for name in ("config.json", "metrics.jsonl", "curves.png"):
+    assert (workdir / name).exists(), name
+  assert os.listdir(workdir / "tb")
+
+
+def test_evaluate_reproduces_final_metrics(finished_run):
+  workdir, final = finished_run
+  config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  again = evaluate.evaluate(config, str(workdir))
+  assert again["val/accuracy"] == pytest.approx(final["val/accuracy"])
+  assert (workdir / "eval_step24.json").exists()
+
+
+class Preempted(Exception):
+  pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir, tmp_path,
+                                                         monkeypatch):
+  # The tiny BERT has dropout 0.1: resuming must also restore the dropout RNG stream.
+  config = tiny_config(tiny_bert_dir, data_dir, evals={})
+  train.train(config, str(tmp_path / "straight"))
+
+  real = data.make_train_iterator
+
+  def dies_at_step_5(*args, **kwargs):
+    it = real(*args, **kwargs)
+    calls = {"n": 0}
+
+    class Iterator:
+      get_state, set_state = it.get_state, it.set_state
+
+      def __next__(self):
+        calls["n"] += 1
+        if calls["n"] == 1 + 5:  # the trainer's shape probe, then updates 1..4, then dies
+          raise Preempted()
+        return next(it)
+
+    return Iterator()
+
+  monkeypatch.setattr(data, "make_train_iterator", dies_at_step_5)
+  with pytest.raises(Preempted):
+    train.train(config, str(tmp_path / "resumed"))
+  assert not (tmp_path / "resumed" / "final_metrics.json").exists()
+  monkeypatch.setattr(data, "make_train_iterator", real)
+  train.train(config, str(tmp_path / "resumed"))  # Same command again: resumes at step 4.
+
+  assert sorted(losses(tmp_path / "resumed")) == list(range(1, 7))
+  straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose([losses(tmp_path / "straight")[s] for s in (5, 6)],
+                             [losses(tmp_path / "resumed")[s] for s in (5, 6)], rtol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert_dir, data_dir, tmp_path,
+                                                       monkeypatch):
+  real = data.make_train_iterator
+
+  def nan_from_step_5(*args, **kwargs):
+    it = real(*args, **kwargs)
+    calls = {"n": 0}
+
+    class Iterator:
+      get_state, set_state = it.get_state, it.set_state
+
+      def __next__(self):
+        calls["n"] += 1
+        batch = next(it)
+        if calls["n"] >= 1 + 5:
+          batch = dict(batch, pixel_values=np.full_like(batch["pixel_values"], np.nan))
+        return batch
+
+    return Iterator()
+
+  monkeypatch.setattr(data, "make_train_iterator", nan_from_step_5)
+  workdir = tmp_path / "nan"
+  with pytest.raises(train.Diverged, match=r"(?s)NaN/Inf by step 5.*last good checkpoint is step 4"):
+    train.train(tiny_config(tiny_bert_dir, data_dir, evals={}), str(workdir))
+  assert not (workdir / "final_metrics.json").exists()
+  with checkpoint.CheckpointManager(workdir / "checkpoints", read_only=True) as m:
+    assert m.latest_step() == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(workdir)))
+
+
+def test_grad_accumulation_matches_full_batch():
+  """lax.scan over 2 microbatches gives the full batch's update (1 device, no model)."""
+  import optax
+  from mmtl import optim
+
+  def loss_fn(trainable, frozen, batch, rng, teacher_params):
+    del rng, teacher_params
+    w = optim.combine(trainable, frozen)
+    return ((batch["x"] @ w["w"] + w["b"] - batch["y"]) ** 2).mean()
+
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.ones(2, np.float32)}
+  batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
+           "y": rng.normal(size=(8, 2)).astype(np.float32)}
+  mask = {"w": False, "b": True}  # b frozen: must stay bit-identical
+  tx = optax.multi_transform({"t": optax.sgd(0.1), "f": optax.set_to_zero()},
+                             {"w": "t", "b": "f"})
+  state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
+  out = {}
+  for accum in (1, 2, 4):
+    step = train.make_train_step(loss_fn, tx, mask, lambda s: 0.1, seed=0, accum_steps=accum)
+    out[accum] = jax.jit(step)(state, batch, None)
+  for accum in (2, 4):
+    np.testing.assert_allclose(out[accum][0]["params"]["w"], out[1][0]["params"]["w"], rtol=1e-5)
+    np.testing.assert_allclose(out[accum][1]["train/loss"], out[1][1]["train/loss"], rtol=1e-5)
+  assert (np.asarray(out[1][0]["params"]["b"]) == params["b"]).all()
+  assert not np.allclose(out[1][0]["params"]["w"], params["w"])
+
+
+def test_contrastive_run_with_retrieval_zeroshot_and_probe(tiny_bert_dir, data_dir, tmp_path):
+  config = tiny_config(
+      tiny_bert_dir, data_dir, total_steps=3, ckpt_every=100,
+      model=dict(towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=tiny_bert_dir)),
+                 fusion="contrastive", head="contrastive", width=8),
+      optim=dict(name="adam", lr=1e-3, schedule=dict(decay="constant"), frozen=("image_encoder/.*",)),
+      evals=dict(
+          ret=dict(type="retrieval", input=dict(split="validation[:32]")),
+          zs=dict(type="zeroshot", classnames=("no", "yes"), prompts=("{}", "a {}"),
+                  tokenizer=tiny_bert_dir, input=dict(split="validation[:32]")),
+          probe=dict(type="linear_probe", num_train=32, input=dict(split="validation[:32]"),
+                     train_input=dict(split="train[:32]"))))
+  config.input.fields.text = "caption"
+  final = train.train(config, str(tmp_path / "lit"))
+  assert {"ret/i2t_recall@1", "ret/t2i_recall@10", "zs/accuracy", "probe/accuracy"} <= set(final)
+  assert 0.0 <= final["ret/i2t_recall@1"] <= final["ret/i2t_recall@5"] <= final["ret/i2t_recall@10"]
+  assert "image_proj" in final_params(tmp_path / "lit")["head"]
+
+
+def test_distillation_from_a_finished_run(finished_run, tiny_bert_dir, data_dir, tmp_path):
+  teacher, _ = finished_run
+  student = tiny_config(tiny_bert_dir, data_dir, evals={}, total_steps=2, ckpt_every=100,
+                        distill=dict(teacher_workdir=str(teacher), temperature=2.0, alpha=1.0))
+  train.train(student, str(tmp_path / "student"))
+  # alpha=1: the loss is the KD term alone; the student's zero-init head gives uniform
+  # predictions, so step 1's loss is T^2 KL(teacher || uniform) > 0, not the task loss ln 2.
+  first = losses(tmp_path / "student")[1]
+  assert first > 0 and abs(first - np.log(2)) > 1e-3
+
+
+def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, data_dir, tmp_path):
+  from mmtl import hf
+  config = tiny_config(tiny_bert_dir, data_dir, evals={}, total_steps=4, keep_ckpts=2,
+                       optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant"),
+                                  frozen=("text_encoder/.*",),
+                                  unfreeze=((2, ("text_encoder/.*",)),)))
+  train.train(config, str(tmp_path / "run"))
+  _, pretrained, _ = hf.load_pretrained(tiny_bert_dir)
+  ckpts = str(tmp_path / "run" / "checkpoints")
+  before = jax.device_get(checkpoint.restore_params_only(ckpts, step=2))["text_encoder"]
+  after = jax.device_get(checkpoint.restore_params_only(ckpts, step=4))["text_encoder"]
+  kernel = lambda p: p["encoder"]["layer_0"]["attn"]["query"]["kernel"]
+  np.testing.assert_array_equal(kernel(before), kernel(pretrained))  # locked for steps 1-2
+  assert not np.allclose(kernel(after), kernel(before))  # trained from step 3 on
