@@ -6,13 +6,14 @@ every loss here divides by the weight sum, not by the batch size.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 # CLIP clips the learned temperature at 100 so logits cannot blow up.
-MAX_LOGIT_SCALE = jnp.log(100.0)
+MAX_LOGIT_SCALE = math.log(100.0)  # a Python float: no JAX backend at import time
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:

@@ -155,6 +155,28 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, mask: Any, lr_fn,
   return train_step
 
 
+def make_phase(config: mlc.ConfigDict, loss_fn, params_shape: Any, param_shardings: Any, mesh,
+               step: int, *, teacher_shardings: Any = None) -> Phase:
+  """Optimizer and jitted step of the unfreezing phase that runs update `step`.
+
+  The step donates the train state (updated in place) and takes the batch
+  sharded over ("data", "fsdp"); mmtl.bench times exactly this function's step.
+  """
+  start = phase_start(step, optim.phase_boundaries(config.optim))
+  mask = optim.freeze_mask(params_shape, config.optim, start)
+  tx, lr_fn = optim.make(config.optim, params_shape, total_steps=int(config.total_steps),
+                         step=start)
+  state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
+                  "opt_state": jax.eval_shape(tx.init, params_shape)}
+  state_shardings = sharding.state_shardings(mesh, state_shapes, param_shardings)
+  step_fn = jax.jit(
+      make_train_step(loss_fn, tx, mask, lr_fn, seed=config.seed,
+                      accum_steps=int(config.grad_accum_steps)),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return Phase(start, tx, state_shardings, state_shapes, step_fn)
+
+
 def make_predict_fn(model: fusion.FusionModel, mesh) -> Callable[[Any, Any], dict[str, Any]]:
   """Jitted eval forward pass: outputs + labels + example_weight, replicated on every host."""
 
@@ -278,21 +300,10 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
          f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)}).")
   loss_fn = make_loss_fn(model, config, teacher_logits)
   boundaries = optim.phase_boundaries(config.optim)
-  batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
 
-  def build_phase(step: int) -> Phase:
-    start = phase_start(step, boundaries)
-    mask = optim.freeze_mask(params_shape, config.optim, start)
-    tx, lr_fn = optim.make(config.optim, params_shape, total_steps=total_steps, step=start)
-    state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
-                    "opt_state": jax.eval_shape(tx.init, params_shape)}
-    state_shardings = sharding.state_shardings(mesh, state_shapes, param_shardings)
-    step_fn = jax.jit(
-        make_train_step(loss_fn, tx, mask, lr_fn, seed=config.seed, accum_steps=accum),
-        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    return Phase(start, tx, state_shardings, state_shapes, step_fn)
+  build_phase = functools.partial(make_phase, config, loss_fn, params_shape, param_shardings, mesh,
+                                  teacher_shardings=teacher_shardings)
 
   ##############################################################################
   # Checkpoint resume, or init + pretrained weights.

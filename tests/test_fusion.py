@@ -142,3 +142,11 @@ def test_bad_fusion_type_names_choices():
     fusion.FusionModel(**towers(), fusion_type="late")
   with pytest.raises(ValueError, match="needs at least two towers"):
     fusion.FusionModel(text_encoder=TinyEncoder("text"), fusion_type="cross_attention")
+
+
+def test_bottleneck_refuses_cudnn_attention():
+  from mmtl import hf
+  bert = hf.build_module(dict(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=32), attention_impl="cudnn")
+  with pytest.raises(ValueError, match="attention_impl='xla'"):
+    fusion.FusionModel(image_encoder=TinyEncoder("image"), text_encoder=bert, fusion_type="bottleneck")

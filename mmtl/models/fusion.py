@@ -293,6 +293,12 @@ class FusionModel(nn.Module):
     if self.fusion_type in ("cross_attention", "bottleneck") and len(names) < 2:
       raise ValueError(f"fusion_type={self.fusion_type!r} needs at least two towers, got "
                        f"{names}; use fusion_type='concat' for a single-modality model.")
+    if self.fusion_type == "bottleneck" and any(
+        getattr(getattr(self, f"{m}_encoder"), "attention_impl", None) == "cudnn" for m in names):
+      # cuDNN attention takes padding as lengths (real tokens first); bottleneck tokens
+      # are appended after padded text, so that mask cannot be expressed.
+      raise ValueError("fusion_type='bottleneck' does not work with attention_impl='cudnn'; "
+                       "use attention_impl='xla' (or None) for the towers.")
     super().__post_init__()
 
   @property

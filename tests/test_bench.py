@@ -1,0 +1,126 @@
+"""mmtl.bench at tiny size on CPU: report structure and FLOP accounting (no timing assertions)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mmtl import bench
+from mmtl import sharding
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+  """One in-process tiny run: mmtl full + locked and both torch peers (aot_eager: inductor's
+  C++ build takes minutes on CPU), fed from host numpy batches through the device prefetch.
+  cuDNN attention is asked for: CPU has none, so each mmtl run falls back to XLA's.
+  fused is covered by test_fused_flops_match_xla."""
+  out = tmp_path_factory.mktemp("bench")
+  report = bench.main(["--tiny", "--out", str(out), "--variants", "full,locked",
+                       "--compile_backend", "aot_eager", "--no-isolate", "--xla_flags", "none",
+                       "--attention", "cudnn", "--input", "host", "--warmup", "1", "--steps", "1",
+                       "--repeats", "2"])
+  return out, report
+
+
+def test_report_files_and_rows(tiny_report):
+  out, report = tiny_report
+  assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
+  runs = {r["name"]: r for r in report["runs"]}
+  assert list(runs) == ["mmtl/full", "mmtl/locked", "mmtl/image_forward", "torch_eager/full",
+                        "torch_compile/full", "torch_eager/locked", "torch_compile/locked"]
+  assert report["matmul"]["tflops"] > 0
+  for row in runs.values():
+    assert "error" not in row, row.get("error")
+    assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
+    assert len(row["step_s_all"]) == 2
+    assert row["tflops"] == pytest.approx(row["analytic_flops"] / row["step_s"] / 1e12)
+    assert row["mfu"] == pytest.approx(row["tflops"] / report["matmul"]["tflops"])
+  for name in ("mmtl/full", "mmtl/locked", "torch_eager/full", "torch_compile/locked"):
+    assert np.isfinite(runs[name]["final_loss"])
+  for variant in ("full", "locked"):
+    assert runs[f"mmtl/{variant}"]["vs_torch_compile"] == pytest.approx(
+        runs[f"mmtl/{variant}"]["pairs_per_s"] / runs[f"torch_compile/{variant}"]["pairs_per_s"])
+  # The inference-only image tower is the forward part of the locked step.
+  flops = report["meta"]["flops_per_step"]["locked"]
+  assert runs["mmtl/image_forward"]["analytic_flops"] == flops["forward_image"]
+  for name in ("mmtl/full", "mmtl/locked", "mmtl/image_forward"):
+    assert runs[name]["attention"] == "xla" and "cuDNN" in runs[name]["cudnn_error"]
+  table = (out / "bench.md").read_text()
+  assert "| mmtl/locked (attention=xla) (cuDNN attention failed" in table
+  assert "| torch_compile/full |" in table
+  assert table.count("\n|") == 2 + len(runs)  # header, separator, one line per run
+
+
+def test_flops_match_xla_and_frozen_tower_is_cheaper(tiny_report):
+  _, report = tiny_report
+  runs = {r["name"]: r for r in report["runs"]}
+  full, locked = runs["mmtl/full"], runs["mmtl/locked"]
+  # Analytic (matmuls + attention) vs XLA's count (also norms, softmax, optimizer).
+  for row in (full, locked):
+    assert 0.8 < row["xla_flops_over_analytic"] < 1.5, row
+  assert locked["xla_flops"] < full["xla_flops"]
+  assert locked["analytic_flops"] < full["analytic_flops"]
+  # Same model, same batch: the memory XLA plans for the locked step (no image-tower
+  # activations kept, no image-tower Adam moments) is smaller.
+  assert locked["xla_memory_bytes"] < full["xla_memory_bytes"]
+
+
+def test_fused_flops_match_xla():
+  config = bench.trainer_config("tiny", "fused", batch=8, attention=None)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  batch = bench.synthetic_batch("tiny", 8)
+  step, _, state_shapes = bench.build_mmtl_step(config, mesh, batch)
+  batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  xla = bench.lowered_flops(step.lower(state_shapes, batch_shapes, None))
+  analytic = bench.train_flops("tiny", "fused", 8)["train_step"]
+  assert 0.8 < xla / analytic < 1.5
+
+
+def test_flops_formula():
+  # One layer, D=4, M=8, T=3: 2*T*(4D^2 + 2DM) + 4*T^2*D.
+  assert bench.encoder_flops(4, 8, 1, 3) == 2 * 3 * (64 + 64) + 4 * 9 * 4
+  flops = bench.train_flops("clip_b16", "full", 256)
+  # ViT-B/16 at 224px is 17.6 GMACs (DeiT/timm tables) = 35.2 GFLOPs forward per image.
+  assert flops["forward_image"] / 256 == pytest.approx(35.2e9, rel=0.03)
+  locked = bench.train_flops("clip_b16", "locked", 256)
+  assert locked["train_step"] == pytest.approx(flops["train_step"] - 2 * flops["forward_image"])
+
+
+def test_synthetic_batch_captions_end_with_eos():
+  batch = bench.synthetic_batch("tiny", 6)
+  lengths = batch["attention_mask"].sum(1)
+  eos = bench.PRESETS["tiny"]["text_config"]["eos_token_id"]
+  assert (batch["input_ids"][np.arange(6), lengths - 1] == eos).all()
+  assert (batch["input_ids"] == eos).sum() == 6
+  assert batch["pixel_values"].shape == (6, 32, 32, 3)
+
+
+def test_prefetch_keeps_order_and_depth():
+  put_calls = []
+
+  def put(x):
+    put_calls.append(x)
+    return x * 10
+
+  stream = bench.prefetch_to_device(iter(range(5)), put, size=2)
+  assert next(stream) == 0 and put_calls == [0, 1, 2]  # two more in flight
+  assert list(stream) == [10, 20, 30, 40]
+
+
+def test_isolated_worker_and_xla_flags(tmp_path):
+  kept, dropped = bench.supported_xla_flags(
+      (*bench.XLA_FLAGS["recommended"], "--xla_no_such_flag_mmtl=1"))
+  assert kept == list(bench.XLA_FLAGS["recommended"])
+  assert dropped == ["--xla_no_such_flag_mmtl=1"]
+  # Only the matmul ceiling, in its own worker process.
+  report = bench.main(["--tiny", "--out", str(tmp_path), "--variants", "", "--torch", "none",
+                       "--xla_flags", "none"])
+  assert report["runs"] == [] and report["matmul"]["n"] == 256 and report["matmul"]["tflops"] > 0
+
+
+def test_bad_variant_is_a_clear_error():
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--variants", "full,lockd"])
+  with pytest.raises(ValueError, match="variant='lockd'"):
+    bench.trainer_config("tiny", "lockd", batch=8, attention=None)
