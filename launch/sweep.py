@@ -1,0 +1,341 @@
+r"""Runs a grid of config overrides (an ablation) and collects one results table.
+
+A sweep is a list of runs, each a dict of config overrides over one base config:
+the product of `--grid KEY=V1,V2,...` axes, the list `get_sweep()` of a sweep
+file, or both (every sweep-file entry combined with every grid point). Each run
+gets a workdir under SWEEP_DIR named after its overrides, so rerunning the same
+command skips finished runs (their workdir holds `final_metrics.json`) and
+resumes an interrupted one (the trainer restores its workdir's last checkpoint).
+When runs end, every `final_metrics.json` becomes one row of SWEEP_DIR/results.md
+and results.csv: the swept keys, then the metrics.
+
+  # 3 fusions x pretrained/scratch text encoder, one run after another on this machine:
+  python launch/sweep.py --config configs/quickstart.py --sweep_dir runs/fusion \
+    --grid arg.fusion=concat,gated,cross_attention --grid arg.init=pretrained,scratch \
+    -- --config.total_steps=300
+  # The grid a config file defines with get_sweep(), printed as TPU VM launches:
+  python launch/sweep.py --config configs/ablations/NAME.py \
+    --sweep_dir gs://bucket/NAME --emit tpu
+  # Only rebuild the table (e.g. after copying the workdirs back from gs://):
+  python launch/sweep.py --config configs/ablations/NAME.py --sweep_dir runs/NAME --collect
+
+A key is a config key, handed to the trainer as `--config.KEY=VALUE` (values in
+the syntax config flags parse: `0.1`, `True`, `concat`, `"(1, 2)"`), or `arg.NAME`,
+a config-file argument appended to `--config PATH:NAME=VALUE,...` (how
+configs/quickstart.py selects towers, init and fusion). Values with commas take
+a Python list: `--grid "arg.modalities=['image,text', 'image', 'text']"`.
+
+Flags after `--` go to every run unchanged and are not part of the run names.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported, as that loads JAX.
+ARG_PREFIX = "arg."  # Swept keys that are config-file arguments, not config keys.
+Overrides = dict[str, Any]
+
+
+# ---- Which runs ----------------------------------------------------------------
+
+def parse_axis(spec: str) -> tuple[str, list[Any]]:
+  """`KEY=V1,V2` or `KEY=[V1, V2]` (Python literals, for values with commas)."""
+  key, sep, values = spec.partition("=")
+  if not sep or not key or not values:
+    raise ValueError(f"--grid {spec!r}: expected KEY=V1,V2,... e.g. --grid model.fusion=concat,gated")
+  if values.lstrip().startswith("["):
+    try:
+      parsed = ast.literal_eval(values)
+    except (SyntaxError, ValueError) as e:
+      raise ValueError(f"--grid {spec!r}: the value list is not a Python literal ({e}); "
+                       "quote strings inside brackets, e.g. KEY=\"['a', 'b']\"") from None
+    if not isinstance(parsed, list) or not parsed:
+      raise ValueError(f"--grid {spec!r}: expected a non-empty list of values")
+    return key, parsed
+  return key, values.split(",")
+
+
+def grid(axes: list[tuple[str, list[Any]]]) -> list[Overrides]:
+  """All combinations of the axes' values, the first axis varying slowest."""
+  keys = [key for key, _ in axes]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"--grid names a key twice: {keys}; give each key one --grid with all its values")
+  return [dict(zip(keys, values)) for values in itertools.product(*(vals for _, vals in axes))]
+
+
+def load_py(path: str) -> Any:
+  """Imports a config or sweep file by path (configs are files, not packages)."""
+  file = Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"{path} does not exist; paths are relative to {Path.cwd()}")
+  if str(REPO_ROOT) not in sys.path:  # Config files may import mmtl or configs.*.
+    sys.path.insert(0, str(REPO_ROOT))
+  spec = importlib.util.spec_from_file_location(f"_sweep_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep_file(spec: str, *, required: bool = True) -> list[Overrides] | None:
+  """The list of override dicts from `get_sweep([arg])` of a file given as PATH[:ARG]."""
+  path, _, arg = spec.partition(":")
+  module = load_py(path)
+  if not hasattr(module, "get_sweep"):
+    if required:
+      raise ValueError(f"{path} defines no get_sweep(); add `def get_sweep(arg=None) -> list[dict]` "
+                       "returning one dict of config overrides per run, or use --grid")
+    return None
+  runs = module.get_sweep(arg) if arg else module.get_sweep()
+  if not isinstance(runs, (list, tuple)) or not all(isinstance(r, dict) for r in runs) or not runs:
+    raise ValueError(f"{path}: get_sweep() must return a non-empty list of dicts of config overrides, "
+                     f"got {type(runs).__name__}")
+  return [dict(r) for r in runs]
+
+
+def combine(sweep_runs: list[Overrides] | None, grid_runs: list[Overrides] | None) -> list[Overrides]:
+  if sweep_runs is None or grid_runs is None:
+    return sweep_runs if grid_runs is None else grid_runs
+  runs = []
+  for base, point in itertools.product(sweep_runs, grid_runs):
+    if clash := sorted(base.keys() & point.keys()):
+      raise ValueError(f"--grid sweeps {clash}, which the sweep file already sets; drop one of them")
+    runs.append({**base, **point})
+  return runs
+
+
+# ---- Names and commands ----------------------------------------------------------
+
+def cli_value(value: Any) -> str:
+  """How config_flags parses it back: strings raw, everything else as a literal."""
+  return value if isinstance(value, str) else repr(value)
+
+
+def column(key: str) -> str:
+  """How a swept key is shown in run names and tables: config arguments without `arg.`."""
+  return key.removeprefix(ARG_PREFIX)
+
+
+def run_name(overrides: Overrides) -> str:
+  """A readable, deterministic, filesystem-safe workdir name."""
+  if not overrides:
+    return "base"
+  full = "__".join(f"{column(key)}={cli_value(value)}" for key, value in overrides.items())
+  name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", full)
+  if len(name) > 120:  # Long literal values: keep a prefix, stay unique with a hash.
+    name = f"{name[:100]}-{hashlib.sha1(full.encode()).hexdigest()[:10]}"
+  return name
+
+
+def config_spec(config: str, overrides: Overrides) -> str:
+  """`PATH[:ARG]` with the run's config arguments appended as `,NAME=VALUE` (later wins)."""
+  args = [f"{column(key)}={cli_value(value)}" for key, value in overrides.items() if key.startswith(ARG_PREFIX)]
+  if not args:
+    return config
+  return config + (("," if ":" in config else ":") + ",".join(args))
+
+
+def train_command(args: argparse.Namespace, workdir: str, overrides: Overrides) -> list[str]:
+  config = config_spec(args.config, overrides)
+  flags = [f"--config.{key}={cli_value(value)}" for key, value in overrides.items()
+           if not key.startswith(ARG_PREFIX)] + args.train_flags
+  if args.emit == "tpu":
+    return [str(REPO_ROOT / "launch/tpu_vm.sh"), "run", "--config", config, "--workdir", workdir, "--", *flags]
+  if args.emit == "slurm":
+    return ["sbatch", str(REPO_ROOT / "launch/slurm.sbatch"), config, workdir, *flags]
+  return [args.python, "-m", args.train_module, "--config", config, "--workdir", workdir, *flags]
+
+
+def workdir_of(sweep_dir: str, name: str) -> str:
+  """String join: pathlib would turn gs://bucket into gs:/bucket."""
+  return f"{sweep_dir.rstrip('/')}/{name}"
+
+
+def final_metrics(workdir: str) -> dict[str, Any] | None:
+  """The run's final metrics; None while it has none (or a half-written file: rerun it)."""
+  try:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def is_done(workdir: str) -> bool:
+  """Only local workdirs can be checked here; remote ones always count as unfinished."""
+  return final_metrics(workdir) is not None
+
+
+# ---- Running ---------------------------------------------------------------------
+
+def run_locally(args: argparse.Namespace, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
+  """Runs the unfinished runs one after another; returns the names that failed."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+  (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+  failed = []
+  for i, (name, overrides) in enumerate(runs, 1):
+    workdir = str(sweep_dir / name)
+    prefix = f"[{i}/{len(runs)}] {name}"
+    if is_done(workdir):
+      print(f"{prefix}: done already, skipped")
+      continue
+    log = sweep_dir / "logs" / f"{name}.log"
+    cmd = train_command(args, workdir, overrides)
+    print(f"{prefix}: running, log {log}\n  {shlex.join(cmd)}", flush=True)
+    start = time.time()
+    with log.open("a") as f:
+      returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if returncode == 0 and is_done(workdir):
+      print(f"{prefix}: done in {time.time() - start:.0f}s", flush=True)
+      continue
+    why = f"exit code {returncode}" if returncode else f"exited 0 without writing {METRICS_FILE}"
+    tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+    print(f"{prefix}: FAILED ({why}); last lines of {log}:\n{tail}", file=sys.stderr, flush=True)
+    failed.append(name)
+    if not args.keep_going:
+      break
+  return failed
+
+
+# ---- Results table ---------------------------------------------------------------
+
+def collect(runs: list[tuple[str, Overrides]], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+  """One row per run: its overrides, then its final metrics (blank when unfinished)."""
+  keys = list(dict.fromkeys(column(key) for _, overrides in runs for key in overrides))
+  metric_names: dict[str, None] = {}
+  rows = []
+  for name, overrides in runs:
+    shown = {column(key): cli_value(value) for key, value in overrides.items()}
+    row = {"run": name, **{key: shown.get(key, "") for key in keys}}
+    metrics = final_metrics(str(sweep_dir / name))
+    if metrics is not None:
+      metric_names.update(dict.fromkeys(metrics))
+      row.update(metrics)
+      row["status"] = "done"
+    else:
+      row["status"] = "running or failed" if (sweep_dir / name).exists() else "not started"
+    rows.append(row)
+  columns = keys + list(metric_names)
+  if any(row["status"] != "done" for row in rows):
+    columns.append("status")
+  return columns, rows
+
+
+def markdown_cell(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return "" if value is None else str(value).replace("|", r"\|")  # e.g. regexes: not a column break.
+
+
+def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path) -> str:
+  """Writes results.md (for papers and READMEs) and results.csv (for code); returns the Markdown."""
+  lines = ["| " + " | ".join(map(markdown_cell, columns)) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+  markdown = "\n".join(lines) + "\n"
+  (sweep_dir / "results.md").write_text(markdown)
+  with (sweep_dir / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["run", *columns], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  return markdown
+
+
+# ---- Main ------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  train_flags = []
+  if "--" in argv:
+    argv, train_flags = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0], epilog="See the module docstring for examples.")
+  parser.add_argument("--config", required=True, help="base config, PATH[:ARG], as for mmtl.train")
+  parser.add_argument("--sweep_dir", "--sweep-dir", required=True, help="one workdir per run goes here")
+  parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                      help="a swept config key and its values (repeatable: the runs are the product)")
+  parser.add_argument("--sweep", metavar="FILE[:ARG]",
+                      help="a file whose get_sweep([ARG]) returns the runs' override dicts "
+                           "(default: the config file's own get_sweep(), if it has one and no --grid is given)")
+  parser.add_argument("--emit", choices=["local", "tpu", "slurm"],
+                      help="print the unfinished runs' launch commands instead of running them: "
+                           "local (python -m ...), tpu (launch/tpu_vm.sh run; set TPU_NAME, TPU_ZONE, "
+                           "TPU_ACCELERATOR_TYPE), "
+                           "slurm (sbatch launch/slurm.sbatch)")
+  parser.add_argument("--collect", action="store_true", help="only (re)write the results table")
+  parser.add_argument("--keep_going", "--keep-going", action="store_true",
+                      help="go on with the next run after a failed one (default: stop)")
+  parser.add_argument("--train_module", "--train-module", default="mmtl.train",
+                      help="module run with `python -m` for each run: any trainer taking "
+                           "--config/--workdir and writing final_metrics.json")
+  parser.add_argument("--python", default=sys.executable, help="interpreter for local runs")
+  args = parser.parse_args(argv)
+  args.train_flags = train_flags
+  return args
+
+
+def sweep_runs(args: argparse.Namespace) -> list[Overrides]:
+  grid_runs = grid([parse_axis(spec) for spec in args.grid]) if args.grid else None
+  if args.sweep:
+    sweep_file_runs = load_sweep_file(args.sweep)
+  elif grid_runs is None:
+    sweep_file_runs = load_sweep_file(args.config, required=False)
+    if sweep_file_runs is None:
+      raise ValueError(f"nothing to sweep: pass --grid KEY=V1,V2 or --sweep FILE, "
+                       f"or define get_sweep() in {args.config.partition(':')[0]}")
+  else:
+    sweep_file_runs = None
+  return combine(sweep_file_runs, grid_runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    runs = [(run_name(overrides), overrides) for overrides in sweep_runs(args)]
+  except (ValueError, FileNotFoundError) as e:
+    print(f"sweep.py: error: {e}", file=sys.stderr)
+    return 2
+  names = [name for name, _ in runs]
+  if duplicates := sorted({n for n in names if names.count(n) > 1}):
+    print(f"sweep.py: error: runs with identical overrides: {duplicates}; remove the repeats", file=sys.stderr)
+    return 2
+
+  if args.emit:
+    # Commands only, so the output can be piped to a shell or a job queue.
+    for name, overrides in runs:
+      workdir = workdir_of(args.sweep_dir, name)
+      if not is_done(workdir):
+        print(shlex.join(train_command(args, workdir, overrides)))
+    return 0
+
+  if "://" in args.sweep_dir:
+    print(f"sweep.py: error: local runs and tables need a local --sweep_dir, not {args.sweep_dir}; "
+          "copy the workdirs down (e.g. gsutil -m rsync -r) and point --sweep_dir there", file=sys.stderr)
+    return 2
+  sweep_dir = Path(args.sweep_dir)
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  (sweep_dir / "sweep.json").write_text(json.dumps(
+      dict(config=args.config, train_flags=args.train_flags,
+           runs=[dict(name=name, overrides=overrides) for name, overrides in runs]), indent=2, default=repr))
+  failed = [] if args.collect else run_locally(args, runs, sweep_dir)
+  print(write_tables(*collect(runs, sweep_dir), sweep_dir), end="")
+  print(f"Wrote {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
+  if failed:
+    print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
