@@ -112,6 +112,8 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
       ShapesConfig(name="audio", audio=True, description="`default` plus the audio field."),
+      ShapesConfig(name="colour", num_train=10_000, num_eval=1_000, question_types=("colour",),
+                   description="Colour questions only, 10k train, 1k per eval split."),
       ShapesConfig(name="small", num_train=256, num_eval=64, audio=True,
                    description="Tiny, with audio: prepares in seconds, for tests."),
   ]
