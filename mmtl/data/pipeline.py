@@ -529,12 +529,17 @@ class _TfIterator:
     self.pre = _Preprocess(cfg, b.info, train=train,
                            class_weights=_class_weights(cfg, b) if train else None)
     split = tfds.even_splits(cfg.split, n=process_count, drop_remainder=False)[process_index]
-    # Fixed seeds, no per-iteration reshuffle: every rebuilt pipeline replays the same stream.
+    # Fixed seeds: every rebuilt pipeline replays the same stream. Shuffling before
+    # repeating keeps epochs whole (each example once per epoch), reshuffled per epoch.
     read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
                                   interleave_cycle_length=1)
-    ds = b.as_dataset(split=split, shuffle_files=train, read_config=read_config, decoders=decoders)
+    try:
+      ds = b.as_dataset(split=split, shuffle_files=train, read_config=read_config, decoders=decoders)
+    except NotImplementedError as e:  # Prepared as array_record: no tf.data reader.
+      raise ValueError(f"{b.info.full_name} is stored as {b.info.file_format.value}, which tf.data "
+                       "cannot read. Use config.input.loader='grain'.") from e
     if train:
-      ds = ds.repeat().shuffle(10_000, seed=seed, reshuffle_each_iteration=False)
+      ds = ds.shuffle(10_000, seed=seed).repeat()
     self._tf_ds = ds.prefetch(tf.data.AUTOTUNE)
     total = eval_num_batches(b.info.splits[cfg.split].num_examples, batch_size=batch_size,
                              process_count=process_count) * batch_size
