@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 
 from mmtl import checkpoint
+from mmtl import config as config_lib
 from mmtl import data
 from mmtl import evaluate
 from mmtl import metrics
+from mmtl import rules
 from mmtl import train
+from mmtl.models import fusion
 
 TINY_VIT = dict(model_type="vit", image_size=16, patch_size=8, num_channels=3, hidden_size=16,
                 num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# The audio tower: a ViT over the (32 mels, 32 frames, 1) log-mel spectrogram.
+TINY_AUDIO_VIT = dict(TINY_VIT, image_size=32, num_channels=1)
 
 
 @pytest.fixture(scope="session")
@@ -234,3 +239,37 @@ def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, dat
   kernel = lambda p: p["encoder"]["layer_0"]["attn"]["query"]["kernel"]
   np.testing.assert_array_equal(kernel(before), kernel(pretrained))  # locked for steps 1-2
   assert not np.allclose(kernel(after), kernel(before))  # trained from step 3 on
+
+
+def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_path):
+  config = tiny_config(
+      tiny_bert_dir, data_dir, total_steps=2, ckpt_every=1, keep_ckpts=2,
+      model=dict(towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=tiny_bert_dir),
+                             audio=dict(name=TINY_AUDIO_VIT, pool="mean")),
+                 fusion="concat", fusion_layer=-1, bottleneck_tokens=2, num_classes=2, width=16))
+  config.input.fields.audio = "audio"
+  final = train.train(config, str(tmp_path / "run"))
+  assert {"val/accuracy", "val/loss"} <= set(final)
+  assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+  ckpts = str(tmp_path / "run" / "checkpoints")
+  before, after = (rules.flatten(jax.device_get(checkpoint.restore_params_only(ckpts, step=s)))
+                   for s in (1, 2))
+  kernel = "audio_encoder/encoder/layer_0/attn/query/kernel"
+  assert before[kernel].shape == (16, 16)
+  assert before["audio_encoder/embeddings/patch_embeddings/kernel"].shape == (8, 8, 1, 16)
+  assert "fusion/proj_audio/kernel" in before
+  assert not np.allclose(after[kernel], before[kernel])  # gradients reach the audio tower
+
+  # The token-level fusions with the same three towers (shapes only: no compile).
+  batch = {"pixel_values": jax.ShapeDtypeStruct((4, 16, 16, 3), np.float32),
+           "audio_values": jax.ShapeDtypeStruct((4, 32, 32, 1), np.float32),
+           **{k: jax.ShapeDtypeStruct((4, 24), np.int32)
+              for k in ("input_ids", "attention_mask", "token_type_ids")}}
+  for fusion_type, audio_param in (("bottleneck", "fusion/to_audio/kernel"),
+                                   ("cross_attention", "fusion/cross_audio_0/attn/query/kernel")):
+    model_cfg = config_lib.with_defaults(config).model
+    model_cfg.fusion = fusion_type
+    model = fusion.build(model_cfg)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"]
+    assert audio_param in rules.flatten(params), fusion_type
+    assert jax.eval_shape(model.apply, {"params": params}, batch)["logits"].shape == (4, 2)
