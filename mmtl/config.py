@@ -73,11 +73,18 @@ class ConfigError(ValueError):
   """A config key is unknown or a value is unusable."""
 
 
-def _unknown_key(key: str, known: Sequence[str], where: str) -> ConfigError:
-  close = difflib.get_close_matches(key, list(known), n=1)
-  hint = f" Did you mean {where}.{close[0]}?" if close else ""
-  return ConfigError(f"Unknown config key {where}.{key}.{hint} Known keys of {where}: "
-                     f"{', '.join(sorted(known))}.")
+def check_keys(cfg: Any, known: Sequence[str], where: str) -> None:
+  """Raises ConfigError naming the first key of `cfg` (a mapping or key list) not in `known`.
+
+  Every config section in mmtl checks its keys through here, so a typo fails the
+  same way everywhere, with a did-you-mean hint.
+  """
+  for key in (cfg.keys() if hasattr(cfg, "keys") else cfg):
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=1)
+      hint = f" Did you mean {where}.{close[0]}?" if close else ""
+      raise ConfigError(f"Unknown config key {where}.{key}.{hint} Known keys of {where}: "
+                        f"{', '.join(sorted(known))}.")
 
 
 def with_defaults(config: mlc.ConfigDict) -> mlc.ConfigDict:
@@ -86,22 +93,14 @@ def with_defaults(config: mlc.ConfigDict) -> mlc.ConfigDict:
   Raises ConfigError naming any key that is not a trainer or model key.
   """
   out = mlc.ConfigDict(DEFAULTS)
+  check_keys(config, DEFAULTS, "config")
   for key in config.keys():
-    if key not in DEFAULTS:
-      raise _unknown_key(key, DEFAULTS, "config")
     if key != "model" and isinstance(DEFAULTS[key], dict) and DEFAULTS[key]:
-      for sub in config[key].keys():
-        if sub not in DEFAULTS[key]:
-          raise _unknown_key(sub, DEFAULTS[key], f"config.{key}")
-  model = dict(MODEL_DEFAULTS)
-  for key, value in config.get("model", {}).items():
-    if key not in MODEL_DEFAULTS:
-      raise _unknown_key(key, MODEL_DEFAULTS, "config.model")
-    model[key] = value
+      check_keys(config[key], DEFAULTS[key], f"config.{key}")
+  check_keys(config.get("model", {}), MODEL_DEFAULTS, "config.model")
+  model = {**MODEL_DEFAULTS, **config.get("model", {})}
   for modality, tower in model["towers"].items():
-    for key in tower.keys():
-      if key not in TOWER_KEYS:
-        raise _unknown_key(key, TOWER_KEYS, f"config.model.towers.{modality}")
+    check_keys(tower, TOWER_KEYS, f"config.model.towers.{modality}")
   with out.unlocked():
     for key, value in config.items():
       if key != "model" and isinstance(DEFAULTS[key], dict) and DEFAULTS[key]:
@@ -189,8 +188,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
   for piece in (arg or "").split(","):
     if "=" in piece:
       last, value = piece.split("=", 1)
-      if last not in defaults:
-        raise _unknown_key(last, defaults, "config argument")
+      check_keys([last], defaults, "config argument")
       values[last] = value
     elif piece and last is not None:
       values[last] += "," + piece

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmtl import config as config_lib
 from mmtl import losses
 
 _KEYS = ("teacher_workdir", "temperature", "alpha")
@@ -32,9 +33,7 @@ def kd_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
 
 
 def check_config(distill_cfg: Mapping[str, Any], head_type: str) -> None:
-  unknown = set(distill_cfg.keys()) - set(_KEYS)
-  if unknown:
-    raise ValueError(f"config.distill: unknown key(s) {sorted(unknown)}; use {list(_KEYS)}.")
+  config_lib.check_keys(distill_cfg, _KEYS, "config.distill")
   if not distill_cfg.get("teacher_workdir"):
     raise ValueError("config.distill.teacher_workdir is not set: give the workdir of a finished "
                      "mmtl run (it holds config.json and checkpoints).")

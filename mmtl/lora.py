@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmtl import config as config_lib
 from mmtl import rules
 
 # Rules (mmtl.rules syntax) for what the optimizer trains and never trains.
@@ -39,9 +40,7 @@ def init(params: Any, lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, 
   `lora_cfg = dict(targets=[regex, ...], rank=8, alpha=rank)`; targets must match
   whole paths of 2-D `.../kernel` leaves, e.g. `.*/attn/(query|value)/kernel`.
   """
-  unknown = set(lora_cfg.keys()) - set(_KEYS)
-  if unknown:
-    raise ValueError(f"config.optim.lora: unknown key(s) {sorted(unknown)}; use {list(_KEYS)}.")
+  config_lib.check_keys(lora_cfg, _KEYS, "config.optim.lora")
   if not lora_cfg.get("targets"):
     raise ValueError("config.optim.lora.targets is empty: give regexes of dense kernels to adapt, "
                      "e.g. ['.*/attn/(query|value)/kernel'].")

@@ -33,9 +33,8 @@ weight_decay=0.05 at lr=1e-4 is wd=5e-6 here).
 """
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmtl import config as config_lib
 from mmtl import lora
 from mmtl import rules
 
@@ -71,14 +71,6 @@ _SCALERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 # Embedding-like params of a tower, for layer-wise decay (lowest LR).
 DEFAULT_EMBEDDINGS = (r".*/(embeddings|pre_layrnorm)/.*",)
 _LAYER = re.compile(r"layer_(\d+)")
-
-
-def _check_keys(cfg: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
-  for key in cfg.keys():
-    if key not in allowed:
-      close = difflib.get_close_matches(key, allowed, n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"{what}.{key} is not a known key ({', '.join(allowed)}).{hint}")
 
 
 def _as_list(rule_or_rules: Any) -> list[Any]:
@@ -112,7 +104,7 @@ def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any
   makes its matches trainable again. LoRA's constant `lora_scale` is always
   frozen. Every rule must match some param (a typo raises `rules.RuleError`).
   """
-  _check_keys(optim_cfg, _KEYS, "config.optim")
+  config_lib.check_keys(optim_cfg, _KEYS, "config.optim")
   preset = _preset(optim_cfg)
   name = optim_cfg.get("preset")
   hint = " (params need mmtl.lora.init)" if name == "lora" else ""
@@ -154,7 +146,7 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
   """
   if not ld:
     return dict.fromkeys(flat, 1.0)
-  _check_keys(ld, ("rate", "towers", "embeddings"), "config.optim.layer_decay")
+  config_lib.check_keys(ld, ("rate", "towers", "embeddings"), "config.optim.layer_decay")
   if "rate" not in ld or not 0.0 < ld["rate"] <= 1.0:
     raise ValueError("config.optim.layer_decay.rate must be in (0, 1], e.g. 0.75.")
   towers = [(t, ld["rate"]) if isinstance(t, str) else tuple(t)
@@ -204,7 +196,7 @@ def lr_mults(params: Any, optim_cfg: Mapping[str, Any]) -> Any:
 def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Schedule:
   """LR multiplier in [0, 1]: linear warmup from 0, then cosine/linear decay or constant."""
   sched_cfg = dict(sched_cfg or {})
-  _check_keys(sched_cfg, ("warmup_steps", "decay", "end_mult"), "config.optim.schedule")
+  config_lib.check_keys(sched_cfg, ("warmup_steps", "decay", "end_mult"), "config.optim.schedule")
   warmup = int(sched_cfg.get("warmup_steps", 0))
   decay = sched_cfg.get("decay", "cosine")
   end = float(sched_cfg.get("end_mult", 0.0))

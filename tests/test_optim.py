@@ -304,7 +304,7 @@ def test_rules_that_match_nothing_are_errors():
   for extra, message in cases:
     with pytest.raises(rules.RuleError, match=message):
       optim.make(dict(lr=0.1, **extra), params, total_steps=10)
-  with pytest.raises(ValueError, match="Did you mean 'frozen'"):
+  with pytest.raises(ValueError, match=r"Did you mean config\.optim\.frozen"):
     optim.freeze_mask(params, dict(lr=0.1, frozn=["head/.*"]))
   with pytest.raises(ValueError, match="preset='lora' needs config.optim.lora"):
     optim.freeze_mask(params, dict(preset="lora"))

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mmtl import config as config_lib
 from mmtl.data import shapes
 
 Batch = dict[str, np.ndarray]
@@ -75,11 +76,10 @@ def defaults() -> ml_collections.ConfigDict:
 def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """`defaults()` overlaid with `cfg`; an unknown key is an error, not a silent default."""
   def merge(base: dict, override: Mapping, where: str) -> dict:
+    config_lib.check_keys(override, base, f"config.input{where}")
     for key, value in override.items():
-      if key not in base:
-        raise KeyError(f"Unknown key config.input.{where}{key}; known keys: {sorted(base)}.")
       if isinstance(base[key], dict) and isinstance(value, Mapping):
-        merge(base[key], value, f"{where}{key}.")
+        merge(base[key], value, f"{where}.{key}")
       else:
         base[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
     return base
