@@ -1,6 +1,6 @@
 r"""Training-step benchmark: mmtl's trainer step vs HF transformers PyTorch, same device and batch.
 
-  python -m mmtl.bench --preset clip_b16 --batch 256 --out bench_out   # one GPU (docs/bench.md)
+  python -m mmtl.bench --preset clip_b16 --batch 256 --out bench_out   # one GPU (README, "Benchmark")
   python -m mmtl.bench --tiny --out /tmp/bench                         # CPU, tiny sizes, seconds
 
 Measured, each in its own process by default (clean peak memory, one
@@ -21,7 +21,7 @@ steps each, dispatched back to back with one block/synchronize at the end of a
 run; the reported step time is the median over runs. Batches are
 device-resident synthetic data (`--input host` feeds numpy batches through a
 2-deep device prefetch instead). FLOPs are analytic (`train_flops`, formula in
-docs/bench.md); MFU = achieved FLOP/s / the measured matmul ceiling. Writes
+README, "Benchmark"); MFU = achieved FLOP/s / the measured matmul ceiling. Writes
 `OUT/bench.json` and `OUT/bench.md` after every measurement, so a run cut
 short keeps what it finished.
 """
@@ -81,7 +81,7 @@ TORCH_VARIANTS = ("full", "locked")
 TORCH_MODES = ("eager", "compile")
 LOCKED_RULE = "image_encoder/.*"  # mmtl.optim `frozen` rule of the locked-image (LiT) variant
 
-# Recommended XLA flags for the GPU step (docs/bench.md says why); unknown ones
+# Recommended XLA flags for the GPU step (README, "Benchmark", says why); unknown ones
 # are dropped with a warning, since XLA aborts on a flag its build lacks.
 XLA_FLAGS = {
     "recommended": ("--xla_gpu_enable_latency_hiding_scheduler=true",

@@ -10,7 +10,7 @@ a Markdown + CSV table of every run's final_metrics.json:
 
   python launch/sweep.py --config configs/ablations/shapes_grid.py --sweep_dir runs/shapes_grid
 
-`get_sweep("small")` is the 4-run table of docs/train.md (fused / image only /
+`get_sweep("small")` is the 4-run table of README, "Quickstart" (fused / image only /
 text only / fused with a scratch text encoder):
 
   python launch/sweep.py --config configs/ablations/shapes_grid.py \
@@ -20,7 +20,7 @@ The full grid has 5 fusions x 3 text settings x 2 inits for the fused model,
 plus the single-modality baselines (image only needs no text setting; text
 only is run for each text setting and init): 30 + 1 + 6 = 37 runs.
 
-Expected results: see the table in docs/train.md (the `small` sweep).
+Expected results: see the table in README, "Quickstart" (the `small` sweep).
 """
 import importlib.util
 import itertools
