@@ -39,7 +39,7 @@ TOKEN_CACHE_SIZE = 200_000  # Distinct texts kept tokenized per pipeline (then c
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """`config.input` keys and their defaults (see README, "Data")."""
+  """`config.input` keys and their defaults (see README, 'Data')."""
   return ml_collections.ConfigDict(dict(
       dataset="mmtl_shapes",  # TFDS name[/config][:version]
       split="train",  # Any TFDS split spec: "train", "train[:2000]", "train+validation".
@@ -103,7 +103,7 @@ def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     raise ValueError(
         f"Unknown dataset {cfg.dataset!r}. Use a TFDS catalog name or mmtl's built-in "
         "'mmtl_shapes'; for your own builder, import the module that defines it before "
-        "building the pipeline (see README, "Data").") from None
+        "building the pipeline (see README, 'Data').") from None
   if b.is_prepared():
     return b
   if isinstance(b, OFFLINE_BUILDERS):
@@ -118,7 +118,7 @@ def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
         f"Dataset {cfg.dataset!r} is not prepared in {b.data_dir}. Prepare it once with "
         f"`tfds build {cfg.dataset.split(':')[0].replace('/', ' --config ')} "
         f"--data_dir {b.data_dir_root} --file_format array_record` "
-        "(see README, "Data"), or set config.input.download=True.")
+        "(see README, 'Data'), or set config.input.download=True.")
   b.download_and_prepare(file_format="array_record")
   return b
 
