@@ -48,21 +48,19 @@ import numpy as np
 
 # HF config.json contents (model_type "clip"): the same dict builds mmtl's towers
 # (mmtl.hf.build_module) and transformers.CLIPModel, so both run one architecture.
+def _clip_base(patch_size: int) -> dict[str, Any]:
+  """CLIP ViT-B/{patch_size} at 224px; 12-layer 512-wide causal text tower over 77 tokens."""
+  return dict(
+      model_type="clip", projection_dim=512,
+      vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, image_size=224, patch_size=patch_size),
+      text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=8, max_position_embeddings=77, vocab_size=49408))
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # CLIP ViT-B/16: 224px, 196 patches + CLS; 12-layer 512-wide causal text tower over 77 tokens.
-    "clip_b16": dict(
-        model_type="clip", projection_dim=512,
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=12, image_size=224, patch_size=16),
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=8, max_position_embeddings=77, vocab_size=49408)),
-    # CLIP ViT-B/32: 50 image tokens (a cheaper image tower, same text tower).
-    "clip_b32": dict(
-        model_type="clip", projection_dim=512,
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=12, image_size=224, patch_size=32),
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=8, max_position_embeddings=77, vocab_size=49408)),
+    "clip_b16": _clip_base(16),  # 196 patches + CLS
+    "clip_b32": _clip_base(32),  # 49 patches + CLS: a cheaper image tower, same text tower
     # CPU test size: 17 image tokens, 16 text tokens, 1 layer of width 32 per tower.
     "tiny": dict(
         model_type="clip", projection_dim=16,

@@ -98,15 +98,11 @@ class Preempted(Exception):
   pass
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir, tmp_path,
-                                                         monkeypatch):
-  # The tiny BERT has dropout 0.1: resuming must also restore the dropout RNG stream.
-  config = tiny_config(tiny_bert_dir, data_dir, evals={})
-  train.train(config, str(tmp_path / "straight"))
-
+def patch_train_batches(monkeypatch, change):
+  """Routes the trainer's input through `change(n, batch)`; n = 1 is its shape probe."""
   real = data.make_train_iterator
 
-  def dies_at_step_5(*args, **kwargs):
+  def make(*args, **kwargs):
     it = real(*args, **kwargs)
     calls = {"n": 0}
 
@@ -115,13 +111,26 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir
 
       def __next__(self):
         calls["n"] += 1
-        if calls["n"] == 1 + 5:  # the trainer's shape probe, then updates 1..4, then dies
-          raise Preempted()
-        return next(it)
+        return change(calls["n"], next(it))
 
     return Iterator()
 
-  monkeypatch.setattr(data, "make_train_iterator", dies_at_step_5)
+  monkeypatch.setattr(data, "make_train_iterator", make)
+  return real
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir, tmp_path,
+                                                         monkeypatch):
+  # The tiny BERT has dropout 0.1: resuming must also restore the dropout RNG stream.
+  config = tiny_config(tiny_bert_dir, data_dir, evals={})
+  train.train(config, str(tmp_path / "straight"))
+
+  def dies_at_step_5(n, batch):
+    if n == 1 + 5:  # the trainer's shape probe, then updates 1..4, then dies
+      raise Preempted()
+    return batch
+
+  real = patch_train_batches(monkeypatch, dies_at_step_5)
   with pytest.raises(Preempted):
     train.train(config, str(tmp_path / "resumed"))
   assert not (tmp_path / "resumed" / "final_metrics.json").exists()
@@ -138,25 +147,12 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert_dir, data_dir, tmp_path,
                                                        monkeypatch):
-  real = data.make_train_iterator
+  def nan_from_step_5(n, batch):
+    if n >= 1 + 5:
+      return dict(batch, pixel_values=np.full_like(batch["pixel_values"], np.nan))
+    return batch
 
-  def nan_from_step_5(*args, **kwargs):
-    it = real(*args, **kwargs)
-    calls = {"n": 0}
-
-    class Iterator:
-      get_state, set_state = it.get_state, it.set_state
-
-      def __next__(self):
-        calls["n"] += 1
-        batch = next(it)
-        if calls["n"] >= 1 + 5:
-          batch = dict(batch, pixel_values=np.full_like(batch["pixel_values"], np.nan))
-        return batch
-
-    return Iterator()
-
-  monkeypatch.setattr(data, "make_train_iterator", nan_from_step_5)
+  patch_train_batches(monkeypatch, nan_from_step_5)
   workdir = tmp_path / "nan"
   with pytest.raises(train.Diverged, match=r"(?s)NaN/Inf by step 5.*last good checkpoint is step 4"):
     train.train(tiny_config(tiny_bert_dir, data_dir, evals={}), str(workdir))
