@@ -3,7 +3,9 @@
 Layout of `directory/<step>/`: one orbax item per train-state entry (`params`,
 `opt_state`, ...; the step is the directory name), `data/` with each
 process's input-iterator state as `process_<i>-of-<n>.json`, and orbax's
-`metrics` when best-k is tracked.
+`metrics` when best-k is tracked. Restored with another process count, an
+input state carries over when every process saved the same one (the grain
+train iterator's state is the global step); otherwise the iterator starts afresh.
 
 Why orbax does the work: each step is written to a temporary directory and
 renamed (or marked committed on GCS) only once every host has finished, so a
@@ -30,20 +32,30 @@ DATA_ITEM = "data"
 
 
 class _ProcessJsonHandler(ocp.CheckpointHandler):
-  """Saves one JSON-able value per process (input pipelines are per host)."""
+  """Saves one JSON-able value per process (input pipelines are per host).
+
+  Restores this process's value; when the process count changed, the value
+  every saving process wrote, if they all wrote the same (a position in one
+  global stream, valid for any process), else None.
+  """
 
   def save(self, directory: epath.Path, args: DataStateSave) -> None:
     _process_file(directory).write_text(json.dumps(args.state))
 
   def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
     path = _process_file(directory)
-    if not path.exists():
-      found = sorted(p.name for p in directory.iterdir())
-      logging.warning("No input-pipeline state for this process in %s (found %s): the data "
-                      "iterator starts afresh. Expected when the process count changed.",
-                      directory, found)
-      return None
-    return json.loads(path.read_text())
+    if path.exists():
+      return json.loads(path.read_text())
+    saved = {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("process_*.json"))}
+    states = list(saved.values())
+    if states and all(state == states[0] for state in states):
+      logging.info("Input-pipeline state of %s saved by another process count (%s): every process "
+                   "saved the same, so this process continues from it.", directory, sorted(saved))
+      return states[0]
+    logging.warning("No input-pipeline state for this process in %s (found %s, not all the same): "
+                    "the data iterator starts afresh. Expected when the process count changed "
+                    "with per-process input states (loader='tf').", directory, sorted(saved))
+    return None
 
   def metadata(self, directory: epath.Path) -> None:
     return None
@@ -142,7 +154,7 @@ class CheckpointManager:
     return {k: restored[k] for k in target}
 
   def data_state(self, step: int | None = None) -> Any:
-    """This process's input-iterator state saved at `step`, or None."""
+    """This process's input-iterator state saved at `step`, or None (see _ProcessJsonHandler)."""
     step = self.resolve_step(step)
     if DATA_ITEM not in self._item_names(step):
       return None

@@ -1,4 +1,4 @@
-"""One process of the two-process job launched by tests/test_multihost.py.
+"""One process of the jobs launched by tests/test_multihost.py.
 
     JAX_COORDINATOR_ADDRESS=localhost:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/multihost_worker.py WORKDIR
@@ -6,7 +6,11 @@
 Joins the job (`mmtl.distributed`), trains on the global (2,2,2) mesh with this
 process's slice of every batch, checkpoints with orbax, restores the
 checkpoint fully replicated and writes what it got to WORKDIR/result_<i>.npz.
-`train` is the part to replace with the real trainer.
+
+    ... python tests/multihost_worker.py WORKDIR CONFIG.json
+
+runs the real trainer, `mmtl.train.train(CONFIG, WORKDIR)`, on any number of
+processes (JAX_NUM_PROCESSES=1 or unset: one process).
 """
 import json
 import os
@@ -65,5 +69,15 @@ def main(workdir: str) -> None:
   print(f"process {jax.process_index()} is_main={distributed.is_main_process()} done")
 
 
+def run_trainer(workdir: str, config_path: str) -> None:
+  import ml_collections as mlc
+  from mmtl import train
+  with open(config_path) as f:
+    train.train(mlc.ConfigDict(json.load(f)), workdir)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if len(sys.argv) == 3:
+    run_trainer(*sys.argv[1:])
+  else:
+    main(sys.argv[1])

@@ -106,10 +106,62 @@ def test_processes_read_disjoint_slices(cfg):
   assert not set(per_process[0]) & set(per_process[1])
   everything = image_keys(data.make_eval_iterator(eval_cfg, batch_size=8))
   assert sorted(per_process[0] + per_process[1]) == sorted(everything)
-  # Training: one epoch of each process's slice (128 examples each), also disjoint.
+  # Training: 8 global batches of 2 x 16 are one epoch: each example once, on one process.
   train = [set(image_keys(take(data.make_train_iterator(cfg, batch_size=16, seed=0, process_index=p,
                                                         process_count=2), 8))) for p in (0, 1)]
   assert len(train[0]) == len(train[1]) == 128 and not train[0] & train[1]
+
+
+def assert_batches_equal(want, got):
+  for key in want:
+    np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+
+
+def concat(batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+@pytest.fixture
+def augmented_cfg(cfg):
+  """20 examples (an epoch ends inside global batch 2 of 8), every random choice on."""
+  return dict(cfg, split="train[:20]",
+              augment=dict(crop_scale=(0.6, 1.0), flip=True, color_jitter=0.2),
+              modality_dropout=dict(image=0.3, text=0.3, audio=0.3))
+
+
+def test_training_batches_do_not_depend_on_the_process_count(augmented_cfg):
+  single = take(data.make_train_iterator(augmented_cfg, batch_size=8, seed=5), 6)
+  per_process = [take(data.make_train_iterator(augmented_cfg, batch_size=4, seed=5, process_index=p,
+                                               process_count=2), 6) for p in (0, 1)]
+  for want, p0, p1 in zip(single, *per_process):
+    assert_batches_equal(want, concat([p0, p1]))  # Row for row, augmentation and dropout included.
+  assert not all(b["text_present"].all() for b in single)  # Dropout did blank something.
+
+
+def test_a_process_reads_only_its_rows(cfg, monkeypatch):
+  reads = []  # Source indices read, per iterator.
+  real = data.pipeline.data_source
+
+  def recording_source(input_cfg):
+    src, b = real(input_cfg)
+    read = set()
+    reads.append(read)
+
+    class Source:
+      def __len__(self):
+        return len(src)
+
+      def __getitem__(self, i):
+        read.add(i)
+        return src[i]
+
+    return Source(), b
+
+  monkeypatch.setattr(data.pipeline, "data_source", recording_source)
+  for p in (0, 1):  # 2 global batches of 2 x 16, and a little prefetching, within the 1st epoch.
+    take(data.make_train_iterator(dict(cfg, prefetch=1), batch_size=16, seed=0, process_index=p,
+                                  process_count=2), 2)
+  assert len(reads[0]) >= 32 and len(reads[1]) >= 32 and not reads[0] & reads[1]
 
 
 def test_eval_batches_are_padded_equally_on_all_processes(cfg):
@@ -132,8 +184,24 @@ def test_restored_iterator_state_resumes_at_the_same_example(cfg):
   resumed = data.make_train_iterator(cfg, batch_size=16, seed=3)  # A restarted job.
   resumed.set_state(state)
   for want, got in zip(expected, take(resumed, 2)):
-    for key in want:
-      np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+    assert_batches_equal(want, got)
+
+
+def test_iterator_state_carries_over_to_another_process_count(augmented_cfg):
+  make = lambda p, n: data.make_train_iterator(augmented_cfg, batch_size=8 // n, seed=5,
+                                               process_index=p, process_count=n)
+  two = [make(p, 2) for p in (0, 1)]
+  for it in two:
+    take(it, 3)
+  state = json.loads(json.dumps(two[0].get_state()))
+  assert two[1].get_state() == state  # The global step, not a per-process position.
+  one = make(0, 1)
+  one.set_state(state)
+  assert_batches_equal(concat([next(it) for it in two]), next(one))  # Global batch 3 on both.
+  back = [make(p, 2) for p in (0, 1)]
+  for it in back:
+    it.set_state(one.get_state())
+  assert_batches_equal(next(one), concat([next(it) for it in back]))  # And from 1 to 2 processes.
 
 
 def test_seed_determines_the_stream(cfg):
@@ -270,6 +338,8 @@ def test_tf_loader_reads_tfrecord_like_grain(cfg, tfrecord_data_dir):
   got = next(resumed)
   for key in expected:
     np.testing.assert_array_equal(expected[key], got[key], err_msg=key)
+  resumed.set_state({"batches": 5, "process": [1, 2]})  # Another process's slice: starts afresh.
+  assert_batches_equal(next(data.make_train_iterator(tf_cfg, batch_size=16, seed=3)), next(resumed))
   with pytest.raises(ValueError, match="stored as array_record.*loader='grain'"):
     data.make_train_iterator(dict(cfg, loader="tf"), batch_size=4, seed=0)
 

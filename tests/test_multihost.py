@@ -1,6 +1,7 @@
 """Two processes on localhost (jax.distributed + gloo) train like one process."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmtl import checkpoint, distributed, rules, sharding
+from mmtl import checkpoint, data, distributed, metrics, rules, sharding
 from tests import multihost_worker as worker
 from tests import sharding_toy as toy
+from tests import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -24,17 +26,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_processes=2):
-  """Runs the worker as `num_processes` processes; fails fast if one fails."""
+def _launch(workdir, *args, num_processes=2, devices=4):
+  """Runs `multihost_worker.py WORKDIR *ARGS` as `num_processes` processes with `devices` CPU
+  devices each; fails fast if one fails."""
+  workdir.mkdir(parents=True, exist_ok=True)
   port = _free_port()
   procs, logs = [], []
   for i in range(num_processes):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=REPO)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO)
     logs.append(open(workdir / f"log_{i}.txt", "w"))
     procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(workdir)],
+        [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(workdir), *args],
         env=env, cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT))
   deadline = time.monotonic() + TIMEOUT_S
   try:
@@ -88,10 +92,62 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
   shapes, shardings = toy.state_shardings(mesh, "fsdp_tp")
   with checkpoint.CheckpointManager(two_process_run / "checkpoints") as manager:
     restored = manager.restore(checkpoint.abstract(shapes, shardings))
-    assert manager.data_state() is None  # 1 process now: no input state of its own
+    assert manager.data_state() is None  # 1 process now, and the 2 saved different states.
   result = np.load(two_process_run / "result_0.npz")
   for k, v in rules.flatten(jax.device_get(restored["params"])).items():
     np.testing.assert_array_equal(v, result[f"params/{k}"])
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory, tiny_bert_dir):
+  """Workdirs of the real trainer, 4 steps (2 epochs) on 4 CPU devices: "two" as 2 processes x 2
+  devices, "one" as 1 process x 4, "resumed" on 1 process from the 2-process run's step 2."""
+  root = tmp_path_factory.mktemp("trainer")
+  data_dir = str(root / "tfds")
+  data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
+  # SGD: params whose gradient is only rounding noise (attention key biases) stay put; Adam
+  # would scale that noise up to lr-sized steps that differ between the runs.
+  config = test_train.tiny_config(tiny_bert_dir, data_dir, evals={}, total_steps=4, keep_ckpts=2,
+                                  optim=dict(name="sgd", lr=0.3, schedule=dict(decay="constant")))
+  (root / "config.json").write_text(config.to_json())
+  runs = {name: root / name for name in ("two", "one", "resumed")}
+  _launch(runs["two"], str(root / "config.json"), num_processes=2, devices=2)
+  _launch(runs["one"], str(root / "config.json"), num_processes=1, devices=4)
+  shutil.copytree(runs["two"] / "checkpoints", runs["resumed"] / "checkpoints",
+                  ignore=shutil.ignore_patterns("4"))  # As if stopped after step 2's checkpoint.
+  _launch(runs["resumed"], str(root / "config.json"), num_processes=1, devices=4)
+  return runs
+
+
+def _assert_same_params(workdir, other):
+  params = [jax.device_get(checkpoint.restore_params_only(w / "checkpoints"))
+            for w in (workdir, other)]
+  for (path, a), b in zip(rules.flatten(params[0]).items(), rules.flatten(params[1]).values()):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_real_trainer_on_two_processes_matches_one_process(trainer_runs):
+  for name, files in (("two", ["process_0-of-2.json", "process_1-of-2.json"]),
+                      ("one", ["process_0-of-1.json"])):
+    data_dir = trainer_runs[name] / "checkpoints/4/data"
+    assert sorted(p.name for p in data_dir.glob("*.json")) == files
+  two, one = (metrics.read(str(trainer_runs[k]))["train/loss"] for k in ("two", "one"))
+  assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=1e-5)
+  _assert_same_params(trainer_runs["two"], trainer_runs["one"])
+
+
+def test_two_process_run_resumes_on_one_process_with_the_same_data(trainer_runs):
+  """The input state saved by 2 processes (the global step) continues on 1: same batches."""
+  resumed = metrics.read(str(trainer_runs["resumed"]))["train/loss"]
+  one = metrics.read(str(trainer_runs["one"]))["train/loss"]
+  assert sorted(resumed) == [3, 4]  # Epoch 2: a restart from step 0's data would differ.
+  saved = [json.loads(p.read_text()) for name in ("two", "one", "resumed")
+           for p in (trainer_runs[name] / "checkpoints/4/data").glob("*.json")]
+  assert len(saved) == 4 and all(state == saved[0] for state in saved)  # Global step 4 in all.
+  np.testing.assert_allclose([resumed[3], resumed[4]], [one[3], one[4]], rtol=1e-5)
+  _assert_same_params(trainer_runs["resumed"], trainer_runs["one"])
 
 
 def test_when_maybe_initialize_initializes(monkeypatch):

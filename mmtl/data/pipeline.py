@@ -5,13 +5,17 @@ default; `loader="tf"` reads tfrecord-only datasets with tf.data where
 TensorFlow is installed. Both loaders share the per-example and per-batch
 numpy functions below, so preprocessing is identical.
 
-Pipeline order (grain): source -> this process's slice -> shuffle -> repeat ->
-per-example random_map (decode, crop/resize, draw augmentation and modality
-dropout decisions from the element's own RNG) -> batch -> per-batch map (colour
-jitter, flip, normalize, blanking) -> [threads/processes] -> batch tokenization.
-All randomness comes from grain's per-element RNGs, so a batch is a pure
-function of (seed, process_index, process_count, step), and the grain iterator
-state (a small JSON-able dict) resumes at exactly the same example.
+Training order (grain): the whole split, decoded -> shuffle -> repeat ->
+per-example random_map (crop/resize, draw augmentation and modality dropout
+decisions from the element's own RNG) -> batch -> this process's share of each
+global batch -> per-batch map (colour jitter, flip, normalize, blanking) ->
+[threads/processes] -> batch tokenization. The shuffle seed and each element's
+RNG depend only on (seed, position in the global stream), so global batch k is
+a pure function of (seed, global batch size, k), whatever the number of
+processes: a 2-host run sees the 1-host run's batches, split row-wise. The
+grain iterator state (a small JSON-able dict) is the global step, so it resumes
+at exactly the same example, on any number of processes (see
+mmtl/checkpoint.py). The tf.data loader shards per process instead.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import flags
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
@@ -400,8 +405,9 @@ class _Preprocess:
 
 # ---------------------------------------------------------------- loaders ---
 
-def _grain_seed(seed: int, process_index: int) -> int:
-  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+def _grain_seed(seed: int) -> int:
+  """config.seed -> grain's 32-bit seed; the same on every process."""
+  return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -419,8 +425,10 @@ def _to_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict, pre: _Pre
   return iter(ds)
 
 
-def _source(cfg, pre: _Preprocess, src, process_index: int, process_count: int) -> grain.MapDataset:
-  """This process's slice of `src`, decoded (and held in memory when cfg.cache)."""
+def _source(cfg, pre: _Preprocess, src, process_index: int = 0,
+            process_count: int = 1) -> grain.MapDataset:
+  """The slice `process_index::process_count` of `src` (default: all of it), decoded (and held
+  in memory when cfg.cache)."""
   ds = grain.MapDataset.source(src)[process_index::process_count].map(pre.decode)
   if cfg.cache:
     ds = grain.MapDataset.source(list(ds))
@@ -429,12 +437,20 @@ def _source(cfg, pre: _Preprocess, src, process_index: int, process_count: int) 
 
 def make_train_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-  """Endless, shuffled (reshuffled per epoch), augmented batches of this process's slice.
+  """Endless, shuffled (reshuffled per epoch), augmented batches: this process's share.
 
-  Each process reads the disjoint slice `process_index::process_count` of the
-  split; `batch_size` is per process. The returned iterator has
-  `get_state() -> dict` and `set_state(dict)`: restoring a saved state continues
-  with exactly the batch that would have come next.
+  `batch_size` is per process; the global batch is B = batch_size *
+  process_count. With grain, all processes shuffle the whole split the same way
+  and global batch k is rows [k*B, (k+1)*B) of that one stream; process p
+  yields its contiguous rows [k*B + p*batch_size, k*B + (p+1)*batch_size), so
+  concatenating the processes' batches (as `sharding.put_batch` does) gives the
+  1-process batch of size B, row for row, random augmentation included. Only
+  those rows are read and decoded, except with `cache`, where each process
+  holds the whole decoded split. The returned iterator has `get_state() ->
+  dict` and `set_state(dict)`: restoring a saved state continues with exactly
+  the batch that would have come next; a grain state is the global step, valid
+  for any process count with the same global batch (loader="tf" instead reads a
+  per-process slice of the split, and its state only for the same process).
   """
   cfg = input_config(input_cfg)
   _check_process(process_index, process_count)
@@ -444,12 +460,13 @@ def make_train_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, seed: 
   _check_loader(cfg)
   src, b = data_source(cfg)
   pre = _Preprocess(cfg, b.info, train=True, class_weights=_class_weights(cfg, b))
-  ds = _source(cfg, pre, src, process_index, process_count)
-  if len(ds) < batch_size:
-    raise ValueError(f"{cfg.dataset}:{cfg.split} gives process {process_index} only {len(ds)} "
-                     f"examples, fewer than batch_size={batch_size}.")
-  ds = ds.seed(_grain_seed(seed, process_index)).shuffle().repeat(None)
-  ds = ds.random_map(pre.example).batch(batch_size, drop_remainder=True, batch_fn=pre.stack)
+  ds = _source(cfg, pre, src)  # Lazy without cache: reads only what this process's rows need.
+  if len(ds) < batch_size * process_count:
+    raise ValueError(f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
+                     f"global batch size {batch_size} x {process_count} processes.")
+  ds = ds.seed(_grain_seed(seed)).shuffle().repeat(None).random_map(pre.example)
+  # Local-size batches; global batch k is local batches k*P..k*P+P-1: this process takes the p-th.
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=pre.stack)[process_index::process_count]
   return _to_iterator(ds.map(pre.images), cfg, pre)
 
 
@@ -515,7 +532,9 @@ class _TfIterator:
 
   tf.data has no JSON-able iterator state, so `get_state` records the number of
   batches produced and `set_state` rebuilds the (seeded, deterministic)
-  pipeline and skips that many batches.
+  pipeline and skips that many batches. Each process reads its own slice of the
+  split, so a state saved by another process slice does not apply: the stream
+  then starts afresh (with a warning).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
@@ -544,7 +563,7 @@ class _TfIterator:
     total = eval_num_batches(b.info.splits[cfg.split].num_examples, batch_size=batch_size,
                              process_count=process_count) * batch_size
     self.num_batches = None if train else total // batch_size
-    self.set_state({"batches": 0})
+    self.set_state({"batches": 0, "process": [process_index, process_count]})
 
   def _examples(self):
     rng = np.random.default_rng([self.seed, self.process_index])
@@ -569,10 +588,15 @@ class _TfIterator:
     self.batches += 1
     return self.pre.tokenize(self.pre.images(self.pre.stack(rows)))
 
-  def get_state(self) -> dict[str, int]:
-    return {"batches": self.batches}
+  def get_state(self) -> dict[str, Any]:
+    return {"batches": self.batches, "process": [self.process_index, self.process_count]}
 
-  def set_state(self, state: dict[str, int]) -> None:
+  def set_state(self, state: dict[str, Any]) -> None:
     self._stream, self.batches = self._examples(), 0
+    if state["process"] != [self.process_index, self.process_count]:
+      logging.warning("The loader='tf' input state was saved by process %s of %s; this is process "
+                      "%d of %d: the data iterator starts afresh.", *state["process"],
+                      self.process_index, self.process_count)
+      return
     for _ in range(state["batches"]):
       next(self)
