@@ -46,6 +46,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs.* in config files.
+  sys.path.insert(0, str(REPO_ROOT))
+from mmtl import workdir as workdir_lib  # noqa: E402
+
 METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported, as that loads JAX.
 ARG_PREFIX = "arg."  # Swept keys that are config-file arguments, not config keys.
 Overrides = dict[str, Any]
@@ -83,8 +87,6 @@ def load_py(path: str) -> Any:
   file = Path(path)
   if not file.is_file():
     raise FileNotFoundError(f"{path} does not exist; paths are relative to {Path.cwd()}")
-  if str(REPO_ROOT) not in sys.path:  # Config files may import mmtl or configs.*.
-    sys.path.insert(0, str(REPO_ROOT))
   spec = importlib.util.spec_from_file_location(f"_sweep_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -166,16 +168,16 @@ def workdir_of(sweep_dir: str, name: str) -> str:
 
 
 def final_metrics(workdir: str) -> dict[str, Any] | None:
-  """The run's final metrics; None while it has none (or a half-written file: rerun it)."""
+  """The run's final metrics (local or gs:// workdir); None while it has none. The
+  trainer writes the file atomically; an unreadable one (e.g. copied down half) is
+  treated as missing: the run is redone."""
   try:
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-      return json.load(f)
+    return workdir_lib.read_json(workdir_lib.path(workdir, METRICS_FILE))
   except (FileNotFoundError, json.JSONDecodeError):
     return None
 
 
 def is_done(workdir: str) -> bool:
-  """Only local workdirs can be checked here; remote ones always count as unfinished."""
   return final_metrics(workdir) is not None
 
 
@@ -314,10 +316,15 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.emit:
     # Commands only, so the output can be piped to a shell or a job queue.
+    try:
+      done = {name for name, _ in runs if is_done(workdir_of(args.sweep_dir, name))}
+    except ImportError as e:  # gs:// without gcsfs here: finished runs cannot be told apart.
+      print(f"sweep.py: cannot check {args.sweep_dir} for finished runs ({e}); printing every run",
+            file=sys.stderr)
+      done = set()
     for name, overrides in runs:
-      workdir = workdir_of(args.sweep_dir, name)
-      if not is_done(workdir):
-        print(shlex.join(train_command(args, workdir, overrides)))
+      if name not in done:
+        print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
     return 0
 
   if "://" in args.sweep_dir:

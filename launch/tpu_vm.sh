@@ -138,8 +138,10 @@ copy_code() {
 
 # jax>=0.10 needs Python>=3.11, newer than the runtime images' python3; uv
 # fetches a matching interpreter and installs fast on every worker at once.
+# etils[epath-gcs] (gcsfs) is how the trainer and orbax reach gs:// workdirs and
+# TFDS data dirs without TensorFlow; it is too heavy for requirements.txt.
 install_requirements() {
-  on_workers all "set -e; cd ${REMOTE_DIR}; command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || python3 -m pip install -q --user uv; export PATH=~/.local/bin:\$PATH; [ -x .venv/bin/python ] || uv venv -q --python $(remote_word "${PYTHON_VERSION}") .venv; uv pip install -q --python .venv/bin/python -r requirements.txt \"jax[tpu]\""
+  on_workers all "set -e; cd ${REMOTE_DIR}; command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || python3 -m pip install -q --user uv; export PATH=~/.local/bin:\$PATH; [ -x .venv/bin/python ] || uv venv -q --python $(remote_word "${PYTHON_VERSION}") .venv; uv pip install -q --python .venv/bin/python -r requirements.txt \"jax[tpu]\" \"etils[epath-gcs]\""
 }
 
 start_training() {

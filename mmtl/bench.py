@@ -28,7 +28,6 @@ short keeps what it finished.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
 import os
@@ -193,19 +192,6 @@ def synthetic_batch(preset: str, batch: int, *, seed: int = 0) -> dict[str, np.n
   return dict(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def prefetch_to_device(batches: Iterator[Any], put: Callable[[Any], Any],
-                       size: int = 2) -> Iterator[Any]:
-  """Keeps `size` batches in flight to the device: the copy of batch i+size
-  overlaps step i (device transfers are asynchronous in JAX)."""
-  queue: collections.deque = collections.deque()
-  for batch in batches:
-    queue.append(put(batch))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
-
-
 def _cycle(items: list[Any]) -> Iterator[Any]:
   while True:
     yield from items
@@ -336,7 +322,7 @@ def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
 
   if spec.get("input") == "host":
     second = synthetic_batch(preset, batch, seed=1)
-    batches = prefetch_to_device(_cycle([host, second]), lambda b: sharding.put_batch(b, mesh))
+    batches = sharding.DevicePrefetch(_cycle([host, second]), lambda b: sharding.put_batch(b, mesh))
   else:
     batches = _cycle([device_batch])
 
@@ -405,7 +391,8 @@ def measure_torch(spec: Mapping[str, Any]) -> dict[str, Any]:
   if spec.get("input") == "host":
     pin = device.type == "cuda"
     pinned = [to_torch(host, pin), to_torch(synthetic_batch(preset, batch, seed=1), pin)]
-    batches = prefetch_to_device(
+    from mmtl import sharding  # the device prefetch the trainer uses (its jax import stays on CPU)
+    batches = sharding.DevicePrefetch(
         _cycle(pinned), lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()})
   else:
     batches = _cycle([{k: v.to(device) for k, v in to_torch(host).items()}])

@@ -23,6 +23,8 @@ from absl import flags
 import ml_collections as mlc
 from ml_collections import config_flags
 
+from mmtl import workdir as workdir_lib
+
 CONFIG_FILE = "config.json"
 
 DEFAULTS = dict(
@@ -36,6 +38,7 @@ DEFAULTS = dict(
     optim={},              # mmtl.optim
     loss=dict(label_smoothing=0.0),
     grad_accum_steps=1,    # microbatches per step (lax.scan): batch_size / this per pass
+    prefetch_to_device=2,  # batches copied to the devices ahead of the step using them
     log_every=50,
     ckpt_every=500,
     keep_ckpts=1,          # most recent checkpoints kept (plus the best, see best_metric)
@@ -138,9 +141,9 @@ def to_dict(config: mlc.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def load_json(path: str) -> mlc.ConfigDict:
-  with open(path) as f:
-    return mlc.ConfigDict(json.load(f))
+def load_json(path: str | os.PathLike) -> mlc.ConfigDict:
+  """A config.json (local or gs://) as a ConfigDict."""
+  return mlc.ConfigDict(workdir_lib.read_json(path))
 
 
 def _diff(old: Any, new: Any, prefix: str = "config") -> list[str]:
@@ -157,24 +160,23 @@ def save_or_check(config: mlc.ConfigDict, workdir: str, *, allow_change: bool = 
 
   A workdir that holds another run's config is refused (resuming it with a
   different config would silently mix two experiments in one set of
-  checkpoints), unless `allow_change` (flag `--allow_config_change`).
+  checkpoints), unless `allow_change` (flag `--allow_config_change`). Only
+  process 0 writes: on an object store every host rewriting one object at once
+  would hit its rate limit.
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
+  from mmtl import distributed  # JAX: not at import time (launch/sweep.py loads config files).
+  workdir_lib.makedirs(workdir)
+  path = workdir_lib.path(workdir, CONFIG_FILE)
   new = to_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changes = _diff(old, new)
+  if path.exists():
+    changes = _diff(workdir_lib.read_json(path), new)
     if changes and not allow_change:
       raise ConfigError(
           f"Workdir {workdir} holds a run with a different config ({path}):\n  "
           + "\n  ".join(changes[:20]) + "\nUse a new --workdir, or pass --allow_config_change "
           "to resume this run's checkpoints with the new config.")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(new, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  if distributed.is_main_process():
+    workdir_lib.write_text(path, json.dumps(new, indent=2, sort_keys=True))
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:

@@ -9,7 +9,6 @@ was tracked) unless `--step` is given. Prints a table and writes
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -23,6 +22,7 @@ from mmtl import config as config_lib
 from mmtl import distributed
 from mmtl import metrics as metrics_lib
 from mmtl import sharding
+from mmtl import workdir as workdir_lib
 from mmtl.models import fusion
 
 
@@ -30,7 +30,7 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
   """`step`, else the run's best step (its latest when no best_metric was tracked)."""
   if step is not None:
     return step
-  with checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"), read_only=True) as m:
+  with checkpoint.CheckpointManager(workdir_lib.path(workdir, "checkpoints"), read_only=True) as m:
     best = m.best_step()
     if best is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train the run first.")
@@ -42,9 +42,9 @@ def load_run(workdir: str, mesh, step: int | None = None,
   """(model, params) of a saved run (default: its own config and best step),
   params replicated on `mesh`."""
   config = config_lib.with_defaults(
-      config or config_lib.load_json(os.path.join(workdir, config_lib.CONFIG_FILE)))
+      config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE)))
   params = checkpoint.restore_params_only(
-      os.path.join(workdir, "checkpoints"), step=checkpoint_step(workdir, step),
+      workdir_lib.path(workdir, "checkpoints"), step=checkpoint_step(workdir, step),
       shardings=sharding.replicated(mesh))
   return fusion.build(config.model), params
 
@@ -61,8 +61,8 @@ def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None) -> d
   for evaluator in train.make_evaluators(config, model, mesh, int(config.batch_size)):
     results.update(evaluator.run(params))
   if distributed.is_main_process():
-    with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    workdir_lib.write_text(workdir_lib.path(workdir, f"eval_step{step}.json"),
+                           json.dumps(results, indent=2))
     print(metrics_lib.format_table(results, title=f"Evaluation of {workdir} at step {step}"))
   return results
 
@@ -74,8 +74,8 @@ def _define_config_flag(argv: list[str]) -> None:
     workdir = argv[argv.index("--workdir") + 1]
   if workdir is None:
     sys.exit("--workdir=DIR is required (a training workdir with config.json).")
-  path = os.path.join(workdir, config_lib.CONFIG_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.path(workdir, config_lib.CONFIG_FILE)
+  if not path.exists():
     sys.exit(f"{path} not found: --workdir must be a directory written by mmtl.train.")
   config_flags.DEFINE_config_dict("config", config_lib.load_json(path), lock_config=True)
   flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")

@@ -2,21 +2,29 @@
 
 `DIR/metrics.jsonl` holds one `{"step": s, name: value, ...}` object per write;
 a resumed run appends, and readers keep the last value per (step, name), so a
-re-done step after a preemption does not plot twice.
+re-done step after a preemption does not plot twice. The workdir may be local
+or on an object store (`gs://`; see `MetricWriter`).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+from pathlib import Path
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from mmtl import workdir as workdir_lib
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+TB_DIR = "tb"
 
 
 def quiet_library_logs() -> None:
@@ -35,27 +43,24 @@ class MetricWriter:
   """Writes scalars to `DIR/metrics.jsonl` and TensorBoard, and prints progress.
 
   Only the main process (`is_main`) writes; others make every call a no-op so
-  the trainer needs no `if process_index == 0` around logging.
+  the trainer needs no `if process_index == 0` around logging. Each write
+  reaches metrics.jsonl before `write` returns, in a local or a gs:// workdir
+  (`_ObjectStoreLog`).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, batch_size: int, first_step: int = 0,
                is_main: bool = True):
     self.total_steps, self.batch_size, self.is_main = total_steps, batch_size, is_main
     self._last_step, self._last_time = first_step, None
-    self._file = self._tb = None
+    self._log = None
     if is_main:
-      from tensorboardX import SummaryWriter
-      self._file = open(os.path.join(workdir, METRICS_FILE), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._log = (_ObjectStoreLog if workdir_lib.is_remote(workdir) else _LocalLog)(workdir)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.is_main or not metrics:
       return
     values = {k: _scalar(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
-    for name, value in values.items():
-      self._tb.add_scalar(name, value, step)
+    self._log.write(int(step), values, json.dumps({"step": int(step), **values}) + "\n")
 
   def progress(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
     """Prints `step s/N | name value ... | steps/s | examples/s | ETA` and returns
@@ -79,8 +84,68 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.is_main:
-      self._file.close()
-      self._tb.close()
+      self._log.close()
+
+
+class _LocalLog:
+  """metrics.jsonl appended to (and flushed) at every write; tensorboardX events."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter
+    self._file = workdir_lib.path(workdir, METRICS_FILE).open("a")
+    self._tb = SummaryWriter(os.fspath(workdir_lib.path(workdir, TB_DIR)))
+
+  def write(self, step: int, values: Mapping[str, float], line: str) -> None:
+    self._file.write(line)
+    self._file.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    self._file.close()
+    self._tb.close()
+
+
+class _ObjectStoreLog:
+  """The same files in a gs:// (object store) workdir, uploaded whole at every write.
+
+  Objects cannot be appended to, so metrics.jsonl is kept in memory, starting
+  from the existing object (a resumed run keeps the lines of the interrupted
+  one, as a local append does). tensorboardX reaches gs:// only through
+  google-cloud-storage, and its SummaryWriter queues events for a background
+  thread that cannot be waited on, so the events are written synchronously to
+  a file in a local temporary directory (`EventsWriter`, what SummaryWriter
+  uses underneath), which is copied to `DIR/tb/`. Both files are small (about
+  100 bytes per metric and logged step); a log step costs two uploads.
+  """
+
+  def __init__(self, workdir: str):
+    from tensorboardX.event_file_writer import EventsWriter
+    self._path = workdir_lib.path(workdir, METRICS_FILE)
+    self._lines = [self._path.read_text()] if self._path.exists() else []
+    self._tb_dir = workdir_lib.path(workdir, TB_DIR)
+    self._tmp = tempfile.mkdtemp(prefix="mmtl_tb_")
+    self._events = EventsWriter(os.path.join(self._tmp, "events"))
+
+  def write(self, step: int, values: Mapping[str, float], line: str) -> None:
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import scalar
+    self._lines.append(line)
+    for name, value in values.items():
+      self._events.write_event(
+          event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+    self._upload()
+
+  def _upload(self) -> None:
+    workdir_lib.write_text(self._path, "".join(self._lines))
+    self._events.flush()
+    for name in os.listdir(self._tmp):
+      (self._tb_dir / name).write_bytes(Path(self._tmp, name).read_bytes())
+
+  def close(self) -> None:
+    self._upload()  # Also when nothing was written: the event file exists, as locally.
+    self._events.close()
+    shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def format_duration(seconds: float) -> str:
@@ -93,15 +158,14 @@ def format_duration(seconds: float) -> str:
 def read(workdir: str) -> dict[str, dict[int, float]]:
   """`{name: {step: value}}` from `DIR/metrics.jsonl` (last write per step wins)."""
   curves: dict[str, dict[int, float]] = {}
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.path(workdir, METRICS_FILE)
+  if not path.exists():
     return curves
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      step = record.pop("step")
-      for name, value in record.items():
-        curves.setdefault(name, {})[step] = value
+  for line in path.read_text().splitlines():
+    record = json.loads(line)
+    step = record.pop("step")
+    for name, value in record.items():
+      curves.setdefault(name, {})[step] = value
   return curves
 
 
@@ -132,10 +196,12 @@ def plot_curves(workdir: str) -> str:
   for ax in list(axes.flat)[len(groups):]:
     ax.axis("off")
   fig.tight_layout()
-  path = os.path.join(workdir, CURVES_FILE)
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
-  return path
+  path = workdir_lib.path(workdir, CURVES_FILE)
+  path.write_bytes(png.getvalue())
+  return os.fspath(path)
 
 
 def format_table(metrics: Mapping[str, float], title: str = "Final metrics") -> str:

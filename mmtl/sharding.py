@@ -20,7 +20,8 @@ and is logged, so one rule set serves every mesh and model size.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import collections
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import math
 from typing import Any
 
@@ -246,6 +247,43 @@ def put_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree_util.tree_map_with_path(put, local_batch)
+
+
+class DevicePrefetch:
+  """Iterator of device batches that keeps `size` more in flight.
+
+  `put` (e.g. `put_batch`) starts an asynchronous host-to-device copy, so the
+  copy of batch i+size overlaps the step on batch i. `get_state()` is the
+  wrapped iterator's state right after the last batch handed out, not after
+  the ones in flight: a checkpoint taken between steps resumes at the first
+  batch no step has seen.
+  """
+
+  def __init__(self, batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
+    self._batches, self._put, self._size = batches, put, size
+    self._queue: collections.deque = collections.deque()
+    self._state = self._source_state()
+
+  def _source_state(self) -> Any:
+    return self._batches.get_state() if hasattr(self._batches, "get_state") else None
+
+  def __iter__(self) -> DevicePrefetch:
+    return self
+
+  def __next__(self) -> Any:
+    while len(self._queue) <= self._size:
+      try:
+        batch = next(self._batches)
+      except StopIteration:
+        break
+      self._queue.append((self._put(batch), self._source_state()))
+    if not self._queue:
+      raise StopIteration
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> Any:
+    return self._state
 
 
 # Memory estimate.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,6 +42,7 @@ from mmtl import metrics as metrics_lib
 from mmtl import optim
 from mmtl import rules
 from mmtl import sharding
+from mmtl import workdir as workdir_lib
 from mmtl.models import fusion
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -228,9 +228,11 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh,
 
 
 def write_final(workdir: str, final: Mapping[str, float]) -> None:
+  """`DIR/final_metrics.json`, atomically: it marks the run finished (launch/sweep.py
+  skips runs that have it), so a half-written one must never exist."""
   if distributed.is_main_process():
-    with open(os.path.join(workdir, FINAL_METRICS_FILE), "w") as f:
-      json.dump(dict(final), f, indent=2)
+    workdir_lib.write_text(workdir_lib.path(workdir, FINAL_METRICS_FILE),
+                           json.dumps(dict(final), indent=2))
 
 
 def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict[str, float]:
@@ -309,7 +311,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
   # Checkpoint resume, or init + pretrained weights.
   ##############################################################################
   ckpt = checkpoint.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), keep=int(config.keep_ckpts),
+      workdir_lib.path(workdir, CHECKPOINT_DIR), keep=int(config.keep_ckpts),
       best_metric=config.best_metric or None, best_mode=config.best_mode)
   resume_step = ckpt.latest_step()
   # A saved opt_state has the structure of the phase that produced it.
@@ -349,6 +351,8 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
   ##############################################################################
   if first_step < total_steps:
     note(f"Training steps {first_step + 1}..{total_steps} (compiling the first step)...")
+  device_batches = sharding.DevicePrefetch(
+      train_iter, functools.partial(sharding.put_batch, mesh=mesh), int(config.prefetch_to_device))
   last_eval: dict[str, tuple[int, dict[str, float]]] = {}  # evaluator -> (step, metrics)
   stop = False
   try:
@@ -361,8 +365,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
         state["opt_state"] = jax.jit(
             functools.partial(optim.migrate_state, new_tx=phase.tx),
             out_shardings=phase.state_shardings["opt_state"])(old_opt_state, params=state["params"])
-      batch = sharding.put_batch(next(train_iter), mesh)
-      state, measurements = phase.step_fn(state, batch, teacher_params)
+      state, measurements = phase.step_fn(state, next(device_batches), teacher_params)
       done = step + 1
 
       due = [e for e in evaluators if e.due(done, total_steps)]
@@ -399,7 +402,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
           evals_since_best += 1
         stop = 0 < config.early_stopping.patience <= evals_since_best
       if save_now or stop:
-        ckpt.save(done, state, data_state=train_iter.get_state(),
+        ckpt.save(done, state, data_state=device_batches.get_state(),
                   metrics=eval_metrics if config.best_metric in eval_metrics else None)
       if stop:
         note(f"Early stopping at step {done}: {config.best_metric} did not improve by more than "

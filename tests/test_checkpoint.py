@@ -121,9 +121,9 @@ def test_async_save_then_donated_step(tmp_path):
   step_fn = toy.compiled_step(mesh, "fsdp")
   with checkpoint.CheckpointManager(tmp_path) as manager:
     manager.save(0, state)
-    saved_leaves = jax.tree.leaves(state)
     state, _ = step_fn(state, sharding.put_batch(toy.local_batch(0, mesh), mesh))
-    assert any(x.is_deleted() for x in saved_leaves)  # the saved buffers were reused
+    # jax 0.10 reuses the saved buffers here (jax 0.11 copies them while a transfer is
+    # pending); either way the checkpoint must hold the state as it was at save().
     manager.wait()
     shapes, shardings = toy.state_shardings(mesh, "fsdp")
     _assert_identical(manager.restore(checkpoint.abstract(shapes, shardings), 0), expected)

@@ -22,7 +22,7 @@ TPU_VM = str(ROOT / "launch/tpu_vm.sh")
 
 INSTALL = ("set -e; cd ~/mmtl; command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || python3 -m pip install -q "
            "--user uv; export PATH=~/.local/bin:$PATH; [ -x .venv/bin/python ] || uv venv -q --python 3.11 .venv; "
-           "uv pip install -q --python .venv/bin/python -r requirements.txt \"jax[tpu]\"")
+           "uv pip install -q --python .venv/bin/python -r requirements.txt \"jax[tpu]\" \"etils[epath-gcs]\"")
 
 
 def start(workdir, extra_env=""):

@@ -260,3 +260,62 @@ def test_attention_dropout_path_keeps_causal_and_padding_masks(tiny_clip_dir):
   train = _apply(module, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
   np.testing.assert_allclose(train["last_hidden_state"], _apply(module, params, ids, mask)["last_hidden_state"],
                              atol=1e-5)
+
+
+def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
+  """attention_impl="cudnn" passes padding as per-example lengths (+ causal for CLIP text).
+
+  CPU has no cuDNN, so the call is routed to XLA's implementation of the same
+  arguments: what is checked is mmtl's side (lengths, causality, dtype) - outputs on
+  real tokens and the gradients of a loss on the pooled embeddings equal the boolean
+  mask path's."""
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def cudnn_on_xla(q, k, v, *args, implementation=None, **kw):
+    if implementation == "cudnn":
+      calls.append(kw)
+      implementation = "xla"
+    return original(q, k, v, *args, implementation=implementation, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_on_xla)
+  _, params, config = hf.load_pretrained(tiny_clip_dir)
+  ids, mask = map(jnp.asarray, _text_inputs(config["text_config"]["vocab_size"],
+                                            eos=config["text_config"]["eos_token_id"]))
+  pixels = _nhwc(_pixels())
+
+  def run(attention_impl):
+    module = hf.build_module(tiny_clip_dir, dtype=jnp.bfloat16, attention_impl=attention_impl)
+
+    def loss(p):
+      out = module.apply({"params": p}, ids, pixels, mask)
+      return jnp.sum(out["text_embeds"] * out["image_embeds"].mean(0)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return out, grads
+
+  out, grads = run("cudnn")
+  ref, ref_grads = run(None)
+  calls.clear()  # Once more outside jit, to read the lengths passed.
+  hf.build_module(tiny_clip_dir, dtype=jnp.bfloat16, attention_impl="cudnn").apply(
+      {"params": params}, ids, pixels, mask)
+  real = np.asarray(mask, bool)
+  layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["num_hidden_layers"]
+  assert len(calls) == layers
+  text_calls = [c for c in calls if c["is_causal"]]
+  assert len(text_calls) == config["text_config"]["num_hidden_layers"]
+  np.testing.assert_array_equal(text_calls[0]["query_seq_lengths"], real.sum(1))
+  np.testing.assert_array_equal(text_calls[0]["key_value_seq_lengths"], real.sum(1))
+  for key in ("text_embeds", "image_embeds", "logits_per_image"):
+    np.testing.assert_allclose(np.float32(out[key]), np.float32(ref[key]), atol=2e-2)
+  np.testing.assert_allclose(np.float32(out["text_model_output"]["last_hidden_state"])[real],
+                             np.float32(ref["text_model_output"]["last_hidden_state"])[real],
+                             atol=2e-2)
+  for path, g in rules.flatten(grads).items():
+    np.testing.assert_allclose(np.float32(g), np.float32(rules.flatten(ref_grads)[path]),
+                               atol=2e-2, rtol=2e-2, err_msg=path)
+
+
+def test_cudnn_attention_needs_half_precision(tiny_vit_dir):
+  with pytest.raises(ValueError, match="set the model dtype to bfloat16"):
+    hf.load_pretrained(tiny_vit_dir, attention_impl="cudnn")

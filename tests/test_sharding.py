@@ -148,3 +148,36 @@ def test_memory_estimate_counts_shards_and_remat():
   assert estimate["activations"] == plain // 4
   assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total")
   assert sharding.format_memory(estimate).startswith("Estimated memory per device:")
+
+
+class _CountingSource:
+  """Iterator with grain's get_state protocol: the state is the next index."""
+
+  def __init__(self, n):
+    self.next_index, self.n = 0, n
+
+  def __next__(self):
+    if self.next_index == self.n:
+      raise StopIteration
+    self.next_index += 1
+    return self.next_index - 1
+
+  def get_state(self):
+    return {"next_index": self.next_index}
+
+
+def test_device_prefetch_depth_order_and_state():
+  put_calls = []
+
+  def put(x):
+    put_calls.append(x)
+    return x * 10
+
+  source = _CountingSource(5)
+  stream = sharding.DevicePrefetch(source, put, size=2)
+  assert stream.get_state() == {"next_index": 0}
+  assert next(stream) == 0 and put_calls == [0, 1, 2]  # two more in flight
+  # The source has been read up to 3, but a resume must start at the first unseen batch.
+  assert source.get_state() == {"next_index": 3} and stream.get_state() == {"next_index": 1}
+  assert next(stream) == 10 and stream.get_state() == {"next_index": 2}
+  assert list(stream) == [20, 30, 40] and stream.get_state() == {"next_index": 5}

@@ -126,7 +126,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir
   train.train(config, str(tmp_path / "straight"))
 
   def dies_at_step_5(n, batch):
-    if n == 1 + 5:  # the trainer's shape probe, then updates 1..4, then dies
+    # The trainer's shape probe, then batches 1..7: with 2 batches prefetched to the
+    # devices, step 5 reads batch 7. The checkpoint of step 4 must resume at batch 5.
+    if n == 1 + 7:
       raise Preempted()
     return batch
 
@@ -269,3 +271,39 @@ def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_pat
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"]
     assert audio_param in rules.flatten(params), fusion_type
     assert jax.eval_shape(model.apply, {"params": params}, batch)["logits"].shape == (4, 2)
+
+
+def test_lora_bf16_run_with_early_stopping(tiny_bert_dir, data_dir, tmp_path):
+  """LoRA on the text tower's attention, bf16 compute, early stopping on val/accuracy."""
+  from mmtl import hf
+  config = tiny_config(
+      tiny_bert_dir, data_dir, total_steps=8, ckpt_every=100, best_metric="val/accuracy",
+      # No evaluation can beat the first by more than 1.0: the 2nd and 3rd count as
+      # non-improvements and the run stops at step 3.
+      early_stopping=dict(patience=2, min_delta=1.0),
+      optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant"), preset="lora",
+                 lora=dict(targets=["text_encoder/.*/attn/(query|value)/kernel"], rank=2, alpha=4)))
+  config.model.dtype = "bfloat16"
+  config.evals.val.every = 1
+  final = train.train(config, str(tmp_path / "run"))
+
+  assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+  assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+  # The final metrics are the best checkpoint's (by the metric itself; min_delta only
+  # decides when to stop).
+  accuracy = metrics.read(str(tmp_path / "run"))["val/accuracy"]
+  assert sorted(accuracy) == [1, 2, 3] and final["val/accuracy"] == max(accuracy.values())
+  ckpts = str(tmp_path / "run" / "checkpoints")
+  with checkpoint.CheckpointManager(ckpts, read_only=True) as m:
+    assert m.latest_step() == 3 and final["step"] == m.best_step()
+    assert accuracy[m.best_step()] == max(accuracy.values())
+  params = rules.flatten(jax.device_get(checkpoint.restore_params_only(ckpts, step=3)))
+  _, pretrained, _ = hf.load_pretrained(tiny_bert_dir)
+  pretrained = rules.flatten(pretrained)
+  query = "encoder/layer_0/attn/query"
+  # bf16 compute keeps float32 params; LoRA trains only its adapters: the base stays exact.
+  assert params[f"text_encoder/{query}/kernel"].dtype == np.float32
+  np.testing.assert_array_equal(params[f"text_encoder/{query}/kernel"],
+                                pretrained[f"{query}/kernel"])
+  assert np.abs(params[f"text_encoder/{query}/lora_b"]).max() > 0
+  assert "text_encoder/encoder/layer_0/attn/key/lora_b" not in params

@@ -134,6 +134,10 @@ class Attention(nn.Module):
       # type). A boolean mask would become a dense additive bias: slower, and cuDNN
       # then needs an even sequence length in training (ViT-B/16 has 197 tokens).
       # Exact for masks with the real tokens first (images, right-padded text).
+      if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got "
+                         f"{q.dtype}: set the model dtype to bfloat16 (params can stay float32) "
+                         "or use attention_impl='xla'.")
       lengths = mask.sum(-1, dtype=jnp.int32)
       out = jax.nn.dot_product_attention(q, k, v, is_causal=s.causal, query_seq_lengths=lengths,
                                          key_value_seq_lengths=lengths, implementation="cudnn")
