@@ -155,6 +155,16 @@ def _diff(old: Any, new: Any, prefix: str = "config") -> list[str]:
   return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
+def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config.json with trainer/model keys added to mmtl since it was written
+  set to their defaults (new keys default to the old behaviour), so an older run
+  still resumes; a config with keys mmtl no longer knows is compared as saved."""
+  try:
+    return to_dict(with_defaults(mlc.ConfigDict(saved)))
+  except ConfigError:
+    return saved
+
+
 def save_or_check(config: mlc.ConfigDict, workdir: str, *, allow_change: bool = False) -> None:
   """Writes `DIR/config.json`, or checks that an existing one is the same run.
 
@@ -169,7 +179,7 @@ def save_or_check(config: mlc.ConfigDict, workdir: str, *, allow_change: bool = 
   path = workdir_lib.path(workdir, CONFIG_FILE)
   new = to_dict(config)
   if path.exists():
-    changes = _diff(workdir_lib.read_json(path), new)
+    changes = _diff(_with_current_defaults(workdir_lib.read_json(path)), new)
     if changes and not allow_change:
       raise ConfigError(
           f"Workdir {workdir} holds a run with a different config ({path}):\n  "

@@ -202,9 +202,10 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh,
     input_cfg = mlc.ConfigDict(config.input.to_dict())
     input_cfg.update(eval_cfg.get("input", {}))
     local_bs = int(eval_cfg.get("batch_size", batch_size)) // process_count
-    for batch in data.make_eval_iterator(input_cfg, batch_size=local_bs,
-                                         process_index=process_index, process_count=process_count):
-      yield sharding.put_batch(batch, mesh)
+    return sharding.DevicePrefetch(
+        data.make_eval_iterator(input_cfg, batch_size=local_bs, process_index=process_index,
+                                process_count=process_count),
+        functools.partial(sharding.put_batch, mesh=mesh), int(config.prefetch_to_device))
 
   def embed_texts(eval_cfg):
     from mmtl import preprocess

@@ -1,4 +1,5 @@
 """Config loading: unknown keys fail naming the key; workdir config pinning; args."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,21 @@ def test_workdir_with_another_config_is_refused(tmp_path):
     config_lib.save_or_check(b, str(tmp_path))
   config_lib.save_or_check(b, str(tmp_path), allow_change=True)
   assert config_lib.load_json(str(tmp_path / "config.json")).total_steps == 20
+
+
+def test_workdir_of_an_older_mmtl_resumes(tmp_path):
+  """A config.json written before a trainer key existed resumes while the run uses that
+  key's default; a non-default value is a change."""
+  config = config_lib.with_defaults(mlc.ConfigDict(dict(total_steps=10)))
+  saved = config_lib.to_dict(config)
+  del saved["prefetch_to_device"], saved["model"]["remat"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config_lib.save_or_check(config, str(tmp_path))
+  assert "prefetch_to_device" in json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config.prefetch_to_device = 0
+  with pytest.raises(config_lib.ConfigError, match=r"prefetch_to_device: 2 -> 0"):
+    config_lib.save_or_check(config, str(tmp_path))
 
 
 def test_parse_arg_types_and_list_values():
