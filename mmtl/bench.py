@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from mmtl import workdir  # etils only: importing mmtl.bench loads no JAX
+
 # --- What is benchmarked ------------------------------------------------------
 
 # HF config.json contents (model_type "clip"): the same dict builds mmtl's towers
@@ -560,11 +562,11 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def write_report(out_dir: str, report: Mapping[str, Any]) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "bench.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "bench.md"), "w") as f:
-    f.write(markdown(report))
+  """Rewritten after every measurement, atomically: a run killed mid-write keeps the
+  previous report."""
+  workdir.makedirs(out_dir)
+  workdir.write_text(workdir.path(out_dir, "bench.json"), json.dumps(report, indent=2))
+  workdir.write_text(workdir.path(out_dir, "bench.md"), markdown(report))
 
 
 def _torch_importable() -> bool:

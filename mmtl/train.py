@@ -192,6 +192,13 @@ def make_predict_fn(model: fusion.FusionModel, mesh) -> Callable[[Any, Any], dic
   return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
+def to_devices(batches, config: mlc.ConfigDict, mesh) -> sharding.DevicePrefetch:
+  """Host batches (this process's rows) -> global device batches, `config.prefetch_to_device`
+  of them in flight; train and eval input both go through here."""
+  return sharding.DevicePrefetch(batches, functools.partial(sharding.put_batch, mesh=mesh),
+                                 int(config.prefetch_to_device))
+
+
 def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh,
                     batch_size: int) -> list[evaluators_lib.Evaluator]:
   """One Evaluator per `config.evals` entry; eval inputs are `config.input` + overrides."""
@@ -202,10 +209,9 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh,
     input_cfg = mlc.ConfigDict(config.input.to_dict())
     input_cfg.update(eval_cfg.get("input", {}))
     local_bs = int(eval_cfg.get("batch_size", batch_size)) // process_count
-    return sharding.DevicePrefetch(
-        data.make_eval_iterator(input_cfg, batch_size=local_bs, process_index=process_index,
-                                process_count=process_count),
-        functools.partial(sharding.put_batch, mesh=mesh), int(config.prefetch_to_device))
+    return to_devices(data.make_eval_iterator(input_cfg, batch_size=local_bs,
+                                              process_index=process_index,
+                                              process_count=process_count), config, mesh)
 
   def embed_texts(eval_cfg):
     from mmtl import preprocess
@@ -352,8 +358,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
   ##############################################################################
   if first_step < total_steps:
     note(f"Training steps {first_step + 1}..{total_steps} (compiling the first step)...")
-  device_batches = sharding.DevicePrefetch(
-      train_iter, functools.partial(sharding.put_batch, mesh=mesh), int(config.prefetch_to_device))
+  device_batches = to_devices(train_iter, config, mesh)
   last_eval: dict[str, tuple[int, dict[str, float]]] = {}  # evaluator -> (step, metrics)
   stop = False
   try:
