@@ -32,12 +32,9 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-import hashlib
-import importlib.util
 import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -48,6 +45,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs.* in config files.
   sys.path.insert(0, str(REPO_ROOT))
+from mmtl import config as config_lib  # noqa: E402
 from mmtl import workdir as workdir_lib  # noqa: E402
 
 METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported, as that loads JAX.
@@ -82,21 +80,10 @@ def grid(axes: list[tuple[str, list[Any]]]) -> list[Overrides]:
   return [dict(zip(keys, values)) for values in itertools.product(*(vals for _, vals in axes))]
 
 
-def load_py(path: str) -> Any:
-  """Imports a config or sweep file by path (configs are files, not packages)."""
-  file = Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"{path} does not exist; paths are relative to {Path.cwd()}")
-  spec = importlib.util.spec_from_file_location(f"_sweep_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def load_sweep_file(spec: str, *, required: bool = True) -> list[Overrides] | None:
   """The list of override dicts from `get_sweep([arg])` of a file given as PATH[:ARG]."""
   path, _, arg = spec.partition(":")
-  module = load_py(path)
+  module = config_lib.load_py(path)
   if not hasattr(module, "get_sweep"):
     if required:
       raise ValueError(f"{path} defines no get_sweep(); add `def get_sweep(arg=None) -> list[dict]` "
@@ -136,11 +123,8 @@ def run_name(overrides: Overrides) -> str:
   """A readable, deterministic, filesystem-safe workdir name."""
   if not overrides:
     return "base"
-  full = "__".join(f"{column(key)}={cli_value(value)}" for key, value in overrides.items())
-  name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", full)
-  if len(name) > 120:  # Long literal values: keep a prefix, stay unique with a hash.
-    name = f"{name[:100]}-{hashlib.sha1(full.encode()).hexdigest()[:10]}"
-  return name
+  return workdir_lib.safe_name(
+      "__".join(f"{column(key)}={cli_value(value)}" for key, value in overrides.items()))
 
 
 def config_spec(config: str, overrides: Overrides) -> str:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from mmtl import config as config_lib
 from mmtl import losses
 
-_KEYS = ("teacher_workdir", "temperature", "alpha")
+CONFIG_KEYS = dict(teacher_workdir=str, temperature=2.0, alpha=0.5)
 
 
 def kd_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -33,14 +33,14 @@ def kd_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
 
 
 def check_config(distill_cfg: Mapping[str, Any], head_type: str) -> None:
-  config_lib.check_keys(distill_cfg, _KEYS, "config.distill")
+  config_lib.check_keys(distill_cfg, CONFIG_KEYS, "config.distill")
   if not distill_cfg.get("teacher_workdir"):
     raise ValueError("config.distill.teacher_workdir is not set: give the workdir of a finished "
                      "mmtl run (it holds config.json and checkpoints).")
   if head_type != "classification":
     raise ValueError(f"Distillation matches classification logits; the student has "
                      f"head_type={head_type!r}. Remove config.distill or use a classifier.")
-  if not 0.0 <= distill_cfg.get("alpha", 0.5) <= 1.0:
+  if not 0.0 <= distill_cfg.get("alpha", CONFIG_KEYS["alpha"]) <= 1.0:
     raise ValueError("config.distill.alpha must be in [0, 1] (weight of the KD term).")
 
 
@@ -50,10 +50,10 @@ def student_loss(task_loss: jax.Array, student_logits: jax.Array, teacher_logits
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f"Student logits {student_logits.shape} and teacher logits "
                      f"{teacher_logits.shape} differ: both must classify into the same classes.")
-  alpha = distill_cfg.get("alpha", 0.5)
+  alpha = distill_cfg.get("alpha", CONFIG_KEYS["alpha"])
   kd = losses.weighted_mean(
       kd_loss_per_example(student_logits, jax.lax.stop_gradient(teacher_logits),
-                          distill_cfg.get("temperature", 2.0)), weights)
+                          distill_cfg.get("temperature", CONFIG_KEYS["temperature"])), weights)
   return (1.0 - alpha) * task_loss + alpha * kd
 
 

@@ -1,10 +1,13 @@
-r"""Evaluates a saved run: `python -m mmtl.evaluate --workdir DIR [--step N] [--config.key=value]`.
+r"""Evaluates a saved run: `python -m mmtl.evaluate --workdir DIR [--step N] [--name NAME] [--config.key=value]`.
 
 The config comes from `DIR/config.json`; overrides change what is evaluated,
-e.g. `--config.evals.val.input.split=test` or a new split for every
-evaluator. Params come from the best checkpoint (latest when no best_metric
-was tracked) unless `--step` is given. Prints a table and writes
-`DIR/eval_step<N>.json`.
+e.g. `--config.evals.val.input.split=test`, or a missing-modality evaluation
+`--config.evals.val.input.blank=text`. Params come from the best checkpoint
+(latest when no best_metric was tracked) unless `--step` is given. Prints a
+table and writes `DIR/eval_step<N>.json` for the run's own settings; an
+evaluation with changed settings writes `DIR/eval_step<N>-<NAME>.json`, NAME
+being `--name` or the changed keys and values, so it never replaces the record
+of the run's own evaluation.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from typing import Any
 from absl import app
 from absl import flags
 import ml_collections as mlc
-from ml_collections import config_flags
 
 from mmtl import checkpoint
 from mmtl import config as config_lib
@@ -25,15 +27,17 @@ from mmtl import sharding
 from mmtl import workdir as workdir_lib
 from mmtl.models import fusion
 
+CHECKPOINT_DIR = "checkpoints"
+
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
   """`step`, else the run's best step (its latest when no best_metric was tracked)."""
   if step is not None:
     return step
-  with checkpoint.CheckpointManager(workdir_lib.path(workdir, "checkpoints"), read_only=True) as m:
+  with checkpoint.CheckpointManager(workdir_lib.path(workdir, CHECKPOINT_DIR), read_only=True) as m:
     best = m.best_step()
     if best is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train the run first.")
+      raise FileNotFoundError(f"No checkpoint in {workdir}/{CHECKPOINT_DIR}: train the run first.")
     return best
 
 
@@ -44,13 +48,24 @@ def load_run(workdir: str, mesh, step: int | None = None,
   config = config_lib.with_defaults(
       config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE)))
   params = checkpoint.restore_params_only(
-      workdir_lib.path(workdir, "checkpoints"), step=checkpoint_step(workdir, step),
+      workdir_lib.path(workdir, CHECKPOINT_DIR), step=checkpoint_step(workdir, step),
       shardings=sharding.replicated(mesh))
   return fusion.build(config.model), params
 
 
-def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
-  """Runs `config.evals` on the checkpoint; writes DIR/eval_step<N>.json."""
+def results_file(workdir: str, step: int, config: mlc.ConfigDict, name: str | None = None) -> str:
+  """`eval_step<N>.json` for the run's own config, `eval_step<N>-<name>.json` otherwise
+  (`name`: given, or made of the keys and values that differ from config.json)."""
+  if not name:
+    changes = config_lib.saved_changes(config, workdir) or []
+    if changes:
+      name = "__".join(f"{key.removeprefix('evals.')}={new}" for key, _, new in changes)
+  return f"eval_step{step}" + (f"-{workdir_lib.safe_name(name)}" if name else "") + ".json"
+
+
+def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None,
+             name: str | None = None) -> dict[str, float]:
+  """Runs `config.evals` on the checkpoint; writes DIR/eval_step<N>[-<name>].json."""
   from mmtl import train  # Same evaluators and predict function as training.
   distributed.maybe_initialize()
   config = config_lib.with_defaults(config)
@@ -61,33 +76,36 @@ def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None) -> d
   for evaluator in train.make_evaluators(config, model, mesh, int(config.batch_size)):
     results.update(evaluator.run(params))
   if distributed.is_main_process():
-    workdir_lib.write_text(workdir_lib.path(workdir, f"eval_step{step}.json"),
-                           json.dumps(results, indent=2))
-    print(metrics_lib.format_table(results, title=f"Evaluation of {workdir} at step {step}"))
+    file = workdir_lib.path(workdir, results_file(workdir, step, config, name))
+    workdir_lib.write_text(file, json.dumps(results, indent=2))
+    print(metrics_lib.format_table(results, title=f"Evaluation of {workdir} at step {step} ({file.name})"))
   return results
 
 
-def _define_config_flag(argv: list[str]) -> None:
-  """`--config` defaults to the workdir's config.json, so `--config.x=y` overrides it."""
-  workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
-  if workdir is None and "--workdir" in argv:
-    workdir = argv[argv.index("--workdir") + 1]
-  if workdir is None:
-    sys.exit("--workdir=DIR is required (a training workdir with config.json).")
-  path = workdir_lib.path(workdir, config_lib.CONFIG_FILE)
-  if not path.exists():
-    sys.exit(f"{path} not found: --workdir must be a directory written by mmtl.train.")
-  config_flags.DEFINE_config_dict("config", config_lib.load_json(path), lock_config=True)
+def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: best (or latest).")
+  flags.DEFINE_string("name", None, "Names the results file eval_step<N>-<name>.json; default: "
+                      "the changed config keys (none changed: eval_step<N>.json).")
 
 
 def main(argv: list[str]) -> None:
   del argv
   metrics_lib.quiet_library_logs()
-  evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
+  workdir = flags.FLAGS.workdir
+  if not workdir:
+    sys.exit("--workdir=DIR is required (a training workdir with config.json).")
+  path = workdir_lib.path(workdir, config_lib.CONFIG_FILE)
+  if not path.exists():
+    sys.exit(f"{path} not found: --workdir must be a directory written by mmtl.train.")
+  from mmtl import train  # The trainer's one-line errors.
+  try:
+    config = config_lib.from_flags(base=config_lib.load_json(path))
+    evaluate(config, workdir, flags.FLAGS.step, flags.FLAGS.name)
+  except (*train.USER_ERRORS, FileNotFoundError) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
-  _define_config_flag(sys.argv)
+  _define_flags()
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -25,17 +25,22 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmtl import config as config_lib
 from mmtl import losses
 
 TYPES = ("classification", "regression", "retrieval", "zeroshot", "linear_probe")
+# Keys of an evaluator config, with their defaults or types (see mmtl.config); `input`
+# entries override config.input for this evaluator.
 _KEYS = {
-    "common": ("type", "every", "input", "batch_size"),
-    "classification": (),
-    "regression": (),
-    "retrieval": ("ks",),
-    "zeroshot": ("classnames", "prompts", "tokenizer", "max_len"),
-    "linear_probe": ("train_input", "num_train", "l2_reg"),
+    "common": dict(type=str, every=0, input=config_lib.INPUT_SECTION, batch_size=int),
+    "classification": {},
+    "regression": {},
+    "retrieval": dict(ks=(1, 5, 10)),
+    "zeroshot": dict(classnames=(list, tuple), prompts=(list, tuple), tokenizer=str, max_len=32),
+    "linear_probe": dict(train_input=config_lib.INPUT_SECTION, num_train=2048, l2_reg=1.0),
 }
+# Every key any evaluator takes: config.evals.<name> (each kind checks its own).
+CONFIG_KEYS = {k: v for keys in _KEYS.values() for k, v in keys.items()}
 
 
 # Metric functions (numpy in, floats out).
@@ -110,29 +115,52 @@ class Evaluator:
   def __init__(self, name: str, cfg: Mapping[str, Any], *, head_type: str,
                make_batches: Callable[[Mapping[str, Any]], Iterable[Any]],
                predict: Callable[[Any, Any], Mapping[str, Any]],
-               embed_texts: Callable[[Any, list[str]], np.ndarray] | None = None):
-    """`make_batches(eval_cfg)` yields batches of the eval input;
+               embed_texts: Callable[[Any, list[str]], np.ndarray] | None = None,
+               open_input: Callable[[Mapping[str, Any]], Any] | None = None):
+    """`make_batches(eval_cfg)` yields batches of the eval input; `open_input(eval_cfg)`
+    opens it without reading (dataset, split and fields checked: `check`);
     `predict(params, batch)` returns model outputs + labels + example_weight;
     `embed_texts(params, texts)` returns normalized text embeddings (zeroshot)."""
     kind = cfg.get("type")
     if kind not in TYPES:
-      raise ValueError(f"config.evals.{name}.type={kind!r}; use one of {TYPES}.")
-    allowed = _KEYS["common"] + _KEYS[kind]
-    for key in cfg.keys():
-      if key not in allowed:
-        raise ValueError(f"config.evals.{name}.{key} is not a key of a {kind!r} evaluator "
-                         f"(allowed: {', '.join(allowed)}).")
+      raise config_lib.ConfigError(f"config.evals.{name}.type={kind!r}; use one of {TYPES}.")
+    config_lib.check_keys(cfg, {**_KEYS["common"], **_KEYS[kind]}, f"config.evals.{name}")
     needs = {"classification": "classification", "linear_probe": None, "regression": "regression",
              "retrieval": "contrastive", "zeroshot": "contrastive"}[kind]
     if needs and needs != head_type:
-      raise ValueError(f"config.evals.{name} is a {kind!r} evaluator, which needs a {needs!r} "
+      raise config_lib.ConfigError(f"config.evals.{name} is a {kind!r} evaluator, which needs a {needs!r} "
                        f"head; the model has head_type={head_type!r}.")
     if kind == "zeroshot" and not (cfg.get("classnames") and cfg.get("tokenizer")):
-      raise ValueError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` and "
+      raise config_lib.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` and "
                        "`tokenizer` (and optionally `prompts`, e.g. ['a photo of a {}.']).")
     self.name, self.cfg, self.kind = name, cfg, kind
     self.every = int(cfg.get("every", 0))
     self._make_batches, self._predict, self._embed_texts = make_batches, predict, embed_texts
+    self._open_input = open_input
+
+  def _inputs(self) -> list[Mapping[str, Any]]:
+    """The evaluator configs of every input it reads (linear_probe: its train input too)."""
+    if self.kind == "linear_probe":
+      return [self.cfg, self._train_cfg()]
+    return [self.cfg]
+
+  def _train_cfg(self) -> dict[str, Any]:
+    return dict(self.cfg, input={**self.cfg.get("input", {}), **self.cfg.get("train_input", {})})
+
+  def metric_names(self) -> list[str]:
+    """The names `run` logs (`<evaluator>/<metric>`)."""
+    ks = self.cfg.get("ks", _KEYS["retrieval"]["ks"])
+    names = {"classification": ["accuracy", "macro_f1", "loss"], "regression": ["mse", "mae"],
+             "retrieval": [f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in ks],
+             "zeroshot": ["accuracy"], "linear_probe": ["accuracy"]}[self.kind]
+    return [f"{self.name}/{n}" for n in names]
+
+  def check(self) -> None:
+    """Opens every input this evaluator reads, so a bad split or field fails before
+    training starts rather than at the first evaluation."""
+    if self._open_input is not None:
+      for cfg in self._inputs():
+        self._open_input(cfg)
 
   def due(self, step: int, total_steps: int) -> bool:
     return step == total_steps or bool(self.every and step % self.every == 0)
@@ -156,7 +184,7 @@ class Evaluator:
 
   def _retrieval(self, params, predict):
     out = collect(predict, self._make_batches(self.cfg), ["image_embeds", "text_embeds"])
-    return retrieval_recall(out["image_embeds"], out["text_embeds"], self.cfg.get("ks", (1, 5, 10)))
+    return retrieval_recall(out["image_embeds"], out["text_embeds"], self.cfg.get("ks", _KEYS["retrieval"]["ks"]))
 
   def _zeroshot(self, params, predict):
     prompts = list(self.cfg.get("prompts") or ["{}"])
@@ -169,15 +197,15 @@ class Evaluator:
                                           out["labels"])}
 
   def _linear_probe(self, params, predict):
-    train_cfg = dict(self.cfg, input={**self.cfg.get("input", {}), **self.cfg.get("train_input", {})})
-    num_train = int(self.cfg.get("num_train", 2048))
+    train_cfg = self._train_cfg()
+    num_train = int(self.cfg.get("num_train", _KEYS["linear_probe"]["num_train"]))
     train = collect(predict, _take_examples(self._make_batches(train_cfg), num_train),
                     ["features", "labels"])
     test = collect(predict, self._make_batches(self.cfg), ["features", "labels"])
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
     return {"accuracy": ridge_probe_accuracy(
         train["features"][:num_train], train["labels"][:num_train], test["features"],
-        test["labels"], num_classes, float(self.cfg.get("l2_reg", 1.0)))}
+        test["labels"], num_classes, float(self.cfg.get("l2_reg", _KEYS["linear_probe"]["l2_reg"])))}
 
 
 def _take_examples(batches: Iterable[Mapping[str, Any]], num: int):

@@ -31,7 +31,7 @@ from mmtl import rules
 TRAINABLE = r".*/lora_(a|b)"
 CONSTANT = r".*/lora_scale"
 _SUFFIXES = ("/lora_a", "/lora_b", "/lora_scale")
-_KEYS = ("targets", "rank", "alpha")
+CONFIG_KEYS = dict(targets=(list, tuple), rank=8, alpha=float)  # alpha: rank when unset
 
 
 def init(params: Any, lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
@@ -40,11 +40,11 @@ def init(params: Any, lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, 
   `lora_cfg = dict(targets=[regex, ...], rank=8, alpha=rank)`; targets must match
   whole paths of 2-D `.../kernel` leaves, e.g. `.*/attn/(query|value)/kernel`.
   """
-  config_lib.check_keys(lora_cfg, _KEYS, "config.optim.lora")
+  config_lib.check_keys(lora_cfg, CONFIG_KEYS, "config.optim.lora")
   if not lora_cfg.get("targets"):
     raise ValueError("config.optim.lora.targets is empty: give regexes of dense kernels to adapt, "
                      "e.g. ['.*/attn/(query|value)/kernel'].")
-  rank = int(lora_cfg.get("rank", 8))
+  rank = int(lora_cfg.get("rank", CONFIG_KEYS["rank"]))
   alpha = float(lora_cfg.get("alpha") or rank)
   flat = rules.flatten(params)
   if any(p.endswith(_SUFFIXES) for p in flat):

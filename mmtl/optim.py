@@ -46,8 +46,14 @@ from mmtl import config as config_lib
 from mmtl import lora
 from mmtl import rules
 
-_KEYS = ("name", "kwargs", "lr", "wd", "wd_mults", "lr_mults", "frozen", "trainable", "preset",
-         "layer_decay", "unfreeze", "lora", "schedule", "grad_clip_norm")
+# Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
+SCHEDULE_KEYS = dict(warmup_steps=0, decay="cosine", end_mult=0.0)
+LAYER_DECAY_KEYS = dict(rate=float, towers=config_lib.RULES, embeddings=config_lib.RULES)
+CONFIG_KEYS = dict(
+    name="adamw", kwargs=config_lib.FREE, lr=float, wd=0.0, wd_mults=config_lib.RULES,
+    lr_mults=config_lib.RULES, frozen=config_lib.RULES, trainable=config_lib.RULES, preset=str,
+    layer_decay=LAYER_DECAY_KEYS, unfreeze=(list, tuple), lora=lora.CONFIG_KEYS,
+    schedule=SCHEDULE_KEYS, grad_clip_norm=float)
 
 # New layers (fusion, head) always train in the parameter-efficient presets: they start random.
 _NEW_LAYERS = "(fusion|head)/.*"
@@ -104,7 +110,7 @@ def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any
   makes its matches trainable again. LoRA's constant `lora_scale` is always
   frozen. Every rule must match some param (a typo raises `rules.RuleError`).
   """
-  config_lib.check_keys(optim_cfg, _KEYS, "config.optim")
+  config_lib.check_keys(optim_cfg, CONFIG_KEYS, "config.optim")
   preset = _preset(optim_cfg)
   name = optim_cfg.get("preset")
   hint = " (params need mmtl.lora.init)" if name == "lora" else ""
@@ -146,7 +152,7 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
   """
   if not ld:
     return dict.fromkeys(flat, 1.0)
-  config_lib.check_keys(ld, ("rate", "towers", "embeddings"), "config.optim.layer_decay")
+  config_lib.check_keys(ld, LAYER_DECAY_KEYS, "config.optim.layer_decay")
   if "rate" not in ld or not 0.0 < ld["rate"] <= 1.0:
     raise ValueError("config.optim.layer_decay.rate must be in (0, 1], e.g. 0.75.")
   towers = [(t, ld["rate"]) if isinstance(t, str) else tuple(t)
@@ -196,10 +202,11 @@ def lr_mults(params: Any, optim_cfg: Mapping[str, Any]) -> Any:
 def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Schedule:
   """LR multiplier in [0, 1]: linear warmup from 0, then cosine/linear decay or constant."""
   sched_cfg = dict(sched_cfg or {})
-  config_lib.check_keys(sched_cfg, ("warmup_steps", "decay", "end_mult"), "config.optim.schedule")
-  warmup = int(sched_cfg.get("warmup_steps", 0))
-  decay = sched_cfg.get("decay", "cosine")
-  end = float(sched_cfg.get("end_mult", 0.0))
+  config_lib.check_keys(sched_cfg, SCHEDULE_KEYS, "config.optim.schedule")
+  sched_cfg = {**SCHEDULE_KEYS, **sched_cfg}
+  warmup = int(sched_cfg["warmup_steps"])
+  decay = sched_cfg["decay"]
+  end = float(sched_cfg["end_mult"])
   if not 0 <= warmup <= total_steps:
     raise ValueError(f"config.optim.schedule.warmup_steps={warmup} must be in "
                      f"[0, total_steps={total_steps}].")
@@ -217,7 +224,7 @@ def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Sch
 
 
 def _scaler(optim_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-  name = optim_cfg.get("name", "adamw")
+  name = optim_cfg.get("name", CONFIG_KEYS["name"])
   fn = _SCALERS.get(name) or getattr(optax, f"scale_by_{name}", None)
   if fn is None:
     raise ValueError(f"config.optim.name={name!r}: not one of {sorted(_SCALERS)} nor an "
@@ -376,7 +383,7 @@ def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
     if not mask[path]:
       row[4].append(mults[path])
   total = [sum(r[i] for r in rows.values()) for i in range(4)]
-  lines = [f"optim: {optim_cfg.get('name', 'adamw')} lr={optim_cfg.get('lr')} "
+  lines = [f"optim: {optim_cfg.get('name', CONFIG_KEYS['name'])} lr={optim_cfg.get('lr')} "
            f"wd={optim_cfg.get('wd', 0.0)} preset={optim_cfg.get('preset') or 'full'} step={step} "
            f"phase boundaries={phase_boundaries(optim_cfg)}",
            f"{'tower':<20} {'trainable':>24} {'frozen':>24}  lr mult"]

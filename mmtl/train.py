@@ -5,15 +5,18 @@ r"""Trains a fused multimodal model from pretrained encoders.
 
 The workdir gets `config.json`, `metrics.jsonl`, TensorBoard events (`tb/`),
 `checkpoints/`, `curves.png` and, once the run is complete,
-`final_metrics.json`. Rerunning the same command resumes from the latest
-checkpoint (params, optimizer state, step and input-iterator state), so a
-killed run continues exactly where it left off.
+`final_metrics.json`, and `lock.json` while it runs. Rerunning the same command
+resumes from the newest intact checkpoint (params, optimizer state, step and
+input-iterator state), so a killed run continues exactly where it left off.
 
-Sections, in order: setup, mesh, input, model + pretrained init, optimizer,
-train step, checkpoint resume, evaluators, train loop, final evaluation.
+Order: the workdir lock; `validate` (mesh, input, model + pretrained init,
+sharding and optimizer rules, evaluators: everything that can fail on a bad
+config, before anything is written); config.json pinned; checkpoint resume;
+train loop; final evaluation. docs/reliability.md lists the faults handled.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -205,13 +208,12 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh,
   process_index, process_count = sharding.process_data_shard(mesh)
   predict = make_predict_fn(model, mesh)
 
-  def make_batches(eval_cfg):
+  def host_batches(eval_cfg):
     input_cfg = mlc.ConfigDict(config.input.to_dict())
     input_cfg.update(eval_cfg.get("input", {}))
     local_bs = int(eval_cfg.get("batch_size", batch_size)) // process_count
-    return to_devices(data.make_eval_iterator(input_cfg, batch_size=local_bs,
-                                              process_index=process_index,
-                                              process_count=process_count), config, mesh)
+    return data.make_eval_iterator(input_cfg, batch_size=local_bs, process_index=process_index,
+                                   process_count=process_count)
 
   def embed_texts(eval_cfg):
     from mmtl import preprocess
@@ -229,7 +231,9 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh,
     return embed
 
   return [evaluators_lib.Evaluator(
-      name, cfg, head_type=model.head_type, make_batches=make_batches, predict=predict,
+      name, cfg, head_type=model.head_type,
+      make_batches=lambda cfg: to_devices(host_batches(cfg), config, mesh),
+      open_input=host_batches, predict=predict,
       embed_texts=embed_texts(cfg) if cfg.get("type") == "zeroshot" else None)
           for name, cfg in config.evals.items()]
 
@@ -242,38 +246,97 @@ def write_final(workdir: str, final: Mapping[str, float]) -> None:
                            json.dumps(dict(final), indent=2))
 
 
-def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict[str, float]:
-  """Runs (or resumes) the training described by `config` in `workdir`.
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """The workdir's run lock for the whole run: process 0 takes it, every process
+  learns whether it did, so a second launch on the same workdir stops at once
+  (on every host) instead of mixing two runs' checkpoints and metrics."""
+  lock, error = None, None
+  if distributed.is_main_process():
+    lock = workdir_lib.RunLock(workdir)
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirLocked as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not held and error is None:
+      error = workdir_lib.WorkdirLocked(f"Workdir {workdir} is held by another run (process 0 "
+                                        "says by whom).")
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
-  Returns the final metrics (also written to `DIR/final_metrics.json`).
-  Raises `Diverged` if the loss became NaN/Inf (the last good checkpoint stays).
+
+def describe_towers(model_cfg: Mapping[str, Any], model_init: Mapping[str, Any]) -> str:
+  """Which towers run (and from which weights) and which are configured but left out."""
+  used = fusion.selected_towers(model_cfg)
+  lines = []
+  for m, tower in used.items():
+    name = tower["name"]
+    arch = name.get("model_type", "config dict") if hasattr(name, "get") else name
+    init = model_init.get(f"{m}_encoder")
+    init = init.get("name") if hasattr(init, "get") else init
+    lines.append(f"  {m}: {arch} ({f'weights from {init}' if init else 'random init'})")
+  unused = [m for m in model_cfg["towers"] if m not in used]
+  if unused:
+    lines.append(f"  configured but unused (config.model.modalities={model_cfg['modalities']!r}): "
+                 + ", ".join(unused))
+  return "Towers:\n" + "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Validated:
+  """What `validate` built and opened, for the run to use."""
+  mesh: jax.sharding.Mesh
+  train_iter: Any
+  model: fusion.FusionModel
+  params_shape: Any
+  param_shardings: Any
+  initial_params: Any  # fresh runs: random init + pretrained towers (+ LoRA), placed; else None
+  build_phase: Callable[[int], Phase]  # optimizer and step of the phase that runs update `step`
+  teacher_params: Any
+  evaluators: list[evaluators_lib.Evaluator]
+
+
+def validate(config: mlc.ConfigDict, *, fresh: bool) -> Validated:
+  """Builds and opens everything the run will use, writing nothing: the mesh and the
+  batch split, the training input and every evaluator's input, the model, the
+  sharding, freezing, LR and LoRA rules, the teacher. A typo anywhere fails here,
+  before config.json is pinned or anything trains; errors raised by the libraries
+  underneath (a missing split, a bad checkpoint) become one-line ConfigErrors.
+  A `fresh` run (no checkpoint to resume) also loads its pretrained towers here.
   """
+  try:
+    return _validate(config, fresh)
+  except (ValueError, KeyError, FileNotFoundError, rules.RuleError) as e:
+    if isinstance(e, (config_lib.ConfigError, rules.RuleError)):
+      raise
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise config_lib.ConfigError(f"{type(e).__name__}: {message}") from e
 
-  ##############################################################################
-  # Setup: config checked and pinned to the workdir.
-  ##############################################################################
-  distributed.maybe_initialize()
-  config = config_lib.with_defaults(config)
-  config_lib.save_or_check(config, workdir, allow_change=allow_config_change)
-  note(f"mmtl.train: process {jax.process_index()}/{jax.process_count()}, "
-       f"{jax.local_device_count()}/{jax.device_count()} devices, workdir {workdir}")
+
+def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   total_steps, accum = int(config.total_steps), int(config.grad_accum_steps)
 
-  ##############################################################################
   # Mesh.
-  ##############################################################################
   mesh = sharding.make_mesh(config.mesh)
   process_index, process_count = sharding.process_data_shard(mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = int(config.batch_size)
-  if batch_size % (accum * batch_shards):
-    raise ValueError(f"config.batch_size={batch_size} must be a multiple of grad_accum_steps "
-                     f"({accum}) x batch shards (data*fsdp={batch_shards}).")
+  if batch_size <= 0 or batch_size % (accum * batch_shards):
+    raise config_lib.ConfigError(
+        f"config.batch_size={batch_size} must be a positive multiple of grad_accum_steps ({accum}) "
+        f"x batch shards (mesh data*fsdp = {batch_shards}); e.g. "
+        f"--config.batch_size={max(1, batch_size // (accum * batch_shards)) * accum * batch_shards}.")
   note(f"Mesh {dict(mesh.shape)}; global batch {batch_size} in {accum} microbatch(es).")
 
-  ##############################################################################
   # Input.
-  ##############################################################################
   train_iter = data.make_train_iterator(
       config.input, batch_size=batch_size // process_count, seed=config.seed,
       process_index=process_index, process_count=process_count)
@@ -281,9 +344,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
   example_batch = next(train_iter)  # Shapes for init; the iterator is rewound below.
   train_iter.set_state(start_state)
 
-  ##############################################################################
-  # Model and pretrained init.
-  ##############################################################################
+  # Model.
   model = fusion.build(config.model)
   init_batch = {k: v[:1] for k, v in example_batch.items()}
   rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -296,10 +357,15 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
 
   params_shape = jax.eval_shape(lambda: add_lora(init(rng_init)))
   param_shardings = sharding.param_shardings(mesh, params_shape, config.sharding_rules)
+  initial_params = None
+  if fresh:
+    # Initialized unsharded (LoRA leaves are added after the pretrained load),
+    # then every leaf is placed where the sharding rules say.
+    initial_params = jax.device_put(
+        add_lora(load_pretrained_towers(jax.jit(init)(rng_init), config.model_init)),
+        param_shardings)
 
-  ##############################################################################
-  # Optimizer (rebuilt once per gradual-unfreezing phase).
-  ##############################################################################
+  # Distillation teacher and optimizer (every rule is matched against the params here).
   teacher_logits, teacher_params, teacher_shardings = None, None, None
   if config.distill:
     distill.check_config(config.distill, model.head_type)
@@ -308,35 +374,123 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
     note(f"Distilling from {config.distill.teacher_workdir} "
          f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)}).")
   loss_fn = make_loss_fn(model, config, teacher_logits)
+  build_phase = functools.partial(
+      make_phase, config, loss_fn, params_shape, param_shardings, mesh,
+      teacher_shardings=teacher_shardings)
+  for boundary in [0] + optim.phase_boundaries(config.optim):
+    if boundary < total_steps:
+      build_phase(boundary)
+
+  # Evaluators, each with its input opened (dataset, split, fields, tokenizer).
+  evaluators = make_evaluators(config, model, mesh, batch_size)
+  for evaluator in evaluators:
+    evaluator.check()
+  metric_names = [n for e in evaluators for n in e.metric_names()]
+  if config.best_metric and config.best_metric not in metric_names:
+    raise config_lib.ConfigError(
+        f"config.best_metric={config.best_metric!r} is not a metric of the evaluators; they "
+        f"log {', '.join(metric_names) or 'nothing (config.evals is empty)'}.")
+  return Validated(
+      mesh=mesh, train_iter=train_iter, model=model, params_shape=params_shape,
+      param_shardings=param_shardings, initial_params=initial_params, build_phase=build_phase, teacher_params=teacher_params, evaluators=evaluators)
+
+
+def check_restorable(ckpt: checkpoint.CheckpointManager, step: int, params_shape: Any,
+                     opt_state_shape: Any) -> None:
+  """A changed config must fit the checkpoint it resumes: same param paths and shapes,
+  same optimizer-state shapes. Checked on the checkpoint's metadata, before anything
+  is written; a mismatch is a ConfigError listing the first differences."""
+  saved = rules.flatten(ckpt.item_metadata(step, "params"))
+  wanted = rules.flatten(params_shape)
+  problems = [f"{p} missing from the checkpoint" for p in wanted if p not in saved]
+  problems += [f"{p} in the checkpoint but not in the model" for p in saved if p not in wanted]
+  problems += [f"{p} is {tuple(saved[p].shape)} in the checkpoint, {tuple(wanted[p].shape)} now"
+               for p in wanted if p in saved and tuple(saved[p].shape) != tuple(wanted[p].shape)]
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+  if not problems and shapes(ckpt.item_metadata(step, "opt_state")) != shapes(opt_state_shape):
+    problems.append("the optimizer state differs (the trainable set or the optimizer changed)")
+  if problems:
+    raise config_lib.ConfigError(
+        f"The changed config does not fit the checkpoint at step {step} in {ckpt.directory}: "
+        + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        + ". Nothing was changed; start this config in a new --workdir.")
+
+
+def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict[str, float]:
+  """Runs (or resumes) the training described by `config` in `workdir`.
+
+  Returns the final metrics (also written to `DIR/final_metrics.json`).
+  Raises `Diverged` if the loss became NaN/Inf (the last good checkpoint stays),
+  `workdir.WorkdirLocked` if another run holds the workdir, ConfigError before
+  anything is written if the config cannot run.
+  """
+  distributed.maybe_initialize()
+  config = config_lib.with_defaults(config)
+  with hold_workdir(workdir):
+    return _train(config, workdir, allow_config_change)
+
+
+def _train(config: mlc.ConfigDict, workdir: str, allow_config_change: bool) -> dict[str, float]:
+  ##############################################################################
+  # Setup: everything validated before config.json is pinned.
+  ##############################################################################
+  note(f"mmtl.train: process {jax.process_index()}/{jax.process_count()}, "
+       f"{jax.local_device_count()}/{jax.device_count()} devices, workdir {workdir}")
+  ckpt_dir = workdir_lib.path(workdir, CHECKPOINT_DIR)
+  saved_steps = checkpoint.saved_steps(ckpt_dir)
+  changes = config_lib.saved_changes(config, workdir)
+  if changes and saved_steps and not allow_config_change:
+    raise config_lib.refuse_change(workdir, changes)
+  v = validate(config, fresh=not saved_steps)
+  note(describe_towers(config.model, config.model_init))
+  if changes and saved_steps:
+    latest = saved_steps[-1]
+    phase = v.build_phase(max(latest - 1, 0))
+    with checkpoint.CheckpointManager(ckpt_dir, read_only=True) as reader:
+      check_restorable(reader, latest, v.params_shape, phase.state_shapes["opt_state"])
+    note("Config changed (--allow_config_change): " + config_lib.format_changes(changes))
+  elif changes:
+    note(f"{workdir} holds the config.json of an attempt that saved no checkpoint; it is "
+         "replaced by this config.")
+  config_lib.pin(config, workdir, step=saved_steps[-1] if saved_steps else None)
+
+  ##############################################################################
+  # Checkpoint resume (the newest intact checkpoint), or init + pretrained weights.
+  ##############################################################################
+  ckpt = checkpoint.CheckpointManager(
+      ckpt_dir, keep=int(config.keep_ckpts),
+      best_metric=config.best_metric or None, best_mode=config.best_mode)
+  try:
+    return _train_loop(config, workdir, v, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
+                ckpt: checkpoint.CheckpointManager) -> dict[str, float]:
+  total_steps = int(config.total_steps)
+  mesh, params_shape, param_shardings = v.mesh, v.params_shape, v.param_shardings
+  train_iter, build_phase, teacher_params = v.train_iter, v.build_phase, v.teacher_params
   boundaries = optim.phase_boundaries(config.optim)
   replicated = sharding.replicated(mesh)
 
-  build_phase = functools.partial(make_phase, config, loss_fn, params_shape, param_shardings, mesh,
-                                  teacher_shardings=teacher_shardings)
+  def target(step):  # A saved opt_state has the structure of the phase that produced it.
+    phase = build_phase(max(step - 1, 0))
+    return checkpoint.abstract(phase.state_shapes, phase.state_shardings)
 
-  ##############################################################################
-  # Checkpoint resume, or init + pretrained weights.
-  ##############################################################################
-  ckpt = checkpoint.CheckpointManager(
-      workdir_lib.path(workdir, CHECKPOINT_DIR), keep=int(config.keep_ckpts),
-      best_metric=config.best_metric or None, best_mode=config.best_mode)
-  resume_step = ckpt.latest_step()
-  # A saved opt_state has the structure of the phase that produced it.
-  phase = build_phase(max((resume_step or 0) - 1, 0))
-  if resume_step is not None:
+  restored = ckpt.restore_latest_intact(target)
+  if restored is not None:
+    resume_step, state, data_state = restored
     note(f"Resuming from {ckpt.directory}/{resume_step}.")
-    state = ckpt.restore(checkpoint.abstract(phase.state_shapes, phase.state_shardings))
-    data_state = ckpt.data_state()
     if data_state is not None:
       train_iter.set_state(data_state)
   else:
-    # Initialized unsharded (LoRA leaves are added after the pretrained load),
-    # then every leaf is placed where the sharding rules say.
-    params = add_lora(load_pretrained_towers(jax.jit(init)(rng_init), config.model_init))
-    params = jax.device_put(params, param_shardings)
+    resume_step, params = 0, v.initial_params
+    phase = build_phase(0)
     opt_state = jax.jit(phase.tx.init, out_shardings=phase.state_shardings["opt_state"])(params)
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
              "opt_state": opt_state}
+  phase = build_phase(max(resume_step - 1, 0))
   first_step = int(jax.device_get(state["step"]))
   note(optim.summary(params_shape, config.optim, phase.state_shapes["opt_state"], step=phase.start))
   note(sharding.format_memory(sharding.memory_estimate(mesh, phase.state_shapes,
@@ -345,9 +499,10 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
   ##############################################################################
   # Evaluators, metrics, early stopping.
   ##############################################################################
-  evaluators = make_evaluators(config, model, mesh, batch_size)
-  writer = metrics_lib.MetricWriter(workdir, total_steps=total_steps, batch_size=batch_size,
-                                    first_step=first_step, is_main=distributed.is_main_process())
+  evaluators = v.evaluators
+  writer = metrics_lib.MetricWriter(workdir, total_steps=total_steps,
+                                    batch_size=int(config.batch_size), first_step=first_step,
+                                    is_main=distributed.is_main_process())
   best_value, evals_since_best = None, 0  # Early stopping; patience restarts on resume.
   if config.best_metric and ckpt.best_step() is not None:
     best_value = (ckpt.metrics(ckpt.best_step()) or {}).get(config.best_metric)
@@ -373,6 +528,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
             out_shardings=phase.state_shardings["opt_state"])(old_opt_state, params=state["params"])
       state, measurements = phase.step_fn(state, next(device_batches), teacher_params)
       done = step + 1
+      ckpt.check_for_errors()  # A failed background save stops the run at once.
 
       due = [e for e in evaluators if e.due(done, total_steps)]
       save_now = (done % config.ckpt_every == 0 or done == total_steps
@@ -435,12 +591,16 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
                  else evaluator.run(params))
   final["step"] = float(final_step)
   writer.close()
-  ckpt.close()
   write_final(workdir, final)
   if distributed.is_main_process():
     metrics_lib.plot_curves(workdir)
     note(metrics_lib.format_table(final, title=f"Final metrics ({workdir}, step {final_step})"))
   return final
+
+
+# The one-line errors of a run that cannot start or stopped on purpose.
+USER_ERRORS = (Diverged, config_lib.ConfigError, rules.RuleError, workdir_lib.WorkdirLocked,
+               checkpoint.CheckpointError)
 
 
 def main(argv: list[str]) -> None:
@@ -451,9 +611,9 @@ def main(argv: list[str]) -> None:
   if flags.FLAGS.config is None:
     sys.exit("--config is required, e.g. --config configs/quickstart.py.")
   try:
-    train(flags.FLAGS.config, flags.FLAGS.workdir,
+    train(config_lib.from_flags(), flags.FLAGS.workdir,
           allow_config_change=flags.FLAGS.allow_config_change)
-  except (Diverged, config_lib.ConfigError, rules.RuleError) as e:
+  except USER_ERRORS as e:
     sys.exit(f"{type(e).__name__}: {e}")
 
 

@@ -105,7 +105,7 @@ def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
   try:
     b = tfds.builder(name, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"Unknown dataset {cfg.dataset!r}. Use a TFDS catalog name or mmtl's built-in "
         "'mmtl_shapes'; for your own builder, import the module that defines it before "
         "building the pipeline (see README, 'Data').") from None
@@ -132,18 +132,18 @@ def _check_split(b: tfds.core.DatasetBuilder, split: str) -> None:
   for part in split.split("+"):
     name = part.split("[")[0].strip()
     if name not in b.info.splits:
-      raise ValueError(f"Unknown split {name!r} of {b.info.full_name}; it has {sorted(b.info.splits)}. "
+      raise config_lib.ConfigError(f"Unknown split {name!r} of {b.info.full_name}; it has {sorted(b.info.splits)}. "
                        "Set config.input.split (slices like 'train[:1000]' are fine).")
 
 
 def _feature(features: tfds.features.FeaturesDict, path: str) -> tfds.features.FeatureConnector:
-  """Feature at "a/b" (b inside Sequence or dict feature a), or a clear KeyError."""
+  """Feature at "a/b" (b inside Sequence or dict feature a), or a ConfigError naming it."""
   node = features
   for key in path.split("/"):
     node = getattr(node, "feature", node)  # Step into a Sequence.
     if not isinstance(node, tfds.features.FeaturesDict) or key not in node:
       available = sorted(node.keys()) if isinstance(node, tfds.features.FeaturesDict) else []
-      raise KeyError(f"Feature {path!r} not in the dataset (available here: {available}). "
+      raise config_lib.ConfigError(f"Feature {path!r} not in the dataset (available here: {available}). "
                      "Fix config.input.fields, or set that field to None.")
     node = node[key]
   return node
@@ -173,10 +173,13 @@ def data_source(cfg: Mapping[str, Any]) -> tuple[Any, tfds.core.DatasetBuilder]:
   b = builder(cfg)
   _check_split(b, cfg.split)
   decoders = _decoders(cfg, b.info.features)
+  if not b.info.splits[cfg.split].num_examples:
+    raise config_lib.ConfigError(f"Split {cfg.split!r} of {b.info.full_name} has no examples; set "
+                                 "config.input.split to a non-empty slice (e.g. 'train[:1000]').")
   try:
     return b.as_data_source(split=cfg.split, decoders=decoders), b
   except NotImplementedError as e:  # Prepared as tfrecord: no random access.
-    raise ValueError(f"{b.info.full_name} is stored as {b.info.file_format.value}, which grain "
+    raise config_lib.ConfigError(f"{b.info.full_name} is stored as {b.info.file_format.value}, which grain "
                      "cannot read. Use config.input.loader='tf' (needs TensorFlow), or rebuild it "
                      "with `--file_format array_record`.") from e
 
@@ -194,7 +197,7 @@ def class_names(cfg: Mapping[str, Any]) -> list[str]:
   cfg = input_config(cfg)
   feature = _feature(builder(cfg).info.features, cfg.fields.label)
   if not isinstance(feature, tfds.features.ClassLabel):
-    raise ValueError(f"Feature {cfg.fields.label!r} is not a ClassLabel; it has no class names.")
+    raise config_lib.ConfigError(f"Feature {cfg.fields.label!r} is not a ClassLabel; it has no class names.")
   return list(feature.names)
 
 
@@ -209,7 +212,7 @@ def _class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) 
   if cfg.class_weights is None:
     return None
   if "label" not in _fields(cfg):
-    raise ValueError("config.input.class_weights needs config.input.fields.label.")
+    raise config_lib.ConfigError("config.input.class_weights needs config.input.fields.label.")
   num_classes = _feature(b.info.features, cfg.fields.label).num_classes
   if cfg.class_weights == "balanced":
     root = cfg.fields.label.split("/")[0]
@@ -224,7 +227,7 @@ def _class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) 
     return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
   weights = np.asarray(cfg.class_weights, np.float32)
   if weights.shape != (num_classes,):
-    raise ValueError(f"config.input.class_weights has {weights.size} entries; the label has "
+    raise config_lib.ConfigError(f"config.input.class_weights has {weights.size} entries; the label has "
                      f"{num_classes} classes. Give one weight per class, or 'balanced'.")
   return weights
 
@@ -248,7 +251,7 @@ def _image_spec(cfg: ml_collections.ConfigDict, info: tfds.core.DatasetInfo) -> 
   if size is None:
     shape = _feature(info.features, cfg.fields.image).shape
     if shape[0] is None or shape[0] != shape[1]:
-      raise ValueError(f"Images of {info.full_name} have shape {shape}: set config.input.image.size.")
+      raise config_lib.ConfigError(f"Images of {info.full_name} have shape {shape}: set config.input.image.size.")
     size = shape[0]
   mean = np.asarray(image.mean or stats.get("mean") or (0.5, 0.5, 0.5), np.float32)
   std = np.asarray(image.std or stats.get("std") or (0.5, 0.5, 0.5), np.float32)
@@ -287,16 +290,16 @@ class _Preprocess:
     self.fields = _fields(cfg)
     self.modalities = [m for m in MODALITIES if m in self.fields]
     if not self.modalities:
-      raise ValueError("config.input.fields uses no modality: set fields.image/text/audio.")
+      raise config_lib.ConfigError("config.input.fields uses no modality: set fields.image/text/audio.")
     if unknown := set(cfg.blank) - set(MODALITIES):
-      raise ValueError(f"config.input.blank has {sorted(unknown)}; choose from {MODALITIES}.")
+      raise config_lib.ConfigError(f"config.input.blank has {sorted(unknown)}; choose from {MODALITIES}.")
     if set(self.modalities) <= set(cfg.blank):
-      raise ValueError(f"config.input.blank={tuple(cfg.blank)} blanks every used modality.")
+      raise config_lib.ConfigError(f"config.input.blank={tuple(cfg.blank)} blanks every used modality.")
     if "image" in self.fields:
       self.size, self.resize, self.mean, self.std = _image_spec(cfg, info)
     if "text" in self.fields:
       if not cfg.text.tokenizer:
-        raise ValueError("config.input.fields.text is set: set config.input.text.tokenizer "
+        raise config_lib.ConfigError("config.input.fields.text is set: set config.input.text.tokenizer "
                          "(HF name or path, e.g. the text checkpoint).")
       self.tokenizer = _tokenizer(cfg.text.tokenizer)
       self._token_cache: dict[str, np.ndarray] = {}
@@ -412,7 +415,7 @@ def _grain_seed(seed: int) -> int:
 
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    raise config_lib.ConfigError(f"process_index={process_index} must be in [0, process_count={process_count}).")
 
 
 def _to_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict, pre: _Preprocess) -> grain.DatasetIterator:
@@ -462,7 +465,7 @@ def make_train_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, seed: 
   pre = _Preprocess(cfg, b.info, train=True, class_weights=_class_weights(cfg, b))
   ds = _source(cfg, pre, src)  # Lazy without cache: reads only what this process's rows need.
   if len(ds) < batch_size * process_count:
-    raise ValueError(f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
+    raise config_lib.ConfigError(f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
                      f"global batch size {batch_size} x {process_count} processes.")
   ds = ds.seed(_grain_seed(seed)).shuffle().repeat(None).random_map(pre.example)
   # Local-size batches; global batch k is local batches k*P..k*P+P-1: this process takes the p-th.
@@ -511,7 +514,7 @@ def make_eval_iterator(input_cfg: Mapping[str, Any], *, batch_size: int,
 
 def _check_loader(cfg: ml_collections.ConfigDict) -> None:
   if cfg.loader != "grain":
-    raise ValueError(f"config.input.loader={cfg.loader!r}; choose 'grain' or 'tf'.")
+    raise config_lib.ConfigError(f"config.input.loader={cfg.loader!r}; choose 'grain' or 'tf'.")
 
 
 # ------------------------------------------------------- tf.data fallback ---
@@ -555,7 +558,7 @@ class _TfIterator:
     try:
       ds = b.as_dataset(split=split, shuffle_files=train, read_config=read_config, decoders=decoders)
     except NotImplementedError as e:  # Prepared as array_record: no tf.data reader.
-      raise ValueError(f"{b.info.full_name} is stored as {b.info.file_format.value}, which tf.data "
+      raise config_lib.ConfigError(f"{b.info.full_name} is stored as {b.info.file_format.value}, which tf.data "
                        "cannot read. Use config.input.loader='grain'.") from e
     if train:
       ds = ds.shuffle(10_000, seed=seed).repeat()

@@ -456,6 +456,24 @@ def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]
   return {m: towers[m] for m in towers if m in wanted}
 
 
+def _check_tower_inputs(modality: str, encoder: nn.Module, name: Any) -> None:
+  """A tower must take its modality's input: an image tower pointed at a BERT
+  checkpoint fails here, naming both, not deep inside `embed`."""
+  from mmtl import config as config_lib
+  params = inspect.signature(encoder.embed).parameters
+  wanted = TOWER_INPUTS[modality][PRIMARY_INPUT[modality]]
+  if wanted in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return
+  takes = [p for p in params if p not in ("self", "deterministic")]
+  what = name.get("model_type", "config dict") if isinstance(name, Mapping) else name
+  a = "an" if modality[0] in "aeiou" else "a"
+  raise config_lib.ConfigError(
+      f"config.model.towers.{modality}: {what!r} builds a {type(encoder).__name__}, whose inputs "
+      f"are {takes}; {a} {modality} tower takes {wanted} (batch field {PRIMARY_INPUT[modality]!r}). "
+      f"Point towers.{modality}.name at {a} {modality} encoder, or move this checkpoint to the tower "
+      f"of the modality it encodes (for CLIP, pick its half with tower='vision' or 'text').")
+
+
 def build(model_cfg: Mapping[str, Any]) -> FusionModel:
   """The FusionModel that `config.model` describes (architecture only; see mmtl.config).
 
@@ -474,6 +492,7 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
     towers[f"{m}_encoder"] = hf.build_module(
         name, tower=t.get("tower"), dtype=dtype, param_dtype=param_dtype,
         remat=model_cfg.get("remat", "none"), **kwargs)
+    _check_tower_inputs(m, towers[f"{m}_encoder"], name)
     if t.get("pool"):
       pools[f"{m}_pool"] = t["pool"]
   return FusionModel(
