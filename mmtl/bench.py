@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -268,7 +269,7 @@ def build_mmtl_step(config, mesh, example_batch: Mapping[str, np.ndarray]
   """(jitted step, init_state(), abstract state) of `config`, built as mmtl.train builds them.
 
   The step is the trainer's own: `mmtl.train.make_phase` (jitted
-  `make_train_step` over `make_loss_fn`, trainer shardings, donated state).
+  `make_train_step` over `make_objective`, trainer shardings, donated state).
   """
   import jax
   import jax.numpy as jnp
@@ -284,8 +285,8 @@ def build_mmtl_step(config, mesh, example_batch: Mapping[str, np.ndarray]
 
   params_shape = jax.eval_shape(init, jax.random.PRNGKey(0))
   param_shardings = sharding.param_shardings(mesh, params_shape, config.sharding_rules)
-  phase = train.make_phase(config, train.make_loss_fn(model, config, None), params_shape,
-                           param_shardings, mesh, 0)
+  objective_for = functools.partial(train.make_objective, model, config, None)
+  phase = train.make_phase(config, objective_for, params_shape, param_shardings, mesh, 0)
   step, tx, state_shardings = phase.step_fn, phase.tx, phase.state_shardings
 
   def init_state():

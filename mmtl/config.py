@@ -42,7 +42,8 @@ DEFAULTS = dict(
     model_init={},         # tower name -> HF name/path, or dict(name=..., dont_load=[...])
     optim={},              # mmtl.optim
     loss=dict(label_smoothing=0.0),
-    grad_accum_steps=1,    # microbatches per step (lax.scan): batch_size / this per pass
+    grad_accum_steps=1,    # microbatches per step (lax.scan), same objective as the full
+                           # batch (contrastive: gradient cache; see mmtl.train)
     prefetch_to_device=2,  # batches copied to the devices ahead of the step using them
     log_every=50,
     ckpt_every=500,
@@ -73,6 +74,8 @@ MODEL_DEFAULTS = dict(
     dtype="float32",        # compute dtype; "bfloat16" for mixed precision
     param_dtype="float32",
     remat="none",           # per-layer activation checkpointing of the towers
+    frozen_tower_mode="inference",  # fully frozen towers in training: "inference" (no
+                                    # dropout, as LiT's locked tower) or "train"
 )
 TOWER_KEYS = dict(name=(str, dict), tower=str, pool=str, kwargs={})
 
@@ -270,7 +273,8 @@ def apply_overrides(config: mlc.ConfigDict, overrides: Sequence[tuple[str, str]]
     node, spec, where = config, full, "config"
     try:
       for i, part in enumerate(parts):
-        spec = spec if isinstance(spec, str) and spec == FREE else _child(spec, part, where)
+        # Below a leaf (e.g. a tower's `name` given as a config dict) anything goes.
+        spec = _child(spec, part, where) if isinstance(spec, dict) else FREE
         where = f"{where}.{part}"
         current = node.get(part)
         if i == len(parts) - 1:

@@ -44,17 +44,20 @@ def check_config(distill_cfg: Mapping[str, Any], head_type: str) -> None:
     raise ValueError("config.distill.alpha must be in [0, 1] (weight of the KD term).")
 
 
-def student_loss(task_loss: jax.Array, student_logits: jax.Array, teacher_logits: jax.Array,
-                 weights: jax.Array | None, distill_cfg: Mapping[str, Any]) -> jax.Array:
-  """`(1 - alpha) * task_loss + alpha * KD`; teacher logits carry no gradient."""
+def student_loss(task_loss: tuple[jax.Array, jax.Array], student_logits: jax.Array,
+                 teacher_logits: jax.Array, weights: jax.Array | None,
+                 distill_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+  """`(1 - alpha) * task_loss + alpha * KD` as (sum, weight) like `task_loss`
+  (both terms weighted by `example_weight`); teacher logits carry no gradient."""
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f"Student logits {student_logits.shape} and teacher logits "
                      f"{teacher_logits.shape} differ: both must classify into the same classes.")
   alpha = distill_cfg.get("alpha", CONFIG_KEYS["alpha"])
-  kd = losses.weighted_mean(
+  kd_sum, _ = losses.weighted_sum(
       kd_loss_per_example(student_logits, jax.lax.stop_gradient(teacher_logits),
                           distill_cfg.get("temperature", CONFIG_KEYS["temperature"])), weights)
-  return (1.0 - alpha) * task_loss + alpha * kd
+  task_sum, weight_sum = task_loss
+  return (1.0 - alpha) * task_sum + alpha * kd_sum, weight_sum
 
 
 def load_teacher(teacher_workdir: str, mesh) -> tuple[Callable[[Any, Any], jax.Array], Any]:

@@ -6,8 +6,8 @@
 Types (metrics are logged as `<name>/<metric>`):
   classification: accuracy, macro_f1, loss
   regression:     mse, mae
-  retrieval:      image->text and text->image Recall@1/5/10 (contrastive models;
-                  example i's caption is the positive for image i)
+  retrieval:      image->text and text->image Recall@k, `ks` (1, 5, 10), of contrastive
+                  models over the first `captions` captions of each image (see below)
   zeroshot:       accuracy of "the class whose prompts' text embedding is
                   closest" (contrastive models): `classnames`, `prompts`
                   (templates with `{}`, averaged as in CLIP), `tokenizer`, `max_len`
@@ -15,6 +15,21 @@ Types (metrics are logged as `<name>/<metric>`):
                   `features`, fit on `train_input` (first `num_train` examples)
 
 Padding rows of the last eval batch have `example_weight == 0` and are dropped.
+
+Retrieval protocol: the first `captions` captions of each image (a sequence
+field such as "captions/text"; caption c is read with `input.eval_text=c`).
+`captions=1` (the default): image i and its first caption are the only positive
+pair. `captions=5`: the COCO 5k / Flickr30k protocol of published numbers:
+image->text is a hit at k if any of the image's 5 captions ranks in the top k
+among all captions, and each caption retrieves its image among all images
+(25,000 texts on COCO 5k, where a few images have more than 5). Every image
+needs that many captions; each caption past the first costs one text-only pass
+over the split. Ties count against the positive: a wrong candidate scoring equal
+to it (or NaN) ranks above it, so collapsed embeddings (a dead tower, blanked
+text) score 0, not 1. Metric names do not say which protocol made them, so that
+`config.best_metric` and sweep tables keep one name per evaluator; the protocol
+is the evaluator's `captions`, saved in the run's config.json: name the
+evaluator after it (e.g. `config.evals.coco5k`) for numbers that leave the run.
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ _KEYS = {
     "common": dict(type=str, every=0, input=config_lib.INPUT_SECTION, batch_size=int),
     "classification": {},
     "regression": {},
-    "retrieval": dict(ks=(1, 5, 10)),
+    "retrieval": dict(ks=(1, 5, 10), captions=1),
     "zeroshot": dict(classnames=(list, tuple), prompts=(list, tuple), tokenizer=str, max_len=32),
     "linear_probe": dict(train_input=config_lib.INPUT_SECTION, num_train=2048, l2_reg=1.0),
 }
@@ -62,16 +77,40 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 
 def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
-                     ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
-  """Recall@k both ways; pair i (image i, text i) is the only positive."""
-  sims = image_embeds @ text_embeds.T
-  out = {}
-  for direction, s in (("i2t", sims), ("t2i", sims.T)):
-    # Rank of the positive = number of candidates scoring strictly higher.
-    rank = (s > np.diag(s)[:, None]).sum(1)
-    for k in ks:
-      out[f"{direction}_recall@{k}"] = float((rank < k).mean())
-  return out
+                     ks: Iterable[int] = (1, 5, 10),
+                     text_to_image: np.ndarray | None = None) -> dict[str, float]:
+  """Recall@k both ways; text j describes image `text_to_image[j]` (None: image j).
+
+  Image->text is a hit at k if any of the image's texts is among the top k of
+  all texts; text->image, if its image is among the top k of all images. A
+  positive's rank is the number of wrong candidates scoring at least as high:
+  ties (and NaN) count against it, so identical embeddings never score a hit.
+  """
+  num_images, num_texts = len(image_embeds), len(text_embeds)
+  if text_to_image is None:
+    if num_images != num_texts:
+      raise ValueError(f"{num_images} images and {num_texts} texts: pass text_to_image (the "
+                       "image index of each text) unless text i is image i's only caption.")
+    text_to_image = np.arange(num_texts)
+  t2i = np.asarray(text_to_image)
+  if t2i.shape != (num_texts,) or not 0 <= t2i.min() <= t2i.max() < num_images:
+    raise ValueError(f"text_to_image (shape {t2i.shape}) must give each of the {num_texts} "
+                     f"texts an image index in [0, {num_images}).")
+  counts = np.bincount(t2i, minlength=num_images)
+  if not counts.all():
+    raise ValueError(f"Image {int(np.argmin(counts))} has no text in text_to_image; every "
+                     "image needs at least one caption.")
+  sims = image_embeds @ text_embeds.T  # (images, texts)
+  positive = sims[t2i, np.arange(num_texts)]  # Each text's score with its own image.
+  # i2t: rank of an image's best caption = candidates not scoring below it, less its captions.
+  best = np.full(num_images, -np.inf, sims.dtype)
+  with np.errstate(invalid="ignore"):  # NaN propagates: a NaN image never hits.
+    np.maximum.at(best, t2i, positive)
+  not_below = ~(sims < best[:, None])
+  ranks = {"i2t": not_below.sum(1) - np.bincount(t2i, not_below[t2i, np.arange(num_texts)],
+                                                  minlength=num_images),
+           "t2i": (~(sims < positive)).sum(0) - 1}  # Less the positive itself.
+  return {f"{d}_recall@{k}": float((rank < k).mean()) for d, rank in ranks.items() for k in ks}
 
 
 def zeroshot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray,
@@ -130,6 +169,10 @@ class Evaluator:
     if needs and needs != head_type:
       raise config_lib.ConfigError(f"config.evals.{name} is a {kind!r} evaluator, which needs a {needs!r} "
                        f"head; the model has head_type={head_type!r}.")
+    captions = cfg.get("captions", _KEYS["retrieval"]["captions"])
+    if kind == "retrieval" and not (isinstance(captions, int) and captions >= 1):
+      raise config_lib.ConfigError(f"config.evals.{name}.captions={captions!r}; use the number of "
+                                   "captions per image (1: the first; 5: COCO / Flickr30k).")
     if kind == "zeroshot" and not (cfg.get("classnames") and cfg.get("tokenizer")):
       raise config_lib.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` and "
                        "`tokenizer` (and optionally `prompts`, e.g. ['a photo of a {}.']).")
@@ -142,7 +185,20 @@ class Evaluator:
     """The evaluator configs of every input it reads (linear_probe: its train input too)."""
     if self.kind == "linear_probe":
       return [self.cfg, self._train_cfg()]
+    if self.kind == "retrieval":  # The image pass, and the text-only pass of later captions.
+      return [self._caption_cfg(i) for i in range(min(self._captions(), 2))]
     return [self.cfg]
+
+  def _captions(self) -> int:
+    return int(self.cfg.get("captions", _KEYS["retrieval"]["captions"]))
+
+  def _caption_cfg(self, index: int) -> dict[str, Any]:
+    """The eval config that reads caption `index` of every example; past the first, text
+    only: the rows come in the same order in every pass, so they line up."""
+    input_cfg = dict(self.cfg.get("input", {}), eval_text=index)
+    if index:
+      input_cfg["fields"] = {**input_cfg.get("fields", {}), "image": None, "audio": None}
+    return dict(self.cfg, input=input_cfg)
 
   def _train_cfg(self) -> dict[str, Any]:
     return dict(self.cfg, input={**self.cfg.get("input", {}), **self.cfg.get("train_input", {})})
@@ -183,8 +239,15 @@ class Evaluator:
     return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean())}
 
   def _retrieval(self, params, predict):
-    out = collect(predict, self._make_batches(self.cfg), ["image_embeds", "text_embeds"])
-    return retrieval_recall(out["image_embeds"], out["text_embeds"], self.cfg.get("ks", _KEYS["retrieval"]["ks"]))
+    out = collect(predict, self._make_batches(self._caption_cfg(0)),
+                  ["image_embeds", "text_embeds"])
+    texts = [out["text_embeds"]] + [
+        collect(predict, self._make_batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
+        for i in range(1, self._captions())]
+    num_images = len(out["image_embeds"])  # Text j: caption j // num_images of image j % num_images
+    return retrieval_recall(out["image_embeds"], np.concatenate(texts),
+                            self.cfg.get("ks", _KEYS["retrieval"]["ks"]),
+                            text_to_image=np.tile(np.arange(num_images), len(texts)))
 
   def _zeroshot(self, params, predict):
     prompts = list(self.cfg.get("prompts") or ["{}"])

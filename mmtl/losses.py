@@ -1,7 +1,11 @@
-"""Task losses, each a weighted mean over the batch.
+"""Task losses, each a weighted mean over the batch, returned as (sum, weight).
 
 `example_weight` (B,) carries class weights and zeroes eval padding rows, so
-every loss here divides by the weight sum, not by the batch size.
+every loss is `sum(w * loss) / sum(w)`, not a mean over the batch size. The
+losses return that numerator and denominator: the trainer adds them up over
+microbatches (and the devices of a sharded batch) and divides once, so
+`grad_accum_steps=k` optimizes exactly the full batch's objective whatever the
+weights of each microbatch.
 """
 from __future__ import annotations
 
@@ -16,11 +20,16 @@ import jax.numpy as jnp
 MAX_LOGIT_SCALE = math.log(100.0)  # a Python float: no JAX backend at import time
 
 
-def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
-  if weights is None:
-    return values.mean()
-  weights = weights.astype(values.dtype)
-  return (values * weights).sum() / jnp.maximum(weights.sum(), 1e-6)
+def weighted_sum(values: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """`(sum(w * values), sum(w))` over the batch (w = 1 without weights)."""
+  values = values.astype(jnp.float32)
+  weights = jnp.ones_like(values) if weights is None else weights.astype(jnp.float32)
+  return (values * weights).sum(), weights.sum()
+
+
+def mean_of(loss_sum: jax.Array, weight_sum: jax.Array) -> jax.Array:
+  """The weighted mean of a `weighted_sum` (0 for a batch of zero weight)."""
+  return loss_sum / jnp.maximum(weight_sum, 1e-6)
 
 
 def softmax_xent_per_example(logits: jax.Array, labels: jax.Array,
@@ -43,9 +52,14 @@ def contrastive_per_example(image_embeds: jax.Array, text_embeds: jax.Array,
                 + softmax_xent_per_example(logits.T, labels))
 
 
+# Heads whose loss is a sum over examples, so microbatches' sums add up to the batch's;
+# the contrastive loss compares every example with the whole batch.
+SEPARABLE_HEADS = ("classification", "regression")
+
+
 def task_loss(head_type: str, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any],
-              loss_cfg: Mapping[str, Any]) -> jax.Array:
-  """The loss of a FusionModel head (see mmtl.models.fusion) on one batch."""
+              loss_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+  """`(loss sum, weight sum)` of a FusionModel head (see mmtl.models.fusion) on a batch."""
   weights = batch.get("example_weight")
   if head_type == "classification":
     per_example = softmax_xent_per_example(outputs["logits"], batch["labels"],
@@ -58,4 +72,4 @@ def task_loss(head_type: str, outputs: Mapping[str, jax.Array], batch: Mapping[s
                                           outputs["logit_scale"])
   else:
     raise ValueError(f"No loss for head_type={head_type!r}.")
-  return weighted_mean(per_example, weights)
+  return weighted_sum(per_example, weights)

@@ -97,49 +97,141 @@ def load_pretrained_towers(params: dict[str, Any], model_init: Mapping[str, Any]
   return params
 
 
-def make_loss_fn(model: fusion.FusionModel, config: mlc.ConfigDict,
-                 teacher_logits: Callable[[Any, Any], jax.Array] | None):
-  """`loss(trainable, frozen, batch, rng, teacher_params) -> scalar`."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The training loss as the step uses it.
 
-  def loss_fn(trainable, frozen, batch, rng, teacher_params):
+  `forward(trainable, frozen, batch, rng)` gives the model's outputs and
+  `loss(outputs, batch, teacher_params)` their `(loss sum, weight sum)` over the
+  batch (mmtl.losses). `separable`: the loss sum adds up over examples, so
+  microbatches' sums add up to the batch's (classification, regression,
+  distillation); the contrastive loss compares each example with the whole batch.
+  """
+  forward: Callable[..., Any]
+  loss: Callable[..., tuple[jax.Array, jax.Array]]
+  separable: bool
+
+
+def locked_towers(model: fusion.FusionModel, mask: Any) -> tuple[str, ...]:
+  """Modalities whose tower has every param frozen in `mask` (a freeze_mask)."""
+  flat = rules.flatten(mask)
+  return tuple(m for m in model.modalities
+               if all(frozen for path, frozen in flat.items() if path.startswith(f"{m}_encoder/")))
+
+
+def make_objective(model: fusion.FusionModel, config: mlc.ConfigDict,
+                   teacher_logits: Callable[[Any, Any], jax.Array] | None, mask: Any) -> Objective:
+  """The Objective of `config` for the trainable set `mask`. Fully frozen towers run
+  in inference mode (no dropout: LiT's locked tower), unless
+  `config.model.frozen_tower_mode="train"`."""
+  mode = config.model.frozen_tower_mode
+  if mode not in ("inference", "train"):
+    raise config_lib.ConfigError(f"config.model.frozen_tower_mode={mode!r}: use 'inference' "
+                                 "(locked towers without dropout) or 'train'.")
+  inference_towers = locked_towers(model, mask) if mode == "inference" else ()
+
+  def forward(trainable, frozen, batch, rng):
     params = lora.merge(optim.combine(trainable, frozen))
-    out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-    loss = losses.task_loss(model.head_type, out, batch, config.loss)
+    return model.apply({"params": params}, batch, train=True, inference_towers=inference_towers,
+                       rngs={"dropout": rng})
+
+  def loss(outputs, batch, teacher_params):
+    total = losses.task_loss(model.head_type, outputs, batch, config.loss)
     if teacher_logits is not None:
-      loss = distill.student_loss(loss, out["logits"], teacher_logits(teacher_params, batch),
-                                  batch.get("example_weight"), config.distill)
-    return loss
+      total = distill.student_loss(total, outputs["logits"], teacher_logits(teacher_params, batch),
+                                   batch.get("example_weight"), config.distill)
+    return total
 
-  return loss_fn
+  return Objective(forward, loss, separable=model.head_type in losses.SEPARABLE_HEADS)
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, mask: Any, lr_fn, *,
+def _split(batch: Any, k: int) -> Any:
+  """(k, B/k, ...) microbatches; microbatch j takes rows j, j+k, j+2k...: every device
+  keeps its share of each."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _merge(stacked: jax.Array) -> jax.Array:
+  """Inverse of `_split` for one output stacked over microbatches; a scalar output
+  (e.g. the learned temperature, the same param in every microbatch) is taken once."""
+  if stacked.ndim == 1:
+    return stacked[0]
+  return stacked.swapaxes(0, 1).reshape(-1, *stacked.shape[2:])
+
+
+def _split_like(merged_grad: jax.Array, stacked: jax.Array) -> jax.Array:
+  """The gradient of a `_merge`d output, back per microbatch (a scalar's to the first)."""
+  if stacked.ndim == 1:
+    return jnp.zeros_like(stacked).at[0].set(merged_grad)
+  return _split(merged_grad, stacked.shape[0])
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask: Any, lr_fn, *,
                     seed: int, accum_steps: int):
   """One optimizer update on a global batch (accumulated over `accum_steps` microbatches).
+
+  The loss is the batch's weighted mean, `sum(w * loss) / sum(w)`, whatever the
+  microbatching: separable losses add up each microbatch's sum and weight and
+  divide once (so class weights give the full batch's objective), and the
+  contrastive loss takes its negatives from the whole batch by the gradient cache
+  (Gao et al. 2021): every microbatch is embedded without gradients, the loss and
+  its gradient w.r.t. the embeddings are computed on the whole batch, then each
+  microbatch is run again and backpropagated with its part of that gradient. The
+  result equals the full batch's step to float rounding, at the activation memory
+  of one microbatch and one extra forward pass.
 
   Gradients are taken only w.r.t. trainable params: frozen towers run forward
   only, keep no activations for backward and cost no weight-gradient FLOPs.
   Frozen params are passed through untouched (bit-identical).
   """
 
-  def grads_of(trainable, frozen, batch, rng, teacher_params):
-    value_and_grad = jax.value_and_grad(loss_fn)
-    if accum_steps == 1:
-      return value_and_grad(trainable, frozen, batch, rng, teacher_params)
-    # Microbatch j takes rows j, j+k, j+2k...: every device keeps its share of each.
-    micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
-        batch)
+  def batch_loss(trainable, frozen, batch, rng, teacher_params):
+    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch, teacher_params)
 
+  sum_and_grad = jax.value_and_grad(batch_loss, has_aux=True)  # ((sum, weight), d sum)
+  steps = jnp.arange(accum_steps)
+
+  def accumulated(trainable, frozen, batch, rng, teacher_params):
     def accumulate(carry, xs):
       i, microbatch = xs
-      loss, grads = value_and_grad(trainable, frozen, microbatch, jax.random.fold_in(rng, i),
-                                   teacher_params)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+      (loss_sum, weight), grads = sum_and_grad(trainable, frozen, microbatch,
+                                               jax.random.fold_in(rng, i), teacher_params)
+      return jax.tree.map(jnp.add, carry, (loss_sum, weight, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
-    return jax.tree.map(lambda x: x / accum_steps, total)
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(jnp.zeros_like, trainable))
+    return jax.lax.scan(accumulate, zeros, (steps, _split(batch, accum_steps)))[0]
+
+  def gradient_cache(trainable, frozen, batch, rng, teacher_params):
+    micro = _split(batch, accum_steps)
+
+    def forward(params, i, microbatch):
+      return objective.forward(params, frozen, microbatch, jax.random.fold_in(rng, i))
+
+    outputs = jax.lax.map(lambda xs: forward(trainable, *xs), (steps, micro))
+    (loss_sum, weight), d_merged = jax.value_and_grad(
+        lambda out: objective.loss(out, batch, teacher_params), has_aux=True)(
+            jax.tree.map(_merge, outputs))
+    d_outputs = jax.tree.map(_split_like, d_merged, outputs)
+
+    def backprop(grads, xs):
+      i, microbatch, d_out = xs
+      _, vjp = jax.vjp(lambda params: forward(params, i, microbatch), trainable)
+      return jax.tree.map(jnp.add, grads, vjp(d_out)[0]), None
+
+    grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, trainable),
+                            (steps, micro, d_outputs))
+    return loss_sum, weight, grads
+
+  def grads_of(trainable, frozen, batch, rng, teacher_params):
+    """(weighted-mean loss, its gradient) over the whole batch."""
+    if accum_steps == 1:
+      (loss_sum, weight), grads = sum_and_grad(trainable, frozen, batch, rng, teacher_params)
+    else:
+      accumulate = accumulated if objective.separable else gradient_cache
+      loss_sum, weight, grads = accumulate(trainable, frozen, batch, rng, teacher_params)
+    weight = jnp.maximum(weight, 1e-6)
+    return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads)
 
   def train_step(state, batch, teacher_params):
     trainable, frozen = optim.split(state["params"], mask)
@@ -158,9 +250,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, mask: Any, lr_fn,
   return train_step
 
 
-def make_phase(config: mlc.ConfigDict, loss_fn, params_shape: Any, param_shardings: Any, mesh,
-               step: int, *, teacher_shardings: Any = None) -> Phase:
-  """Optimizer and jitted step of the unfreezing phase that runs update `step`.
+def make_phase(config: mlc.ConfigDict, objective_for: Callable[[Any], Objective],
+               params_shape: Any, param_shardings: Any, mesh, step: int, *,
+               teacher_shardings: Any = None) -> Phase:
+  """Optimizer and jitted step of the unfreezing phase that runs update `step`;
+  `objective_for(freeze_mask)` gives the loss of that trainable set.
 
   The step donates the train state (updated in place) and takes the batch
   sharded over ("data", "fsdp"); mmtl.bench times exactly this function's step.
@@ -173,7 +267,7 @@ def make_phase(config: mlc.ConfigDict, loss_fn, params_shape: Any, param_shardin
                   "opt_state": jax.eval_shape(tx.init, params_shape)}
   state_shardings = sharding.state_shardings(mesh, state_shapes, param_shardings)
   step_fn = jax.jit(
-      make_train_step(loss_fn, tx, mask, lr_fn, seed=config.seed,
+      make_train_step(objective_for(mask), tx, mask, lr_fn, seed=config.seed,
                       accum_steps=int(config.grad_accum_steps)),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -373,9 +467,9 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
     note(f"Distilling from {config.distill.teacher_workdir} "
          f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)}).")
-  loss_fn = make_loss_fn(model, config, teacher_logits)
+  objective_for = functools.partial(make_objective, model, config, teacher_logits)
   build_phase = functools.partial(
-      make_phase, config, loss_fn, params_shape, param_shardings, mesh,
+      make_phase, config, objective_for, params_shape, param_shardings, mesh,
       teacher_shardings=teacher_shardings)
   for boundary in [0] + optim.phase_boundaries(config.optim):
     if boundary < total_steps:

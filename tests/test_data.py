@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from mmtl import config as config_lib
 import mmtl.data as data
 from mmtl.data import shapes
 
@@ -278,8 +279,8 @@ def test_image_only_dataset_needs_no_tokenizer(cfg):
 
 @pytest.mark.parametrize("override, error, match", [
     (dict(dataset="no_such_dataset"), ValueError, "Unknown dataset"),
-    (dict(split="training"), ValueError, "Unknown split 'training'.*validation_iid"),
-    (dict(fields=dict(text="answer")), KeyError, "'answer' not in the dataset.*question"),
+    (dict(split="training"), config_lib.ConfigError, "Unknown split 'training'.*validation_iid"),
+    (dict(fields=dict(text="answer")), config_lib.ConfigError, "'answer' not in the dataset.*question"),
     (dict(dataset="mnist", data_dir="/nonexistent/tfds"), FileNotFoundError, "does not exist"),
     (dict(shuffle=True), ValueError, "Unknown config key config.input.shuffle"),
     (dict(augment=dict(flips=True)), ValueError, "config.input.augment.flips"),

@@ -164,35 +164,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert_dir, data_dir, 
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(workdir)))
 
 
-def test_grad_accumulation_matches_full_batch():
-  """lax.scan over 2 microbatches gives the full batch's update (1 device, no model)."""
-  import optax
-  from mmtl import optim
-
-  def loss_fn(trainable, frozen, batch, rng, teacher_params):
-    del rng, teacher_params
-    w = optim.combine(trainable, frozen)
-    return ((batch["x"] @ w["w"] + w["b"] - batch["y"]) ** 2).mean()
-
-  rng = np.random.default_rng(0)
-  params = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.ones(2, np.float32)}
-  batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
-           "y": rng.normal(size=(8, 2)).astype(np.float32)}
-  mask = {"w": False, "b": True}  # b frozen: must stay bit-identical
-  tx = optax.multi_transform({"t": optax.sgd(0.1), "f": optax.set_to_zero()},
-                             {"w": "t", "b": "f"})
-  state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
-  out = {}
-  for accum in (1, 2, 4):
-    step = train.make_train_step(loss_fn, tx, mask, lambda s: 0.1, seed=0, accum_steps=accum)
-    out[accum] = jax.jit(step)(state, batch, None)
-  for accum in (2, 4):
-    np.testing.assert_allclose(out[accum][0]["params"]["w"], out[1][0]["params"]["w"], rtol=1e-5)
-    np.testing.assert_allclose(out[accum][1]["train/loss"], out[1][1]["train/loss"], rtol=1e-5)
-  assert (np.asarray(out[1][0]["params"]["b"]) == params["b"]).all()
-  assert not np.allclose(out[1][0]["params"]["w"], params["w"])
-
-
 def test_contrastive_run_with_retrieval_zeroshot_and_probe(tiny_bert_dir, data_dir, tmp_path):
   config = tiny_config(
       tiny_bert_dir, data_dir, total_steps=3, ckpt_every=100,
@@ -307,3 +278,29 @@ def test_lora_bf16_run_with_early_stopping(tiny_bert_dir, data_dir, tmp_path):
                                 pretrained[f"{query}/kernel"])
   assert np.abs(params[f"text_encoder/{query}/lora_b"]).max() > 0
   assert "text_encoder/encoder/layer_0/attn/key/lora_b" not in params
+
+
+def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
+  """LiT: a fully frozen tower gets no dropout in training (the tiny BERT has dropout
+  0.1), unless config.model.frozen_tower_mode="train"."""
+  from mmtl import optim
+  config = config_lib.with_defaults(tiny_config(
+      tiny_bert_dir, data_dir, optim=dict(name="adam", lr=1e-3, frozen=["text_encoder/.*"])))
+  model = fusion.build(config.model)
+  batch = next(data.make_train_iterator(config.input, batch_size=4, seed=0))
+  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  mask = optim.freeze_mask(params, config.optim)
+  assert train.locked_towers(model, mask) == ("text",)
+  assert train.locked_towers(model, optim.freeze_mask(params, {})) == ()
+
+  def features(mode, seed):
+    cfg = mlc.ConfigDict(config.to_dict())
+    cfg.model.frozen_tower_mode = mode
+    objective = train.make_objective(model, cfg, None, mask)
+    return np.asarray(objective.forward(*optim.split(params, mask), batch,
+                                        jax.random.PRNGKey(seed))["features"])
+
+  np.testing.assert_array_equal(features("inference", 1), features("inference", 2))
+  assert np.abs(features("train", 1) - features("train", 2)).max() > 1e-3
+  with pytest.raises(config_lib.ConfigError, match="frozen_tower_mode='eval'"):
+    features("eval", 1)

@@ -8,7 +8,8 @@ this dataset, not to read it):
 
 Splits: train (82,783 images), restval (30,504), val (5,000), test (5,000); each
 image has ~5 captions (`captions/text`): training samples one at random, eval
-uses the first. Use as `config.input = coco_captions.get_config("<checkpoint>")` (`from configs.data import coco_captions`),
+uses the first (`input.eval_text`); a retrieval evaluator with `captions=5` embeds all
+five, the protocol of published COCO 5k numbers. Use as `config.input = coco_captions.get_config("<checkpoint>")` (`from configs.data import coco_captions`),
 e.g. `openai/clip-vit-base-patch32` (its tokenizer, image size and mean/std), and
 `config.evals.<name>.input = dict(split="test")` for retrieval.
 """

@@ -54,8 +54,9 @@ def defaults() -> ml_collections.ConfigDict:
       loader="grain",  # "grain" (array_record) or "tf" (tf.data; needs TensorFlow).
       # Dataset feature read for each modality / the label; None = not used.
       # "a/b" reads feature b of a Sequence feature a (e.g. "captions/text");
-      # a sequence of texts gives a random one in training, the first at eval.
+      # a sequence of texts gives a random one in training, text `eval_text` at eval.
       fields=dict(image="image", text="question", label="label", audio=None),
+      eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
       image=dict(
           size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
           resize=None,  # Eval: shorter side resized to this, then center crop; None: = size.
@@ -69,7 +70,9 @@ def defaults() -> ml_collections.ConfigDict:
           color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
       ),
       class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
-      modality_dropout=dict(image=0.0, text=0.0, audio=0.0),  # Training: P(blank).
+      # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
+      # `blank` must sum to at most their number - 1 (one such modality: rate 0).
+      modality_dropout=dict(image=0.0, text=0.0, audio=0.0),
       blank=(),  # Modalities always blanked (train and eval), e.g. ("text",) = image-only.
       cache=False,  # Hold this process's decoded examples in memory (small datasets).
       num_threads=2,  # Threads producing batches in this process.
@@ -281,6 +284,52 @@ def _random_resized_crop(img: np.ndarray, size: int, scale: Sequence[float], rng
   return np.asarray(crop.resize((size, size), Image.BILINEAR))
 
 
+class _ModalityDropout:
+  """Draws which modalities an example keeps: each blanked at exactly its rate, never all at once.
+
+  Independent draws with one modality restored when all come up blank keep modalities more often
+  than configured (image 0.3, text 0.5 gave 0.225 / 0.421), and so does redrawing. Instead the kept
+  set is drawn from independent keeping at rates (1 - p_m) * t conditioned on keeping one, t in
+  [0, 1] solved so that the marginals are exactly 1 - p_m: the distribution closest to independent
+  dropout (maximum entropy) with these rates. It exists iff sum(p) <= n - 1, as an example blanks at
+  most n - 1 of its n modalities; t = 1 (plain independent draws) when some rate is 0.
+  """
+
+  def __init__(self, rates: Mapping[str, float]):
+    """`rates`: P(blank) of each modality dropout may blank (used and not in config.input.blank)."""
+    for m, p in rates.items():
+      if not 0.0 <= p <= 1.0:
+        raise config_lib.ConfigError(f"config.input.modality_dropout.{m}={p} is not a probability in [0, 1].")
+    self.modalities, n, total = list(rates), len(rates), sum(rates.values())
+    keep = 1.0 - np.array(list(rates.values()), np.float64)
+    # Every kept set but the empty one: row k keeps modality i iff bit i of k + 1 is set.
+    self.patterns = (np.arange(1, 2 ** n)[:, None] >> np.arange(n)) & 1 == 1
+
+    def weights(t: float) -> np.ndarray:  # Marginals are `keep` for every t; t sets their sum.
+      return t ** (self.patterns.sum(1) - 1) * np.where(self.patterns, keep, 1.0 - keep * t).prod(1)
+
+    if weights(0.0).sum() < 1.0 - 1e-9:  # The sum falls from n - sum(p) at t = 0 to 1 - prod(p) at 1.
+      if n == 1:
+        raise config_lib.ConfigError(
+            f"config.input.modality_dropout.{self.modalities[0]}={total:g}, but {self.modalities[0]} is the only "
+            "used modality not in config.input.blank and dropout never blanks every modality: set it to 0.")
+      fix = ", ".join(f"{m}={math.floor(p * (n - 1) / total * 100) / 100:g}" for m, p in rates.items())
+      raise config_lib.ConfigError(
+          f"config.input.modality_dropout rates {', '.join(f'{m}={p:g}' for m, p in rates.items())} sum "
+          f"to {total:g}, but dropout never blanks all {n} used modalities not in config.input.blank at "
+          f"once, so their rates can sum to at most {n - 1}: lower them, e.g. to {fix}.")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # Bisect for the t whose weights sum to 1.
+      mid = (lo + hi) / 2
+      lo, hi = (mid, hi) if weights(mid).sum() > 1.0 else (lo, mid)
+    w = weights(hi)
+    self.probs = w / w.sum()
+
+  def __call__(self, rng: np.random.Generator) -> dict[str, bool]:
+    """Whether each modality is kept, from one draw of this element's RNG."""
+    return dict(zip(self.modalities, self.patterns[rng.choice(len(self.probs), p=self.probs)]))
+
+
 class _Preprocess:
   """The numpy preprocessing shared by both loaders: per example, then per batch."""
 
@@ -307,7 +356,8 @@ class _Preprocess:
     self.crop_scale = aug.crop_scale if train else None
     self.flip = aug.flip and train
     self.jitter = aug.color_jitter if train else 0.0
-    self.dropout = {m: cfg.modality_dropout[m] for m in self.modalities} if train else {}
+    self.dropout = _ModalityDropout({m: cfg.modality_dropout[m] for m in self.modalities
+                                     if m not in cfg.blank}) if train else None
 
   def decode(self, ex: Mapping[str, Any]) -> dict[str, Any]:
     """Used fields only, in numpy (the cacheable, RNG-free part)."""
@@ -317,8 +367,20 @@ class _Preprocess:
       if name == "text":
         texts = [value] if isinstance(value, (bytes, str)) else list(value)
         value = [t.decode() if isinstance(t, bytes) else t for t in texts]
+        if not self.train:
+          value = self._eval_text(value)
       out[name] = value
     return out
+
+  def _eval_text(self, texts: list[str]) -> list[str]:
+    """Text `eval_text` alone: eval uses one fixed text (multi-caption retrieval reads
+    each caption in its own pass)."""
+    i = self.cfg.eval_text
+    if not 0 <= i < len(texts):
+      raise config_lib.ConfigError(
+          f"An eval example has {len(texts)} texts; config.input.eval_text={i} needs at least "
+          f"{i + 1} (retrieval: lower config.evals.<name>.captions).")
+    return texts[i:i + 1]
 
   def example(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Crop/resize, and draw this element's random decisions (applied batched in `images`)."""
@@ -345,13 +407,9 @@ class _Preprocess:
       if self.class_weights is not None:
         weight = self.class_weights[ex["label"]]
     out["example_weight"] = np.float32(weight)
-    present = {m: m not in self.cfg.blank and rng.random() >= self.dropout.get(m, 0.0)
-               for m in self.modalities}
-    if not any(present.values()):  # Dropout never blanks every modality: keep one at random.
-      keep = [m for m in self.modalities if m not in self.cfg.blank]
-      present[keep[rng.integers(len(keep))]] = True
+    kept = self.dropout(rng) if self.dropout else {}
     for m in self.modalities:
-      out[f"{m}_present"] = np.float32(present[m])
+      out[f"{m}_present"] = np.float32(m not in self.cfg.blank and kept.get(m, True))
     return out
 
   @staticmethod

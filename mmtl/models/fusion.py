@@ -315,13 +315,15 @@ class FusionModel(nn.Module):
                        jnp.float32)
 
   def _run_towers(self, batch, bottleneck: BottleneckFusion | None, *,
-                  train: bool) -> dict[str, TowerOutput]:
-    """Run every tower whose inputs are in the batch; bottleneck towers exchange tokens."""
+                  train: dict[str, bool]) -> dict[str, TowerOutput]:
+    """Run every tower whose inputs are in the batch (`train`: per modality, whether
+    in training mode); bottleneck towers exchange tokens."""
     given = [m for m in self.modalities if PRIMARY_INPUT[m] in batch]
     if not given:
       raise ValueError(f"The batch has none of the model's inputs "
                        f"{[PRIMARY_INPUT[m] for m in self.modalities]}; got {sorted(batch)}.")
-    embedded = {m: self._encoder(m).embed(**tower_inputs(m, self._encoder(m), batch, train=train))
+    embedded = {m: self._encoder(m).embed(**tower_inputs(m, self._encoder(m), batch,
+                                                         train=train[m]))
                 for m in given}
     batch_size = next(iter(embedded.values()))[0].shape[0]
     present = {m: self._present(m, batch, batch_size) for m in given}
@@ -329,7 +331,7 @@ class FusionModel(nn.Module):
       hidden = self._bottleneck_layers(bottleneck, embedded, present, train=train)
     else:
       hidden = {m: self._encoder(m).run_layers(x, mask, 0, self._encoder(m).num_layers,
-                                               deterministic=not train)
+                                               deterministic=not train[m])
                 for m, (x, mask) in embedded.items()}
     out = {}
     for m in given:
@@ -355,9 +357,9 @@ class FusionModel(nn.Module):
     return starts, num_fusion.pop()
 
   def _bottleneck_layers(self, bn: BottleneckFusion, embedded, present, *,
-                         train: bool) -> dict[str, jax.Array]:
+                         train: dict[str, bool]) -> dict[str, jax.Array]:
     starts, num_fusion = self._fusion_starts()
-    hidden = {m: self._encoder(m).run_layers(x, mask, 0, starts[m], deterministic=not train)
+    hidden = {m: self._encoder(m).run_layers(x, mask, 0, starts[m], deterministic=not train[m])
               for m, (x, mask) in embedded.items()}
     n = self.bottleneck_tokens
     b = bn.init_tokens(next(iter(hidden.values())).shape[0])
@@ -369,7 +371,7 @@ class FusionModel(nn.Module):
         x = jnp.concatenate([hidden[m], bn.enter(m, b)], axis=1)
         x_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], n), bool)], axis=1)
         x = self._encoder(m).run_layers(x, x_mask, starts[m] + k, starts[m] + k + 1,
-                                        deterministic=not train)
+                                        deterministic=not train[m])
         hidden[m] = x[:, :-n]
         updates.append(bn.leave(m, x[:, -n:]))
       # Shared tokens: the present towers' views averaged (MBT); absent ones don't vote.
@@ -377,14 +379,18 @@ class FusionModel(nn.Module):
     return hidden
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, jax.Array]:
+  def __call__(self, batch: Mapping[str, Any], *, train: bool = False,
+               inference_towers: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """Outputs on `batch`. With `train`, dropout is on everywhere except in the towers
+    of `inference_towers` (modalities): locked towers run as at inference (LiT)."""
     bottleneck = None
     if self.fusion_type == "bottleneck":
       bottleneck = BottleneckFusion(
           self.width, self.bottleneck_tokens,
           tuple((m, self._encoder(m).hidden_size) for m in self.modalities),
           dtype=self.dtype, name="fusion")
-    towers = self._run_towers(batch, bottleneck, train=train)
+    towers = self._run_towers(
+        batch, bottleneck, train={m: train and m not in inference_towers for m in self.modalities})
     if self.fusion_type == "contrastive":
       return ContrastiveHead(self.width, self.temperature_init, dtype=self.dtype,
                              name="head")({m: t.pooled for m, t in towers.items()})
