@@ -321,9 +321,9 @@ def load_file(spec: str) -> mlc.ConfigDict:
 _OVERRIDES: list[tuple[str, str]] = []
 
 
-def define_flags(config_help: str = "Config file (configs/x.py[:arg]).") -> None:
+def define_flags() -> None:
   """`--config file.py[:arg]`; `--config.key=value` overrides are read by `parse_flags`."""
-  flags.DEFINE_string("config", None, config_help)
+  flags.DEFINE_string("config", None, "Config file (configs/x.py[:arg]).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -349,11 +349,6 @@ def from_flags(base: mlc.ConfigDict | None = None) -> mlc.ConfigDict:
   """The config of `--config` (or `base`) with the command line's overrides applied."""
   config = base if base is not None else load_file(flags.FLAGS.config)
   return apply_overrides(config, _OVERRIDES)
-
-
-def overrides() -> list[tuple[str, str]]:
-  """The `--config.KEY=VALUE` pairs of the command line, in order."""
-  return list(_OVERRIDES)
 
 
 # ------------------------------------------------------ workdir config ---

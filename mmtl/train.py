@@ -468,10 +468,17 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     note(f"Distilling from {config.distill.teacher_workdir} "
          f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)}).")
   objective_for = functools.partial(make_objective, model, config, teacher_logits)
-  build_phase = functools.partial(
-      make_phase, config, objective_for, params_shape, param_shardings, mesh,
-      teacher_shardings=teacher_shardings)
-  for boundary in [0] + optim.phase_boundaries(config.optim):
+  boundaries = optim.phase_boundaries(config.optim)
+  phases: dict[int, Phase] = {}
+
+  def build_phase(step: int) -> Phase:  # Built once per phase: validated here, reused by the run.
+    start = phase_start(step, boundaries)
+    if start not in phases:
+      phases[start] = make_phase(config, objective_for, params_shape, param_shardings, mesh, start,
+                                 teacher_shardings=teacher_shardings)
+    return phases[start]
+
+  for boundary in [0] + boundaries:
     if boundary < total_steps:
       build_phase(boundary)
 
