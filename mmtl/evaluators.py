@@ -167,16 +167,18 @@ class Evaluator:
     needs = {"classification": "classification", "linear_probe": None, "regression": "regression",
              "retrieval": "contrastive", "zeroshot": "contrastive"}[kind]
     if needs and needs != head_type:
-      raise config_lib.ConfigError(f"config.evals.{name} is a {kind!r} evaluator, which needs a {needs!r} "
-                       f"head; the model has head_type={head_type!r}.")
+      raise config_lib.ConfigError(f"config.evals.{name} is a {kind!r} evaluator, which needs a "
+                                   f"{needs!r} head; the model has head_type={head_type!r}.")
     captions = cfg.get("captions", _KEYS["retrieval"]["captions"])
     if kind == "retrieval" and not (isinstance(captions, int) and captions >= 1):
       raise config_lib.ConfigError(f"config.evals.{name}.captions={captions!r}; use the number of "
                                    "captions per image (1: the first; 5: COCO / Flickr30k).")
     if kind == "zeroshot" and not (cfg.get("classnames") and cfg.get("tokenizer")):
-      raise config_lib.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` and "
-                       "`tokenizer` (and optionally `prompts`, e.g. ['a photo of a {}.']).")
+      raise config_lib.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` "
+                                   "and `tokenizer` (and optionally `prompts`, e.g. "
+                                   "['a photo of a {}.']).")
     self.name, self.cfg, self.kind = name, cfg, kind
+    self.captions, self.ks = captions, tuple(cfg.get("ks", _KEYS["retrieval"]["ks"]))
     self.every = int(cfg.get("every", 0))
     self._make_batches, self._predict, self._embed_texts = make_batches, predict, embed_texts
     self._open_input = open_input
@@ -186,11 +188,8 @@ class Evaluator:
     if self.kind == "linear_probe":
       return [self.cfg, self._train_cfg()]
     if self.kind == "retrieval":  # The image pass, and the text-only pass of later captions.
-      return [self._caption_cfg(i) for i in range(min(self._captions(), 2))]
+      return [self._caption_cfg(i) for i in range(min(self.captions, 2))]
     return [self.cfg]
-
-  def _captions(self) -> int:
-    return int(self.cfg.get("captions", _KEYS["retrieval"]["captions"]))
 
   def _caption_cfg(self, index: int) -> dict[str, Any]:
     """The eval config that reads caption `index` of every example; past the first, text
@@ -205,9 +204,8 @@ class Evaluator:
 
   def metric_names(self) -> list[str]:
     """The names `run` logs (`<evaluator>/<metric>`)."""
-    ks = self.cfg.get("ks", _KEYS["retrieval"]["ks"])
     names = {"classification": ["accuracy", "macro_f1", "loss"], "regression": ["mse", "mae"],
-             "retrieval": [f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in ks],
+             "retrieval": [f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in self.ks],
              "zeroshot": ["accuracy"], "linear_probe": ["accuracy"]}[self.kind]
     return [f"{self.name}/{n}" for n in names]
 
@@ -243,10 +241,9 @@ class Evaluator:
                   ["image_embeds", "text_embeds"])
     texts = [out["text_embeds"]] + [
         collect(predict, self._make_batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
-        for i in range(1, self._captions())]
+        for i in range(1, self.captions)]
     num_images = len(out["image_embeds"])  # Text j: caption j // num_images of image j % num_images
-    return retrieval_recall(out["image_embeds"], np.concatenate(texts),
-                            self.cfg.get("ks", _KEYS["retrieval"]["ks"]),
+    return retrieval_recall(out["image_embeds"], np.concatenate(texts), self.ks,
                             text_to_image=np.tile(np.arange(num_images), len(texts)))
 
   def _zeroshot(self, params, predict):
@@ -261,14 +258,15 @@ class Evaluator:
 
   def _linear_probe(self, params, predict):
     train_cfg = self._train_cfg()
-    num_train = int(self.cfg.get("num_train", _KEYS["linear_probe"]["num_train"]))
+    probe = {**_KEYS["linear_probe"], **self.cfg}
+    num_train = int(probe["num_train"])
     train = collect(predict, _take_examples(self._make_batches(train_cfg), num_train),
                     ["features", "labels"])
     test = collect(predict, self._make_batches(self.cfg), ["features", "labels"])
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
     return {"accuracy": ridge_probe_accuracy(
         train["features"][:num_train], train["labels"][:num_train], test["features"],
-        test["labels"], num_classes, float(self.cfg.get("l2_reg", _KEYS["linear_probe"]["l2_reg"])))}
+        test["labels"], num_classes, float(probe["l2_reg"]))}
 
 
 def _take_examples(batches: Iterable[Mapping[str, Any]], num: int):
