@@ -25,22 +25,25 @@ a config-file argument appended to `--config PATH:NAME=VALUE,...` (how
 configs/quickstart.py selects towers, init and fusion). Values with commas take
 a Python list: `--grid "arg.modalities=['image,text', 'image', 'text']"`.
 
-Flags after `--` go to every run unchanged and are not part of the run names.
+Flags after `--` go to every run unchanged and are not part of the run names; so do
+`--config.KEY=VALUE` overrides given before it (as mmtl.train takes them).
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
+import dataclasses
 import itertools
 import json
 import os
+from pathlib import Path
 import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from absl import app, flags
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs.* in config files.
@@ -48,9 +51,24 @@ if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs
 from mmtl import config as config_lib  # noqa: E402
 from mmtl import workdir as workdir_lib  # noqa: E402
 
-METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported, as that loads JAX.
+METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported: it loads JAX.
 ARG_PREFIX = "arg."  # Swept keys that are config-file arguments, not config keys.
 Overrides = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The command line: the sweep's flags, and `train_flags`, given to every run unchanged."""
+  config: str
+  sweep_dir: str
+  grid: list[str]
+  sweep: str | None
+  emit: str | None
+  collect: bool
+  keep_going: bool
+  train_module: str
+  python: str
+  train_flags: list[str]
 
 
 # ---- Which runs ----------------------------------------------------------------
@@ -135,7 +153,7 @@ def config_spec(config: str, overrides: Overrides) -> str:
   return config + (("," if ":" in config else ":") + ",".join(args))
 
 
-def train_command(args: argparse.Namespace, workdir: str, overrides: Overrides) -> list[str]:
+def train_command(args: Options, workdir: str, overrides: Overrides) -> list[str]:
   config = config_spec(args.config, overrides)
   flags = [f"--config.{key}={cli_value(value)}" for key, value in overrides.items()
            if not key.startswith(ARG_PREFIX)] + args.train_flags
@@ -167,7 +185,7 @@ def is_done(workdir: str) -> bool:
 
 # ---- Running ---------------------------------------------------------------------
 
-def run_locally(args: argparse.Namespace, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
+def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
   """Runs the unfinished runs one after another; returns the names that failed."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -242,37 +260,67 @@ def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path
 
 # ---- Main ------------------------------------------------------------------------
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  train_flags = []
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The sweep's flags; `--sweep-dir`, `--keep-going`, `--train-module` are aliases."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("config", None, "Base config, PATH[:ARG], as for mmtl.train. Required.", **fv)
+  flags.DEFINE_string("sweep_dir", None, "One workdir per run goes here. Required.", **fv)
+  flags.DEFINE_multi_string("grid", [], "KEY=V1,V2: a swept config key and its values (repeatable: "
+                            "the runs are the product).", **fv)
+  flags.DEFINE_string("sweep", None, "FILE[:ARG]: a file whose get_sweep([ARG]) returns the runs' "
+                      "override dicts (default: the config file's own get_sweep(), if it has one "
+                      "and no --grid is given).", **fv)
+  flags.DEFINE_enum("emit", None, ["local", "tpu", "slurm"],
+                    "Print the unfinished runs' launch commands instead of running them: local "
+                    "(python -m ...), tpu (launch/tpu_vm.sh run; set TPU_NAME, TPU_ZONE, "
+                    "TPU_ACCELERATOR_TYPE), slurm (sbatch launch/slurm.sbatch).", **fv)
+  flags.DEFINE_bool("collect", False, "Only (re)write the results table.", **fv)
+  flags.DEFINE_bool("keep_going", False,
+                    "Go on with the next run after a failed one, instead of stopping.", **fv)
+  flags.DEFINE_string("train_module", "mmtl.train", "Module run with `python -m` for each run: any "
+                      "trainer taking --config/--workdir and writing final_metrics.json.", **fv)
+  flags.DEFINE_string("python", sys.executable, "Interpreter for local runs.", **fv)
+  for alias, name in [("sweep-dir", "sweep_dir"), ("keep-going", "keep_going"),
+                      ("train-module", "train_module")]:
+    flags.DEFINE_alias(alias, name, **fv)
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses `argv` (program first) into `flag_values`; returns [program, *the runs' flags].
+
+  The runs' flags are those after `--` and the `--config.KEY=VALUE` (or `--config.KEY VALUE`)
+  overrides before it, in order: absl would reject the latter as unknown flags.
+  """
+  after = []
   if "--" in argv:
-    argv, train_flags = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-  parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0], epilog="See the module docstring for examples.")
-  parser.add_argument("--config", required=True, help="base config, PATH[:ARG], as for mmtl.train")
-  parser.add_argument("--sweep_dir", "--sweep-dir", required=True, help="one workdir per run goes here")
-  parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                      help="a swept config key and its values (repeatable: the runs are the product)")
-  parser.add_argument("--sweep", metavar="FILE[:ARG]",
-                      help="a file whose get_sweep([ARG]) returns the runs' override dicts "
-                           "(default: the config file's own get_sweep(), if it has one and no --grid is given)")
-  parser.add_argument("--emit", choices=["local", "tpu", "slurm"],
-                      help="print the unfinished runs' launch commands instead of running them: "
-                           "local (python -m ...), tpu (launch/tpu_vm.sh run; set TPU_NAME, TPU_ZONE, "
-                           "TPU_ACCELERATOR_TYPE), "
-                           "slurm (sbatch launch/slurm.sbatch)")
-  parser.add_argument("--collect", action="store_true", help="only (re)write the results table")
-  parser.add_argument("--keep_going", "--keep-going", action="store_true",
-                      help="go on with the next run after a failed one (default: stop)")
-  parser.add_argument("--train_module", "--train-module", default="mmtl.train",
-                      help="module run with `python -m` for each run: any trainer taking "
-                           "--config/--workdir and writing final_metrics.json")
-  parser.add_argument("--python", default=sys.executable, help="interpreter for local runs")
-  args = parser.parse_args(argv)
-  args.train_flags = train_flags
-  return args
+    argv, after = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+  own, train_flags, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      if "=" not in arg and i + 1 < len(argv):
+        arg, i = f"{arg}={argv[i + 1]}", i + 1
+      train_flags.append(arg)
+    else:
+      own.append(arg)
+    i += 1
+  program, *positional = flag_values(own)
+  if positional:
+    raise flags.Error(f"unexpected arguments {positional}: flags for every run go after `--`")
+  return [program, *train_flags, *after]
 
 
-def sweep_runs(args: argparse.Namespace) -> list[Overrides]:
+def options(flag_values: flags.FlagValues, train_flags: list[str]) -> Options:
+  """The parsed command line; ValueError if a required flag is missing."""
+  for name in ("config", "sweep_dir"):
+    if not flag_values[name].value:
+      raise ValueError(f"--{name} is required")
+  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Options)
+            if f.name != "train_flags"}
+  return Options(**values, train_flags=list(train_flags))
+
+
+def sweep_runs(args: Options) -> list[Overrides]:
   grid_runs = grid([parse_axis(spec) for spec in args.grid]) if args.grid else None
   if args.sweep:
     sweep_file_runs = load_sweep_file(args.sweep)
@@ -286,9 +334,28 @@ def sweep_runs(args: argparse.Namespace) -> list[Overrides]:
   return combine(sweep_file_runs, grid_runs)
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
+  """The sweep of command line `argv` (without the program name), with flags of its own: for
+  tests and Python callers; `python launch/sweep.py ARGS` runs the same through app.run."""
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
   try:
+    train_flags = parse_flags(["sweep.py", *argv], flag_values)[1:]
+  except flags.Error as e:
+    print(f"sweep.py: error: {e}", file=sys.stderr)
+    return 2
+  return run(flag_values, train_flags)
+
+
+def _app_main(argv: list[str]) -> int:
+  """app.run's main: flags.FLAGS parsed by parse_flags, argv = [program, *the runs' flags]."""
+  return run(flags.FLAGS, argv[1:])
+
+
+def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
+  """Runs, emits or collects the sweep of parsed flags; returns the exit code (2: a bad sweep)."""
+  try:
+    args = options(flag_values, train_flags)
     runs = [(run_name(overrides), overrides) for overrides in sweep_runs(args)]
   except (ValueError, FileNotFoundError) as e:
     print(f"sweep.py: error: {e}", file=sys.stderr)
@@ -329,4 +396,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(_app_main, flags_parser=parse_flags)

@@ -1,12 +1,12 @@
 r"""Training-step benchmark: mmtl's trainer step vs HF transformers PyTorch, same device and batch.
 
-  python -m mmtl.bench --preset clip_b16 --batch 256 --out bench_out   # one GPU (README, "Benchmark")
+  python -m mmtl.bench --preset clip_b16 --batch 256 --out bench_out   # one GPU (docs/benchmark.md)
   python -m mmtl.bench --tiny --out /tmp/bench                         # CPU, tiny sizes, seconds
 
 Measured, each in its own process by default (clean peak memory, one
 framework on the GPU at a time), all on the first local device:
   matmul  the bf16 matmul ceiling: an n x n x n product timed with jnp.
-  mmtl    `mmtl.train.make_train_step` of a real trainer config (random init,
+  mmtl    the trainer's step (`mmtl.train_step.make_phase`) of a real trainer config (random init,
           bf16 compute, fp32 params, AdamW), jitted as the trainer does
           (shardings, donated state), for CLIP contrastive `full` fine-tuning,
           `locked` image (LiT: `frozen=["image_encoder/.*"]`) and a `fused`
@@ -21,13 +21,12 @@ steps each, dispatched back to back with one block/synchronize at the end of a
 run; the reported step time is the median over runs. Batches are
 device-resident synthetic data (`--input host` feeds numpy batches through a
 2-deep device prefetch instead). FLOPs are analytic (`train_flops`, formula in
-README, "Benchmark"); MFU = achieved FLOP/s / the measured matmul ceiling. Writes
+docs/benchmark.md); MFU = achieved FLOP/s / the measured matmul ceiling. Writes
 `OUT/bench.json` and `OUT/bench.md` after every measurement, so a run cut
 short keeps what it finished.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -42,6 +41,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from absl import flags
 import numpy as np
 
 from mmtl import workdir  # etils only: importing mmtl.bench loads no JAX
@@ -81,7 +81,7 @@ TORCH_VARIANTS = ("full", "locked")
 TORCH_MODES = ("eager", "compile")
 LOCKED_RULE = "image_encoder/.*"  # mmtl.optim `frozen` rule of the locked-image (LiT) variant
 
-# Recommended XLA flags for the GPU step (README, "Benchmark", says why); unknown ones
+# Recommended XLA flags for the GPU step (docs/benchmark.md, "Fast path on GPU", says why); unknown ones
 # are dropped with a warning, since XLA aborts on a flag its build lacks.
 XLA_FLAGS = {
     "recommended": ("--xla_gpu_enable_latency_hiding_scheduler=true",
@@ -264,38 +264,27 @@ def _memory_analysis_bytes(compiled: Any) -> int | None:
              - m.alias_size_in_bytes)
 
 
-def build_mmtl_step(config, mesh, example_batch: Mapping[str, np.ndarray]
-                    ) -> tuple[Callable[..., Any], Callable[[], Any], Any]:
+def build_mmtl_step(config, mesh) -> tuple[Callable[..., Any], Callable[[], Any], Any]:
   """(jitted step, init_state(), abstract state) of `config`, built as mmtl.train builds them.
 
-  The step is the trainer's own: `mmtl.train.make_phase` (jitted
-  `make_train_step` over `make_objective`, trainer shardings, donated state).
+  The step is the trainer's own (`mmtl.train_step.make_phase`: the jitted
+  `make_train_step` over `make_objective`, trainer shardings, donated state), and
+  the state comes from the trainer's builder (`mmtl.train_state`, created sharded).
   """
-  import jax
-  import jax.numpy as jnp
-  from mmtl import sharding
-  from mmtl import train
+  from mmtl import train_state
+  from mmtl import train_step
   from mmtl.models import fusion
 
   model = fusion.build(config.model)
-  init_batch = {k: v[:1] for k, v in example_batch.items()}
-
-  def init(rng):
-    return model.init(rng, init_batch)["params"]
-
-  params_shape = jax.eval_shape(init, jax.random.PRNGKey(0))
-  param_shardings = sharding.param_shardings(mesh, params_shape, config.sharding_rules)
-  objective_for = functools.partial(train.make_objective, model, config, None)
-  phase = train.make_phase(config, objective_for, params_shape, param_shardings, mesh, 0)
-  step, tx, state_shardings = phase.step_fn, phase.tx, phase.state_shardings
+  layout = train_state.param_layout(model, config, mesh)
+  objective_for = functools.partial(train_step.make_objective, model, config, None)
+  phase = train_step.make_phase(config, objective_for, layout.shapes, layout.shardings, mesh, 0)
 
   def init_state():
-    params = jax.jit(init, out_shardings=param_shardings)(jax.random.PRNGKey(0))
-    return {"step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
-            "params": params,
-            "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)}
+    params = train_state.init_params(model, config, layout, pretrained=False)
+    return train_state.init_state(params, phase.tx, phase.state_shardings)
 
-  return step, init_state, phase.state_shapes
+  return phase.step_fn, init_state, phase.state_shapes
 
 
 def lowered_flops(lowered: Any) -> float | None:
@@ -310,14 +299,15 @@ def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
   """Times the trainer's jitted step for one variant; also XLA's FLOP and memory estimates."""
   import jax
   from mmtl import sharding
+  from mmtl.data import device as data_device
   preset, variant, batch = spec["preset"], spec["variant"], int(spec["batch"])
   config = trainer_config(preset, variant, batch=batch, attention=spec.get("attention"),
                           remat=spec.get("remat", "none"))
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   host = synthetic_batch(preset, batch)
-  step, init_state, _ = build_mmtl_step(config, mesh, host)
+  step, init_state, _ = build_mmtl_step(config, mesh)
   state = init_state()
-  device_batch = sharding.put_batch(host, mesh)
+  device_batch = data_device.put_batch(host, mesh)
   t0 = time.perf_counter()
   lowered = step.lower(state, device_batch, None)
   compiled = lowered.compile()
@@ -325,7 +315,8 @@ def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
 
   if spec.get("input") == "host":
     second = synthetic_batch(preset, batch, seed=1)
-    batches = sharding.DevicePrefetch(_cycle([host, second]), lambda b: sharding.put_batch(b, mesh))
+    batches = data_device.DevicePrefetch(_cycle([host, second]),
+                                         lambda b: data_device.put_batch(b, mesh))
   else:
     batches = _cycle([device_batch])
 
@@ -394,8 +385,8 @@ def measure_torch(spec: Mapping[str, Any]) -> dict[str, Any]:
   if spec.get("input") == "host":
     pin = device.type == "cuda"
     pinned = [to_torch(host, pin), to_torch(synthetic_batch(preset, batch, seed=1), pin)]
-    from mmtl import sharding  # the device prefetch the trainer uses (its jax import stays on CPU)
-    batches = sharding.DevicePrefetch(
+    from mmtl.data import device as data_device  # the trainer's prefetch (jax stays on CPU)
+    batches = data_device.DevicePrefetch(
         _cycle(pinned), lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()})
   else:
     batches = _cycle([{k: v.to(device) for k, v in to_torch(host).items()}])
@@ -479,7 +470,7 @@ def supported_xla_flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
   return kept, [f for f in flags if f not in kept]
 
 
-def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+def plan(args: flags.FlagValues) -> list[dict[str, Any]]:
   """Measurement specs in run order: the ceiling, mmtl variants, torch peers."""
   common = dict(preset=args.preset, batch=args.batch, warmup=args.warmup, steps=args.steps,
                 repeats=args.repeats, input=args.input)
@@ -576,54 +567,67 @@ def _torch_importable() -> bool:
       importlib.util.find_spec("transformers") is not None)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m mmtl.bench", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="clip_b16", choices=sorted(PRESETS))
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--tiny", action="store_true",
-                 help="CPU test size: --preset tiny --batch 8, 1 warmup, 2 x 2 steps, "
-                 "256^3 matmul.")
-  p.add_argument("--out", default="bench_out", help="Directory for bench.json and bench.md.")
-  p.add_argument("--variants", default=",".join(MMTL_VARIANTS),
-                 help=f"Comma-separated subset of {MMTL_VARIANTS}; torch runs full/locked "
-                 "of these.")
-  p.add_argument("--torch", default="eager,compile",
-                 help="torch peers: comma-separated of eager,compile, or 'none'.")
-  p.add_argument("--compile_backend", default="inductor",
-                 help="torch.compile backend (the CPU test uses aot_eager: inductor's C++ "
-                 "build takes minutes there).")
-  p.add_argument("--attention", default="auto", choices=("auto", "cudnn", "xla", "default"),
-                 help="mmtl attention_impl: auto = cudnn on GPU, XLA elsewhere.")
-  p.add_argument("--remat", default="none",
-                 help="mmtl per-layer remat policy (config.model.remat).")
-  p.add_argument("--input", default="device", choices=("device", "host"),
-                 help="device: one resident batch; host: numpy batches through a 2-deep prefetch.")
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--steps", type=int, default=10, help="Steps per timed repeat.")
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--matmul_n", type=int, default=8192)
-  p.add_argument("--xla_flags", default="recommended",
-                 help=f"{sorted(XLA_FLAGS)} or a literal flag string, added to $XLA_FLAGS.")
-  p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                 help="One process per measurement (clean peak memory; one framework on the GPU).")
-  p.add_argument("--worker", help=argparse.SUPPRESS)
-  p.add_argument("--worker_out", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.tiny:
-    given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-    for flag, value in (("preset", "tiny"), ("batch", 8), ("warmup", 1), ("steps", 2),
-                        ("repeats", 2), ("matmul_n", 256)):
-      if f"--{flag}" not in given:
-        setattr(args, flag, value)
-  args.variants = [v for v in args.variants.split(",") if v]
-  unknown = [v for v in args.variants if v not in MMTL_VARIANTS]
+_TINY = dict(preset="tiny", batch=8, warmup=1, steps=2, repeats=2, matmul_n=256)
+
+
+def _define_flags() -> flags.FlagValues:
+  """The command line, as absl flags like mmtl.train's, in a FlagValues of its own so
+  that `main(argv)` can be called (and re-parsed) in-process, e.g. by the tests."""
+  fv = flags.FlagValues()
+  kw = dict(flag_values=fv)
+  flags.DEFINE_enum("preset", "clip_b16", sorted(PRESETS), "Model size (PRESETS).", **kw)
+  flags.DEFINE_integer("batch", 256, "Global batch (image-text pairs).", **kw)
+  flags.DEFINE_bool("tiny", False, "CPU test size: " + ", ".join(
+      f"--{k}={v}" for k, v in _TINY.items()) + " (flags given explicitly win).", **kw)
+  flags.DEFINE_string("out", "bench_out", "Directory for bench.json and bench.md.", **kw)
+  flags.DEFINE_list("variants", list(MMTL_VARIANTS),
+                    f"Subset of {MMTL_VARIANTS}; torch runs full/locked of these.", **kw)
+  flags.DEFINE_list("torch", ["eager", "compile"],
+                    f"torch peers: subset of {TORCH_MODES}, or 'none'.", **kw)
+  flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend (the CPU test uses "
+                      "aot_eager: inductor's C++ build takes minutes there).", **kw)
+  flags.DEFINE_enum("attention", "auto", ["auto", "cudnn", "xla", "default"],
+                    "mmtl attention_impl: auto = cudnn on GPU, XLA elsewhere.", **kw)
+  flags.DEFINE_string("remat", "none", "mmtl per-layer remat policy (config.model.remat).", **kw)
+  flags.DEFINE_enum("input", "device", ["device", "host"], "device: one resident batch; host: "
+                    "numpy batches through a 2-deep prefetch.", **kw)
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).", **kw)
+  flags.DEFINE_integer("steps", 10, "Steps per timed repeat.", **kw)
+  flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.", **kw)
+  flags.DEFINE_integer("matmul_n", 8192, "Size of the matmul ceiling's n x n x n product.", **kw)
+  flags.DEFINE_string("xla_flags", "recommended",
+                      f"{sorted(XLA_FLAGS)} or a literal flag string, added to $XLA_FLAGS.", **kw)
+  flags.DEFINE_bool("isolate", True, "One process per measurement (clean peak memory; one "
+                    "framework on the GPU at a time).", **kw)
+  flags.DEFINE_string("worker", None, "Internal: run one measurement spec (JSON).", **kw)
+  flags.DEFINE_string("worker_out", None, "Internal: where the worker writes its result.", **kw)
+  return fv
+
+
+def parse_args(argv: list[str] | None = None) -> flags.FlagValues:
+  """Parsed flags of `argv` (default: sys.argv[1:]); a bad value exits with one line."""
+  fv = _define_flags()
+  argv = sys.argv[1:] if argv is None else argv
+  if {"-h", "--help"} & set(argv):
+    print(__doc__ + "\nFlags:\n" + fv.get_help())
+    sys.exit(0)
+  try:
+    fv(["mmtl.bench", *argv])
+  except flags.Error as e:
+    sys.exit(f"python -m mmtl.bench: {e}")
+  if fv.tiny:
+    for name, value in _TINY.items():
+      if not fv[name].present:
+        fv[name].value = value
+  unknown = [v for v in fv.variants if v not in MMTL_VARIANTS]
   if unknown:
-    p.error(f"--variants: unknown {unknown}; use a subset of {MMTL_VARIANTS}.")
-  args.torch = [] if args.torch == "none" else [m for m in args.torch.split(",") if m]
-  if any(m not in TORCH_MODES for m in args.torch):
-    p.error(f"--torch={','.join(args.torch)}: use a subset of {TORCH_MODES} or 'none'.")
-  return args
+    sys.exit(f"python -m mmtl.bench: --variants has unknown {unknown}; use a subset of "
+             f"{MMTL_VARIANTS}.")
+  fv.torch = [] if fv.torch == ["none"] else fv.torch
+  if any(m not in TORCH_MODES for m in fv.torch):
+    sys.exit(f"python -m mmtl.bench: --torch={','.join(fv.torch)}: use a subset of "
+             f"{TORCH_MODES} or 'none'.")
+  return fv
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from mmtl import workdir as workdir_lib
 
 DATA_ITEM = "data"
 CHECKSUM_SUFFIX = ".checksum.json"
+CHECKPOINT_DIR = "checkpoints"  # A run's checkpoints: WORKDIR/checkpoints/<step>/.
 CORRUPT_DIR = "checkpoints_corrupt"  # Next to the checkpoint directory.
 _PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 _READ_CHUNK = 1 << 22

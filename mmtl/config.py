@@ -16,7 +16,6 @@ What mmtl knows is `schema()`: the trainer's keys and defaults (`DEFAULTS`),
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from absl import flags
 import ml_collections as mlc
 
 from mmtl import workdir as workdir_lib
+from mmtl.config_keys import ANY_NAME, FREE, INPUT_SECTION, RULES, ConfigError, check_keys
 
 CONFIG_FILE = "config.json"
 
@@ -43,7 +43,7 @@ DEFAULTS = dict(
     optim={},              # mmtl.optim
     loss=dict(label_smoothing=0.0),
     grad_accum_steps=1,    # microbatches per step (lax.scan), same objective as the full
-                           # batch (contrastive: gradient cache; see mmtl.train)
+                           # batch (contrastive: gradient cache; see mmtl.train_step)
     prefetch_to_device=2,  # batches copied to the devices ahead of the step using them
     log_every=50,
     ckpt_every=500,
@@ -79,38 +79,10 @@ MODEL_DEFAULTS = dict(
 )
 TOWER_KEYS = dict(name=(str, dict), tower=str, pool=str, kwargs={})
 
-# Schema markers. A schema is a nested dict: a leaf is a default value (its type is
-# the expected type; None: any), a type or tuple of types (no default); `ANY_NAME`
-# as the only key: entries of any name, each following its value; FREE: anything.
-ANY_NAME = "*"
-FREE = "<free-form>"
-INPUT_SECTION = "<config.input section>"  # Replaced by the input pipeline's keys.
-RULES = (str, list, tuple)  # A regex or a list of regexes / (regex, value) pairs.
-
-
-class ConfigError(ValueError):
-  """A config key is unknown or a value is unusable."""
-
-
-def check_keys(cfg: Any, known: Sequence[str], where: str) -> None:
-  """Raises ConfigError naming the first key of `cfg` (a mapping or key list) not in `known`.
-
-  Every config section in mmtl checks its keys through here, so a typo fails the
-  same way everywhere, with a did-you-mean hint.
-  """
-  for key in (cfg.keys() if hasattr(cfg, "keys") else cfg):
-    if key not in known:
-      close = difflib.get_close_matches(key, list(known), n=1)
-      hint = f" Did you mean {where}.{close[0]}?" if close else ""
-      raise ConfigError(f"Unknown config key {where}.{key}.{hint} Known keys of {where}: "
-                        f"{', '.join(sorted(known))}.")
-
-
 def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
-  from mmtl import distill, evaluators, optim  # Their sections; imported late (JAX).
-  from mmtl.data import pipeline
-  input_keys = pipeline.defaults().to_dict()
+  from mmtl import data, distill, evaluators, optim  # Their sections; imported late (JAX).
+  input_keys = data.defaults().to_dict()
   input_keys["builder_config"] = FREE
 
   def resolve(section: Any) -> Any:

@@ -5,19 +5,20 @@
 The student's loss is `(1 - alpha) * task_loss + alpha * kd_loss`, with Hinton
 et al.'s KD term `T^2 * KL(softmax(teacher / T) || softmax(student / T))`
 (the T^2 keeps its gradient scale independent of T). The teacher is rebuilt from
-its own `config.json` and best checkpoint, runs in the train step without
+its own `config.json` and best checkpoint (`mmtl.train_state.load_run`, as
+`python -m mmtl.evaluate` loads a run), runs in the train step without
 gradients, and may have other towers than the student, as long as both
 classify into the same classes.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mmtl import config as config_lib
+from mmtl import config_keys
 from mmtl import losses
 
 CONFIG_KEYS = dict(teacher_workdir=str, temperature=2.0, alpha=0.5)
@@ -33,7 +34,7 @@ def kd_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
 
 
 def check_config(distill_cfg: Mapping[str, Any], head_type: str) -> None:
-  config_lib.check_keys(distill_cfg, CONFIG_KEYS, "config.distill")
+  config_keys.check_keys(distill_cfg, CONFIG_KEYS, "config.distill")
   if not distill_cfg.get("teacher_workdir"):
     raise ValueError("config.distill.teacher_workdir is not set: give the workdir of a finished "
                      "mmtl run (it holds config.json and checkpoints).")
@@ -58,10 +59,3 @@ def student_loss(task_loss: tuple[jax.Array, jax.Array], student_logits: jax.Arr
                           distill_cfg.get("temperature", CONFIG_KEYS["temperature"])), weights)
   task_sum, weight_sum = task_loss
   return (1.0 - alpha) * task_sum + alpha * kd_sum, weight_sum
-
-
-def load_teacher(teacher_workdir: str, mesh) -> tuple[Callable[[Any, Any], jax.Array], Any]:
-  """`(logits_fn(params, batch), params)` of a finished run, params placed on `mesh`."""
-  from mmtl import evaluate  # The teacher loads exactly like `python -m mmtl.evaluate`.
-  model, params = evaluate.load_run(teacher_workdir, mesh)
-  return (lambda p, batch: model.apply({"params": p}, batch)["logits"]), params

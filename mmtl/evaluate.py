@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 from absl import app
 from absl import flags
@@ -22,35 +21,17 @@ import ml_collections as mlc
 from mmtl import checkpoint
 from mmtl import config as config_lib
 from mmtl import distributed
+from mmtl import evaluators
+from mmtl import hf
 from mmtl import metrics as metrics_lib
+from mmtl import rules
 from mmtl import sharding
+from mmtl import train_state
 from mmtl import workdir as workdir_lib
-from mmtl.models import fusion
 
-CHECKPOINT_DIR = "checkpoints"
-
-
-def checkpoint_step(workdir: str, step: int | None = None) -> int:
-  """`step`, else the run's best step (its latest when no best_metric was tracked)."""
-  if step is not None:
-    return step
-  with checkpoint.CheckpointManager(workdir_lib.path(workdir, CHECKPOINT_DIR), read_only=True) as m:
-    best = m.best_step()
-    if best is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir}/{CHECKPOINT_DIR}: train the run first.")
-    return best
-
-
-def load_run(workdir: str, mesh, step: int | None = None,
-             config: mlc.ConfigDict | None = None) -> tuple[fusion.FusionModel, Any]:
-  """(model, params) of a saved run (default: its own config and best step),
-  params replicated on `mesh`."""
-  config = config_lib.with_defaults(
-      config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE)))
-  params = checkpoint.restore_params_only(
-      workdir_lib.path(workdir, CHECKPOINT_DIR), step=checkpoint_step(workdir, step),
-      shardings=sharding.replicated(mesh))
-  return fusion.build(config.model), params
+# The one-line errors of an evaluation that cannot run.
+USER_ERRORS = (config_lib.ConfigError, rules.RuleError, checkpoint.CheckpointError,
+               hf.CheckpointError, FileNotFoundError)
 
 
 def results_file(workdir: str, step: int, config: mlc.ConfigDict, name: str | None = None) -> str:
@@ -65,15 +46,17 @@ def results_file(workdir: str, step: int, config: mlc.ConfigDict, name: str | No
 
 def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None,
              name: str | None = None) -> dict[str, float]:
-  """Runs `config.evals` on the checkpoint; writes DIR/eval_step<N>[-<name>].json."""
-  from mmtl import train  # Same evaluators and predict function as training.
+  """Runs `config.evals` on the checkpoint; writes DIR/eval_step<N>[-<name>].json.
+
+  The evaluators, their inputs and the predict function are the trainer's own
+  (mmtl.evaluators.make_evaluators); params are restored in the run's sharding."""
   distributed.maybe_initialize()
   config = config_lib.with_defaults(config)
   mesh = sharding.make_mesh(config.mesh)
-  step = checkpoint_step(workdir, step)
-  model, params = load_run(workdir, mesh, step, config)
+  step = train_state.checkpoint_step(workdir, step)
+  model, params = train_state.load_run(workdir, mesh, step, config)
   results = {}
-  for evaluator in train.make_evaluators(config, model, mesh, int(config.batch_size)):
+  for evaluator in evaluators.make_evaluators(config, model, mesh, int(config.batch_size)):
     results.update(evaluator.run(params))
   if distributed.is_main_process():
     file = workdir_lib.path(workdir, results_file(workdir, step, config, name))
@@ -98,11 +81,10 @@ def main(argv: list[str]) -> None:
   path = workdir_lib.path(workdir, config_lib.CONFIG_FILE)
   if not path.exists():
     sys.exit(f"{path} not found: --workdir must be a directory written by mmtl.train.")
-  from mmtl import train  # The trainer's one-line errors.
   try:
     config = config_lib.from_flags(base=config_lib.load_json(path))
     evaluate(config, workdir, flags.FLAGS.step, flags.FLAGS.name)
-  except (*train.USER_ERRORS, FileNotFoundError) as e:
+  except USER_ERRORS as e:
     sys.exit(f"{type(e).__name__}: {e}")
 
 

@@ -1,4 +1,5 @@
-"""Evaluators: metric functions on numpy arrays, and runners that feed them.
+"""Evaluators: metric functions on numpy arrays, the evaluator kinds that feed them,
+and the model-facing plumbing (`make_predict_fn`, `make_evaluators`).
 
   config.evals.val = dict(type="classification", every=100,
                           input=dict(split="validation"))  # overrides of config.input
@@ -13,6 +14,13 @@ Types (metrics are logged as `<name>/<metric>`):
                   (templates with `{}`, averaged as in CLIP), `tokenizer`, `max_len`
   linear_probe:   accuracy of a ridge-regression classifier on frozen
                   `features`, fit on `train_input` (first `num_train` examples)
+
+Each type is one `Evaluator` subclass that declares its config keys, the head it
+needs, its metric names, the inputs it reads and how it computes its metrics;
+`EVALUATORS` maps `type` to it, and every other table (`CONFIG_KEYS`, the type
+list of errors) derives from that one. Adding an evaluator is one class and one
+line of `EVALUATORS`. The model side, `EvalContext`, is how an evaluator reads
+its batches and runs the model, so the kinds run on fakes in tests.
 
 Padding rows of the last eval batch have `example_weight == 0` and are dropped.
 
@@ -33,29 +41,32 @@ evaluator after it (e.g. `config.evals.coco5k`) for numbers that leave the run.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
+import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
+import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
+from sklearn import metrics as sk_metrics
 
-from mmtl import config as config_lib
+from mmtl import config_keys
+from mmtl import data
+from mmtl import lora
 from mmtl import losses
+from mmtl import sharding
+from mmtl.data import device
 
-TYPES = ("classification", "regression", "retrieval", "zeroshot", "linear_probe")
-# Keys of an evaluator config, with their defaults or types (see mmtl.config); `input`
-# entries override config.input for this evaluator.
-_KEYS = {
-    "common": dict(type=str, every=0, input=config_lib.INPUT_SECTION, batch_size=int),
-    "classification": {},
-    "regression": {},
-    "retrieval": dict(ks=(1, 5, 10), captions=1),
-    "zeroshot": dict(classnames=(list, tuple), prompts=(list, tuple), tokenizer=str, max_len=32),
-    "linear_probe": dict(train_input=config_lib.INPUT_SECTION, num_train=2048, l2_reg=1.0),
-}
-# Every key any evaluator takes: config.evals.<name> (each kind checks its own).
-CONFIG_KEYS = {k: v for keys in _KEYS.values() for k, v in keys.items()}
+if TYPE_CHECKING:
+  from mmtl.models import fusion
+
+# Keys every evaluator config takes, with their defaults or types (see mmtl.config_keys);
+# `input` entries override config.input for this evaluator.
+COMMON_KEYS = dict(type=str, every=0, input=config_keys.INPUT_SECTION, batch_size=int)
+
+Predict = Callable[[Any], Mapping[str, Any]]  # batch -> model outputs + labels + example_weight
 
 
 # Metric functions (numpy in, floats out).
@@ -66,14 +77,8 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
-  """Mean F1 over the classes that occur in `labels` or `predictions` (sklearn's default)."""
-  scores = []
-  for c in np.union1d(labels, predictions):
-    tp = np.sum((predictions == c) & (labels == c))
-    fp = np.sum((predictions == c) & (labels != c))
-    fn = np.sum((predictions != c) & (labels == c))
-    scores.append(2 * tp / (2 * tp + fp + fn))
-  return float(np.mean(scores))
+  """Mean F1 over the classes that occur in `labels` or `predictions`."""
+  return float(sk_metrics.f1_score(labels, predictions, average="macro"))
 
 
 def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
@@ -130,11 +135,10 @@ def ridge_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
   return accuracy(tx @ w, test_y)
 
 
-# Runners.
+# Evaluator kinds.
 
 
-def collect(predict: Callable[[Any], Mapping[str, Any]], batches: Iterable[Any],
-            keys: Iterable[str]) -> dict[str, np.ndarray]:
+def collect(predict: Predict, batches: Iterable[Any], keys: Iterable[str]) -> dict[str, np.ndarray]:
   """Concatenated `keys` of `predict(batch)` over all batches, padding rows dropped."""
   keys = list(keys)
   parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -148,48 +152,132 @@ def collect(predict: Callable[[Any], Mapping[str, Any]], batches: Iterable[Any],
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What evaluators get from the model side (`make_evaluators`; fakes in tests).
+
+  `make_batches(eval_cfg)` yields batches of the eval input; `open_input(eval_cfg)`
+  opens it without reading (dataset, split and fields: `Evaluator.check`);
+  `predict(params, batch)` returns model outputs + labels + example_weight;
+  `text_embedder(tokenizer, max_len)` gives `embed(params, texts)`, normalized text
+  embeddings (zeroshot).
+  """
+  head_type: str
+  make_batches: Callable[[Mapping[str, Any]], Iterable[Any]]
+  predict: Callable[[Any, Any], Mapping[str, Any]]
+  open_input: Callable[[Mapping[str, Any]], Any] | None = None
+  text_embedder: Callable[[str, int], Callable[[Any, list[str]], np.ndarray]] | None = None
+
+
 class Evaluator:
-  """One entry of `config.evals`: which batches, how often, which metrics."""
+  """One entry of `config.evals`: which batches, how often, which metrics.
 
-  def __init__(self, name: str, cfg: Mapping[str, Any], *, head_type: str,
-               make_batches: Callable[[Mapping[str, Any]], Iterable[Any]],
-               predict: Callable[[Any, Any], Mapping[str, Any]],
-               embed_texts: Callable[[Any, list[str]], np.ndarray] | None = None,
-               open_input: Callable[[Mapping[str, Any]], Any] | None = None):
-    """`make_batches(eval_cfg)` yields batches of the eval input; `open_input(eval_cfg)`
-    opens it without reading (dataset, split and fields checked: `check`);
-    `predict(params, batch)` returns model outputs + labels + example_weight;
-    `embed_texts(params, texts)` returns normalized text embeddings (zeroshot)."""
-    kind = cfg.get("type")
-    if kind not in TYPES:
-      raise config_lib.ConfigError(f"config.evals.{name}.type={kind!r}; use one of {TYPES}.")
-    config_lib.check_keys(cfg, {**_KEYS["common"], **_KEYS[kind]}, f"config.evals.{name}")
-    needs = {"classification": "classification", "linear_probe": None, "regression": "regression",
-             "retrieval": "contrastive", "zeroshot": "contrastive"}[kind]
-    if needs and needs != head_type:
-      raise config_lib.ConfigError(f"config.evals.{name} is a {kind!r} evaluator, which needs a "
-                                   f"{needs!r} head; the model has head_type={head_type!r}.")
-    captions = cfg.get("captions", _KEYS["retrieval"]["captions"])
-    if kind == "retrieval" and not (isinstance(captions, int) and captions >= 1):
-      raise config_lib.ConfigError(f"config.evals.{name}.captions={captions!r}; use the number of "
-                                   "captions per image (1: the first; 5: COCO / Flickr30k).")
-    if kind == "zeroshot" and not (cfg.get("classnames") and cfg.get("tokenizer")):
-      raise config_lib.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` "
-                                   "and `tokenizer` (and optionally `prompts`, e.g. "
-                                   "['a photo of a {}.']).")
-    self.name, self.cfg, self.kind = name, cfg, kind
-    self.captions, self.ks = captions, tuple(cfg.get("ks", _KEYS["retrieval"]["ks"]))
-    self.every = int(cfg.get("every", 0))
-    self._make_batches, self._predict, self._embed_texts = make_batches, predict, embed_texts
-    self._open_input = open_input
+  A kind declares `KEYS` (its config keys beyond `COMMON_KEYS`, with defaults or
+  types), `HEAD` (the head_type it needs; None: any), `METRICS` and `compute`, and
+  overrides `inputs` when it reads more than its own input.
+  """
+  KEYS: ClassVar[dict[str, Any]] = {}
+  HEAD: ClassVar[str | None] = None
+  METRICS: ClassVar[tuple[str, ...]] = ()
 
-  def _inputs(self) -> list[Mapping[str, Any]]:
-    """The evaluator configs of every input it reads (linear_probe: its train input too)."""
-    if self.kind == "linear_probe":
-      return [self.cfg, self._train_cfg()]
-    if self.kind == "retrieval":  # The image pass, and the text-only pass of later captions.
-      return [self._caption_cfg(i) for i in range(min(self.captions, 2))]
+  def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
+    config_keys.check_keys(cfg, self.keys(), f"config.evals.{name}")
+    if self.HEAD and self.HEAD != context.head_type:
+      raise config_keys.ConfigError(
+          f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which needs a {self.HEAD!r} "
+          f"head; the model has head_type={context.head_type!r}.")
+    self.name, self.cfg, self.context = name, cfg, context
+    self.every = int(self.option("every"))
+
+  @classmethod
+  def keys(cls) -> dict[str, Any]:
+    """Every key of this kind's config, with its default or type (see mmtl.config_keys)."""
+    return {**COMMON_KEYS, **cls.KEYS}
+
+  def option(self, key: str) -> Any:
+    """`cfg[key]`, else the default this kind declares for it."""
+    return self.cfg.get(key, self.keys()[key])
+
+  def metrics(self) -> tuple[str, ...]:
+    """The metrics `compute` returns: `METRICS`, unless they depend on the config."""
+    return self.METRICS
+
+  def metric_names(self) -> list[str]:
+    """The names `run` logs (`<evaluator>/<metric>`)."""
+    return [f"{self.name}/{m}" for m in self.metrics()]
+
+  def inputs(self) -> list[Mapping[str, Any]]:
+    """The evaluator configs of every input `compute` reads."""
     return [self.cfg]
+
+  def check(self) -> None:
+    """Opens every input this evaluator reads, so a bad split or field fails before
+    training starts rather than at the first evaluation."""
+    if self.context.open_input is not None:
+      for cfg in self.inputs():
+        self.context.open_input(cfg)
+
+  def due(self, step: int, total_steps: int) -> bool:
+    return step == total_steps or bool(self.every and step % self.every == 0)
+
+  def batches(self, cfg: Mapping[str, Any] | None = None) -> Iterable[Any]:
+    """Batches of the input of `cfg` (default: this evaluator's config)."""
+    return self.context.make_batches(self.cfg if cfg is None else cfg)
+
+  def run(self, params: Any) -> dict[str, float]:
+    """`<evaluator>/<metric>` of the model with `params`."""
+    metrics = self.compute(params, functools.partial(self.context.predict, params))
+    return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+    """The metrics, by name, of the model `predict` runs; `params` are its params, for
+    other calls of the model (zeroshot's text embeddings)."""
+    raise NotImplementedError
+
+
+class Classification(Evaluator):
+  """Accuracy, macro F1 and mean cross-entropy of the classification head."""
+  HEAD = "classification"
+  METRICS = ("accuracy", "macro_f1", "loss")
+
+  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+    out = collect(predict, self.batches(), ["logits", "labels"])
+    loss = losses.softmax_xent_per_example(out["logits"], out["labels"]).mean()
+    return {"accuracy": accuracy(out["logits"], out["labels"]),
+            "macro_f1": macro_f1(out["logits"].argmax(-1), out["labels"]),
+            "loss": float(loss)}
+
+
+class Regression(Evaluator):
+  """Mean squared and absolute error of the regression head."""
+  HEAD = "regression"
+  METRICS = ("mse", "mae")
+
+  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+    out = collect(predict, self.batches(), ["predictions", "labels"])
+    err = out["predictions"] - out["labels"].reshape(out["predictions"].shape)
+    return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean())}
+
+
+class Retrieval(Evaluator):
+  """Recall@k both ways over the first `captions` captions of each image (module doc)."""
+  KEYS = dict(ks=(1, 5, 10), captions=1)
+  HEAD = "contrastive"
+
+  def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
+    super().__init__(name, cfg, context)
+    self.captions, self.ks = self.option("captions"), tuple(self.option("ks"))
+    if not (isinstance(self.captions, int) and self.captions >= 1):
+      raise config_keys.ConfigError(
+          f"config.evals.{name}.captions={self.captions!r}; use the number of captions per "
+          "image (1: the first; 5: COCO / Flickr30k).")
+
+  def metrics(self) -> tuple[str, ...]:
+    return tuple(f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in self.ks)
+
+  def inputs(self) -> list[Mapping[str, Any]]:
+    """The image pass, and the text-only pass of later captions."""
+    return [self._caption_cfg(i) for i in range(min(self.captions, 2))]
 
   def _caption_cfg(self, index: int) -> dict[str, Any]:
     """The eval config that reads caption `index` of every example; past the first, text
@@ -199,77 +287,64 @@ class Evaluator:
       input_cfg["fields"] = {**input_cfg.get("fields", {}), "image": None, "audio": None}
     return dict(self.cfg, input=input_cfg)
 
-  def _train_cfg(self) -> dict[str, Any]:
-    return dict(self.cfg, input={**self.cfg.get("input", {}), **self.cfg.get("train_input", {})})
-
-  def metric_names(self) -> list[str]:
-    """The names `run` logs (`<evaluator>/<metric>`)."""
-    names = {"classification": ["accuracy", "macro_f1", "loss"], "regression": ["mse", "mae"],
-             "retrieval": [f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in self.ks],
-             "zeroshot": ["accuracy"], "linear_probe": ["accuracy"]}[self.kind]
-    return [f"{self.name}/{n}" for n in names]
-
-  def check(self) -> None:
-    """Opens every input this evaluator reads, so a bad split or field fails before
-    training starts rather than at the first evaluation."""
-    if self._open_input is not None:
-      for cfg in self._inputs():
-        self._open_input(cfg)
-
-  def due(self, step: int, total_steps: int) -> bool:
-    return step == total_steps or bool(self.every and step % self.every == 0)
-
-  def run(self, params: Any) -> dict[str, float]:
-    predict = functools.partial(self._predict, params)
-    metrics = getattr(self, f"_{self.kind}")(params, predict)
-    return {f"{self.name}/{k}": v for k, v in metrics.items()}
-
-  def _classification(self, params, predict):
-    out = collect(predict, self._make_batches(self.cfg), ["logits", "labels"])
-    loss = losses.softmax_xent_per_example(out["logits"], out["labels"]).mean()
-    return {"accuracy": accuracy(out["logits"], out["labels"]),
-            "macro_f1": macro_f1(out["logits"].argmax(-1), out["labels"]),
-            "loss": float(loss)}
-
-  def _regression(self, params, predict):
-    out = collect(predict, self._make_batches(self.cfg), ["predictions", "labels"])
-    err = out["predictions"] - out["labels"].reshape(out["predictions"].shape)
-    return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean())}
-
-  def _retrieval(self, params, predict):
-    out = collect(predict, self._make_batches(self._caption_cfg(0)),
-                  ["image_embeds", "text_embeds"])
+  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+    out = collect(predict, self.batches(self._caption_cfg(0)), ["image_embeds", "text_embeds"])
     texts = [out["text_embeds"]] + [
-        collect(predict, self._make_batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
+        collect(predict, self.batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
         for i in range(1, self.captions)]
     num_images = len(out["image_embeds"])  # Text j: caption j // num_images of image j % num_images
     return retrieval_recall(out["image_embeds"], np.concatenate(texts), self.ks,
                             text_to_image=np.tile(np.arange(num_images), len(texts)))
 
-  def _zeroshot(self, params, predict):
+
+class Zeroshot(Evaluator):
+  """The class whose prompts' mean text embedding is nearest the image's (CLIP)."""
+  KEYS = dict(classnames=(list, tuple), prompts=(list, tuple), tokenizer=str, max_len=32)
+  HEAD = "contrastive"
+  METRICS = ("accuracy",)
+
+  def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
+    super().__init__(name, cfg, context)
+    if not (cfg.get("classnames") and cfg.get("tokenizer")):
+      raise config_keys.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` "
+                                   "and `tokenizer` (and optionally `prompts`, e.g. "
+                                   "['a photo of a {}.']).")
+    self._embed_texts = context.text_embedder(cfg["tokenizer"], int(self.option("max_len")))
+
+  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
     prompts = list(self.cfg.get("prompts") or ["{}"])
     class_embeds = []
     for classname in self.cfg["classnames"]:
       e = self._embed_texts(params, [p.format(classname) for p in prompts]).mean(0)
       class_embeds.append(e / np.linalg.norm(e))
-    out = collect(predict, self._make_batches(self.cfg), ["image_embeds", "labels"])
+    out = collect(predict, self.batches(), ["image_embeds", "labels"])
     return {"accuracy": zeroshot_accuracy(out["image_embeds"], np.stack(class_embeds),
                                           out["labels"])}
 
-  def _linear_probe(self, params, predict):
-    train_cfg = self._train_cfg()
-    probe = {**_KEYS["linear_probe"], **self.cfg}
-    num_train = int(probe["num_train"])
-    train = collect(predict, _take_examples(self._make_batches(train_cfg), num_train),
+
+class LinearProbe(Evaluator):
+  """Ridge probe on frozen `features`, fit on the first `num_train` of `train_input`."""
+  KEYS = dict(train_input=config_keys.INPUT_SECTION, num_train=2048, l2_reg=1.0)
+  METRICS = ("accuracy",)
+
+  def inputs(self) -> list[Mapping[str, Any]]:
+    return [self.cfg, self._train_cfg()]
+
+  def _train_cfg(self) -> dict[str, Any]:
+    return dict(self.cfg, input={**self.cfg.get("input", {}), **self.cfg.get("train_input", {})})
+
+  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+    num_train = int(self.option("num_train"))
+    train = collect(predict, _take_examples(self.batches(self._train_cfg()), num_train),
                     ["features", "labels"])
-    test = collect(predict, self._make_batches(self.cfg), ["features", "labels"])
+    test = collect(predict, self.batches(), ["features", "labels"])
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
     return {"accuracy": ridge_probe_accuracy(
         train["features"][:num_train], train["labels"][:num_train], test["features"],
-        test["labels"], num_classes, float(probe["l2_reg"]))}
+        test["labels"], num_classes, float(self.option("l2_reg")))}
 
 
-def _take_examples(batches: Iterable[Mapping[str, Any]], num: int):
+def _take_examples(batches: Iterable[Mapping[str, Any]], num: int) -> Iterator[Mapping[str, Any]]:
   """Batches until `num` examples were seen (a train iterator never ends)."""
   seen = 0
   for batch in batches:
@@ -277,3 +352,79 @@ def _take_examples(batches: Iterable[Mapping[str, Any]], num: int):
       return
     yield batch
     seen += len(next(iter(batch.values())))
+
+
+# config.evals.<name>.type -> its evaluator.
+EVALUATORS: dict[str, type[Evaluator]] = {
+    "classification": Classification,
+    "regression": Regression,
+    "retrieval": Retrieval,
+    "zeroshot": Zeroshot,
+    "linear_probe": LinearProbe,
+}
+# Every key any evaluator takes: config.evals.<name> (each kind checks its own).
+CONFIG_KEYS = {k: v for kind in EVALUATORS.values() for k, v in kind.keys().items()}
+
+
+def make(name: str, cfg: Mapping[str, Any], context: EvalContext) -> Evaluator:
+  """The evaluator of `config.evals.<name>` (`cfg`), of the kind its `type` names."""
+  kind = cfg.get("type")
+  if not isinstance(kind, str) or kind not in EVALUATORS:
+    raise config_keys.ConfigError(f"config.evals.{name}.type={kind!r}; use one of "
+                                 f"{tuple(EVALUATORS)}.")
+  return EVALUATORS[kind](name, cfg, context)
+
+
+# The model side.
+
+
+def make_predict_fn(model: fusion.FusionModel, mesh: jax.sharding.Mesh
+                    ) -> Callable[[Any, Any], dict[str, Any]]:
+  """Jitted eval forward pass: outputs + labels + example_weight, replicated on every host."""
+
+  def predict(params, batch):
+    out = model.apply({"params": lora.merge(params)}, batch)
+    out = {k: v for k, v in out.items() if k != "logit_scale"}
+    out["example_weight"] = batch.get("example_weight",
+                                      jnp.ones(next(iter(out.values())).shape[:1], jnp.float32))
+    if "labels" in batch:
+      out["labels"] = batch["labels"]
+    return out
+
+  return jax.jit(predict, out_shardings=sharding.replicated(mesh))
+
+
+def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh: jax.sharding.Mesh,
+                    batch_size: int) -> list[Evaluator]:
+  """One evaluator per `config.evals` entry; eval inputs are `config.input` + overrides.
+  Training and mmtl.evaluate both build theirs here, so they evaluate the same way."""
+  process_index, process_count = sharding.process_data_shard(mesh)
+  predict = make_predict_fn(model, mesh)
+
+  def host_batches(eval_cfg):
+    input_cfg = mlc.ConfigDict(config.input.to_dict())
+    input_cfg.update(eval_cfg.get("input", {}))
+    local_bs = int(eval_cfg.get("batch_size", batch_size)) // process_count
+    return data.make_eval_iterator(input_cfg, batch_size=local_bs, process_index=process_index,
+                                   process_count=process_count)
+
+  def text_embedder(tokenizer_name, max_len):
+    from mmtl import preprocess  # Imports mmtl.hf and the models: only zeroshot needs it.
+    tokenizer = preprocess.load_tokenizer(tokenizer_name)
+
+    def embed(params, texts):
+      tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len,
+                         return_tensors="np")
+      batch = {"input_ids": tokens["input_ids"].astype(np.int32),
+               "attention_mask": tokens["attention_mask"].astype(np.int32)}
+      if "token_type_ids" in tokens:
+        batch["token_type_ids"] = tokens["token_type_ids"].astype(np.int32)
+      return np.asarray(predict(params, batch)["text_embeds"])
+
+    return embed
+
+  context = EvalContext(
+      head_type=model.head_type, predict=predict, open_input=host_batches,
+      make_batches=lambda cfg: device.to_devices(host_batches(cfg), config, mesh),
+      text_embedder=text_embedder)
+  return [make(name, cfg, context) for name, cfg in config.evals.items()]

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints <-> mmtl's Flax encoders.
 
-transformers 5 has no Flax classes, so mmtl owns the modules (mmtl/models/) and
-each model class lists its params' HF names (`hf_names()`); this file does the
-rest: find the checkpoint (local folder or hub id through the HF cache, with
+transformers 5 has no Flax classes, so mmtl owns the modules (mmtl/models/):
+`mmtl.models.registry.MODELS` maps config.json's `model_type` to a module class,
+which lists its params' HF names (`hf_names()`). This file does the rest: find
+the checkpoint (local folder or hub id through the HF cache, with
 HF_HUB_OFFLINE honoured), read `config.json` + weights (`model.safetensors`,
 `flax_model.msgpack`, or their sharded `*.index.json`), convert layouts (torch
 Linear/Conv weights are transposed Flax kernels), check every name and shape,
@@ -33,20 +34,9 @@ import numpy as np
 import safetensors.numpy
 
 from mmtl import rules
-from mmtl.models import bert, clip, vit
+from mmtl.models import registry
 
 Dtype = Any
-
-# model_type in config.json -> (module class, config class).
-MODELS: dict[str, tuple[type[nn.Module], type]] = {
-    "bert": (bert.BertModel, bert.BertConfig),
-    "vit": (vit.ViTModel, vit.ViTConfig),
-    "clip": (clip.CLIPModel, clip.CLIPConfig),
-    "clip_vision_model": (clip.CLIPVisionModel, clip.CLIPVisionConfig),
-    "clip_text_model": (clip.CLIPTextModel, clip.CLIPTextConfig),
-}
-# tower -> (key of its sub-config in a full CLIP config.json, model_type of the tower).
-TOWERS = {"vision": ("vision_config", "clip_vision_model"), "text": ("text_config", "clip_text_model")}
 
 # Weight files in order of preference.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -105,25 +95,44 @@ def build_module(name_or_path_or_config: str | Path | Mapping[str, Any], *, towe
                  revision: str | None = None, **module_kw) -> nn.Module:
   """The encoder module for a checkpoint or a config.json dict (architecture only, no weights).
 
-  `tower` ("vision" or "text") picks one CLIP tower; `module_kw` sets module
-  attributes such as `remat`, `attention_impl`, `add_pooling_layer` (BERT, ViT).
+  The class is `mmtl.models.registry.MODELS[config["model_type"]]`. `tower` picks
+  one tower of a multi-tower family (CLIP: "vision" or "text"); `module_kw` sets
+  module attributes such as `remat`, `attention_impl`, `add_pooling_layer` (BERT, ViT).
   """
   d = _hf_config(name_or_path_or_config, revision)
   model_type = d.get("model_type")
-  if tower is not None:
-    if tower not in TOWERS:
-      raise CheckpointError(f"tower={tower!r}: use one of {sorted(TOWERS)} or None.")
-    sub_key, tower_type = TOWERS[tower]
-    if model_type == "clip":
-      d, model_type = d.get(sub_key) or {}, tower_type
-    elif model_type != tower_type:
-      raise CheckpointError(f"tower={tower!r} picks a tower of a CLIP checkpoint, but this checkpoint has "
-                            f"model_type={model_type!r}: drop `tower`.")
-  if model_type not in MODELS:
+  if model_type not in registry.MODELS:
     raise CheckpointError(f"Unknown model_type {model_type!r} in config.json: mmtl implements "
-                          f"{sorted(MODELS)}. Add a module to mmtl/models and register it in mmtl.hf.MODELS.")
-  module_cls, config_cls = MODELS[model_type]
-  return module_cls(config_cls.from_hf(d), dtype=dtype, param_dtype=param_dtype, **module_kw)
+                          f"{sorted(registry.MODELS)}. Add a module in mmtl/models/ and one line "
+                          "in mmtl/models/registry.py.")
+  module_cls = registry.MODELS[model_type]
+  if tower is not None:
+    d, module_cls = _tower(d, module_cls, tower)
+  return module_cls(module_cls.config_class.from_hf(d), dtype=dtype, param_dtype=param_dtype,
+                    **module_kw)
+
+
+def _towers(module_cls: type[nn.Module]) -> dict[str, tuple[str, type[nn.Module]]]:
+  """{tower: (sub-config key, class)} of a multi-tower family (CLIP); {} for others."""
+  return getattr(module_cls, "towers", {})
+
+
+def _tower(d: dict[str, Any], module_cls: type[nn.Module],
+           tower: str) -> tuple[dict[str, Any], type[nn.Module]]:
+  """Config dict and class of `tower` in the config `d` of a `module_cls` checkpoint: the
+  sub-config of a multi-tower model, or all of `d` if it is that tower saved alone."""
+  if tower in _towers(module_cls):
+    sub_key, tower_cls = _towers(module_cls)[tower]
+    return d.get(sub_key) or {}, tower_cls
+  owners = [t for t, c in registry.MODELS.items() if tower in _towers(c)]
+  if not owners:
+    names = sorted({t for c in registry.MODELS.values() for t in _towers(c)})
+    raise CheckpointError(f"tower={tower!r}: use one of {names} or None.")
+  if all(_towers(registry.MODELS[t])[tower][1] is not module_cls for t in owners):
+    raise CheckpointError(f"tower={tower!r} picks a tower of a {' or '.join(map(repr, owners))} "
+                          "checkpoint, but this checkpoint has model_type="
+                          f"{module_cls.config_class.model_type!r}: drop `tower`.")
+  return d, module_cls
 
 
 def _init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:

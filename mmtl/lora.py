@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmtl import config as config_lib
+from mmtl import config_keys
 from mmtl import rules
 
 # Rules (mmtl.rules syntax) for what the optimizer trains and never trains.
@@ -40,7 +40,7 @@ def init(params: Any, lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, 
   `lora_cfg = dict(targets=[regex, ...], rank=8, alpha=rank)`; targets must match
   whole paths of 2-D `.../kernel` leaves, e.g. `.*/attn/(query|value)/kernel`.
   """
-  config_lib.check_keys(lora_cfg, CONFIG_KEYS, "config.optim.lora")
+  config_keys.check_keys(lora_cfg, CONFIG_KEYS, "config.optim.lora")
   if not lora_cfg.get("targets"):
     raise ValueError("config.optim.lora.targets is empty: give regexes of dense kernels to adapt, "
                      "e.g. ['.*/attn/(query|value)/kernel'].")

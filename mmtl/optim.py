@@ -42,16 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmtl import config as config_lib
+from mmtl import config_keys
 from mmtl import lora
+from mmtl import memory
 from mmtl import rules
 
 # Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
 SCHEDULE_KEYS = dict(warmup_steps=0, decay="cosine", end_mult=0.0)
-LAYER_DECAY_KEYS = dict(rate=float, towers=config_lib.RULES, embeddings=config_lib.RULES)
+LAYER_DECAY_KEYS = dict(rate=float, towers=config_keys.RULES, embeddings=config_keys.RULES)
 CONFIG_KEYS = dict(
-    name="adamw", kwargs=config_lib.FREE, lr=float, wd=0.0, wd_mults=config_lib.RULES,
-    lr_mults=config_lib.RULES, frozen=config_lib.RULES, trainable=config_lib.RULES, preset=str,
+    name="adamw", kwargs=config_keys.FREE, lr=float, wd=0.0, wd_mults=config_keys.RULES,
+    lr_mults=config_keys.RULES, frozen=config_keys.RULES, trainable=config_keys.RULES, preset=str,
     layer_decay=LAYER_DECAY_KEYS, unfreeze=(list, tuple), lora=lora.CONFIG_KEYS,
     schedule=SCHEDULE_KEYS, grad_clip_norm=float)
 
@@ -110,7 +111,7 @@ def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any
   makes its matches trainable again. LoRA's constant `lora_scale` is always
   frozen. Every rule must match some param (a typo raises `rules.RuleError`).
   """
-  config_lib.check_keys(optim_cfg, CONFIG_KEYS, "config.optim")
+  config_keys.check_keys(optim_cfg, CONFIG_KEYS, "config.optim")
   preset = _preset(optim_cfg)
   name = optim_cfg.get("preset")
   hint = " (params need mmtl.lora.init)" if name == "lora" else ""
@@ -152,7 +153,7 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
   """
   if not ld:
     return dict.fromkeys(flat, 1.0)
-  config_lib.check_keys(ld, LAYER_DECAY_KEYS, "config.optim.layer_decay")
+  config_keys.check_keys(ld, LAYER_DECAY_KEYS, "config.optim.layer_decay")
   if "rate" not in ld or not 0.0 < ld["rate"] <= 1.0:
     raise ValueError("config.optim.layer_decay.rate must be in (0, 1], e.g. 0.75.")
   towers = [(t, ld["rate"]) if isinstance(t, str) else tuple(t)
@@ -202,7 +203,7 @@ def lr_mults(params: Any, optim_cfg: Mapping[str, Any]) -> Any:
 def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Schedule:
   """LR multiplier in [0, 1]: linear warmup from 0, then cosine/linear decay or constant."""
   sched_cfg = dict(sched_cfg or {})
-  config_lib.check_keys(sched_cfg, SCHEDULE_KEYS, "config.optim.schedule")
+  config_keys.check_keys(sched_cfg, SCHEDULE_KEYS, "config.optim.schedule")
   sched_cfg = {**SCHEDULE_KEYS, **sched_cfg}
   warmup = int(sched_cfg["warmup_steps"])
   decay = sched_cfg["decay"]
@@ -350,18 +351,6 @@ def combine(trainable: Any, frozen: Any) -> Any:
                       is_leaf=lambda x: x is None)
 
 
-def _nbytes(leaf: Any) -> int:
-  return int(np.prod(jnp.shape(leaf))) * jnp.dtype(leaf.dtype).itemsize
-
-
-def _human(n: float) -> str:
-  units = ("B", "KiB", "MiB", "GiB")
-  i = 0
-  while n >= 1024 and i < len(units) - 1:
-    n, i = n / 1024, i + 1
-  return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
-
-
 def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
             step: int = 0) -> str:
   """Table of trainable/frozen params (count, bytes) and LR mult range per tower.
@@ -379,7 +368,7 @@ def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
     row = rows.setdefault(path.split("/")[0], [0, 0, 0, 0, []])
     col = 2 if mask[path] else 0
     row[col] += int(np.prod(jnp.shape(leaf)))
-    row[col + 1] += _nbytes(leaf)
+    row[col + 1] += memory.nbytes(leaf)
     if not mask[path]:
       row[4].append(mults[path])
   total = [sum(r[i] for r in rows.values()) for i in range(4)]
@@ -389,7 +378,7 @@ def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
            f"{'tower':<20} {'trainable':>24} {'frozen':>24}  lr mult"]
   for tower, (tn, tb, fn, fb, ms) in [*rows.items(), ("total", [*total, []])]:
     lr = f"{min(ms):.3g}..{max(ms):.3g}" if ms else "-"
-    lines.append(f"{tower:<20} {f'{tn:,} ({_human(tb)})':>24} {f'{fn:,} ({_human(fb)})':>24}  {lr}")
-  state_bytes = sum(_nbytes(x) for x in jax.tree.leaves(opt_state))
-  lines.append(f"optimizer state: {_human(state_bytes)}")
+    lines.append(f"{tower:<20} {f'{tn:,} ({memory.human_bytes(tb)})':>24} {f'{fn:,} ({memory.human_bytes(fb)})':>24}  {lr}")
+  state_bytes = sum(memory.nbytes(x) for x in jax.tree.leaves(opt_state))
+  lines.append(f"optimizer state: {memory.human_bytes(state_bytes)}")
   return "\n".join(lines)

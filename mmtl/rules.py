@@ -39,11 +39,6 @@ def path_str(key_path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-def tree_paths(tree: Any) -> Any:
-  """A tree of the same structure as `tree` whose leaves are their paths."""
-  return jax.tree_util.tree_map_with_path(lambda kp, _: path_str(kp), tree)
-
-
 def flatten(tree: Any) -> dict[str, Any]:
   """`{path: leaf}` in tree order."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -73,14 +68,6 @@ def _compile(pattern: str) -> re.Pattern:
 def matches(pattern: str, path: str) -> bool:
   """Whether `pattern` matches the whole of `path`."""
   return _compile(pattern).fullmatch(path) is not None
-
-
-def first_match(path: str, patterns: Sequence[str]) -> int | None:
-  """Index of the first pattern that matches `path`, or None."""
-  for i, pattern in enumerate(patterns):
-    if matches(pattern, path):
-      return i
-  return None
 
 
 def _normalize(rules: Iterable[Any], what: str) -> list[tuple[str, Any]]:
@@ -131,10 +118,3 @@ def tree_assign(tree: Any, rules: Iterable[Any], *, default: T = None,
   values = assign(flat, rules, default=default, what=what, require_match=require_match)
   treedef = jax.tree_util.tree_structure(tree)
   return jax.tree_util.tree_unflatten(treedef, list(values.values()))
-
-
-def tree_mask(tree: Any, patterns: Iterable[str], *, what: str = "rules",
-              require_match: bool = True) -> Any:
-  """Bool tree: True where any of `patterns` matches the leaf's path."""
-  rules = [(p, True) for p in patterns]
-  return tree_assign(tree, rules, default=False, what=what, require_match=require_match)

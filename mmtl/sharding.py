@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding rules, batch placement and a memory estimate.
+"""Device mesh and parameter sharding rules.
 
 Everything here is plain JAX SPMD: a `Mesh` with the axes `data`, `fsdp` and
 `model`, `NamedSharding`s for the train state and the batch, and `jax.jit`
@@ -20,15 +20,14 @@ and is logged, so one rule set serves every mesh and model size.
 """
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 import math
 from typing import Any
 
 from absl import logging
 import jax
-from jax.extend import core as jax_core
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from mmtl import rules as rules_lib
@@ -97,7 +96,7 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None,
                        devices=devices)
 
 
-def resolve_rules(sharding_rules: str | Sequence[Any] | None) -> tuple[list[Any], bool]:
+def _resolve_rules(sharding_rules: str | Sequence[Any] | None) -> tuple[list[Any], bool]:
   """(rules, strict): a preset name expands to its rules, matched non-strictly
   (a preset is generic: a model without MLPs may still use "tp"); user rules
   are strict, a rule that matches no param is an error (`mmtl.rules`)."""
@@ -156,7 +155,7 @@ def _spec(path: str, shape: Sequence[int], value: Any, mesh: Mesh) -> P:
 def param_shardings(mesh: Mesh, params: Any,
                     sharding_rules: str | Sequence[Any] | None) -> Any:
   """Tree of NamedSharding for `params` (arrays or ShapeDtypeStructs)."""
-  rules, strict = resolve_rules(sharding_rules)
+  rules, strict = _resolve_rules(sharding_rules)
   flat = rules_lib.flatten(params)
   values = rules_lib.assign(flat, rules, default="replicate", what="config.sharding_rules",
                             require_match=strict)
@@ -207,7 +206,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def process_data_shard(mesh: Mesh) -> tuple[int, int]:
   """(index, count): which 1/count slice of every global batch this process
-  must load (pass to the data pipeline as process_index/process_count).
+  must load (pass to the `mmtl.data` iterators as process_index/process_count).
 
   Processes whose devices hold the same batch rows (e.g. a `model` axis across
   hosts) must load the same data, so this is not always jax.process_index().
@@ -224,130 +223,3 @@ def process_data_shard(mesh: Mesh) -> tuple[int, int]:
                        "contiguous slice; build the mesh with make_mesh so that hosts own "
                        "contiguous devices.")
   return blocks.index(tuple(sorted(rows[jax.process_index()]))), len(blocks)
-
-
-def put_batch(local_batch: Any, mesh: Mesh) -> Any:
-  """Global jax.Arrays from this process's numpy slice of the batch.
-
-  Each process passes only its own rows (see `process_data_shard`); the
-  global batch is local rows x number of data slices.
-  """
-  sharding = batch_sharding(mesh)
-  _, count = process_data_shard(mesh)
-  local_shards = mesh.shape["data"] * mesh.shape["fsdp"] // count
-
-  def put(path, x):
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] % local_shards:
-      raise ValueError(f"put_batch: {rules_lib.path_str(path)} has shape {x.shape}; its first "
-                       f"(batch) dimension must be a multiple of the {local_shards} batch shards "
-                       f"on this process. Make batch_size a multiple of data*fsdp="
-                       f"{mesh.shape['data'] * mesh.shape['fsdp']}.")
-    global_shape = (x.shape[0] * count, *x.shape[1:])
-    return jax.make_array_from_process_local_data(sharding, x, global_shape)
-
-  return jax.tree_util.tree_map_with_path(put, local_batch)
-
-
-class DevicePrefetch:
-  """Iterator of device batches that keeps `size` more in flight.
-
-  `put` (e.g. `put_batch`) starts an asynchronous host-to-device copy, so the
-  copy of batch i+size overlaps the step on batch i. `get_state()` is the
-  wrapped iterator's state right after the last batch handed out, not after
-  the ones in flight: a checkpoint taken between steps resumes at the first
-  batch no step has seen.
-  """
-
-  def __init__(self, batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
-    self._batches, self._put, self._size = batches, put, size
-    self._queue: collections.deque = collections.deque()
-    self._state = self._source_state()
-
-  def _source_state(self) -> Any:
-    return self._batches.get_state() if hasattr(self._batches, "get_state") else None
-
-  def __iter__(self) -> DevicePrefetch:
-    return self
-
-  def __next__(self) -> Any:
-    while len(self._queue) <= self._size:
-      try:
-        batch = next(self._batches)
-      except StopIteration:
-        break
-      self._queue.append((self._put(batch), self._source_state()))
-    if not self._queue:
-      raise StopIteration
-    batch, self._state = self._queue.popleft()
-    return batch
-
-  def get_state(self) -> Any:
-    return self._state
-
-
-# Memory estimate.
-
-
-def bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes one device holds of `tree` (shapes or arrays) under `shardings`."""
-  def leaf_bytes(x, sharding):
-    shard = sharding.shard_shape(np.shape(x))
-    return math.prod(shard) * np.dtype(x.dtype).itemsize
-  return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, tree, shardings)))
-
-
-def activation_bytes(loss_fn: Callable[..., Any], *args: Any, has_aux: bool = False) -> int:
-  """Bytes of forward values that autodiff of `loss_fn` w.r.t. its first
-  argument keeps for the backward pass (its residuals), for the whole global
-  batch, excluding the arguments themselves. Traced, not compiled: cheap.
-
-  This honours remat (`nn.remat` / `jax.checkpoint` policies): a
-  rematerialized layer keeps only what its policy saves. XLA may fuse or
-  reorder, so treat the number as an estimate.
-  """
-  leaves, treedef = jax.tree.flatten(args)
-
-  def forward_for_backward(*leaves):
-    first, *rest = jax.tree.unflatten(treedef, leaves)
-    return jax.vjp(lambda p: loss_fn(p, *rest), first, has_aux=has_aux)
-
-  closed, out_shape = jax.make_jaxpr(forward_for_backward, return_shape=True)(*leaves)
-  jaxpr = closed.jaxpr
-  num_residuals = len(jax.tree.leaves(out_shape[1]))
-  residuals = jaxpr.outvars[len(jaxpr.outvars) - num_residuals:]
-  inputs = set(jaxpr.invars) | set(jaxpr.constvars)
-  saved = {v for v in residuals if isinstance(v, jax_core.Var)} - inputs
-  return sum(math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize for v in saved)
-
-
-def memory_estimate(mesh: Mesh, state: Any, shardings: Any, *,
-                    activations: int = 0) -> dict[str, int]:
-  """Per-device bytes: params, the rest of the train state (optimizer), and
-  `activations` (global bytes, e.g. from `activation_bytes`) split over the
-  batch shards. Gradients (~ trainable params) and XLA scratch come on top."""
-  params = bytes_per_device(state["params"], shardings["params"])
-  rest = {k: v for k, v in state.items() if k != "params"}
-  other = bytes_per_device(rest, {k: shardings[k] for k in rest})
-  acts = activations // (mesh.shape["data"] * mesh.shape["fsdp"])
-  return dict(params=params, opt_state=other, activations=acts, total=params + other + acts)
-
-
-def format_memory(estimate: Mapping[str, int], device: jax.Device | None = None) -> str:
-  """One line for the log, with the device's memory limit when it reports one."""
-  parts = ", ".join(f"{k} {_human(v)}" for k, v in estimate.items() if k != "total")
-  line = f"Estimated memory per device: {_human(estimate['total'])} ({parts}; + grads, XLA temps)"
-  device = device or jax.local_devices()[0]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "bytes_limit" in stats:
-    line += f" of {_human(stats['bytes_limit'])} on {device.device_kind}"
-  return line
-
-
-def _human(num_bytes: float) -> str:
-  value = float(num_bytes)
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if value < 1024 or unit == "TiB":
-      break
-    value /= 1024
-  return f"{value:.1f} {unit}"

@@ -41,6 +41,7 @@ def main(workdir: str) -> None:
   assert distributed.maybe_initialize(), "expected a multi-process launch"
   import jax
   import numpy as np
+
   from mmtl import checkpoint, rules, sharding
   from tests import sharding_toy as toy
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.devices())
@@ -71,6 +72,7 @@ def main(workdir: str) -> None:
 
 def run_trainer(workdir: str, config_path: str) -> None:
   import ml_collections as mlc
+
   from mmtl import train
   with open(config_path) as f:
     train.train(mlc.ConfigDict(json.load(f)), workdir)

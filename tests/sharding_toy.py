@@ -3,7 +3,7 @@ multi-host tests. Param names follow the real encoders
 (`image_encoder/encoder/layer_0/attn/query/kernel`, `.../mlp/fc1/kernel`), and
 the loop uses mmtl.sharding the way the trainer does: init straight into the
 target shardings, a jitted step with in/out NamedShardings and donated state,
-per-process batch slices through `put_batch`.
+per-process batch slices through `mmtl.data.device.put_batch`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from mmtl import sharding
+from mmtl.data import device
 
 GLOBAL_BATCH, TOKENS, FEATURES, WIDTH, CLASSES = 16, 4, 8, 16, 3
 
@@ -144,7 +145,7 @@ def run(mesh, rules, num_steps: int, state=None) -> tuple[dict, list[float]]:
   losses = []
   start = int(jax.device_get(state["step"]))
   for step in range(start, start + num_steps):
-    state, loss = step_fn(state, sharding.put_batch(local_batch(step, mesh), mesh))
+    state, loss = step_fn(state, device.put_batch(local_batch(step, mesh), mesh))
     losses.append(float(loss))
   return state, losses
 

@@ -8,14 +8,14 @@ import pytest
 
 from mmtl import losses
 from mmtl import optim
-from mmtl import train
+from mmtl import train_step
 
 
 def run_steps(objective, params, batch, mask, accum, lr=1.0, steps=1):
   tx = optax.multi_transform({"t": optax.sgd(lr), "f": optax.set_to_zero()},
                              jax.tree.map(lambda f: "f" if f else "t", mask))
   state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
-  step = jax.jit(train.make_train_step(objective, tx, mask, lambda s: lr, seed=0,
+  step = jax.jit(train_step.make_train_step(objective, tx, mask, lambda s: lr, seed=0,
                                        accum_steps=accum))
   for _ in range(steps):
     state, measured = step(state, batch, None)
@@ -32,7 +32,7 @@ def linear_objective(loss_kind="classification"):
     del teacher_params
     return losses.task_loss(loss_kind, outputs, batch, {})
 
-  return train.Objective(forward, loss, separable=True)
+  return train_step.Objective(forward, loss, separable=True)
 
 
 def test_weighted_loss_is_the_same_objective_under_accumulation():
@@ -67,7 +67,7 @@ def test_unweighted_accumulation_still_matches():
     w = optim.combine(trainable, frozen)
     return {"predictions": batch["x"] @ w["w"] + w["b"]}
 
-  objective = train.Objective(forward, lambda o, b, t: losses.task_loss("regression", o, b, {}),
+  objective = train_step.Objective(forward, lambda o, b, t: losses.task_loss("regression", o, b, {}),
                               separable=True)
   mask = {"w": False, "b": False}
   out = {k: run_steps(objective, params, batch, mask, k, lr=0.1) for k in (1, 2, 4)}
@@ -91,7 +91,7 @@ def contrastive_objective(dropout=0.0):
   def loss(outputs, batch, teacher_params):
     return losses.task_loss("contrastive", outputs, batch, {})
 
-  return train.Objective(forward, loss, separable=False)
+  return train_step.Objective(forward, loss, separable=False)
 
 
 def contrastive_problem():
@@ -127,10 +127,10 @@ def test_gradient_cache_backprops_the_same_dropout_masks():
   rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # The step's RNG at step 0.
 
   def reference_loss(p):
-    outputs = [objective.forward(*optim.split(p, mask), jax.tree.map(lambda x: x[j], train._split(batch, k)),
+    outputs = [objective.forward(*optim.split(p, mask), jax.tree.map(lambda x: x[j], train_step._split(batch, k)),
                                  jax.random.fold_in(rng, j)) for j in range(k)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-    return losses.mean_of(*objective.loss(jax.tree.map(train._merge, stacked), batch, None))
+    return losses.mean_of(*objective.loss(jax.tree.map(train_step._merge, stacked), batch, None))
 
   loss, grads = jax.value_and_grad(reference_loss)(params)
   new_params, reported = run_steps(objective, params, batch, mask, k, lr=lr)
@@ -155,7 +155,7 @@ def test_gradient_cache_keeps_one_microbatchs_activations():
             "text_embeds": text / jnp.linalg.norm(text, axis=-1, keepdims=True),
             "logit_scale": p["logit_scale"]}
 
-  objective = train.Objective(forward, lambda o, b, t: losses.task_loss("contrastive", o, b, {}),
+  objective = train_step.Objective(forward, lambda o, b, t: losses.task_loss("contrastive", o, b, {}),
                               separable=False)
   params = {"up": jax.ShapeDtypeStruct((8, width), jnp.float32),
             "down": jax.ShapeDtypeStruct((width, 8), jnp.float32),
@@ -168,7 +168,7 @@ def test_gradient_cache_keeps_one_microbatchs_activations():
            "opt_state": jax.eval_shape(tx.init, params)}
 
   def temp_bytes(accum):
-    step = train.make_train_step(objective, tx, mask, lambda s: 0.1, seed=0, accum_steps=accum)
+    step = train_step.make_train_step(objective, tx, mask, lambda s: 0.1, seed=0, accum_steps=accum)
     return jax.jit(step).lower(state, batch, None).compile().memory_analysis().temp_size_in_bytes
 
   activation = batch_size * width * 4  # One (B, width) float32 array.

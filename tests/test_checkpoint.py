@@ -1,10 +1,11 @@
 """Orbax checkpoints: topology-changing restore, retention, atomicity."""
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from mmtl import checkpoint, rules, sharding
+from mmtl.data import device
 from tests import sharding_toy as toy
 
 
@@ -121,7 +122,7 @@ def test_async_save_then_donated_step(tmp_path):
   step_fn = toy.compiled_step(mesh, "fsdp")
   with checkpoint.CheckpointManager(tmp_path) as manager:
     manager.save(0, state)
-    state, _ = step_fn(state, sharding.put_batch(toy.local_batch(0, mesh), mesh))
+    state, _ = step_fn(state, device.put_batch(toy.local_batch(0, mesh), mesh))
     # jax 0.10 reuses the saved buffers here (jax 0.11 copies them while a transfer is
     # pending); either way the checkpoint must hold the state as it was at save().
     manager.wait()

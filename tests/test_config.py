@@ -147,22 +147,6 @@ def test_every_defaulted_key_is_settable_on_every_shipped_config(path):
   assert out.evals.val.input.get("split") == config.evals.val.input.get("split")  # Kept.
 
 
-def test_documented_override_keys_exist():
-  """Every `--config.KEY=VALUE` shown in README, docs and launch scripts names a key
-  of the quickstart config and parses."""
-  import re
-  lines = [line for p in [REPO / "README.md", *(REPO / "docs").glob("*.md"),
-                          *(REPO / "launch").iterdir()] if p.is_file()
-           for line in p.read_text().splitlines()
-           if "Error" not in line]  # Lines that show an error show a bad override on purpose.
-  found = {m for line in lines
-           for m in re.findall(r"--config\.([a-z_][\w.]*)=([^\s`\"')\\]*)", line)}
-  assert len(found) >= 10, found
-  config = config_lib.load_file(str(REPO / "configs/quickstart.py"))
-  for key, value in sorted(found):
-    config_lib.with_defaults(config_lib.apply_overrides(config, [(key, value)]))
-
-
 @pytest.mark.parametrize("key,value,message", [
     ("total_steps", "abc", r"--config\.total_steps=abc: config\.total_steps expects an integer"),
     ("model.num_classes", "2.5", r"config\.model\.num_classes expects an integer"),

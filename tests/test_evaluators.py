@@ -1,9 +1,13 @@
-"""Evaluator metrics on hand-made inputs, and the evaluator runner's checks."""
+"""Evaluator metrics on hand-made inputs; the evaluator kinds, their table and plumbing."""
+import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 import pytest
 
+from mmtl import config as config_lib
 from mmtl import evaluators as ev
-from mmtl.data import pipeline
+from mmtl import sharding
+from mmtl.data import options, transforms
 
 
 def test_accuracy_and_macro_f1():
@@ -12,6 +16,8 @@ def test_accuracy_and_macro_f1():
   assert ev.accuracy(logits, labels) == 0.75
   # class 0: tp=1 fp=1 fn=0 -> 2/3; class 1: tp=2 fp=0 fn=1 -> 0.8
   assert ev.macro_f1(logits.argmax(-1), labels) == pytest.approx((2 / 3 + 0.8) / 2)
+  # A class only predicted counts (F1 0): the union of labels and predictions, as before.
+  assert ev.macro_f1(np.array([0, 1]), np.array([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_retrieval_recall_both_directions():
@@ -111,29 +117,147 @@ def test_collect_drops_padding_rows():
   assert out["labels"].tolist() == [0, 1, 1] and out["logits"].shape == (3, 2)
 
 
+def _context(batches=(), head_type="classification", **kw):
+  """An EvalContext whose predict returns each batch as the model output."""
+  return ev.EvalContext(head_type=head_type, make_batches=lambda cfg: batches,
+                        predict=lambda params, b: b, **kw)
+
+
 def test_evaluator_config_errors():
-  kw = dict(make_batches=lambda c: [], predict=lambda p, b: b)
-  with pytest.raises(ValueError, match="type='acc'"):
-    ev.Evaluator("val", {"type": "acc"}, head_type="classification", **kw)
-  with pytest.raises(ValueError, match=r"config\.evals\.val\.splt"):
-    ev.Evaluator("val", {"type": "classification", "splt": "x"}, head_type="classification", **kw)
-  with pytest.raises(ValueError, match="needs a 'contrastive' head"):
-    ev.Evaluator("ret", {"type": "retrieval"}, head_type="classification", **kw)
+  with pytest.raises(config_lib.ConfigError, match="type='acc'"):
+    ev.make("val", {"type": "acc"}, _context())
+  with pytest.raises(config_lib.ConfigError, match=r"config\.evals\.val\.splt"):
+    ev.make("val", {"type": "classification", "splt": "x"}, _context())
+  with pytest.raises(config_lib.ConfigError, match="needs a 'contrastive' head"):
+    ev.make("ret", {"type": "retrieval"}, _context())
+
+
+def test_an_unknown_type_lists_every_kind():
+  with pytest.raises(config_lib.ConfigError) as e:
+    ev.make("val", {"type": "clasification"}, _context())
+  assert str(e.value).startswith("config.evals.val.type='clasification'; use one of (")
+  assert all(repr(kind) in str(e.value) for kind in ev.EVALUATORS)
+
+
+# The table is the single source of every kind's keys, head and metric names. A fake
+# model output with every key any kind reads: 6 real rows and 2 padding rows.
+_RNG = np.random.default_rng(0)
+_OUTPUT = {"logits": _RNG.normal(size=(8, 2)), "labels": np.array([0, 1, 1, 0, 1, 0, 0, 1]),
+           "predictions": _RNG.normal(size=(8, 1)), "image_embeds": _RNG.normal(size=(8, 4)),
+           "text_embeds": _RNG.normal(size=(8, 4)), "features": _RNG.normal(size=(8, 3)),
+           "example_weight": np.array([1.0] * 6 + [0.0] * 2)}
+_BATCHES = [{k: v[:4] for k, v in _OUTPUT.items()}, {k: v[4:] for k, v in _OUTPUT.items()}]
+
+
+def _fake_text_embedder(tokenizer, max_len):
+  del tokenizer, max_len
+  return lambda params, texts: np.stack([np.eye(4)[len(t) % 4] for t in texts])
+
+
+def _kind_context(kind_cls):
+  return _context(_BATCHES, head_type=kind_cls.HEAD or "classification",
+                  text_embedder=_fake_text_embedder)
+
+
+def _required(kind):
+  """The keys a kind needs besides `type`."""
+  return dict(classnames=["cat", "horse"], tokenizer="tok") if kind == "zeroshot" else {}
+
+
+@pytest.mark.parametrize("kind", list(ev.EVALUATORS))
+def test_every_kind_returns_its_metric_names(kind):
+  e = ev.make("val", {"type": kind, **_required(kind)}, _kind_context(ev.EVALUATORS[kind]))
+  out = e.run(params=None)
+  assert list(out) == e.metric_names() and e.metric_names()
+  assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
+
+
+def _declared_value(key, spec, kind):
+  """A valid value for a key declared with `spec` (a default, a type or types, a section)."""
+  if key == "type":
+    return kind
+  if spec == config_lib.INPUT_SECTION:
+    return {}
+  if isinstance(spec, tuple) and all(isinstance(s, type) for s in spec):
+    spec = spec[0]
+  return {str: "x", int: 8, list: ["x"]}[spec] if isinstance(spec, type) else spec
+
+
+@pytest.mark.parametrize("kind", list(ev.EVALUATORS))
+def test_every_declared_key_is_accepted_and_a_typo_is_not(kind):
+  kind_cls = ev.EVALUATORS[kind]
+  cfg = {k: _declared_value(k, spec, kind) for k, spec in kind_cls.keys().items()}
+  ev.make("val", cfg, _kind_context(kind_cls)).run(params=None)
+  with pytest.raises(config_lib.ConfigError, match=r"Unknown config key config\.evals\.val\.evry\. "
+                                                   r"Did you mean config\.evals\.val\.every\?"):
+    ev.make("val", {"type": kind, "evry": 3, **_required(kind)}, _kind_context(kind_cls))
+
+
+@pytest.mark.parametrize("kind", list(ev.EVALUATORS))
+def test_a_kind_on_a_model_with_another_head_fails_in_one_line(kind):
+  head = ev.EVALUATORS[kind].HEAD
+  for model_head in ("classification", "regression", "contrastive"):
+    make = lambda: ev.make("val", {"type": kind, **_required(kind)},
+                           _context(_BATCHES, model_head, text_embedder=_fake_text_embedder))
+    if head in (None, model_head):
+      make()
+      continue
+    with pytest.raises(config_lib.ConfigError) as e:
+      make()
+    assert str(e.value) == (f"config.evals.val is a {kind!r} evaluator, which needs a {head!r} "
+                            f"head; the model has head_type={model_head!r}.")
+
+
+def test_config_keys_are_the_union_of_the_kinds_keys():
+  union = {k for kind_cls in ev.EVALUATORS.values() for k in kind_cls.keys()}
+  assert set(ev.CONFIG_KEYS) == union
+  assert set(config_lib.schema()["evals"][config_lib.ANY_NAME]) == union
+
+
+def test_check_opens_every_input_a_kind_reads():
+  opened = []
+  kw = dict(open_input=opened.append)
+  ev.make("val", {"type": "classification", "input": {"split": "test"}}, _context(**kw)).check()
+  probe = {"type": "linear_probe", "input": {"split": "test"}, "train_input": {"split": "train"}}
+  ev.make("probe", probe, _context(**kw)).check()
+  ev.make("coco", {"type": "retrieval", "captions": 5}, _context(head_type="contrastive",
+                                                                 **kw)).check()
+  assert [c["input"] for c in opened] == [
+      {"split": "test"}, {"split": "test"}, {"split": "train"},
+      {"eval_text": 0}, {"eval_text": 1, "fields": {"image": None, "audio": None}}]
 
 
 def test_classification_evaluator_runs_over_batches():
   batches = [{"logits": np.array([[1.0, 0.0], [0.0, 1.0]]), "labels": np.array([0, 0]),
               "example_weight": np.ones(2)}]
-  e = ev.Evaluator("val", {"type": "classification", "every": 5}, head_type="classification",
-                   make_batches=lambda c: batches, predict=lambda params, b: b)
+  e = ev.make("val", {"type": "classification", "every": 5}, _context(batches))
   out = e.run(params=None)
   assert out["val/accuracy"] == 0.5 and set(out) == {"val/accuracy", "val/macro_f1", "val/loss"}
   assert e.due(10, 100) and e.due(100, 100) and not e.due(7, 100)
 
 
+def test_zeroshot_averages_each_class_prompts():
+  calls = []
+
+  def text_embedder(tokenizer, max_len):
+    calls.append((tokenizer, max_len))
+    # "a cat" / "the cat" point along axis 0, "a horse" / "the horse" along axis 1.
+    return lambda params, texts: np.stack([np.eye(2)[int("horse" in t)] for t in texts])
+
+  batches = [{"image_embeds": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]),
+              "labels": np.array([0, 1, 1]), "example_weight": np.ones(3)}]
+  cfg = {"type": "zeroshot", "classnames": ["cat", "horse"], "prompts": ["a {}", "the {}"],
+         "tokenizer": "tok", "max_len": 16}
+  out = ev.make("zs", cfg, _context(batches, "contrastive", text_embedder=text_embedder)).run(None)
+  assert out == {"zs/accuracy": pytest.approx(2 / 3)} and calls == [("tok", 16)]
+  with pytest.raises(config_lib.ConfigError, match="needs `classnames` and `tokenizer`"):
+    ev.make("zs", {"type": "zeroshot", "classnames": ["cat"]},
+            _context(batches, "contrastive", text_embedder=text_embedder))
+
+
 def _fake_retrieval_input(images, captions):
-  """make_batches/predict for `images` (N, D) and `captions` (N, C, D): like the pipeline,
-  a pass reads caption `input.eval_text` of each example and no image when fields.image is
+  """A context for `images` (N, D) and `captions` (N, C, D): like the pipeline, a pass
+  reads caption `input.eval_text` of each example and no image when fields.image is
   None; the last batch has a padding row."""
   calls = []
 
@@ -147,41 +271,95 @@ def _fake_retrieval_input(images, captions):
     rows["example_weight"][-1] = 0.0
     return [{k: v[:2] for k, v in rows.items()}, {k: v[2:] for k, v in rows.items()}]
 
-  return calls, dict(make_batches=make_batches, predict=lambda params, b: b)
+  return calls, ev.EvalContext(head_type="contrastive", make_batches=make_batches,
+                               predict=lambda params, b: b)
 
 
 def test_retrieval_evaluator_embeds_every_caption():
   images = np.eye(3)
   # Caption 0 of image i is closest to image i - 1; caption 1 matches image i.
   captions = np.stack([0.5 * np.roll(images, 1, axis=0), images], 1)
-  calls, kw = _fake_retrieval_input(images, captions)
+  calls, context = _fake_retrieval_input(images, captions)
   cfg = {"type": "retrieval", "ks": (1,), "captions": 2,
          "input": {"fields": {"text": "captions/text"}}}
-  out = ev.Evaluator("coco", cfg, head_type="contrastive", **kw).run(params=None)
+  out = ev.make("coco", cfg, context).run(params=None)
   # i2t: caption 1 is top for every image. t2i: the 3 captions 1 hit, the 3 captions 0 miss.
   assert out == {"coco/i2t_recall@1": 1.0, "coco/t2i_recall@1": 0.5}
   text_only = {"text": "captions/text", "image": None, "audio": None}
   assert calls == [{"fields": {"text": "captions/text"}, "eval_text": 0},
                    {"fields": text_only, "eval_text": 1}]
   calls.clear()
-  first = ev.Evaluator("coco", dict(cfg, captions=1), head_type="contrastive", **kw).run(None)
+  first = ev.make("coco", dict(cfg, captions=1), context).run(None)
   assert first == {"coco/i2t_recall@1": 0.0, "coco/t2i_recall@1": 0.0} and len(calls) == 1
 
 
 def test_retrieval_evaluator_captions_must_be_a_positive_count():
-  with pytest.raises(ValueError, match=r"config\.evals\.ret\.captions='all'"):
-    ev.Evaluator("ret", {"type": "retrieval", "captions": "all"}, head_type="contrastive",
-                 make_batches=lambda c: [], predict=lambda p, b: b)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.evals\.ret\.captions='all'"):
+    ev.make("ret", {"type": "retrieval", "captions": "all"}, _context(head_type="contrastive"))
+
+
+class _StubModel:
+  """A model for the plumbing: logits = x @ w, image_embeds = x; a text's embedding is
+  (its number of tokens, the padding's)."""
+  head_type = "classification"
+
+  def __init__(self):
+    self.text_shapes = []
+
+  def apply(self, variables, batch):
+    if "input_ids" in batch:
+      self.text_shapes.append(batch["input_ids"].shape)
+      tokens = batch["attention_mask"].sum(-1, dtype=jnp.float32)
+      return {"text_embeds": jnp.stack([tokens, batch["input_ids"].shape[1] - tokens], -1)}
+    return {"logits": batch["x"] @ variables["params"]["w"], "image_embeds": batch["x"],
+            "logit_scale": jnp.ones(())}
+
+
+def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_bert_dir):
+  read = []
+
+  def make_eval_iterator(input_cfg, *, batch_size, process_index, process_count):
+    """Opens the input when called (a bad split fails here, as in the pipeline)."""
+    read.append((input_cfg.split, input_cfg.dataset, batch_size, process_index, process_count))
+    x = np.eye(2, dtype=np.float32)[[0, 1, 1, 0, 0, 1, 1, 0]]
+    return iter([{"x": x, "labels": np.array([0, 1, 1, 0, 0, 1, 0, 0]),
+                  "example_weight": np.array([1.0] * 7 + [0.0])}])
+
+  monkeypatch.setattr(ev.data, "make_eval_iterator", make_eval_iterator)
+  config = mlc.ConfigDict(dict(
+      input=dict(dataset="shapes", split="train"), prefetch_to_device=2,
+      evals=dict(val=dict(type="classification", input=dict(split="validation")),
+                 big=dict(type="linear_probe", batch_size=16))))
+  mesh = sharding.make_mesh(dict(data=-1))
+  model = _StubModel()
+  evaluators = {e.name: e for e in ev.make_evaluators(config, model, mesh, batch_size=8)}
+  evaluators["val"].check()
+  evaluators["big"].check()  # Its test input and its train input.
+  assert read == [("validation", "shapes", 8, 0, 1)] + [("train", "shapes", 16, 0, 1)] * 2
+  out = evaluators["val"].run({"w": jnp.eye(2)})
+  # 7 real rows (the padding row dropped), 6 right: row 6 has label 0 and logits (0, 1).
+  right, wrong = np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))
+  assert out == pytest.approx({"val/accuracy": 6 / 7, "val/macro_f1": 6 / 7,
+                               "val/loss": (6 * right + wrong) / 7})
+  with pytest.raises(config_lib.ConfigError, match="needs a 'contrastive' head"):
+    ev.make_evaluators(mlc.ConfigDict(dict(config, evals=dict(
+        zs=dict(type="zeroshot", classnames=["cat"], tokenizer=tiny_bert_dir)))), model, mesh, 8)
+  model.head_type = "contrastive"
+  zs = ev.make_evaluators(mlc.ConfigDict(dict(config, evals=dict(
+      zs=dict(type="zeroshot", classnames=["cat", "dog"], prompts=["a {}", "the {}"],
+              tokenizer=tiny_bert_dir, max_len=7)))), model, mesh, 8)[0]
+  assert 0 <= zs.run({"w": jnp.eye(2)})["zs/accuracy"] <= 1
+  assert model.text_shapes == [(2, 7)]  # Both prompts of a class in one batch, max_len tokens.
 
 
 def test_eval_reads_text_eval_text_of_a_sequence(tiny_bert_dir):
-  cfg = pipeline.input_config(dict(fields=dict(image=None, text="captions/text", label=None),
+  cfg = options.input_config(dict(fields=dict(image=None, text="captions/text", label=None),
                                    text=dict(tokenizer=str(tiny_bert_dir)), eval_text=2))
   example = {"captions": {"text": np.array([b"a dog", b"a cat", b"a cow"])}}
-  pre = pipeline._Preprocess(cfg, None, train=False)
+  pre = transforms.Preprocess(cfg, None, train=False)
   assert pre.example(pre.decode(example), np.random.default_rng(0))["text"] == "a cow"
-  train = pipeline._Preprocess(cfg, None, train=True)
+  train = transforms.Preprocess(cfg, None, train=True)
   assert train.decode(example)["text"] == ["a dog", "a cat", "a cow"]
   cfg.eval_text = 3
   with pytest.raises(ValueError, match="has 3 texts; config.input.eval_text=3 needs at least 4"):
-    pipeline._Preprocess(cfg, None, train=False).decode(example)
+    transforms.Preprocess(cfg, None, train=False).decode(example)

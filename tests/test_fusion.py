@@ -1,19 +1,23 @@
 """Fusion models over stand-in encoders: shapes, param names, missing modalities."""
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 import pytest
 
-from mmtl import rules
+from mmtl import config as config_lib
+from mmtl import hf, rules
 from mmtl.models import fusion
 
 
 class TinyEncoder(nn.Module):
-  """Smallest module following the encoder protocol (embed/run_layers/finalize)."""
-  kind: str  # "image" (pixel_values NHWC) or "text" (input_ids)
+  """Smallest modules implementing mmtl.models.encoder.Encoder (TinyImage, TinyText)."""
   hidden: int = 16
   depth: int = 2
+
+  inputs: ClassVar[tuple[str, ...]]
 
   @property
   def num_layers(self):
@@ -24,19 +28,8 @@ class TinyEncoder(nn.Module):
     return self.hidden
 
   def setup(self):
-    if self.kind == "text":
-      self.embedding = nn.Embed(50, self.hidden)
-    else:
-      self.patch = nn.Dense(self.hidden)
     self.layers = [nn.Dense(self.hidden, name=f"layer_{i}") for i in range(self.depth)]
     self.pooler = nn.Dense(self.hidden)
-
-  def embed(self, pixel_values=None, input_ids=None, attention_mask=None):
-    if self.kind == "text":
-      return self.embedding(input_ids), attention_mask.astype(bool)
-    b, h, w, c = pixel_values.shape
-    x = self.patch(pixel_values.reshape(b, h * w // 4, 4 * c))
-    return x, jnp.ones(x.shape[:2], bool)
 
   def run_layers(self, x, mask, start, stop, *, deterministic=True):
     for layer in self.layers[start:stop]:
@@ -49,9 +42,41 @@ class TinyEncoder(nn.Module):
     return {"last_hidden_state": x, "pooler_output": jnp.tanh(self.pooler(x[:, 0]))}
 
 
+class TinyImage(TinyEncoder):
+  """pixel_values NHWC, 4 pixels a token."""
+  inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+  def setup(self):
+    super().setup()
+    self.patch = nn.Dense(self.hidden)
+
+  def dummy_inputs(self):
+    return {"pixel_values": jnp.zeros((1, 2, 2, 3))}
+
+  def embed(self, pixel_values, *, deterministic=True):
+    b, h, w, c = pixel_values.shape
+    x = self.patch(pixel_values.reshape(b, h * w // 4, 4 * c))
+    return x, jnp.ones(x.shape[:2], bool)
+
+
+class TinyText(TinyEncoder):
+  inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+
+  def setup(self):
+    super().setup()
+    self.embedding = nn.Embed(50, self.hidden)
+
+  def dummy_inputs(self):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+
+  def embed(self, input_ids, attention_mask, *, deterministic=True):
+    return self.embedding(input_ids), attention_mask.astype(bool)
+
+
 def towers(depth_image=2, depth_text=2):
-  return dict(image_encoder=TinyEncoder("image", depth=depth_image),
-              text_encoder=TinyEncoder("text", hidden=24, depth=depth_text))
+  return dict(image_encoder=TinyImage(depth=depth_image),
+              text_encoder=TinyText(hidden=24, depth=depth_text))
 
 
 def batch(b=4):
@@ -102,7 +127,7 @@ def test_contrastive_two_tower():
 
 
 def test_regression_head_and_single_tower():
-  model = fusion.FusionModel(text_encoder=TinyEncoder("text"), head_type="regression",
+  model = fusion.FusionModel(text_encoder=TinyText(), head_type="regression",
                              num_classes=1, width=8)
   params = init(model)
   assert set(params) == {"text_encoder", "fusion", "head"}
@@ -141,12 +166,83 @@ def test_bad_fusion_type_names_choices():
   with pytest.raises(ValueError, match="Unknown fusion_type 'late'.*concat"):
     fusion.FusionModel(**towers(), fusion_type="late")
   with pytest.raises(ValueError, match="needs at least two towers"):
-    fusion.FusionModel(text_encoder=TinyEncoder("text"), fusion_type="cross_attention")
+    fusion.FusionModel(text_encoder=TinyText(), fusion_type="cross_attention")
 
 
 def test_bottleneck_refuses_cudnn_attention():
-  from mmtl import hf
   bert = hf.build_module(dict(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=1,
                               num_attention_heads=2, intermediate_size=32), attention_impl="cudnn")
   with pytest.raises(ValueError, match="attention_impl='xla'"):
-    fusion.FusionModel(image_encoder=TinyEncoder("image"), text_encoder=bert, fusion_type="bottleneck")
+    fusion.FusionModel(image_encoder=TinyImage(), text_encoder=bert, fusion_type="bottleneck")
+
+
+# --- dummy_batch and the encoder protocol ---------------------------------------------
+
+def hf_towers():
+  """Image, text and audio towers built by mmtl.hf from tiny config dicts (no weights)."""
+  vit = dict(model_type="vit", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+             intermediate_size=32, image_size=8, patch_size=4)
+  bert = dict(model_type="bert", vocab_size=50, hidden_size=24, num_hidden_layers=2,
+              num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+  return dict(image_encoder=hf.build_module(vit), text_encoder=hf.build_module(bert),
+              audio_encoder=hf.build_module({**vit, "num_channels": 1, "image_size": [8, 12]}))
+
+
+def hf_batch(b=3):
+  rng = np.random.default_rng(0)
+  out = batch(b)
+  out.update(pixel_values=rng.normal(size=(b, 8, 8, 3)).astype(np.float32),
+             audio_values=rng.normal(size=(b, 8, 12, 1)).astype(np.float32))
+  return out
+
+
+def param_shapes(model, b):
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), b)["params"]
+  return {path: (x.shape, x.dtype) for path, x in rules.flatten(shapes).items()}
+
+
+@pytest.mark.parametrize("fusion_type", list(fusion.FUSIONS))
+@pytest.mark.parametrize("tower_set", ["tiny", "image_text_audio"])
+def test_dummy_batch_inits_the_params_of_a_real_batch(fusion_type, tower_set):
+  kind = "contrastive" if fusion_type == "contrastive" else "classification"
+  if tower_set == "tiny":
+    model_towers, real = towers(), batch()
+  else:
+    model_towers, real = hf_towers(), hf_batch()
+  model = fusion.FusionModel(**model_towers, fusion_type=fusion_type, head_type=kind,
+                             num_classes=3, width=8, num_heads=2, bottleneck_tokens=2,
+                             fusion_layer=-1)
+  dummy = model.dummy_batch()
+  fields = {"pixel_values", "input_ids", "attention_mask"}
+  if tower_set != "tiny":
+    fields |= {"token_type_ids", "audio_values"}
+  assert set(dummy) == fields and {x.shape[0] for x in dummy.values()} == {1}
+  assert real["input_ids"].shape[1] > dummy["input_ids"].shape[1]  # Longer and padded.
+  assert param_shapes(model, dummy) == param_shapes(model, real)
+  assert {p.split("/")[0] for p in param_shapes(model, dummy)} >= {
+      f"{m}_encoder" for m in model.modalities}
+
+
+def test_tower_inputs_are_the_declared_ones():
+  text = hf_towers()["text_encoder"]
+  b = dict(hf_batch(), labels=np.zeros(3))
+  got = fusion.tower_inputs("text", text, b, train=True)
+  assert set(got) == {"input_ids", "attention_mask", "token_type_ids", "deterministic"}
+  assert not got["deterministic"]
+  audio = fusion.tower_inputs("audio", hf_towers()["audio_encoder"], b, train=False)
+  assert set(audio) == {"pixel_values", "deterministic"}
+  assert audio["pixel_values"] is b["audio_values"]  # The batch field renamed to the input name.
+
+
+def test_tower_of_the_wrong_modality_names_both():
+  bert = hf_towers()["text_encoder"]
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"towers\.image: 'bert' builds a BertModel, whose inputs are "
+                           r"\['input_ids', 'attention_mask', 'token_type_ids'\]; an image tower "
+                           r"takes pixel_values \(batch field 'pixel_values'\)"):
+    fusion._check_tower_inputs("image", bert, {"model_type": "bert"})
+  clip = hf.build_module({"model_type": "clip"})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"CLIPModel, which is not a tower.*tower='vision'"):
+    fusion._check_tower_inputs("image", clip, "openai/clip")
+  fusion._check_tower_inputs("audio", hf_towers()["audio_encoder"], "vit")

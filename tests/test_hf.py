@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from mmtl import hf, preprocess, rules
+from mmtl.models import clip, registry
 from tests.hf_fixtures import make_tiny_checkpoint
 
 
@@ -124,7 +125,8 @@ def test_unknown_model_type(tiny_bert_dir, tmp_path):
   d = _copy(tiny_bert_dir, tmp_path / "ckpt")
   (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
                                              "model_type": "gpt2"}))
-  with pytest.raises(hf.CheckpointError, match=r"Unknown model_type 'gpt2'.*implements \['bert'"):
+  with pytest.raises(hf.CheckpointError, match=r"Unknown model_type 'gpt2'.*implements \['bert'.*"
+                                               r"one line in mmtl/models/registry\.py"):
     hf.load_pretrained(d)
 
 
@@ -140,9 +142,10 @@ def test_missing_files_and_bad_arguments(tiny_bert_dir, tiny_vit_dir, tmp_path):
     hf.load_pretrained(str(tmp_path / "nowhere" / "x" / "y"))
   with pytest.raises(hf.CheckpointError, match="revision='v1' only applies to hub ids"):
     hf.load_pretrained(tiny_bert_dir, revision="v1")
-  with pytest.raises(hf.CheckpointError, match="tower='vision' picks a tower of a CLIP checkpoint"):
+  with pytest.raises(hf.CheckpointError,
+                     match="tower='vision' picks a tower of a 'clip' checkpoint.*model_type='vit'"):
     hf.load_pretrained(tiny_vit_dir, tower="vision")
-  with pytest.raises(hf.CheckpointError, match="tower='audio'"):
+  with pytest.raises(hf.CheckpointError, match=r"tower='audio': use one of \['text', 'vision'\]"):
     hf.build_module({"model_type": "clip"}, tower="audio")
 
 
@@ -273,6 +276,21 @@ def test_build_module_from_config_dict():
   assert module.dtype == jnp.bfloat16 and module.attention_impl == "xla"
   with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
     hf.build_module({"model_type": "bert", "position_embedding_type": "relative_key"})
+
+
+def test_registry_and_towers():
+  """Every registered class builds from its model_type; `tower` takes a CLIP half from a
+  full config or accepts a lone tower's config."""
+  for model_type, cls in registry.MODELS.items():
+    module = hf.build_module({"model_type": model_type})
+    assert type(module) is cls and type(module.config) is cls.config_class
+  full = {"model_type": "clip", "vision_config": {"hidden_size": 48}}
+  vision = hf.build_module(full, tower="vision")
+  assert type(vision) is clip.CLIPVisionModel and vision.hidden_size == 48
+  lone = hf.build_module({"model_type": "clip_text_model"}, tower="text")
+  assert type(lone) is clip.CLIPTextModel
+  with pytest.raises(hf.CheckpointError, match="'clip' checkpoint.*model_type='clip_text_model'"):
+    hf.build_module({"model_type": "clip_text_model"}, tower="vision")
 
 
 # --- Preprocessing ------------------------------------------------------------------

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 
 from mmtl import config as config_lib
-from mmtl.data import pipeline
+from mmtl.data import options, transforms
 
 N = 20_000
 
 
 def blank_patterns(rates, n=N, seed=0):
   """(n, M) bool, True = blanked, from `n` draws of `_ModalityDropout(rates)`."""
-  dropout, rng = pipeline._ModalityDropout(rates), np.random.default_rng(seed)
+  dropout, rng = transforms._ModalityDropout(rates), np.random.default_rng(seed)
   return np.array([[not kept for kept in dropout(rng).values()] for _ in range(n)])
 
 
@@ -39,7 +39,7 @@ def test_restoring_one_at_random_fails_the_same_check():
 
 def test_three_modalities_get_their_rates_with_every_pattern_but_all_blank():
   rates = dict(image=0.3, text=0.4, audio=0.5)
-  dropout = pipeline._ModalityDropout(rates)
+  dropout = transforms._ModalityDropout(rates)
   np.testing.assert_allclose(1 - dropout.probs @ dropout.patterns, list(rates.values()), atol=1e-12)
   blanked = blank_patterns(rates)
   assert_rates(blanked, rates)
@@ -63,7 +63,7 @@ def test_a_rate_of_zero_leaves_the_others_independent():
 
 def test_same_element_rng_same_draw():
   """Draws depend only on the element's RNG: resumption and the process count do not change them."""
-  dropout = pipeline._ModalityDropout(dict(image=0.3, text=0.4, audio=0.5))
+  dropout = transforms._ModalityDropout(dict(image=0.3, text=0.4, audio=0.5))
   draws = lambda seed: [dropout(np.random.default_rng([seed, i])) for i in range(50)]
   assert draws(7) == draws(7) != draws(8)
 
@@ -77,14 +77,14 @@ def test_same_element_rng_same_draw():
 ])
 def test_infeasible_rates_name_the_key_and_the_fix(rates, match):
   with pytest.raises(config_lib.ConfigError, match=match):
-    pipeline._ModalityDropout(rates)
+    transforms._ModalityDropout(rates)
 
 
 def preprocess(**cfg):
-  """Training `_Preprocess` of 8x8 images and audio (no dataset or tokenizer needed)."""
-  cfg = pipeline.input_config(dict(fields=dict(image="image", text=None, audio="audio", label=None),
-                                   image=dict(size=8), **cfg))
-  return pipeline._Preprocess(cfg, None, train=True)
+  """Training `Preprocess` of 8x8 images and audio (no dataset or tokenizer needed)."""
+  cfg = options.input_config(dict(fields=dict(image="image", text=None, audio="audio", label=None),
+                                  image=dict(size=8), **cfg))
+  return transforms.Preprocess(cfg, None, train=True)
 
 
 def present(pre, n):

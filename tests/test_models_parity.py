@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from mmtl import hf, rules
+from mmtl.models import encoder
 from tests.hf_fixtures import make_tiny_checkpoint
 
 ATOL = 1e-5
@@ -173,9 +174,10 @@ def test_encoder_protocol_runs_layer_ranges(family, tiny_bert_dir, tiny_vit_dir,
     ids, mask = _text_inputs(80, eos=config["text_config"]["eos_token_id"])
     inputs = dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
   assert (module.num_layers, module.hidden_size) == (2, 32)
+  assert isinstance(module, encoder.Encoder) and set(module.dummy_inputs()) == set(module.inputs)
 
   def pieces(m):
-    x, mask = m.embed(**inputs)
+    x, mask = m.embed(**inputs, deterministic=True)
     assert x.shape[:2] == mask.shape and mask.dtype == jnp.bool_ and x.shape[2] == m.hidden_size
     for start in range(m.num_layers):
       x = m.run_layers(x, mask, start, start + 1)

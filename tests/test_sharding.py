@@ -1,11 +1,13 @@
-"""Mesh, sharding rules and sharded training on 8 simulated CPU devices."""
+"""Mesh, sharding rules and sharded training on 8 simulated CPU devices, with the batch placement
+(mmtl.data.device) and memory estimate (mmtl.memory) they feed."""
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from mmtl import rules, sharding
+from mmtl import memory, rules, sharding
+from mmtl.data import device
 from mmtl.models import layers
 from tests import sharding_toy as toy
 
@@ -118,12 +120,12 @@ def test_lora_factors_follow_their_kernel_split():
 def test_batch_placement_and_data_shard():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, model=2))
   assert sharding.process_data_shard(mesh) == (0, 1)
-  batch = sharding.put_batch(toy.global_batch(0), mesh)
+  batch = device.put_batch(toy.global_batch(0), mesh)
   assert batch["x"].shape == (16, 4, 8)
   assert batch["x"].sharding.spec == P(("data", "fsdp"))
   assert {s.data.shape for s in batch["x"].addressable_shards} == {(4, 4, 8)}
   with pytest.raises(ValueError, match="multiple of data\\*fsdp=4"):
-    sharding.put_batch({"x": np.zeros((6, 2))}, mesh)
+    device.put_batch({"x": np.zeros((6, 2))}, mesh)
 
 
 def test_memory_estimate_counts_shards_and_remat():
@@ -132,22 +134,22 @@ def test_memory_estimate_counts_shards_and_remat():
   one = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
   _, one_shardings = toy.state_shardings(one, "fsdp_tp")
   params_total = sum(x.size * 4 for x in jax.tree.leaves(shapes["params"]))
-  assert sharding.bytes_per_device(shapes["params"], one_shardings["params"]) == params_total
-  sharded = sharding.bytes_per_device(shapes["params"], shardings["params"])
+  assert memory.bytes_per_device(shapes["params"], one_shardings["params"]) == params_total
+  sharded = memory.bytes_per_device(shapes["params"], shardings["params"])
   assert params_total / 8 < sharded < params_total / 2
 
   batch = jax.eval_shape(lambda: toy.global_batch(0))
-  plain = sharding.activation_bytes(toy.loss_fn, shapes["params"], batch)
-  remat = sharding.activation_bytes(
+  plain = memory.activation_bytes(toy.loss_fn, shapes["params"], batch)
+  remat = memory.activation_bytes(
       lambda p, b: toy.loss_fn(p, b, toy.ToyModel(remat=True)), shapes["params"], batch)
   assert 0 < remat < plain
   # At least the MLP hidden activation (B, T, 2*WIDTH) float32 is kept.
   assert plain >= 16 * 4 * 32 * 4
-  estimate = sharding.memory_estimate(mesh, shapes, shardings, activations=plain)
+  estimate = memory.memory_estimate(mesh, shapes, shardings, activations=plain)
   assert estimate["params"] == sharded
   assert estimate["activations"] == plain // 4
   assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total")
-  assert sharding.format_memory(estimate).startswith("Estimated memory per device:")
+  assert memory.format_memory(estimate).startswith("Estimated memory per device:")
 
 
 class _CountingSource:
@@ -174,7 +176,7 @@ def test_device_prefetch_depth_order_and_state():
     return x * 10
 
   source = _CountingSource(5)
-  stream = sharding.DevicePrefetch(source, put, size=2)
+  stream = device.DevicePrefetch(source, put, size=2)
   assert stream.get_state() == {"next_index": 0}
   assert next(stream) == 0 and put_calls == [0, 1, 2]  # two more in flight
   # The source has been read up to 3, but a resume must start at the first unseen batch.

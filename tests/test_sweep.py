@@ -3,6 +3,7 @@ import csv
 import json
 import os
 from pathlib import Path
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -98,15 +99,17 @@ def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path
       def get_config(arg=None):
         return {}
       def get_sweep(arg=None):
-        return [dict(fusion="concat", frozen=("image_encoder/.*",)), dict(fusion="gated", frozen=())]
+        return [dict(fusion="concat", frozen=("image_encoder/.*",)),
+                dict(fusion="gated", frozen=())]
       """))
   sweep_dir = tmp_path / "s"
   # The config's own get_sweep() is the sweep when no --grid is given.
   assert run("--sweep_dir", str(sweep_dir), "--emit", "local") == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines == [
-      f"{sys.executable} -m fake_train --config {config} --workdir {sweep_dir}/fusion=concat__frozen=_image_encoder_._"
-      f" --config.fusion=concat '--config.frozen=('\"'\"'image_encoder/.*'\"'\"',)'",
+      f"{sys.executable} -m fake_train --config {config} "
+      f"--workdir {sweep_dir}/fusion=concat__frozen=_image_encoder_._ --config.fusion=concat "
+      "'--config.frozen=('\"'\"'image_encoder/.*'\"'\"',)'",
       f"{sys.executable} -m fake_train --config {config} --workdir {sweep_dir}/fusion=gated__frozen=_"
       " --config.fusion=gated '--config.frozen=()'"]
   assert workdirs_run() == []  # Emitting runs nothing.
@@ -132,12 +135,21 @@ def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path
     ([], "nothing to sweep"),
     (["--grid", "lr=1,1"], "identical overrides"),
     (["--sweep", "missing.py"], "missing.py does not exist"),
+    (["--grid", "lr=1", "stray"], "unexpected arguments ['stray']: flags for every run go after"),
+    (["--grid", "lr=1", "--bogus"], "Unknown command line flag 'bogus'"),
 ])
 def test_bad_sweeps_are_explained(fake_trainer, tmp_path, capsys, args, message):
   run, workdirs_run, _ = fake_trainer
   assert run("--sweep_dir", str(tmp_path / "s"), *args) == 2
   assert message in capsys.readouterr().err
   assert workdirs_run() == []
+
+
+def test_config_and_sweep_dir_are_required(capsys):
+  assert sweep.main(["--sweep_dir", "s", "--grid", "lr=1"]) == 2
+  assert "--config is required" in capsys.readouterr().err
+  assert sweep.main(["--config", "c.py", "--grid", "lr=1"]) == 2
+  assert "--sweep_dir is required" in capsys.readouterr().err
 
 
 def test_run_names():
@@ -155,10 +167,46 @@ def test_markdown_table_escapes_pipes(tmp_path):
   assert markdown.splitlines()[2] == r"| ('text/(a\|b)',) | 0.5123 |"
 
 
-def test_cli_entry_point(tmp_path):
-  """The script runs as a file, as the README shows."""
-  result = subprocess.run([sys.executable, ROOT / "launch/sweep.py", "--help"], capture_output=True, text=True)
-  assert result.returncode == 0 and "--grid KEY=V1,V2" in result.stdout
+def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path):
+  """`python launch/sweep.py` as docs/launch.md shows it (absl flags, aliases, overrides before and
+  after `--`): the launch commands of the runs without final_metrics.json, then those runs."""
+  _, workdirs_run, config = fake_trainer
+  sweep_dir = tmp_path / "sweep"
+  (sweep_dir / "fusion=concat__lr=0.2").mkdir(parents=True)
+  (sweep_dir / "fusion=concat__lr=0.2/final_metrics.json").write_text('{"val/accuracy": 1.0}')
+
+  def cli(*args):
+    return subprocess.run(
+        [sys.executable, ROOT / "launch/sweep.py", "--config", config, "--sweep-dir", sweep_dir,
+         "--grid", "fusion=concat,gated", "--grid=lr=0.1,0.2", "--train_module", "fake_train",
+         "--config.total_steps", "3", *args, "--", "--config.seed=1"],
+        capture_output=True, text=True, timeout=120)
+
+  def command(fusion, lr):
+    return [sys.executable, "-m", "fake_train", "--config", str(config),
+            "--workdir", f"{sweep_dir}/fusion={fusion}__lr={lr}", f"--config.fusion={fusion}",
+            f"--config.lr={lr}", "--config.total_steps=3", "--config.seed=1"]
+  unfinished = [command("concat", "0.1"), command("gated", "0.1"), command("gated", "0.2")]
+
+  emitted = cli("--emit", "local")
+  assert emitted.returncode == 0, emitted.stderr
+  assert emitted.stdout.splitlines() == [shlex.join(c) for c in unfinished]
+  assert workdirs_run() == []
+
+  ran = cli("--keep-going")
+  assert ran.returncode == 0, ran.stderr
+  calls = Path(os.environ["FAKE_TRAIN_CALLS"]).read_text().splitlines()
+  assert [json.loads(call) for call in calls] == [c[3:] for c in unfinished]  # In order.
+  assert "[2/4] fusion=concat__lr=0.2: done already, skipped" in ran.stdout.splitlines()
+  with (sweep_dir / "results.csv").open() as f:
+    assert [(r["run"], r["val/accuracy"]) for r in csv.DictReader(f)] == [
+        ("fusion=concat__lr=0.1", "16.0"), ("fusion=concat__lr=0.2", "1.0"),
+        ("fusion=gated__lr=0.1", "15.0"), ("fusion=gated__lr=0.2", "25.0")]
+
+  assert cli("--emit", "local").stdout == ""  # Nothing left to run.
+  bad = cli("--emit", "gpu")
+  assert bad.returncode == 1
+  assert "--emit=gpu: value should be one of <local|tpu|slurm>" in bad.stderr
 
 
 def test_config_arguments_are_swept_through_the_config_path(fake_trainer, tmp_path, capsys):

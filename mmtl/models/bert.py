@@ -34,7 +34,7 @@ class BertConfig(layers.HFConfig):
   position_embedding_type: str = "absolute"
   is_decoder: bool = False
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.position_embedding_type != "absolute" or self.is_decoder:
       raise ValueError(
           f"mmtl's BertModel is a bidirectional encoder with absolute positions; this config has "
@@ -55,7 +55,8 @@ class BertEmbeddings(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, deterministic: bool) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
+               deterministic: bool) -> jax.Array:
     c = self.config
     length = input_ids.shape[1]
     if length > c.max_position_embeddings:
@@ -75,21 +76,25 @@ class BertModel(layers.EncoderTower):
   config: BertConfig
   add_pooling_layer: bool = True
 
+  config_class: ClassVar[type[BertConfig]] = BertConfig
+  inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
   hf_architecture: ClassVar[str] = "BertModel"
   hf_base_prefix: ClassVar[str] = "bert"  # task checkpoints (BertForX) nest the encoder here
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
-    return dict(input_ids=jnp.zeros((1, 1), jnp.int32))
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=ids)
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     self.embeddings = BertEmbeddings(c, self.dtype, self.param_dtype)
     self.encoder = self.make_encoder()
     if self.add_pooling_layer:
       self.pooler = layers.Pooler(c.hidden_size, "tanh", self.dtype, self.param_dtype)
 
-  def embed(self, input_ids, attention_mask=None, token_type_ids=None, *,
+  def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            token_type_ids: jax.Array | None = None, *,
             deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -97,12 +102,13 @@ class BertModel(layers.EncoderTower):
       token_type_ids = jnp.zeros_like(input_ids)
     return self.embeddings(input_ids, token_type_ids, deterministic), attention_mask.astype(bool)
 
-  def finalize(self, x, mask) -> dict[str, jax.Array | None]:
+  def finalize(self, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:
     del mask  # BERT pools the [CLS] token, which is never padding.
     pooled = self.pooler(x) if self.add_pooling_layer else None
     return dict(last_hidden_state=x, pooler_output=pooled)
 
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *,
                deterministic: bool = True) -> dict[str, jax.Array | None]:
     x, mask = self.embed(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)

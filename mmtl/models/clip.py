@@ -87,7 +87,8 @@ class CLIPConfig(layers.HFConfig):
                 logit_scale_init_value=self.logit_scale_init_value)
 
 
-def _tower_names(tower, hf_prefix: str, embeddings: dict[str, str]) -> dict[str, str]:
+def _tower_names(tower: layers.EncoderTower, hf_prefix: str,
+                 embeddings: dict[str, str]) -> dict[str, str]:
   """Shared encoder-layer names of both towers (HF `CLIPEncoderLayer`)."""
   names = dict(embeddings)
   spec = tower.config.layer_spec()
@@ -106,7 +107,7 @@ class CLIPVisionEmbeddings(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, pixel_values) -> jax.Array:
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
     c = self.config
     x = layers.patchify(pixel_values, image_size=c.image_size, patch_size=c.patch_size,
                         num_channels=c.num_channels, features=c.hidden_size, use_bias=False,
@@ -124,34 +125,39 @@ class CLIPVisionModel(layers.EncoderTower):
   """HF `CLIPVisionModel`: pooler_output = post_layernorm(last_hidden_state[:, 0])."""
   config: CLIPVisionConfig
 
+  config_class: ClassVar[type[CLIPVisionConfig]] = CLIPVisionConfig
+  inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
   hf_architecture: ClassVar[str] = "CLIPVisionModel"
   hf_base_prefix: ClassVar[str] = "vision_model"
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     return layers.image_dummy_inputs(self.config)
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     self.embeddings = CLIPVisionEmbeddings(c, self.dtype, self.param_dtype)
     self.pre_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
     self.encoder = self.make_encoder()
     self.post_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
 
-  def embed(self, pixel_values, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def embed(self, pixel_values: jax.Array, *,
+            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     del deterministic  # CLIP has no embedding dropout
     x = self.pre_layernorm(self.embeddings(pixel_values))
     return x, jnp.ones(x.shape[:2], bool)
 
-  def finalize(self, x, mask) -> dict[str, jax.Array]:
+  def finalize(self, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     del mask
     return dict(last_hidden_state=x, pooler_output=self.post_layernorm(x[:, 0]))
 
-  def __call__(self, pixel_values, *, deterministic: bool = True) -> dict[str, jax.Array]:
+  def __call__(self, pixel_values: jax.Array, *,
+               deterministic: bool = True) -> dict[str, jax.Array]:
     x, mask = self.embed(pixel_values)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
   def hf_names(self) -> dict[str, str]:
+    """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     p = self.hf_base_prefix
     emb = {"embeddings/class_embedding": f"{p}.embeddings.class_embedding"}
     emb.update(layers.hf_dense("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding", bias=False))
@@ -166,14 +172,17 @@ class CLIPTextModel(layers.EncoderTower):
   """HF `CLIPTextModel`: causal encoder; pooler_output = final state at the EOS token."""
   config: CLIPTextConfig
 
+  config_class: ClassVar[type[CLIPTextConfig]] = CLIPTextConfig
+  inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
   hf_architecture: ClassVar[str] = "CLIPTextModel"
   hf_base_prefix: ClassVar[str] = "text_model"
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
-    return dict(input_ids=jnp.zeros((1, 1), jnp.int32))
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids))
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     embed = lambda num, name: nn.Embed(num, c.hidden_size, dtype=self.dtype,
                                        param_dtype=self.param_dtype, name=name)
@@ -182,7 +191,7 @@ class CLIPTextModel(layers.EncoderTower):
     self.encoder = self.make_encoder()
     self.final_layer_norm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
 
-  def embed(self, input_ids, attention_mask=None, *,
+  def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
             deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     del deterministic  # CLIP has no embedding dropout
     length, max_len = input_ids.shape[1], self.config.max_position_embeddings
@@ -194,7 +203,8 @@ class CLIPTextModel(layers.EncoderTower):
       attention_mask = jnp.ones_like(input_ids)
     return x, attention_mask.astype(bool)
 
-  def finalize(self, x, mask, input_ids=None) -> dict[str, jax.Array]:
+  def finalize(self, x: jax.Array, mask: jax.Array,
+               input_ids: jax.Array | None = None) -> dict[str, jax.Array]:
     """Final LN and EOS pooling.
 
     With `input_ids`, the EOS position follows transformers exactly: the first
@@ -213,13 +223,14 @@ class CLIPTextModel(layers.EncoderTower):
     pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
     return dict(last_hidden_state=x, pooler_output=pooled)
 
-  def __call__(self, input_ids, attention_mask=None, *,
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                deterministic: bool = True) -> dict[str, jax.Array]:
     x, mask = self.embed(input_ids, attention_mask)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask, input_ids)
 
   def hf_names(self) -> dict[str, str]:
+    """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     p = self.hf_base_prefix
     emb = {}
     emb.update(layers.hf_embed("token_embedding", f"{p}.embeddings.token_embedding"))
@@ -240,10 +251,15 @@ class CLIPModel(nn.Module):
   remat: str = "none"
   attention_impl: str | None = None
 
+  config_class: ClassVar[type[CLIPConfig]] = CLIPConfig
+  # Each tower: (its sub-config's key in config.json and field of CLIPConfig, its class). The
+  # name is the tower's param subtree here and the `tower=` that mmtl.hf builds it alone for.
+  towers: ClassVar[dict[str, tuple[str, type[layers.EncoderTower]]]] = {
+      "vision": ("vision_config", CLIPVisionModel), "text": ("text_config", CLIPTextModel)}
   hf_architecture: ClassVar[str] = "CLIPModel"
   hf_base_prefix: ClassVar[str | None] = None  # CLIP checkpoints don't nest the model
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
               attention_impl=self.attention_impl)
@@ -255,21 +271,28 @@ class CLIPModel(nn.Module):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
                                   (), self.param_dtype)
 
+  def _unbound_towers(self) -> dict[str, layers.EncoderTower]:
+    return {name: cls(getattr(self.config, key), parent=None)
+            for name, (key, cls) in self.towers.items()}
+
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
-    return {**CLIPTextModel(self.config.text_config, parent=None).dummy_inputs(),
-            **CLIPVisionModel(self.config.vision_config, parent=None).dummy_inputs()}
+    return {k: x for tower in self._unbound_towers().values()
+            for k, x in tower.dummy_inputs().items()}
 
-  def get_image_features(self, pixel_values, *, deterministic: bool = True) -> jax.Array:
+  def get_image_features(self, pixel_values: jax.Array, *,
+                         deterministic: bool = True) -> jax.Array:
     """Projected (not normalized) image embeddings, as HF's get_image_features."""
     return self.visual_projection(self.vision(pixel_values, deterministic=deterministic)["pooler_output"])
 
-  def get_text_features(self, input_ids, attention_mask=None, *, deterministic: bool = True) -> jax.Array:
+  def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                        deterministic: bool = True) -> jax.Array:
     """Projected (not normalized) text embeddings, as HF's get_text_features."""
     out = self.text(input_ids, attention_mask, deterministic=deterministic)
     return self.text_projection(out["pooler_output"])
 
-  def __call__(self, input_ids, pixel_values, attention_mask=None, *,
+  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
+               attention_mask: jax.Array | None = None, *,
                deterministic: bool = True) -> dict[str, Any]:
     vision_out = self.vision(pixel_values, deterministic=deterministic)
     text_out = self.text(input_ids, attention_mask, deterministic=deterministic)
@@ -281,10 +304,10 @@ class CLIPModel(nn.Module):
                 vision_model_output=vision_out, text_model_output=text_out)
 
   def hf_names(self) -> dict[str, str]:
-    c = self.config
+    """{mmtl param path: HF state-dict key}, both towers included (see mmtl.hf)."""
     names = {"logit_scale": "logit_scale"}
     names.update(layers.hf_dense("visual_projection", "visual_projection", bias=False))
     names.update(layers.hf_dense("text_projection", "text_projection", bias=False))
-    for path, tower in (("vision", CLIPVisionModel(c.vision_config, parent=None)), ("text", CLIPTextModel(c.text_config, parent=None))):
+    for path, tower in self._unbound_towers().items():
       names.update({f"{path}/{k}": v for k, v in tower.hf_names().items()})
     return names

@@ -1,13 +1,13 @@
 """Fusion models: two or three encoders combined into one multimodal model.
 
-Any module that follows the encoder protocol (`embed`, `run_layers`,
-`finalize`, `num_layers`, `hidden_size`; see mmtl.models.bert/vit/clip) can be
-a tower. Towers are named `image_encoder`, `text_encoder`, `audio_encoder`, so
-pretrained checkpoints load into them by name and regex rules address them as
+Any module that implements the encoder protocol (mmtl.models.encoder.Encoder:
+BERT, ViT, the CLIP towers) can be a tower. Towers are named `image_encoder`,
+`text_encoder`, `audio_encoder`, so pretrained checkpoints load into them by
+name and regex rules address them as
 `text_encoder/encoder/layer_3/...`; fusion params live under `fusion/...` and
 the task head under `head/...`.
 
-Fusion types (`fusion_type`):
+Fusion types (`fusion_type`, the keys of `FUSIONS`):
   concat:          pooled tower features projected to `width`, concatenated,
                    one hidden layer (a linear head on a concat cannot model
                    interactions such as "is the *named* shape in the image").
@@ -31,7 +31,6 @@ dropout and evaluated with a modality missing.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,34 +39,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODALITIES = ("image", "text", "audio")
-# Batch key whose presence means "this modality was given".
-PRIMARY_INPUT = {"image": "pixel_values", "text": "input_ids", "audio": "audio_values"}
-TOWER_INPUTS = {
+from mmtl import config_keys
+from mmtl.modalities import MODALITIES, PRIMARY_INPUT
+from mmtl.models.encoder import Encoder
+
+# Per modality, batch field -> the encoder input (`Encoder.inputs` name) it feeds.
+TOWER_INPUTS: dict[str, dict[str, str]] = {
     "image": {"pixel_values": "pixel_values"},
     "text": {"input_ids": "input_ids", "attention_mask": "attention_mask",
              "token_type_ids": "token_type_ids"},
     # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
     "audio": {"audio_values": "pixel_values"},
 }
-FUSION_TYPES = ("concat", "gated", "bilinear", "cross_attention", "bottleneck", "contrastive")
 HEAD_TYPES = ("classification", "regression", "contrastive")
 POOL_TYPES = ("mean", "cls", "pooler")
 
 
-def tower_inputs(modality: str, encoder: nn.Module, batch: Mapping[str, Any], *,
-                 train: bool) -> dict:
-  """Keyword arguments of `encoder.embed`: the batch fields it takes (renamed to
-  its argument names) and `deterministic` if it has dropout in the embeddings."""
-  params = inspect.signature(encoder.embed).parameters
-  takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-  out = {}
-  for batch_key, arg in TOWER_INPUTS[modality].items():
-    if batch_key in batch and (takes_any or arg in params):
-      out[arg] = batch[batch_key]
-  if "deterministic" in params:
-    out["deterministic"] = not train
-  return out
+def tower_inputs(modality: str, encoder: Encoder, batch: Mapping[str, Any], *,
+                 train: bool) -> dict[str, Any]:
+  """Keyword arguments of `encoder.embed`: the batch fields of `modality` among its
+  declared `inputs` (under their input names) and `deterministic`."""
+  out = {arg: batch[field] for field, arg in TOWER_INPUTS[modality].items()
+         if field in batch and arg in encoder.inputs}
+  return {**out, "deterministic": not train}
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -101,25 +95,37 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     y = nn.Dense(4 * self.width, dtype=self.dtype, name="fc1")(x)
     return nn.Dense(self.width, dtype=self.dtype, name="fc2")(nn.gelu(y))
 
 
-def _stack_present(towers: Mapping[str, TowerOutput], feats: Mapping[str, jax.Array]):
+def _stack_present(towers: Mapping[str, TowerOutput],
+                   feats: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Features (B, M, W) with absent modalities zeroed, and presence (B, M)."""
   present = jnp.stack([towers[m].present for m in feats], axis=1)
   x = jnp.stack(list(feats.values()), axis=1)
   return x * present[..., None].astype(x.dtype), present
 
 
-class ConcatFusion(nn.Module):
-  """Project each tower to `width`, zero absent ones, concat, one hidden layer."""
+class Fusion(nn.Module):
+  """A fusion module: `from_model(model, name)` builds it from a FusionModel's fields,
+  and `fusion(towers, train=...)` maps every tower's output (absent towers as zero
+  stand-ins) to the features (B, width) the head sees."""
   width: int
   dtype: Any = jnp.float32
 
+  @classmethod
+  def from_model(cls, model: FusionModel, name: str) -> Fusion:
+    return cls(width=model.width, dtype=model.dtype, name=name)
+
+
+class ConcatFusion(Fusion):
+  """Project each tower to `width`, zero absent ones, concat, one hidden layer."""
+
   @nn.compact
-  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
+    del train  # no dropout
     feats = {m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled)
              for m, t in towers.items()}
     x, _ = _stack_present(towers, feats)
@@ -127,17 +133,16 @@ class ConcatFusion(nn.Module):
     return nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="hidden")(x))
 
 
-class GatedFusion(nn.Module):
+class GatedFusion(Fusion):
   """Gated multimodal unit (Arevalo et al. 2017) for any number of modalities.
 
   h_m = tanh(W_m x_m); z = softmax over present modalities of W_z [h_1..h_M],
   per output dimension; output sum_m z_m * h_m.
   """
-  width: int
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
+    del train  # no dropout
     feats = {m: jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled))
              for m, t in towers.items()}
     h, present = _stack_present(towers, feats)  # (B, M, W), (B, M)
@@ -149,7 +154,7 @@ class GatedFusion(nn.Module):
     return (z * h).sum(1)
 
 
-class BilinearFusion(nn.Module):
+class BilinearFusion(Fusion):
   """Low-rank bilinear pooling (MLB, Kim et al. 2017): tanh projections multiplied
   elementwise across modalities, an absent modality contributing 1.
 
@@ -158,11 +163,10 @@ class BilinearFusion(nn.Module):
   discover the interaction (a long loss plateau when neither modality alone
   predicts the label, as in mmtl_shapes).
   """
-  width: int
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
+    del train  # no dropout
     out = None
     for m, t in towers.items():
       h = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled))
@@ -180,7 +184,8 @@ class CrossAttentionBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q, q_mask, kv, kv_mask, *, train: bool):
+  def __call__(self, q: jax.Array, q_mask: jax.Array, kv: jax.Array, kv_mask: jax.Array, *,
+               train: bool) -> jax.Array:
     attn_mask = q_mask[:, None, :, None] & kv_mask[:, None, None, :]
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
@@ -194,13 +199,16 @@ class CrossAttentionBlock(nn.Module):
         nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x))
 
 
-class CrossAttentionFusion(nn.Module):
+class CrossAttentionFusion(Fusion):
   """Each modality's tokens attend to all other modalities' tokens, `depth` times."""
-  width: int
   num_heads: int = 4
   depth: int = 1
   dropout: float = 0.0
-  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_model(cls, model: FusionModel, name: str) -> CrossAttentionFusion:
+    return cls(width=model.width, num_heads=model.num_heads, depth=model.fusion_depth,
+               dropout=model.dropout, dtype=model.dtype, name=name)
 
   @nn.compact
   def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
@@ -220,15 +228,23 @@ class CrossAttentionFusion(nn.Module):
     return nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="hidden")(h))
 
 
-class BottleneckFusion(nn.Module):
+class BottleneckFusion(Fusion):
   """MBT's shared tokens, the per-tower maps in and out of each tower's width,
-  and the late concat that combines the towers after the fusion layers."""
-  width: int
-  num_tokens: int
-  hidden_sizes: tuple[tuple[str, int], ...]
-  dtype: Any = jnp.float32
+  and the late concat that combines the towers after the fusion layers.
 
-  def setup(self):
+  FusionModel runs the towers' layers through `init_tokens` / `enter` / `leave`
+  before calling it as the other fusions on the towers' outputs.
+  """
+  num_tokens: int = 4
+  hidden_sizes: tuple[tuple[str, int], ...] = ()  # (modality, tower width) per tower
+
+  @classmethod
+  def from_model(cls, model: FusionModel, name: str) -> BottleneckFusion:
+    return cls(width=model.width, num_tokens=model.bottleneck_tokens,
+               hidden_sizes=tuple((m, model.tower(m).hidden_size) for m in model.modalities),
+               dtype=model.dtype, name=name)
+
+  def setup(self) -> None:
     self.tokens = self.param("tokens", nn.initializers.normal(0.02),
                              (self.num_tokens, self.width))
     self.to_tower = {m: nn.Dense(d, dtype=self.dtype, name=f"to_{m}")
@@ -246,8 +262,48 @@ class BottleneckFusion(nn.Module):
   def leave(self, m: str, b: jax.Array) -> jax.Array:
     return self.from_tower[m](b)
 
-  def __call__(self, towers: Mapping[str, TowerOutput]) -> jax.Array:
-    return self.late(towers)
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
+    return self.late(towers, train=train)
+
+
+class ContrastiveHead(Fusion):
+  """CLIP / LiT head: per-tower linear projections, L2 norm, learnable temperature.
+
+  Takes the place of fusion and head (params `head/...`): called on the given
+  towers only, it returns the model's outputs rather than features.
+  """
+  temperature_init: float = 0.07
+
+  @classmethod
+  def from_model(cls, model: FusionModel, name: str) -> ContrastiveHead:
+    return cls(width=model.width, temperature_init=model.temperature_init, dtype=model.dtype,
+               name=name)
+
+  @nn.compact
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> dict[str, jax.Array]:
+    del train  # no dropout
+    out = {}
+    for m, t in towers.items():
+      z = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name=f"{m}_proj")(t.pooled)
+      z = z.astype(jnp.float32)
+      out[f"{m}_embeds"] = z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-6)
+    out["logit_scale"] = self.param(
+        "logit_scale", nn.initializers.constant(np.log(1 / self.temperature_init)), ())
+    out["features"] = out.get("image_embeds", next(iter(out.values())))
+    return out
+
+
+# fusion_type -> module. Two are used differently from the rest: bottleneck also runs
+# inside the towers' layers (FusionModel._bottleneck_layers), and contrastive is the
+# model's head (no classifier after it; it sees only the towers given).
+FUSIONS: dict[str, type[Fusion]] = {
+    "concat": ConcatFusion,
+    "gated": GatedFusion,
+    "bilinear": BilinearFusion,
+    "cross_attention": CrossAttentionFusion,
+    "bottleneck": BottleneckFusion,
+    "contrastive": ContrastiveHead,
+}
 
 
 class FusionModel(nn.Module):
@@ -276,12 +332,12 @@ class FusionModel(nn.Module):
   temperature_init: float = 0.07
   dtype: Any = jnp.float32
 
-  def __post_init__(self):
-    if self.fusion_type not in FUSION_TYPES:
-      raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {FUSION_TYPES}.")
+  def __post_init__(self) -> None:
+    if self.fusion_type not in FUSIONS:
+      raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {tuple(FUSIONS)}.")
     if self.head_type not in HEAD_TYPES:
       raise ValueError(f"Unknown head_type {self.head_type!r}; use one of {HEAD_TYPES}.")
-    names = [m for m in MODALITIES if getattr(self, f"{m}_encoder") is not None]
+    names = list(self.modalities)
     if not names:
       raise ValueError("FusionModel needs at least one tower (image_encoder, text_encoder, "
                        "audio_encoder).")
@@ -294,7 +350,7 @@ class FusionModel(nn.Module):
       raise ValueError(f"fusion_type={self.fusion_type!r} needs at least two towers, got "
                        f"{names}; use fusion_type='concat' for a single-modality model.")
     if self.fusion_type == "bottleneck" and any(
-        getattr(getattr(self, f"{m}_encoder"), "attention_impl", None) == "cudnn" for m in names):
+        getattr(self.tower(m), "attention_impl", None) == "cudnn" for m in names):
       # cuDNN attention takes padding as lengths (real tokens first); bottleneck tokens
       # are appended after padded text, so that mask cannot be expressed.
       raise ValueError("fusion_type='bottleneck' does not work with attention_impl='cudnn'; "
@@ -305,8 +361,18 @@ class FusionModel(nn.Module):
   def modalities(self) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if getattr(self, f"{m}_encoder") is not None)
 
-  def _encoder(self, m: str) -> nn.Module:
+  def tower(self, m: str) -> Encoder:
+    """The encoder of modality `m`."""
     return getattr(self, f"{m}_encoder")
+
+  def dummy_batch(self) -> dict[str, jax.Array]:
+    """The smallest batch (batch size 1) with every tower's inputs under their batch fields:
+    `init` on it gives the params `init` on a real batch gives, without an example."""
+    batch = {}
+    for m in self.modalities:
+      field = {arg: f for f, arg in TOWER_INPUTS[m].items()}
+      batch.update({field[name]: x for name, x in self.tower(m).dummy_inputs().items()})
+    return batch
 
   def _present(self, m: str, batch: Mapping[str, Any], batch_size: int) -> jax.Array:
     if PRIMARY_INPUT[m] not in batch:
@@ -314,7 +380,7 @@ class FusionModel(nn.Module):
     return jnp.asarray(batch.get(f"{m}_present", jnp.ones((batch_size,), jnp.float32)),
                        jnp.float32)
 
-  def _run_towers(self, batch, bottleneck: BottleneckFusion | None, *,
+  def _run_towers(self, batch: Mapping[str, Any], bottleneck: BottleneckFusion | None, *,
                   train: dict[str, bool]) -> dict[str, TowerOutput]:
     """Run every tower whose inputs are in the batch (`train`: per modality, whether
     in training mode); bottleneck towers exchange tokens."""
@@ -322,21 +388,20 @@ class FusionModel(nn.Module):
     if not given:
       raise ValueError(f"The batch has none of the model's inputs "
                        f"{[PRIMARY_INPUT[m] for m in self.modalities]}; got {sorted(batch)}.")
-    embedded = {m: self._encoder(m).embed(**tower_inputs(m, self._encoder(m), batch,
-                                                         train=train[m]))
+    embedded = {m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m]))
                 for m in given}
     batch_size = next(iter(embedded.values()))[0].shape[0]
     present = {m: self._present(m, batch, batch_size) for m in given}
     if bottleneck is not None:
       hidden = self._bottleneck_layers(bottleneck, embedded, present, train=train)
     else:
-      hidden = {m: self._encoder(m).run_layers(x, mask, 0, self._encoder(m).num_layers,
-                                               deterministic=not train[m])
+      hidden = {m: self.tower(m).run_layers(x, mask, 0, self.tower(m).num_layers,
+                                            deterministic=not train[m])
                 for m, (x, mask) in embedded.items()}
     out = {}
     for m in given:
       mask = embedded[m][1]
-      final = self._encoder(m).finalize(hidden[m], mask)
+      final = self.tower(m).finalize(hidden[m], mask)
       out[m] = TowerOutput(tokens=final["last_hidden_state"], mask=mask,
                            pooled=pool(final, mask, getattr(self, f"{m}_pool")),
                            present=present[m])
@@ -344,7 +409,7 @@ class FusionModel(nn.Module):
 
   def _fusion_starts(self) -> tuple[dict[str, int], int]:
     """First fusion layer of each tower, and the number of fusion layers."""
-    depths = {m: self._encoder(m).num_layers for m in self.modalities}
+    depths = {m: self.tower(m).num_layers for m in self.modalities}
     starts = {m: self.fusion_layer if self.fusion_layer >= 0 else d + self.fusion_layer
               for m, d in depths.items()}
     num_fusion = {depths[m] - s for m, s in starts.items()}
@@ -356,10 +421,12 @@ class FusionModel(nn.Module):
           "equal depth.")
     return starts, num_fusion.pop()
 
-  def _bottleneck_layers(self, bn: BottleneckFusion, embedded, present, *,
+  def _bottleneck_layers(self, bn: BottleneckFusion,
+                         embedded: dict[str, tuple[jax.Array, jax.Array]],
+                         present: dict[str, jax.Array], *,
                          train: dict[str, bool]) -> dict[str, jax.Array]:
     starts, num_fusion = self._fusion_starts()
-    hidden = {m: self._encoder(m).run_layers(x, mask, 0, starts[m], deterministic=not train[m])
+    hidden = {m: self.tower(m).run_layers(x, mask, 0, starts[m], deterministic=not train[m])
               for m, (x, mask) in embedded.items()}
     n = self.bottleneck_tokens
     b = bn.init_tokens(next(iter(hidden.values())).shape[0])
@@ -370,8 +437,8 @@ class FusionModel(nn.Module):
       for m, (_, mask) in embedded.items():
         x = jnp.concatenate([hidden[m], bn.enter(m, b)], axis=1)
         x_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], n), bool)], axis=1)
-        x = self._encoder(m).run_layers(x, x_mask, starts[m] + k, starts[m] + k + 1,
-                                        deterministic=not train[m])
+        x = self.tower(m).run_layers(x, x_mask, starts[m] + k, starts[m] + k + 1,
+                                     deterministic=not train[m])
         hidden[m] = x[:, :-n]
         updates.append(bn.leave(m, x[:, -n:]))
       # Shared tokens: the present towers' views averaged (MBT); absent ones don't vote.
@@ -383,29 +450,14 @@ class FusionModel(nn.Module):
                inference_towers: tuple[str, ...] = ()) -> dict[str, jax.Array]:
     """Outputs on `batch`. With `train`, dropout is on everywhere except in the towers
     of `inference_towers` (modalities): locked towers run as at inference (LiT)."""
-    bottleneck = None
-    if self.fusion_type == "bottleneck":
-      bottleneck = BottleneckFusion(
-          self.width, self.bottleneck_tokens,
-          tuple((m, self._encoder(m).hidden_size) for m in self.modalities),
-          dtype=self.dtype, name="fusion")
+    contrastive = self.head_type == "contrastive"
+    fusion = FUSIONS[self.fusion_type].from_model(self, name="head" if contrastive else "fusion")
     towers = self._run_towers(
-        batch, bottleneck, train={m: train and m not in inference_towers for m in self.modalities})
-    if self.fusion_type == "contrastive":
-      return ContrastiveHead(self.width, self.temperature_init, dtype=self.dtype,
-                             name="head")({m: t.pooled for m, t in towers.items()})
-    towers = self._fill_absent(towers)
-    if bottleneck is not None:
-      features = bottleneck(towers)
-    elif self.fusion_type == "concat":
-      features = ConcatFusion(self.width, self.dtype, name="fusion")(towers)
-    elif self.fusion_type == "gated":
-      features = GatedFusion(self.width, self.dtype, name="fusion")(towers)
-    elif self.fusion_type == "bilinear":
-      features = BilinearFusion(self.width, self.dtype, name="fusion")(towers)
-    else:
-      features = CrossAttentionFusion(self.width, self.num_heads, self.fusion_depth,
-                                      self.dropout, self.dtype, name="fusion")(towers, train=train)
+        batch, fusion if isinstance(fusion, BottleneckFusion) else None,
+        train={m: train and m not in inference_towers for m in self.modalities})
+    if contrastive:
+      return fusion(towers, train=train)
+    features = fusion(self._fill_absent(towers), train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(features)
     # Zero-init head (big_vision transfer): the first steps don't fight random logits.
     out = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
@@ -422,30 +474,11 @@ class FusionModel(nn.Module):
       if m in towers:
         out[m] = towers[m]
         continue
-      d = self._encoder(m).hidden_size
+      d = self.tower(m).hidden_size
       out[m] = TowerOutput(tokens=jnp.zeros((b, 1, d), ref.tokens.dtype),
                            mask=jnp.zeros((b, 1), bool),
                            pooled=jnp.zeros((b, d), ref.pooled.dtype),
                            present=jnp.zeros((b,), jnp.float32))
-    return out
-
-
-class ContrastiveHead(nn.Module):
-  """CLIP / LiT head: per-tower linear projections, L2 norm, learnable temperature."""
-  width: int
-  temperature_init: float = 0.07
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, pooled: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    out = {}
-    for m, x in pooled.items():
-      z = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name=f"{m}_proj")(x)
-      z = z.astype(jnp.float32)
-      out[f"{m}_embeds"] = z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-6)
-    out["logit_scale"] = self.param(
-        "logit_scale", nn.initializers.constant(np.log(1 / self.temperature_init)), ())
-    out["features"] = out.get("image_embeds", next(iter(out.values())))
     return out
 
 
@@ -465,17 +498,17 @@ def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]
 def _check_tower_inputs(modality: str, encoder: nn.Module, name: Any) -> None:
   """A tower must take its modality's input: an image tower pointed at a BERT
   checkpoint fails here, naming both, not deep inside `embed`."""
-  from mmtl import config as config_lib
-  params = inspect.signature(encoder.embed).parameters
   wanted = TOWER_INPUTS[modality][PRIMARY_INPUT[modality]]
-  if wanted in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+  is_encoder = isinstance(encoder, Encoder)
+  if is_encoder and wanted in encoder.inputs:
     return
-  takes = [p for p in params if p not in ("self", "deterministic")]
+  takes = (f"whose inputs are {list(encoder.inputs)}" if is_encoder else
+           "which is not a tower (mmtl.models.encoder.Encoder)")
   what = name.get("model_type", "config dict") if isinstance(name, Mapping) else name
   a = "an" if modality[0] in "aeiou" else "a"
-  raise config_lib.ConfigError(
-      f"config.model.towers.{modality}: {what!r} builds a {type(encoder).__name__}, whose inputs "
-      f"are {takes}; {a} {modality} tower takes {wanted} (batch field {PRIMARY_INPUT[modality]!r}). "
+  raise config_keys.ConfigError(
+      f"config.model.towers.{modality}: {what!r} builds a {type(encoder).__name__}, {takes}; "
+      f"{a} {modality} tower takes {wanted} (batch field {PRIMARY_INPUT[modality]!r}). "
       f"Point towers.{modality}.name at {a} {modality} encoder, or move this checkpoint to the tower "
       f"of the modality it encodes (for CLIP, pick its half with tower='vision' or 'text').")
 

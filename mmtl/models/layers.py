@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax
@@ -62,7 +62,7 @@ class HFConfig:
   model_type: ClassVar[str]
 
   @classmethod
-  def from_hf(cls, d: dict[str, Any]):
+  def from_hf(cls, d: dict[str, Any]) -> Self:
     kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
     # Lists (e.g. image_size [H, W]) become tuples so configs stay hashable.
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
@@ -201,7 +201,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
 
-  def setup(self):
+  def setup(self) -> None:
     check_remat(self.remat)
     layer_cls = EncoderLayer
     if self.remat != "none":
@@ -223,15 +223,18 @@ class Encoder(nn.Module):
 class EncoderTower(nn.Module):
   """What every encoder (BERT, ViT, CLIP towers) shares: fields, layer stack, protocol.
 
-  Subclasses add `embed`, `finalize` and an HF-named `__call__`, and create
-  `self.encoder = self.make_encoder()` in `setup`. Fusion models drive any
-  tower through embed -> run_layers(start, stop) -> finalize.
+  Implements `mmtl.models.encoder.Encoder`: subclasses set `config_class` and
+  `inputs`, add `dummy_inputs`, `embed`, `finalize` and an HF-named `__call__`,
+  and create `self.encoder = self.make_encoder()` in `setup`.
   """
   config: Any
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
+
+  config_class: ClassVar[type[HFConfig]]  # what mmtl.hf builds `config` with from config.json
+  inputs: ClassVar[tuple[str, ...]]  # `embed`'s input names, the primary one first
 
   @property
   def num_layers(self) -> int:

@@ -54,7 +54,7 @@ class ViTEmbeddings(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, pixel_values, deterministic: bool) -> jax.Array:
+  def __call__(self, pixel_values: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
     x = layers.patchify(pixel_values, image_size=c.image_size, patch_size=c.patch_size,
                         num_channels=c.num_channels, features=c.hidden_size, use_bias=True,
@@ -73,13 +73,15 @@ class ViTModel(layers.EncoderTower):
   config: ViTConfig
   add_pooling_layer: bool = True
 
+  config_class: ClassVar[type[ViTConfig]] = ViTConfig
+  inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
   hf_architecture: ClassVar[str] = "ViTModel"
   hf_base_prefix: ClassVar[str] = "vit"  # ViTForImageClassification nests the encoder here
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     return layers.image_dummy_inputs(self.config)
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     self.embeddings = ViTEmbeddings(c, self.dtype, self.param_dtype)
     self.encoder = self.make_encoder()
@@ -88,16 +90,18 @@ class ViTModel(layers.EncoderTower):
       self.pooler = layers.Pooler(c.pooler_output_size or c.hidden_size, c.pooler_act,
                                   self.dtype, self.param_dtype)
 
-  def embed(self, pixel_values, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def embed(self, pixel_values: jax.Array, *,
+            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     x = self.embeddings(pixel_values, deterministic)
     return x, jnp.ones(x.shape[:2], bool)
 
-  def finalize(self, x, mask) -> dict[str, jax.Array | None]:
+  def finalize(self, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:
     del mask  # every image token is real
     x = self.layernorm(x)
     return dict(last_hidden_state=x, pooler_output=self.pooler(x) if self.add_pooling_layer else None)
 
-  def __call__(self, pixel_values, *, deterministic: bool = True) -> dict[str, jax.Array | None]:
+  def __call__(self, pixel_values: jax.Array, *,
+               deterministic: bool = True) -> dict[str, jax.Array | None]:
     x, mask = self.embed(pixel_values, deterministic=deterministic)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)

@@ -1,0 +1,70 @@
+"""Which `config.input` keys exist, what they default to, and which dataset fields a config reads.
+
+Every other data module takes its config through `input_config`, so an unknown
+key fails once, here, with a did-you-mean hint.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from mmtl import config_keys
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """`config.input` keys and their defaults (see docs/data.md)."""
+  return ml_collections.ConfigDict(dict(
+      dataset="mmtl_shapes",  # TFDS name[/config][:version]
+      split="train",  # Any TFDS split spec: "train", "train[:2000]", "train+validation".
+      data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      builder_config=None,  # dict of BuilderConfig fields (incl. name) for a custom config.
+      download=False,  # download_and_prepare a missing (non-offline) dataset.
+      loader="grain",  # "grain" (array_record) or "tf" (tf.data; needs TensorFlow).
+      # Dataset feature read for each modality / the label; None = not used.
+      # "a/b" reads feature b of a Sequence feature a (e.g. "captions/text");
+      # a sequence of texts gives a random one in training, text `eval_text` at eval.
+      fields=dict(image="image", text="question", label="label", audio=None),
+      eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
+      image=dict(
+          size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
+          resize=None,  # Eval: shorter side resized to this, then center crop; None: = size.
+          mean=None, std=None,  # None: from stats_from, else (0.5, 0.5, 0.5).
+          stats_from=None,  # Checkpoint whose preprocessor_config.json gives mean/std/size.
+      ),
+      text=dict(tokenizer=None, max_length=32),  # tokenizer: HF name or local path.
+      augment=dict(  # Training only; never applied by make_eval_iterator.
+          crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
+          flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
+          color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
+      ),
+      class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
+      # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
+      # `blank` must sum to at most their number - 1 (one such modality: rate 0).
+      modality_dropout=dict(image=0.0, text=0.0, audio=0.0),
+      blank=(),  # Modalities always blanked (train and eval), e.g. ("text",) = image-only.
+      cache=False,  # Hold this process's decoded examples in memory (small datasets).
+      num_threads=2,  # Threads producing batches in this process.
+      prefetch=4,  # Batches buffered ahead.
+      num_workers=0,  # >0: grain worker processes (mp_prefetch) instead of threads.
+  ))
+
+
+def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`defaults()` overlaid with `cfg`; an unknown key is an error, not a silent default."""
+  def merge(base: dict, override: Mapping, where: str) -> dict:
+    config_keys.check_keys(override, base, f"config.input{where}")
+    for key, value in override.items():
+      if isinstance(base[key], dict) and isinstance(value, Mapping):
+        merge(base[key], value, f"{where}.{key}")
+      else:
+        base[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return base
+  cfg = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg or {})
+  return ml_collections.ConfigDict(merge(defaults().to_dict(), cfg, ""))
+
+
+def used_fields(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+  """Used fields: {"image"|"text"|"audio"|"label": feature path}."""
+  return {k: v for k, v in cfg.fields.items() if v}

@@ -1,0 +1,167 @@
+"""What the configured TFDS dataset holds and how to read it.
+
+The prepared builder, a random-access source of the split that decodes only the
+used features, the split's size and class names, the checks that the configured
+split and features exist (each failing with the fix), and the class weights its
+labels give.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mmtl import config_keys
+from mmtl.data import options, shapes
+
+# Builders that generate their data offline: prepared on first use, no `download` needed.
+OFFLINE_BUILDERS = (shapes.MmtlShapes,)
+
+
+def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+  """The TFDS builder, prepared: mmtl's offline builders generate, others need `download`."""
+  cfg = options.input_config(cfg)
+  name, kwargs = cfg.dataset, {"data_dir": cfg.data_dir}
+  if cfg.builder_config:  # Replaces the /config part of the name.
+    name = cfg.dataset.split("/")[0].split(":")[0]
+    cls = tfds.builder_cls(name)
+    kwargs["config"] = type(cls.BUILDER_CONFIGS[0])(**cfg.builder_config)
+  try:
+    b = tfds.builder(name, **kwargs)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise config_keys.ConfigError(
+        f"Unknown dataset {cfg.dataset!r}. Use a TFDS catalog name or mmtl's built-in "
+        "'mmtl_shapes'; for your own builder, import the module that defines it before "
+        "building the pipeline (see docs/data.md, 'Real datasets').") from None
+  if b.is_prepared():
+    return b
+  if isinstance(b, OFFLINE_BUILDERS):
+    b.download_and_prepare(file_format="array_record")
+    return b
+  if cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+    raise FileNotFoundError(
+        f"config.input.data_dir={cfg.data_dir!r} does not exist. Point it at the directory "
+        f"holding {cfg.dataset!r}, or set it to None for $TFDS_DATA_DIR / ~/tensorflow_datasets.")
+  if not cfg.download:
+    raise FileNotFoundError(
+        f"Dataset {cfg.dataset!r} is not prepared in {b.data_dir}. Prepare it once with "
+        f"`tfds build {cfg.dataset.split(':')[0].replace('/', ' --config ')} "
+        f"--data_dir {b.data_dir_root} --file_format array_record` "
+        "(see docs/data.md, 'Real datasets'), or set config.input.download=True.")
+  b.download_and_prepare(file_format="array_record")
+  return b
+
+
+def check_split(b: tfds.core.DatasetBuilder, split: str) -> None:
+  """Raises a ConfigError naming the splits `b` has when `split` uses another one."""
+  for part in split.split("+"):
+    name = part.split("[")[0].strip()
+    if name not in b.info.splits:
+      raise config_keys.ConfigError(
+          f"Unknown split {name!r} of {b.info.full_name}; it has {sorted(b.info.splits)}. "
+          "Set config.input.split (slices like 'train[:1000]' are fine).")
+
+
+def feature_at(features: tfds.features.FeaturesDict,
+               path: str) -> tfds.features.FeatureConnector:
+  """Feature at "a/b" (b inside Sequence or dict feature a), or a ConfigError naming it."""
+  node = features
+  for key in path.split("/"):
+    node = getattr(node, "feature", node)  # Step into a Sequence.
+    if not isinstance(node, tfds.features.FeaturesDict) or key not in node:
+      available = sorted(node.keys()) if isinstance(node, tfds.features.FeaturesDict) else []
+      raise config_keys.ConfigError(
+          f"Feature {path!r} not in the dataset (available here: {available}). "
+          "Fix config.input.fields, or set that field to None.")
+    node = node[key]
+  return node
+
+
+def value_at(example: Mapping[str, Any], path: str) -> Any:
+  """The value of feature path "a/b" in a decoded example."""
+  for key in path.split("/"):
+    example = example[key]
+  return example
+
+
+def _skip_decoding(features: tfds.features.FeaturesDict, keep: set[str]) -> dict[str, Any]:
+  """Decoders that leave unused top-level features as raw bytes (TFDS cannot skip nested dicts)."""
+  nested = lambda f: isinstance(getattr(f, "feature", f), tfds.features.FeaturesDict)
+  return {k: tfds.decode.SkipDecoding() for k, f in features.items()
+          if k not in keep and not nested(f)}
+
+
+def decoders(cfg: ml_collections.ConfigDict,
+             features: tfds.features.FeaturesDict) -> dict[str, Any]:
+  """Checks that every used field exists; decoders that skip the unused features."""
+  fields = options.used_fields(cfg)
+  for path in fields.values():
+    feature_at(features, path)
+  return _skip_decoding(features, {path.split("/")[0] for path in fields.values()})
+
+
+def data_source(cfg: Mapping[str, Any]) -> tuple[Any, tfds.core.DatasetBuilder]:
+  """Random-access source of cfg.split decoding only the used features, and its builder."""
+  cfg = options.input_config(cfg)
+  b = builder(cfg)
+  check_split(b, cfg.split)
+  skip = decoders(cfg, b.info.features)
+  if not b.info.splits[cfg.split].num_examples:
+    raise config_keys.ConfigError(
+        f"Split {cfg.split!r} of {b.info.full_name} has no examples; set "
+        "config.input.split to a non-empty slice (e.g. 'train[:1000]').")
+  try:
+    return b.as_data_source(split=cfg.split, decoders=skip), b
+  except NotImplementedError as e:  # Prepared as tfrecord: no random access.
+    raise config_keys.ConfigError(
+        f"{b.info.full_name} is stored as {b.info.file_format.value}, which grain cannot read. "
+        "Use config.input.loader='tf' (needs TensorFlow), or rebuild it with "
+        "`--file_format array_record`.") from e
+
+
+def num_examples(cfg: Mapping[str, Any]) -> int:
+  """Number of examples in cfg.split (over all processes)."""
+  cfg = options.input_config(cfg)
+  b = builder(cfg)
+  check_split(b, cfg.split)
+  return b.info.splits[cfg.split].num_examples
+
+
+def class_names(cfg: Mapping[str, Any]) -> list[str]:
+  """Names of the label classes (zero-shot prompts, confusion matrices)."""
+  cfg = options.input_config(cfg)
+  feature = feature_at(builder(cfg).info.features, cfg.fields.label)
+  if not isinstance(feature, tfds.features.ClassLabel):
+    raise config_keys.ConfigError(
+        f"Feature {cfg.fields.label!r} is not a ClassLabel; it has no class names.")
+  return list(feature.names)
+
+
+def class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray | None:
+  """Per-class example weights; "balanced" reads the split's labels once (labels only)."""
+  if cfg.class_weights is None:
+    return None
+  if "label" not in options.used_fields(cfg):
+    raise config_keys.ConfigError("config.input.class_weights needs config.input.fields.label.")
+  num_classes = feature_at(b.info.features, cfg.fields.label).num_classes
+  if cfg.class_weights == "balanced":
+    root = cfg.fields.label.split("/")[0]
+    skip = _skip_decoding(b.info.features, {root})
+    if cfg.loader == "tf":
+      examples = tfds.as_numpy(b.as_dataset(split=cfg.split, decoders=skip))
+    else:
+      src = b.as_data_source(split=cfg.split, decoders=skip)
+      examples = (src[i] for i in range(len(src)))
+    labels = np.asarray([value_at(ex, cfg.fields.label) for ex in examples])
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+  weights = np.asarray(cfg.class_weights, np.float32)
+  if weights.shape != (num_classes,):
+    raise config_keys.ConfigError(
+        f"config.input.class_weights has {weights.size} entries; the label has "
+        f"{num_classes} classes. Give one weight per class, or 'balanced'.")
+  return weights

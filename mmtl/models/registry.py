@@ -1,0 +1,23 @@
+"""The model families mmtl implements: HF `model_type` -> module class.
+
+A family is its own file in mmtl/models/ (a module class with `config_class`,
+`hf_names()`, `hf_architecture`, `hf_base_prefix`, `dummy_inputs()`; towers
+implement mmtl.models.encoder.Encoder) plus one line here. mmtl.hf builds any
+checkpoint's module from this table; a class with `towers` (CLIP) also gives
+its towers alone (`tower=`).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from mmtl.models import bert, clip, vit
+
+# Keyed by `config_class.model_type` ("bert", "vit", "clip", "clip_vision_model",
+# "clip_text_model"): the key read from config.json is the one save_pretrained writes.
+MODELS: dict[str, type[nn.Module]] = {cls.config_class.model_type: cls for cls in (
+    bert.BertModel,
+    vit.ViTModel,
+    clip.CLIPModel,
+    clip.CLIPVisionModel,  # a CLIP tower saved alone
+    clip.CLIPTextModel,
+)}

@@ -1,0 +1,154 @@
+"""The train state, created where it lives on the mesh.
+
+One builder for the trainer, the benchmark and evaluation: `param_layout` gives
+the params' shapes and shardings (from `config.sharding_rules`) without
+computing anything; `init_params` initializes them with
+`jax.jit(init, out_shardings=...)`, so every device computes only its own
+shard (as big_vision's train.py), then loads the pretrained towers of
+`config.model_init` and places each loaded array shard by shard, so a tower
+larger than one device's memory never exists whole on one device; `init_state`
+adds the step counter and the optimizer state, sharded like the params.
+`load_run` gives the params of a finished run, restored into the same layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from mmtl import checkpoint
+from mmtl import config as config_lib
+from mmtl import hf
+from mmtl import lora
+from mmtl import rules
+from mmtl import sharding
+from mmtl import workdir as workdir_lib
+from mmtl.modalities import MODALITIES
+from mmtl.models import fusion
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+  """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included."""
+  shapes: Any
+  shardings: Any
+
+
+def _rngs(config: mlc.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """(model init, LoRA init) keys of `config.seed`."""
+  rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
+  return rng_init, rng_lora
+
+
+def _init_fn(model: fusion.FusionModel) -> Callable[[jax.Array], Any]:
+  batch = model.dummy_batch()
+  return lambda rng: model.init(rng, batch)["params"]
+
+
+def _add_lora(config: mlc.ConfigDict, rng: jax.Array) -> Callable[[Any], Any]:
+  if not config.optim.get("lora"):
+    return lambda params: params
+  return lambda params: lora.init(params, config.optim.lora, rng)
+
+
+def param_layout(model: fusion.FusionModel, config: mlc.ConfigDict,
+                 mesh: jax.sharding.Mesh) -> ParamLayout:
+  """The params' layout under `config.sharding_rules` (every rule checked against them)."""
+  rng_init, rng_lora = _rngs(config)
+  shapes = jax.eval_shape(lambda: _add_lora(config, rng_lora)(_init_fn(model)(rng_init)))
+  return ParamLayout(shapes, sharding.param_shardings(mesh, shapes, config.sharding_rules))
+
+
+def _subtree(tree: Any, like: Any) -> Any:
+  """The leaves of `tree` at the paths `like` has (e.g. shardings without the LoRA leaves)."""
+  flat = rules.flatten(tree)
+  return jax.tree.unflatten(jax.tree.structure(like), [flat[p] for p in rules.flatten(like)])
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host leaves (numpy) -> global arrays built shard by shard (each device is handed
+  only its slice); leaves already on the devices are kept as they are."""
+  def put(x, s):
+    if isinstance(x, jax.Array):
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def load_pretrained_towers(params: dict[str, Any], model_init: Mapping[str, Any], shardings: Any,
+                           note: Callable[[str], None] = print) -> dict[str, Any]:
+  """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
+
+  Each checkpoint is read on the host, checked against the initialized subtree
+  (mmtl.hf: every name and shape) and placed with `shardings`, shard by shard.
+  An empty name keeps the random init (a from-scratch baseline is one override
+  away: `--config.model_init.text_encoder=`). Towers left out by
+  `config.model.modalities` are skipped; any other subtree must exist.
+  """
+  for subtree, spec in model_init.items():
+    spec = dict(name=spec) if isinstance(spec, str) else dict(spec)
+    if not spec.get("name"):
+      note(f"model_init: {subtree} from scratch (no checkpoint given).")
+      continue
+    if subtree.split("/")[0] not in params and subtree in [f"{m}_encoder" for m in MODALITIES]:
+      note(f"model_init: {subtree} is not in this model (config.model.modalities); skipped.")
+      continue
+    note(f"model_init: {subtree} <- {spec['name']}")
+    params = place(hf.load_params_into(params, subtree, spec["name"], tower=spec.get("tower"),
+                                       dont_load=spec.get("dont_load", ())), shardings)
+  return params
+
+
+def init_params(model: fusion.FusionModel, config: mlc.ConfigDict, layout: ParamLayout, *,
+                pretrained: bool = True, note: Callable[[str], None] = print) -> Any:
+  """Random init (+ `config.model_init`'s pretrained towers when `pretrained`) + LoRA
+  leaves, every array created in its final sharding."""
+  rng_init, rng_lora = _rngs(config)
+  init = _init_fn(model)
+  base_shardings = _subtree(layout.shardings, jax.eval_shape(init, rng_init))
+  params = jax.jit(init, out_shardings=base_shardings)(rng_init)
+  if pretrained:
+    params = load_pretrained_towers(params, config.model_init, base_shardings, note)
+  if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
+    params = jax.jit(_add_lora(config, rng_lora), out_shardings=layout.shardings,
+                     donate_argnums=0)(params)
+  return params
+
+
+def init_state(params: Any, tx: Any, state_shardings: Mapping[str, Any]) -> dict[str, Any]:
+  """{step: 0, params, opt_state: tx.init(params)}, each sharded as `state_shardings` says."""
+  return {"step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
+          "params": params,
+          "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)}
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+  """`step`, else the run's best step (its latest when no best_metric was tracked)."""
+  if step is not None:
+    return step
+  directory = workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR)
+  with checkpoint.CheckpointManager(directory, read_only=True) as manager:
+    best = manager.best_step()
+  if best is None:
+    raise FileNotFoundError(f"No checkpoint in {directory}: train the run first.")
+  return best
+
+
+def load_run(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None,
+             config: mlc.ConfigDict | None = None) -> tuple[fusion.FusionModel, Any]:
+  """(model, params) of a saved run (default: its own config and best step), the params
+  restored straight into their shardings on `mesh`."""
+  config = config_lib.with_defaults(
+      config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE)))
+  model = fusion.build(config.model)
+  layout = param_layout(model, config, mesh)
+  params = checkpoint.restore_params_only(
+      workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR), step=checkpoint_step(workdir, step),
+      shardings=layout.shardings)
+  return model, params

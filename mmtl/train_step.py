@@ -1,0 +1,240 @@
+"""The training objective and the jitted optimizer step over the device mesh.
+
+`make_objective` says what is minimized (task loss, distillation, which towers
+run locked); `make_train_step` turns it into one optimizer update on a global
+batch (gradient accumulation, the gradient cache for contrastive losses,
+gradients only w.r.t. trainable params); `make_phase` jits that step with the
+train state's shardings for one gradual-unfreezing phase. The trainer
+(mmtl/train.py) and the benchmark (mmtl/bench.py) both run `make_phase`'s step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+
+from mmtl import config_keys
+from mmtl import distill
+from mmtl import lora
+from mmtl import losses
+from mmtl import memory
+from mmtl import optim
+from mmtl import rules
+from mmtl import sharding
+from mmtl.models import fusion
+
+
+@dataclasses.dataclass
+class Phase:
+  """Optimizer and compiled step for one trainable set (gradual unfreezing phase)."""
+  start: int
+  tx: optax.GradientTransformation
+  state_shardings: Any
+  state_shapes: Any
+  step_fn: Callable[..., Any]
+
+
+def phase_start(step: int, boundaries: list[int]) -> int:
+  """First step of the unfreezing phase that runs update `step` (0-based)."""
+  return max([0] + [b for b in boundaries if b <= step])
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The training loss as the step uses it.
+
+  `forward(trainable, frozen, batch, rng)` gives the model's outputs and
+  `loss(outputs, batch, teacher_params)` their `(loss sum, weight sum)` over the
+  batch (mmtl.losses). `separable`: the loss sum adds up over examples, so
+  microbatches' sums add up to the batch's (classification, regression,
+  distillation); the contrastive loss compares each example with the whole batch.
+  """
+  forward: Callable[..., Any]
+  loss: Callable[..., tuple[jax.Array, jax.Array]]
+  separable: bool
+
+
+def locked_towers(model: fusion.FusionModel, mask: Any) -> tuple[str, ...]:
+  """Modalities whose tower has every param frozen in `mask` (a freeze_mask)."""
+  flat = rules.flatten(mask)
+  return tuple(m for m in model.modalities
+               if all(frozen for path, frozen in flat.items() if path.startswith(f"{m}_encoder/")))
+
+
+def make_objective(model: fusion.FusionModel, config: mlc.ConfigDict,
+                   teacher_logits: Callable[[Any, Any], jax.Array] | None, mask: Any) -> Objective:
+  """The Objective of `config` for the trainable set `mask`. Fully frozen towers run
+  in inference mode (no dropout: LiT's locked tower), unless
+  `config.model.frozen_tower_mode="train"`."""
+  mode = config.model.frozen_tower_mode
+  if mode not in ("inference", "train"):
+    raise config_keys.ConfigError(f"config.model.frozen_tower_mode={mode!r}: use 'inference' "
+                                 "(locked towers without dropout) or 'train'.")
+  inference_towers = locked_towers(model, mask) if mode == "inference" else ()
+
+  def forward(trainable, frozen, batch, rng):
+    params = lora.merge(optim.combine(trainable, frozen))
+    return model.apply({"params": params}, batch, train=True, inference_towers=inference_towers,
+                       rngs={"dropout": rng})
+
+  def loss(outputs, batch, teacher_params):
+    total = losses.task_loss(model.head_type, outputs, batch, config.loss)
+    if teacher_logits is not None:
+      total = distill.student_loss(total, outputs["logits"], teacher_logits(teacher_params, batch),
+                                   batch.get("example_weight"), config.distill)
+    return total
+
+  return Objective(forward, loss, separable=model.head_type in losses.SEPARABLE_HEADS)
+
+
+def _split(batch: Any, k: int) -> Any:
+  """(k, B/k, ...) microbatches; microbatch j takes rows j, j+k, j+2k...: every device
+  keeps its share of each."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _merge(stacked: jax.Array) -> jax.Array:
+  """Inverse of `_split` for one output stacked over microbatches; a scalar output
+  (e.g. the learned temperature, the same param in every microbatch) is taken once."""
+  if stacked.ndim == 1:
+    return stacked[0]
+  return stacked.swapaxes(0, 1).reshape(-1, *stacked.shape[2:])
+
+
+def _split_like(merged_grad: jax.Array, stacked: jax.Array) -> jax.Array:
+  """The gradient of a `_merge`d output, back per microbatch (a scalar's to the first)."""
+  if stacked.ndim == 1:
+    return jnp.zeros_like(stacked).at[0].set(merged_grad)
+  return _split(merged_grad, stacked.shape[0])
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask: Any, lr_fn, *,
+                    seed: int, accum_steps: int):
+  """One optimizer update on a global batch (accumulated over `accum_steps` microbatches).
+
+  The loss is the batch's weighted mean, `sum(w * loss) / sum(w)`, whatever the
+  microbatching: separable losses add up each microbatch's sum and weight and
+  divide once (so class weights give the full batch's objective), and the
+  contrastive loss takes its negatives from the whole batch by the gradient cache
+  (Gao et al. 2021): every microbatch is embedded without gradients, the loss and
+  its gradient w.r.t. the embeddings are computed on the whole batch, then each
+  microbatch is run again and backpropagated with its part of that gradient. The
+  result equals the full batch's step to float rounding, at the activation memory
+  of one microbatch and one extra forward pass.
+
+  Gradients are taken only w.r.t. trainable params: frozen towers run forward
+  only, keep no activations for backward and cost no weight-gradient FLOPs.
+  Frozen params are passed through untouched (bit-identical).
+  """
+
+  def batch_loss(trainable, frozen, batch, rng, teacher_params):
+    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch, teacher_params)
+
+  sum_and_grad = jax.value_and_grad(batch_loss, has_aux=True)  # ((sum, weight), d sum)
+  steps = jnp.arange(accum_steps)
+
+  def accumulated(trainable, frozen, batch, rng, teacher_params):
+    def accumulate(carry, xs):
+      i, microbatch = xs
+      (loss_sum, weight), grads = sum_and_grad(trainable, frozen, microbatch,
+                                               jax.random.fold_in(rng, i), teacher_params)
+      return jax.tree.map(jnp.add, carry, (loss_sum, weight, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(jnp.zeros_like, trainable))
+    return jax.lax.scan(accumulate, zeros, (steps, _split(batch, accum_steps)))[0]
+
+  def gradient_cache(trainable, frozen, batch, rng, teacher_params):
+    micro = _split(batch, accum_steps)
+
+    def forward(params, i, microbatch):
+      return objective.forward(params, frozen, microbatch, jax.random.fold_in(rng, i))
+
+    outputs = jax.lax.map(lambda xs: forward(trainable, *xs), (steps, micro))
+    (loss_sum, weight), d_merged = jax.value_and_grad(
+        lambda out: objective.loss(out, batch, teacher_params), has_aux=True)(
+            jax.tree.map(_merge, outputs))
+    d_outputs = jax.tree.map(_split_like, d_merged, outputs)
+
+    def backprop(grads, xs):
+      i, microbatch, d_out = xs
+      _, vjp = jax.vjp(lambda params: forward(params, i, microbatch), trainable)
+      return jax.tree.map(jnp.add, grads, vjp(d_out)[0]), None
+
+    grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, trainable),
+                            (steps, micro, d_outputs))
+    return loss_sum, weight, grads
+
+  def grads_of(trainable, frozen, batch, rng, teacher_params):
+    """(weighted-mean loss, its gradient) over the whole batch."""
+    if accum_steps == 1:
+      (loss_sum, weight), grads = sum_and_grad(trainable, frozen, batch, rng, teacher_params)
+    else:
+      accumulate = accumulated if objective.separable else gradient_cache
+      loss_sum, weight, grads = accumulate(trainable, frozen, batch, rng, teacher_params)
+    weight = jnp.maximum(weight, 1e-6)
+    return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads)
+
+  def train_step(state, batch, teacher_params):
+    trainable, frozen = optim.split(state["params"], mask)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    loss, grads = grads_of(trainable, frozen, batch, rng, teacher_params)
+    full_grads = optim.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
+    trainable = optax.apply_updates(trainable, optim.split(updates, mask)[0])
+    new_state = {"step": state["step"] + 1, "params": optim.combine(trainable, frozen),
+                 "opt_state": opt_state}
+    measurements = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+                    "train/param_norm": optax.tree.norm(trainable),
+                    "train/lr": lr_fn(state["step"])}
+    return new_state, measurements
+
+  return train_step
+
+
+def make_phase(config: mlc.ConfigDict, objective_for: Callable[[Any], Objective],
+               params_shape: Any, param_shardings: Any, mesh, step: int, *,
+               teacher_shardings: Any = None) -> Phase:
+  """Optimizer and jitted step of the unfreezing phase that runs update `step`;
+  `objective_for(freeze_mask)` gives the loss of that trainable set.
+
+  The step donates the train state (updated in place) and takes the batch
+  sharded over ("data", "fsdp"); mmtl.bench times exactly this function's step.
+  """
+  start = phase_start(step, optim.phase_boundaries(config.optim))
+  mask = optim.freeze_mask(params_shape, config.optim, start)
+  tx, lr_fn = optim.make(config.optim, params_shape, total_steps=int(config.total_steps),
+                         step=start)
+  state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
+                  "opt_state": jax.eval_shape(tx.init, params_shape)}
+  state_shardings = sharding.state_shardings(mesh, state_shapes, param_shardings)
+  step_fn = jax.jit(
+      make_train_step(objective_for(mask), tx, mask, lr_fn, seed=config.seed,
+                      accum_steps=int(config.grad_accum_steps)),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return Phase(start, tx, state_shardings, state_shapes, step_fn)
+
+
+def activation_bytes(objective: Objective, mask: Any, params_shape: Any, batch_shape: Any, *,
+                     accum_steps: int, teacher_params: Any = None) -> int:
+  """Bytes of forward values one microbatch keeps for backward in the step of the
+  trainable set `mask` (all batch shards together; `memory.memory_estimate` splits
+  them). Traced on shapes, not compiled. Accumulation (and the gradient cache)
+  backpropagates one microbatch at a time, so this is the step's activation peak."""
+  trainable, frozen = optim.split(params_shape, mask)
+  micro = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum_steps, *x.shape[1:]), x.dtype),
+      batch_shape)
+
+  def loss_sum(trainable, frozen, batch, rng, teacher_params):
+    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch,
+                          teacher_params)[0]
+
+  return memory.activation_bytes(loss_sum, trainable, frozen, micro,
+                                 jax.ShapeDtypeStruct((2,), jnp.uint32), teacher_params)

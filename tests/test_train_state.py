@@ -1,0 +1,101 @@
+"""The one train-state builder: params created sharded, pretrained towers placed shard by shard."""
+import jax
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from mmtl import config as config_lib
+from mmtl import hf
+from mmtl import optim
+from mmtl import rules
+from mmtl import sharding
+from mmtl import train_state
+from mmtl.models import fusion
+
+
+def fsdp_config(vit_dir, bert_dir, **optim_overrides):
+  return config_lib.with_defaults(mlc.ConfigDict(dict(
+      mesh=dict(data=1, fsdp=8, model=1), sharding_rules="fsdp",
+      model=dict(towers=dict(image=dict(name=vit_dir), text=dict(name=bert_dir)),
+                 fusion="concat", num_classes=3, width=16),
+      model_init=dict(image_encoder=vit_dir, text_encoder=bert_dir),
+      optim=dict(name="adam", lr=1e-3, **optim_overrides))))
+
+
+def whole_on_one_device(arrays, sharded_shapes):
+  """Live device arrays that hold a whole sharded param on a single device."""
+  return [x.shape for x in arrays
+          if tuple(x.shape) in sharded_shapes and len(x.sharding.device_set) == 1]
+
+
+@pytest.fixture
+def setup(tiny_vit_dir, tiny_bert_dir):
+  config = fsdp_config(tiny_vit_dir, tiny_bert_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  model = fusion.build(config.model)
+  layout = train_state.param_layout(model, config, mesh)
+  flat = rules.flatten(layout.shardings)
+  sharded = {tuple(s.shape) for p, s in rules.flatten(layout.shapes).items()
+             if flat[p].spec != jax.sharding.PartitionSpec() and len(s.shape) >= 2}
+  assert len(sharded) >= 4  # kernels and embeddings of both towers are split over fsdp
+  return config, mesh, model, layout, sharded
+
+
+def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
+  config, mesh, model, layout, sharded = setup
+  seen = []
+  load = hf.load_params_into
+
+  def watching_load(*args, **kwargs):  # The random init is live here, the loaded tower next.
+    seen.extend(whole_on_one_device(jax.live_arrays(), sharded))
+    out = load(*args, **kwargs)
+    seen.extend(whole_on_one_device(jax.live_arrays(), sharded))
+    return out
+
+  monkeypatch.setattr(hf, "load_params_into", watching_load)
+  params = train_state.init_params(model, config, layout, note=lambda _: None)
+  seen.extend(whole_on_one_device(jax.live_arrays(), sharded))
+  assert seen == []
+  assert jax.tree.map(lambda x: x.sharding, params) == layout.shardings
+  for path, x in rules.flatten(params).items():
+    if tuple(x.shape) in sharded:
+      assert {s.data.shape for s in x.addressable_shards} != {x.shape}, path
+
+  # The check sees the old way (an unsharded init moved afterwards) as a violation.
+  unsharded = jax.jit(lambda rng: model.init(rng, model.dummy_batch())["params"])(
+      jax.random.PRNGKey(0))
+  assert whole_on_one_device(jax.live_arrays(), sharded)
+  del unsharded
+
+
+def test_loaded_values_and_random_init_are_the_unsharded_ones(setup, tiny_vit_dir, tiny_bert_dir):
+  config, mesh, model, layout, _ = setup
+  params = jax.device_get(train_state.init_params(model, config, layout, note=lambda _: None))
+  for subtree, folder in (("image_encoder", tiny_vit_dir), ("text_encoder", tiny_bert_dir)):
+    _, loaded, _ = hf.load_pretrained(folder)
+    for path, value in rules.flatten(loaded).items():
+      np.testing.assert_array_equal(rules.flatten(params[subtree])[path], value, err_msg=path)
+  # The new layers: the same values as one unsharded init of the same seed.
+  rng_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  reference = jax.device_get(model.init(rng_init, model.dummy_batch())["params"])
+  for part in ("fusion", "head"):
+    jax.tree.map(np.testing.assert_array_equal, params[part], reference[part])
+
+
+def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir):
+  config = fsdp_config(tiny_vit_dir, tiny_bert_dir, preset="lora",
+                       lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=2))
+  mesh = sharding.make_mesh(config.mesh)
+  model = fusion.build(config.model)
+  layout = train_state.param_layout(model, config, mesh)
+  params = train_state.init_params(model, config, layout, note=lambda _: None)
+  flat = rules.flatten(params)
+  assert any(p.endswith("/lora_a") for p in flat)
+  assert jax.tree.map(lambda x: x.sharding, params) == layout.shardings
+  tx, _ = optim.make(config.optim, layout.shapes, total_steps=10)
+  state_shapes = {"step": jax.ShapeDtypeStruct((), np.int32), "params": layout.shapes,
+                  "opt_state": jax.eval_shape(tx.init, layout.shapes)}
+  shardings = sharding.state_shardings(mesh, state_shapes, layout.shardings)
+  state = train_state.init_state(params, tx, shardings)
+  assert int(state["step"]) == 0
+  assert jax.tree.map(lambda x: x.sharding, state["opt_state"]) == shardings["opt_state"]
