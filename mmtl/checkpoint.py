@@ -25,6 +25,7 @@ checks them and moves a bad step aside to `checkpoints_corrupt/` next to
 `directory` (never deleting it) to resume from the newest good one, and `check_for_errors`
 turns a failed save (e.g. a full disk) into one line saying what to do.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -89,17 +90,26 @@ class _ProcessJsonHandler(ocp.CheckpointHandler):
     counts = {int(m.group(2)) for m in (_PROCESS_FILE.fullmatch(p.name) for p in files) if m}
     if not files or jax.process_count() in counts:
       raise CheckpointCorrupt(
-          f"Input-pipeline state {path.name} is missing from {directory}, which holds "
-          f"{[p.name for p in files] or 'no input state at all'}: this process count saved one")
+        f"Input-pipeline state {path.name} is missing from {directory}, which holds "
+        f"{[p.name for p in files] or 'no input state at all'}: this process count saved one"
+      )
     saved = {p.name: json.loads(p.read_text()) for p in files}
     states = list(saved.values())
     if all(state == states[0] for state in states):
-      logging.info("Input-pipeline state of %s saved by another process count (%s): every process "
-                   "saved the same, so this process continues from it.", directory, sorted(saved))
+      logging.info(
+        "Input-pipeline state of %s saved by another process count (%s): every process "
+        "saved the same, so this process continues from it.",
+        directory,
+        sorted(saved),
+      )
       return states[0]
-    logging.warning("No input-pipeline state for this process in %s (found %s, not all the same): "
-                    "the data iterator starts afresh. Expected when the process count changed "
-                    "with per-process input states (loader='tf').", directory, sorted(saved))
+    logging.warning(
+      "No input-pipeline state for this process in %s (found %s, not all the same): "
+      "the data iterator starts afresh. Expected when the process count changed "
+      "with per-process input states (loader='tf').",
+      directory,
+      sorted(saved),
+    )
     return None
 
   def metadata(self, directory: epath.Path) -> None:
@@ -125,7 +135,8 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 def abstract(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings`: the restore target for a tree."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 class CheckpointManager:
@@ -141,10 +152,17 @@ class CheckpointManager:
   `restore_latest_intact`.
   """
 
-  def __init__(self, directory: str | epath.PathLike, *, keep: int = 2,
-               keep_best: int = 1, best_metric: str | None = None,
-               best_mode: str = "max", async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self,
+    directory: str | epath.PathLike,
+    *,
+    keep: int = 2,
+    keep_best: int = 1,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode={best_mode!r}: use 'max' (e.g. accuracy) or 'min' (e.g. loss).")
     if keep < 1:
@@ -155,20 +173,31 @@ class CheckpointManager:
     best_fn = None
     if best_metric is not None:
       best_fn = lambda metrics: metrics[best_metric]  # noqa: E731
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn,
+          reverse=best_mode == "min",
+          n=keep_best,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
-        save_interval_steps=0 if read_only else 1)
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      best_fn=best_fn,
+      best_mode=best_mode,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
+      save_interval_steps=0 if read_only else 1,
+    )
     self._manager = ocp.CheckpointManager(epath.Path(directory), options=options)
     # The step handed to orbax whose commit has not been seen yet, and the
     # checksums being computed (one thread: hashing never competes with itself).
     self._pending: int | None = None
     self._hasher = concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix="checkpoint_checksum")
+      1, thread_name_prefix="checkpoint_checksum"
+    )
     self._checksums: list[tuple[int, concurrent.futures.Future]] = []
     # A CheckpointSaveError was raised and no save started since: wait() and
     # close() log later failures, so the run ends with the first one.
@@ -183,8 +212,14 @@ class CheckpointManager:
     """Where `restore_latest_intact` moves bad steps: CORRUPT_DIR next to `directory`."""
     return self.directory.parent / CORRUPT_DIR
 
-  def save(self, step: int, state: Mapping[str, Any], *, data_state: Any = None,
-           metrics: Mapping[str, float] | None = None) -> None:
+  def save(
+    self,
+    step: int,
+    state: Mapping[str, Any],
+    *,
+    data_state: Any = None,
+    metrics: Mapping[str, float] | None = None,
+  ) -> None:
     """Writes `state` (every entry but 'step' becomes an orbax item) at `step`.
 
     `data_state` is this process's JSON-able input-iterator state (each host
@@ -193,9 +228,11 @@ class CheckpointManager:
     the previous save failed.
     """
     if self.best_metric is not None and metrics is not None and self.best_metric not in metrics:
-      raise ValueError(f"Checkpoint metrics {sorted(metrics)} lack "
-                       f"best_metric={self.best_metric!r}; pass it in `metrics` or change the "
-                       "checkpoint's best_metric.")
+      raise ValueError(
+        f"Checkpoint metrics {sorted(metrics)} lack "
+        f"best_metric={self.best_metric!r}; pass it in `metrics` or change the "
+        "checkpoint's best_metric."
+      )
     self._finish_pending()  # orbax's save waits for the previous one anyway
     self._raise_checksum_errors(block=False)
     self._failed = False
@@ -236,19 +273,26 @@ class CheckpointManager:
     try:
       expected = json.loads(record.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointCorrupt(f"Checksum record {record} of checkpoint step {step} is "
-                              f"unreadable ({e})") from e
+      raise CheckpointCorrupt(
+        f"Checksum record {record} of checkpoint step {step} is unreadable ({e})"
+      ) from e
     actual = _digest_files(self.directory / str(step))
-    bad = [f"{name} {'is missing' if name not in actual else 'changed'}"
-           for name, digest in expected.items() if actual.get(name) != digest]
+    bad = [
+      f"{name} {'is missing' if name not in actual else 'changed'}"
+      for name, digest in expected.items()
+      if actual.get(name) != digest
+    ]
     if bad:
       more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-      raise CheckpointCorrupt(f"Checkpoint step {step} in {self.directory} does not match the "
-                              f"checksum recorded at its commit: {', '.join(bad[:3])}{more}")
+      raise CheckpointCorrupt(
+        f"Checkpoint step {step} in {self.directory} does not match the "
+        f"checksum recorded at its commit: {', '.join(bad[:3])}{more}"
+      )
     return True
 
   def restore_latest_intact(
-      self, target: Mapping[str, Any] | Callable[[int], Mapping[str, Any]],
+    self,
+    target: Mapping[str, Any] | Callable[[int], Mapping[str, Any]],
   ) -> tuple[int, dict[str, Any], Any] | None:
     """`(step, state, data_state)` of the newest step that verifies and restores.
 
@@ -276,11 +320,11 @@ class CheckpointManager:
         except Exception as e:
           if verified and not isinstance(e, CheckpointCorrupt):
             raise CheckpointError(
-                f"Checkpoint step {step} in {self.directory} matches its checksum but does not "
-                f"restore ({_root_cause(e)}): its files are as written, so check the restore "
-                "target (did the model or optimizer config change?) and the storage.") from e
-          reason = (f"Checkpoint step {step} in {self.directory} does not restore "
-                    f"({_root_cause(e)})")
+              f"Checkpoint step {step} in {self.directory} matches its checksum but does not "
+              f"restore ({_root_cause(e)}): its files are as written, so check the restore "
+              "target (did the model or optimizer config change?) and the storage."
+            ) from e
+          reason = f"Checkpoint step {step} in {self.directory} does not restore ({_root_cause(e)})"
       if _on_any_process(reason is not None) and reason is None:
         reason = f"Checkpoint step {step} in {self.directory} does not restore on another process"
       if reason is None:
@@ -291,9 +335,10 @@ class CheckpointManager:
       return None
     self._move_aside(bad, then="no intact checkpoint is left")
     raise CheckpointCorrupt(
-        f"No intact checkpoint in {self.directory}: every step is corrupt "
-        f"({'; '.join(reason for _, reason in bad)}); all were moved aside to "
-        f"{self.corrupt_directory}; rerunning starts from scratch, or move them back by hand.")
+      f"No intact checkpoint in {self.directory}: every step is corrupt "
+      f"({'; '.join(reason for _, reason in bad)}); all were moved aside to "
+      f"{self.corrupt_directory}; rerunning starts from scratch, or move them back by hand."
+    )
 
   def restore(self, target: Mapping[str, Any], step: int | None = None) -> dict[str, Any]:
     """The train state at `step` (default: latest), placed as `target` says.
@@ -314,11 +359,14 @@ class CheckpointManager:
     step = self.resolve_step(step)
     if DATA_ITEM not in self._item_names(step):
       if DATA_ITEM in (self._manager.metadata(step).item_handlers or {}):
-        raise CheckpointCorrupt(f"Checkpoint step {step} in {self.directory} was saved with an "
-                                f"input-pipeline state, but its {DATA_ITEM}/ folder is gone")
+        raise CheckpointCorrupt(
+          f"Checkpoint step {step} in {self.directory} was saved with an "
+          f"input-pipeline state, but its {DATA_ITEM}/ folder is gone"
+        )
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(
-        **{DATA_ITEM: DataStateRestore()}))[DATA_ITEM]
+    return self._manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: DataStateRestore()}))[
+      DATA_ITEM
+    ]
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -337,15 +385,19 @@ class CheckpointManager:
     """`step` if saved, the latest step for None; FileNotFoundError otherwise."""
     step = self.latest_step() if step is None else step
     if step is None or step not in self._manager.all_steps():
-      raise FileNotFoundError(f"No checkpoint{'' if step is None else f' for step {step}'} in "
-                              f"{self.directory} (steps: {self.all_steps()}).")
+      raise FileNotFoundError(
+        f"No checkpoint{'' if step is None else f' for step {step}'} in "
+        f"{self.directory} (steps: {self.all_steps()})."
+      )
     return step
 
   def item_metadata(self, step: int, item: str) -> Any:
     """Tree of orbax metadata (shape, dtype) of one saved train-state entry."""
     if item not in self._item_names(step):
-      raise KeyError(f"Checkpoint step {step} in {self.directory} has no item {item!r}; "
-                     f"it has {sorted(self._item_names(step))}.")
+      raise KeyError(
+        f"Checkpoint step {step} in {self.directory} has no item {item!r}; "
+        f"it has {sorted(self._item_names(step))}."
+      )
     return ocp.handlers.StandardCheckpointHandler().metadata(self.directory / str(step) / item).tree
 
   def wait(self) -> None:
@@ -412,10 +464,12 @@ class CheckpointManager:
       if step_dir.exists():
         raise
       return  # keep=1: the next save's commit deleted it meanwhile.
-    workdir_lib.write_text(self._checksum_file(step), json.dumps(
-        {"step": step, "algorithm": "sha256", "files": files}, indent=1))
+    workdir_lib.write_text(
+      self._checksum_file(step),
+      json.dumps({"step": step, "algorithm": "sha256", "files": files}, indent=1),
+    )
     for record in self.directory.glob(f"*{CHECKSUM_SUFFIX}"):
-      if not (self.directory / record.name[:-len(CHECKSUM_SUFFIX)]).exists():
+      if not (self.directory / record.name[: -len(CHECKSUM_SUFFIX)]).exists():
         record.unlink(missing_ok=True)
 
   def _raise_checksum_errors(self, block: bool) -> None:
@@ -424,20 +478,25 @@ class CheckpointManager:
       step, future = self._checksums.pop(0)
       if (error := future.exception()) is not None:
         raise self._save_error(
-            f"Recording the checksum of committed checkpoint step {step}", error) from error
+          f"Recording the checksum of committed checkpoint step {step}", error
+        ) from error
 
   def _save_error(self, what: str, error: BaseException) -> CheckpointSaveError:
     """The error for a failed save, on one line: what failed, the root cause, the last
     committed step and how to go on. Marks the failure as reported (see `wait`)."""
     self._failed = True
     last = max((s for s in self._manager.all_steps() if s != self._pending), default=None)
-    fix = ("free space or move the workdir" if _errno(error) in (errno.ENOSPC, errno.EDQUOT)
-           else "fix that")
+    fix = (
+      "free space or move the workdir"
+      if _errno(error) in (errno.ENOSPC, errno.EDQUOT)
+      else "fix that"
+    )
     resume = "start from scratch" if last is None else f"resume from step {last}"
     return CheckpointSaveError(
-        f"{what} in {self.directory} failed: {_root_cause(error)}; the last intact checkpoint "
-        f"is {'none' if last is None else f'step {last}'}: {fix}, then rerun the same command "
-        f"to {resume}.")
+      f"{what} in {self.directory} failed: {_root_cause(error)}; the last intact checkpoint "
+      f"is {'none' if last is None else f'step {last}'}: {fix}, then rerun the same command "
+      f"to {resume}."
+    )
 
   def _verify_on_process_0(self, step: int) -> tuple[bool, str | None]:
     """(verified, why corrupt or None): `verify` on process 0 only (one read of the
@@ -449,8 +508,9 @@ class CheckpointManager:
       except CheckpointCorrupt as e:
         reason = str(e)
     if jax.process_count() > 1:
-      code = int(multihost_utils.broadcast_one_to_all(
-          np.int32(verified + 2 * (reason is not None))))
+      code = int(
+        multihost_utils.broadcast_one_to_all(np.int32(verified + 2 * (reason is not None)))
+      )
       verified = bool(code & 1)
       if code & 2 and reason is None:
         reason = f"Checkpoint step {step} in {self.directory} does not match its checksum"
@@ -552,8 +612,9 @@ def _put_scalar(step: int, like: Any) -> jax.Array:
   return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
 
 
-def restore_params_only(directory: str | epath.PathLike, *, step: int | None = None,
-                        shardings: Any = None) -> Any:
+def restore_params_only(
+  directory: str | epath.PathLike, *, step: int | None = None, shardings: Any = None
+) -> Any:
   """Only the params of a checkpoint (evaluation, distillation teachers).
 
   `shardings`: a tree of shardings like the params, or one sharding for all

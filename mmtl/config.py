@@ -13,15 +13,16 @@ What mmtl knows is `schema()`: the trainer's keys and defaults (`DEFAULTS`),
 (`input`: mmtl.data, `optim`: mmtl.optim, `distill`: mmtl.distill,
 `evals.<name>`: mmtl.evaluators).
 """
+
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping, Sequence
 import importlib.util
 import json
 import os
-import sys
-from collections.abc import Mapping, Sequence
 from pathlib import Path
+import sys
 from typing import Any
 
 from absl import flags
@@ -33,55 +34,57 @@ from mmtl.config_keys import ANY_NAME, FREE, INPUT_SECTION, RULES, ConfigError, 
 CONFIG_FILE = "config.json"
 
 DEFAULTS = dict(
-    seed=0,
-    total_steps=1000,
-    batch_size=32,         # global; each process loads batch_size / processes
-    input={},              # mmtl.data: dataset, split, batch_size, preprocessing
-    evals={},              # name -> evaluator config (mmtl.evaluators)
-    model={},              # MODEL_DEFAULTS
-    model_init={},         # tower name -> HF name/path, or dict(name=..., dont_load=[...])
-    optim={},              # mmtl.optim
-    loss=dict(label_smoothing=0.0),
-    grad_accum_steps=1,    # microbatches per step (lax.scan), same objective as the full
-                           # batch (contrastive: gradient cache; see mmtl.train_step)
-    prefetch_to_device=2,  # batches copied to the devices ahead of the step using them
-    log_every=50,
-    ckpt_every=500,
-    keep_ckpts=2,          # most recent checkpoints kept (plus the best): >= 2 leaves a fallback
-    best_metric="",        # e.g. "val/accuracy": keep the best checkpoint by it
-    best_mode="max",
-    early_stopping=dict(patience=0, min_delta=0.0),  # on best_metric; 0 = off
-    mesh=dict(data=-1, fsdp=1, model=1),
-    sharding_rules="replicate",  # preset name or [(regex, spec), ...] (mmtl.sharding)
-    distill={},            # mmtl.distill: teacher_workdir, temperature, alpha
+  seed=0,
+  total_steps=1000,
+  batch_size=32,  # global; each process loads batch_size / processes
+  input={},  # mmtl.data: dataset, split, batch_size, preprocessing
+  evals={},  # name -> evaluator config (mmtl.evaluators)
+  model={},  # MODEL_DEFAULTS
+  model_init={},  # tower name -> HF name/path, or dict(name=..., dont_load=[...])
+  optim={},  # mmtl.optim
+  loss=dict(label_smoothing=0.0),
+  grad_accum_steps=1,  # microbatches per step (lax.scan), same objective as the full
+  # batch (contrastive: gradient cache; see mmtl.train_step)
+  prefetch_to_device=2,  # batches copied to the devices ahead of the step using them
+  log_every=50,
+  ckpt_every=500,
+  keep_ckpts=2,  # most recent checkpoints kept (plus the best): >= 2 leaves a fallback
+  best_metric="",  # e.g. "val/accuracy": keep the best checkpoint by it
+  best_mode="max",
+  early_stopping=dict(patience=0, min_delta=0.0),  # on best_metric; 0 = off
+  mesh=dict(data=-1, fsdp=1, model=1),
+  sharding_rules="replicate",  # preset name or [(regex, spec), ...] (mmtl.sharding)
+  distill={},  # mmtl.distill: teacher_workdir, temperature, alpha
 )
 
 MODEL_DEFAULTS = dict(
-    # modality -> dict(name=<HF name/path or config.json dict>, tower=None|"vision"|"text",
-    #                  pool="cls"|"mean"|"pooler", kwargs={...module attrs...})
-    towers={},
-    modalities="",  # comma-separated subset of `towers` to use ("" = all): ablations
-    fusion="concat",
-    head="classification",
-    num_classes=2,
-    width=256,
-    dropout=0.0,
-    num_heads=4,
-    fusion_depth=1,
-    fusion_layer=-2,
-    bottleneck_tokens=4,
-    temperature_init=0.07,
-    dtype="float32",        # compute dtype; "bfloat16" for mixed precision
-    param_dtype="float32",
-    remat="none",           # per-layer activation checkpointing of the towers
-    frozen_tower_mode="inference",  # fully frozen towers in training: "inference" (no
-                                    # dropout, as LiT's locked tower) or "train"
+  # modality -> dict(name=<HF name/path or config.json dict>, tower=None|"vision"|"text",
+  #                  pool="cls"|"mean"|"pooler", kwargs={...module attrs...})
+  towers={},
+  modalities="",  # comma-separated subset of `towers` to use ("" = all): ablations
+  fusion="concat",
+  head="classification",
+  num_classes=2,
+  width=256,
+  dropout=0.0,
+  num_heads=4,
+  fusion_depth=1,
+  fusion_layer=-2,
+  bottleneck_tokens=4,
+  temperature_init=0.07,
+  dtype="float32",  # compute dtype; "bfloat16" for mixed precision
+  param_dtype="float32",
+  remat="none",  # per-layer activation checkpointing of the towers
+  frozen_tower_mode="inference",  # fully frozen towers in training: "inference" (no
+  # dropout, as LiT's locked tower) or "train"
 )
 TOWER_KEYS = dict(name=(str, dict), tower=str, pool=str, kwargs={})
+
 
 def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
   from mmtl import data, distill, evaluators, optim  # Their sections; imported late (JAX).
+
   input_keys = data.defaults().to_dict()
   input_keys["builder_config"] = FREE
 
@@ -94,22 +97,30 @@ def schema() -> dict[str, Any]:
 
   out = dict(DEFAULTS)
   out.update(
-      input=input_keys,
-      evals={ANY_NAME: resolve(evaluators.CONFIG_KEYS)},
-      model={**MODEL_DEFAULTS, "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE}}},
-      model_init={ANY_NAME: FREE},
-      optim=resolve(optim.CONFIG_KEYS),
-      distill=distill.CONFIG_KEYS,
-      sharding_rules=RULES,
+    input=input_keys,
+    evals={ANY_NAME: resolve(evaluators.CONFIG_KEYS)},
+    model={**MODEL_DEFAULTS, "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE}}},
+    model_init={ANY_NAME: FREE},
+    optim=resolve(optim.CONFIG_KEYS),
+    distill=distill.CONFIG_KEYS,
+    sharding_rules=RULES,
   )
   return out
 
 
 def _type_names(kinds: Any) -> str:
   kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-  names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a bool",
-           "list": "a list", "tuple": "a tuple", "dict": "a dict", "ConfigDict": "a dict",
-           "NoneType": "None"}
+  names = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a bool",
+    "list": "a list",
+    "tuple": "a tuple",
+    "dict": "a dict",
+    "ConfigDict": "a dict",
+    "NoneType": "None",
+  }
   return " or ".join(dict.fromkeys(names.get(k.__name__, k.__name__) for k in kinds))
 
 
@@ -167,16 +178,22 @@ def check(config: Any, spec: Any = None, where: str = "config") -> None:
       continue
     if isinstance(sub, dict):
       if not _is_section(value):
-        raise ConfigError(f"{path}={value!r} is {_type_names(type(value))}; expected a dict "
-                          f"(a section with keys {', '.join(sorted(sub))}).")
+        raise ConfigError(
+          f"{path}={value!r} is {_type_names(type(value))}; expected a dict "
+          f"(a section with keys {', '.join(sorted(sub))})."
+        )
       check(value, sub, path)
       continue
     kinds = _declared_types(sub)
     if kinds and not _type_ok(value, kinds):
-      hint = (" (a number in quotes is a string: write it without quotes)"
-              if isinstance(value, str) and _parses_as_number(value) else "")
-      raise ConfigError(f"{path}={value!r} is {_type_names(type(value))}; expected "
-                        f"{_type_names(kinds)}{hint}.")
+      hint = (
+        " (a number in quotes is a string: write it without quotes)"
+        if isinstance(value, str) and _parses_as_number(value)
+        else ""
+      )
+      raise ConfigError(
+        f"{path}={value!r} is {_type_names(type(value))}; expected {_type_names(kinds)}{hint}."
+      )
 
 
 def _parses_as_number(text: str) -> bool:
@@ -205,6 +222,7 @@ def with_defaults(config: mlc.ConfigDict) -> mlc.ConfigDict:
 
 # ------------------------------------------------------------- overrides ---
 
+
 def parse_value(text: str, spec: Any, current: Any, where: str) -> Any:
   """`--config.X=text` as a value of the type the schema gives X; a key with no type
   (a None default, free-form sections) takes a Python literal, or the text itself."""
@@ -229,8 +247,13 @@ def parse_value(text: str, spec: Any, current: Any, where: str) -> Any:
     return text
   if list in kinds or tuple in kinds:  # A bare comma-separated list: blank=image,text.
     return tuple(v for v in text.split(",") if v)
-  example = (f" (its value is {current!r})" if current is not None else
-             "" if isinstance(spec, (type, tuple)) else f" (default {spec!r})")
+  example = (
+    f" (its value is {current!r})"
+    if current is not None
+    else ""
+    if isinstance(spec, (type, tuple))
+    else f" (default {spec!r})"
+  )
   raise ConfigError(f"{where} expects {_type_names(kinds)}{example}.")
 
 
@@ -305,7 +328,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("--config."):
-      key, sep, value = arg[len("--config."):].partition("=")
+      key, sep, value = arg[len("--config.") :].partition("=")
       if not sep:
         if i + 1 == len(argv):
           sys.exit(f"{arg} has no value: write {arg}=VALUE.")
@@ -324,6 +347,7 @@ def from_flags(base: mlc.ConfigDict | None = None) -> mlc.ConfigDict:
 
 
 # ------------------------------------------------------ workdir config ---
+
 
 def to_dict(config: mlc.ConfigDict) -> dict[str, Any]:
   """Plain JSON-able dict (tuples become lists, as they will in config.json)."""
@@ -373,10 +397,12 @@ def saved_changes(config: mlc.ConfigDict, workdir: str) -> list[Change] | None:
 
 def refuse_change(workdir: str, changes: Sequence[Change]) -> ConfigError:
   return ConfigError(
-      f"Workdir {workdir} holds a run with a different config "
-      f"({workdir_lib.path(workdir, CONFIG_FILE)}): " + format_changes(changes)
-      + ". Use a new --workdir, or pass --allow_config_change to resume this run's "
-      "checkpoints with the new config.")
+    f"Workdir {workdir} holds a run with a different config "
+    f"({workdir_lib.path(workdir, CONFIG_FILE)}): "
+    + format_changes(changes)
+    + ". Use a new --workdir, or pass --allow_config_change to resume this run's "
+    "checkpoints with the new config."
+  )
 
 
 def pin(config: mlc.ConfigDict, workdir: str, *, step: int | None = None) -> None:
@@ -384,6 +410,7 @@ def pin(config: mlc.ConfigDict, workdir: str, *, step: int | None = None) -> Non
   config.json already there is kept as `config.<step>.json` (`step`: the latest
   checkpoint it trained; 0 when it saved none). Process 0 writes."""
   from mmtl import distributed  # JAX: not at import time (launch/sweep.py loads config files).
+
   if not distributed.is_main_process():
     return
   workdir_lib.makedirs(workdir)
@@ -415,8 +442,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
     elif piece and last is not None:
       values[last] += "," + piece
     elif piece:
-      raise ConfigError(f"Config argument {piece!r} is not key=value; arguments are "
-                        f"{', '.join(f'{k}={v}' for k, v in defaults.items())}.")
+      raise ConfigError(
+        f"Config argument {piece!r} is not key=value; arguments are "
+        f"{', '.join(f'{k}={v}' for k, v in defaults.items())}."
+      )
   out = dict(defaults)
   for key, value in values.items():
     kind = type(defaults[key])
@@ -426,5 +455,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
       try:
         out[key] = kind(value)
       except ValueError:
-        raise ConfigError(f"Config argument {key}={value!r}: expected {_type_names(kind)}.") from None
+        raise ConfigError(
+          f"Config argument {key}={value!r}: expected {_type_names(kind)}."
+        ) from None
   return mlc.ConfigDict(out)

@@ -10,10 +10,11 @@ A schema is a nested dict: a leaf is a default value (its type is the expected
 type; None: any), a type or tuple of types (no default); `ANY_NAME` as the only
 key: entries of any name, each following its value; `FREE`: anything.
 """
+
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
+import difflib
 from typing import Any
 
 ANY_NAME = "*"
@@ -32,9 +33,11 @@ def check_keys(cfg: Any, known: Sequence[str], where: str) -> None:
   Every config section in mmtl checks its keys through here, so a typo fails the
   same way everywhere, with a did-you-mean hint.
   """
-  for key in (cfg.keys() if hasattr(cfg, "keys") else cfg):
+  for key in cfg.keys() if hasattr(cfg, "keys") else cfg:
     if key not in known:
       close = difflib.get_close_matches(key, list(known), n=1)
       hint = f" Did you mean {where}.{close[0]}?" if close else ""
-      raise ConfigError(f"Unknown config key {where}.{key}.{hint} Known keys of {where}: "
-                        f"{', '.join(sorted(known))}.")
+      raise ConfigError(
+        f"Unknown config key {where}.{key}.{hint} Known keys of {where}: "
+        f"{', '.join(sorted(known))}."
+      )

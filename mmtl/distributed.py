@@ -16,6 +16,7 @@ When it initializes:
   MPI with more than one task.
 Otherwise it does nothing: a single process needs no coordinator.
 """
+
 from __future__ import annotations
 
 import glob
@@ -52,8 +53,11 @@ def _on_cloud_tpu_vm() -> bool:
   return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
-def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Initializes jax.distributed when launched as several processes.
 
   Returns whether the job has more than one process. Safe to call twice.
@@ -68,18 +72,24 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     return False
   if None in explicit and not _launched_by_cluster():
     raise ValueError(
-        f"Multi-process launch needs all of coordinator_address={coordinator_address!r}, "
-        f"num_processes={num_processes!r}, process_id={process_id!r} (or the env vars "
-        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); set the missing ones, or "
-        "MMTL_DISTRIBUTED=1 on a cluster JAX detects (TPU pod, SLURM, Open MPI, Kubernetes).")
+      f"Multi-process launch needs all of coordinator_address={coordinator_address!r}, "
+      f"num_processes={num_processes!r}, process_id={process_id!r} (or the env vars "
+      "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); set the missing ones, or "
+      "MMTL_DISTRIBUTED=1 on a cluster JAX detects (TPU pod, SLURM, Open MPI, Kubernetes)."
+    )
   # CPU processes exchange collectives over gloo (TCP); GPUs/TPUs use their own links.
   if not jax.config.jax_cpu_collectives_implementation:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return jax.process_count() > 1
 
 

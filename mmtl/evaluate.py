@@ -1,4 +1,6 @@
-r"""Evaluates a saved run: `python -m mmtl.evaluate --workdir DIR [--step N] [--name NAME] [--config.key=value]`.
+r"""Evaluates a saved run.
+
+  python -m mmtl.evaluate --workdir DIR [--step N] [--name NAME] [--config.key=value]
 
 The config comes from `DIR/config.json`; overrides change what is evaluated,
 e.g. `--config.evals.val.input.split=test`, or a missing-modality evaluation
@@ -9,29 +11,28 @@ evaluation with changed settings writes `DIR/eval_step<N>-<NAME>.json`, NAME
 being `--name` or the changed keys and values, so it never replaces the record
 of the run's own evaluation.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import ml_collections as mlc
 
-from mmtl import checkpoint
+from mmtl import checkpoint, distributed, evaluators, hf, rules, sharding, train_state
 from mmtl import config as config_lib
-from mmtl import distributed
-from mmtl import evaluators
-from mmtl import hf
 from mmtl import metrics as metrics_lib
-from mmtl import rules
-from mmtl import sharding
-from mmtl import train_state
 from mmtl import workdir as workdir_lib
 
 # The one-line errors of an evaluation that cannot run.
-USER_ERRORS = (config_lib.ConfigError, rules.RuleError, checkpoint.CheckpointError,
-               hf.CheckpointError, FileNotFoundError)
+USER_ERRORS = (
+  config_lib.ConfigError,
+  rules.RuleError,
+  checkpoint.CheckpointError,
+  hf.CheckpointError,
+  FileNotFoundError,
+)
 
 
 def results_file(workdir: str, step: int, config: mlc.ConfigDict, name: str | None = None) -> str:
@@ -44,8 +45,9 @@ def results_file(workdir: str, step: int, config: mlc.ConfigDict, name: str | No
   return f"eval_step{step}" + (f"-{workdir_lib.safe_name(name)}" if name else "") + ".json"
 
 
-def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None,
-             name: str | None = None) -> dict[str, float]:
+def evaluate(
+  config: mlc.ConfigDict, workdir: str, step: int | None = None, name: str | None = None
+) -> dict[str, float]:
   """Runs `config.evals` on the checkpoint; writes DIR/eval_step<N>[-<name>].json.
 
   The evaluators, their inputs and the predict function are the trainer's own
@@ -61,15 +63,23 @@ def evaluate(config: mlc.ConfigDict, workdir: str, step: int | None = None,
   if distributed.is_main_process():
     file = workdir_lib.path(workdir, results_file(workdir, step, config, name))
     workdir_lib.write_text(file, json.dumps(results, indent=2))
-    print(metrics_lib.format_table(results, title=f"Evaluation of {workdir} at step {step} ({file.name})"))
+    print(
+      metrics_lib.format_table(
+        results, title=f"Evaluation of {workdir} at step {step} ({file.name})"
+      )
+    )
   return results
 
 
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: best (or latest).")
-  flags.DEFINE_string("name", None, "Names the results file eval_step<N>-<name>.json; default: "
-                      "the changed config keys (none changed: eval_step<N>.json).")
+  flags.DEFINE_string(
+    "name",
+    None,
+    "Names the results file eval_step<N>-<name>.json; default: "
+    "the changed config keys (none changed: eval_step<N>.json).",
+  )
 
 
 def main(argv: list[str]) -> None:

@@ -39,6 +39,7 @@ text) score 0, not 1. Metric names do not say which protocol made them, so that
 is the evaluator's `captions`, saved in the run's config.json: name the
 evaluator after it (e.g. `config.evals.coco5k`) for numbers that leave the run.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -52,11 +53,7 @@ import ml_collections as mlc
 import numpy as np
 from sklearn import metrics as sk_metrics
 
-from mmtl import config_keys
-from mmtl import data
-from mmtl import lora
-from mmtl import losses
-from mmtl import sharding
+from mmtl import config_keys, data, lora, losses, sharding
 from mmtl.data import device
 
 if TYPE_CHECKING:
@@ -81,9 +78,12 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
   return float(sk_metrics.f1_score(labels, predictions, average="macro"))
 
 
-def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
-                     ks: Iterable[int] = (1, 5, 10),
-                     text_to_image: np.ndarray | None = None) -> dict[str, float]:
+def retrieval_recall(
+  image_embeds: np.ndarray,
+  text_embeds: np.ndarray,
+  ks: Iterable[int] = (1, 5, 10),
+  text_to_image: np.ndarray | None = None,
+) -> dict[str, float]:
   """Recall@k both ways; text j describes image `text_to_image[j]` (None: image j).
 
   Image->text is a hit at k if any of the image's texts is among the top k of
@@ -94,17 +94,23 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
   num_images, num_texts = len(image_embeds), len(text_embeds)
   if text_to_image is None:
     if num_images != num_texts:
-      raise ValueError(f"{num_images} images and {num_texts} texts: pass text_to_image (the "
-                       "image index of each text) unless text i is image i's only caption.")
+      raise ValueError(
+        f"{num_images} images and {num_texts} texts: pass text_to_image (the "
+        "image index of each text) unless text i is image i's only caption."
+      )
     text_to_image = np.arange(num_texts)
   t2i = np.asarray(text_to_image)
   if t2i.shape != (num_texts,) or not 0 <= t2i.min() <= t2i.max() < num_images:
-    raise ValueError(f"text_to_image (shape {t2i.shape}) must give each of the {num_texts} "
-                     f"texts an image index in [0, {num_images}).")
+    raise ValueError(
+      f"text_to_image (shape {t2i.shape}) must give each of the {num_texts} "
+      f"texts an image index in [0, {num_images})."
+    )
   counts = np.bincount(t2i, minlength=num_images)
   if not counts.all():
-    raise ValueError(f"Image {int(np.argmin(counts))} has no text in text_to_image; every "
-                     "image needs at least one caption.")
+    raise ValueError(
+      f"Image {int(np.argmin(counts))} has no text in text_to_image; every "
+      "image needs at least one caption."
+    )
   sims = image_embeds @ text_embeds.T  # (images, texts)
   positive = sims[t2i, np.arange(num_texts)]  # Each text's score with its own image.
   # i2t: rank of an image's best caption = candidates not scoring below it, less its captions.
@@ -112,20 +118,29 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
   with np.errstate(invalid="ignore"):  # NaN propagates: a NaN image never hits.
     np.maximum.at(best, t2i, positive)
   not_below = ~(sims < best[:, None])
-  ranks = {"i2t": not_below.sum(1) - np.bincount(t2i, not_below[t2i, np.arange(num_texts)],
-                                                  minlength=num_images),
-           "t2i": (~(sims < positive)).sum(0) - 1}  # Less the positive itself.
+  ranks = {
+    "i2t": not_below.sum(1)
+    - np.bincount(t2i, not_below[t2i, np.arange(num_texts)], minlength=num_images),
+    "t2i": (~(sims < positive)).sum(0) - 1,
+  }  # Less the positive itself.
   return {f"{d}_recall@{k}": float((rank < k).mean()) for d, rank in ranks.items() for k in ks}
 
 
-def zeroshot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray,
-                      labels: np.ndarray) -> float:
+def zeroshot_accuracy(
+  image_embeds: np.ndarray, class_embeds: np.ndarray, labels: np.ndarray
+) -> float:
   """Accuracy of predicting the class whose (normalized) text embedding is nearest."""
   return accuracy(image_embeds @ class_embeds.T, labels)
 
 
-def ridge_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                         test_y: np.ndarray, num_classes: int, l2_reg: float = 1.0) -> float:
+def ridge_probe_accuracy(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  test_y: np.ndarray,
+  num_classes: int,
+  l2_reg: float = 1.0,
+) -> float:
   """Closed-form ridge regression onto +-1 one-hot targets (big_vision's few-shot probe)."""
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
   x = np.concatenate([(train_x - mean) / std, np.ones((len(train_x), 1))], 1).astype(np.float64)
@@ -162,6 +177,7 @@ class EvalContext:
   `text_embedder(tokenizer, max_len)` gives `embed(params, texts)`, normalized text
   embeddings (zeroshot).
   """
+
   head_type: str
   make_batches: Callable[[Mapping[str, Any]], Iterable[Any]]
   predict: Callable[[Any, Any], Mapping[str, Any]]
@@ -176,6 +192,7 @@ class Evaluator:
   types), `HEAD` (the head_type it needs; None: any), `METRICS` and `compute`, and
   overrides `inputs` when it reads more than its own input.
   """
+
   KEYS: ClassVar[dict[str, Any]] = {}
   HEAD: ClassVar[str | None] = None
   METRICS: ClassVar[tuple[str, ...]] = ()
@@ -184,8 +201,9 @@ class Evaluator:
     config_keys.check_keys(cfg, self.keys(), f"config.evals.{name}")
     if self.HEAD and self.HEAD != context.head_type:
       raise config_keys.ConfigError(
-          f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which needs a {self.HEAD!r} "
-          f"head; the model has head_type={context.head_type!r}.")
+        f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which needs a {self.HEAD!r} "
+        f"head; the model has head_type={context.head_type!r}."
+      )
     self.name, self.cfg, self.context = name, cfg, context
     self.every = int(self.option("every"))
 
@@ -237,30 +255,35 @@ class Evaluator:
 
 class Classification(Evaluator):
   """Accuracy, macro F1 and mean cross-entropy of the classification head."""
+
   HEAD = "classification"
   METRICS = ("accuracy", "macro_f1", "loss")
 
   def compute(self, params: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["logits", "labels"])
     loss = losses.softmax_xent_per_example(out["logits"], out["labels"]).mean()
-    return {"accuracy": accuracy(out["logits"], out["labels"]),
-            "macro_f1": macro_f1(out["logits"].argmax(-1), out["labels"]),
-            "loss": float(loss)}
+    return {
+      "accuracy": accuracy(out["logits"], out["labels"]),
+      "macro_f1": macro_f1(out["logits"].argmax(-1), out["labels"]),
+      "loss": float(loss),
+    }
 
 
 class Regression(Evaluator):
   """Mean squared and absolute error of the regression head."""
+
   HEAD = "regression"
   METRICS = ("mse", "mae")
 
   def compute(self, params: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["predictions", "labels"])
     err = out["predictions"] - out["labels"].reshape(out["predictions"].shape)
-    return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean())}
+    return {"mse": float((err**2).mean()), "mae": float(np.abs(err).mean())}
 
 
 class Retrieval(Evaluator):
   """Recall@k both ways over the first `captions` captions of each image (module doc)."""
+
   KEYS = dict(ks=(1, 5, 10), captions=1)
   HEAD = "contrastive"
 
@@ -269,8 +292,9 @@ class Retrieval(Evaluator):
     self.captions, self.ks = self.option("captions"), tuple(self.option("ks"))
     if not (isinstance(self.captions, int) and self.captions >= 1):
       raise config_keys.ConfigError(
-          f"config.evals.{name}.captions={self.captions!r}; use the number of captions per "
-          "image (1: the first; 5: COCO / Flickr30k).")
+        f"config.evals.{name}.captions={self.captions!r}; use the number of captions per "
+        "image (1: the first; 5: COCO / Flickr30k)."
+      )
 
   def metrics(self) -> tuple[str, ...]:
     return tuple(f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in self.ks)
@@ -290,15 +314,21 @@ class Retrieval(Evaluator):
   def compute(self, params: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(self._caption_cfg(0)), ["image_embeds", "text_embeds"])
     texts = [out["text_embeds"]] + [
-        collect(predict, self.batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
-        for i in range(1, self.captions)]
+      collect(predict, self.batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
+      for i in range(1, self.captions)
+    ]
     num_images = len(out["image_embeds"])  # Text j: caption j // num_images of image j % num_images
-    return retrieval_recall(out["image_embeds"], np.concatenate(texts), self.ks,
-                            text_to_image=np.tile(np.arange(num_images), len(texts)))
+    return retrieval_recall(
+      out["image_embeds"],
+      np.concatenate(texts),
+      self.ks,
+      text_to_image=np.tile(np.arange(num_images), len(texts)),
+    )
 
 
 class Zeroshot(Evaluator):
   """The class whose prompts' mean text embedding is nearest the image's (CLIP)."""
+
   KEYS = dict(classnames=(list, tuple), prompts=(list, tuple), tokenizer=str, max_len=32)
   HEAD = "contrastive"
   METRICS = ("accuracy",)
@@ -306,9 +336,11 @@ class Zeroshot(Evaluator):
   def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
     super().__init__(name, cfg, context)
     if not (cfg.get("classnames") and cfg.get("tokenizer")):
-      raise config_keys.ConfigError(f"config.evals.{name}: a zeroshot evaluator needs `classnames` "
-                                   "and `tokenizer` (and optionally `prompts`, e.g. "
-                                   "['a photo of a {}.']).")
+      raise config_keys.ConfigError(
+        f"config.evals.{name}: a zeroshot evaluator needs `classnames` "
+        "and `tokenizer` (and optionally `prompts`, e.g. "
+        "['a photo of a {}.'])."
+      )
     self._embed_texts = context.text_embedder(cfg["tokenizer"], int(self.option("max_len")))
 
   def compute(self, params: Any, predict: Predict) -> dict[str, float]:
@@ -318,12 +350,14 @@ class Zeroshot(Evaluator):
       e = self._embed_texts(params, [p.format(classname) for p in prompts]).mean(0)
       class_embeds.append(e / np.linalg.norm(e))
     out = collect(predict, self.batches(), ["image_embeds", "labels"])
-    return {"accuracy": zeroshot_accuracy(out["image_embeds"], np.stack(class_embeds),
-                                          out["labels"])}
+    return {
+      "accuracy": zeroshot_accuracy(out["image_embeds"], np.stack(class_embeds), out["labels"])
+    }
 
 
 class LinearProbe(Evaluator):
   """Ridge probe on frozen `features`, fit on the first `num_train` of `train_input`."""
+
   KEYS = dict(train_input=config_keys.INPUT_SECTION, num_train=2048, l2_reg=1.0)
   METRICS = ("accuracy",)
 
@@ -335,13 +369,21 @@ class LinearProbe(Evaluator):
 
   def compute(self, params: Any, predict: Predict) -> dict[str, float]:
     num_train = int(self.option("num_train"))
-    train = collect(predict, _take_examples(self.batches(self._train_cfg()), num_train),
-                    ["features", "labels"])
+    train = collect(
+      predict, _take_examples(self.batches(self._train_cfg()), num_train), ["features", "labels"]
+    )
     test = collect(predict, self.batches(), ["features", "labels"])
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
-    return {"accuracy": ridge_probe_accuracy(
-        train["features"][:num_train], train["labels"][:num_train], test["features"],
-        test["labels"], num_classes, float(self.option("l2_reg")))}
+    return {
+      "accuracy": ridge_probe_accuracy(
+        train["features"][:num_train],
+        train["labels"][:num_train],
+        test["features"],
+        test["labels"],
+        num_classes,
+        float(self.option("l2_reg")),
+      )
+    }
 
 
 def _take_examples(batches: Iterable[Mapping[str, Any]], num: int) -> Iterator[Mapping[str, Any]]:
@@ -356,11 +398,11 @@ def _take_examples(batches: Iterable[Mapping[str, Any]], num: int) -> Iterator[M
 
 # config.evals.<name>.type -> its evaluator.
 EVALUATORS: dict[str, type[Evaluator]] = {
-    "classification": Classification,
-    "regression": Regression,
-    "retrieval": Retrieval,
-    "zeroshot": Zeroshot,
-    "linear_probe": LinearProbe,
+  "classification": Classification,
+  "regression": Regression,
+  "retrieval": Retrieval,
+  "zeroshot": Zeroshot,
+  "linear_probe": LinearProbe,
 }
 # Every key any evaluator takes: config.evals.<name> (each kind checks its own).
 CONFIG_KEYS = {k: v for kind in EVALUATORS.values() for k, v in kind.keys().items()}
@@ -370,23 +412,26 @@ def make(name: str, cfg: Mapping[str, Any], context: EvalContext) -> Evaluator:
   """The evaluator of `config.evals.<name>` (`cfg`), of the kind its `type` names."""
   kind = cfg.get("type")
   if not isinstance(kind, str) or kind not in EVALUATORS:
-    raise config_keys.ConfigError(f"config.evals.{name}.type={kind!r}; use one of "
-                                 f"{tuple(EVALUATORS)}.")
+    raise config_keys.ConfigError(
+      f"config.evals.{name}.type={kind!r}; use one of {tuple(EVALUATORS)}."
+    )
   return EVALUATORS[kind](name, cfg, context)
 
 
 # The model side.
 
 
-def make_predict_fn(model: fusion.FusionModel, mesh: jax.sharding.Mesh
-                    ) -> Callable[[Any, Any], dict[str, Any]]:
+def make_predict_fn(
+  model: fusion.FusionModel, mesh: jax.sharding.Mesh
+) -> Callable[[Any, Any], dict[str, Any]]:
   """Jitted eval forward pass: outputs + labels + example_weight, replicated on every host."""
 
   def predict(params, batch):
     out = model.apply({"params": lora.merge(params)}, batch)
     out = {k: v for k, v in out.items() if k != "logit_scale"}
-    out["example_weight"] = batch.get("example_weight",
-                                      jnp.ones(next(iter(out.values())).shape[:1], jnp.float32))
+    out["example_weight"] = batch.get(
+      "example_weight", jnp.ones(next(iter(out.values())).shape[:1], jnp.float32)
+    )
     if "labels" in batch:
       out["labels"] = batch["labels"]
     return out
@@ -394,8 +439,9 @@ def make_predict_fn(model: fusion.FusionModel, mesh: jax.sharding.Mesh
   return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
-def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh: jax.sharding.Mesh,
-                    batch_size: int) -> list[Evaluator]:
+def make_evaluators(
+  config: mlc.ConfigDict, model: fusion.FusionModel, mesh: jax.sharding.Mesh, batch_size: int
+) -> list[Evaluator]:
   """One evaluator per `config.evals` entry; eval inputs are `config.input` + overrides.
   Training and mmtl.evaluate both build theirs here, so they evaluate the same way."""
   process_index, process_count = sharding.process_data_shard(mesh)
@@ -405,18 +451,23 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh: jax
     input_cfg = mlc.ConfigDict(config.input.to_dict())
     input_cfg.update(eval_cfg.get("input", {}))
     local_bs = int(eval_cfg.get("batch_size", batch_size)) // process_count
-    return data.make_eval_iterator(input_cfg, batch_size=local_bs, process_index=process_index,
-                                   process_count=process_count)
+    return data.make_eval_iterator(
+      input_cfg, batch_size=local_bs, process_index=process_index, process_count=process_count
+    )
 
   def text_embedder(tokenizer_name, max_len):
     from mmtl import preprocess  # Imports mmtl.hf and the models: only zeroshot needs it.
+
     tokenizer = preprocess.load_tokenizer(tokenizer_name)
 
     def embed(params, texts):
-      tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len,
-                         return_tensors="np")
-      batch = {"input_ids": tokens["input_ids"].astype(np.int32),
-               "attention_mask": tokens["attention_mask"].astype(np.int32)}
+      tokens = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
+      )
+      batch = {
+        "input_ids": tokens["input_ids"].astype(np.int32),
+        "attention_mask": tokens["attention_mask"].astype(np.int32),
+      }
       if "token_type_ids" in tokens:
         batch["token_type_ids"] = tokens["token_type_ids"].astype(np.int32)
       return np.asarray(predict(params, batch)["text_embeds"])
@@ -424,7 +475,10 @@ def make_evaluators(config: mlc.ConfigDict, model: fusion.FusionModel, mesh: jax
     return embed
 
   context = EvalContext(
-      head_type=model.head_type, predict=predict, open_input=host_batches,
-      make_batches=lambda cfg: device.to_devices(host_batches(cfg), config, mesh),
-      text_embedder=text_embedder)
+    head_type=model.head_type,
+    predict=predict,
+    open_input=host_batches,
+    make_batches=lambda cfg: device.to_devices(host_batches(cfg), config, mesh),
+    text_embedder=text_embedder,
+  )
   return [make(name, cfg, context) for name, cfg in config.evals.items()]

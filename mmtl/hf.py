@@ -16,11 +16,12 @@ encoder's own param paths) says to keep the initialized value / skip it.
 Checkpoint entries outside the encoder (task heads like `cls.*`, the other CLIP
 tower, old `position_ids` buffers) are skipped and logged.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 import json
 import logging
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,12 @@ from mmtl.models import registry
 Dtype = Any
 
 # Weight files in order of preference.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
-                "flax_model.msgpack", "flax_model.msgpack.index.json")
+WEIGHT_FILES = (
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "flax_model.msgpack",
+  "flax_model.msgpack.index.json",
+)
 # What to fetch from the hub: config, weights, tokenizer and processor files (no *.bin / *.h5).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"]
 
@@ -54,35 +59,56 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
   path = Path(name_or_path).expanduser()
   if path.is_dir():
     if revision is not None:
-      raise CheckpointError(f"revision={revision!r} only applies to hub ids, but {str(path)!r} is a "
-                            "local folder: drop `revision` or pass the hub id.")
+      raise CheckpointError(
+        f"revision={revision!r} only applies to hub ids, but {str(path)!r} is a "
+        "local folder: drop `revision` or pass the hub id."
+      )
     return path
   if path.exists():
-    raise CheckpointError(f"{str(path)!r} is a file: pass the checkpoint folder (with config.json) or a hub id.")
-  try:
-    return Path(huggingface_hub.snapshot_download(str(name_or_path), revision=revision,
-                                                  allow_patterns=HUB_PATTERNS))
-  except huggingface_hub.errors.HFValidationError:
-    raise CheckpointError(f"{str(name_or_path)!r} is neither an existing folder nor a valid hub id "
-                          "(owner/name): check the path.") from None
-  except (huggingface_hub.errors.LocalEntryNotFoundError, huggingface_hub.errors.IncompleteSnapshotError,
-          huggingface_hub.errors.OfflineModeIsEnabled) as e:
     raise CheckpointError(
-        f"{str(name_or_path)!r} (revision {revision or 'main'}) is not in the HF cache and downloads are "
-        f"off (HF_HUB_OFFLINE=1 or no network): download it once with network access, or pass a local "
-        f"folder. ({type(e).__name__}: {e})") from None
-  except (huggingface_hub.errors.RepositoryNotFoundError,
-          huggingface_hub.errors.RevisionNotFoundError) as e:
-    raise CheckpointError(f"Hub checkpoint {str(name_or_path)!r} revision {revision or 'main'} not found: "
-                          f"check the id, the revision and your HF token. ({e})") from None
+      f"{str(path)!r} is a file: pass the checkpoint folder (with config.json) or a hub id."
+    )
+  try:
+    return Path(
+      huggingface_hub.snapshot_download(
+        str(name_or_path), revision=revision, allow_patterns=HUB_PATTERNS
+      )
+    )
+  except huggingface_hub.errors.HFValidationError:
+    raise CheckpointError(
+      f"{str(name_or_path)!r} is neither an existing folder nor a valid hub id "
+      "(owner/name): check the path."
+    ) from None
+  except (
+    huggingface_hub.errors.LocalEntryNotFoundError,
+    huggingface_hub.errors.IncompleteSnapshotError,
+    huggingface_hub.errors.OfflineModeIsEnabled,
+  ) as e:
+    raise CheckpointError(
+      f"{str(name_or_path)!r} (revision {revision or 'main'}) is not in the HF cache and "
+      "downloads are "
+      "off (HF_HUB_OFFLINE=1 or no network): download it once with network access, or pass a "
+      "local "
+      f"folder. ({type(e).__name__}: {e})"
+    ) from None
+  except (
+    huggingface_hub.errors.RepositoryNotFoundError,
+    huggingface_hub.errors.RevisionNotFoundError,
+  ) as e:
+    raise CheckpointError(
+      f"Hub checkpoint {str(name_or_path)!r} revision {revision or 'main'} not found: "
+      f"check the id, the revision and your HF token. ({e})"
+    ) from None
 
 
 def read_config(name_or_path: str | Path, revision: str | None = None) -> dict[str, Any]:
   """The checkpoint's config.json as a dict."""
   file = resolve(name_or_path, revision) / "config.json"
   if not file.exists():
-    raise CheckpointError(f"No config.json in {str(file.parent)!r}: mmtl reads the architecture from it. "
-                          "Point at a transformers checkpoint folder.")
+    raise CheckpointError(
+      f"No config.json in {str(file.parent)!r}: mmtl reads the architecture from it. "
+      "Point at a transformers checkpoint folder."
+    )
   return json.loads(file.read_text())
 
 
@@ -90,9 +116,15 @@ def _hf_config(config: Mapping[str, Any] | str | Path, revision: str | None) -> 
   return dict(config) if isinstance(config, Mapping) else read_config(config, revision)
 
 
-def build_module(name_or_path_or_config: str | Path | Mapping[str, Any], *, tower: str | None = None,
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 revision: str | None = None, **module_kw) -> nn.Module:
+def build_module(
+  name_or_path_or_config: str | Path | Mapping[str, Any],
+  *,
+  tower: str | None = None,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  revision: str | None = None,
+  **module_kw,
+) -> nn.Module:
   """The encoder module for a checkpoint or a config.json dict (architecture only, no weights).
 
   The class is `mmtl.models.registry.MODELS[config["model_type"]]`. `tower` picks
@@ -102,14 +134,17 @@ def build_module(name_or_path_or_config: str | Path | Mapping[str, Any], *, towe
   d = _hf_config(name_or_path_or_config, revision)
   model_type = d.get("model_type")
   if model_type not in registry.MODELS:
-    raise CheckpointError(f"Unknown model_type {model_type!r} in config.json: mmtl implements "
-                          f"{sorted(registry.MODELS)}. Add a module in mmtl/models/ and one line "
-                          "in mmtl/models/registry.py.")
+    raise CheckpointError(
+      f"Unknown model_type {model_type!r} in config.json: mmtl implements "
+      f"{sorted(registry.MODELS)}. Add a module in mmtl/models/ and one line "
+      "in mmtl/models/registry.py."
+    )
   module_cls = registry.MODELS[model_type]
   if tower is not None:
     d, module_cls = _tower(d, module_cls, tower)
-  return module_cls(module_cls.config_class.from_hf(d), dtype=dtype, param_dtype=param_dtype,
-                    **module_kw)
+  return module_cls(
+    module_cls.config_class.from_hf(d), dtype=dtype, param_dtype=param_dtype, **module_kw
+  )
 
 
 def _towers(module_cls: type[nn.Module]) -> dict[str, tuple[str, type[nn.Module]]]:
@@ -117,8 +152,9 @@ def _towers(module_cls: type[nn.Module]) -> dict[str, tuple[str, type[nn.Module]
   return getattr(module_cls, "towers", {})
 
 
-def _tower(d: dict[str, Any], module_cls: type[nn.Module],
-           tower: str) -> tuple[dict[str, Any], type[nn.Module]]:
+def _tower(
+  d: dict[str, Any], module_cls: type[nn.Module], tower: str
+) -> tuple[dict[str, Any], type[nn.Module]]:
   """Config dict and class of `tower` in the config `d` of a `module_cls` checkpoint: the
   sub-config of a multi-tower model, or all of `d` if it is that tower saved alone."""
   if tower in _towers(module_cls):
@@ -129,9 +165,11 @@ def _tower(d: dict[str, Any], module_cls: type[nn.Module],
     names = sorted({t for c in registry.MODELS.values() for t in _towers(c)})
     raise CheckpointError(f"tower={tower!r}: use one of {names} or None.")
   if all(_towers(registry.MODELS[t])[tower][1] is not module_cls for t in owners):
-    raise CheckpointError(f"tower={tower!r} picks a tower of a {' or '.join(map(repr, owners))} "
-                          "checkpoint, but this checkpoint has model_type="
-                          f"{module_cls.config_class.model_type!r}: drop `tower`.")
+    raise CheckpointError(
+      f"tower={tower!r} picks a tower of a {' or '.join(map(repr, owners))} "
+      "checkpoint, but this checkpoint has model_type="
+      f"{module_cls.config_class.model_type!r}: drop `tower`."
+    )
   return d, module_cls
 
 
@@ -139,7 +177,9 @@ def _init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
   return module.init(rng, **module.dummy_inputs())["params"]
 
 
-_jitted_init = jax.jit(_init, static_argnums=0)  # modules are hashable: one compile per architecture
+_jitted_init = jax.jit(
+  _init, static_argnums=0
+)  # modules are hashable: one compile per architecture
 
 
 def init_params(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
@@ -153,6 +193,7 @@ def param_shapes(module: nn.Module) -> dict[str, Any]:
 
 
 # --- Reading weights -----------------------------------------------------------
+
 
 def _from_flax_layout(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """HF Flax param tree (flax_model.msgpack) -> the torch state-dict names and layouts."""
@@ -182,23 +223,30 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
     absent = [s for s in shards if not (folder / s).exists()]
     if absent:
-      raise CheckpointError(f"{file} lists shard files that are not in {str(folder)!r}: {absent}. "
-                            "Re-download the checkpoint.")
+      raise CheckpointError(
+        f"{file} lists shard files that are not in {str(folder)!r}: {absent}. "
+        "Re-download the checkpoint."
+      )
     state = {}
     for shard in shards:
       state.update(_read_file(folder / shard))
     return state
   present = sorted(p.name for p in folder.iterdir())
-  raise CheckpointError(f"No weights in {str(folder)!r}: expected one of {list(WEIGHT_FILES)}, found "
-                        f"{present}. PyTorch .bin checkpoints: re-save with safetensors "
-                        "(model.save_pretrained(dir, safe_serialization=True)).")
+  raise CheckpointError(
+    f"No weights in {str(folder)!r}: expected one of {list(WEIGHT_FILES)}, found "
+    f"{present}. PyTorch .bin checkpoints: re-save with safetensors "
+    "(model.save_pretrained(dir, safe_serialization=True))."
+  )
 
 
 # --- Name and layout mapping -----------------------------------------------------
 
+
 def _to_flax(path: str, x: np.ndarray) -> np.ndarray:
   if path.endswith("/kernel"):
-    return x.T if x.ndim == 2 else x.transpose(2, 3, 1, 0)  # torch (out, in, kh, kw) -> (kh, kw, in, out)
+    return (
+      x.T if x.ndim == 2 else x.transpose(2, 3, 1, 0)
+    )  # torch (out, in, kh, kw) -> (kh, kw, in, out)
   return x
 
 
@@ -208,16 +256,19 @@ def _to_torch(path: str, x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x).reshape(x.shape)  # safetensors wants C order; keep 0-d as 0-d
 
 
-def _align_prefix(state: dict[str, np.ndarray], hf_keys: set[str],
-                  prefix: str | None) -> dict[str, np.ndarray]:
+def _align_prefix(
+  state: dict[str, np.ndarray], hf_keys: set[str], prefix: str | None
+) -> dict[str, np.ndarray]:
   """Strip or add the encoder's HF prefix (`bert.` in BertForX checkpoints; `vision_model.`
   which transformers 5 leaves out of a lone CLIPVisionModel) so names match `hf_keys`."""
   if prefix is None:
     return state
   p = prefix + "."
-  candidates = [state,
-                {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()},
-                {p + k: v for k, v in state.items()}]
+  candidates = [
+    state,
+    {(k[len(p) :] if k.startswith(p) else k): v for k, v in state.items()},
+    {p + k: v for k, v in state.items()},
+  ]
   return max(candidates, key=lambda s: len(hf_keys.intersection(s)))
 
 
@@ -228,7 +279,9 @@ def from_hf_state(state: dict[str, np.ndarray], module: nn.Module) -> dict[str, 
   skipped = sorted(set(state) - set(names.values()))
   if skipped:
     logging.info("Checkpoint entries outside %s, not loaded: %s", type(module).__name__, skipped)
-  return {path: _to_flax(path, np.asarray(state[key])) for path, key in names.items() if key in state}
+  return {
+    path: _to_flax(path, np.asarray(state[key])) for path, key in names.items() if key in state
+  }
 
 
 def to_hf_state(module: nn.Module, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -237,8 +290,10 @@ def to_hf_state(module: nn.Module, params: Mapping[str, Any]) -> dict[str, np.nd
   flat = rules.flatten(params)
   unknown = [p for p in flat if p not in names]
   if unknown:
-    raise CheckpointError(f"Params with no HF name in {type(module).__name__}: {unknown[:10]}. Export "
-                          "the encoder's own params (e.g. params['image_encoder']), with LoRA merged.")
+    raise CheckpointError(
+      f"Params with no HF name in {type(module).__name__}: {unknown[:10]}. Export "
+      "the encoder's own params (e.g. params['image_encoder']), with LoRA merged."
+    )
   return {names[p]: _to_torch(p, np.asarray(x)) for p, x in flat.items()}
 
 
@@ -246,8 +301,14 @@ def _listing(paths: list[str]) -> str:
   return ", ".join(paths[:20]) + (f", ... ({len(paths)} in all)" if len(paths) > 20 else "")
 
 
-def merge_checkpoint(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], *,
-                     dont_load: Iterable[str] = (), where: str = "", source: str = "") -> dict[str, Any]:
+def merge_checkpoint(
+  target: Mapping[str, Any],
+  loaded: Mapping[str, np.ndarray],
+  *,
+  dont_load: Iterable[str] = (),
+  where: str = "",
+  source: str = "",
+) -> dict[str, Any]:
   """Checkpoint values onto a flat `target` ({path: array or ShapeDtypeStruct}).
 
   `dont_load` paths keep the target value (and are dropped from the checkpoint).
@@ -259,30 +320,48 @@ def merge_checkpoint(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray]
   full = lambda p: f"{where}/{p}" if where else p
   missing = [full(p) for p in target if p not in loaded and not skip[p]]
   unexpected = [full(p) for p in loaded if p not in target and not skip[p]]
-  mismatched = [f"{full(p)}: checkpoint {tuple(loaded[p].shape)} vs model {tuple(target[p].shape)}"
-                for p in target if p in loaded and not skip[p] and loaded[p].shape != target[p].shape]
+  mismatched = [
+    f"{full(p)}: checkpoint {tuple(loaded[p].shape)} vs model {tuple(target[p].shape)}"
+    for p in target
+    if p in loaded and not skip[p] and loaded[p].shape != target[p].shape
+  ]
   problems = []
   if mismatched:
     problems.append(f"shape mismatch for {len(mismatched)} param(s): {'; '.join(mismatched[:20])}")
   if missing:
     problems.append(f"{len(missing)} param(s) missing from the checkpoint: {_listing(missing)}")
   if unexpected:
-    problems.append(f"{len(unexpected)} checkpoint param(s) the model does not have: {_listing(unexpected)}")
+    problems.append(
+      f"{len(unexpected)} checkpoint param(s) the model does not have: {_listing(unexpected)}"
+    )
   if problems:
     raise CheckpointError(
-        f"Checkpoint {source} does not fit the model: " + ". ".join(problems) + ". Build the module from "
-        "the checkpoint's config.json (mmtl.hf.build_module), or list the params to leave out in "
-        "dont_load (regexes on the encoder's param paths, e.g. dont_load=['pooler/.*']): those keep "
-        "their initialized values.")
-  return {p: target[p] if skip[p] else np.asarray(loaded[p]).astype(target[p].dtype) for p in target}
+      f"Checkpoint {source} does not fit the model: "
+      + ". ".join(problems)
+      + ". Build the module from "
+      "the checkpoint's config.json (mmtl.hf.build_module), or list the params to leave out in "
+      "dont_load (regexes on the encoder's param paths, e.g. dont_load=['pooler/.*']): those keep "
+      "their initialized values."
+    )
+  return {
+    p: target[p] if skip[p] else np.asarray(loaded[p]).astype(target[p].dtype) for p in target
+  }
 
 
 # --- Public entry points --------------------------------------------------------
 
-def load_pretrained(name_or_path: str | Path, *, tower: str | None = None, dtype: Dtype = jnp.float32,
-                    param_dtype: Dtype = jnp.float32, revision: str | None = None,
-                    dont_load: Iterable[str] = (), rng: jax.Array | None = None,
-                    **module_kw) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+
+def load_pretrained(
+  name_or_path: str | Path,
+  *,
+  tower: str | None = None,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  revision: str | None = None,
+  dont_load: Iterable[str] = (),
+  rng: jax.Array | None = None,
+  **module_kw,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
   """(module, params, config.json dict) from a local folder or a hub id.
 
   `params` are host numpy arrays in `param_dtype`; `dtype` is the compute dtype.
@@ -302,9 +381,15 @@ def load_pretrained(name_or_path: str | Path, *, tower: str | None = None, dtype
   return module, rules.unflatten(params), config
 
 
-def load_params_into(params: Mapping[str, Any], subtree: str, name_or_path: str | Path, *,
-                     tower: str | None = None, dont_load: Iterable[str] = (),
-                     revision: str | None = None) -> dict[str, Any]:
+def load_params_into(
+  params: Mapping[str, Any],
+  subtree: str,
+  name_or_path: str | Path,
+  *,
+  tower: str | None = None,
+  dont_load: Iterable[str] = (),
+  revision: str | None = None,
+) -> dict[str, Any]:
   """`params` with `params[subtree]` (e.g. "image_encoder") replaced by checkpoint values.
 
   As big_vision's `load`: the bigger model is initialized first; every shape is
@@ -316,14 +401,17 @@ def load_params_into(params: Mapping[str, Any], subtree: str, name_or_path: str 
   for i, k in enumerate(keys):
     if not isinstance(node, Mapping) or k not in node:
       have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      raise CheckpointError(f"No subtree {'/'.join(keys[:i + 1])!r} in params (has {have}): "
-                            "pass the path of the encoder inside the model, e.g. 'image_encoder'.")
+      raise CheckpointError(
+        f"No subtree {'/'.join(keys[: i + 1])!r} in params (has {have}): "
+        "pass the path of the encoder inside the model, e.g. 'image_encoder'."
+      )
     node = node[k]
   folder = resolve(name_or_path, revision)
   module = build_module(read_config(folder), tower=tower)
   loaded = from_hf_state(read_weights(folder), module)
-  merged = merge_checkpoint(rules.flatten(node), loaded, dont_load=dont_load, where=subtree,
-                            source=str(folder))
+  merged = merge_checkpoint(
+    rules.flatten(node), loaded, dont_load=dont_load, where=subtree, source=str(folder)
+  )
   return _replace(params, keys, rules.unflatten(merged))
 
 

@@ -16,6 +16,7 @@ means layer-wise LR decay, per-tower summaries and sharding rules see them in
 their layer. The merge costs one (d_in, rank) @ (rank, d_out) product per target
 and step, small next to the activations.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -24,8 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmtl import config_keys
-from mmtl import rules
+from mmtl import config_keys, rules
 
 # Rules (mmtl.rules syntax) for what the optimizer trains and never trains.
 TRAINABLE = r".*/lora_(a|b)"
@@ -42,15 +42,18 @@ def init(params: Any, lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, 
   """
   config_keys.check_keys(lora_cfg, CONFIG_KEYS, "config.optim.lora")
   if not lora_cfg.get("targets"):
-    raise ValueError("config.optim.lora.targets is empty: give regexes of dense kernels to adapt, "
-                     "e.g. ['.*/attn/(query|value)/kernel'].")
+    raise ValueError(
+      "config.optim.lora.targets is empty: give regexes of dense kernels to adapt, "
+      "e.g. ['.*/attn/(query|value)/kernel']."
+    )
   rank = int(lora_cfg.get("rank", CONFIG_KEYS["rank"]))
   alpha = float(lora_cfg.get("alpha") or rank)
   flat = rules.flatten(params)
   if any(p.endswith(_SUFFIXES) for p in flat):
     raise ValueError("params already hold LoRA leaves: call lora.init once, on base params.")
-  hits = rules.assign(flat, [(t, True) for t in lora_cfg["targets"]], default=False,
-                      what="config.optim.lora.targets")
+  hits = rules.assign(
+    flat, [(t, True) for t in lora_cfg["targets"]], default=False, what="config.optim.lora.targets"
+  )
   out = {}
   for i, (path, leaf) in enumerate(flat.items()):
     out[path] = leaf
@@ -58,15 +61,19 @@ def init(params: Any, lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, 
       continue
     if not path.endswith("/kernel") or jnp.ndim(leaf) != 2:
       raise rules.RuleError(
-          f"config.optim.lora.targets matched {path} (shape {jnp.shape(leaf)}); LoRA adapts 2-D "
-          "dense kernels only: end each target with '/kernel' and match Dense layers.")
+        f"config.optim.lora.targets matched {path} (shape {jnp.shape(leaf)}); LoRA adapts 2-D "
+        "dense kernels only: end each target with '/kernel' and match Dense layers."
+      )
     d_in, d_out = leaf.shape
     if not 0 < rank <= min(d_in, d_out):
-      raise ValueError(f"config.optim.lora.rank={rank} must be in [1, {min(d_in, d_out)}] for {path}.")
-    prefix = path[:-len("/kernel")]
-    bound = 1.0 / d_in ** 0.5
+      raise ValueError(
+        f"config.optim.lora.rank={rank} must be in [1, {min(d_in, d_out)}] for {path}."
+      )
+    prefix = path[: -len("/kernel")]
+    bound = 1.0 / d_in**0.5
     out[prefix + "/lora_a"] = jax.random.uniform(
-        jax.random.fold_in(rng, i), (d_in, rank), leaf.dtype, -bound, bound)
+      jax.random.fold_in(rng, i), (d_in, rank), leaf.dtype, -bound, bound
+    )
     out[prefix + "/lora_b"] = jnp.zeros((rank, d_out), leaf.dtype)
     out[prefix + "/lora_scale"] = jnp.asarray(alpha / rank, jnp.float32)
   return rules.unflatten(out)
@@ -84,7 +91,7 @@ def merge(params: Any) -> dict[str, Any]:
   for path, leaf in flat.items():
     if path.endswith(_SUFFIXES):
       continue
-    prefix = path[:-len("/kernel")]
+    prefix = path[: -len("/kernel")]
     if path.endswith("/kernel") and prefix + "/lora_a" in flat:
       a, b = flat[prefix + "/lora_a"], flat[prefix + "/lora_b"]
       delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * flat[prefix + "/lora_scale"]

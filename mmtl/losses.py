@@ -7,6 +7,7 @@ microbatches (and the devices of a sharded batch) and divides once, so
 `grad_accum_steps=k` optimizes exactly the full batch's objective whatever the
 weights of each microbatch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -32,8 +33,9 @@ def mean_of(loss_sum: jax.Array, weight_sum: jax.Array) -> jax.Array:
   return loss_sum / jnp.maximum(weight_sum, 1e-6)
 
 
-def softmax_xent_per_example(logits: jax.Array, labels: jax.Array,
-                             label_smoothing: float = 0.0) -> jax.Array:
+def softmax_xent_per_example(
+  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
   """Cross-entropy of integer `labels` (B,) under `logits` (B, C), per example."""
   num_classes = logits.shape[-1]
   targets = jax.nn.one_hot(labels, num_classes)
@@ -42,14 +44,16 @@ def softmax_xent_per_example(logits: jax.Array, labels: jax.Array,
   return -(targets * jax.nn.log_softmax(logits.astype(jnp.float32))).sum(-1)
 
 
-def contrastive_per_example(image_embeds: jax.Array, text_embeds: jax.Array,
-                            logit_scale: jax.Array) -> jax.Array:
+def contrastive_per_example(
+  image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array
+) -> jax.Array:
   """CLIP's symmetric InfoNCE: row i's positive is column i, both directions."""
   scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
   logits = scale * image_embeds @ text_embeds.T
   labels = jnp.arange(logits.shape[0])
-  return 0.5 * (softmax_xent_per_example(logits, labels)
-                + softmax_xent_per_example(logits.T, labels))
+  return 0.5 * (
+    softmax_xent_per_example(logits, labels) + softmax_xent_per_example(logits.T, labels)
+  )
 
 
 # Heads whose loss is a sum over examples, so microbatches' sums add up to the batch's;
@@ -57,19 +61,25 @@ def contrastive_per_example(image_embeds: jax.Array, text_embeds: jax.Array,
 SEPARABLE_HEADS = ("classification", "regression")
 
 
-def task_loss(head_type: str, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any],
-              loss_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+def task_loss(
+  head_type: str,
+  outputs: Mapping[str, jax.Array],
+  batch: Mapping[str, Any],
+  loss_cfg: Mapping[str, Any],
+) -> tuple[jax.Array, jax.Array]:
   """`(loss sum, weight sum)` of a FusionModel head (see mmtl.models.fusion) on a batch."""
   weights = batch.get("example_weight")
   if head_type == "classification":
-    per_example = softmax_xent_per_example(outputs["logits"], batch["labels"],
-                                           loss_cfg.get("label_smoothing", 0.0))
+    per_example = softmax_xent_per_example(
+      outputs["logits"], batch["labels"], loss_cfg.get("label_smoothing", 0.0)
+    )
   elif head_type == "regression":
     targets = jnp.asarray(batch["labels"], jnp.float32).reshape(outputs["predictions"].shape)
     per_example = ((outputs["predictions"] - targets) ** 2).mean(-1)
   elif head_type == "contrastive":
-    per_example = contrastive_per_example(outputs["image_embeds"], outputs["text_embeds"],
-                                          outputs["logit_scale"])
+    per_example = contrastive_per_example(
+      outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"]
+    )
   else:
     raise ValueError(f"No loss for head_type={head_type!r}.")
   return weighted_sum(per_example, weights)

@@ -4,6 +4,7 @@
 optimizer state under their shardings (exact), and the activations autodiff keeps
 for the backward pass (`activation_bytes`, traced from the step's loss).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -18,9 +19,11 @@ import numpy as np
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:
   """Bytes one device holds of `tree` (shapes or arrays) under `shardings`."""
+
   def leaf_bytes(x, sharding):
     shard = sharding.shard_shape(np.shape(x))
     return math.prod(shard) * np.dtype(x.dtype).itemsize
+
   return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, tree, shardings)))
 
 
@@ -42,14 +45,15 @@ def activation_bytes(loss_fn: Callable[..., Any], *args: Any, has_aux: bool = Fa
   closed, out_shape = jax.make_jaxpr(forward_for_backward, return_shape=True)(*leaves)
   jaxpr = closed.jaxpr
   num_residuals = len(jax.tree.leaves(out_shape[1]))
-  residuals = jaxpr.outvars[len(jaxpr.outvars) - num_residuals:]
+  residuals = jaxpr.outvars[len(jaxpr.outvars) - num_residuals :]
   inputs = set(jaxpr.invars) | set(jaxpr.constvars)
   saved = {v for v in residuals if isinstance(v, jax_core.Var)} - inputs
   return sum(math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize for v in saved)
 
 
-def memory_estimate(mesh: Mesh, state: Any, shardings: Any, *,
-                    activations: int = 0) -> dict[str, int]:
+def memory_estimate(
+  mesh: Mesh, state: Any, shardings: Any, *, activations: int = 0
+) -> dict[str, int]:
   """Per-device bytes: params, the rest of the train state (optimizer), and
   `activations` (global bytes, e.g. from `activation_bytes`) split over the
   batch shards. Gradients (~ trainable params) and XLA scratch come on top."""
@@ -63,7 +67,9 @@ def memory_estimate(mesh: Mesh, state: Any, shardings: Any, *,
 def format_memory(estimate: Mapping[str, int], device: jax.Device | None = None) -> str:
   """One line for the log, with the device's memory limit when it reports one."""
   parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in estimate.items() if k != "total")
-  line = f"Estimated memory per device: {human_bytes(estimate['total'])} ({parts}; + grads, XLA temps)"
+  line = (
+    f"Estimated memory per device: {human_bytes(estimate['total'])} ({parts}; + grads, XLA temps)"
+  )
   device = device or jax.local_devices()[0]
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "bytes_limit" in stats:

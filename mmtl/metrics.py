@@ -5,8 +5,10 @@ a resumed run appends, and readers keep the last value per (step, name), so a
 re-done step after a preemption does not plot twice. The workdir may be local
 or on an object store (`gs://`; see `MetricWriter`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 import io
 import json
 import math
@@ -15,7 +17,6 @@ from pathlib import Path
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ def quiet_library_logs() -> None:
   """absl INFO logs of orbax/TFDS drown the progress lines; keep WARNING and up
   unless --verbosity was given."""
   from absl import flags, logging
+
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
 
@@ -48,8 +50,15 @@ class MetricWriter:
   (`_ObjectStoreLog`).
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, first_step: int = 0,
-               is_main: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    batch_size: int,
+    first_step: int = 0,
+    is_main: bool = True,
+  ):
     self.total_steps, self.batch_size, self.is_main = total_steps, batch_size, is_main
     self._last_step, self._last_time = first_step, None
     self._log = None
@@ -77,8 +86,11 @@ class MetricWriter:
       parts += [f"{k} {_scalar(v):.4g}" for k, v in metrics.items()]
       if speed:
         eta = (self.total_steps - step) / speed["steps_per_s"]
-        parts += [f"{speed['steps_per_s']:.2f} steps/s", f"{speed['examples_per_s']:.0f} ex/s",
-                  f"ETA {format_duration(eta)}"]
+        parts += [
+          f"{speed['steps_per_s']:.2f} steps/s",
+          f"{speed['examples_per_s']:.0f} ex/s",
+          f"ETA {format_duration(eta)}",
+        ]
       print(" | ".join(parts), flush=True)
     return speed
 
@@ -92,6 +104,7 @@ class _LocalLog:
 
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter
+
     self._file = workdir_lib.path(workdir, METRICS_FILE).open("a")
     self._tb = SummaryWriter(os.fspath(workdir_lib.path(workdir, TB_DIR)))
 
@@ -121,6 +134,7 @@ class _ObjectStoreLog:
 
   def __init__(self, workdir: str):
     from tensorboardX.event_file_writer import EventsWriter
+
     self._path = workdir_lib.path(workdir, METRICS_FILE)
     self._lines = [self._path.read_text()] if self._path.exists() else []
     self._tb_dir = workdir_lib.path(workdir, TB_DIR)
@@ -130,10 +144,12 @@ class _ObjectStoreLog:
   def write(self, step: int, values: Mapping[str, float], line: str) -> None:
     from tensorboardX.proto import event_pb2
     from tensorboardX.summary import scalar
+
     self._lines.append(line)
     for name, value in values.items():
       self._events.write_event(
-          event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+        event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(name, value))
+      )
     self._upload()
 
   def _upload(self) -> None:
@@ -174,6 +190,7 @@ def plot_curves(workdir: str) -> str:
   `/`), so `train/loss`, `val/loss` share a panel and `val/accuracy`,
   `test/accuracy` another."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -187,13 +204,14 @@ def plot_curves(workdir: str) -> str:
   for ax, (group, names) in zip(axes.flat, groups.items()):
     for name in names:
       steps = sorted(curves[name])
-      ax.plot(steps, [curves[name][s] for s in steps], label=name,
-              marker="o" if len(steps) < 20 else None)
+      ax.plot(
+        steps, [curves[name][s] for s in steps], label=name, marker="o" if len(steps) < 20 else None
+      )
     ax.set_title(group)
     ax.set_xlabel("step")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(groups):]:
+  for ax in list(axes.flat)[len(groups) :]:
     ax.axis("off")
   fig.tight_layout()
   png = io.BytesIO()
@@ -207,6 +225,10 @@ def plot_curves(workdir: str) -> str:
 def format_table(metrics: Mapping[str, float], title: str = "Final metrics") -> str:
   """A two-column Markdown table of a flat metrics dict."""
   width = max([len(k) for k in metrics] + [6])
-  lines = [f"{title}", f"| {'metric':<{width}} | {'value':>8} |", f"|{'-' * (width + 2)}|{'-' * 10}|"]
+  lines = [
+    f"{title}",
+    f"| {'metric':<{width}} | {'value':>8} |",
+    f"|{'-' * (width + 2)}|{'-' * 10}|",
+  ]
   lines += [f"| {k:<{width}} | {v:>8.4f} |" for k, v in metrics.items()]
   return "\n".join(lines)

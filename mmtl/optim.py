@@ -11,7 +11,7 @@ mmtl.rules (whole-path match, first rule wins, a rule that matches nothing raise
     lr_mults=[("text_encoder/.*", 0.1)],           # per-param LR multipliers (> 0)
     frozen=["image_encoder/.*"],                   # never updated, no optimizer state
     trainable=None,                                # if set: everything else is frozen
-    preset=None,                                   # "full" | "lit" | "linear_probe" | "bitfit" | "lora"
+    preset=None,                                   # full | lit | linear_probe | bitfit | lora
     layer_decay=dict(rate=0.75, towers=[".*_encoder/.*"]),
     unfreeze=[(1000, ["text_encoder/encoder/layer_(10|11)/.*"]), (2000, ["text_encoder/.*"])],
     lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=8, alpha=16),
@@ -31,10 +31,11 @@ The update of a trainable param p with gradient g at step t is
 i.e. weight decay is big_vision's: decoupled and *not* scaled by lr (AdamW's
 weight_decay=0.05 at lr=1e-4 is wd=5e-6 here).
 """
+
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
+import re
 from typing import Any
 
 import jax
@@ -42,37 +43,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmtl import config_keys
-from mmtl import lora
-from mmtl import memory
-from mmtl import rules
+from mmtl import config_keys, lora, memory, rules
 
 # Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
 SCHEDULE_KEYS = dict(warmup_steps=0, decay="cosine", end_mult=0.0)
 LAYER_DECAY_KEYS = dict(rate=float, towers=config_keys.RULES, embeddings=config_keys.RULES)
 CONFIG_KEYS = dict(
-    name="adamw", kwargs=config_keys.FREE, lr=float, wd=0.0, wd_mults=config_keys.RULES,
-    lr_mults=config_keys.RULES, frozen=config_keys.RULES, trainable=config_keys.RULES, preset=str,
-    layer_decay=LAYER_DECAY_KEYS, unfreeze=(list, tuple), lora=lora.CONFIG_KEYS,
-    schedule=SCHEDULE_KEYS, grad_clip_norm=float)
+  name="adamw",
+  kwargs=config_keys.FREE,
+  lr=float,
+  wd=0.0,
+  wd_mults=config_keys.RULES,
+  lr_mults=config_keys.RULES,
+  frozen=config_keys.RULES,
+  trainable=config_keys.RULES,
+  preset=str,
+  layer_decay=LAYER_DECAY_KEYS,
+  unfreeze=(list, tuple),
+  lora=lora.CONFIG_KEYS,
+  schedule=SCHEDULE_KEYS,
+  grad_clip_norm=float,
+)
 
 # New layers (fusion, head) always train in the parameter-efficient presets: they start random.
 _NEW_LAYERS = "(fusion|head)/.*"
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "full": {},
-    "lit": dict(frozen=["image_encoder/.*"]),                   # locked image, tuned text
-    "linear_probe": dict(frozen=[".*_encoder/.*"]),             # every encoder locked
-    "bitfit": dict(trainable=[".*/bias", _NEW_LAYERS]),         # biases + new layers
-    "lora": dict(trainable=[lora.TRAINABLE, _NEW_LAYERS]),      # LoRA A/B + new layers
+  "full": {},
+  "lit": dict(frozen=["image_encoder/.*"]),  # locked image, tuned text
+  "linear_probe": dict(frozen=[".*_encoder/.*"]),  # every encoder locked
+  "bitfit": dict(trainable=[".*/bias", _NEW_LAYERS]),  # biases + new layers
+  "lora": dict(trainable=[lora.TRAINABLE, _NEW_LAYERS]),  # LoRA A/B + new layers
 }
 
 # optax scalings by config name; anything else resolves to optax.scale_by_<name>.
 _SCALERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "adamw": optax.scale_by_adam,
-    "adam": optax.scale_by_adam,
-    "sgd": optax.identity,
-    "momentum": optax.trace,
-    "adafactor": optax.scale_by_factored_rms,
+  "adamw": optax.scale_by_adam,
+  "adam": optax.scale_by_adam,
+  "sgd": optax.identity,
+  "momentum": optax.trace,
+  "adafactor": optax.scale_by_factored_rms,
 }
 
 # Embedding-like params of a tower, for layer-wise decay (lowest LR).
@@ -89,8 +98,10 @@ def _preset(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
   if name not in PRESETS:
     raise ValueError(f"config.optim.preset={name!r} is unknown; use one of {sorted(PRESETS)}.")
   if name == "lora" and not cfg.get("lora"):
-    raise ValueError("config.optim.preset='lora' needs config.optim.lora = dict(targets=[...], "
-                     "rank=8, alpha=16), and params from mmtl.lora.init.")
+    raise ValueError(
+      "config.optim.preset='lora' needs config.optim.lora = dict(targets=[...], "
+      "rank=8, alpha=16), and params from mmtl.lora.init."
+    )
   return PRESETS[name]
 
 
@@ -117,12 +128,16 @@ def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any
   hint = " (params need mmtl.lora.init)" if name == "lora" else ""
   flat = rules.flatten(params)
   frozen = dict.fromkeys(flat, False)
-  for rule_list, what in ((preset.get("frozen", []), f"config.optim.preset={name!r}"),
-                          (_as_list(optim_cfg.get("frozen")), "config.optim.frozen")):
+  for rule_list, what in (
+    (preset.get("frozen", []), f"config.optim.preset={name!r}"),
+    (_as_list(optim_cfg.get("frozen")), "config.optim.frozen"),
+  ):
     for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
       frozen[path] |= hit
-  for rule_list, what in ((preset.get("trainable", []), f"config.optim.preset={name!r}{hint}"),
-                          (_as_list(optim_cfg.get("trainable")), "config.optim.trainable")):
+  for rule_list, what in (
+    (preset.get("trainable", []), f"config.optim.preset={name!r}{hint}"),
+    (_as_list(optim_cfg.get("trainable")), "config.optim.trainable"),
+  ):
     if rule_list:
       for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
         frozen[path] |= not hit
@@ -156,12 +171,18 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
   config_keys.check_keys(ld, LAYER_DECAY_KEYS, "config.optim.layer_decay")
   if "rate" not in ld or not 0.0 < ld["rate"] <= 1.0:
     raise ValueError("config.optim.layer_decay.rate must be in (0, 1], e.g. 0.75.")
-  towers = [(t, ld["rate"]) if isinstance(t, str) else tuple(t)
-            for t in _as_list(ld.get("towers", [".*_encoder/.*"]))]
+  towers = [
+    (t, ld["rate"]) if isinstance(t, str) else tuple(t)
+    for t in _as_list(ld.get("towers", [".*_encoder/.*"]))
+  ]
   rate = rules.assign(flat, towers, default=None, what="config.optim.layer_decay.towers")
-  embeddings = rules.assign(flat, _as_list(ld.get("embeddings", DEFAULT_EMBEDDINGS)), default=False,
-                            what="config.optim.layer_decay.embeddings",
-                            require_match="embeddings" in ld)
+  embeddings = rules.assign(
+    flat,
+    _as_list(ld.get("embeddings", DEFAULT_EMBEDDINGS)),
+    default=False,
+    what="config.optim.layer_decay.embeddings",
+    require_match="embeddings" in ld,
+  )
   index = {}
   for path in flat:
     found = [int(m.group(1)) for seg in path.split("/") if (m := _LAYER.fullmatch(seg))]
@@ -179,8 +200,9 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
     tower = path.split("/")[0]
     if tower not in depth:
       raise rules.RuleError(
-          f"config.optim.layer_decay.towers matched {path} but tower {tower!r} has no `layer_{{i}}` "
-          "params; layer-wise decay needs encoder layers named layer_0, layer_1, ...")
+        f"config.optim.layer_decay.towers matched {path} but tower {tower!r} has no `layer_{{i}}` "
+        "params; layer-wise decay needs encoder layers named layer_0, layer_1, ..."
+      )
     if index[path] is not None:
       exponent = depth[tower] - index[path]
     else:
@@ -192,8 +214,9 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
 def lr_mults(params: Any, optim_cfg: Mapping[str, Any]) -> Any:
   """Float tree: `lr_mults` rule value x layer-wise decay factor, per param."""
   flat = rules.flatten(params)
-  mults = rules.assign(flat, optim_cfg.get("lr_mults") or (), default=1.0,
-                       what="config.optim.lr_mults")
+  mults = rules.assign(
+    flat, optim_cfg.get("lr_mults") or (), default=1.0, what="config.optim.lr_mults"
+  )
   if any(m <= 0 for m in mults.values()):
     raise ValueError("config.optim.lr_mults must be > 0; freeze params with config.optim.frozen.")
   decay = _layer_decay(flat, optim_cfg.get("layer_decay"))
@@ -209,13 +232,14 @@ def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Sch
   decay = sched_cfg["decay"]
   end = float(sched_cfg["end_mult"])
   if not 0 <= warmup <= total_steps:
-    raise ValueError(f"config.optim.schedule.warmup_steps={warmup} must be in "
-                     f"[0, total_steps={total_steps}].")
+    raise ValueError(
+      f"config.optim.schedule.warmup_steps={warmup} must be in [0, total_steps={total_steps}]."
+    )
   steps = max(total_steps - warmup, 1)
   decays = {
-      "cosine": lambda: optax.cosine_decay_schedule(1.0, steps, alpha=end),
-      "linear": lambda: optax.linear_schedule(1.0, end, steps),
-      "constant": lambda: optax.constant_schedule(1.0),
+    "cosine": lambda: optax.cosine_decay_schedule(1.0, steps, alpha=end),
+    "linear": lambda: optax.linear_schedule(1.0, end, steps),
+    "constant": lambda: optax.constant_schedule(1.0),
   }
   if decay not in decays:
     raise ValueError(f"config.optim.schedule.decay={decay!r}; use one of {sorted(decays)}.")
@@ -228,13 +252,16 @@ def _scaler(optim_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   name = optim_cfg.get("name", CONFIG_KEYS["name"])
   fn = _SCALERS.get(name) or getattr(optax, f"scale_by_{name}", None)
   if fn is None:
-    raise ValueError(f"config.optim.name={name!r}: not one of {sorted(_SCALERS)} nor an "
-                     f"optax.scale_by_{name}.")
+    raise ValueError(
+      f"config.optim.name={name!r}: not one of {sorted(_SCALERS)} nor an optax.scale_by_{name}."
+    )
   kwargs = dict(optim_cfg.get("kwargs") or {})
   try:
     return fn(**kwargs)
   except TypeError as e:
-    raise ValueError(f"config.optim.kwargs={kwargs} do not fit config.optim.name={name!r}: {e}") from None
+    raise ValueError(
+      f"config.optim.kwargs={kwargs} do not fit config.optim.name={name!r}: {e}"
+    ) from None
 
 
 def _scale_and_decay(lr: Any, wd: Any) -> optax.GradientTransformation:
@@ -243,10 +270,12 @@ def _scale_and_decay(lr: Any, wd: Any) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     if params is None:
       params = updates  # only read where wd != 0
+
     def one(lr, wd, u, p):
       if isinstance(u, optax.MaskedNode):
         return u
       return u * lr + wd * p if wd else u * lr
+
     return jax.tree.map(one, lr, wd, updates, params), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -263,12 +292,15 @@ def _labels(params: Any, optim_cfg: Mapping[str, Any], step: int) -> Any:
   labels = []
   for path in masks[0]:
     first = next((b for b, mask in zip(starts, masks) if not mask[path]), None)
-    labels.append("frozen" if first is None else "trainable" if first == 0 else f"unfrozen_at_{first}")
+    labels.append(
+      "frozen" if first is None else "trainable" if first == 0 else f"unfrozen_at_{first}"
+    )
   return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
-def make(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int,
-         step: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(
+  optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int, step: int = 0
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns `(tx, lr_fn)` for the trainable set at `step`.
 
   `tx` updates the full params tree (frozen leaves: zero update, no state);
@@ -281,30 +313,41 @@ def make(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int,
   return _build(optim_cfg, params, step, sched), lambda s: float(optim_cfg["lr"]) * sched(s)
 
 
-def _build(optim_cfg: Mapping[str, Any], params: Any, step: int,
-           sched: optax.Schedule) -> optax.GradientTransformation:
+def _build(
+  optim_cfg: Mapping[str, Any], params: Any, step: int, sched: optax.Schedule
+) -> optax.GradientTransformation:
   if "lr" not in optim_cfg:
     raise ValueError("config.optim.lr is missing: set the peak learning rate, e.g. 1e-3.")
   labels = _labels(params, optim_cfg, step)
   groups = sorted(set(jax.tree.leaves(labels)) - {"frozen"})
   if not groups:
-    raise ValueError(f"Every parameter is frozen at step {step}: loosen config.optim.frozen/"
-                     "trainable/preset or add an earlier config.optim.unfreeze entry.")
+    raise ValueError(
+      f"Every parameter is frozen at step {step}: loosen config.optim.frozen/"
+      "trainable/preset or add an earlier config.optim.unfreeze entry."
+    )
   base_lr = float(optim_cfg["lr"])
   lr = jax.tree.map(lambda m: base_lr * m, lr_mults(params, optim_cfg))
   wd = float(optim_cfg.get("wd") or 0.0)
-  wd_mults = rules.tree_assign(params, optim_cfg.get("wd_mults", [(".*/kernel", 1.0)]), default=0.0,
-                               what="config.optim.wd_mults",
-                               require_match="wd_mults" in optim_cfg)
+  wd_mults = rules.tree_assign(
+    params,
+    optim_cfg.get("wd_mults", [(".*/kernel", 1.0)]),
+    default=0.0,
+    what="config.optim.wd_mults",
+    require_match="wd_mults" in optim_cfg,
+  )
   scale_and_decay = _scale_and_decay(lr, jax.tree.map(lambda m: wd * m, wd_mults))
   clip = optim_cfg.get("grad_clip_norm")
   trainable = jax.tree.map(lambda label: label != "frozen", labels)
   return optax.chain(
-      optax.masked(optax.clip_by_global_norm(clip), trainable) if clip else optax.identity(),
-      optax.multi_transform(
-          {"frozen": optax.set_to_zero(),
-           **{g: optax.chain(_scaler(optim_cfg), scale_and_decay) for g in groups}}, labels),
-      optax.scale_by_schedule(lambda count: -sched(count)),
+    optax.masked(optax.clip_by_global_norm(clip), trainable) if clip else optax.identity(),
+    optax.multi_transform(
+      {
+        "frozen": optax.set_to_zero(),
+        **{g: optax.chain(_scaler(optim_cfg), scale_and_decay) for g in groups},
+      },
+      labels,
+    ),
+    optax.scale_by_schedule(lambda count: -sched(count)),
   )
 
 
@@ -321,8 +364,11 @@ def migrate_state(old_state: Any, new_tx: optax.GradientTransformation, params: 
 
   def pick(key_path, fresh):
     kept = old.get(rules.path_str(key_path))
-    if kept is not None and jnp.shape(kept) == jnp.shape(fresh) and (
-        jnp.result_type(kept) == jnp.result_type(fresh)):
+    if (
+      kept is not None
+      and jnp.shape(kept) == jnp.shape(fresh)
+      and (jnp.result_type(kept) == jnp.result_type(fresh))
+    ):
       return kept
     return fresh
 
@@ -347,12 +393,14 @@ def split(params: Any, mask: Any) -> tuple[Any, Any]:
 
 def combine(trainable: Any, frozen: Any) -> Any:
   """Inverse of `split`: the leaf from whichever tree is not None."""
-  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+  )
 
 
-def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
-            step: int = 0) -> str:
+def summary(
+  params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *, step: int = 0
+) -> str:
   """Table of trainable/frozen params (count, bytes) and LR mult range per tower.
 
   Towers are first path segments. Optimizer-state bytes come from `opt_state`,
@@ -372,13 +420,18 @@ def summary(params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *,
     if not mask[path]:
       row[4].append(mults[path])
   total = [sum(r[i] for r in rows.values()) for i in range(4)]
-  lines = [f"optim: {optim_cfg.get('name', CONFIG_KEYS['name'])} lr={optim_cfg.get('lr')} "
-           f"wd={optim_cfg.get('wd', 0.0)} preset={optim_cfg.get('preset') or 'full'} step={step} "
-           f"phase boundaries={phase_boundaries(optim_cfg)}",
-           f"{'tower':<20} {'trainable':>24} {'frozen':>24}  lr mult"]
+  lines = [
+    f"optim: {optim_cfg.get('name', CONFIG_KEYS['name'])} lr={optim_cfg.get('lr')} "
+    f"wd={optim_cfg.get('wd', 0.0)} preset={optim_cfg.get('preset') or 'full'} step={step} "
+    f"phase boundaries={phase_boundaries(optim_cfg)}",
+    f"{'tower':<20} {'trainable':>24} {'frozen':>24}  lr mult",
+  ]
   for tower, (tn, tb, fn, fb, ms) in [*rows.items(), ("total", [*total, []])]:
     lr = f"{min(ms):.3g}..{max(ms):.3g}" if ms else "-"
-    lines.append(f"{tower:<20} {f'{tn:,} ({memory.human_bytes(tb)})':>24} {f'{fn:,} ({memory.human_bytes(fb)})':>24}  {lr}")
+    lines.append(
+      f"{tower:<20} {f'{tn:,} ({memory.human_bytes(tb)})':>24} "
+      f"{f'{fn:,} ({memory.human_bytes(fb)})':>24}  {lr}"
+    )
   state_bytes = sum(memory.nbytes(x) for x in jax.tree.leaves(opt_state))
   lines.append(f"optimizer state: {memory.human_bytes(state_bytes)}")
   return "\n".join(lines)

@@ -3,6 +3,7 @@
 Both come from the same checkpoint folder (or hub id) as the weights, so text
 and pixels are prepared exactly as the encoder saw them in pretraining.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,15 @@ from mmtl import hf
 # When a checkpoint has no preprocessor_config.json: the defaults of the HF image
 # processor of its family (CLIPImageProcessor: OpenAI CLIP stats; ViTImageProcessor: 0.5).
 DEFAULT_STATS = {
-    "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
-    "default": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+  "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
+  "default": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
 
 def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, **kw: Any):
   """`transformers.AutoTokenizer` of the checkpoint (kw, e.g. model_max_length, pass through)."""
   from transformers import AutoTokenizer  # heavy import, only when text is used
+
   return AutoTokenizer.from_pretrained(str(hf.resolve(name_or_path, revision)), **kw)
 
 
@@ -52,9 +54,13 @@ def image_stats(name_or_path: str | Path, *, revision: str | None = None) -> dic
   processor = json.loads(file.read_text()) if file.exists() else {}
   size = _size(processor) or (config.get("vision_config") or config).get("image_size")
   if size is None:
-    raise hf.CheckpointError(f"{str(folder)!r} has no image size in preprocessor_config.json or config.json: "
-                             "is it an image checkpoint?")
+    raise hf.CheckpointError(
+      f"{str(folder)!r} has no image size in preprocessor_config.json or config.json: "
+      "is it an image checkpoint?"
+    )
   defaults = DEFAULT_STATS[family]
-  return dict(mean=tuple(processor.get("image_mean", defaults["mean"])),
-              std=tuple(processor.get("image_std", defaults["std"])),
-              size=size if isinstance(size, int) else tuple(size))  # (H, W) only for non-square configs
+  return dict(
+    mean=tuple(processor.get("image_mean", defaults["mean"])),
+    std=tuple(processor.get("image_std", defaults["std"])),
+    size=size if isinstance(size, int) else tuple(size),
+  )  # (H, W) only for non-square configs

@@ -10,11 +10,12 @@ Rules are ordered and the first match wins (as in big_vision). A rule that
 matches no path is an error: a typo must not silently train, decay or shard
 everything else.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -82,8 +83,14 @@ def _normalize(rules: Iterable[Any], what: str) -> list[tuple[str, Any]]:
   return out
 
 
-def assign(paths: Iterable[str], rules: Iterable[Any], *, default: T = None,
-           what: str = "rules", require_match: bool = True) -> dict[str, Any]:
+def assign(
+  paths: Iterable[str],
+  rules: Iterable[Any],
+  *,
+  default: T = None,
+  what: str = "rules",
+  require_match: bool = True,
+) -> dict[str, Any]:
   """`{path: value}` from the first rule matching each path, else `default`.
 
   `rules` is a list of regexes (value True) or `(regex, value)` pairs. With
@@ -106,13 +113,20 @@ def assign(paths: Iterable[str], rules: Iterable[Any], *, default: T = None,
     if unmatched:
       sample = ", ".join(paths[:5]) + (", ..." if len(paths) > 5 else "")
       raise RuleError(
-          f"{what}: rule(s) {unmatched} match no parameter. Patterns must match "
-          f"the whole '/'-joined path (e.g. {sample}); see mmtl.rules.")
+        f"{what}: rule(s) {unmatched} match no parameter. Patterns must match "
+        f"the whole '/'-joined path (e.g. {sample}); see mmtl.rules."
+      )
   return out
 
 
-def tree_assign(tree: Any, rules: Iterable[Any], *, default: T = None,
-                what: str = "rules", require_match: bool = True) -> Any:
+def tree_assign(
+  tree: Any,
+  rules: Iterable[Any],
+  *,
+  default: T = None,
+  what: str = "rules",
+  require_match: bool = True,
+) -> Any:
   """`assign` over the leaves of `tree`: a tree of the same structure of values."""
   flat = flatten(tree)
   values = assign(flat, rules, default=default, what=what, require_match=require_match)

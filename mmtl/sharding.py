@@ -18,6 +18,7 @@ match). A value is `"replicate"`, `"fsdp"` (shard the largest dimension that
 replicated). A dimension that its axes do not divide falls back to replicated
 and is logged, so one rule set serves every mesh and model size.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -50,24 +51,25 @@ def _megatron(other: str | None) -> list[tuple[str, Any]]:
   (`mmtl.lora`: lora_a (in, r), lora_b (r, out)) follow their kernel's split."""
   column, row = f"({_ATTN_IN}|{_MLP_IN})", f"({_ATTN_OUT}|{_MLP_OUT})"
   return [
-      (column + "/kernel", (other, "model")),
-      (column + "/bias", ("model",)),
-      (column + "/lora_b", (None, "model")),
-      (row + "/kernel", ("model", other)),
-      (row + "/lora_a", ("model", None)),
+    (column + "/kernel", (other, "model")),
+    (column + "/bias", ("model",)),
+    (column + "/lora_b", (None, "model")),
+    (row + "/kernel", ("model", other)),
+    (row + "/lora_a", ("model", None)),
   ]
 
 
 PRESETS: dict[str, list[tuple[str, Any]]] = {
-    "replicate": [(".*", "replicate")],
-    "fsdp": [(".*", "fsdp")],
-    "tp": _megatron(None) + [(".*", "replicate")],
-    "fsdp_tp": _megatron("fsdp") + [(".*", "fsdp")],
+  "replicate": [(".*", "replicate")],
+  "fsdp": [(".*", "fsdp")],
+  "tp": _megatron(None) + [(".*", "replicate")],
+  "fsdp_tp": _megatron("fsdp") + [(".*", "fsdp")],
 }
 
 
-def make_mesh(mesh_cfg: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  mesh_cfg: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A (data, fsdp, model) mesh; one size may be -1 for "all remaining devices".
 
   `jax.make_mesh` orders devices for the physical topology (TPU ICI, GPU
@@ -77,8 +79,10 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None,
   mesh_cfg = dict(mesh_cfg or {"data": -1})
   unknown = set(mesh_cfg) - set(AXES)
   if unknown:
-    raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; the mesh axes are {AXES}, "
-                     f"e.g. config.mesh = dict(data=-1, fsdp=1, model=1).")
+    raise ValueError(
+      f"config.mesh: unknown axes {sorted(unknown)}; the mesh axes are {AXES}, "
+      f"e.g. config.mesh = dict(data=-1, fsdp=1, model=1)."
+    )
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(mesh_cfg.get(a, 1)) for a in AXES]
   n = len(devices)
@@ -86,14 +90,17 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None,
     raise ValueError(f"config.mesh={mesh_cfg}: sizes must be positive, with at most one -1.")
   known = math.prod(s for s in sizes if s != -1)
   if n % known:
-    raise ValueError(f"config.mesh={mesh_cfg}: the fixed axis sizes (product {known}) do not "
-                     f"divide the {n} devices; pick sizes whose product divides {n}.")
+    raise ValueError(
+      f"config.mesh={mesh_cfg}: the fixed axis sizes (product {known}) do not "
+      f"divide the {n} devices; pick sizes whose product divides {n}."
+    )
   sizes = [n // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != n:
-    raise ValueError(f"config.mesh={mesh_cfg} uses {math.prod(sizes)} devices but there are {n}; "
-                     f"set one axis to -1 or make the sizes multiply to {n}.")
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                       devices=devices)
+    raise ValueError(
+      f"config.mesh={mesh_cfg} uses {math.prod(sizes)} devices but there are {n}; "
+      f"set one axis to -1 or make the sizes multiply to {n}."
+    )
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def _resolve_rules(sharding_rules: str | Sequence[Any] | None) -> tuple[list[Any], bool]:
@@ -104,8 +111,10 @@ def _resolve_rules(sharding_rules: str | Sequence[Any] | None) -> tuple[list[Any
     return PRESETS["replicate"], False
   if isinstance(sharding_rules, str):
     if sharding_rules not in PRESETS:
-      raise ValueError(f"config.sharding_rules={sharding_rules!r} is not a preset; use one of "
-                       f"{sorted(PRESETS)} or a list of (regex, spec) pairs.")
+      raise ValueError(
+        f"config.sharding_rules={sharding_rules!r} is not a preset; use one of "
+        f"{sorted(PRESETS)} or a list of (regex, spec) pairs."
+      )
     return PRESETS[sharding_rules], False
   return list(sharding_rules), True
 
@@ -126,15 +135,20 @@ def _spec(path: str, shape: Sequence[int], value: Any, mesh: Mesh) -> P:
       if n > 1 and shape[dim] % n == 0:
         return P(*[None] * dim, "fsdp")
     if n > 1:
-      logging.info("sharding: %s %s has no dimension divisible by fsdp=%d; replicated.",
-                   path, tuple(shape), n)
+      logging.info(
+        "sharding: %s %s has no dimension divisible by fsdp=%d; replicated.", path, tuple(shape), n
+      )
     return P()
   if isinstance(value, str) or not isinstance(value, Sequence):
-    raise ValueError(f"sharding rule for {path}: {value!r} is not 'replicate', 'fsdp' or a "
-                     f"PartitionSpec-like tuple such as (None, 'model').")
+    raise ValueError(
+      f"sharding rule for {path}: {value!r} is not 'replicate', 'fsdp' or a "
+      f"PartitionSpec-like tuple such as (None, 'model')."
+    )
   if len(value) > len(shape):
-    raise ValueError(f"sharding rule for {path}: spec {tuple(value)} has {len(value)} entries but "
-                     f"the param has shape {tuple(shape)}; give at most {len(shape)}.")
+    raise ValueError(
+      f"sharding rule for {path}: spec {tuple(value)} has {len(value)} entries but "
+      f"the param has shape {tuple(shape)}; give at most {len(shape)}."
+    )
   entries = []
   for dim, entry in enumerate(value):
     axes = _axes(entry)
@@ -143,8 +157,14 @@ def _spec(path: str, shape: Sequence[int], value: Any, mesh: Mesh) -> P:
       raise ValueError(f"sharding rule for {path}: unknown mesh axes {bad}; the axes are {AXES}.")
     n = math.prod(mesh.shape[a] for a in axes)
     if shape[dim] % n:
-      logging.info("sharding: %s dim %d (size %d) not divisible by %s=%d; replicated.",
-                   path, dim, shape[dim], axes, n)
+      logging.info(
+        "sharding: %s dim %d (size %d) not divisible by %s=%d; replicated.",
+        path,
+        dim,
+        shape[dim],
+        axes,
+        n,
+      )
       axes = ()
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   while entries and entries[-1] is None:  # P('fsdp', None) == P('fsdp') in meaning, not in ==
@@ -152,13 +172,13 @@ def _spec(path: str, shape: Sequence[int], value: Any, mesh: Mesh) -> P:
   return P(*entries)
 
 
-def param_shardings(mesh: Mesh, params: Any,
-                    sharding_rules: str | Sequence[Any] | None) -> Any:
+def param_shardings(mesh: Mesh, params: Any, sharding_rules: str | Sequence[Any] | None) -> Any:
   """Tree of NamedSharding for `params` (arrays or ShapeDtypeStructs)."""
   rules, strict = _resolve_rules(sharding_rules)
   flat = rules_lib.flatten(params)
-  values = rules_lib.assign(flat, rules, default="replicate", what="config.sharding_rules",
-                            require_match=strict)
+  values = rules_lib.assign(
+    flat, rules, default="replicate", what="config.sharding_rules", require_match=strict
+  )
   specs = [_spec(path, np.shape(x), values[path], mesh) for path, x in flat.items()]
   return jax.tree.unflatten(jax.tree.structure(params), [NamedSharding(mesh, s) for s in specs])
 
@@ -219,7 +239,9 @@ def process_data_shard(mesh: Mesh) -> tuple[int, int]:
   blocks = sorted({tuple(sorted(r)) for r in rows.values()})
   for block in blocks:
     if block != tuple(range(block[0], block[0] + len(block))):
-      raise ValueError(f"Mesh {dict(mesh.shape)} gives a process the batch rows {block}, not one "
-                       "contiguous slice; build the mesh with make_mesh so that hosts own "
-                       "contiguous devices.")
+      raise ValueError(
+        f"Mesh {dict(mesh.shape)} gives a process the batch rows {block}, not one "
+        "contiguous slice; build the mesh with make_mesh so that hosts own "
+        "contiguous devices."
+      )
   return blocks.index(tuple(sorted(rows[jax.process_index()]))), len(blocks)

@@ -14,35 +14,37 @@ sharding and optimizer rules, evaluators: everything that can fail on a bad
 config, before anything is written); config.json pinned; checkpoint resume;
 train loop; final evaluation. docs/reliability.md lists the faults handled.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import contextlib
 import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable, Mapping
 from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import checkpoint
+from mmtl import (
+  checkpoint,
+  data,
+  distill,
+  distributed,
+  memory,
+  optim,
+  rules,
+  sharding,
+  train_state,
+  train_step,
+)
 from mmtl import config as config_lib
-from mmtl import data
-from mmtl import distill
-from mmtl import distributed
 from mmtl import evaluators as evaluators_lib
-from mmtl import memory
 from mmtl import metrics as metrics_lib
-from mmtl import optim
-from mmtl import rules
-from mmtl import sharding
-from mmtl import train_state
-from mmtl import train_step
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
 from mmtl.models import fusion
@@ -63,8 +65,9 @@ def write_final(workdir: str, final: Mapping[str, float]) -> None:
   """`DIR/final_metrics.json`, atomically: it marks the run finished (launch/sweep.py
   skips runs that have it), so a half-written one must never exist."""
   if distributed.is_main_process():
-    workdir_lib.write_text(workdir_lib.path(workdir, FINAL_METRICS_FILE),
-                           json.dumps(dict(final), indent=2))
+    workdir_lib.write_text(
+      workdir_lib.path(workdir, FINAL_METRICS_FILE), json.dumps(dict(final), indent=2)
+    )
 
 
 @contextlib.contextmanager
@@ -81,10 +84,12 @@ def hold_workdir(workdir: str):
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not held and error is None:
-      error = workdir_lib.WorkdirLocked(f"Workdir {workdir} is held by another run (process 0 "
-                                        "says by whom).")
+      error = workdir_lib.WorkdirLocked(
+        f"Workdir {workdir} is held by another run (process 0 says by whom)."
+      )
   if error is not None:
     raise error
   try:
@@ -106,14 +111,17 @@ def describe_towers(model_cfg: Mapping[str, Any], model_init: Mapping[str, Any])
     lines.append(f"  {m}: {arch} ({f'weights from {init}' if init else 'random init'})")
   unused = [m for m in model_cfg["towers"] if m not in used]
   if unused:
-    lines.append(f"  configured but unused (config.model.modalities={model_cfg['modalities']!r}): "
-                 + ", ".join(unused))
+    lines.append(
+      f"  configured but unused (config.model.modalities={model_cfg['modalities']!r}): "
+      + ", ".join(unused)
+    )
   return "Towers:\n" + "\n".join(lines)
 
 
 @dataclasses.dataclass
 class Validated:
   """What `validate` built and opened, for the run to use."""
+
   mesh: jax.sharding.Mesh
   train_iter: Any
   model: fusion.FusionModel
@@ -152,15 +160,20 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   batch_size = int(config.batch_size)
   if batch_size <= 0 or batch_size % (accum * batch_shards):
     raise config_lib.ConfigError(
-        f"config.batch_size={batch_size} must be a positive multiple of grad_accum_steps ({accum}) "
-        f"x batch shards (mesh data*fsdp = {batch_shards}); e.g. "
-        f"--config.batch_size={max(1, batch_size // (accum * batch_shards)) * accum * batch_shards}.")
+      f"config.batch_size={batch_size} must be a positive multiple of grad_accum_steps ({accum}) "
+      f"x batch shards (mesh data*fsdp = {batch_shards}); e.g. "
+      f"--config.batch_size={max(1, batch_size // (accum * batch_shards)) * accum * batch_shards}."
+    )
   note(f"Mesh {dict(mesh.shape)}; global batch {batch_size} in {accum} microbatch(es).")
 
   # Input.
   train_iter = data.make_train_iterator(
-      config.input, batch_size=batch_size // process_count, seed=config.seed,
-      process_index=process_index, process_count=process_count)
+    config.input,
+    batch_size=batch_size // process_count,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
   start_state = train_iter.get_state()
   example_batch = next(train_iter)  # Shapes for init; the iterator is rewound below.
   train_iter.set_state(start_state)
@@ -170,8 +183,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
   initial_params = train_state.init_params(model, config, layout, note=note) if fresh else None
-  batch_shape = {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
-                 for k, v in example_batch.items()}
+  batch_shape = {
+    k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
+    for k, v in example_batch.items()
+  }
 
   # Distillation teacher and optimizer (every rule is matched against the params here).
   teacher_logits, teacher_params, teacher_shardings = None, None, None
@@ -180,8 +195,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     teacher, teacher_params = train_state.load_run(config.distill.teacher_workdir, mesh)
     teacher_logits = lambda params, batch: teacher.apply({"params": params}, batch)["logits"]  # noqa: E731
     teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
-    note(f"Distilling from {config.distill.teacher_workdir} "
-         f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)}).")
+    note(
+      f"Distilling from {config.distill.teacher_workdir} "
+      f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)})."
+    )
   objective_for = functools.partial(train_step.make_objective, model, config, teacher_logits)
   boundaries = optim.phase_boundaries(config.optim)
   phases: dict[int, train_step.Phase] = {}
@@ -189,16 +206,28 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   def build_phase(step: int) -> train_step.Phase:  # Once per phase: validated here, reused.
     start = train_step.phase_start(step, boundaries)
     if start not in phases:
-      phases[start] = train_step.make_phase(config, objective_for, layout.shapes,
-                                            layout.shardings, mesh, start,
-                                            teacher_shardings=teacher_shardings)
+      phases[start] = train_step.make_phase(
+        config,
+        objective_for,
+        layout.shapes,
+        layout.shardings,
+        mesh,
+        start,
+        teacher_shardings=teacher_shardings,
+      )
     return phases[start]
 
   def activations(step: int) -> int:
     phase = build_phase(step)
     mask = optim.freeze_mask(layout.shapes, config.optim, phase.start)
-    return train_step.activation_bytes(objective_for(mask), mask, layout.shapes, batch_shape,
-                                       accum_steps=accum, teacher_params=teacher_params)
+    return train_step.activation_bytes(
+      objective_for(mask),
+      mask,
+      layout.shapes,
+      batch_shape,
+      accum_steps=accum,
+      teacher_params=teacher_params,
+    )
 
   for boundary in [0] + boundaries:
     if boundary < total_steps:
@@ -211,16 +240,25 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   metric_names = [n for e in evaluators for n in e.metric_names()]
   if config.best_metric and config.best_metric not in metric_names:
     raise config_lib.ConfigError(
-        f"config.best_metric={config.best_metric!r} is not a metric of the evaluators; they "
-        f"log {', '.join(metric_names) or 'nothing (config.evals is empty)'}.")
+      f"config.best_metric={config.best_metric!r} is not a metric of the evaluators; they "
+      f"log {', '.join(metric_names) or 'nothing (config.evals is empty)'}."
+    )
   return Validated(
-      mesh=mesh, train_iter=train_iter, model=model, layout=layout, initial_params=initial_params,
-      build_phase=build_phase, activations=activations, teacher_params=teacher_params,
-      evaluators=evaluators)
+    mesh=mesh,
+    train_iter=train_iter,
+    model=model,
+    layout=layout,
+    initial_params=initial_params,
+    build_phase=build_phase,
+    activations=activations,
+    teacher_params=teacher_params,
+    evaluators=evaluators,
+  )
 
 
-def check_restorable(ckpt: checkpoint.CheckpointManager, step: int, params_shape: Any,
-                     opt_state_shape: Any) -> None:
+def check_restorable(
+  ckpt: checkpoint.CheckpointManager, step: int, params_shape: Any, opt_state_shape: Any
+) -> None:
   """A changed config must fit the checkpoint it resumes: same param paths and shapes,
   same optimizer-state shapes. Checked on the checkpoint's metadata, before anything
   is written; a mismatch is a ConfigError listing the first differences."""
@@ -228,19 +266,26 @@ def check_restorable(ckpt: checkpoint.CheckpointManager, step: int, params_shape
   wanted = rules.flatten(params_shape)
   problems = [f"{p} missing from the checkpoint" for p in wanted if p not in saved]
   problems += [f"{p} in the checkpoint but not in the model" for p in saved if p not in wanted]
-  problems += [f"{p} is {tuple(saved[p].shape)} in the checkpoint, {tuple(wanted[p].shape)} now"
-               for p in wanted if p in saved and tuple(saved[p].shape) != tuple(wanted[p].shape)]
+  problems += [
+    f"{p} is {tuple(saved[p].shape)} in the checkpoint, {tuple(wanted[p].shape)} now"
+    for p in wanted
+    if p in saved and tuple(saved[p].shape) != tuple(wanted[p].shape)
+  ]
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
   if not problems and shapes(ckpt.item_metadata(step, "opt_state")) != shapes(opt_state_shape):
     problems.append("the optimizer state differs (the trainable set or the optimizer changed)")
   if problems:
     raise config_lib.ConfigError(
-        f"The changed config does not fit the checkpoint at step {step} in {ckpt.directory}: "
-        + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-        + ". Nothing was changed; start this config in a new --workdir.")
+      f"The changed config does not fit the checkpoint at step {step} in {ckpt.directory}: "
+      + "; ".join(problems[:5])
+      + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+      + ". Nothing was changed; start this config in a new --workdir."
+    )
 
 
-def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict[str, float]:
+def train(
+  config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, float]:
   """Runs (or resumes) the training described by `config` in `workdir`.
 
   Returns the final metrics (also written to `DIR/final_metrics.json`).
@@ -258,8 +303,10 @@ def _train(config: mlc.ConfigDict, workdir: str, allow_config_change: bool) -> d
   ##############################################################################
   # Setup: everything validated before config.json is pinned.
   ##############################################################################
-  note(f"mmtl.train: process {jax.process_index()}/{jax.process_count()}, "
-       f"{jax.local_device_count()}/{jax.device_count()} devices, workdir {workdir}")
+  note(
+    f"mmtl.train: process {jax.process_index()}/{jax.process_count()}, "
+    f"{jax.local_device_count()}/{jax.device_count()} devices, workdir {workdir}"
+  )
   ckpt_dir = workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR)
   saved_steps = checkpoint.saved_steps(ckpt_dir)
   changes = config_lib.saved_changes(config, workdir)
@@ -274,24 +321,30 @@ def _train(config: mlc.ConfigDict, workdir: str, allow_config_change: bool) -> d
       check_restorable(reader, latest, v.layout.shapes, phase.state_shapes["opt_state"])
     note("Config changed (--allow_config_change): " + config_lib.format_changes(changes))
   elif changes:
-    note(f"{workdir} holds the config.json of an attempt that saved no checkpoint; it is "
-         "replaced by this config.")
+    note(
+      f"{workdir} holds the config.json of an attempt that saved no checkpoint; it is "
+      "replaced by this config."
+    )
   config_lib.pin(config, workdir, step=saved_steps[-1] if saved_steps else None)
 
   ##############################################################################
   # Checkpoint resume (the newest intact checkpoint), or init + pretrained weights.
   ##############################################################################
   ckpt = checkpoint.CheckpointManager(
-      ckpt_dir, keep=int(config.keep_ckpts),
-      best_metric=config.best_metric or None, best_mode=config.best_mode)
+    ckpt_dir,
+    keep=int(config.keep_ckpts),
+    best_metric=config.best_metric or None,
+    best_mode=config.best_mode,
+  )
   try:
     return _train_loop(config, workdir, v, ckpt)
   finally:
     ckpt.close()
 
 
-def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
-                ckpt: checkpoint.CheckpointManager) -> dict[str, float]:
+def _train_loop(
+  config: mlc.ConfigDict, workdir: str, v: Validated, ckpt: checkpoint.CheckpointManager
+) -> dict[str, float]:
   total_steps = int(config.total_steps)
   mesh, layout = v.mesh, v.layout
   train_iter, build_phase, teacher_params = v.train_iter, v.build_phase, v.teacher_params
@@ -312,18 +365,28 @@ def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
     state = train_state.init_state(v.initial_params, phase.tx, phase.state_shardings)
   phase = build_phase(max(resume_step - 1, 0))
   first_step = int(jax.device_get(state["step"]))
-  note(optim.summary(layout.shapes, config.optim, phase.state_shapes["opt_state"],
-                     step=phase.start))
-  note(memory.format_memory(memory.memory_estimate(
-      mesh, phase.state_shapes, phase.state_shardings, activations=v.activations(phase.start))))
+  note(
+    optim.summary(layout.shapes, config.optim, phase.state_shapes["opt_state"], step=phase.start)
+  )
+  note(
+    memory.format_memory(
+      memory.memory_estimate(
+        mesh, phase.state_shapes, phase.state_shardings, activations=v.activations(phase.start)
+      )
+    )
+  )
 
   ##############################################################################
   # Evaluators, metrics, early stopping.
   ##############################################################################
   evaluators = v.evaluators
-  writer = metrics_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    batch_size=int(config.batch_size), first_step=first_step,
-                                    is_main=distributed.is_main_process())
+  writer = metrics_lib.MetricWriter(
+    workdir,
+    total_steps=total_steps,
+    batch_size=int(config.batch_size),
+    first_step=first_step,
+    is_main=distributed.is_main_process(),
+  )
   best_value, evals_since_best = None, 0  # Early stopping; patience restarts on resume.
   if config.best_metric and ckpt.best_step() is not None:
     best_value = (ckpt.metrics(ckpt.best_step()) or {}).get(config.best_metric)
@@ -342,18 +405,22 @@ def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
       if train_step.phase_start(step, boundaries) != phase.start:
         old_opt_state = state["opt_state"]
         phase = build_phase(step)
-        note(f"Step {step}: gradual unfreezing, new trainable set:\n"
-             + optim.summary(layout.shapes, config.optim, step=step))
+        note(
+          f"Step {step}: gradual unfreezing, new trainable set:\n"
+          + optim.summary(layout.shapes, config.optim, step=step)
+        )
         state["opt_state"] = jax.jit(
-            functools.partial(optim.migrate_state, new_tx=phase.tx),
-            out_shardings=phase.state_shardings["opt_state"])(old_opt_state, params=state["params"])
+          functools.partial(optim.migrate_state, new_tx=phase.tx),
+          out_shardings=phase.state_shardings["opt_state"],
+        )(old_opt_state, params=state["params"])
       state, measurements = phase.step_fn(state, next(device_batches), teacher_params)
       done = step + 1
       ckpt.check_for_errors()  # A failed background save stops the run at once.
 
       due = [e for e in evaluators if e.due(done, total_steps)]
-      save_now = (done % config.ckpt_every == 0 or done == total_steps
-                  or bool(due and config.best_metric))
+      save_now = (
+        done % config.ckpt_every == 0 or done == total_steps or bool(due and config.best_metric)
+      )
       if done % config.log_every == 0 or done == first_step + 1 or save_now or due:
         measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
         if not all(np.isfinite(v) for v in measurements.values()):
@@ -361,11 +428,14 @@ def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
           writer.close()
           last = ckpt.latest_step()
           raise Diverged(
-              f"NaN/Inf by step {done}: {measurements}. Stopped without saving this state; the "
-              "last good checkpoint is "
-              + (f"step {last} in {ckpt.directory}" if last is not None else "none (nothing saved yet)")
-              + ". Lower config.optim.lr, set config.optim.grad_clip_norm or check the inputs; "
-              "rerunning the same command resumes from that checkpoint.")
+            f"NaN/Inf by step {done}: {measurements}. Stopped without saving this state; the "
+            "last good checkpoint is "
+            + (
+              f"step {last} in {ckpt.directory}" if last is not None else "none (nothing saved yet)"
+            )
+            + ". Lower config.optim.lr, set config.optim.grad_clip_norm or check the inputs; "
+            "rerunning the same command resumes from that checkpoint."
+          )
         speed = writer.progress(done, {k: measurements[k] for k in ("train/loss", "train/lr")})
         writer.write(done, {**measurements, **{f"speed/{k}": v for k, v in speed.items()}})
 
@@ -385,11 +455,17 @@ def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
           evals_since_best += 1
         stop = 0 < config.early_stopping.patience <= evals_since_best
       if save_now or stop:
-        ckpt.save(done, state, data_state=device_batches.get_state(),
-                  metrics=eval_metrics if config.best_metric in eval_metrics else None)
+        ckpt.save(
+          done,
+          state,
+          data_state=device_batches.get_state(),
+          metrics=eval_metrics if config.best_metric in eval_metrics else None,
+        )
       if stop:
-        note(f"Early stopping at step {done}: {config.best_metric} did not improve by more than "
-             f"{config.early_stopping.min_delta} in the last {evals_since_best} evaluations.")
+        note(
+          f"Early stopping at step {done}: {config.best_metric} did not improve by more than "
+          f"{config.early_stopping.min_delta} in the last {evals_since_best} evaluations."
+        )
         break
   finally:
     ckpt.wait()  # However the loop ended, the last checkpoint started gets committed.
@@ -402,14 +478,18 @@ def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
   best_step = ckpt.best_step() if config.best_metric else None
   if best_step is not None and best_step != final_step:
     note(f"Final evaluation on the best checkpoint (step {best_step} by {config.best_metric}).")
-    params = ckpt.restore({"params": checkpoint.abstract(layout.shapes, layout.shardings)},
-                          best_step)["params"]
+    params = ckpt.restore(
+      {"params": checkpoint.abstract(layout.shapes, layout.shardings)}, best_step
+    )["params"]
     final_step = best_step
   final = {}
   for evaluator in evaluators:
     step_and_metrics = last_eval.get(evaluator.name)
-    final.update(step_and_metrics[1] if step_and_metrics and step_and_metrics[0] == final_step
-                 else evaluator.run(params))
+    final.update(
+      step_and_metrics[1]
+      if step_and_metrics and step_and_metrics[0] == final_step
+      else evaluator.run(params)
+    )
   final["step"] = float(final_step)
   writer.close()
   write_final(workdir, final)
@@ -420,8 +500,13 @@ def _train_loop(config: mlc.ConfigDict, workdir: str, v: Validated,
 
 
 # The one-line errors of a run that cannot start or stopped on purpose.
-USER_ERRORS = (Diverged, config_lib.ConfigError, rules.RuleError, workdir_lib.WorkdirLocked,
-               checkpoint.CheckpointError)
+USER_ERRORS = (
+  Diverged,
+  config_lib.ConfigError,
+  rules.RuleError,
+  workdir_lib.WorkdirLocked,
+  checkpoint.CheckpointError,
+)
 
 
 def main(argv: list[str]) -> None:
@@ -432,8 +517,11 @@ def main(argv: list[str]) -> None:
   if flags.FLAGS.config is None:
     sys.exit("--config is required, e.g. --config configs/quickstart.py.")
   try:
-    train(config_lib.from_flags(), flags.FLAGS.workdir,
-          allow_config_change=flags.FLAGS.allow_config_change)
+    train(
+      config_lib.from_flags(),
+      flags.FLAGS.workdir,
+      allow_config_change=flags.FLAGS.allow_config_change,
+    )
   except USER_ERRORS as e:
     sys.exit(f"{type(e).__name__}: {e}")
 
@@ -441,6 +529,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   config_lib.define_flags()
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
-  flags.DEFINE_bool("allow_config_change", False,
-                    "Resume a workdir whose config.json differs from --config.")
+  flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose config.json differs from --config."
+  )
   app.run(main, flags_parser=config_lib.parse_flags)

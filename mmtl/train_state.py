@@ -10,10 +10,11 @@ larger than one device's memory never exists whole on one device; `init_state`
 adds the step counter and the optimizer state, sharded like the params.
 `load_run` gives the params of a finished run, restored into the same layout.
 """
+
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
+import dataclasses
 from typing import Any
 
 import jax
@@ -21,12 +22,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import checkpoint
+from mmtl import checkpoint, hf, lora, rules, sharding
 from mmtl import config as config_lib
-from mmtl import hf
-from mmtl import lora
-from mmtl import rules
-from mmtl import sharding
 from mmtl import workdir as workdir_lib
 from mmtl.modalities import MODALITIES
 from mmtl.models import fusion
@@ -35,6 +32,7 @@ from mmtl.models import fusion
 @dataclasses.dataclass(frozen=True)
 class ParamLayout:
   """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included."""
+
   shapes: Any
   shardings: Any
 
@@ -56,8 +54,9 @@ def _add_lora(config: mlc.ConfigDict, rng: jax.Array) -> Callable[[Any], Any]:
   return lambda params: lora.init(params, config.optim.lora, rng)
 
 
-def param_layout(model: fusion.FusionModel, config: mlc.ConfigDict,
-                 mesh: jax.sharding.Mesh) -> ParamLayout:
+def param_layout(
+  model: fusion.FusionModel, config: mlc.ConfigDict, mesh: jax.sharding.Mesh
+) -> ParamLayout:
   """The params' layout under `config.sharding_rules` (every rule checked against them)."""
   rng_init, rng_lora = _rngs(config)
   shapes = jax.eval_shape(lambda: _add_lora(config, rng_lora)(_init_fn(model)(rng_init)))
@@ -73,16 +72,22 @@ def _subtree(tree: Any, like: Any) -> Any:
 def place(tree: Any, shardings: Any) -> Any:
   """Host leaves (numpy) -> global arrays built shard by shard (each device is handed
   only its slice); leaves already on the devices are kept as they are."""
+
   def put(x, s):
     if isinstance(x, jax.Array):
       return x
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
   return jax.tree.map(put, tree, shardings)
 
 
-def load_pretrained_towers(params: dict[str, Any], model_init: Mapping[str, Any], shardings: Any,
-                           note: Callable[[str], None] = print) -> dict[str, Any]:
+def load_pretrained_towers(
+  params: dict[str, Any],
+  model_init: Mapping[str, Any],
+  shardings: Any,
+  note: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
 
   Each checkpoint is read on the host, checked against the initialized subtree
@@ -100,13 +105,23 @@ def load_pretrained_towers(params: dict[str, Any], model_init: Mapping[str, Any]
       note(f"model_init: {subtree} is not in this model (config.model.modalities); skipped.")
       continue
     note(f"model_init: {subtree} <- {spec['name']}")
-    params = place(hf.load_params_into(params, subtree, spec["name"], tower=spec.get("tower"),
-                                       dont_load=spec.get("dont_load", ())), shardings)
+    params = place(
+      hf.load_params_into(
+        params, subtree, spec["name"], tower=spec.get("tower"), dont_load=spec.get("dont_load", ())
+      ),
+      shardings,
+    )
   return params
 
 
-def init_params(model: fusion.FusionModel, config: mlc.ConfigDict, layout: ParamLayout, *,
-                pretrained: bool = True, note: Callable[[str], None] = print) -> Any:
+def init_params(
+  model: fusion.FusionModel,
+  config: mlc.ConfigDict,
+  layout: ParamLayout,
+  *,
+  pretrained: bool = True,
+  note: Callable[[str], None] = print,
+) -> Any:
   """Random init (+ `config.model_init`'s pretrained towers when `pretrained`) + LoRA
   leaves, every array created in its final sharding."""
   rng_init, rng_lora = _rngs(config)
@@ -116,16 +131,19 @@ def init_params(model: fusion.FusionModel, config: mlc.ConfigDict, layout: Param
   if pretrained:
     params = load_pretrained_towers(params, config.model_init, base_shardings, note)
   if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
-    params = jax.jit(_add_lora(config, rng_lora), out_shardings=layout.shardings,
-                     donate_argnums=0)(params)
+    params = jax.jit(_add_lora(config, rng_lora), out_shardings=layout.shardings, donate_argnums=0)(
+      params
+    )
   return params
 
 
 def init_state(params: Any, tx: Any, state_shardings: Mapping[str, Any]) -> dict[str, Any]:
   """{step: 0, params, opt_state: tx.init(params)}, each sharded as `state_shardings` says."""
-  return {"step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
-          "params": params,
-          "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)}
+  return {
+    "step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
+    "params": params,
+    "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
+  }
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
@@ -140,15 +158,22 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
   return best
 
 
-def load_run(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None,
-             config: mlc.ConfigDict | None = None) -> tuple[fusion.FusionModel, Any]:
+def load_run(
+  workdir: str,
+  mesh: jax.sharding.Mesh,
+  step: int | None = None,
+  config: mlc.ConfigDict | None = None,
+) -> tuple[fusion.FusionModel, Any]:
   """(model, params) of a saved run (default: its own config and best step), the params
   restored straight into their shardings on `mesh`."""
   config = config_lib.with_defaults(
-      config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE)))
+    config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
+  )
   model = fusion.build(config.model)
   layout = param_layout(model, config, mesh)
   params = checkpoint.restore_params_only(
-      workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR), step=checkpoint_step(workdir, step),
-      shardings=layout.shardings)
+    workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR),
+    step=checkpoint_step(workdir, step),
+    shardings=layout.shardings,
+  )
   return model, params

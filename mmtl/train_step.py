@@ -7,10 +7,11 @@ gradients only w.r.t. trainable params); `make_phase` jits that step with the
 train state's shardings for one gradual-unfreezing phase. The trainer
 (mmtl/train.py) and the benchmark (mmtl/bench.py) both run `make_phase`'s step.
 """
+
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,20 +19,14 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from mmtl import config_keys
-from mmtl import distill
-from mmtl import lora
-from mmtl import losses
-from mmtl import memory
-from mmtl import optim
-from mmtl import rules
-from mmtl import sharding
+from mmtl import config_keys, distill, lora, losses, memory, optim, rules, sharding
 from mmtl.models import fusion
 
 
 @dataclasses.dataclass
 class Phase:
   """Optimizer and compiled step for one trainable set (gradual unfreezing phase)."""
+
   start: int
   tx: optax.GradientTransformation
   state_shardings: Any
@@ -54,6 +49,7 @@ class Objective:
   microbatches' sums add up to the batch's (classification, regression,
   distillation); the contrastive loss compares each example with the whole batch.
   """
+
   forward: Callable[..., Any]
   loss: Callable[..., tuple[jax.Array, jax.Array]]
   separable: bool
@@ -62,31 +58,50 @@ class Objective:
 def locked_towers(model: fusion.FusionModel, mask: Any) -> tuple[str, ...]:
   """Modalities whose tower has every param frozen in `mask` (a freeze_mask)."""
   flat = rules.flatten(mask)
-  return tuple(m for m in model.modalities
-               if all(frozen for path, frozen in flat.items() if path.startswith(f"{m}_encoder/")))
+  return tuple(
+    m
+    for m in model.modalities
+    if all(frozen for path, frozen in flat.items() if path.startswith(f"{m}_encoder/"))
+  )
 
 
-def make_objective(model: fusion.FusionModel, config: mlc.ConfigDict,
-                   teacher_logits: Callable[[Any, Any], jax.Array] | None, mask: Any) -> Objective:
+def make_objective(
+  model: fusion.FusionModel,
+  config: mlc.ConfigDict,
+  teacher_logits: Callable[[Any, Any], jax.Array] | None,
+  mask: Any,
+) -> Objective:
   """The Objective of `config` for the trainable set `mask`. Fully frozen towers run
   in inference mode (no dropout: LiT's locked tower), unless
   `config.model.frozen_tower_mode="train"`."""
   mode = config.model.frozen_tower_mode
   if mode not in ("inference", "train"):
-    raise config_keys.ConfigError(f"config.model.frozen_tower_mode={mode!r}: use 'inference' "
-                                 "(locked towers without dropout) or 'train'.")
+    raise config_keys.ConfigError(
+      f"config.model.frozen_tower_mode={mode!r}: use 'inference' "
+      "(locked towers without dropout) or 'train'."
+    )
   inference_towers = locked_towers(model, mask) if mode == "inference" else ()
 
   def forward(trainable, frozen, batch, rng):
     params = lora.merge(optim.combine(trainable, frozen))
-    return model.apply({"params": params}, batch, train=True, inference_towers=inference_towers,
-                       rngs={"dropout": rng})
+    return model.apply(
+      {"params": params},
+      batch,
+      train=True,
+      inference_towers=inference_towers,
+      rngs={"dropout": rng},
+    )
 
   def loss(outputs, batch, teacher_params):
     total = losses.task_loss(model.head_type, outputs, batch, config.loss)
     if teacher_logits is not None:
-      total = distill.student_loss(total, outputs["logits"], teacher_logits(teacher_params, batch),
-                                   batch.get("example_weight"), config.distill)
+      total = distill.student_loss(
+        total,
+        outputs["logits"],
+        teacher_logits(teacher_params, batch),
+        batch.get("example_weight"),
+        config.distill,
+      )
     return total
 
   return Objective(forward, loss, separable=model.head_type in losses.SEPARABLE_HEADS)
@@ -113,8 +128,15 @@ def _split_like(merged_grad: jax.Array, stacked: jax.Array) -> jax.Array:
   return _split(merged_grad, stacked.shape[0])
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask: Any, lr_fn, *,
-                    seed: int, accum_steps: int):
+def make_train_step(
+  objective: Objective,
+  tx: optax.GradientTransformation,
+  mask: Any,
+  lr_fn,
+  *,
+  seed: int,
+  accum_steps: int,
+):
   """One optimizer update on a global batch (accumulated over `accum_steps` microbatches).
 
   The loss is the batch's weighted mean, `sum(w * loss) / sum(w)`, whatever the
@@ -141,12 +163,16 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask
   def accumulated(trainable, frozen, batch, rng, teacher_params):
     def accumulate(carry, xs):
       i, microbatch = xs
-      (loss_sum, weight), grads = sum_and_grad(trainable, frozen, microbatch,
-                                               jax.random.fold_in(rng, i), teacher_params)
+      (loss_sum, weight), grads = sum_and_grad(
+        trainable, frozen, microbatch, jax.random.fold_in(rng, i), teacher_params
+      )
       return jax.tree.map(jnp.add, carry, (loss_sum, weight, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(jnp.zeros_like, trainable))
+    zeros = (
+      jnp.zeros((), jnp.float32),
+      jnp.zeros((), jnp.float32),
+      jax.tree.map(jnp.zeros_like, trainable),
+    )
     return jax.lax.scan(accumulate, zeros, (steps, _split(batch, accum_steps)))[0]
 
   def gradient_cache(trainable, frozen, batch, rng, teacher_params):
@@ -157,8 +183,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask
 
     outputs = jax.lax.map(lambda xs: forward(trainable, *xs), (steps, micro))
     (loss_sum, weight), d_merged = jax.value_and_grad(
-        lambda out: objective.loss(out, batch, teacher_params), has_aux=True)(
-            jax.tree.map(_merge, outputs))
+      lambda out: objective.loss(out, batch, teacher_params), has_aux=True
+    )(jax.tree.map(_merge, outputs))
     d_outputs = jax.tree.map(_split_like, d_merged, outputs)
 
     def backprop(grads, xs):
@@ -166,8 +192,9 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask
       _, vjp = jax.vjp(lambda params: forward(params, i, microbatch), trainable)
       return jax.tree.map(jnp.add, grads, vjp(d_out)[0]), None
 
-    grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, trainable),
-                            (steps, micro, d_outputs))
+    grads, _ = jax.lax.scan(
+      backprop, jax.tree.map(jnp.zeros_like, trainable), (steps, micro, d_outputs)
+    )
     return loss_sum, weight, grads
 
   def grads_of(trainable, frozen, batch, rng, teacher_params):
@@ -187,19 +214,32 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, mask
     full_grads = optim.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
     trainable = optax.apply_updates(trainable, optim.split(updates, mask)[0])
-    new_state = {"step": state["step"] + 1, "params": optim.combine(trainable, frozen),
-                 "opt_state": opt_state}
-    measurements = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-                    "train/param_norm": optax.tree.norm(trainable),
-                    "train/lr": lr_fn(state["step"])}
+    new_state = {
+      "step": state["step"] + 1,
+      "params": optim.combine(trainable, frozen),
+      "opt_state": opt_state,
+    }
+    measurements = {
+      "train/loss": loss,
+      "train/grad_norm": optax.tree.norm(grads),
+      "train/param_norm": optax.tree.norm(trainable),
+      "train/lr": lr_fn(state["step"]),
+    }
     return new_state, measurements
 
   return train_step
 
 
-def make_phase(config: mlc.ConfigDict, objective_for: Callable[[Any], Objective],
-               params_shape: Any, param_shardings: Any, mesh, step: int, *,
-               teacher_shardings: Any = None) -> Phase:
+def make_phase(
+  config: mlc.ConfigDict,
+  objective_for: Callable[[Any], Objective],
+  params_shape: Any,
+  param_shardings: Any,
+  mesh,
+  step: int,
+  *,
+  teacher_shardings: Any = None,
+) -> Phase:
   """Optimizer and jitted step of the unfreezing phase that runs update `step`;
   `objective_for(freeze_mask)` gives the loss of that trainable set.
 
@@ -208,33 +248,54 @@ def make_phase(config: mlc.ConfigDict, objective_for: Callable[[Any], Objective]
   """
   start = phase_start(step, optim.phase_boundaries(config.optim))
   mask = optim.freeze_mask(params_shape, config.optim, start)
-  tx, lr_fn = optim.make(config.optim, params_shape, total_steps=int(config.total_steps),
-                         step=start)
-  state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
-                  "opt_state": jax.eval_shape(tx.init, params_shape)}
+  tx, lr_fn = optim.make(
+    config.optim, params_shape, total_steps=int(config.total_steps), step=start
+  )
+  state_shapes = {
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "params": params_shape,
+    "opt_state": jax.eval_shape(tx.init, params_shape),
+  }
   state_shardings = sharding.state_shardings(mesh, state_shapes, param_shardings)
   step_fn = jax.jit(
-      make_train_step(objective_for(mask), tx, mask, lr_fn, seed=config.seed,
-                      accum_steps=int(config.grad_accum_steps)),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    make_train_step(
+      objective_for(mask),
+      tx,
+      mask,
+      lr_fn,
+      seed=config.seed,
+      accum_steps=int(config.grad_accum_steps),
+    ),
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   return Phase(start, tx, state_shardings, state_shapes, step_fn)
 
 
-def activation_bytes(objective: Objective, mask: Any, params_shape: Any, batch_shape: Any, *,
-                     accum_steps: int, teacher_params: Any = None) -> int:
+def activation_bytes(
+  objective: Objective,
+  mask: Any,
+  params_shape: Any,
+  batch_shape: Any,
+  *,
+  accum_steps: int,
+  teacher_params: Any = None,
+) -> int:
   """Bytes of forward values one microbatch keeps for backward in the step of the
   trainable set `mask` (all batch shards together; `memory.memory_estimate` splits
   them). Traced on shapes, not compiled. Accumulation (and the gradient cache)
   backpropagates one microbatch at a time, so this is the step's activation peak."""
   trainable, frozen = optim.split(params_shape, mask)
   micro = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum_steps, *x.shape[1:]), x.dtype),
-      batch_shape)
+    lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum_steps, *x.shape[1:]), x.dtype), batch_shape
+  )
 
   def loss_sum(trainable, frozen, batch, rng, teacher_params):
-    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch,
-                          teacher_params)[0]
+    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch, teacher_params)[
+      0
+    ]
 
-  return memory.activation_bytes(loss_sum, trainable, frozen, micro,
-                                 jax.ShapeDtypeStruct((2,), jnp.uint32), teacher_params)
+  return memory.activation_bytes(
+    loss_sum, trainable, frozen, micro, jax.ShapeDtypeStruct((2,), jnp.uint32), teacher_params
+  )

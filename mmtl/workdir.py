@@ -9,8 +9,10 @@ a path is used; with TensorFlow installed it uses tf.io.gfile instead).
 
 `RunLock` (the workdir's lock.json) keeps a second run out of a workdir in use.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 import contextlib
 import datetime
 import hashlib
@@ -21,7 +23,7 @@ import shlex
 import socket
 import tempfile
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any
 import uuid
 
 from absl import logging
@@ -85,7 +87,7 @@ def safe_name(text: str, max_len: int = 120) -> str:
   of the whole, so different texts stay different names."""
   name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)
   if len(name) > max_len:
-    name = f"{name[:max_len - 20]}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    name = f"{name[: max_len - 20]}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
   return name
 
 
@@ -93,8 +95,9 @@ class WorkdirLocked(RuntimeError):
   """The workdir is held by another run: `holder` is its lock record (None if unknown
   or unreadable), in `lock_file`."""
 
-  def __init__(self, message: str, *, lock_file: str | None = None,
-               holder: Mapping[str, Any] | None = None):
+  def __init__(
+    self, message: str, *, lock_file: str | None = None, holder: Mapping[str, Any] | None = None
+  ):
     super().__init__(message)
     self.lock_file, self.holder = lock_file, holder
 
@@ -105,12 +108,17 @@ def _locked(lock_file: epath.PathLike, holder: Mapping[str, Any] | None) -> Work
   if holder is None:
     who = "is unreadable (a run is writing it, or died while writing it)"
   else:
-    who = (f"is held by run {holder['run_id']} (host {holder['host']}, pid {holder['pid']}, "
-           f"started {holder.get('started', '?')})")
+    who = (
+      f"is held by run {holder['run_id']} (host {holder['host']}, pid {holder['pid']}, "
+      f"started {holder.get('started', '?')})"
+    )
   return WorkdirLocked(
-      f"Workdir lock {lock_file} {who}: one workdir takes one run at a time. If that run is no "
-      f"longer running, delete the lock ({_rm_command(lock_file)}) and rerun: the run resumes "
-      "from its last checkpoint.", lock_file=lock_file, holder=holder)
+    f"Workdir lock {lock_file} {who}: one workdir takes one run at a time. If that run is no "
+    f"longer running, delete the lock ({_rm_command(lock_file)}) and rerun: the run resumes "
+    "from its last checkpoint.",
+    lock_file=lock_file,
+    holder=holder,
+  )
 
 
 class RunLock:
@@ -182,12 +190,16 @@ class RunLock:
     if holder is not None and self._is_ours(holder):
       self.file.unlink(missing_ok=True)
     else:
-      logging.warning("Leaving workdir lock %s in place: it is not ours (%s).", self.file,
-                      current[0][:200])
+      logging.warning(
+        "Leaving workdir lock %s in place: it is not ours (%s).", self.file, current[0][:200]
+      )
 
   def _is_ours(self, holder: Mapping[str, Any]) -> bool:
     return (holder["run_id"], holder["host"], holder["pid"]) == (
-        self.run_id, socket.gethostname(), os.getpid())
+      self.run_id,
+      socket.gethostname(),
+      os.getpid(),
+    )
 
   def _create(self, text: str) -> None:
     """Creates the lock file holding `text` unless it exists; the caller reads it back."""
@@ -246,19 +258,28 @@ class RunLock:
         age = time.time() - os.stat(self.file).st_mtime
       except FileNotFoundError:
         return None
-      return (f"its unreadable lock file is {age:.0f} s old (left by a run that died writing it)"
-              if age > _UNREADABLE_STALE_S else None)
+      return (
+        f"its unreadable lock file is {age:.0f} s old (left by a run that died writing it)"
+        if age > _UNREADABLE_STALE_S
+        else None
+      )
     if (holder["host"], holder.get("pid_namespace")) != (socket.gethostname(), _pid_namespace()):
       return None
     gone = _gone(holder["pid"], holder.get("pid_start_time"))
-    return gone and (f"run {holder['run_id']} (host {holder['host']}, pid {holder['pid']}, "
-                     f"started {holder.get('started', '?')}) {gone}")
+    return gone and (
+      f"run {holder['run_id']} (host {holder['host']}, pid {holder['pid']}, "
+      f"started {holder.get('started', '?')}) {gone}"
+    )
 
 
 def _this_process() -> dict[str, Any]:
   pid = os.getpid()
-  return dict(host=socket.gethostname(), pid=pid, pid_start_time=_pid_start_time(pid),
-              pid_namespace=_pid_namespace())
+  return dict(
+    host=socket.gethostname(),
+    pid=pid,
+    pid_start_time=_pid_start_time(pid),
+    pid_namespace=_pid_namespace(),
+  )
 
 
 def _pid_start_time(pid: int) -> int | None:
@@ -299,9 +320,13 @@ def _gone(pid: int, start_time: int | None) -> str | None:
 
 def _parse(text: str) -> dict[str, Any]:
   record = json.loads(text)
-  if not (isinstance(record, dict) and isinstance(record.get("run_id"), str)
-          and isinstance(record.get("host"), str) and isinstance(record.get("pid"), int)
-          and record["pid"] > 0):  # os.kill(0 or -1, 0) would ask about many processes.
+  if not (
+    isinstance(record, dict)
+    and isinstance(record.get("run_id"), str)
+    and isinstance(record.get("host"), str)
+    and isinstance(record.get("pid"), int)
+    and record["pid"] > 0
+  ):  # os.kill(0 or -1, 0) would ask about many processes.
     raise ValueError(f"Not a lock record: {text!r}")
   return record
 
@@ -320,10 +345,12 @@ def _takeover_guard(lock_file: epath.Path) -> Iterator[None]:
   so it cannot go stale: on the workdir itself, or for an object store on a temp file
   named after the lock's URL."""
   import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only, as are takeovers.
+
   name = os.fspath(lock_file)
   if is_remote(name):
-    guard = os.path.join(tempfile.gettempdir(),
-                         f"mmtl-lock-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
+    guard = os.path.join(
+      tempfile.gettempdir(), f"mmtl-lock-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    )
     fd = os.open(guard, os.O_RDONLY | os.O_CREAT, 0o644)
   else:
     fd = os.open(os.path.dirname(name), os.O_RDONLY)

@@ -11,11 +11,12 @@ checkpoint:
   2 layers each, projection 24; character-level BPE CLIP tokenizer.
 `make_tiny_checkpoint(family, out_dir, **config_overrides)` writes variants.
 """
+
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
+import string
 
 import pytest
 
@@ -27,17 +28,36 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def _bert_tokenizer(out: Path):
   from transformers import BertTokenizer
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,!?'-", *_LETTERS,
-           *(f"##{c}" for c in _LETTERS), *_WORDS[1:]]
-  tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=32)
+
+  vocab = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    *".,!?'-",
+    *_LETTERS,
+    *(f"##{c}" for c in _LETTERS),
+    *_WORDS[1:],
+  ]
+  tok = BertTokenizer(
+    vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=32
+  )
   tok.save_pretrained(out)
   return tok
 
 
 def _clip_tokenizer(out: Path):
   from transformers import CLIPTokenizer
+
   # Character-level BPE: every letter alone and at a word's end ("</w>"), a few merges.
-  vocab = ["<|startoftext|>", "<|endoftext|>", *".,!?'-", *_LETTERS, *(f"{c}</w>" for c in _LETTERS)]
+  vocab = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    *".,!?'-",
+    *_LETTERS,
+    *(f"{c}</w>" for c in _LETTERS),
+  ]
   merges = [("r", "e"), ("re", "d</w>"), ("o", "f</w>")]
   vocab += ["".join(m) for m in merges]
   tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=32)
@@ -46,14 +66,25 @@ def _clip_tokenizer(out: Path):
 
 
 def _preprocessor(out: Path, processor: str, mean, std, size: dict, crop: dict | None = None):
-  cfg = dict(image_processor_type=processor, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
-             do_normalize=True, image_mean=mean, image_std=std, size=size, resample=3)
+  cfg = dict(
+    image_processor_type=processor,
+    do_resize=True,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=mean,
+    image_std=std,
+    size=size,
+    resample=3,
+  )
   if crop:
     cfg.update(do_center_crop=True, crop_size=crop)
   (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> str:
+def make_tiny_checkpoint(
+  family: str, out_dir: str | Path, seed: int = 0, **config_overrides
+) -> str:
   """Save a tiny random transformers `family` ("bert", "vit", "clip") model to `out_dir`.
 
   For "clip", `config_overrides` may hold `text_config` / `vision_config` dicts
@@ -61,14 +92,16 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **conf
   """
   import torch
   import transformers as tr
+
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   torch.manual_seed(seed)
   common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
   if family == "bert":
     tok = _bert_tokenizer(out)
-    cfg = tr.BertConfig(**{**common, "vocab_size": len(tok), "max_position_embeddings": 32,
-                           **config_overrides})
+    cfg = tr.BertConfig(
+      **{**common, "vocab_size": len(tok), "max_position_embeddings": 32, **config_overrides}
+    )
     model = tr.BertModel(cfg)
   elif family == "vit":
     _preprocessor(out, "ViTImageProcessor", [0.5] * 3, [0.5] * 3, dict(height=16, width=16))
@@ -76,15 +109,29 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **conf
     model = tr.ViTModel(cfg)
   elif family == "clip":
     tok = _clip_tokenizer(out)
-    _preprocessor(out, "CLIPImageProcessor", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, dict(shortest_edge=16),
-                  crop=dict(height=16, width=16))
+    _preprocessor(
+      out,
+      "CLIPImageProcessor",
+      OPENAI_CLIP_MEAN,
+      OPENAI_CLIP_STD,
+      dict(shortest_edge=16),
+      crop=dict(height=16, width=16),
+    )
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    text = dict(common, vocab_size=len(tok), max_position_embeddings=32, eos_token_id=eos,
-                pad_token_id=eos, bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"))
+    text = dict(
+      common,
+      vocab_size=len(tok),
+      max_position_embeddings=32,
+      eos_token_id=eos,
+      pad_token_id=eos,
+      bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+    )
     vision = dict(common, image_size=16, patch_size=4)
     text.update(config_overrides.pop("text_config", {}))
     vision.update(config_overrides.pop("vision_config", {}))
-    cfg = tr.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24, **config_overrides)
+    cfg = tr.CLIPConfig(
+      text_config=text, vision_config=vision, projection_dim=24, **config_overrides
+    )
     model = tr.CLIPModel(cfg)
   else:
     raise ValueError(f"family={family!r}: use 'bert', 'vit' or 'clip'.")

@@ -12,6 +12,7 @@ checkpoint fully replicated and writes what it got to WORKDIR/result_<i>.npz.
 runs the real trainer, `mmtl.train.train(CONFIG, WORKDIR)`, on any number of
 processes (JAX_NUM_PROCESSES=1 or unset: one process).
 """
+
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ def train(workdir: str) -> list[float]:
   """Trains STEPS steps and checkpoints the final state in WORKDIR/checkpoints."""
   from mmtl import checkpoint, sharding
   from tests import sharding_toy as toy
+
   mesh = sharding.make_mesh(MESH)
   state, losses = toy.run(mesh, RULES, STEPS)
   with checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
@@ -44,6 +46,7 @@ def main(workdir: str) -> None:
 
   from mmtl import checkpoint, rules, sharding
   from tests import sharding_toy as toy
+
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.devices())
 
   losses = train(workdir)
@@ -60,11 +63,16 @@ def main(workdir: str) -> None:
   # Values every process holds in full (pretrained weights) -> global sharded arrays.
   host = jax.device_get(state["params"])
   placed = jax.device_put(host, sharding.param_shardings(mesh, host, RULES))
-  total = jax.jit(lambda t: sum(x.sum() for x in jax.tree.leaves(t)),
-                  out_shardings=sharding.replicated(mesh))
+  total = jax.jit(
+    lambda t: sum(x.sum() for x in jax.tree.leaves(t)), out_shardings=sharding.replicated(mesh)
+  )
   arrays["host_tree_sum"] = np.asarray(total(placed))
-  np.savez(os.path.join(workdir, f"result_{jax.process_index()}.npz"), losses=np.asarray(losses),
-           step=np.asarray(state["step"]), **arrays)
+  np.savez(
+    os.path.join(workdir, f"result_{jax.process_index()}.npz"),
+    losses=np.asarray(losses),
+    step=np.asarray(state["step"]),
+    **arrays,
+  )
   with open(os.path.join(workdir, f"data_state_{jax.process_index()}.json"), "w") as f:
     json.dump(data_state, f)
   print(f"process {jax.process_index()} is_main={distributed.is_main_process()} done")
@@ -74,6 +82,7 @@ def run_trainer(workdir: str, config_path: str) -> None:
   import ml_collections as mlc
 
   from mmtl import train
+
   with open(config_path) as f:
     train.train(mlc.ConfigDict(json.load(f)), workdir)
 

@@ -5,6 +5,7 @@ the loop uses mmtl.sharding the way the trainer does: init straight into the
 target shardings, a jitted step with in/out NamedShardings and donated state,
 per-process batch slices through `mmtl.data.device.put_batch`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,14 +34,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(WIDTH, name="fc2")(nn.gelu(nn.Dense(2 * WIDTH, name="fc1")(x)))
 
 
 class Layer(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = x + Attention(name="attn")(nn.LayerNorm(name="attn_norm")(x))
@@ -102,15 +101,20 @@ def train_step(state, batch):
 def state_shardings(mesh, rules):
   shapes = jax.eval_shape(init, jax.random.key(0))
   return shapes, sharding.state_shardings(
-      mesh, shapes, sharding.param_shardings(mesh, shapes["params"], rules))
+    mesh, shapes, sharding.param_shardings(mesh, shapes["params"], rules)
+  )
 
 
 @functools.cache  # compile once per (mesh, rules) in a test session: CPU time is scarce
 def _jitted(mesh, rules):
   _, shardings = state_shardings(mesh, rules)
   init_fn = jax.jit(init, out_shardings=shardings)
-  step_fn = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = jax.jit(
+    train_step,
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
   return init_fn, step_fn
 
 
@@ -135,7 +139,7 @@ def local_batch(step: int, mesh) -> dict[str, np.ndarray]:
   """This process's rows of the global batch, as a data loader would give them."""
   index, count = sharding.process_data_shard(mesh)
   rows = GLOBAL_BATCH // count
-  return {k: v[index * rows:(index + 1) * rows] for k, v in global_batch(step).items()}
+  return {k: v[index * rows : (index + 1) * rows] for k, v in global_batch(step).items()}
 
 
 def run(mesh, rules, num_steps: int, state=None) -> tuple[dict, list[float]]:
@@ -151,8 +155,9 @@ def run(mesh, rules, num_steps: int, state=None) -> tuple[dict, list[float]]:
 
 
 @functools.cache
-def reference_run(mesh_items: tuple, rules: str, num_steps: int,
-                  num_devices: int | None = None) -> tuple[dict, list[float]]:
+def reference_run(
+  mesh_items: tuple, rules: str, num_steps: int, num_devices: int | None = None
+) -> tuple[dict, list[float]]:
   """`run` from a fresh state on the first `num_devices` devices, fetched to
   host numpy; cached so the test files share it."""
   mesh = sharding.make_mesh(dict(mesh_items), devices=jax.devices()[:num_devices])

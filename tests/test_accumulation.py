@@ -1,22 +1,23 @@
 """Gradient accumulation optimizes the full batch's objective: weighted losses (class
 weights, distillation) and the contrastive loss (full-batch negatives, gradient cache)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from mmtl import losses
-from mmtl import optim
-from mmtl import train_step
+from mmtl import losses, optim, train_step
 
 
 def run_steps(objective, params, batch, mask, accum, lr=1.0, steps=1):
-  tx = optax.multi_transform({"t": optax.sgd(lr), "f": optax.set_to_zero()},
-                             jax.tree.map(lambda f: "f" if f else "t", mask))
+  tx = optax.multi_transform(
+    {"t": optax.sgd(lr), "f": optax.set_to_zero()}, jax.tree.map(lambda f: "f" if f else "t", mask)
+  )
   state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
-  step = jax.jit(train_step.make_train_step(objective, tx, mask, lambda s: lr, seed=0,
-                                       accum_steps=accum))
+  step = jax.jit(
+    train_step.make_train_step(objective, tx, mask, lambda s: lr, seed=0, accum_steps=accum)
+  )
   for _ in range(steps):
     state, measured = step(state, batch, None)
   return state["params"], float(measured["train/loss"])
@@ -40,15 +41,20 @@ def test_weighted_loss_is_the_same_objective_under_accumulation():
   (loss 5.8663 with accum 1 vs 4.3911 with accum 2)."""
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(3, 4)).astype(np.float32) * 3, "b": np.ones(4, np.float32)}
-  batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
-           "labels": np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32),
-           # Uneven per microbatch: rows j, j+k, ... form microbatch j.
-           "example_weight": np.array([1, 1, 1, 1, 5, 1, 5, 1], np.float32)}
+  batch = {
+    "x": rng.normal(size=(8, 3)).astype(np.float32),
+    "labels": np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32),
+    # Uneven per microbatch: rows j, j+k, ... form microbatch j.
+    "example_weight": np.array([1, 1, 1, 1, 5, 1, 5, 1], np.float32),
+  }
   mask = {"w": False, "b": True}  # b frozen: must stay bit-identical.
   out = {k: run_steps(linear_objective(), params, batch, mask, k) for k in (1, 2, 4)}
   full = out[1]
-  expected = losses.mean_of(*losses.task_loss("classification", {"logits": batch["x"] @ params["w"]
-                                                                 + params["b"]}, batch, {}))
+  expected = losses.mean_of(
+    *losses.task_loss(
+      "classification", {"logits": batch["x"] @ params["w"] + params["b"]}, batch, {}
+    )
+  )
   assert full[1] == pytest.approx(float(expected), rel=1e-6)
   for k in (2, 4):
     np.testing.assert_allclose(out[k][0]["w"], full[0]["w"], rtol=1e-5, atol=1e-6)
@@ -60,15 +66,18 @@ def test_weighted_loss_is_the_same_objective_under_accumulation():
 def test_unweighted_accumulation_still_matches():
   rng = np.random.default_rng(1)
   params = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.ones(2, np.float32)}
-  batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
-           "labels": rng.normal(size=(8, 2)).astype(np.float32)}
+  batch = {
+    "x": rng.normal(size=(8, 3)).astype(np.float32),
+    "labels": rng.normal(size=(8, 2)).astype(np.float32),
+  }
 
   def forward(trainable, frozen, batch, rng):
     w = optim.combine(trainable, frozen)
     return {"predictions": batch["x"] @ w["w"] + w["b"]}
 
-  objective = train_step.Objective(forward, lambda o, b, t: losses.task_loss("regression", o, b, {}),
-                              separable=True)
+  objective = train_step.Objective(
+    forward, lambda o, b, t: losses.task_loss("regression", o, b, {}), separable=True
+  )
   mask = {"w": False, "b": False}
   out = {k: run_steps(objective, params, batch, mask, k, lr=0.1) for k in (1, 2, 4)}
   for k in (2, 4):
@@ -79,14 +88,17 @@ def test_unweighted_accumulation_still_matches():
 def contrastive_objective(dropout=0.0):
   """Two linear towers + CLIP's temperature, optionally with dropout on the image
   features (then the recomputed forward pass must reuse each microbatch's RNG)."""
+
   def forward(trainable, frozen, batch, rng):
     p = optim.combine(trainable, frozen)
     keep = jax.random.bernoulli(rng, 1.0 - dropout, batch["image"].shape)
     image = (batch["image"] * keep / (1.0 - dropout)) @ p["image"]
     text = batch["text"] @ p["text"]
-    return {"image_embeds": image / jnp.linalg.norm(image, axis=-1, keepdims=True),
-            "text_embeds": text / jnp.linalg.norm(text, axis=-1, keepdims=True),
-            "logit_scale": p["logit_scale"]}
+    return {
+      "image_embeds": image / jnp.linalg.norm(image, axis=-1, keepdims=True),
+      "text_embeds": text / jnp.linalg.norm(text, axis=-1, keepdims=True),
+      "logit_scale": p["logit_scale"],
+    }
 
   def loss(outputs, batch, teacher_params):
     return losses.task_loss("contrastive", outputs, batch, {})
@@ -96,11 +108,15 @@ def contrastive_objective(dropout=0.0):
 
 def contrastive_problem():
   rng = np.random.default_rng(2)
-  params = {"image": rng.normal(size=(6, 5)).astype(np.float32),
-            "text": rng.normal(size=(4, 5)).astype(np.float32),
-            "logit_scale": np.float32(np.log(10.0))}
-  batch = {"image": rng.normal(size=(16, 6)).astype(np.float32),
-           "text": rng.normal(size=(16, 4)).astype(np.float32)}
+  params = {
+    "image": rng.normal(size=(6, 5)).astype(np.float32),
+    "text": rng.normal(size=(4, 5)).astype(np.float32),
+    "logit_scale": np.float32(np.log(10.0)),
+  }
+  batch = {
+    "image": rng.normal(size=(16, 6)).astype(np.float32),
+    "text": rng.normal(size=(16, 4)).astype(np.float32),
+  }
   return params, batch, {"image": False, "text": False, "logit_scale": False}
 
 
@@ -108,8 +124,10 @@ def test_contrastive_accumulation_uses_full_batch_negatives():
   """InfoNCE on one batch was 4.49 / 3.57 / 2.49 for accum 1 / 2 / 4 (each microbatch's
   negatives only); with the gradient cache it is the full batch's, and so is the step."""
   params, batch, mask = contrastive_problem()
-  out = {k: run_steps(contrastive_objective(), params, batch, mask, k, lr=0.5, steps=2)
-         for k in (1, 2, 4)}
+  out = {
+    k: run_steps(contrastive_objective(), params, batch, mask, k, lr=0.5, steps=2)
+    for k in (1, 2, 4)
+  }
   for k in (2, 4):
     assert out[k][1] == pytest.approx(out[1][1], rel=1e-5)
     for name in params:
@@ -127,8 +145,14 @@ def test_gradient_cache_backprops_the_same_dropout_masks():
   rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # The step's RNG at step 0.
 
   def reference_loss(p):
-    outputs = [objective.forward(*optim.split(p, mask), jax.tree.map(lambda x: x[j], train_step._split(batch, k)),
-                                 jax.random.fold_in(rng, j)) for j in range(k)]
+    outputs = [
+      objective.forward(
+        *optim.split(p, mask),
+        jax.tree.map(lambda x, j=j: x[j], train_step._split(batch, k)),
+        jax.random.fold_in(rng, j),
+      )
+      for j in range(k)
+    ]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     return losses.mean_of(*objective.loss(jax.tree.map(train_step._merge, stacked), batch, None))
 
@@ -136,8 +160,9 @@ def test_gradient_cache_backprops_the_same_dropout_masks():
   new_params, reported = run_steps(objective, params, batch, mask, k, lr=lr)
   assert reported == pytest.approx(float(loss), rel=1e-6)
   for name in params:
-    np.testing.assert_allclose(new_params[name], params[name] - lr * grads[name],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      new_params[name], params[name] - lr * grads[name], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_gradient_cache_keeps_one_microbatchs_activations():
@@ -151,21 +176,29 @@ def test_gradient_cache_keeps_one_microbatchs_activations():
     hidden = jax.nn.gelu(batch["image"] @ p["up"])  # (B, width): the activation to keep small.
     image = hidden @ p["down"]
     text = batch["text"] @ p["text"]
-    return {"image_embeds": image / jnp.linalg.norm(image, axis=-1, keepdims=True),
-            "text_embeds": text / jnp.linalg.norm(text, axis=-1, keepdims=True),
-            "logit_scale": p["logit_scale"]}
+    return {
+      "image_embeds": image / jnp.linalg.norm(image, axis=-1, keepdims=True),
+      "text_embeds": text / jnp.linalg.norm(text, axis=-1, keepdims=True),
+      "logit_scale": p["logit_scale"],
+    }
 
-  objective = train_step.Objective(forward, lambda o, b, t: losses.task_loss("contrastive", o, b, {}),
-                              separable=False)
-  params = {"up": jax.ShapeDtypeStruct((8, width), jnp.float32),
-            "down": jax.ShapeDtypeStruct((width, 8), jnp.float32),
-            "text": jax.ShapeDtypeStruct((8, 8), jnp.float32),
-            "logit_scale": jax.ShapeDtypeStruct((), jnp.float32)}
+  objective = train_step.Objective(
+    forward, lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
+  )
+  params = {
+    "up": jax.ShapeDtypeStruct((8, width), jnp.float32),
+    "down": jax.ShapeDtypeStruct((width, 8), jnp.float32),
+    "text": jax.ShapeDtypeStruct((8, 8), jnp.float32),
+    "logit_scale": jax.ShapeDtypeStruct((), jnp.float32),
+  }
   batch = {k: jax.ShapeDtypeStruct((batch_size, 8), jnp.float32) for k in ("image", "text")}
   mask = jax.tree.map(lambda _: False, params)
   tx = optax.sgd(0.1)
-  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-           "opt_state": jax.eval_shape(tx.init, params)}
+  state = {
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "params": params,
+    "opt_state": jax.eval_shape(tx.init, params),
+  }
 
   def temp_bytes(accum):
     step = train_step.make_train_step(objective, tx, mask, lambda s: 0.1, seed=0, accum_steps=accum)

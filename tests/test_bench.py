@@ -1,4 +1,5 @@
 """mmtl.bench at tiny size on CPU: report structure and FLOP accounting (no timing assertions)."""
+
 import copy
 import json
 import math
@@ -8,9 +9,7 @@ from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
-from mmtl import bench
-from mmtl import hf
-from mmtl import sharding
+from mmtl import bench, hf, sharding
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +19,30 @@ def tiny_report(tmp_path_factory):
   cuDNN attention is asked for: CPU has none, so each mmtl run falls back to XLA's.
   fused is covered by test_fused_flops_match_xla."""
   out = tmp_path_factory.mktemp("bench")
-  report = bench.main(["--tiny", "--out", str(out), "--variants", "full,locked",
-                       "--compile_backend", "aot_eager", "--noisolate", "--xla_flags", "none",
-                       "--attention", "cudnn", "--input", "host", "--warmup", "1", "--steps", "1",
-                       "--repeats", "2"])
+  report = bench.main(
+    [
+      "--tiny",
+      "--out",
+      str(out),
+      "--variants",
+      "full,locked",
+      "--compile_backend",
+      "aot_eager",
+      "--noisolate",
+      "--xla_flags",
+      "none",
+      "--attention",
+      "cudnn",
+      "--input",
+      "host",
+      "--warmup",
+      "1",
+      "--steps",
+      "1",
+      "--repeats",
+      "2",
+    ]
+  )
   return out, report
 
 
@@ -31,8 +50,15 @@ def test_report_files_and_rows(tiny_report):
   out, report = tiny_report
   assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
   runs = {r["name"]: r for r in report["runs"]}
-  assert list(runs) == ["mmtl/full", "mmtl/locked", "mmtl/image_forward", "torch_eager/full",
-                        "torch_compile/full", "torch_eager/locked", "torch_compile/locked"]
+  assert list(runs) == [
+    "mmtl/full",
+    "mmtl/locked",
+    "mmtl/image_forward",
+    "torch_eager/full",
+    "torch_compile/full",
+    "torch_eager/locked",
+    "torch_compile/locked",
+  ]
   assert report["matmul"]["tflops"] > 0
   for row in runs.values():
     assert "error" not in row, row.get("error")
@@ -44,7 +70,8 @@ def test_report_files_and_rows(tiny_report):
     assert np.isfinite(runs[name]["final_loss"])
   for variant in ("full", "locked"):
     assert runs[f"mmtl/{variant}"]["vs_torch_compile"] == pytest.approx(
-        runs[f"mmtl/{variant}"]["pairs_per_s"] / runs[f"torch_compile/{variant}"]["pairs_per_s"])
+      runs[f"mmtl/{variant}"]["pairs_per_s"] / runs[f"torch_compile/{variant}"]["pairs_per_s"]
+    )
   # The inference-only image tower is the forward part of the locked step.
   flops = report["meta"]["flops_per_step"]["locked"]
   assert runs["mmtl/image_forward"]["analytic_flops"] == flops["forward_image"]
@@ -87,6 +114,7 @@ def _lowered_step(preset, variant, batch):
 def traced_matmul_flops(fn, *args) -> int:
   """2 x multiply-adds of every dot_general and convolution `fn` runs (scans and
   nested jaxprs included): what the analytic formula counts, read off the program."""
+
   def count(jaxpr):
     total = 0
     for eqn in jaxpr.eqns:
@@ -97,10 +125,13 @@ def traced_matmul_flops(fn, *args) -> int:
         total += 2 * math.prod(out) * math.prod(lhs[i] for i in contracting)
       elif eqn.primitive.name == "conv_general_dilated":
         rhs = eqn.invars[1].aval.shape
-        total += 2 * math.prod(out) * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        total += (
+          2 * math.prod(out) * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        )
       for sub in jax_core.jaxprs_in_params(eqn.params):
         total += count(sub)
     return total
+
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
@@ -128,6 +159,7 @@ def test_frozen_tower_keeps_no_activations(monkeypatch):
   """XLA's planned temporary memory per extra image layer: a trained layer keeps its
   activations for backward; a frozen one (locked) frees them as in inference, so
   deepening the frozen tower costs next to nothing."""
+
   def temp_bytes(variant, depth):
     preset = copy.deepcopy(bench.PRESETS["tiny"])
     preset["vision_config"]["num_hidden_layers"] = depth
@@ -162,12 +194,14 @@ def test_synthetic_batch_captions_end_with_eos():
 
 def test_isolated_worker_and_xla_flags(tmp_path):
   kept, dropped = bench.supported_xla_flags(
-      (*bench.XLA_FLAGS["recommended"], "--xla_no_such_flag_mmtl=1"))
+    (*bench.XLA_FLAGS["recommended"], "--xla_no_such_flag_mmtl=1")
+  )
   assert kept == list(bench.XLA_FLAGS["recommended"])
   assert dropped == ["--xla_no_such_flag_mmtl=1"]
   # Only the matmul ceiling, in its own worker process.
-  report = bench.main(["--tiny", "--out", str(tmp_path), "--variants", "", "--torch", "none",
-                       "--xla_flags", "none"])
+  report = bench.main(
+    ["--tiny", "--out", str(tmp_path), "--variants", "", "--torch", "none", "--xla_flags", "none"]
+  )
   assert report["runs"] == [] and report["matmul"]["n"] == 256 and report["matmul"]["tflops"] > 0
 
 

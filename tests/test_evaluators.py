@@ -1,4 +1,5 @@
 """Evaluator metrics on hand-made inputs; the evaluator kinds, their table and plumbing."""
+
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
@@ -45,8 +46,16 @@ def test_retrieval_recall_of_collapsed_embeddings_is_no_better_than_chance():
   r = ev.retrieval_recall(images, collapsed, ks=(1, 5, 50))
   # Image->text: all 49 wrong texts tie with the positive. Text->image: the images are
   # ranked the same for every text, so each rank occurs once: recall@k = k / 50.
-  assert r == pytest.approx({"i2t_recall@1": 0.0, "i2t_recall@5": 0.0, "i2t_recall@50": 1.0,
-                             "t2i_recall@1": 1 / 50, "t2i_recall@5": 5 / 50, "t2i_recall@50": 1.0})
+  assert r == pytest.approx(
+    {
+      "i2t_recall@1": 0.0,
+      "i2t_recall@5": 0.0,
+      "i2t_recall@50": 1.0,
+      "t2i_recall@1": 1 / 50,
+      "t2i_recall@5": 5 / 50,
+      "t2i_recall@50": 1.0,
+    }
+  )
   r = ev.retrieval_recall(collapsed, images, ks=(1,))  # Collapsed images: the other way round.
   assert r == pytest.approx({"i2t_recall@1": 1 / 50, "t2i_recall@1": 0.0})
   nan = ev.retrieval_recall(images, np.full((50, 8), np.nan), ks=(1, 49))
@@ -81,16 +90,20 @@ def test_retrieval_recall_multi_caption_ties():
   assert r["i2t_recall@1"] == 0.5 and r["i2t_recall@2"] == 1.0
   # Texts 2 and 3 tie between the images: a miss at 1 for both.
   assert r["t2i_recall@1"] == pytest.approx(3 / 5) and r["t2i_recall@2"] == 1.0
-  collapsed = ev.retrieval_recall(np.eye(50), np.ones((250, 50)), ks=(1, 200),
-                                  text_to_image=np.repeat(np.arange(50), 5))
+  collapsed = ev.retrieval_recall(
+    np.eye(50), np.ones((250, 50)), ks=(1, 200), text_to_image=np.repeat(np.arange(50), 5)
+  )
   assert collapsed["i2t_recall@1"] == 0.0 and collapsed["i2t_recall@200"] == 0.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(), "pass text_to_image"),
     (dict(text_to_image=np.array([0, 1, 3, 1])), r"in \[0, 3\)"),
     (dict(text_to_image=np.array([0, 0, 1, 1])), "Image 2 has no text"),
-])
+  ],
+)
 def test_retrieval_recall_bad_text_to_image(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ev.retrieval_recall(np.ones((3, 2)), np.ones((4, 2)), **kwargs)
@@ -111,16 +124,23 @@ def test_linear_probe_separable_features():
 
 
 def test_collect_drops_padding_rows():
-  batches = [{"logits": np.ones((2, 2)), "labels": np.array([0, 1]), "example_weight": np.array([1.0, 1.0])},
-             {"logits": np.zeros((2, 2)), "labels": np.array([1, 1]), "example_weight": np.array([1.0, 0.0])}]
+  batches = [
+    {"logits": np.ones((2, 2)), "labels": np.array([0, 1]), "example_weight": np.array([1.0, 1.0])},
+    {
+      "logits": np.zeros((2, 2)),
+      "labels": np.array([1, 1]),
+      "example_weight": np.array([1.0, 0.0]),
+    },
+  ]
   out = ev.collect(lambda b: b, batches, ["logits", "labels"])
   assert out["labels"].tolist() == [0, 1, 1] and out["logits"].shape == (3, 2)
 
 
 def _context(batches=(), head_type="classification", **kw):
   """An EvalContext whose predict returns each batch as the model output."""
-  return ev.EvalContext(head_type=head_type, make_batches=lambda cfg: batches,
-                        predict=lambda params, b: b, **kw)
+  return ev.EvalContext(
+    head_type=head_type, make_batches=lambda cfg: batches, predict=lambda params, b: b, **kw
+  )
 
 
 def test_evaluator_config_errors():
@@ -142,10 +162,15 @@ def test_an_unknown_type_lists_every_kind():
 # The table is the single source of every kind's keys, head and metric names. A fake
 # model output with every key any kind reads: 6 real rows and 2 padding rows.
 _RNG = np.random.default_rng(0)
-_OUTPUT = {"logits": _RNG.normal(size=(8, 2)), "labels": np.array([0, 1, 1, 0, 1, 0, 0, 1]),
-           "predictions": _RNG.normal(size=(8, 1)), "image_embeds": _RNG.normal(size=(8, 4)),
-           "text_embeds": _RNG.normal(size=(8, 4)), "features": _RNG.normal(size=(8, 3)),
-           "example_weight": np.array([1.0] * 6 + [0.0] * 2)}
+_OUTPUT = {
+  "logits": _RNG.normal(size=(8, 2)),
+  "labels": np.array([0, 1, 1, 0, 1, 0, 0, 1]),
+  "predictions": _RNG.normal(size=(8, 1)),
+  "image_embeds": _RNG.normal(size=(8, 4)),
+  "text_embeds": _RNG.normal(size=(8, 4)),
+  "features": _RNG.normal(size=(8, 3)),
+  "example_weight": np.array([1.0] * 6 + [0.0] * 2),
+}
 _BATCHES = [{k: v[:4] for k, v in _OUTPUT.items()}, {k: v[4:] for k, v in _OUTPUT.items()}]
 
 
@@ -155,8 +180,9 @@ def _fake_text_embedder(tokenizer, max_len):
 
 
 def _kind_context(kind_cls):
-  return _context(_BATCHES, head_type=kind_cls.HEAD or "classification",
-                  text_embedder=_fake_text_embedder)
+  return _context(
+    _BATCHES, head_type=kind_cls.HEAD or "classification", text_embedder=_fake_text_embedder
+  )
 
 
 def _required(kind):
@@ -188,8 +214,11 @@ def test_every_declared_key_is_accepted_and_a_typo_is_not(kind):
   kind_cls = ev.EVALUATORS[kind]
   cfg = {k: _declared_value(k, spec, kind) for k, spec in kind_cls.keys().items()}
   ev.make("val", cfg, _kind_context(kind_cls)).run(params=None)
-  with pytest.raises(config_lib.ConfigError, match=r"Unknown config key config\.evals\.val\.evry\. "
-                                                   r"Did you mean config\.evals\.val\.every\?"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"Unknown config key config\.evals\.val\.evry\. "
+    r"Did you mean config\.evals\.val\.every\?",
+  ):
     ev.make("val", {"type": kind, "evry": 3, **_required(kind)}, _kind_context(kind_cls))
 
 
@@ -197,15 +226,20 @@ def test_every_declared_key_is_accepted_and_a_typo_is_not(kind):
 def test_a_kind_on_a_model_with_another_head_fails_in_one_line(kind):
   head = ev.EVALUATORS[kind].HEAD
   for model_head in ("classification", "regression", "contrastive"):
-    make = lambda: ev.make("val", {"type": kind, **_required(kind)},
-                           _context(_BATCHES, model_head, text_embedder=_fake_text_embedder))
+    make = lambda model_head=model_head: ev.make(
+      "val",
+      {"type": kind, **_required(kind)},
+      _context(_BATCHES, model_head, text_embedder=_fake_text_embedder),
+    )
     if head in (None, model_head):
       make()
       continue
     with pytest.raises(config_lib.ConfigError) as e:
       make()
-    assert str(e.value) == (f"config.evals.val is a {kind!r} evaluator, which needs a {head!r} "
-                            f"head; the model has head_type={model_head!r}.")
+    assert str(e.value) == (
+      f"config.evals.val is a {kind!r} evaluator, which needs a {head!r} "
+      f"head; the model has head_type={model_head!r}."
+    )
 
 
 def test_config_keys_are_the_union_of_the_kinds_keys():
@@ -220,16 +254,26 @@ def test_check_opens_every_input_a_kind_reads():
   ev.make("val", {"type": "classification", "input": {"split": "test"}}, _context(**kw)).check()
   probe = {"type": "linear_probe", "input": {"split": "test"}, "train_input": {"split": "train"}}
   ev.make("probe", probe, _context(**kw)).check()
-  ev.make("coco", {"type": "retrieval", "captions": 5}, _context(head_type="contrastive",
-                                                                 **kw)).check()
+  ev.make(
+    "coco", {"type": "retrieval", "captions": 5}, _context(head_type="contrastive", **kw)
+  ).check()
   assert [c["input"] for c in opened] == [
-      {"split": "test"}, {"split": "test"}, {"split": "train"},
-      {"eval_text": 0}, {"eval_text": 1, "fields": {"image": None, "audio": None}}]
+    {"split": "test"},
+    {"split": "test"},
+    {"split": "train"},
+    {"eval_text": 0},
+    {"eval_text": 1, "fields": {"image": None, "audio": None}},
+  ]
 
 
 def test_classification_evaluator_runs_over_batches():
-  batches = [{"logits": np.array([[1.0, 0.0], [0.0, 1.0]]), "labels": np.array([0, 0]),
-              "example_weight": np.ones(2)}]
+  batches = [
+    {
+      "logits": np.array([[1.0, 0.0], [0.0, 1.0]]),
+      "labels": np.array([0, 0]),
+      "example_weight": np.ones(2),
+    }
+  ]
   e = ev.make("val", {"type": "classification", "every": 5}, _context(batches))
   out = e.run(params=None)
   assert out["val/accuracy"] == 0.5 and set(out) == {"val/accuracy", "val/macro_f1", "val/loss"}
@@ -244,15 +288,28 @@ def test_zeroshot_averages_each_class_prompts():
     # "a cat" / "the cat" point along axis 0, "a horse" / "the horse" along axis 1.
     return lambda params, texts: np.stack([np.eye(2)[int("horse" in t)] for t in texts])
 
-  batches = [{"image_embeds": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]),
-              "labels": np.array([0, 1, 1]), "example_weight": np.ones(3)}]
-  cfg = {"type": "zeroshot", "classnames": ["cat", "horse"], "prompts": ["a {}", "the {}"],
-         "tokenizer": "tok", "max_len": 16}
+  batches = [
+    {
+      "image_embeds": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]),
+      "labels": np.array([0, 1, 1]),
+      "example_weight": np.ones(3),
+    }
+  ]
+  cfg = {
+    "type": "zeroshot",
+    "classnames": ["cat", "horse"],
+    "prompts": ["a {}", "the {}"],
+    "tokenizer": "tok",
+    "max_len": 16,
+  }
   out = ev.make("zs", cfg, _context(batches, "contrastive", text_embedder=text_embedder)).run(None)
   assert out == {"zs/accuracy": pytest.approx(2 / 3)} and calls == [("tok", 16)]
   with pytest.raises(config_lib.ConfigError, match="needs `classnames` and `tokenizer`"):
-    ev.make("zs", {"type": "zeroshot", "classnames": ["cat"]},
-            _context(batches, "contrastive", text_embedder=text_embedder))
+    ev.make(
+      "zs",
+      {"type": "zeroshot", "classnames": ["cat"]},
+      _context(batches, "contrastive", text_embedder=text_embedder),
+    )
 
 
 def _fake_retrieval_input(images, captions):
@@ -271,8 +328,9 @@ def _fake_retrieval_input(images, captions):
     rows["example_weight"][-1] = 0.0
     return [{k: v[:2] for k, v in rows.items()}, {k: v[2:] for k, v in rows.items()}]
 
-  return calls, ev.EvalContext(head_type="contrastive", make_batches=make_batches,
-                               predict=lambda params, b: b)
+  return calls, ev.EvalContext(
+    head_type="contrastive", make_batches=make_batches, predict=lambda params, b: b
+  )
 
 
 def test_retrieval_evaluator_embeds_every_caption():
@@ -280,14 +338,20 @@ def test_retrieval_evaluator_embeds_every_caption():
   # Caption 0 of image i is closest to image i - 1; caption 1 matches image i.
   captions = np.stack([0.5 * np.roll(images, 1, axis=0), images], 1)
   calls, context = _fake_retrieval_input(images, captions)
-  cfg = {"type": "retrieval", "ks": (1,), "captions": 2,
-         "input": {"fields": {"text": "captions/text"}}}
+  cfg = {
+    "type": "retrieval",
+    "ks": (1,),
+    "captions": 2,
+    "input": {"fields": {"text": "captions/text"}},
+  }
   out = ev.make("coco", cfg, context).run(params=None)
   # i2t: caption 1 is top for every image. t2i: the 3 captions 1 hit, the 3 captions 0 miss.
   assert out == {"coco/i2t_recall@1": 1.0, "coco/t2i_recall@1": 0.5}
   text_only = {"text": "captions/text", "image": None, "audio": None}
-  assert calls == [{"fields": {"text": "captions/text"}, "eval_text": 0},
-                   {"fields": text_only, "eval_text": 1}]
+  assert calls == [
+    {"fields": {"text": "captions/text"}, "eval_text": 0},
+    {"fields": text_only, "eval_text": 1},
+  ]
   calls.clear()
   first = ev.make("coco", dict(cfg, captions=1), context).run(None)
   assert first == {"coco/i2t_recall@1": 0.0, "coco/t2i_recall@1": 0.0} and len(calls) == 1
@@ -301,6 +365,7 @@ def test_retrieval_evaluator_captions_must_be_a_positive_count():
 class _StubModel:
   """A model for the plumbing: logits = x @ w, image_embeds = x; a text's embedding is
   (its number of tokens, the padding's)."""
+
   head_type = "classification"
 
   def __init__(self):
@@ -311,8 +376,11 @@ class _StubModel:
       self.text_shapes.append(batch["input_ids"].shape)
       tokens = batch["attention_mask"].sum(-1, dtype=jnp.float32)
       return {"text_embeds": jnp.stack([tokens, batch["input_ids"].shape[1] - tokens], -1)}
-    return {"logits": batch["x"] @ variables["params"]["w"], "image_embeds": batch["x"],
-            "logit_scale": jnp.ones(())}
+    return {
+      "logits": batch["x"] @ variables["params"]["w"],
+      "image_embeds": batch["x"],
+      "logit_scale": jnp.ones(()),
+    }
 
 
 def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_bert_dir):
@@ -322,14 +390,27 @@ def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_b
     """Opens the input when called (a bad split fails here, as in the pipeline)."""
     read.append((input_cfg.split, input_cfg.dataset, batch_size, process_index, process_count))
     x = np.eye(2, dtype=np.float32)[[0, 1, 1, 0, 0, 1, 1, 0]]
-    return iter([{"x": x, "labels": np.array([0, 1, 1, 0, 0, 1, 0, 0]),
-                  "example_weight": np.array([1.0] * 7 + [0.0])}])
+    return iter(
+      [
+        {
+          "x": x,
+          "labels": np.array([0, 1, 1, 0, 0, 1, 0, 0]),
+          "example_weight": np.array([1.0] * 7 + [0.0]),
+        }
+      ]
+    )
 
   monkeypatch.setattr(ev.data, "make_eval_iterator", make_eval_iterator)
-  config = mlc.ConfigDict(dict(
-      input=dict(dataset="shapes", split="train"), prefetch_to_device=2,
-      evals=dict(val=dict(type="classification", input=dict(split="validation")),
-                 big=dict(type="linear_probe", batch_size=16))))
+  config = mlc.ConfigDict(
+    dict(
+      input=dict(dataset="shapes", split="train"),
+      prefetch_to_device=2,
+      evals=dict(
+        val=dict(type="classification", input=dict(split="validation")),
+        big=dict(type="linear_probe", batch_size=16),
+      ),
+    )
+  )
   mesh = sharding.make_mesh(dict(data=-1))
   model = _StubModel()
   evaluators = {e.name: e for e in ev.make_evaluators(config, model, mesh, batch_size=8)}
@@ -339,22 +420,52 @@ def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_b
   out = evaluators["val"].run({"w": jnp.eye(2)})
   # 7 real rows (the padding row dropped), 6 right: row 6 has label 0 and logits (0, 1).
   right, wrong = np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))
-  assert out == pytest.approx({"val/accuracy": 6 / 7, "val/macro_f1": 6 / 7,
-                               "val/loss": (6 * right + wrong) / 7})
+  assert out == pytest.approx(
+    {"val/accuracy": 6 / 7, "val/macro_f1": 6 / 7, "val/loss": (6 * right + wrong) / 7}
+  )
   with pytest.raises(config_lib.ConfigError, match="needs a 'contrastive' head"):
-    ev.make_evaluators(mlc.ConfigDict(dict(config, evals=dict(
-        zs=dict(type="zeroshot", classnames=["cat"], tokenizer=tiny_bert_dir)))), model, mesh, 8)
+    ev.make_evaluators(
+      mlc.ConfigDict(
+        dict(
+          config, evals=dict(zs=dict(type="zeroshot", classnames=["cat"], tokenizer=tiny_bert_dir))
+        )
+      ),
+      model,
+      mesh,
+      8,
+    )
   model.head_type = "contrastive"
-  zs = ev.make_evaluators(mlc.ConfigDict(dict(config, evals=dict(
-      zs=dict(type="zeroshot", classnames=["cat", "dog"], prompts=["a {}", "the {}"],
-              tokenizer=tiny_bert_dir, max_len=7)))), model, mesh, 8)[0]
+  zs = ev.make_evaluators(
+    mlc.ConfigDict(
+      dict(
+        config,
+        evals=dict(
+          zs=dict(
+            type="zeroshot",
+            classnames=["cat", "dog"],
+            prompts=["a {}", "the {}"],
+            tokenizer=tiny_bert_dir,
+            max_len=7,
+          )
+        ),
+      )
+    ),
+    model,
+    mesh,
+    8,
+  )[0]
   assert 0 <= zs.run({"w": jnp.eye(2)})["zs/accuracy"] <= 1
   assert model.text_shapes == [(2, 7)]  # Both prompts of a class in one batch, max_len tokens.
 
 
 def test_eval_reads_text_eval_text_of_a_sequence(tiny_bert_dir):
-  cfg = options.input_config(dict(fields=dict(image=None, text="captions/text", label=None),
-                                   text=dict(tokenizer=str(tiny_bert_dir)), eval_text=2))
+  cfg = options.input_config(
+    dict(
+      fields=dict(image=None, text="captions/text", label=None),
+      text=dict(tokenizer=str(tiny_bert_dir)),
+      eval_text=2,
+    )
+  )
   example = {"captions": {"text": np.array([b"a dog", b"a cat", b"a cow"])}}
   pre = transforms.Preprocess(cfg, None, train=False)
   assert pre.example(pre.decode(example), np.random.default_rng(0))["text"] == "a cow"

@@ -1,9 +1,10 @@
 """Fusion models over stand-in encoders: shapes, param names, missing modalities."""
+
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from mmtl.models import fusion
 
 class TinyEncoder(nn.Module):
   """Smallest modules implementing mmtl.models.encoder.Encoder (TinyImage, TinyText)."""
+
   hidden: int = 16
   depth: int = 2
 
@@ -44,6 +46,7 @@ class TinyEncoder(nn.Module):
 
 class TinyImage(TinyEncoder):
   """pixel_values NHWC, 4 pixels a token."""
+
   inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
   def setup(self):
@@ -75,18 +78,22 @@ class TinyText(TinyEncoder):
 
 
 def towers(depth_image=2, depth_text=2):
-  return dict(image_encoder=TinyImage(depth=depth_image),
-              text_encoder=TinyText(hidden=24, depth=depth_text))
+  return dict(
+    image_encoder=TinyImage(depth=depth_image), text_encoder=TinyText(hidden=24, depth=depth_text)
+  )
 
 
 def batch(b=4):
   rng = np.random.default_rng(0)
   mask = np.ones((b, 6), np.int32)
   mask[:, 4:] = 0
-  return {"pixel_values": rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
-          "input_ids": rng.integers(1, 50, size=(b, 6)).astype(np.int32),
-          "attention_mask": mask, "token_type_ids": np.zeros((b, 6), np.int32),
-          "labels": np.arange(b) % 3}
+  return {
+    "pixel_values": rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
+    "input_ids": rng.integers(1, 50, size=(b, 6)).astype(np.int32),
+    "attention_mask": mask,
+    "token_type_ids": np.zeros((b, 6), np.int32),
+    "labels": np.arange(b) % 3,
+  }
 
 
 def init(model, b=None):
@@ -94,10 +101,19 @@ def init(model, b=None):
   return model.init(jax.random.PRNGKey(0), b)["params"]
 
 
-@pytest.mark.parametrize("fusion_type", ["concat", "gated", "bilinear", "cross_attention", "bottleneck"])
+@pytest.mark.parametrize(
+  "fusion_type", ["concat", "gated", "bilinear", "cross_attention", "bottleneck"]
+)
 def test_fused_classifier_shapes_and_param_names(fusion_type):
-  model = fusion.FusionModel(**towers(), fusion_type=fusion_type, num_classes=3, width=8,
-                             num_heads=2, bottleneck_tokens=2, fusion_layer=1)
+  model = fusion.FusionModel(
+    **towers(),
+    fusion_type=fusion_type,
+    num_classes=3,
+    width=8,
+    num_heads=2,
+    bottleneck_tokens=2,
+    fusion_layer=1,
+  )
   params = init(model)
   out = model.apply({"params": params}, batch())
   assert out["logits"].shape == (4, 3) and out["features"].shape == (4, 8)
@@ -112,8 +128,9 @@ def test_fused_classifier_shapes_and_param_names(fusion_type):
 
 
 def test_contrastive_two_tower():
-  model = fusion.FusionModel(**towers(), fusion_type="contrastive", head_type="contrastive",
-                             width=8, temperature_init=0.1)
+  model = fusion.FusionModel(
+    **towers(), fusion_type="contrastive", head_type="contrastive", width=8, temperature_init=0.1
+  )
   params = init(model)
   assert set(params["head"]) == {"image_proj", "text_proj", "logit_scale"}
   np.testing.assert_allclose(params["head"]["logit_scale"], np.log(10.0), rtol=1e-6)
@@ -127,21 +144,33 @@ def test_contrastive_two_tower():
 
 
 def test_regression_head_and_single_tower():
-  model = fusion.FusionModel(text_encoder=TinyText(), head_type="regression",
-                             num_classes=1, width=8)
+  model = fusion.FusionModel(
+    text_encoder=TinyText(), head_type="regression", num_classes=1, width=8
+  )
   params = init(model)
   assert set(params) == {"text_encoder", "fusion", "head"}
   assert model.apply({"params": params}, batch())["predictions"].shape == (4, 1)
 
 
-@pytest.mark.parametrize("fusion_type", ["concat", "gated", "bilinear", "cross_attention", "bottleneck"])
+@pytest.mark.parametrize(
+  "fusion_type", ["concat", "gated", "bilinear", "cross_attention", "bottleneck"]
+)
 def test_absent_image_equals_missing_image(fusion_type):
   """image_present=0 gives the same prediction as not passing the image at all."""
-  model = fusion.FusionModel(**towers(), fusion_type=fusion_type, num_classes=3, width=8,
-                             num_heads=2, bottleneck_tokens=2, fusion_layer=-1)
+  model = fusion.FusionModel(
+    **towers(),
+    fusion_type=fusion_type,
+    num_classes=3,
+    width=8,
+    num_heads=2,
+    bottleneck_tokens=2,
+    fusion_layer=-1,
+  )
   params = init(model)
   # A non-zero head so logits depend on the features.
-  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
+  params["head"]["kernel"] = jax.random.normal(
+    jax.random.PRNGKey(1), params["head"]["kernel"].shape
+  )
   b = batch()
   absent = dict(b, image_present=np.zeros(4, np.float32))
   missing = {k: v for k, v in b.items() if k != "pixel_values"}
@@ -153,11 +182,13 @@ def test_absent_image_equals_missing_image(fusion_type):
 
 
 def test_bottleneck_unequal_depths():
-  model = fusion.FusionModel(**towers(depth_image=3, depth_text=2), fusion_type="bottleneck",
-                             width=8, fusion_layer=-1)
+  model = fusion.FusionModel(
+    **towers(depth_image=3, depth_text=2), fusion_type="bottleneck", width=8, fusion_layer=-1
+  )
   assert init(model)["fusion"]["tokens"].shape == (4, 8)
-  bad = fusion.FusionModel(**towers(depth_image=3, depth_text=2), fusion_type="bottleneck",
-                           width=8, fusion_layer=1)
+  bad = fusion.FusionModel(
+    **towers(depth_image=3, depth_text=2), fusion_type="bottleneck", width=8, fusion_layer=1
+  )
   with pytest.raises(ValueError, match="negative fusion_layer"):
     init(bad)
 
@@ -170,29 +201,58 @@ def test_bad_fusion_type_names_choices():
 
 
 def test_bottleneck_refuses_cudnn_attention():
-  bert = hf.build_module(dict(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                              num_attention_heads=2, intermediate_size=32), attention_impl="cudnn")
+  bert = hf.build_module(
+    dict(
+      model_type="bert",
+      vocab_size=50,
+      hidden_size=16,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      intermediate_size=32,
+    ),
+    attention_impl="cudnn",
+  )
   with pytest.raises(ValueError, match="attention_impl='xla'"):
     fusion.FusionModel(image_encoder=TinyImage(), text_encoder=bert, fusion_type="bottleneck")
 
 
 # --- dummy_batch and the encoder protocol ---------------------------------------------
 
+
 def hf_towers():
   """Image, text and audio towers built by mmtl.hf from tiny config dicts (no weights)."""
-  vit = dict(model_type="vit", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-             intermediate_size=32, image_size=8, patch_size=4)
-  bert = dict(model_type="bert", vocab_size=50, hidden_size=24, num_hidden_layers=2,
-              num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
-  return dict(image_encoder=hf.build_module(vit), text_encoder=hf.build_module(bert),
-              audio_encoder=hf.build_module({**vit, "num_channels": 1, "image_size": [8, 12]}))
+  vit = dict(
+    model_type="vit",
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    image_size=8,
+    patch_size=4,
+  )
+  bert = dict(
+    model_type="bert",
+    vocab_size=50,
+    hidden_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+  )
+  return dict(
+    image_encoder=hf.build_module(vit),
+    text_encoder=hf.build_module(bert),
+    audio_encoder=hf.build_module({**vit, "num_channels": 1, "image_size": [8, 12]}),
+  )
 
 
 def hf_batch(b=3):
   rng = np.random.default_rng(0)
   out = batch(b)
-  out.update(pixel_values=rng.normal(size=(b, 8, 8, 3)).astype(np.float32),
-             audio_values=rng.normal(size=(b, 8, 12, 1)).astype(np.float32))
+  out.update(
+    pixel_values=rng.normal(size=(b, 8, 8, 3)).astype(np.float32),
+    audio_values=rng.normal(size=(b, 8, 12, 1)).astype(np.float32),
+  )
   return out
 
 
@@ -209,9 +269,16 @@ def test_dummy_batch_inits_the_params_of_a_real_batch(fusion_type, tower_set):
     model_towers, real = towers(), batch()
   else:
     model_towers, real = hf_towers(), hf_batch()
-  model = fusion.FusionModel(**model_towers, fusion_type=fusion_type, head_type=kind,
-                             num_classes=3, width=8, num_heads=2, bottleneck_tokens=2,
-                             fusion_layer=-1)
+  model = fusion.FusionModel(
+    **model_towers,
+    fusion_type=fusion_type,
+    head_type=kind,
+    num_classes=3,
+    width=8,
+    num_heads=2,
+    bottleneck_tokens=2,
+    fusion_layer=-1,
+  )
   dummy = model.dummy_batch()
   fields = {"pixel_values", "input_ids", "attention_mask"}
   if tower_set != "tiny":
@@ -220,7 +287,8 @@ def test_dummy_batch_inits_the_params_of_a_real_batch(fusion_type, tower_set):
   assert real["input_ids"].shape[1] > dummy["input_ids"].shape[1]  # Longer and padded.
   assert param_shapes(model, dummy) == param_shapes(model, real)
   assert {p.split("/")[0] for p in param_shapes(model, dummy)} >= {
-      f"{m}_encoder" for m in model.modalities}
+    f"{m}_encoder" for m in model.modalities
+  }
 
 
 def test_tower_inputs_are_the_declared_ones():
@@ -236,13 +304,16 @@ def test_tower_inputs_are_the_declared_ones():
 
 def test_tower_of_the_wrong_modality_names_both():
   bert = hf_towers()["text_encoder"]
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"towers\.image: 'bert' builds a BertModel, whose inputs are "
-                           r"\['input_ids', 'attention_mask', 'token_type_ids'\]; an image tower "
-                           r"takes pixel_values \(batch field 'pixel_values'\)"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"towers\.image: 'bert' builds a BertModel, whose inputs are "
+    r"\['input_ids', 'attention_mask', 'token_type_ids'\]; an image tower "
+    r"takes pixel_values \(batch field 'pixel_values'\)",
+  ):
     fusion._check_tower_inputs("image", bert, {"model_type": "bert"})
   clip = hf.build_module({"model_type": "clip"})
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"CLIPModel, which is not a tower.*tower='vision'"):
+  with pytest.raises(
+    config_lib.ConfigError, match=r"CLIPModel, which is not a tower.*tower='vision'"
+  ):
     fusion._check_tower_inputs("image", clip, "openai/clip")
   fusion._check_tower_inputs("audio", hf_towers()["audio_encoder"], "vit")

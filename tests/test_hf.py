@@ -1,7 +1,8 @@
 """mmtl.hf: checkpoint formats, hub cache, errors, towers, load_params_into, export."""
+
 import json
-import shutil
 from pathlib import Path
+import shutil
 
 import flax.serialization
 import huggingface_hub
@@ -50,13 +51,17 @@ def _hf_flax_tree(state):
 
 # --- Formats ---------------------------------------------------------------------
 
+
 def test_flax_msgpack_and_sharded_checkpoints_load_the_same(tiny_bert_dir, tmp_path):
   _, ref, _ = hf.load_pretrained(tiny_bert_dir)
   state = _state(_copy(tiny_bert_dir, tmp_path / "src"))
   tree = _hf_flax_tree(state)
   # The names of real FlaxBertModel checkpoints.
   assert tree["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"].shape == (32, 32)
-  assert "scale" in tree["embeddings"]["LayerNorm"] and "embedding" in tree["embeddings"]["word_embeddings"]
+  assert (
+    "scale" in tree["embeddings"]["LayerNorm"]
+    and "embedding" in tree["embeddings"]["word_embeddings"]
+  )
 
   def folder(name, files):
     d = tmp_path / name
@@ -73,17 +78,25 @@ def test_flax_msgpack_and_sharded_checkpoints_load_the_same(tiny_bert_dir, tmp_p
 
   keys = sorted(state)
   half = len(keys) // 2
-  shards = {"model-00001-of-00002.safetensors": {k: state[k] for k in keys[:half]},
-            "model-00002-of-00002.safetensors": {k: state[k] for k in keys[half:]}}
+  shards = {
+    "model-00001-of-00002.safetensors": {k: state[k] for k in keys[:half]},
+    "model-00002-of-00002.safetensors": {k: state[k] for k in keys[half:]},
+  }
   index = {"weight_map": {k: f for f, part in shards.items() for k in part}}
-  flax_shards = {"flax_model-00001-of-00002.msgpack": {"embeddings": tree["embeddings"]},
-                 "flax_model-00002-of-00002.msgpack": {k: v for k, v in tree.items() if k != "embeddings"}}
-  flax_index = {"weight_map": {k: f for f, part in flax_shards.items() for k in rules.flatten(part)}}
+  flax_shards = {
+    "flax_model-00001-of-00002.msgpack": {"embeddings": tree["embeddings"]},
+    "flax_model-00002-of-00002.msgpack": {k: v for k, v in tree.items() if k != "embeddings"},
+  }
+  flax_index = {
+    "weight_map": {k: f for f, part in flax_shards.items() for k in rules.flatten(part)}
+  }
   checkpoints = {
-      "msgpack": {"flax_model.msgpack": flax.serialization.msgpack_serialize(tree)},
-      "sharded": {**shards, "model.safetensors.index.json": index},
-      "sharded_msgpack": {**{f: flax.serialization.msgpack_serialize(t) for f, t in flax_shards.items()},
-                          "flax_model.msgpack.index.json": flax_index},
+    "msgpack": {"flax_model.msgpack": flax.serialization.msgpack_serialize(tree)},
+    "sharded": {**shards, "model.safetensors.index.json": index},
+    "sharded_msgpack": {
+      **{f: flax.serialization.msgpack_serialize(t) for f, t in flax_shards.items()},
+      "flax_model.msgpack.index.json": flax_index,
+    },
   }
   for name, files in checkpoints.items():
     _, params, _ = hf.load_pretrained(folder(name, files))
@@ -91,8 +104,11 @@ def test_flax_msgpack_and_sharded_checkpoints_load_the_same(tiny_bert_dir, tmp_p
 
 
 def test_bert_for_task_checkpoint_loads_encoder(tiny_bert_dir, tmp_path):
-  """`bert.`-prefixed weights with a head (BertForSequenceClassification) load; the head is skipped."""
-  torch_model = transformers.BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
+  """`bert.`-prefixed weights with a head (BertForSequenceClassification) load; the head is
+  skipped."""
+  torch_model = transformers.BertForSequenceClassification.from_pretrained(
+    tiny_bert_dir, num_labels=3
+  )
   torch_model.save_pretrained(tmp_path)
   assert any(k.startswith("bert.") for k in _state(tmp_path))
   _, params, _ = hf.load_pretrained(tmp_path)
@@ -113,7 +129,9 @@ def test_hub_id_from_the_hf_cache_offline_with_revision(tiny_bert_dir, tmp_path,
   _, params, _ = hf.load_pretrained("mmtl-test/tiny-bert")
   _assert_trees_equal(params, hf.load_pretrained(tiny_bert_dir)[1])
   _, params_b, _ = hf.load_pretrained("mmtl-test/tiny-bert", revision=other)
-  assert not np.array_equal(params_b["pooler"]["dense"]["kernel"], params["pooler"]["dense"]["kernel"])
+  assert not np.array_equal(
+    params_b["pooler"]["dense"]["kernel"], params["pooler"]["dense"]["kernel"]
+  )
   assert len(preprocess.load_tokenizer("mmtl-test/tiny-bert")) == 92
   with pytest.raises(hf.CheckpointError, match="not in the HF cache and downloads are off"):
     hf.load_pretrained("mmtl-test/not-cached")
@@ -121,19 +139,26 @@ def test_hub_id_from_the_hf_cache_offline_with_revision(tiny_bert_dir, tmp_path,
 
 # --- Errors ------------------------------------------------------------------------
 
+
 def test_unknown_model_type(tiny_bert_dir, tmp_path):
   d = _copy(tiny_bert_dir, tmp_path / "ckpt")
-  (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
-                                             "model_type": "gpt2"}))
-  with pytest.raises(hf.CheckpointError, match=r"Unknown model_type 'gpt2'.*implements \['bert'.*"
-                                               r"one line in mmtl/models/registry\.py"):
+  (d / "config.json").write_text(
+    json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "gpt2"})
+  )
+  with pytest.raises(
+    hf.CheckpointError,
+    match=r"Unknown model_type 'gpt2'.*implements \['bert'.*"
+    r"one line in mmtl/models/registry\.py",
+  ):
     hf.load_pretrained(d)
 
 
 def test_missing_files_and_bad_arguments(tiny_bert_dir, tiny_vit_dir, tmp_path):
   d = _copy(tiny_bert_dir, tmp_path / "ckpt")
   (d / "model.safetensors").unlink()
-  with pytest.raises(hf.CheckpointError, match=r"No weights in .*expected one of \['model.safetensors'"):
+  with pytest.raises(
+    hf.CheckpointError, match=r"No weights in .*expected one of \['model.safetensors'"
+  ):
     hf.load_pretrained(d)
   (d / "config.json").unlink()
   with pytest.raises(hf.CheckpointError, match="No config.json"):
@@ -142,8 +167,10 @@ def test_missing_files_and_bad_arguments(tiny_bert_dir, tiny_vit_dir, tmp_path):
     hf.load_pretrained(str(tmp_path / "nowhere" / "x" / "y"))
   with pytest.raises(hf.CheckpointError, match="revision='v1' only applies to hub ids"):
     hf.load_pretrained(tiny_bert_dir, revision="v1")
-  with pytest.raises(hf.CheckpointError,
-                     match="tower='vision' picks a tower of a 'clip' checkpoint.*model_type='vit'"):
+  with pytest.raises(
+    hf.CheckpointError,
+    match="tower='vision' picks a tower of a 'clip' checkpoint.*model_type='vit'",
+  ):
     hf.load_pretrained(tiny_vit_dir, tower="vision")
   with pytest.raises(hf.CheckpointError, match=r"tower='audio': use one of \['text', 'vision'\]"):
     hf.build_module({"model_type": "clip"}, tower="audio")
@@ -153,8 +180,10 @@ def test_shape_mismatch_names_path_and_both_shapes(tiny_bert_dir, tmp_path):
   d = _copy(tiny_bert_dir, tmp_path / "ckpt")
   config = json.loads((d / "config.json").read_text())
   (d / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
-  with pytest.raises(hf.CheckpointError,
-                     match=r"encoder/layer_0/mlp/fc1/kernel: checkpoint \(32, 37\) vs model \(32, 40\)"):
+  with pytest.raises(
+    hf.CheckpointError,
+    match=r"encoder/layer_0/mlp/fc1/kernel: checkpoint \(32, 37\) vs model \(32, 40\)",
+  ):
     hf.load_pretrained(d)
 
 
@@ -163,29 +192,46 @@ def test_missing_and_unexpected_params_and_dont_load(tiny_bert_dir, tmp_path):
   state = _state(d)
   del state["pooler.dense.weight"]
   safetensors.numpy.save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-  with pytest.raises(hf.CheckpointError, match=r"1 param\(s\) missing from the checkpoint: pooler/dense/kernel"):
+  with pytest.raises(
+    hf.CheckpointError, match=r"1 param\(s\) missing from the checkpoint: pooler/dense/kernel"
+  ):
     hf.load_pretrained(d)
   # dont_load keeps the initialized value instead (seeded), never silently.
   _, params, _ = hf.load_pretrained(d, dont_load=["pooler/dense/kernel"])
   _, again, _ = hf.load_pretrained(d, dont_load=["pooler/dense/kernel"])
-  np.testing.assert_array_equal(params["pooler"]["dense"]["kernel"], again["pooler"]["dense"]["kernel"])
+  np.testing.assert_array_equal(
+    params["pooler"]["dense"]["kernel"], again["pooler"]["dense"]["kernel"]
+  )
   np.testing.assert_array_equal(params["pooler"]["dense"]["bias"], state["pooler.dense.bias"])
   # A module without the pooler: the checkpoint's pooler is unexpected unless left out.
-  with pytest.raises(hf.CheckpointError, match="2 checkpoint param\\(s\\) the model does not have: pooler/dense/kernel, pooler/dense/bias"):
+  with pytest.raises(
+    hf.CheckpointError,
+    match="2 checkpoint param\\(s\\) the model does not have: "
+    "pooler/dense/kernel, pooler/dense/bias",
+  ):
     hf.load_pretrained(tiny_bert_dir, add_pooling_layer=False)
-  module, params, _ = hf.load_pretrained(tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"])
+  module, params, _ = hf.load_pretrained(
+    tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"]
+  )
   assert "pooler" not in params and not module.add_pooling_layer
-  with pytest.raises(rules.RuleError, match=r"dont_load: rule\(s\) \['poler/\.\*'\] match no parameter"):
+  with pytest.raises(
+    rules.RuleError, match=r"dont_load: rule\(s\) \['poler/\.\*'\] match no parameter"
+  ):
     hf.load_pretrained(tiny_bert_dir, dont_load=["poler/.*"])
 
 
 # --- Towers, load_params_into -----------------------------------------------------------
 
+
 def _fused_init(tiny_vit_dir, tiny_bert_dir):
   """Stand-in for a fused model: two freshly initialized towers and a head."""
   image = hf.build_module(hf.read_config(tiny_vit_dir), param_dtype=jnp.bfloat16)
   text = hf.build_module(hf.read_config(tiny_bert_dir), add_pooling_layer=False)
-  return {"image_encoder": _zeros(image), "text_encoder": _zeros(text), "head": {"kernel": jnp.ones((64, 3))}}
+  return {
+    "image_encoder": _zeros(image),
+    "text_encoder": _zeros(text),
+    "head": {"kernel": jnp.ones((64, 3))},
+  }
 
 
 def _zeros(module):
@@ -205,13 +251,19 @@ def test_load_params_into_subtrees(tiny_vit_dir, tiny_bert_dir, tiny_clip_dir):
   with pytest.raises(hf.CheckpointError, match="text_encoder/pooler/dense/kernel"):
     hf.load_params_into(params, "text_encoder", tiny_bert_dir)
   loaded = hf.load_params_into(params, "text_encoder", tiny_bert_dir, dont_load=["pooler/.*"])
-  _, bert_params, _ = hf.load_pretrained(tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"])
+  _, bert_params, _ = hf.load_pretrained(
+    tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"]
+  )
   _assert_trees_equal(loaded["text_encoder"], bert_params)
 
   # A CLIP tower into a ViT-shaped slot: names differ, so every param is reported.
-  with pytest.raises(hf.CheckpointError, match="missing from the checkpoint: image_encoder/embeddings/cls_token"):
+  with pytest.raises(
+    hf.CheckpointError, match="missing from the checkpoint: image_encoder/embeddings/cls_token"
+  ):
     hf.load_params_into(params, "image_encoder", tiny_clip_dir, tower="vision")
-  with pytest.raises(hf.CheckpointError, match=r"No subtree 'audio_encoder' in params \(has \['head'"):
+  with pytest.raises(
+    hf.CheckpointError, match=r"No subtree 'audio_encoder' in params \(has \['head'"
+  ):
     hf.load_params_into(params, "audio_encoder", tiny_vit_dir)
 
 
@@ -220,22 +272,37 @@ def test_load_params_into_shape_mismatch_and_dont_load(tiny_vit_dir, tmp_path):
   config = {**hf.read_config(tiny_vit_dir), "num_channels": 1}
   audio = _zeros(hf.build_module(config))
   params = {"audio_encoder": audio}
-  with pytest.raises(hf.CheckpointError, match=r"audio_encoder/embeddings/patch_embeddings/kernel: "
-                                               r"checkpoint \(4, 4, 3, 32\) vs model \(4, 4, 1, 32\)"):
+  with pytest.raises(
+    hf.CheckpointError,
+    match=r"audio_encoder/embeddings/patch_embeddings/kernel: "
+    r"checkpoint \(4, 4, 3, 32\) vs model \(4, 4, 1, 32\)",
+  ):
     hf.load_params_into(params, "audio_encoder", tiny_vit_dir)
-  loaded = hf.load_params_into(params, "audio_encoder", tiny_vit_dir,
-                               dont_load=["embeddings/patch_embeddings/kernel"])
+  loaded = hf.load_params_into(
+    params, "audio_encoder", tiny_vit_dir, dont_load=["embeddings/patch_embeddings/kernel"]
+  )
   kept = loaded["audio_encoder"]["embeddings"]["patch_embeddings"]
   np.testing.assert_array_equal(kept["kernel"], audio["embeddings"]["patch_embeddings"]["kernel"])
-  np.testing.assert_array_equal(kept["bias"], _state(tiny_vit_dir)["embeddings.patch_embeddings.projection.bias"])
+  np.testing.assert_array_equal(
+    kept["bias"], _state(tiny_vit_dir)["embeddings.patch_embeddings.projection.bias"]
+  )
 
 
 # --- Export ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family, tower, inputs", [
-    ("bert", None, "text"), ("vit", None, "image"), ("clip", None, "both"), ("clip", "vision", "image")])
-def test_export_round_trip_into_transformers(family, tower, inputs, tiny_bert_dir, tiny_vit_dir,
-                                             tiny_clip_dir, tmp_path):
+
+@pytest.mark.parametrize(
+  "family, tower, inputs",
+  [
+    ("bert", None, "text"),
+    ("vit", None, "image"),
+    ("clip", None, "both"),
+    ("clip", "vision", "image"),
+  ],
+)
+def test_export_round_trip_into_transformers(
+  family, tower, inputs, tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tmp_path
+):
   src = {"bert": tiny_bert_dir, "vit": tiny_vit_dir, "clip": tiny_clip_dir}[family]
   module, params, _ = hf.load_pretrained(src, tower=tower)
   out = hf.save_pretrained(module, params, tmp_path / "export")
@@ -249,9 +316,14 @@ def test_export_round_trip_into_transformers(family, tower, inputs, tiny_bert_di
   ref_model = ref_cls.from_pretrained(src).eval()
   kw = {}
   if inputs in ("text", "both"):
-    kw["input_ids"] = torch.tensor([[2, 20, 30, 40, 3], [2, 25, 35, 3, 0]]) if family == "bert" else \
-        torch.tensor([[0, 20, 30, 1], [0, 25, 1, 1]])
-    kw["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])[:, :kw["input_ids"].shape[1]]
+    kw["input_ids"] = (
+      torch.tensor([[2, 20, 30, 40, 3], [2, 25, 35, 3, 0]])
+      if family == "bert"
+      else torch.tensor([[0, 20, 30, 1], [0, 25, 1, 1]])
+    )
+    kw["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])[
+      :, : kw["input_ids"].shape[1]
+    ]
   if inputs in ("image", "both"):
     kw["pixel_values"] = torch.randn(2, 3, 16, 16)
   with torch.no_grad():
@@ -267,9 +339,18 @@ def test_export_rejects_foreign_params(tiny_vit_dir, tmp_path):
 
 
 def test_build_module_from_config_dict():
-  module = hf.build_module({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "intermediate_size": 24, "vocab_size": 50},
-                           dtype=jnp.bfloat16, attention_impl="xla")
+  module = hf.build_module(
+    {
+      "model_type": "bert",
+      "hidden_size": 16,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 2,
+      "intermediate_size": 24,
+      "vocab_size": 50,
+    },
+    dtype=jnp.bfloat16,
+    attention_impl="xla",
+  )
   shapes = rules.flatten(hf.param_shapes(module))
   assert shapes["encoder/layer_0/attn/query/kernel"].shape == (16, 16)
   assert "encoder/layer_1/attn/query/kernel" not in shapes
@@ -295,11 +376,20 @@ def test_registry_and_towers():
 
 # --- Preprocessing ------------------------------------------------------------------
 
+
 def test_tokenizer_and_image_stats(tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tmp_path):
   tok = preprocess.load_tokenizer(tiny_bert_dir)
-  assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"]) == ["[CLS]", "a", "red", "circle", "[SEP]"]
-  assert preprocess.load_tokenizer(tiny_clip_dir)("red")["input_ids"][-1] == \
-      hf.read_config(tiny_clip_dir)["text_config"]["eos_token_id"]
+  assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"]) == [
+    "[CLS]",
+    "a",
+    "red",
+    "circle",
+    "[SEP]",
+  ]
+  assert (
+    preprocess.load_tokenizer(tiny_clip_dir)("red")["input_ids"][-1]
+    == hf.read_config(tiny_clip_dir)["text_config"]["eos_token_id"]
+  )
   assert preprocess.image_stats(tiny_vit_dir) == dict(mean=(0.5,) * 3, std=(0.5,) * 3, size=16)
   clip_stats = preprocess.image_stats(tiny_clip_dir)
   assert clip_stats["size"] == 16 and clip_stats["mean"][0] == pytest.approx(0.48145466)

@@ -4,6 +4,7 @@ The fakes execute what the real tools would run on the machines (the workers'
 --command scripts, srun's tasks) on this machine, so the remote shell code is
 tested, not just printed.
 """
+
 import json
 import os
 from pathlib import Path
@@ -20,16 +21,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TPU_VM = str(ROOT / "launch/tpu_vm.sh")
 
-INSTALL = ("set -e; cd ~/mmtl; command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || python3 -m pip install -q "
-           "--user uv; export PATH=~/.local/bin:$PATH; [ -x .venv/bin/python ] || uv venv -q --python 3.11 .venv; "
-           "uv pip install -q --python .venv/bin/python -r requirements.txt \"jax[tpu]\" \"etils[epath-gcs]\"")
+INSTALL = (
+  "set -e; cd ~/mmtl; command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || "
+  "python3 -m pip install -q --user uv; export PATH=~/.local/bin:$PATH; "
+  "[ -x .venv/bin/python ] || uv venv -q --python 3.11 .venv; "
+  "uv pip install -q --python .venv/bin/python -r requirements.txt "
+  "\"jax[tpu]\" \"etils[epath-gcs]\""
+)
 
 
 def start(workdir, extra_env=""):
-  return ("set -e; cd ~/mmtl; if [ -f train.pid ] && kill -0 \"$(cat train.pid)\" 2>/dev/null; then echo \"a run "
-          "is still going on this TPU VM: launch/tpu_vm.sh stop it first\" >&2; exit 1; fi; setsid nohup env "
-          f"{extra_env}.venv/bin/python -m mmtl.train --config configs/quickstart.py --workdir {workdir} "
-          "--config.total_steps=100 >train.log 2>&1 </dev/null & echo $! >train.pid")
+  return (
+    "set -e; cd ~/mmtl; if [ -f train.pid ] && kill -0 \"$(cat train.pid)\" 2>/dev/null; "
+    "then echo \"a run is still going on this TPU VM: launch/tpu_vm.sh stop it first\" >&2; "
+    "exit 1; fi; setsid nohup env "
+    f"{extra_env}.venv/bin/python -m mmtl.train --config configs/quickstart.py --workdir {workdir} "
+    "--config.total_steps=100 >train.log 2>&1 </dev/null & echo $! >train.pid"
+  )
 
 
 def expected_run(name, accelerator_type, workdir, extra_env=""):
@@ -37,18 +45,49 @@ def expected_run(name, accelerator_type, workdir, extra_env=""):
   gcloud = "gcloud compute tpus tpu-vm"
   zone = "--zone=us-central2-b"
   return [
-      [*gcloud.split(), "describe", name, zone, "--format=value(state)"],
-      [*gcloud.split(), "create", name, zone, f"--accelerator-type={accelerator_type}",
-       "--version=tpu-ubuntu2204-base"],
-      ["bash", "-c", f"cd {ROOT} && git ls-files -z --cached --others --exclude-standard | "
-                     f"tar -czf /tmp/mmtl-code-{name}.tgz --null -T -"],
-      [*gcloud.split(), "scp", f"/tmp/mmtl-code-{name}.tgz", f"{name}:mmtl.tgz", zone, "--worker=all"],
-      [*gcloud.split(), "ssh", name, zone, "--worker=all", "--command",
-       "set -e; mkdir -p ~/mmtl; tar -xzf mmtl.tgz -C ~/mmtl; rm mmtl.tgz"],
-      [*gcloud.split(), "ssh", name, zone, "--worker=all", "--command", INSTALL],
-      [*gcloud.split(), "ssh", name, zone, "--worker=all", "--command", start(workdir, extra_env)],
-      [*gcloud.split(), "ssh", name, zone, "--worker=0", "--command",
-       'tail -n +1 -F --pid="$(cat ~/mmtl/train.pid)" ~/mmtl/train.log'],
+    [*gcloud.split(), "describe", name, zone, "--format=value(state)"],
+    [
+      *gcloud.split(),
+      "create",
+      name,
+      zone,
+      f"--accelerator-type={accelerator_type}",
+      "--version=tpu-ubuntu2204-base",
+    ],
+    [
+      "bash",
+      "-c",
+      f"cd {ROOT} && git ls-files -z --cached --others --exclude-standard | "
+      f"tar -czf /tmp/mmtl-code-{name}.tgz --null -T -",
+    ],
+    [
+      *gcloud.split(),
+      "scp",
+      f"/tmp/mmtl-code-{name}.tgz",
+      f"{name}:mmtl.tgz",
+      zone,
+      "--worker=all",
+    ],
+    [
+      *gcloud.split(),
+      "ssh",
+      name,
+      zone,
+      "--worker=all",
+      "--command",
+      "set -e; mkdir -p ~/mmtl; tar -xzf mmtl.tgz -C ~/mmtl; rm mmtl.tgz",
+    ],
+    [*gcloud.split(), "ssh", name, zone, "--worker=all", "--command", INSTALL],
+    [*gcloud.split(), "ssh", name, zone, "--worker=all", "--command", start(workdir, extra_env)],
+    [
+      *gcloud.split(),
+      "ssh",
+      name,
+      zone,
+      "--worker=0",
+      "--command",
+      'tail -n +1 -F --pid="$(cat ~/mmtl/train.pid)" ~/mmtl/train.log',
+    ],
   ]
 
 
@@ -59,65 +98,186 @@ def printed_commands(stdout):
 def tpu_vm(*args, env=None, check=True):
   """Runs tpu_vm.sh with the TPU_* defaults of `env` only (none of the caller's shell)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")} | (env or {})
-  result = subprocess.run([TPU_VM, *args], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=ROOT)
+  result = subprocess.run(
+    [TPU_VM, *args], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT
+  )
   if check:
     assert result.returncode == 0, result.stderr
   return result
 
 
 def test_tpu_vm_dry_run_single_host_v4_8():
-  out = tpu_vm("run", "--dry-run", "--name", "mmtl-v4-8", "--zone", "us-central2-b",
-               "--accelerator-type", "v4-8", "--config", "configs/quickstart.py", "--workdir", "runs/q",
-               "--", "--config.total_steps=100", env={"TMPDIR": "/tmp"}).stdout
+  out = tpu_vm(
+    "run",
+    "--dry-run",
+    "--name",
+    "mmtl-v4-8",
+    "--zone",
+    "us-central2-b",
+    "--accelerator-type",
+    "v4-8",
+    "--config",
+    "configs/quickstart.py",
+    "--workdir",
+    "runs/q",
+    "--",
+    "--config.total_steps=100",
+    env={"TMPDIR": "/tmp"},
+  ).stdout
   assert printed_commands(out) == expected_run("mmtl-v4-8", "v4-8", "runs/q")
   # The printed lines are literal shell commands, quoted where needed.
-  assert "+ gcloud compute tpus tpu-vm describe mmtl-v4-8 --zone=us-central2-b '--format=value(state)'" in out
+  assert (
+    "+ gcloud compute tpus tpu-vm describe mmtl-v4-8 --zone=us-central2-b '--format=value(state)'"
+    in out
+  )
 
 
 def test_tpu_vm_dry_run_pod_slice_v4_32_runs_on_all_workers():
-  out = tpu_vm("run", "--dry-run", "--name", "mmtl-v4-32", "--zone", "us-central2-b",
-               "--accelerator-type", "v4-32", "--config", "configs/quickstart.py",
-               "--workdir", "gs://bucket/runs/q", "--env", "TFDS_DATA_DIR=gs://bucket/tfds", "--delete-after",
-               "--", "--config.total_steps=100", env={"TMPDIR": "/tmp"}).stdout
-  expected = expected_run("mmtl-v4-32", "v4-32", "gs://bucket/runs/q", "TFDS_DATA_DIR=gs://bucket/tfds ")
-  expected.append("gcloud compute tpus tpu-vm delete mmtl-v4-32 --zone=us-central2-b --quiet".split())
+  out = tpu_vm(
+    "run",
+    "--dry-run",
+    "--name",
+    "mmtl-v4-32",
+    "--zone",
+    "us-central2-b",
+    "--accelerator-type",
+    "v4-32",
+    "--config",
+    "configs/quickstart.py",
+    "--workdir",
+    "gs://bucket/runs/q",
+    "--env",
+    "TFDS_DATA_DIR=gs://bucket/tfds",
+    "--delete-after",
+    "--",
+    "--config.total_steps=100",
+    env={"TMPDIR": "/tmp"},
+  ).stdout
+  expected = expected_run(
+    "mmtl-v4-32", "v4-32", "gs://bucket/runs/q", "TFDS_DATA_DIR=gs://bucket/tfds "
+  )
+  expected.append(
+    "gcloud compute tpus tpu-vm delete mmtl-v4-32 --zone=us-central2-b --quiet".split()
+  )
   assert printed_commands(out) == expected
 
 
 def test_tpu_vm_pod_slice_takes_a_shared_local_workdir_when_told():
-  out = tpu_vm("run", "--dry-run", "--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--config", "c.py",
-               "--workdir", "/mnt/nfs/runs/q", "--shared-workdir").stdout
+  out = tpu_vm(
+    "run",
+    "--dry-run",
+    "--name",
+    "p",
+    "--zone",
+    "z",
+    "--accelerator-type",
+    "v4-32",
+    "--config",
+    "c.py",
+    "--workdir",
+    "/mnt/nfs/runs/q",
+    "--shared-workdir",
+  ).stdout
   assert "--workdir /mnt/nfs/runs/q" in printed_commands(out)[-2][-1]
 
 
 def test_tpu_vm_takes_defaults_from_the_environment():
-  out = tpu_vm("up", "--dry-run", env={"TPU_NAME": "vm", "TPU_ZONE": "z", "TPU_ACCELERATOR_TYPE": "v5litepod-16"})
-  assert printed_commands(out.stdout)[1] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "vm", "--zone=z",
-                                             "--accelerator-type=v5litepod-16", "--version=tpu-ubuntu2204-base"]
+  out = tpu_vm(
+    "up",
+    "--dry-run",
+    env={"TPU_NAME": "vm", "TPU_ZONE": "z", "TPU_ACCELERATOR_TYPE": "v5litepod-16"},
+  )
+  assert printed_commands(out.stdout)[1] == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "create",
+    "vm",
+    "--zone=z",
+    "--accelerator-type=v5litepod-16",
+    "--version=tpu-ubuntu2204-base",
+  ]
 
 
 def test_tpu_vm_flags_and_repo_mode():
-  out = tpu_vm("up", "--dry-run", "--name", "t", "--zone", "z", "--project", "p", "--spot",
-               "--repo", "https://example.com/mmtl.git", "--ref", "v1").stdout
+  out = tpu_vm(
+    "up",
+    "--dry-run",
+    "--name",
+    "t",
+    "--zone",
+    "z",
+    "--project",
+    "p",
+    "--spot",
+    "--repo",
+    "https://example.com/mmtl.git",
+    "--ref",
+    "v1",
+  ).stdout
   commands = printed_commands(out)
-  assert commands[1] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "t", "--zone=z", "--project=p",
-                         "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base", "--spot"]
-  assert commands[2][-1] == ("set -e; [ -d ~/mmtl/.git ] || git clone -q https://example.com/mmtl.git ~/mmtl; "
-                             "git -C ~/mmtl fetch -q origin v1; git -C ~/mmtl checkout -q --force FETCH_HEAD")
+  assert commands[1] == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "create",
+    "t",
+    "--zone=z",
+    "--project=p",
+    "--accelerator-type=v4-8",
+    "--version=tpu-ubuntu2204-base",
+    "--spot",
+  ]
+  assert commands[2][-1] == (
+    "set -e; [ -d ~/mmtl/.git ] || git clone -q https://example.com/mmtl.git ~/mmtl; "
+    "git -C ~/mmtl fetch -q origin v1; git -C ~/mmtl checkout -q --force FETCH_HEAD"
+  )
   assert len(commands) == 4  # describe, create, fetch, install: `up` starts nothing.
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--config", "c.py",
-      "--workdir", "runs/x"], "pass a shared --workdir gs://"),
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      [
+        "run",
+        "--name",
+        "p",
+        "--zone",
+        "z",
+        "--accelerator-type",
+        "v4-32",
+        "--config",
+        "c.py",
+        "--workdir",
+        "runs/x",
+      ],
+      "pass a shared --workdir gs://",
+    ),
     (["run", "--name", "p", "--zone", "z", "--workdir", "runs/x"], "run needs --config"),
     (["run", "--zone", "z", "--config", "c.py", "--workdir", "w"], "--name is required"),
     (["launch", "--name", "p", "--zone", "z"], "unknown command 'launch'"),
     (["up", "--name", "p", "--zone", "z", "--bogus"], "unknown option '--bogus'"),
-    (["run", "--name", "p", "--zone", "z", "--accelerator-type", "v4", "--config", "c", "--workdir", "w"],
-     "cannot read the slice size"),
-])
+    (
+      [
+        "run",
+        "--name",
+        "p",
+        "--zone",
+        "z",
+        "--accelerator-type",
+        "v4",
+        "--config",
+        "c",
+        "--workdir",
+        "w",
+      ],
+      "cannot read the slice size",
+    ),
+  ],
+)
 def test_tpu_vm_bad_arguments_are_explained(args, message):
   result = tpu_vm(*args, "--dry-run", check=False)
   assert result.returncode == 2
@@ -160,13 +320,20 @@ FAKE_TRAINER = textwrap.dedent("""\
 def fake_tpu_vm(tmp_path):
   """A HOME playing the workers (venv already installed) and a gcloud playing the API."""
   home, bin_dir = tmp_path / "home", tmp_path / "bin"
-  for path, text in [(bin_dir / "gcloud", FAKE_GCLOUD), (bin_dir / "uv", "#!/bin/sh\nexit 0\n"),
-                     (home / "mmtl/.venv/bin/python", FAKE_TRAINER)]:
+  for path, text in [
+    (bin_dir / "gcloud", FAKE_GCLOUD),
+    (bin_dir / "uv", "#!/bin/sh\nexit 0\n"),
+    (home / "mmtl/.venv/bin/python", FAKE_TRAINER),
+  ]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(0o755)
-  env = {"HOME": str(home), "TMPDIR": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-         "GCLOUD_CALLS": str(tmp_path / "calls.jsonl")}
+  env = {
+    "HOME": str(home),
+    "TMPDIR": str(tmp_path),
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "GCLOUD_CALLS": str(tmp_path / "calls.jsonl"),
+  }
   yield home, env
   pid_file = home / "mmtl/train.pid"
   if pid_file.exists():  # A trainer the test left running.
@@ -182,16 +349,43 @@ def gcloud_calls(env):
 
 def test_tpu_vm_run_executes_what_it_prints(fake_tpu_vm):
   home, env = fake_tpu_vm
-  out = tpu_vm("run", "--name", "vm", "--zone", "z", "--accelerator-type", "v4-32", "--config",
-               "configs/quickstart.py", "--workdir", "gs://b/run 1", "--env", "TFDS_DATA_DIR=gs://b/tfds",
-               "--delete-after", "--", "--config.total_steps=7", env=env).stdout
+  out = tpu_vm(
+    "run",
+    "--name",
+    "vm",
+    "--zone",
+    "z",
+    "--accelerator-type",
+    "v4-32",
+    "--config",
+    "configs/quickstart.py",
+    "--workdir",
+    "gs://b/run 1",
+    "--env",
+    "TFDS_DATA_DIR=gs://b/tfds",
+    "--delete-after",
+    "--",
+    "--config.total_steps=7",
+    env=env,
+  ).stdout
   printed = [c for c in printed_commands(out) if c[0] == "gcloud"]
   assert printed == gcloud_calls(env)
-  assert [c[4] for c in printed] == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  assert [c[4] for c in printed] == [
+    "describe",
+    "create",
+    "scp",
+    "ssh",
+    "ssh",
+    "ssh",
+    "ssh",
+    "delete",
+  ]
   # The code arrived, the trainer ran with its flags and env, and its log was streamed to the end.
   assert (home / "mmtl/launch/tpu_vm.sh").is_file() and not (home / "mmtl.tgz").exists()
-  assert ("trainer args: -m mmtl.train --config configs/quickstart.py --workdir gs://b/run 1 "
-          "--config.total_steps=7") in out
+  assert (
+    "trainer args: -m mmtl.train --config configs/quickstart.py --workdir gs://b/run 1 "
+    "--config.total_steps=7"
+  ) in out
   assert "TFDS_DATA_DIR=gs://b/tfds" in out
   assert out.index("training finished") < out.index("tpu-vm delete")
 
@@ -222,26 +416,70 @@ def test_tpu_vm_refuses_a_second_run_and_stops_the_first(fake_tpu_vm):
 def test_tpu_vm_refuses_a_vm_that_is_not_ready(fake_tpu_vm, tmp_path):
   _, env = fake_tpu_vm
   (tmp_path / "calls.jsonl.state").write_text("PREEMPTED")
-  result = tpu_vm("run", "--name", "vm", "--zone", "z", "--spot", "--config", "c.py", "--workdir", "w",
-                  env=env, check=False)
+  result = tpu_vm(
+    "run",
+    "--name",
+    "vm",
+    "--zone",
+    "z",
+    "--spot",
+    "--config",
+    "c.py",
+    "--workdir",
+    "w",
+    env=env,
+    check=False,
+  )
   assert result.returncode == 2
   assert "TPU VM vm exists but is PREEMPTED, not READY; delete it" in result.stderr
-  assert [call[4] for call in gcloud_calls(env)] == ["describe"]  # Nothing created, copied or started.
+  assert [call[4] for call in gcloud_calls(env)] == [
+    "describe"
+  ]  # Nothing created, copied or started.
 
 
 def test_gpu_sh_dry_run():
-  result = subprocess.run([ROOT / "launch/gpu.sh", "--config", "configs/quickstart.py", "--workdir", "runs/q",
-                           "--gpus", "0,1,2,3", "--python", "python3", "--dry-run", "--", "--config.seed=1"],
-                          capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": "--xla_dump_to=/tmp/d"})
+  result = subprocess.run(
+    [
+      ROOT / "launch/gpu.sh",
+      "--config",
+      "configs/quickstart.py",
+      "--workdir",
+      "runs/q",
+      "--gpus",
+      "0,1,2,3",
+      "--python",
+      "python3",
+      "--dry-run",
+      "--",
+      "--config.seed=1",
+    ],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "XLA_FLAGS": "--xla_dump_to=/tmp/d"},
+  )
   assert result.returncode == 0, result.stderr
-  assert printed_commands(result.stdout) == [[
-      "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+  assert printed_commands(result.stdout) == [
+    [
+      "env",
+      "CUDA_VISIBLE_DEVICES=0,1,2,3",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
       "XLA_FLAGS=--xla_dump_to=/tmp/d --xla_gpu_enable_latency_hiding_scheduler=true",
-      f"PYTHONPATH={ROOT}{os.pathsep + os.environ['PYTHONPATH'] if os.environ.get('PYTHONPATH') else ''}",
-      "python3", "-m", "mmtl.train", "--config", "configs/quickstart.py", "--workdir", "runs/q",
-      "--config.seed=1"]]
-  bad = subprocess.run([ROOT / "launch/gpu.sh", "--config", "c", "--workdir", "w", "--gpus", "all"],
-                       capture_output=True, text=True)
+      f"PYTHONPATH={ROOT}{os.pathsep + os.environ['PYTHONPATH'] if os.environ.get('PYTHONPATH') else ''}",  # noqa: E501
+      "python3",
+      "-m",
+      "mmtl.train",
+      "--config",
+      "configs/quickstart.py",
+      "--workdir",
+      "runs/q",
+      "--config.seed=1",
+    ]
+  ]
+  bad = subprocess.run(
+    [ROOT / "launch/gpu.sh", "--config", "c", "--workdir", "w", "--gpus", "all"],
+    capture_output=True,
+    text=True,
+  )
   assert bad.returncode == 2 and "--gpus expects comma-separated GPU indices" in bad.stderr
 
 
@@ -263,8 +501,10 @@ FAKE_PYTHON = textwrap.dedent(f"""\
     import os, sys, jax
     from mmtl import distributed
     assert distributed.maybe_initialize()
-    line = f"process {{jax.process_index()}}/{{jax.process_count()}} devices {{jax.device_count()}} args"
-    os.write(1, " ".join([line, *sys.argv[1:]]).encode() + b"\\n")  # One write: the tasks share stdout.
+    line = (f"process {{jax.process_index()}}/{{jax.process_count()}} "
+            f"devices {{jax.device_count()}} args")
+    # One write: the tasks share stdout.
+    os.write(1, " ".join([line, *sys.argv[1:]]).encode() + b"\\n")
     jax.distributed.shutdown()
     ' "$@"
     """)
@@ -273,32 +513,63 @@ FAKE_PYTHON = textwrap.dedent(f"""\
 def test_slurm_sbatch_joins_one_jax_job(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  for name, text in [("srun", FAKE_SRUN), ("scontrol", "#!/bin/sh\necho localhost\necho node2\n"),
-                     ("python", FAKE_PYTHON)]:
+  for name, text in [
+    ("srun", FAKE_SRUN),
+    ("scontrol", "#!/bin/sh\necho localhost\necho node2\n"),
+    ("python", FAKE_PYTHON),
+  ]:
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
-         "SLURM_JOB_NODELIST": "localhost,node2", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7",
-         "SLURM_SUBMIT_DIR": str(ROOT), "MMTL_COORDINATOR_PORT": str(port),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(["bash", ROOT / "launch/slurm.sbatch", "configs/quickstart.py", "/shared/w",
-                           "--config.seed=3"], capture_output=True, text=True, env=env, timeout=180)
+  env = {
+    **os.environ,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "PYTHON": str(bin_dir / "python"),
+    "SLURM_JOB_NODELIST": "localhost,node2",
+    "SLURM_NTASKS": "2",
+    "SLURM_JOB_ID": "7",
+    "SLURM_SUBMIT_DIR": str(ROOT),
+    "MMTL_COORDINATOR_PORT": str(port),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "JAX_PLATFORMS": "cpu",
+  }
+  result = subprocess.run(
+    ["bash", ROOT / "launch/slurm.sbatch", "configs/quickstart.py", "/shared/w", "--config.seed=3"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=180,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert f"coordinator localhost:{port}, 2 processes" in result.stdout
   for i in range(2):  # Both tasks are in one job of 2 x 2 devices, with the trainer's flags.
-    assert (f"process {i}/2 devices 4 args -m mmtl.train --config configs/quickstart.py --workdir /shared/w "
-            "--config.seed=3") in result.stdout
+    assert (
+      f"process {i}/2 devices 4 args -m mmtl.train --config configs/quickstart.py --workdir "
+      "/shared/w "
+      "--config.seed=3"
+    ) in result.stdout
 
 
 def test_slurm_sbatch_needs_slurm(tmp_path):
-  result = subprocess.run(["bash", ROOT / "launch/slurm.sbatch", "c.py", "w"], capture_output=True, text=True,
-                          env={**os.environ, "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": ""})
+  result = subprocess.run(
+    ["bash", ROOT / "launch/slurm.sbatch", "c.py", "w"],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": ""},
+  )
   assert result.returncode == 2 and "submit this script with sbatch" in result.stderr
-  elsewhere = subprocess.run(["bash", ROOT / "launch/slurm.sbatch", "c.py", "w"], capture_output=True,
-                             text=True, env={**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)})
+  elsewhere = subprocess.run(
+    ["bash", ROOT / "launch/slurm.sbatch", "c.py", "w"],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)},
+  )
   assert elsewhere.returncode == 2 and "set MMTL_ROOT" in elsewhere.stderr
-  usage = subprocess.run(["bash", ROOT / "launch/slurm.sbatch", "--help"], capture_output=True, text=True)
-  assert usage.returncode == 0 and "sbatch --nodes=4 launch/slurm.sbatch CONFIG WORKDIR" in usage.stdout
+  usage = subprocess.run(
+    ["bash", ROOT / "launch/slurm.sbatch", "--help"], capture_output=True, text=True
+  )
+  assert (
+    usage.returncode == 0 and "sbatch --nodes=4 launch/slurm.sbatch CONFIG WORKDIR" in usage.stdout
+  )

@@ -1,4 +1,5 @@
 """The package's import structure: scripts nothing imports, and no import cycles."""
+
 import ast
 import pathlib
 
@@ -37,8 +38,13 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_graph_sees_the_package():
   graph = import_graph()
-  assert {"mmtl.train", "mmtl.train_step", "mmtl.train_state", "mmtl.data.device",
-          "mmtl.models.fusion"} <= set(graph)
+  assert {
+    "mmtl.train",
+    "mmtl.train_step",
+    "mmtl.train_state",
+    "mmtl.data.device",
+    "mmtl.models.fusion",
+  } <= set(graph)
   assert "mmtl.train_step" in graph["mmtl.train"]
   assert "mmtl.models.fusion" in graph["mmtl.train_state"]
 
@@ -59,7 +65,7 @@ def test_no_import_cycles():
     path.append(m)
     for n in sorted(graph.get(m, ())):
       if state.get(n) == 1:
-        raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+        raise AssertionError("import cycle: " + " -> ".join(path[path.index(n) :] + [n]))
       if n not in state:
         visit(n)
     path.pop()

@@ -1,4 +1,5 @@
 """Params-level LoRA (mmtl.lora) and its training under mmtl.optim."""
+
 import functools
 
 import flax.linen as nn
@@ -8,9 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmtl import lora
-from mmtl import optim
-from mmtl import rules
+from mmtl import lora, optim, rules
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -48,12 +47,15 @@ class Model(nn.Module):
 
 def reference_lora_model(params, x):
   """The LoRA model written out: every adapted dense is x @ W + b + scale * (x @ A) @ B."""
+
   def dense(p, x):
     y = jnp.matmul(x, p["kernel"], precision=HIGHEST) + p["bias"]
     if "lora_a" in p:
-      y += p["lora_scale"] * jnp.matmul(jnp.matmul(x, p["lora_a"], precision=HIGHEST), p["lora_b"],
-                                        precision=HIGHEST)
+      y += p["lora_scale"] * jnp.matmul(
+        jnp.matmul(x, p["lora_a"], precision=HIGHEST), p["lora_b"], precision=HIGHEST
+      )
     return y
+
   mlp = params["image_encoder"]["encoder"]["layer_0"]["mlp"]
   return dense(params["head"], dense(mlp["fc2"], nn.gelu(dense(mlp["fc1"], x))))
 
@@ -77,7 +79,10 @@ def test_init_adds_adapters_and_starts_at_the_base():
   added = sorted(set(flat) - set(rules.flatten(base)))
   prefix = "image_encoder/encoder/layer_0/mlp/"
   assert added == [prefix + f"fc{i}/lora_{n}" for i in (1, 2) for n in ("a", "b", "scale")]
-  assert flat[prefix + "fc1/lora_a"].shape == (8, 2) and flat[prefix + "fc1/lora_b"].shape == (2, 16)
+  assert flat[prefix + "fc1/lora_a"].shape == (8, 2) and flat[prefix + "fc1/lora_b"].shape == (
+    2,
+    16,
+  )
   assert float(flat[prefix + "fc2/lora_scale"]) == 2.0  # alpha / rank
   assert np.any(flat[prefix + "fc1/lora_a"]) and not np.any(flat[prefix + "fc1/lora_b"])
   merged = lora.merge(params)
@@ -92,16 +97,20 @@ def test_lora_training_keeps_base_and_merged_export_matches():
   cfg = dict(name="adamw", lr=0.05, preset="lora", lora=LORA, schedule=dict(decay="constant"))
   mask = optim.freeze_mask(params, cfg)
   trainable = {p for p, f in rules.flatten(mask).items() if not f}
-  assert trainable == {p for p in rules.flatten(params) if rules.matches(r".*/lora_(a|b)|head/.*", p)}
+  assert trainable == {
+    p for p in rules.flatten(params) if rules.matches(r".*/lora_(a|b)|head/.*", p)
+  }
   tx, _ = optim.make(cfg, params, total_steps=10)
   opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state):
     trainable, frozen = optim.split(params, mask)
+
     def loss_fn(t):
       logits = model.apply({"params": lora.merge(optim.combine(t, frozen))}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     grads = optim.combine(jax.grad(loss_fn)(trainable), jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -113,14 +122,19 @@ def test_lora_training_keeps_base_and_merged_export_matches():
   for path in before:
     same = np.array_equal(before[path], after[path])
     assert same == (path not in trainable), path  # base and lora_scale untouched, the rest trained
-  assert not [p for p in rules.flatten(opt_state) if p.endswith(("/kernel", "/lora_scale"))
-              and "head" not in p]  # no optimizer state for frozen base weights
+  assert not [
+    p
+    for p in rules.flatten(opt_state)
+    if p.endswith(("/kernel", "/lora_scale")) and "head" not in p
+  ]  # no optimizer state for frozen base weights
 
   exported = lora.merge(trained)
   assert jax.tree.structure(exported) == jax.tree.structure(base)  # loads into the plain model
   out = model.apply({"params": exported}, x)
   np.testing.assert_allclose(out, reference_lora_model(trained, x), rtol=1e-5, atol=1e-6)
-  assert not np.allclose(out, model.apply({"params": dict(base, head=trained["head"])}, x), atol=1e-4)
+  assert not np.allclose(
+    out, model.apply({"params": dict(base, head=trained["head"])}, x), atol=1e-4
+  )
 
 
 def test_lora_scale_is_always_frozen():

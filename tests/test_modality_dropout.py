@@ -1,4 +1,5 @@
 """Modality dropout blanks each modality at exactly its configured rate, never all at once."""
+
 import numpy as np
 import pytest
 
@@ -17,7 +18,9 @@ def blank_patterns(rates, n=N, seed=0):
 def assert_rates(blanked, rates):
   """Empirical blank rates within 4 standard errors of `rates`; never all blanked."""
   p = np.array(list(rates.values()))
-  np.testing.assert_array_less(np.abs(blanked.mean(0) - p), 4 * np.sqrt(p * (1 - p) / len(blanked)) + 1e-12)
+  np.testing.assert_array_less(
+    np.abs(blanked.mean(0) - p), 4 * np.sqrt(p * (1 - p) / len(blanked)) + 1e-12
+  )
   assert not blanked.all(1).any()
 
 
@@ -68,13 +71,25 @@ def test_same_element_rng_same_draw():
   assert draws(7) == draws(7) != draws(8)
 
 
-@pytest.mark.parametrize("rates, match", [
-    (dict(image=0.7, text=0.6), r"config\.input\.modality_dropout rates image=0\.7, text=0\.6 sum to 1\.3.*"
-                                r"at most 1: lower them, e\.g\. to image=0\.53, text=0\.46"),
+@pytest.mark.parametrize(
+  "rates, match",
+  [
+    (
+      dict(image=0.7, text=0.6),
+      r"config\.input\.modality_dropout rates image=0\.7, text=0\.6 sum to 1\.3.*"
+      r"at most 1: lower them, e\.g\. to image=0\.53, text=0\.46",
+    ),
     (dict(image=0.9, text=0.8, audio=0.7), r"at most 2"),
-    (dict(image=0.3), r"config\.input\.modality_dropout\.image=0\.3.*only used modality.*set it to 0"),
-    (dict(image=1.5, text=0.0), r"config\.input\.modality_dropout\.image=1\.5 is not a probability"),
-])
+    (
+      dict(image=0.3),
+      r"config\.input\.modality_dropout\.image=0\.3.*only used modality.*set it to 0",
+    ),
+    (
+      dict(image=1.5, text=0.0),
+      r"config\.input\.modality_dropout\.image=1\.5 is not a probability",
+    ),
+  ],
+)
 def test_infeasible_rates_name_the_key_and_the_fix(rates, match):
   with pytest.raises(config_lib.ConfigError, match=match):
     transforms._ModalityDropout(rates)
@@ -82,8 +97,11 @@ def test_infeasible_rates_name_the_key_and_the_fix(rates, match):
 
 def preprocess(**cfg):
   """Training `Preprocess` of 8x8 images and audio (no dataset or tokenizer needed)."""
-  cfg = options.input_config(dict(fields=dict(image="image", text=None, audio="audio", label=None),
-                                  image=dict(size=8), **cfg))
+  cfg = options.input_config(
+    dict(
+      fields=dict(image="image", text=None, audio="audio", label=None), image=dict(size=8), **cfg
+    )
+  )
   return transforms.Preprocess(cfg, None, train=True)
 
 
@@ -94,9 +112,13 @@ def present(pre, n):
 
 
 def test_example_blanks_at_the_rates_and_keeps_config_blank():
-  assert_rates(present(preprocess(modality_dropout=dict(image=0.3, audio=0.5)), 4000) == 0,
-               dict(image=0.3, audio=0.5))
+  assert_rates(
+    present(preprocess(modality_dropout=dict(image=0.3, audio=0.5)), 4000) == 0,
+    dict(image=0.3, audio=0.5),
+  )
   image_only = present(preprocess(blank=("audio",), modality_dropout=dict(audio=0.5)), 100)
   assert image_only[:, 0].all() and not image_only[:, 1].any()  # A blanked modality's rate is moot.
-  with pytest.raises(config_lib.ConfigError, match=r"modality_dropout\.image=0\.3.*only used modality"):
+  with pytest.raises(
+    config_lib.ConfigError, match=r"modality_dropout\.image=0\.3.*only used modality"
+  ):
     preprocess(blank=("audio",), modality_dropout=dict(image=0.3))

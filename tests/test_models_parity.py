@@ -3,6 +3,7 @@
 Tiny random checkpoints (tests/hf_fixtures.py) are loaded into both; outputs
 must agree within 1e-5 (float32) on random inputs with padding.
 """
+
 import functools
 
 import jax
@@ -52,7 +53,9 @@ def _text_inputs(vocab_size, eos=None, batch=3, length=9, seed=0):
 
 
 def _pixels(batch=2, size=16, channels=3, seed=0):
-  return np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(np.float32)
+  return (
+    np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(np.float32)
+  )
 
 
 def _nhwc(pixels):
@@ -65,8 +68,11 @@ def _bert_parity(path):
   types = np.random.default_rng(1).integers(0, 2, ids.shape)
   out = _apply(module, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
   with torch.no_grad():
-    ref = _torch_model(path)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                             token_type_ids=torch.tensor(types))
+    ref = _torch_model(path)(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      token_type_ids=torch.tensor(types),
+    )
   assert (mask == 0).any()  # padded rows; every position is compared, padding included
   _close(out["last_hidden_state"], ref.last_hidden_state)
   _close(out["pooler_output"], ref.pooler_output)
@@ -77,8 +83,11 @@ def test_bert_parity(tiny_bert_dir):
 
 
 def test_bert_gelu_new_parity(tmp_path):
-  _bert_parity(make_tiny_checkpoint("bert", tmp_path, hidden_act="gelu_new", layer_norm_eps=1e-6,
-                                    type_vocab_size=3))
+  _bert_parity(
+    make_tiny_checkpoint(
+      "bert", tmp_path, hidden_act="gelu_new", layer_norm_eps=1e-6, type_vocab_size=3
+    )
+  )
 
 
 def _vit_parity(path, size=16, channels=3):
@@ -97,8 +106,15 @@ def test_vit_parity(tiny_vit_dir):
 
 def test_vit_variant_parity(tmp_path):
   """No qkv bias, quick_gelu, 1 channel (the audio encoder), other pooler size."""
-  path = make_tiny_checkpoint("vit", tmp_path, qkv_bias=False, hidden_act="quick_gelu", num_channels=1,
-                              pooler_output_size=8, image_size=8)
+  path = make_tiny_checkpoint(
+    "vit",
+    tmp_path,
+    qkv_bias=False,
+    hidden_act="quick_gelu",
+    num_channels=1,
+    pooler_output_size=8,
+    image_size=8,
+  )
   _vit_parity(path, size=8, channels=1)
 
 
@@ -109,8 +125,11 @@ def _clip_parity(path):
   pixels = _pixels()
   out = _apply(module, params, jnp.asarray(ids), _nhwc(pixels), jnp.asarray(mask))
   with torch.no_grad():
-    ref = _torch_model(path)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                             pixel_values=torch.tensor(pixels))
+    ref = _torch_model(path)(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      pixel_values=torch.tensor(pixels),
+    )
   for key in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
     _close(out[key], getattr(ref, key))
   # transformers 5 overwrites the towers' pooler_output with the projection; mmtl keeps the tower's
@@ -133,12 +152,17 @@ def test_clip_towers_match_hf_towers(tiny_clip_dir):
   """Towers loaded out of a full CLIP checkpoint are HF's CLIPVisionModel / CLIPTextModel."""
   vision, vparams, _ = hf.load_pretrained(tiny_clip_dir, tower="vision")
   text, tparams, config = hf.load_pretrained(tiny_clip_dir, tower="text")
-  ids, mask = _text_inputs(config["text_config"]["vocab_size"], eos=config["text_config"]["eos_token_id"])
+  ids, mask = _text_inputs(
+    config["text_config"]["vocab_size"], eos=config["text_config"]["eos_token_id"]
+  )
   pixels = _pixels()
   with torch.no_grad():
-    vref = _torch_model(tiny_clip_dir, transformers.CLIPVisionModel)(pixel_values=torch.tensor(pixels))
+    vref = _torch_model(tiny_clip_dir, transformers.CLIPVisionModel)(
+      pixel_values=torch.tensor(pixels)
+    )
     tref = _torch_model(tiny_clip_dir, transformers.CLIPTextModel)(
-        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+      input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+    )
   vout = _apply(vision, vparams, _nhwc(pixels))
   tout = _apply(text, tparams, jnp.asarray(ids), jnp.asarray(mask))
   for key in ("last_hidden_state", "pooler_output"):
@@ -152,8 +176,13 @@ def test_clip_tower_params_are_clip_subtrees(tiny_clip_dir):
     _, params, _ = hf.load_pretrained(tiny_clip_dir, tower=tower)
     jax.tree.map(np.testing.assert_array_equal, params, full[tower])
   paths = rules.flatten(full)
-  for path in ("vision/encoder/layer_1/attn/query/kernel", "text/encoder/layer_0/mlp/fc1/kernel",
-               "visual_projection/kernel", "text_projection/kernel", "logit_scale"):
+  for path in (
+    "vision/encoder/layer_1/attn/query/kernel",
+    "text/encoder/layer_0/mlp/fc1/kernel",
+    "visual_projection/kernel",
+    "text_projection/kernel",
+    "logit_scale",
+  ):
     assert path in paths
 
 
@@ -192,7 +221,8 @@ def test_encoder_protocol_runs_layer_ranges(family, tiny_bert_dir, tiny_vit_dir,
 
 
 def test_remat_wraps_each_layer(tiny_vit_dir):
-  """remat puts every layer under jax.checkpoint with the policy (tracing only: cheap), same values."""
+  """remat puts every layer under jax.checkpoint with the policy (tracing only: cheap), same
+  values."""
   module, params, _ = hf.load_pretrained(tiny_vit_dir)
   pixels = _nhwc(_pixels())
 
@@ -205,14 +235,19 @@ def test_remat_wraps_each_layer(tiny_vit_dir):
   assert remat_policies(module.clone(remat="full")) == [None] * module.num_layers
   dots = remat_policies(module.clone(remat="dots"))
   assert len(dots) == module.num_layers and dots[0] is not None
-  np.testing.assert_allclose(_apply(module.clone(remat="dots"), params, pixels)["pooler_output"],
-                             _apply(module, params, pixels)["pooler_output"], atol=1e-6)
+  np.testing.assert_allclose(
+    _apply(module.clone(remat="dots"), params, pixels)["pooler_output"],
+    _apply(module, params, pixels)["pooler_output"],
+    atol=1e-6,
+  )
   with pytest.raises(ValueError, match="remat='most'"):
     hf.load_pretrained(tiny_vit_dir, remat="most")
 
 
 def test_bfloat16_loading(tiny_bert_dir):
-  module, params, config = hf.load_pretrained(tiny_bert_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  module, params, config = hf.load_pretrained(
+    tiny_bert_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+  )
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   _, params32, _ = hf.load_pretrained(tiny_bert_dir)
   ids, mask = map(jnp.asarray, _text_inputs(config["vocab_size"]))
@@ -226,8 +261,9 @@ def test_dropout_only_when_not_deterministic(tiny_bert_dir):
   module, params, config = hf.load_pretrained(tiny_bert_dir)  # hidden/attention dropout 0.1
   ids, mask = map(jnp.asarray, _text_inputs(config["vocab_size"]))
   ref = _apply(module, params, ids, mask)["last_hidden_state"]
-  train = lambda seed: _apply(module, params, ids, mask, deterministic=False,
-                              rngs={"dropout": jax.random.PRNGKey(seed)})["last_hidden_state"]
+  train = lambda seed: _apply(
+    module, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+  )["last_hidden_state"]
   assert not np.allclose(train(0), ref, atol=1e-3)
   np.testing.assert_array_equal(train(0), train(0))
   assert not np.allclose(train(0), train(1), atol=1e-3)
@@ -242,8 +278,11 @@ def test_clip_text_pooling_without_input_ids(tiny_clip_dir):
     x, m_ = m.embed(ids, mask)
     return m.finalize(m.run_layers(x, m_, 0, m.num_layers), m_)
 
-  np.testing.assert_allclose(_apply(module, params, method=no_ids)["pooler_output"],
-                             _apply(module, params, ids, mask)["pooler_output"], atol=1e-6)
+  np.testing.assert_allclose(
+    _apply(module, params, method=no_ids)["pooler_output"],
+    _apply(module, params, ids, mask)["pooler_output"],
+    atol=1e-6,
+  )
 
 
 def test_pixel_layout_error_names_the_fix(tiny_vit_dir):
@@ -256,12 +295,16 @@ def test_attention_dropout_path_keeps_causal_and_padding_masks(tiny_clip_dir):
   """With attention dropout on, attention is computed without jax.nn.dot_product_attention; at a
   vanishing rate it must give the deterministic result (same causal + padding masking)."""
   _, params, config = hf.load_pretrained(tiny_clip_dir, tower="text")
-  module = hf.build_module({**config["text_config"], "model_type": "clip_text_model",
-                            "attention_dropout": 1e-9})
+  module = hf.build_module(
+    {**config["text_config"], "model_type": "clip_text_model", "attention_dropout": 1e-9}
+  )
   ids, mask = map(jnp.asarray, _text_inputs(80, eos=config["text_config"]["eos_token_id"]))
-  train = _apply(module, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
-  np.testing.assert_allclose(train["last_hidden_state"], _apply(module, params, ids, mask)["last_hidden_state"],
-                             atol=1e-5)
+  train = _apply(
+    module, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
+  )
+  np.testing.assert_allclose(
+    train["last_hidden_state"], _apply(module, params, ids, mask)["last_hidden_state"], atol=1e-5
+  )
 
 
 def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
@@ -282,8 +325,10 @@ def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_on_xla)
   _, params, config = hf.load_pretrained(tiny_clip_dir)
-  ids, mask = map(jnp.asarray, _text_inputs(config["text_config"]["vocab_size"],
-                                            eos=config["text_config"]["eos_token_id"]))
+  ids, mask = map(
+    jnp.asarray,
+    _text_inputs(config["text_config"]["vocab_size"], eos=config["text_config"]["eos_token_id"]),
+  )
   pixels = _nhwc(_pixels())
 
   def run(attention_impl):
@@ -300,7 +345,8 @@ def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
   ref, ref_grads = run(None)
   calls.clear()  # Once more outside jit, to read the lengths passed.
   hf.build_module(tiny_clip_dir, dtype=jnp.bfloat16, attention_impl="cudnn").apply(
-      {"params": params}, ids, pixels, mask)
+    {"params": params}, ids, pixels, mask
+  )
   real = np.asarray(mask, bool)
   layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["num_hidden_layers"]
   assert len(calls) == layers
@@ -310,12 +356,15 @@ def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
   np.testing.assert_array_equal(text_calls[0]["key_value_seq_lengths"], real.sum(1))
   for key in ("text_embeds", "image_embeds", "logits_per_image"):
     np.testing.assert_allclose(np.float32(out[key]), np.float32(ref[key]), atol=2e-2)
-  np.testing.assert_allclose(np.float32(out["text_model_output"]["last_hidden_state"])[real],
-                             np.float32(ref["text_model_output"]["last_hidden_state"])[real],
-                             atol=2e-2)
+  np.testing.assert_allclose(
+    np.float32(out["text_model_output"]["last_hidden_state"])[real],
+    np.float32(ref["text_model_output"]["last_hidden_state"])[real],
+    atol=2e-2,
+  )
   for path, g in rules.flatten(grads).items():
-    np.testing.assert_allclose(np.float32(g), np.float32(rules.flatten(ref_grads)[path]),
-                               atol=2e-2, rtol=2e-2, err_msg=path)
+    np.testing.assert_allclose(
+      np.float32(g), np.float32(rules.flatten(ref_grads)[path]), atol=2e-2, rtol=2e-2, err_msg=path
+    )
 
 
 def test_cudnn_attention_needs_half_precision(tiny_vit_dir):

@@ -1,4 +1,5 @@
 """Two processes on localhost (jax.distributed + gloo) train like one process."""
+
 import json
 import os
 import shutil
@@ -33,13 +34,25 @@ def _launch(workdir, *args, num_processes=2, devices=4):
   port = _free_port()
   procs, logs = [], []
   for i in range(num_processes):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO)
+    env = dict(
+      os.environ,
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES=str(num_processes),
+      JAX_PROCESS_ID=str(i),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=REPO,
+    )
     logs.append(open(workdir / f"log_{i}.txt", "w"))
-    procs.append(subprocess.Popen(
+    procs.append(
+      subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(workdir), *args],
-        env=env, cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT))
+        env=env,
+        cwd=REPO,
+        stdout=logs[-1],
+        stderr=subprocess.STDOUT,
+      )
+    )
   deadline = time.monotonic() + TIMEOUT_S
   try:
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -73,8 +86,9 @@ def test_two_processes_match_one_process(two_process_run):
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
     assert int(result["step"]) == worker.STEPS
     assert set(result.files) == set(expected) | {"losses", "step", "host_tree_sum"}
-    np.testing.assert_allclose(result["host_tree_sum"], sum(v.sum() for v in expected.values()),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      result["host_tree_sum"], sum(v.sum() for v in expected.values()), rtol=1e-5
+    )
     for k, v in expected.items():
       np.testing.assert_allclose(result[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
 
@@ -107,34 +121,45 @@ def trainer_runs(tmp_path_factory, tiny_bert_dir):
   data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
   # SGD: params whose gradient is only rounding noise (attention key biases) stay put; Adam
   # would scale that noise up to lr-sized steps that differ between the runs.
-  config = test_train.tiny_config(tiny_bert_dir, data_dir, evals={}, total_steps=4, keep_ckpts=2,
-                                  optim=dict(name="sgd", lr=0.3, schedule=dict(decay="constant")))
+  config = test_train.tiny_config(
+    tiny_bert_dir,
+    data_dir,
+    evals={},
+    total_steps=4,
+    keep_ckpts=2,
+    optim=dict(name="sgd", lr=0.3, schedule=dict(decay="constant")),
+  )
   (root / "config.json").write_text(config.to_json())
   runs = {name: root / name for name in ("two", "one", "resumed")}
   _launch(runs["two"], str(root / "config.json"), num_processes=2, devices=2)
   _launch(runs["one"], str(root / "config.json"), num_processes=1, devices=4)
-  shutil.copytree(runs["two"] / "checkpoints", runs["resumed"] / "checkpoints",
-                  ignore=shutil.ignore_patterns("4"))  # As if stopped after step 2's checkpoint.
+  shutil.copytree(
+    runs["two"] / "checkpoints", runs["resumed"] / "checkpoints", ignore=shutil.ignore_patterns("4")
+  )  # As if stopped after step 2's checkpoint.
   _launch(runs["resumed"], str(root / "config.json"), num_processes=1, devices=4)
   return runs
 
 
 def _assert_same_params(workdir, other):
-  params = [jax.device_get(checkpoint.restore_params_only(w / "checkpoints"))
-            for w in (workdir, other)]
+  params = [
+    jax.device_get(checkpoint.restore_params_only(w / "checkpoints")) for w in (workdir, other)
+  ]
   for (path, a), b in zip(rules.flatten(params[0]).items(), rules.flatten(params[1]).values()):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 def test_real_trainer_on_two_processes_matches_one_process(trainer_runs):
-  for name, files in (("two", ["process_0-of-2.json", "process_1-of-2.json"]),
-                      ("one", ["process_0-of-1.json"])):
+  for name, files in (
+    ("two", ["process_0-of-2.json", "process_1-of-2.json"]),
+    ("one", ["process_0-of-1.json"]),
+  ):
     data_dir = trainer_runs[name] / "checkpoints/4/data"
     assert sorted(p.name for p in data_dir.glob("*.json")) == files
   two, one = (metrics.read(str(trainer_runs[k]))["train/loss"] for k in ("two", "one"))
   assert sorted(two) == sorted(one) == [1, 2, 3, 4]
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5
+  )
   _assert_same_params(trainer_runs["two"], trainer_runs["one"])
 
 
@@ -143,8 +168,11 @@ def test_two_process_run_resumes_on_one_process_with_the_same_data(trainer_runs)
   resumed = metrics.read(str(trainer_runs["resumed"]))["train/loss"]
   one = metrics.read(str(trainer_runs["one"]))["train/loss"]
   assert sorted(resumed) == [3, 4]  # Epoch 2: a restart from step 0's data would differ.
-  saved = [json.loads(p.read_text()) for name in ("two", "one", "resumed")
-           for p in (trainer_runs[name] / "checkpoints/4/data").glob("*.json")]
+  saved = [
+    json.loads(p.read_text())
+    for name in ("two", "one", "resumed")
+    for p in (trainer_runs[name] / "checkpoints/4/data").glob("*.json")
+  ]
   assert len(saved) == 4 and all(state == saved[0] for state in saved)  # Global step 4 in all.
   np.testing.assert_allclose([resumed[3], resumed[4]], [one[3], one[4]], rtol=1e-5)
   _assert_same_params(trainer_runs["resumed"], trainer_runs["one"])
@@ -154,8 +182,14 @@ def test_when_maybe_initialize_initializes(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
-  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MMTL_DISTRIBUTED",
-              "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+  for var in (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "MMTL_DISTRIBUTED",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+  ):
     monkeypatch.delenv(var, raising=False)
   assert distributed.maybe_initialize() is False and not calls  # a plain single process
   assert distributed.is_main_process()

@@ -1,5 +1,6 @@
 """colab/quickstart.ipynb executes end to end (at tiny size) and shows its curves and table;
 its install cell installs mmtl from a git URL where there is no checkout (Colab)."""
+
 import os
 from pathlib import Path
 import subprocess
@@ -25,23 +26,27 @@ def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
   params = cell_tagged(nb, "parameters")
   # The notebook's own parameters at tiny size: 2 steps, a 1-layer ViT, the small
   # mmtl_shapes, a 2-run ablation (MiniLM stays full size: it is the pretrained tower).
-  params.source = "\n".join([
+  params.source = "\n".join(
+    [
       'REPO_URL = ""',
       'REPO_REF = ""',
       'CONFIG = "configs/quickstart.py:steps=2,train=64"',
       f"FLAGS = {[*TINY_FLAGS, '--config.model.width=16']!r}",
       f"WORKDIR = {str(tmp_path / 'work')!r}",
       'TEXT_SETTINGS = ["frozen", "partial"]',
-  ])
+    ]
+  )
   # The kernel (and the runs it starts) inherits tiny_runs_env's environment; a failing cell raises.
-  NotebookClient(nb, timeout=900, kernel_name="python3",
-                 resources={"metadata": {"path": str(ROOT)}}).execute()
+  NotebookClient(
+    nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+  ).execute()
 
   outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
   images = [out for out in outputs if "image/png" in out.get("data", {})]
   assert len(images) == 2  # The embedding similarity heatmap and the training curves.
-  markdown = [out["data"]["text/markdown"] for out in outputs
-              if "text/markdown" in out.get("data", {})]
+  markdown = [
+    out["data"]["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})
+  ]
   assert len(markdown) == 2
   assert "val/accuracy" in markdown[0]  # Final metrics of the frozen-tower run.
   table = markdown[1].strip().splitlines()
@@ -72,8 +77,9 @@ def test_install_cell_installs_mmtl_from_the_git_url_where_there_is_no_checkout(
   subprocess.run([*git, "init", "-q", repo], check=True)
   subprocess.run([*git, "-C", repo, "add", "-A"], check=True)
   subprocess.run([*git, "-C", repo, "commit", "-q", "-m", "mmtl"], check=True)
-  commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+  commit = subprocess.run(
+    ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+  ).stdout.strip()
   install = cell_tagged(nbformat.read(ROOT / "colab/quickstart.ipynb", as_version=4), "install")
   script = tmp_path / "install_cell.py"
   script.write_text(INSTALL_HARNESS + install.source)
@@ -83,14 +89,21 @@ def test_install_cell_installs_mmtl_from_the_git_url_where_there_is_no_checkout(
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"JAX_PLATFORMS": "cpu"}
 
   def run_cell(repo_url, repo_ref=""):
-    return subprocess.run([sys.executable, script, repo_url, repo_ref, site], capture_output=True,
-                          text=True, cwd=colab, env=env, timeout=300)
+    return subprocess.run(
+      [sys.executable, script, repo_url, repo_ref, site],
+      capture_output=True,
+      text=True,
+      cwd=colab,
+      env=env,
+      timeout=300,
+    )
 
   unset = run_cell("")
   assert unset.returncode == 1
   assert unset.stderr.strip().splitlines()[-1] == (
-      "RuntimeError: This is not a checkout of mmtl: set REPO_URL in the parameter cell to "
-      "mmtl's git URL (https://...), or open this notebook from a checkout.")
+    "RuntimeError: This is not a checkout of mmtl: set REPO_URL in the parameter cell to "
+    "mmtl's git URL (https://...), or open this notebook from a checkout."
+  )
 
   url = f"file://localhost{repo}"  # With a host: pip 23.2 rejects `git+file:///` URLs.
   result = run_cell(url, "main")  # A branch: fetched into the shallow clone.

@@ -1,4 +1,5 @@
 """Freezing, LR rules, layer-wise decay, schedules and gradual unfreezing (mmtl.optim)."""
+
 import functools
 
 import flax.linen as nn
@@ -9,8 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmtl import optim
-from mmtl import rules
+from mmtl import optim, rules
 
 
 class Attn(nn.Module):
@@ -19,7 +19,8 @@ class Attn(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.Dense(self.width, name="out")(
-        nn.Dense(self.width, name="query")(x) * nn.Dense(self.width, name="value")(x))
+      nn.Dense(self.width, name="query")(x) * nn.Dense(self.width, name="value")(x)
+    )
 
 
 class Mlp(nn.Module):
@@ -69,12 +70,15 @@ class Pooler(nn.Module):
 
 class Tower(nn.Module):
   """Paths like a real tower: embeddings/..., encoder/layer_{i}/..., post_layernorm, pooler."""
+
   width: int
   depth: int
 
   @nn.compact
   def __call__(self, x):
-    x = Encoder(self.width, self.depth, name="encoder")(Embeddings(self.width, name="embeddings")(x))
+    x = Encoder(self.width, self.depth, name="encoder")(
+      Embeddings(self.width, name="embeddings")(x)
+    )
     return Pooler(self.width, name="pooler")(nn.LayerNorm(name="post_layernorm")(x))
 
 
@@ -97,8 +101,11 @@ B, T, D = 4, 3, 8
 def setup_model(width=16, depth=2):
   model = Fused(width, depth)
   keys = jax.random.split(jax.random.key(0), 3)
-  batch = dict(image=jax.random.normal(keys[0], (B, T, D)), text=jax.random.normal(keys[1], (B, T, D)),
-               labels=jnp.arange(B) % 3)
+  batch = dict(
+    image=jax.random.normal(keys[0], (B, T, D)),
+    text=jax.random.normal(keys[1], (B, T, D)),
+    labels=jnp.arange(B) % 3,
+  )
   params = jax.jit(model.init)(keys[2], batch["image"], batch["text"])["params"]
   return model, params, batch
 
@@ -143,8 +150,11 @@ def test_frozen_params_bit_identical_and_stateless():
     new, opt_state = step(new, opt_state, batch)
   for path, value in paths_of(params, "image_encoder/.*").items():
     np.testing.assert_array_equal(rules.flatten(new)[path], value, err_msg=path)
-  changed = [p for p, v in paths_of(params, "text_encoder/.*").items()
-             if not np.array_equal(rules.flatten(new)[p], v)]
+  changed = [
+    p
+    for p, v in paths_of(params, "text_encoder/.*").items()
+    if not np.array_equal(rules.flatten(new)[p], v)
+  ]
   assert len(changed) == len(paths_of(params, "text_encoder/.*"))
   # No Adam moments (nor any other state) for frozen params.
   state_paths = list(rules.flatten(opt_state))
@@ -186,22 +196,27 @@ def test_locked_image_step_has_fewer_flops():
 
 def test_layer_decay_gives_documented_lr_per_layer():
   _, params, _ = setup_model()
-  cfg = dict(name="sgd", lr=2.0, schedule=dict(decay="constant"), lr_mults=[("text_encoder/.*", 0.1)],
-             layer_decay=dict(rate=0.5, towers=["image_encoder/.*", ("text_encoder/.*", 0.8)]))
+  cfg = dict(
+    name="sgd",
+    lr=2.0,
+    schedule=dict(decay="constant"),
+    lr_mults=[("text_encoder/.*", 0.1)],
+    layer_decay=dict(rate=0.5, towers=["image_encoder/.*", ("text_encoder/.*", 0.8)]),
+  )
   tx, lr_fn = optim.make(cfg, params, total_steps=10)
   assert lr_fn(5) == 2.0
   updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   depth = 2
   expected = {  # LR of layer i = lr * decay**(depth - i); embeddings lowest; the rest at lr.
-      "image_encoder/embeddings/.*": 0.5 ** (depth + 1),
-      "image_encoder/encoder/layer_0/.*": 0.5 ** depth,
-      "image_encoder/encoder/layer_1/.*": 0.5 ** (depth - 1),
-      "image_encoder/(post_layernorm|pooler)/.*": 1.0,
-      "text_encoder/embeddings/.*": 0.1 * 0.8 ** (depth + 1),
-      "text_encoder/encoder/layer_0/.*": 0.1 * 0.8 ** depth,
-      "text_encoder/encoder/layer_1/.*": 0.1 * 0.8,
-      "text_encoder/(post_layernorm|pooler)/.*": 0.1,
-      "(fusion|head)/.*": 1.0,
+    "image_encoder/embeddings/.*": 0.5 ** (depth + 1),
+    "image_encoder/encoder/layer_0/.*": 0.5**depth,
+    "image_encoder/encoder/layer_1/.*": 0.5 ** (depth - 1),
+    "image_encoder/(post_layernorm|pooler)/.*": 1.0,
+    "text_encoder/embeddings/.*": 0.1 * 0.8 ** (depth + 1),
+    "text_encoder/encoder/layer_0/.*": 0.1 * 0.8**depth,
+    "text_encoder/encoder/layer_1/.*": 0.1 * 0.8,
+    "text_encoder/(post_layernorm|pooler)/.*": 0.1,
+    "(fusion|head)/.*": 1.0,
   }
   flat = rules.flatten(updates)
   mults = rules.flatten(optim.lr_mults(params, cfg))
@@ -213,7 +228,9 @@ def test_layer_decay_gives_documented_lr_per_layer():
 
 def test_schedules():
   warm_cos = optim.schedule(dict(warmup_steps=2, decay="cosine"), total_steps=10)
-  np.testing.assert_allclose([warm_cos(s) for s in (0, 1, 2, 6, 10)], [0, 0.5, 1, 0.5, 0], atol=1e-6)
+  np.testing.assert_allclose(
+    [warm_cos(s) for s in (0, 1, 2, 6, 10)], [0, 0.5, 1, 0.5, 0], atol=1e-6
+  )
   linear = optim.schedule(dict(decay="linear", end_mult=0.2), total_steps=10)
   np.testing.assert_allclose([linear(s) for s in (0, 5, 10)], [1, 0.6, 0.2], atol=1e-6)
   const = optim.schedule(dict(warmup_steps=4, decay="constant"), total_steps=10)
@@ -222,7 +239,9 @@ def test_schedules():
     optim.schedule(dict(decay="cosin"), total_steps=10)
   # The schedule drives the update through optax's step count.
   _, params, _ = setup_model()
-  tx, lr_fn = optim.make(dict(name="sgd", lr=3.0, schedule=dict(warmup_steps=2)), params, total_steps=10)
+  tx, lr_fn = optim.make(
+    dict(name="sgd", lr=3.0, schedule=dict(warmup_steps=2)), params, total_steps=10
+  )
   ones = jax.tree.map(jnp.ones_like, params)
   state, update = tx.init(params), jax.jit(tx.update)
   for s in range(3):
@@ -232,8 +251,13 @@ def test_schedules():
 
 def test_gradual_unfreezing_changes_trainable_set_and_keeps_state():
   model, params, batch = setup_model()
-  cfg = dict(CFG, wd=0.0, frozen=[".*_encoder/.*"], schedule=dict(decay="linear", end_mult=0.5),
-             unfreeze=[(2, ["text_encoder/encoder/layer_1/.*"]), (4, ["text_encoder/.*"])])
+  cfg = dict(
+    CFG,
+    wd=0.0,
+    frozen=[".*_encoder/.*"],
+    schedule=dict(decay="linear", end_mult=0.5),
+    unfreeze=[(2, ["text_encoder/encoder/layer_1/.*"]), (4, ["text_encoder/.*"])],
+  )
   assert optim.phase_boundaries(cfg) == [2, 4]
   traces = []
   mask = optim.freeze_mask(params, cfg, 0)
@@ -277,12 +301,15 @@ def test_gradual_unfreezing_changes_trainable_set_and_keeps_state():
   assert [changed("head/.*", s) for s in range(6)] == [1] * 6
 
 
-@pytest.mark.parametrize("preset,trainable", [
+@pytest.mark.parametrize(
+  "preset,trainable",
+  [
     ("full", ".*"),
     ("lit", "(text_encoder|fusion|head)/.*"),
     ("linear_probe", "(fusion|head)/.*"),
     ("bitfit", ".*/bias|(fusion|head)/.*"),
-])
+  ],
+)
 def test_presets(preset, trainable):
   _, params, _ = setup_model()
   mask = optim.freeze_mask(params, dict(preset=preset))
@@ -293,13 +320,13 @@ def test_presets(preset, trainable):
 def test_rules_that_match_nothing_are_errors():
   _, params, _ = setup_model()
   cases = [
-      (dict(frozen=["imag_encoder/.*"]), r"config.optim.frozen.*imag_encoder"),
-      (dict(trainable=["head"]), r"config.optim.trainable.*'head'"),
-      (dict(lr_mults=[("text_encoder/layer_0/.*", 0.1)]), r"config.optim.lr_mults"),
-      (dict(wd=1e-4, wd_mults=[(".*/weight", 1.0)]), r"config.optim.wd_mults"),
-      (dict(unfreeze=[(5, ["text_encoder/layer_1/.*"])]), r"config.optim.unfreeze\[0\]"),
-      (dict(layer_decay=dict(rate=0.7, towers=["vision/.*"])), r"config.optim.layer_decay.towers"),
-      (dict(layer_decay=dict(rate=0.7, towers=["head/.*"])), r"tower 'head' has no `layer_\{i\}`"),
+    (dict(frozen=["imag_encoder/.*"]), r"config.optim.frozen.*imag_encoder"),
+    (dict(trainable=["head"]), r"config.optim.trainable.*'head'"),
+    (dict(lr_mults=[("text_encoder/layer_0/.*", 0.1)]), r"config.optim.lr_mults"),
+    (dict(wd=1e-4, wd_mults=[(".*/weight", 1.0)]), r"config.optim.wd_mults"),
+    (dict(unfreeze=[(5, ["text_encoder/layer_1/.*"])]), r"config.optim.unfreeze\[0\]"),
+    (dict(layer_decay=dict(rate=0.7, towers=["vision/.*"])), r"config.optim.layer_decay.towers"),
+    (dict(layer_decay=dict(rate=0.7, towers=["head/.*"])), r"tower 'head' has no `layer_\{i\}`"),
   ]
   for extra, message in cases:
     with pytest.raises(rules.RuleError, match=message):

@@ -1,5 +1,6 @@
 """mmtl as a package: pyproject.toml's wheel holds mmtl (and only mmtl), declares the
 dependencies of requirements*.txt, and works installed, away from the checkout."""
+
 import email.parser
 import os
 from pathlib import Path
@@ -14,8 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # A build's inputs; the wheel leaves out tests/, configs/ and launch/ (they stay in the checkout).
-SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-test.txt", "mmtl",
-           "tests", "configs", "launch"]
+SOURCES = [
+  "pyproject.toml",
+  "README.md",
+  "requirements.txt",
+  "requirements-test.txt",
+  "mmtl",
+  "tests",
+  "configs",
+  "launch",
+]
 DIST_INFO = "mmtl-0.1.0.dist-info"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
 
@@ -25,8 +34,9 @@ def copy_sources(dest: Path) -> Path:
   *.egg-info next to pyproject.toml, which should not happen in the checkout."""
   for name in SOURCES:
     if (ROOT / name).is_dir():
-      shutil.copytree(ROOT / name, dest / name,
-                      ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+      shutil.copytree(
+        ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+      )
     else:
       dest.mkdir(parents=True, exist_ok=True)
       shutil.copy2(ROOT / name, dest / name)
@@ -49,8 +59,12 @@ def built(tmp_path_factory):
   setuptools (requirements-test.txt), as a `pip install .` or `pip install git+URL` builds it."""
   src = copy_sources(tmp_path_factory.mktemp("src"))
   out = tmp_path_factory.mktemp("wheel")
-  result = subprocess.run([*PIP, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-w", out, src], capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [*PIP, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", out, src],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert sorted(p.name for p in out.iterdir()) == ["mmtl-0.1.0-py3-none-any.whl"]
   return src, out / "mmtl-0.1.0-py3-none-any.whl"
@@ -79,14 +93,15 @@ def test_wheel_metadata_has_the_requirements_files_dependencies_and_extras(built
   assert sorted(extras) == ["cuda12", "gcs", "test", "tpu"]
   declared = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
   assert {key(r) for r in declared if r.marker is None} == requirements(ROOT / "requirements.txt")
-  by_extra = {e: {key(r) for r in declared if r.marker and r.marker.evaluate({"extra": e})}
-              for e in extras}
+  by_extra = {
+    e: {key(r) for r in declared if r.marker and r.marker.evaluate({"extra": e})} for e in extras
+  }
   runtime = requirements(ROOT / "requirements.txt")
   assert by_extra == {
-      "test": requirements(ROOT / "requirements-test.txt") - runtime,  # Its test-only list.
-      "cuda12": {("jax", ("cuda12",), "")},
-      "tpu": {("jax", ("tpu",), "")},
-      "gcs": {("gcsfs", (), "")},
+    "test": requirements(ROOT / "requirements-test.txt") - runtime,  # Its test-only list.
+    "cuda12": {("jax", ("cuda12",), "")},
+    "tpu": {("jax", ("tpu",), "")},
+    "gcs": {("gcsfs", (), "")},
   }
   assert {("ruff", (), "==0.17.6"), ("torch", (), "==2.13.0")} <= by_extra["test"]
 
@@ -95,22 +110,34 @@ def test_installed_wheel_imports_and_runs_the_trainer_from_any_directory(built, 
   _, wheel = built
   site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
   elsewhere.mkdir()
-  result = subprocess.run([*PIP, "install", "-q", "--no-deps", "--no-index", "--target", site,
-                           wheel], capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [*PIP, "install", "-q", "--no-deps", "--no-index", "--target", site, wheel],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
 
   def python(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          cwd=elsewhere, timeout=300)
+    return subprocess.run(
+      [sys.executable, *args], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300
+    )
 
   imported = python("-c", "import mmtl, mmtl.config, mmtl.rules; print(mmtl.__file__)")
   assert imported.returncode == 0, imported.stderr
   assert imported.stdout.strip() == str(site / "mmtl/__init__.py")
   # The trainer runs as `python -m mmtl.train` with the config given by path: it loads the
   # checkout's config file (which imports the installed mmtl) and checks the overrides.
-  trainer = python("-m", "mmtl.train", "--config", ROOT / "configs/quickstart.py", "--workdir", "w",
-                   "--config.total_steps=abc")
+  trainer = python(
+    "-m",
+    "mmtl.train",
+    "--config",
+    ROOT / "configs/quickstart.py",
+    "--workdir",
+    "w",
+    "--config.total_steps=abc",
+  )
   assert trainer.returncode == 1
   last_line = trainer.stderr.strip().splitlines()[-1]
   assert last_line.startswith("ConfigError: --config.total_steps=abc:"), trainer.stderr

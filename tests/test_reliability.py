@@ -1,27 +1,28 @@
 """The trainer under bad input and faults: validation before anything is written, config
 changes that do not fit, a held workdir, corrupt checkpoints, a full disk, one-line errors."""
+
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import ml_collections as mlc
 import pytest
 
-from mmtl import checkpoint
+from mmtl import checkpoint, data, evaluate, metrics, rules, train
 from mmtl import config as config_lib
-from mmtl import data
-from mmtl import evaluate
-from mmtl import metrics
-from mmtl import rules
-from mmtl import train
 from mmtl import workdir as workdir_lib
-from tests.test_train import TINY_VIT, compilation_cache, data_dir  # noqa: F401
-from tests.test_train import losses, patch_train_batches, tiny_config
+from tests.test_train import (  # noqa: F401
+  TINY_VIT,
+  compilation_cache,
+  losses,
+  patch_train_batches,
+  tiny_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,8 +31,11 @@ def written(workdir: Path) -> list[str]:
   """What a run left in its workdir, apart from its lock and empty directories."""
   if not workdir.exists():
     return []
-  return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
-                if p.is_file() and p.name != workdir_lib.LOCK_FILE)
+  return sorted(
+    str(p.relative_to(workdir))
+    for p in workdir.rglob("*")
+    if p.is_file() and p.name != workdir_lib.LOCK_FILE
+  )
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +64,28 @@ def bad(config, **changes):
   return config
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     ({"model.fusion": "gatd"}, r"fusion"),
     ({"optim.frozen": ("txt_encoder/.*",)}, r"config\.optim\.frozen.*txt_encoder"),
     ({"evals.val.input.split": "validaton[:32]"}, r"Unknown split 'validaton'"),
     ({"input.fields.text": "questoin"}, r"Feature 'questoin' not in the dataset"),
-    ({"batch_size": 12}, r"config\.batch_size=12 must be a positive multiple of .* e\.g\. "
-                         r"--config\.batch_size=8"),
+    (
+      {"batch_size": 12},
+      r"config\.batch_size=12 must be a positive multiple of .* e\.g\. "
+      r"--config\.batch_size=8",
+    ),
     ({"input.split": "train[:0]"}, r"Split 'train\[:0\]' of .* has no examples"),
-    ({"model.num_classes": "2"}, r"config\.model\.num_classes='2' is a string; expected an integer"),
+    (
+      {"model.num_classes": "2"},
+      r"config\.model\.num_classes='2' is a string; expected an integer",
+    ),
     ({"best_metric": "val/acc"}, r"best_metric='val/acc' is not a metric .* val/accuracy"),
     ({"model_init.text_encoder": "/no/such/checkpoint"}, r"/no/such/checkpoint"),
     ({"evals.val.type": "clasification"}, r"config\.evals\.val\.type='clasification'"),
-])
+  ],
+)
 def test_a_typo_fails_before_anything_is_written(short_run, tmp_path, change, message):
   with pytest.raises((config_lib.ConfigError, rules.RuleError), match=message):
     train.train(bad(short_run[1], **change), str(tmp_path / "w"))
@@ -82,9 +95,11 @@ def test_a_typo_fails_before_anything_is_written(short_run, tmp_path, change, me
 
 def test_an_image_tower_on_a_text_checkpoint_names_both(short_run, tiny_bert_dir, tmp_path):
   config = bad(short_run[1], **{"model.towers.image.name": tiny_bert_dir})
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"config\.model\.towers\.image: .* builds a Bert.*inputs are "
-                           r"\['input_ids'.*an image tower takes pixel_values"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"config\.model\.towers\.image: .* builds a Bert.*inputs are "
+    r"\['input_ids'.*an image tower takes pixel_values",
+  ):
     train.train(config, str(tmp_path / "w"))
 
 
@@ -100,17 +115,23 @@ def test_an_incompatible_config_change_keeps_the_run(short_run, tmp_path):
   workdir = copy_run(short_run, tmp_path)
   before = (workdir / "config.json").read_text()
   gated = bad(short_run[1], **{"model.fusion": "gated"})
-  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.fusion: 'concat' -> 'gated'.*"
-                                                   r"--allow_config_change"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"config\.model\.fusion: 'concat' -> 'gated'.*"
+    r"--allow_config_change",
+  ):
     train.train(gated, str(workdir))
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"does not fit the checkpoint at step 4 .*fusion/.* Nothing was changed"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"does not fit the checkpoint at step 4 .*fusion/.* Nothing was changed",
+  ):
     train.train(gated, str(workdir), allow_config_change=True)
   assert (workdir / "config.json").read_text() == before
   assert not list(workdir.glob("config.*.json"))
   saved = config_lib.load_json(workdir / "config.json")
   assert evaluate.evaluate(saved, str(workdir))["val/accuracy"] == pytest.approx(
-      short_run[2]["val/accuracy"])
+    short_run[2]["val/accuracy"]
+  )
 
 
 def test_a_compatible_config_change_keeps_the_previous_config(short_run, tmp_path):
@@ -135,8 +156,10 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(short_run, t
   workdir = copy_run(short_run, tmp_path)
   (workdir / "final_metrics.json").unlink()
   step4 = workdir / "checkpoints" / "4"
-  victim = max((p for p in step4.rglob("*") if p.is_file() and "params" in p.parts),
-               key=lambda p: p.stat().st_size)
+  victim = max(
+    (p for p in step4.rglob("*") if p.is_file() and "params" in p.parts),
+    key=lambda p: p.stat().st_size,
+  )
   raw = bytearray(victim.read_bytes())
   raw[len(raw) // 2] ^= 0xFF  # One flipped byte: orbax would load it without complaint.
   victim.write_bytes(bytes(raw))
@@ -166,8 +189,9 @@ def small_disk(tmp_path):
   """A 16 MiB tmpfs (CI runs as root, as here); skipped where mounting is not allowed."""
   mount = tmp_path / "disk"
   mount.mkdir()
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
+  )
   if result.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
   try:
@@ -194,8 +218,9 @@ def test_a_full_disk_stops_at_the_first_failed_save(short_run, small_disk, monke
     return batch
 
   real = patch_train_batches(monkeypatch, fill_disk_after_step_2)
-  with pytest.raises(checkpoint.CheckpointSaveError,
-                     match=r"No space left on device.*last intact checkpoint.* 2\b"):
+  with pytest.raises(
+    checkpoint.CheckpointSaveError, match=r"No space left on device.*last intact checkpoint.* 2\b"
+  ):
     train.train(short_run[1], str(workdir))
   monkeypatch.setattr(data, "make_train_iterator", real)
   filler.unlink()  # Space again: the same command resumes from step 2.
@@ -216,7 +241,9 @@ def test_evaluation_with_changed_settings_writes_its_own_file(short_run, tmp_pat
   blank = config_lib.apply_overrides(saved, [("evals.val.input.blank", "text")])
   image_only = evaluate.evaluate(blank, str(workdir), name="image_only")
   assert set(image_only) == set(own)
-  assert json.loads((workdir / "eval_step4-image_only.json").read_text()) == pytest.approx(image_only)
+  assert json.loads((workdir / "eval_step4-image_only.json").read_text()) == pytest.approx(
+    image_only
+  )
   assert (workdir / "eval_step4.json").read_text() == record
 
 
@@ -228,20 +255,23 @@ def test_the_summary_names_unused_towers(short_run):
 
 
 def run_cli(*args, cwd=REPO, timeout=300):
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=cwd)
+  return subprocess.run(
+    [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+  )
 
 
 def config_file(tmp_path, config, **extra) -> str:
   """A config file returning `config` (+ `extra` keys, written as Python source)."""
   path = tmp_path / "config.py"
-  path.write_text(textwrap.dedent(f"""\
+  path.write_text(
+    textwrap.dedent(f"""\
       import ml_collections as mlc
       def get_config(arg=None):
         config = mlc.ConfigDict({config.to_dict()!r})
         config.update({extra!r})
         return config
-      """))
+      """)
+  )
   return str(path)
 
 
@@ -251,14 +281,21 @@ def test_command_line_errors_are_one_line(short_run, tmp_path):
   (tmp_path / "s").mkdir()
   quoted = config_file(tmp_path / "s", bad(short_run[1], **{"optim.lr": "3e-3"}))
   cases = [
-      ([f"--config={good}", "--config.total_steps=abc"],
-       "ConfigError: --config.total_steps=abc: config.total_steps expects an integer (its value is 4)."),
-      ([f"--config={quoted}"],
-       "ConfigError: config.optim.lr='3e-3' is a string; expected a number (a number in quotes is a "
-       "string: write it without quotes)."),
-      ([f"--config={good}", "--config.batch_size=12"],
-       "ConfigError: config.batch_size=12 must be a positive multiple of grad_accum_steps (1) x "
-       "batch shards (mesh data*fsdp = 8); e.g. --config.batch_size=8."),
+    (
+      [f"--config={good}", "--config.total_steps=abc"],
+      "ConfigError: --config.total_steps=abc: config.total_steps expects an integer (its value "
+      "is 4).",
+    ),
+    (
+      [f"--config={quoted}"],
+      "ConfigError: config.optim.lr='3e-3' is a string; expected a number (a number in quotes is a "
+      "string: write it without quotes).",
+    ),
+    (
+      [f"--config={good}", "--config.batch_size=12"],
+      "ConfigError: config.batch_size=12 must be a positive multiple of grad_accum_steps (1) x "
+      "batch shards (mesh data*fsdp = 8); e.g. --config.batch_size=8.",
+    ),
   ]
   for args, line in cases:
     result = run_cli("mmtl.train", f"--workdir={tmp_path / 'w'}", *args)
@@ -273,14 +310,21 @@ def test_two_runs_started_together_one_trains(short_run, tmp_path):
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for _ in range(2)
+  ]
   results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
   codes = sorted(code for code, _ in results)
   assert codes == [0, 1], results
   refused = next(err for code, err in results if code == 1)
   assert refused.strip().splitlines()[-1].startswith("WorkdirLocked: ")
-  steps = [r["step"] for r in map(json.loads, (workdir / metrics.METRICS_FILE).read_text().splitlines())
-           if "train/loss" in r]
+  steps = [
+    r["step"]
+    for r in map(json.loads, (workdir / metrics.METRICS_FILE).read_text().splitlines())
+    if "train/loss" in r
+  ]
   assert steps == [1, 2, 3]  # One run's lines, once each.
   assert not (workdir / workdir_lib.LOCK_FILE).exists()

@@ -1,13 +1,16 @@
 """The shared param-path matcher."""
+
 import numpy as np
 import pytest
 
 from mmtl import rules
 
 PARAMS = {
-    "image_encoder": {"encoder": {"layer_0": {"attn": {"query": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}}}}},
-    "text_encoder": {"pooler": {"dense": {"kernel": np.zeros((2, 2))}}},
-    "head": {"kernel": np.zeros((2, 3))},
+  "image_encoder": {
+    "encoder": {"layer_0": {"attn": {"query": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}}}}
+  },
+  "text_encoder": {"pooler": {"dense": {"kernel": np.zeros((2, 2))}}},
+  "head": {"kernel": np.zeros((2, 3))},
 }
 
 
@@ -15,9 +18,12 @@ def test_paths_roundtrip():
   flat = rules.flatten(PARAMS)
   assert "image_encoder/encoder/layer_0/attn/query/kernel" in flat
   assert rules.flatten(rules.unflatten(flat)).keys() == flat.keys()
-  assert list(flat) == ["head/kernel", "image_encoder/encoder/layer_0/attn/query/bias",
-                        "image_encoder/encoder/layer_0/attn/query/kernel",
-                        "text_encoder/pooler/dense/kernel"]
+  assert list(flat) == [
+    "head/kernel",
+    "image_encoder/encoder/layer_0/attn/query/bias",
+    "image_encoder/encoder/layer_0/attn/query/kernel",
+    "text_encoder/pooler/dense/kernel",
+  ]
 
 
 def test_first_match_wins_and_fullmatch():

@@ -1,5 +1,6 @@
 """Mesh, sharding rules and sharded training on 8 simulated CPU devices, with the batch placement
 (mmtl.data.device) and memory estimate (mmtl.memory) they feed."""
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -12,9 +13,9 @@ from mmtl.models import layers
 from tests import sharding_toy as toy
 
 MESHES = [  # (mesh config, rules); the reference is 1 device with no sharding.
-    (dict(data=8), "fsdp_tp"),
-    (dict(data=2, fsdp=4), "fsdp"),
-    (dict(data=2, fsdp=2, model=2), "fsdp_tp"),
+  (dict(data=8), "fsdp_tp"),
+  (dict(data=2, fsdp=4), "fsdp"),
+  (dict(data=2, fsdp=2, model=2), "fsdp_tp"),
 ]
 
 
@@ -42,8 +43,9 @@ def test_sharded_training_matches_one_device(reference, mesh_cfg, rule_set):
   state, losses = toy.reference_run(tuple(mesh_cfg.items()), rule_set, 3)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert losses[-1] < losses[0]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               state, ref_state)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state, ref_state
+  )
 
 
 def test_params_and_optimizer_state_really_sharded():
@@ -52,14 +54,14 @@ def test_params_and_optimizer_state_really_sharded():
   layer = "image_encoder/encoder/layer_0"
   params = rules.flatten(state["params"])
   expect = {  # path: (spec, per-device shard shape); WIDTH=16, hidden 32, 3 classes
-      f"{layer}/attn/query/kernel": (P("fsdp", "model"), (8, 8)),
-      f"{layer}/attn/query/bias": (P("model"), (8,)),
-      f"{layer}/attn/out/kernel": (P("model", "fsdp"), (8, 8)),
-      f"{layer}/mlp/fc1/kernel": (P("fsdp", "model"), (8, 16)),
-      f"{layer}/mlp/fc2/kernel": (P("model", "fsdp"), (16, 8)),
-      f"{layer}/mlp/fc2/bias": (P("fsdp"), (8,)),
-      "head/kernel": (P("fsdp"), (8, 3)),
-      "head/bias": (P(), (3,)),  # 3 is not divisible by fsdp=2: replicated
+    f"{layer}/attn/query/kernel": (P("fsdp", "model"), (8, 8)),
+    f"{layer}/attn/query/bias": (P("model"), (8,)),
+    f"{layer}/attn/out/kernel": (P("model", "fsdp"), (8, 8)),
+    f"{layer}/mlp/fc1/kernel": (P("fsdp", "model"), (8, 16)),
+    f"{layer}/mlp/fc2/kernel": (P("model", "fsdp"), (16, 8)),
+    f"{layer}/mlp/fc2/bias": (P("fsdp"), (8,)),
+    "head/kernel": (P("fsdp"), (8, 3)),
+    "head/bias": (P(), (3,)),  # 3 is not divisible by fsdp=2: replicated
   }
   for path, (spec, shard_shape) in expect.items():
     assert params[path].sharding.spec == spec, path
@@ -76,8 +78,10 @@ def test_explicit_rules_and_divisibility_fallback():
   params = {"a": {"kernel": jnp.zeros((6, 4))}, "b": {"kernel": jnp.zeros((3, 5))}}
   rule_list = [("a/.*", (("data", "fsdp"), "model")), ("b/.*", ("model", "fsdp"))]
   specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(mesh, params, rule_list))
-  assert specs == {"a": {"kernel": P(None, "model")},  # 6 % (2*2) != 0 -> that dim replicated
-                   "b": {"kernel": P()}}
+  assert specs == {
+    "a": {"kernel": P(None, "model")},  # 6 % (2*2) != 0 -> that dim replicated
+    "b": {"kernel": P()},
+  }
   with pytest.raises(rules.RuleError, match="c/.*"):
     sharding.param_shardings(mesh, params, rule_list + [("c/.*", "fsdp")])
   with pytest.raises(ValueError, match="unknown mesh axes"):
@@ -90,16 +94,19 @@ def test_explicit_rules_and_divisibility_fallback():
 
 def test_presets_address_the_real_encoder_names():
   """The preset regexes must match the param names of mmtl's encoder layers."""
-  spec = layers.LayerSpec(hidden_size=16, num_heads=2, mlp_dim=32, activation="gelu",
-                          layer_norm_eps=1e-6, pre_norm=True)
+  spec = layers.LayerSpec(
+    hidden_size=16, num_heads=2, mlp_dim=32, activation="gelu", layer_norm_eps=1e-6, pre_norm=True
+  )
   encoder = layers.Encoder(spec, num_layers=1)
-  shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 4, 16)),
-                                               jnp.ones((1, 4), bool), 0, 1))["params"]
+  shapes = jax.eval_shape(
+    lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 4, 16)), jnp.ones((1, 4), bool), 0, 1)
+  )["params"]
   mesh = sharding.make_mesh(dict(data=4, model=2))
   shardings = sharding.param_shardings(mesh, shapes, "tp")
   specs = {path: s.spec for path, s in rules.flatten(shardings).items()}
-  column = [k for k in specs
-            if k.endswith(("query/kernel", "key/kernel", "value/kernel", "fc1/kernel"))]
+  column = [
+    k for k in specs if k.endswith(("query/kernel", "key/kernel", "value/kernel", "fc1/kernel"))
+  ]
   row = [k for k in specs if k.endswith(("out/kernel", "fc2/kernel"))]
   assert len(column) == 4 and len(row) == 2, sorted(specs)
   assert all(specs[k] == P(None, "model") for k in column)
@@ -108,10 +115,17 @@ def test_presets_address_the_real_encoder_names():
 
 def test_lora_factors_follow_their_kernel_split():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, model=2))
-  params = {"layer_0": {"attn": {"query": {"lora_a": np.zeros((16, 4)), "lora_b": np.zeros((4, 16))},
-                                 "out": {"lora_a": np.zeros((16, 4)), "lora_b": np.zeros((4, 16))}}}}
-  specs = {k: v.spec for k, v in
-           rules.flatten(sharding.param_shardings(mesh, params, "fsdp_tp")).items()}
+  params = {
+    "layer_0": {
+      "attn": {
+        "query": {"lora_a": np.zeros((16, 4)), "lora_b": np.zeros((4, 16))},
+        "out": {"lora_a": np.zeros((16, 4)), "lora_b": np.zeros((4, 16))},
+      }
+    }
+  }
+  specs = {
+    k: v.spec for k, v in rules.flatten(sharding.param_shardings(mesh, params, "fsdp_tp")).items()
+  }
   assert specs["layer_0/attn/query/lora_b"] == P(None, "model")  # columns, like the kernel
   assert specs["layer_0/attn/out/lora_a"] == P("model")  # rows, like the kernel
   assert specs["layer_0/attn/query/lora_a"] == P("fsdp")  # the rest: fsdp
@@ -141,7 +155,8 @@ def test_memory_estimate_counts_shards_and_remat():
   batch = jax.eval_shape(lambda: toy.global_batch(0))
   plain = memory.activation_bytes(toy.loss_fn, shapes["params"], batch)
   remat = memory.activation_bytes(
-      lambda p, b: toy.loss_fn(p, b, toy.ToyModel(remat=True)), shapes["params"], batch)
+    lambda p, b: toy.loss_fn(p, b, toy.ToyModel(remat=True)), shapes["params"], batch
+  )
   assert 0 < remat < plain
   # At least the MLP hidden activation (B, T, 2*WIDTH) float32 is kept.
   assert plain >= 16 * 4 * 32 * 4

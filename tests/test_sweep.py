@@ -1,4 +1,5 @@
 """launch/sweep.py: grids, resuming, the results table, emitted launch commands."""
+
 import csv
 import json
 import os
@@ -45,17 +46,35 @@ def fake_trainer(tmp_path, monkeypatch):
     return sweep.main(["--config", str(config), "--train_module", "fake_train", *args])
 
   def workdirs_run():
-    return [Path(json.loads(line)[3]).name for line in calls.read_text().splitlines()] if calls.exists() else []
+    return (
+      [Path(json.loads(line)[3]).name for line in calls.read_text().splitlines()]
+      if calls.exists()
+      else []
+    )
+
   return run, workdirs_run, config
 
 
 def test_grid_runs_resumes_and_writes_the_table(fake_trainer, tmp_path, capsys):
   run, workdirs_run, _ = fake_trainer
   sweep_dir = tmp_path / "sweep"
-  args = ["--sweep_dir", str(sweep_dir), "--grid", "fusion=concat,gated", "--grid", "lr=0.1,0.2",
-          "--", "--config.total_steps=3"]
+  args = [
+    "--sweep_dir",
+    str(sweep_dir),
+    "--grid",
+    "fusion=concat,gated",
+    "--grid",
+    "lr=0.1,0.2",
+    "--",
+    "--config.total_steps=3",
+  ]
   assert run(*args) == 0
-  names = ["fusion=concat__lr=0.1", "fusion=concat__lr=0.2", "fusion=gated__lr=0.1", "fusion=gated__lr=0.2"]
+  names = [
+    "fusion=concat__lr=0.1",
+    "fusion=concat__lr=0.2",
+    "fusion=gated__lr=0.1",
+    "fusion=gated__lr=0.2",
+  ]
   assert workdirs_run() == names
 
   # Only the runs whose result is gone (or half-written) run again; the others are skipped.
@@ -72,10 +91,15 @@ def test_grid_runs_resumes_and_writes_the_table(fake_trainer, tmp_path, capsys):
   with (sweep_dir / "results.csv").open() as f:
     rows = list(csv.DictReader(f))
   assert [(r["run"], r["fusion"], r["lr"], float(r["val/accuracy"])) for r in rows] == [
-      ("fusion=concat__lr=0.1", "concat", "0.1", 16.0), ("fusion=concat__lr=0.2", "concat", "0.2", 26.0),
-      ("fusion=gated__lr=0.1", "gated", "0.1", 15.0), ("fusion=gated__lr=0.2", "gated", "0.2", 25.0)]
+    ("fusion=concat__lr=0.1", "concat", "0.1", 16.0),
+    ("fusion=concat__lr=0.2", "concat", "0.2", 26.0),
+    ("fusion=gated__lr=0.1", "gated", "0.1", 15.0),
+    ("fusion=gated__lr=0.2", "gated", "0.2", 25.0),
+  ]
   # Every run got the shared flags; the sweep's own record lists the runs.
-  calls = [json.loads(line) for line in Path(os.environ["FAKE_TRAIN_CALLS"]).read_text().splitlines()]
+  calls = [
+    json.loads(line) for line in Path(os.environ["FAKE_TRAIN_CALLS"]).read_text().splitlines()
+  ]
   assert all(call[-1] == "--config.total_steps=3" for call in calls)
   assert [r["name"] for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]] == names
 
@@ -95,31 +119,39 @@ def test_a_failed_run_stops_the_sweep_and_shows_in_the_table(fake_trainer, tmp_p
 
 def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path, capsys):
   run, workdirs_run, config = fake_trainer
-  config.write_text(textwrap.dedent("""\
+  config.write_text(
+    textwrap.dedent("""\
       def get_config(arg=None):
         return {}
       def get_sweep(arg=None):
         return [dict(fusion="concat", frozen=("image_encoder/.*",)),
                 dict(fusion="gated", frozen=())]
-      """))
+      """)
+  )
   sweep_dir = tmp_path / "s"
   # The config's own get_sweep() is the sweep when no --grid is given.
   assert run("--sweep_dir", str(sweep_dir), "--emit", "local") == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines == [
-      f"{sys.executable} -m fake_train --config {config} "
-      f"--workdir {sweep_dir}/fusion=concat__frozen=_image_encoder_._ --config.fusion=concat "
-      "'--config.frozen=('\"'\"'image_encoder/.*'\"'\"',)'",
-      f"{sys.executable} -m fake_train --config {config} --workdir {sweep_dir}/fusion=gated__frozen=_"
-      " --config.fusion=gated '--config.frozen=()'"]
+    f"{sys.executable} -m fake_train --config {config} "
+    f"--workdir {sweep_dir}/fusion=concat__frozen=_image_encoder_._ --config.fusion=concat "
+    "'--config.frozen=('\"'\"'image_encoder/.*'\"'\"',)'",
+    f"{sys.executable} -m fake_train --config {config} --workdir {sweep_dir}/fusion=gated__frozen=_"
+    " --config.fusion=gated '--config.frozen=()'",
+  ]
   assert workdirs_run() == []  # Emitting runs nothing.
 
-  assert run("--sweep_dir", "gs://bucket/s", "--sweep", str(config), "--grid", "lr=1,2", "--emit", "tpu") == 0
+  assert (
+    run("--sweep_dir", "gs://bucket/s", "--sweep", str(config), "--grid", "lr=1,2", "--emit", "tpu")
+    == 0
+  )
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 4
-  assert lines[0] == (f"{ROOT}/launch/tpu_vm.sh run --config {config} --workdir "
-                      "gs://bucket/s/fusion=concat__frozen=_image_encoder_.___lr=1 -- --config.fusion=concat "
-                      "'--config.frozen=('\"'\"'image_encoder/.*'\"'\"',)' --config.lr=1")
+  assert lines[0] == (
+    f"{ROOT}/launch/tpu_vm.sh run --config {config} --workdir "
+    "gs://bucket/s/fusion=concat__frozen=_image_encoder_.___lr=1 -- --config.fusion=concat "
+    "'--config.frozen=('\"'\"'image_encoder/.*'\"'\"',)' --config.lr=1"
+  )
 
   # Finished runs are not emitted again.
   run("--sweep_dir", str(sweep_dir))
@@ -128,7 +160,9 @@ def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path
   assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--grid", "lr"], "expected KEY=V1,V2"),
     (["--grid", "lr=1", "--grid", "lr=2"], "names a key twice"),
     (["--grid", "lr=[1,"], "not a Python literal"),
@@ -137,7 +171,8 @@ def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path
     (["--sweep", "missing.py"], "missing.py does not exist"),
     (["--grid", "lr=1", "stray"], "unexpected arguments ['stray']: flags for every run go after"),
     (["--grid", "lr=1", "--bogus"], "Unknown command line flag 'bogus'"),
-])
+  ],
+)
 def test_bad_sweeps_are_explained(fake_trainer, tmp_path, capsys, args, message):
   run, workdirs_run, _ = fake_trainer
   assert run("--sweep_dir", str(tmp_path / "s"), *args) == 2
@@ -154,7 +189,10 @@ def test_config_and_sweep_dir_are_required(capsys):
 
 def test_run_names():
   assert sweep.run_name({}) == "base"
-  assert sweep.run_name({"model.fusion": "concat", "optim.lr": 0.001}) == "model.fusion=concat__optim.lr=0.001"
+  assert (
+    sweep.run_name({"model.fusion": "concat", "optim.lr": 0.001})
+    == "model.fusion=concat__optim.lr=0.001"
+  )
   assert sweep.parse_axis("optim.lr=[0.1, 1e-3]") == ("optim.lr", [0.1, 0.001])
   long = {"optim.frozen": tuple(f"image_encoder/encoder/layer_{i}/.*" for i in range(12))}
   name = sweep.run_name(long)
@@ -162,8 +200,11 @@ def test_run_names():
 
 
 def test_markdown_table_escapes_pipes(tmp_path):
-  markdown = sweep.write_tables(["optim.frozen", "val/accuracy"],
-                                [{"run": "r", "optim.frozen": "('text/(a|b)',)", "val/accuracy": 0.51234}], tmp_path)
+  markdown = sweep.write_tables(
+    ["optim.frozen", "val/accuracy"],
+    [{"run": "r", "optim.frozen": "('text/(a|b)',)", "val/accuracy": 0.51234}],
+    tmp_path,
+  )
   assert markdown.splitlines()[2] == r"| ('text/(a\|b)',) | 0.5123 |"
 
 
@@ -177,15 +218,44 @@ def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path
 
   def cli(*args):
     return subprocess.run(
-        [sys.executable, ROOT / "launch/sweep.py", "--config", config, "--sweep-dir", sweep_dir,
-         "--grid", "fusion=concat,gated", "--grid=lr=0.1,0.2", "--train_module", "fake_train",
-         "--config.total_steps", "3", *args, "--", "--config.seed=1"],
-        capture_output=True, text=True, timeout=120)
+      [
+        sys.executable,
+        ROOT / "launch/sweep.py",
+        "--config",
+        config,
+        "--sweep-dir",
+        sweep_dir,
+        "--grid",
+        "fusion=concat,gated",
+        "--grid=lr=0.1,0.2",
+        "--train_module",
+        "fake_train",
+        "--config.total_steps",
+        "3",
+        *args,
+        "--",
+        "--config.seed=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
 
   def command(fusion, lr):
-    return [sys.executable, "-m", "fake_train", "--config", str(config),
-            "--workdir", f"{sweep_dir}/fusion={fusion}__lr={lr}", f"--config.fusion={fusion}",
-            f"--config.lr={lr}", "--config.total_steps=3", "--config.seed=1"]
+    return [
+      sys.executable,
+      "-m",
+      "fake_train",
+      "--config",
+      str(config),
+      "--workdir",
+      f"{sweep_dir}/fusion={fusion}__lr={lr}",
+      f"--config.fusion={fusion}",
+      f"--config.lr={lr}",
+      "--config.total_steps=3",
+      "--config.seed=1",
+    ]
+
   unfinished = [command("concat", "0.1"), command("gated", "0.1"), command("gated", "0.2")]
 
   emitted = cli("--emit", "local")
@@ -200,8 +270,11 @@ def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path
   assert "[2/4] fusion=concat__lr=0.2: done already, skipped" in ran.stdout.splitlines()
   with (sweep_dir / "results.csv").open() as f:
     assert [(r["run"], r["val/accuracy"]) for r in csv.DictReader(f)] == [
-        ("fusion=concat__lr=0.1", "16.0"), ("fusion=concat__lr=0.2", "1.0"),
-        ("fusion=gated__lr=0.1", "15.0"), ("fusion=gated__lr=0.2", "25.0")]
+      ("fusion=concat__lr=0.1", "16.0"),
+      ("fusion=concat__lr=0.2", "1.0"),
+      ("fusion=gated__lr=0.1", "15.0"),
+      ("fusion=gated__lr=0.2", "25.0"),
+    ]
 
   assert cli("--emit", "local").stdout == ""  # Nothing left to run.
   bad = cli("--emit", "gpu")
@@ -212,29 +285,55 @@ def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path
 def test_config_arguments_are_swept_through_the_config_path(fake_trainer, tmp_path, capsys):
   run, workdirs_run, config = fake_trainer
   sweep_dir = tmp_path / "s"
-  assert run("--sweep_dir", str(sweep_dir), "--grid", "arg.modalities=['image,text', 'image']",
-             "--grid", "lr=0.5", "--emit", "local") == 0
+  assert (
+    run(
+      "--sweep_dir",
+      str(sweep_dir),
+      "--grid",
+      "arg.modalities=['image,text', 'image']",
+      "--grid",
+      "lr=0.5",
+      "--emit",
+      "local",
+    )
+    == 0
+  )
   commands = [line.split() for line in capsys.readouterr().out.splitlines()]
   assert [(c[c.index("--config") + 1], c[-1]) for c in commands] == [
-      (f"{config}:modalities=image,text", "--config.lr=0.5"), (f"{config}:modalities=image", "--config.lr=0.5")]
+    (f"{config}:modalities=image,text", "--config.lr=0.5"),
+    (f"{config}:modalities=image", "--config.lr=0.5"),
+  ]
   # Appended after the base config's own arguments, so the swept value wins.
-  run("--config", f"{config}:modalities=text,steps=3", "--sweep_dir", str(sweep_dir),
-      "--grid", "arg.modalities=image", "--emit", "local")
+  run(
+    "--config",
+    f"{config}:modalities=text,steps=3",
+    "--sweep_dir",
+    str(sweep_dir),
+    "--grid",
+    "arg.modalities=image",
+    "--emit",
+    "local",
+  )
   assert f"--config {config}:modalities=text,steps=3,modalities=image " in capsys.readouterr().out
   assert run("--sweep_dir", str(sweep_dir), "--grid", "arg.modalities=['image,text', 'image']") == 0
   assert workdirs_run() == ["modalities=image_text", "modalities=image"]
-  assert (sweep_dir / "results.md").read_text().startswith("| modalities | val/accuracy | val/loss |\n")
+  assert (
+    (sweep_dir / "results.md").read_text().startswith("| modalities | val/accuracy | val/loss |\n")
+  )
 
 
 # The quickstart shrunk to seconds: the small mmtl_shapes config, an image-only
 # model with a 1-layer ViT of width 16, 2 steps of batch 8, 16 eval examples.
 TINY_QUICKSTART = "configs/quickstart.py:modalities=image,init=scratch,steps=2"
 TINY_FLAGS = [
-    "--config.input.dataset=mmtl_shapes/small", "--config.batch_size=8",
-    "--config.evals.val.input.split=validation[:16]", "--config.evals.val_iid.input.split=validation_iid[:16]",
-    "--config.model.towers.image.name.hidden_size=16", "--config.model.towers.image.name.num_hidden_layers=1",
-    "--config.model.towers.image.name.intermediate_size=32",
-    "--config.model.towers.image.name.num_attention_heads=2",
+  "--config.input.dataset=mmtl_shapes/small",
+  "--config.batch_size=8",
+  "--config.evals.val.input.split=validation[:16]",
+  "--config.evals.val_iid.input.split=validation_iid[:16]",
+  "--config.model.towers.image.name.hidden_size=16",
+  "--config.model.towers.image.name.num_hidden_layers=1",
+  "--config.model.towers.image.name.intermediate_size=32",
+  "--config.model.towers.image.name.num_attention_heads=2",
 ]
 
 
@@ -251,12 +350,26 @@ def tiny_runs_env(tmp_path, monkeypatch):
 def test_real_trainer_grid_resume_and_table(tmp_path, tiny_runs_env):
   sweep_dir = tmp_path / "sweep"
   # Training-set size x seed: a data-efficiency ablation whose 4 runs share one compiled step.
-  argv = ["--config", TINY_QUICKSTART, "--sweep_dir", str(sweep_dir),
-          "--grid", "arg.train=32,64", "--grid", "seed=0,1", "--", *TINY_FLAGS]
+  argv = [
+    "--config",
+    TINY_QUICKSTART,
+    "--sweep_dir",
+    str(sweep_dir),
+    "--grid",
+    "arg.train=32,64",
+    "--grid",
+    "seed=0,1",
+    "--",
+    *TINY_FLAGS,
+  ]
   assert sweep.main(argv) == 0
   names = ["train=32__seed=0", "train=32__seed=1", "train=64__seed=0", "train=64__seed=1"]
-  for name, split, seed in zip(names, ["train[:32]", "train[:32]", "train[:64]", "train[:64]"], [0, 1, 0, 1]):
-    config = json.loads((sweep_dir / name / "config.json").read_text())  # Each run got its own settings.
+  for name, split, seed in zip(
+    names, ["train[:32]", "train[:32]", "train[:64]", "train[:64]"], [0, 1, 0, 1]
+  ):
+    config = json.loads(
+      (sweep_dir / name / "config.json").read_text()
+    )  # Each run got its own settings.
     assert (config["input"]["split"], config["seed"]) == (split, seed), name
   mtimes = {name: (sweep_dir / name / "final_metrics.json").stat().st_mtime_ns for name in names}
 
@@ -269,7 +382,12 @@ def test_real_trainer_grid_resume_and_table(tmp_path, tiny_runs_env):
   with (sweep_dir / "results.csv").open() as f:
     rows = list(csv.DictReader(f))
   assert [r["run"] for r in rows] == names
-  assert [(r["train"], r["seed"]) for r in rows] == [("32", "0"), ("32", "1"), ("64", "0"), ("64", "1")]
+  assert [(r["train"], r["seed"]) for r in rows] == [
+    ("32", "0"),
+    ("32", "1"),
+    ("64", "0"),
+    ("64", "1"),
+  ]
   assert all(0.0 <= float(r["val/accuracy"]) <= 1.0 for r in rows)
   table = (sweep_dir / "results.md").read_text().splitlines()
   assert table[0].startswith("| train | seed | val/accuracy |") and len(table) == 6

@@ -1,4 +1,5 @@
 """The trainer end to end on tiny models and the small built-in dataset (8 CPU devices)."""
+
 import json
 import os
 
@@ -7,29 +8,35 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from mmtl import checkpoint
+from mmtl import (
+  checkpoint,
+  data,
+  distill,
+  evaluate,
+  metrics,
+  rules,
+  sharding,
+  train,
+  train_state,
+  train_step,
+)
 from mmtl import config as config_lib
-from mmtl import data
-from mmtl import distill
-from mmtl import evaluate
-from mmtl import metrics
-from mmtl import rules
-from mmtl import sharding
-from mmtl import train
-from mmtl import train_step
-from mmtl import train_state
 from mmtl.models import fusion
 
-TINY_VIT = dict(model_type="vit", image_size=16, patch_size=8, num_channels=3, hidden_size=16,
-                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY_VIT = dict(
+  model_type="vit",
+  image_size=16,
+  patch_size=8,
+  num_channels=3,
+  hidden_size=16,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  intermediate_size=32,
+  hidden_dropout_prob=0.0,
+  attention_probs_dropout_prob=0.0,
+)
 # The audio tower: a ViT over the (32 mels, 32 frames, 1) log-mel spectrogram.
 TINY_AUDIO_VIT = dict(TINY_VIT, image_size=32, num_channels=1)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,17 +53,32 @@ def compilation_cache(tmp_path_factory):
 
 def tiny_config(text_dir, data_dir, **overrides):
   """Tiny ViT from scratch + the tiny pretrained BERT fixture, on 32 examples."""
-  config = mlc.ConfigDict(dict(
-      seed=0, total_steps=6, batch_size=16, log_every=1, ckpt_every=2,
-      input=dict(dataset="mmtl_shapes/small", data_dir=data_dir, split="train[:32]",
-                 fields=dict(image="image", text="question", label="label"),
-                 image=dict(size=16), text=dict(tokenizer=text_dir, max_length=24)),
-      model=dict(towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=text_dir)),
-                 fusion="concat", num_classes=2, width=16),
+  config = mlc.ConfigDict(
+    dict(
+      seed=0,
+      total_steps=6,
+      batch_size=16,
+      log_every=1,
+      ckpt_every=2,
+      input=dict(
+        dataset="mmtl_shapes/small",
+        data_dir=data_dir,
+        split="train[:32]",
+        fields=dict(image="image", text="question", label="label"),
+        image=dict(size=16),
+        text=dict(tokenizer=text_dir, max_length=24),
+      ),
+      model=dict(
+        towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=text_dir)),
+        fusion="concat",
+        num_classes=2,
+        width=16,
+      ),
       model_init=dict(text_encoder=text_dir),
       optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant")),
       evals=dict(val=dict(type="classification", input=dict(split="validation[:32]"))),
-  ))
+    )
+  )
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -123,8 +145,9 @@ def patch_train_batches(monkeypatch, change):
   return real
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir, tmp_path,
-                                                         monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(
+  tiny_bert_dir, data_dir, tmp_path, monkeypatch
+):
   # The tiny BERT has dropout 0.1: resuming must also restore the dropout RNG stream.
   config = tiny_config(tiny_bert_dir, data_dir, evals={})
   train.train(config, str(tmp_path / "straight"))
@@ -147,12 +170,16 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_bert_dir, data_dir
   straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose([losses(tmp_path / "straight")[s] for s in (5, 6)],
-                             [losses(tmp_path / "resumed")[s] for s in (5, 6)], rtol=1e-6)
+  np.testing.assert_allclose(
+    [losses(tmp_path / "straight")[s] for s in (5, 6)],
+    [losses(tmp_path / "resumed")[s] for s in (5, 6)],
+    rtol=1e-6,
+  )
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert_dir, data_dir, tmp_path,
-                                                       monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+  tiny_bert_dir, data_dir, tmp_path, monkeypatch
+):
   def nan_from_step_5(n, batch):
     if n >= 1 + 5:
       return dict(batch, pixel_values=np.full_like(batch["pixel_values"], np.nan))
@@ -160,7 +187,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert_dir, data_dir, 
 
   patch_train_batches(monkeypatch, nan_from_step_5)
   workdir = tmp_path / "nan"
-  with pytest.raises(train.Diverged, match=r"(?s)NaN/Inf by step 5.*last good checkpoint is step 4"):
+  with pytest.raises(
+    train.Diverged, match=r"(?s)NaN/Inf by step 5.*last good checkpoint is step 4"
+  ):
     train.train(tiny_config(tiny_bert_dir, data_dir, evals={}), str(workdir))
   assert not (workdir / "final_metrics.json").exists()
   with checkpoint.CheckpointManager(workdir / "checkpoints", read_only=True) as m:
@@ -170,16 +199,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert_dir, data_dir, 
 
 def test_contrastive_run_with_retrieval_zeroshot_and_probe(tiny_bert_dir, data_dir, tmp_path):
   config = tiny_config(
-      tiny_bert_dir, data_dir, total_steps=3, ckpt_every=100,
-      model=dict(towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=tiny_bert_dir)),
-                 fusion="contrastive", head="contrastive", width=8),
-      optim=dict(name="adam", lr=1e-3, schedule=dict(decay="constant"), frozen=("image_encoder/.*",)),
-      evals=dict(
-          ret=dict(type="retrieval", input=dict(split="validation[:32]")),
-          zs=dict(type="zeroshot", classnames=("no", "yes"), prompts=("{}", "a {}"),
-                  tokenizer=tiny_bert_dir, input=dict(split="validation[:32]")),
-          probe=dict(type="linear_probe", num_train=32, input=dict(split="validation[:32]"),
-                     train_input=dict(split="train[:32]"))))
+    tiny_bert_dir,
+    data_dir,
+    total_steps=3,
+    ckpt_every=100,
+    model=dict(
+      towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=tiny_bert_dir)),
+      fusion="contrastive",
+      head="contrastive",
+      width=8,
+    ),
+    optim=dict(name="adam", lr=1e-3, schedule=dict(decay="constant"), frozen=("image_encoder/.*",)),
+    evals=dict(
+      ret=dict(type="retrieval", input=dict(split="validation[:32]")),
+      zs=dict(
+        type="zeroshot",
+        classnames=("no", "yes"),
+        prompts=("{}", "a {}"),
+        tokenizer=tiny_bert_dir,
+        input=dict(split="validation[:32]"),
+      ),
+      probe=dict(
+        type="linear_probe",
+        num_train=32,
+        input=dict(split="validation[:32]"),
+        train_input=dict(split="train[:32]"),
+      ),
+    ),
+  )
   config.input.fields.text = "caption"
   final = train.train(config, str(tmp_path / "lit"))
   assert {"ret/i2t_recall@1", "ret/t2i_recall@10", "zs/accuracy", "probe/accuracy"} <= set(final)
@@ -189,8 +236,14 @@ def test_contrastive_run_with_retrieval_zeroshot_and_probe(tiny_bert_dir, data_d
 
 def test_distillation_from_a_finished_run(finished_run, tiny_bert_dir, data_dir, tmp_path):
   teacher, _ = finished_run
-  student = tiny_config(tiny_bert_dir, data_dir, evals={}, total_steps=2, ckpt_every=100,
-                        distill=dict(teacher_workdir=str(teacher), temperature=2.0, alpha=1.0))
+  student = tiny_config(
+    tiny_bert_dir,
+    data_dir,
+    evals={},
+    total_steps=2,
+    ckpt_every=100,
+    distill=dict(teacher_workdir=str(teacher), temperature=2.0, alpha=1.0),
+  )
   train.train(student, str(tmp_path / "student"))
   # alpha=1: the loss is the KD term alone; the student's zero-init head gives uniform
   # predictions, so step 1's loss is the mean over the first batch of T^2 KL(teacher || uniform).
@@ -206,10 +259,21 @@ def test_distillation_from_a_finished_run(finished_run, tiny_bert_dir, data_dir,
 
 def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, data_dir, tmp_path):
   from mmtl import hf
-  config = tiny_config(tiny_bert_dir, data_dir, evals={}, total_steps=4, keep_ckpts=2,
-                       optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant"),
-                                  frozen=("text_encoder/.*",),
-                                  unfreeze=((2, ("text_encoder/.*",)),)))
+
+  config = tiny_config(
+    tiny_bert_dir,
+    data_dir,
+    evals={},
+    total_steps=4,
+    keep_ckpts=2,
+    optim=dict(
+      name="adam",
+      lr=3e-3,
+      schedule=dict(decay="constant"),
+      frozen=("text_encoder/.*",),
+      unfreeze=((2, ("text_encoder/.*",)),),
+    ),
+  )
   train.train(config, str(tmp_path / "run"))
   _, pretrained, _ = hf.load_pretrained(tiny_bert_dir)
   ckpts = str(tmp_path / "run" / "checkpoints")
@@ -222,17 +286,32 @@ def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, dat
 
 def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_path):
   config = tiny_config(
-      tiny_bert_dir, data_dir, total_steps=2, ckpt_every=1, keep_ckpts=2,
-      model=dict(towers=dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=tiny_bert_dir),
-                             audio=dict(name=TINY_AUDIO_VIT, pool="mean")),
-                 fusion="concat", fusion_layer=-1, bottleneck_tokens=2, num_classes=2, width=16))
+    tiny_bert_dir,
+    data_dir,
+    total_steps=2,
+    ckpt_every=1,
+    keep_ckpts=2,
+    model=dict(
+      towers=dict(
+        image=dict(name=TINY_VIT, pool="cls"),
+        text=dict(name=tiny_bert_dir),
+        audio=dict(name=TINY_AUDIO_VIT, pool="mean"),
+      ),
+      fusion="concat",
+      fusion_layer=-1,
+      bottleneck_tokens=2,
+      num_classes=2,
+      width=16,
+    ),
+  )
   config.input.fields.audio = "audio"
   final = train.train(config, str(tmp_path / "run"))
   assert {"val/accuracy", "val/loss"} <= set(final)
   assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
   ckpts = str(tmp_path / "run" / "checkpoints")
-  before, after = (rules.flatten(jax.device_get(checkpoint.restore_params_only(ckpts, step=s)))
-                   for s in (1, 2))
+  before, after = (
+    rules.flatten(jax.device_get(checkpoint.restore_params_only(ckpts, step=s))) for s in (1, 2)
+  )
   kernel = "audio_encoder/encoder/layer_0/attn/query/kernel"
   assert before[kernel].shape == (16, 16)
   assert before["audio_encoder/embeddings/patch_embeddings/kernel"].shape == (8, 8, 1, 16)
@@ -240,12 +319,18 @@ def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_pat
   assert not np.allclose(after[kernel], before[kernel])  # gradients reach the audio tower
 
   # The token-level fusions with the same three towers (shapes only: no compile).
-  batch = {"pixel_values": jax.ShapeDtypeStruct((4, 16, 16, 3), np.float32),
-           "audio_values": jax.ShapeDtypeStruct((4, 32, 32, 1), np.float32),
-           **{k: jax.ShapeDtypeStruct((4, 24), np.int32)
-              for k in ("input_ids", "attention_mask", "token_type_ids")}}
-  for fusion_type, audio_param in (("bottleneck", "fusion/to_audio/kernel"),
-                                   ("cross_attention", "fusion/cross_audio_0/attn/query/kernel")):
+  batch = {
+    "pixel_values": jax.ShapeDtypeStruct((4, 16, 16, 3), np.float32),
+    "audio_values": jax.ShapeDtypeStruct((4, 32, 32, 1), np.float32),
+    **{
+      k: jax.ShapeDtypeStruct((4, 24), np.int32)
+      for k in ("input_ids", "attention_mask", "token_type_ids")
+    },
+  }
+  for fusion_type, audio_param in (
+    ("bottleneck", "fusion/to_audio/kernel"),
+    ("cross_attention", "fusion/cross_audio_0/attn/query/kernel"),
+  ):
     model_cfg = config_lib.with_defaults(config).model
     model_cfg.fusion = fusion_type
     model = fusion.build(model_cfg)
@@ -257,13 +342,24 @@ def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_pat
 def test_lora_bf16_run_with_early_stopping(tiny_bert_dir, data_dir, tmp_path):
   """LoRA on the text tower's attention, bf16 compute, early stopping on val/accuracy."""
   from mmtl import hf
+
   config = tiny_config(
-      tiny_bert_dir, data_dir, total_steps=8, ckpt_every=100, best_metric="val/accuracy",
-      # No evaluation can beat the first by more than 1.0: the 2nd and 3rd count as
-      # non-improvements and the run stops at step 3.
-      early_stopping=dict(patience=2, min_delta=1.0),
-      optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant"), preset="lora",
-                 lora=dict(targets=["text_encoder/.*/attn/(query|value)/kernel"], rank=2, alpha=4)))
+    tiny_bert_dir,
+    data_dir,
+    total_steps=8,
+    ckpt_every=100,
+    best_metric="val/accuracy",
+    # No evaluation can beat the first by more than 1.0: the 2nd and 3rd count as
+    # non-improvements and the run stops at step 3.
+    early_stopping=dict(patience=2, min_delta=1.0),
+    optim=dict(
+      name="adam",
+      lr=3e-3,
+      schedule=dict(decay="constant"),
+      preset="lora",
+      lora=dict(targets=["text_encoder/.*/attn/(query|value)/kernel"], rank=2, alpha=4),
+    ),
+  )
   config.model.dtype = "bfloat16"
   config.evals.val.every = 1
   final = train.train(config, str(tmp_path / "run"))
@@ -284,8 +380,9 @@ def test_lora_bf16_run_with_early_stopping(tiny_bert_dir, data_dir, tmp_path):
   query = "encoder/layer_0/attn/query"
   # bf16 compute keeps float32 params; LoRA trains only its adapters: the base stays exact.
   assert params[f"text_encoder/{query}/kernel"].dtype == np.float32
-  np.testing.assert_array_equal(params[f"text_encoder/{query}/kernel"],
-                                pretrained[f"{query}/kernel"])
+  np.testing.assert_array_equal(
+    params[f"text_encoder/{query}/kernel"], pretrained[f"{query}/kernel"]
+  )
   assert np.abs(params[f"text_encoder/{query}/lora_b"]).max() > 0
   assert "text_encoder/encoder/layer_0/attn/key/lora_b" not in params
 
@@ -294,8 +391,12 @@ def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
   """LiT: a fully frozen tower gets no dropout in training (the tiny BERT has dropout
   0.1), unless config.model.frozen_tower_mode="train"."""
   from mmtl import optim
-  config = config_lib.with_defaults(tiny_config(
-      tiny_bert_dir, data_dir, optim=dict(name="adam", lr=1e-3, frozen=["text_encoder/.*"])))
+
+  config = config_lib.with_defaults(
+    tiny_config(
+      tiny_bert_dir, data_dir, optim=dict(name="adam", lr=1e-3, frozen=["text_encoder/.*"])
+    )
+  )
   model = fusion.build(config.model)
   batch = next(data.make_train_iterator(config.input, batch_size=4, seed=0))
   params = model.init(jax.random.PRNGKey(0), batch)["params"]
@@ -307,8 +408,9 @@ def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
     cfg = mlc.ConfigDict(config.to_dict())
     cfg.model.frozen_tower_mode = mode
     objective = train_step.make_objective(model, cfg, None, mask)
-    return np.asarray(objective.forward(*optim.split(params, mask), batch,
-                                        jax.random.PRNGKey(seed))["features"])
+    return np.asarray(
+      objective.forward(*optim.split(params, mask), batch, jax.random.PRNGKey(seed))["features"]
+    )
 
   np.testing.assert_array_equal(features("inference", 1), features("inference", 2))
   assert np.abs(features("train", 1) - features("train", 2)).max() > 1e-3
@@ -320,6 +422,7 @@ def test_activation_estimate_counts_what_backward_keeps(tiny_bert_dir, data_dir)
   """The memory line's activations: traced residuals of one microbatch. A frozen text
   tower keeps none of its own, and accumulation divides the batch that is kept."""
   from mmtl import optim
+
   config = config_lib.with_defaults(tiny_config(tiny_bert_dir, data_dir))
   model = fusion.build(config.model)
   batch = next(data.make_train_iterator(config.input, batch_size=16, seed=0))
@@ -328,8 +431,9 @@ def test_activation_estimate_counts_what_backward_keeps(tiny_bert_dir, data_dir)
 
   def estimate(frozen, accum):
     mask = optim.freeze_mask(params, dict(frozen=frozen))
-    return train_step.activation_bytes(train_step.make_objective(model, config, None, mask), mask,
-                                       params, shapes, accum_steps=accum)
+    return train_step.activation_bytes(
+      train_step.make_objective(model, config, None, mask), mask, params, shapes, accum_steps=accum
+    )
 
   full, locked = estimate([], 1), estimate(["text_encoder/.*"], 1)
   # At least one (16, 24, 32) float32 activation per text layer is kept when the tower trains.

@@ -1,31 +1,43 @@
 """The one train-state builder: params created sharded, pretrained towers placed shard by shard."""
+
 import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
 
 from mmtl import config as config_lib
-from mmtl import hf
-from mmtl import optim
-from mmtl import rules
-from mmtl import sharding
-from mmtl import train_state
+from mmtl import hf, optim, rules, sharding, train_state
 from mmtl.models import fusion
 
 
 def fsdp_config(vit_dir, bert_dir, **optim_overrides):
-  return config_lib.with_defaults(mlc.ConfigDict(dict(
-      mesh=dict(data=1, fsdp=8, model=1), sharding_rules="fsdp",
-      model=dict(towers=dict(image=dict(name=vit_dir), text=dict(name=bert_dir)),
-                 fusion="concat", num_classes=3, width=16),
-      model_init=dict(image_encoder=vit_dir, text_encoder=bert_dir),
-      optim=dict(name="adam", lr=1e-3, **optim_overrides))))
+  return config_lib.with_defaults(
+    mlc.ConfigDict(
+      dict(
+        mesh=dict(data=1, fsdp=8, model=1),
+        sharding_rules="fsdp",
+        model=dict(
+          towers=dict(image=dict(name=vit_dir), text=dict(name=bert_dir)),
+          fusion="concat",
+          num_classes=3,
+          width=16,
+        ),
+        model_init=dict(image_encoder=vit_dir, text_encoder=bert_dir),
+        optim=dict(name="adam", lr=1e-3, **optim_overrides),
+      )
+    )
+  )
 
 
-def whole_on_one_device(arrays, sharded_shapes):
-  """Live device arrays that hold a whole sharded param on a single device."""
-  return [x.shape for x in arrays
-          if tuple(x.shape) in sharded_shapes and len(x.sharding.device_set) == 1]
+def whole_on_one_device(arrays, sharded_shapes, before=()):
+  """Live device arrays, other than `before`'s, that hold a whole sharded param on a
+  single device (`before`: the arrays other tests left alive)."""
+  old = {id(x) for x in before}
+  return [
+    x.shape
+    for x in arrays
+    if id(x) not in old and tuple(x.shape) in sharded_shapes and len(x.sharding.device_set) == 1
+  ]
 
 
 @pytest.fixture
@@ -35,8 +47,11 @@ def setup(tiny_vit_dir, tiny_bert_dir):
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
   flat = rules.flatten(layout.shardings)
-  sharded = {tuple(s.shape) for p, s in rules.flatten(layout.shapes).items()
-             if flat[p].spec != jax.sharding.PartitionSpec() and len(s.shape) >= 2}
+  sharded = {
+    tuple(s.shape)
+    for p, s in rules.flatten(layout.shapes).items()
+    if flat[p].spec != jax.sharding.PartitionSpec() and len(s.shape) >= 2
+  }
   assert len(sharded) >= 4  # kernels and embeddings of both towers are split over fsdp
   return config, mesh, model, layout, sharded
 
@@ -45,16 +60,17 @@ def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
   config, mesh, model, layout, sharded = setup
   seen = []
   load = hf.load_params_into
+  before = jax.live_arrays()  # Held, so that no new array can take one of their ids.
 
   def watching_load(*args, **kwargs):  # The random init is live here, the loaded tower next.
-    seen.extend(whole_on_one_device(jax.live_arrays(), sharded))
+    seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
     out = load(*args, **kwargs)
-    seen.extend(whole_on_one_device(jax.live_arrays(), sharded))
+    seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
     return out
 
   monkeypatch.setattr(hf, "load_params_into", watching_load)
   params = train_state.init_params(model, config, layout, note=lambda _: None)
-  seen.extend(whole_on_one_device(jax.live_arrays(), sharded))
+  seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
   assert seen == []
   assert jax.tree.map(lambda x: x.sharding, params) == layout.shardings
   for path, x in rules.flatten(params).items():
@@ -63,8 +79,9 @@ def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
 
   # The check sees the old way (an unsharded init moved afterwards) as a violation.
   unsharded = jax.jit(lambda rng: model.init(rng, model.dummy_batch())["params"])(
-      jax.random.PRNGKey(0))
-  assert whole_on_one_device(jax.live_arrays(), sharded)
+    jax.random.PRNGKey(0)
+  )
+  assert whole_on_one_device(jax.live_arrays(), sharded, before)
   del unsharded
 
 
@@ -83,8 +100,12 @@ def test_loaded_values_and_random_init_are_the_unsharded_ones(setup, tiny_vit_di
 
 
 def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir):
-  config = fsdp_config(tiny_vit_dir, tiny_bert_dir, preset="lora",
-                       lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=2))
+  config = fsdp_config(
+    tiny_vit_dir,
+    tiny_bert_dir,
+    preset="lora",
+    lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=2),
+  )
   mesh = sharding.make_mesh(config.mesh)
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
@@ -93,8 +114,11 @@ def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir
   assert any(p.endswith("/lora_a") for p in flat)
   assert jax.tree.map(lambda x: x.sharding, params) == layout.shardings
   tx, _ = optim.make(config.optim, layout.shapes, total_steps=10)
-  state_shapes = {"step": jax.ShapeDtypeStruct((), np.int32), "params": layout.shapes,
-                  "opt_state": jax.eval_shape(tx.init, layout.shapes)}
+  state_shapes = {
+    "step": jax.ShapeDtypeStruct((), np.int32),
+    "params": layout.shapes,
+    "opt_state": jax.eval_shape(tx.init, layout.shapes),
+  }
   shardings = sharding.state_shardings(mesh, state_shapes, layout.shardings)
   state = train_state.init_state(params, tx, shardings)
   assert int(state["step"]) == 0

@@ -6,6 +6,7 @@ epath path) and enforces what an object store forbids: appending, and making
 directories (gcsfs would create a bucket). A write that bypasses epath would land
 in a local `gs:` folder in the working directory, which the fixture checks is empty.
 """
+
 import errno
 import json
 import os
@@ -13,21 +14,21 @@ from pathlib import Path
 import struct
 import time
 
+from etils.epath import testing as epath_testing
 import ml_collections as mlc
 import pytest
-from etils.epath import testing as epath_testing
 
-from mmtl import checkpoint
+from mmtl import checkpoint, data, distributed, evaluate, metrics, train
 from mmtl import config as config_lib
-from mmtl import data
-from mmtl import distributed
-from mmtl import evaluate
-from mmtl import metrics
-from mmtl import train
 from mmtl import workdir as workdir_lib
+
 # The tiny trainer setup of test_train (its fixtures are registered here by the import).
-from tests.test_train import compilation_cache, data_dir  # noqa: F401
-from tests.test_train import Preempted, patch_train_batches, tiny_config
+from tests.test_train import (  # noqa: F401
+  Preempted,
+  compilation_cache,
+  patch_train_batches,
+  tiny_config,
+)
 
 RUN = "gs://bucket/run"
 
@@ -41,7 +42,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
   def local(path):
     path = os.fspath(path)
-    return str(root / path[len("gs://"):]) if path.startswith("gs://") else path
+    return str(root / path[len("gs://") :]) if path.startswith("gs://") else path
 
   def one(original, path, *args, **kwargs):
     return original(local(path), *args, **kwargs)
@@ -59,9 +60,20 @@ def fake_gcs(tmp_path, monkeypatch):
     assert not os.fspath(path).startswith("gs://"), f"directory made on an object store: {path}"
     return original(path, **kwargs)
 
-  with epath_testing.mock_epath(open=open_, exists=one, isdir=one, listdir=one, stat=one,
-                                remove=one, rmtree=one, rename=two, replace=two, copy=two,
-                                makedirs=no_dirs, mkdir=no_dirs):
+  with epath_testing.mock_epath(
+    open=open_,
+    exists=one,
+    isdir=one,
+    listdir=one,
+    stat=one,
+    remove=one,
+    rmtree=one,
+    rename=two,
+    replace=two,
+    copy=two,
+    makedirs=no_dirs,
+    mkdir=no_dirs,
+  ):
     yield local
   assert not os.listdir(cwd), "a write bypassed epath"
 
@@ -69,12 +81,13 @@ def fake_gcs(tmp_path, monkeypatch):
 def tb_scalars(tb_dir) -> dict[str, list[int]]:
   """{tag: steps} of every TensorBoard event file in `tb_dir` (TFRecord framing)."""
   from tensorboardX.proto import event_pb2
+
   steps: dict[str, list[int]] = {}
   for file in sorted(tb_dir.iterdir()):
     raw, pos = file.read_bytes(), 0
     while pos < len(raw):
-      (length,) = struct.unpack("Q", raw[pos:pos + 8])
-      event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack("Q", raw[pos : pos + 8])
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       for value in event.summary.value:
         steps.setdefault(value.tag, []).append(event.step)
@@ -106,8 +119,9 @@ def test_training_and_evaluation_in_a_gs_workdir(fake_gcs, tiny_bert_dir, data_d
   # orbax reaches gs:// through tensorstore's own GCS driver, which the epath mock does
   # not cover: checkpoints go to the fake bucket's local folder directly.
   real_manager = checkpoint.CheckpointManager
-  monkeypatch.setattr(checkpoint, "CheckpointManager",
-                      lambda directory, **kw: real_manager(fake_gcs(directory), **kw))
+  monkeypatch.setattr(
+    checkpoint, "CheckpointManager", lambda directory, **kw: real_manager(fake_gcs(directory), **kw)
+  )
   config = tiny_config(tiny_bert_dir, data_dir)  # 6 steps, all logged, checkpoints every 2.
 
   def dies_fetching_step_6(n, batch):
@@ -134,12 +148,13 @@ def test_training_and_evaluation_in_a_gs_workdir(fake_gcs, tiny_bert_dir, data_d
   # As a local append: the interrupted run's lines stay, the redone steps follow them.
   logged = path(metrics.METRICS_FILE).read_text()
   assert logged.startswith(first_run)
-  assert loss_steps(logged[len(first_run):]) == list(range(resume_step + 1, 7))
+  assert loss_steps(logged[len(first_run) :]) == list(range(resume_step + 1, 7))
   assert sorted(metrics.read(RUN)["train/loss"]) == [1, 2, 3, 4, 5, 6]
   assert sorted(tb_scalars(path(metrics.TB_DIR))["train/loss"]) == sorted(loss_steps(logged))
   assert workdir_lib.read_json(path(train.FINAL_METRICS_FILE)) == pytest.approx(final)
   assert workdir_lib.read_json(path(config_lib.CONFIG_FILE)) == config_lib.to_dict(
-      config_lib.with_defaults(config))
+    config_lib.with_defaults(config)
+  )
   assert path(metrics.CURVES_FILE).read_bytes()[:4] == b"\x89PNG"
 
   saved = config_lib.load_json(path(config_lib.CONFIG_FILE))
@@ -151,11 +166,25 @@ def test_training_and_evaluation_in_a_gs_workdir(fake_gcs, tiny_bert_dir, data_d
 def test_sweep_skips_finished_runs_of_a_gs_sweep_dir(fake_gcs, tmp_path, capsys, monkeypatch):
   monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "launch"))
   import sweep
+
   config = tmp_path / "base.py"
   config.write_text("def get_config(arg=None):\n  return {}\n")
   workdir_lib.write_text(workdir_lib.path("gs://bucket/s/lr=1", "final_metrics.json"), "{}")
-  assert sweep.main(["--config", str(config), "--sweep_dir", "gs://bucket/s", "--grid", "lr=1,2",
-                     "--emit", "local"]) == 0
+  assert (
+    sweep.main(
+      [
+        "--config",
+        str(config),
+        "--sweep_dir",
+        "gs://bucket/s",
+        "--grid",
+        "lr=1,2",
+        "--emit",
+        "local",
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out.splitlines()  # lr=1 has finished.
   assert len(printed) == 1 and printed[0].endswith(" --workdir gs://bucket/s/lr=2 --config.lr=2")
 
@@ -180,7 +209,7 @@ def test_write_final_is_atomic(tmp_path, monkeypatch):
       self.f = f
 
     def write(self, text):
-      self.f.write(text[:len(text) // 2])
+      self.f.write(text[: len(text) // 2])
       self.f.flush()
       raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -4,6 +4,7 @@ gs:// is served from a local folder through `etils.epath.testing.mock_epath`, as
 tests/test_workdir.py; this fake also runs without an exclusive create (as with
 tf.io.gfile), and tests/test_workdir.py's would bring the trainer's imports.
 """
+
 import json
 import os
 from pathlib import Path
@@ -14,9 +15,9 @@ import tempfile
 import time
 import types
 
-import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
+import pytest
 
 from mmtl import workdir as workdir_lib
 from mmtl.workdir import RunLock, WorkdirLocked
@@ -35,7 +36,7 @@ def gcs(request, tmp_path, monkeypatch):
 
   def local(path):
     path = os.fspath(path)
-    return str(tmp_path / "gcs" / path[len("gs://"):]) if path.startswith("gs://") else path
+    return str(tmp_path / "gcs" / path[len("gs://") :]) if path.startswith("gs://") else path
 
   def one(original, path, *args, **kwargs):
     return original(local(path), *args, **kwargs)
@@ -57,8 +58,14 @@ def gcs(request, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def dead_pid():
   """The pid of a process of this host that has exited."""
-  return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                            check=True, capture_output=True, text=True).stdout)
+  return int(
+    subprocess.run(
+      [sys.executable, "-c", "import os; print(os.getpid())"],
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
+  )
 
 
 def lock_file(workdir) -> epath.Path:
@@ -84,8 +91,14 @@ def test_a_second_run_is_refused_until_the_first_releases(tmp_path):
     second.acquire()
   message = str(refused.value)
   assert "\n" not in message
-  for part in ("run first", f"host {socket.gethostname()}", f"pid {os.getpid()}",
-               f"started {holder(run)['started']}", f"rm {run}/lock.json", "resumes"):
+  for part in (
+    "run first",
+    f"host {socket.gethostname()}",
+    f"pid {os.getpid()}",
+    f"started {holder(run)['started']}",
+    f"rm {run}/lock.json",
+    "resumes",
+  ):
     assert part in message
   assert refused.value.holder["run_id"] == "first" and refused.value.lock_file == f"{run}/lock.json"
   first.release()
@@ -106,9 +119,16 @@ def test_release_leaves_another_runs_lock(tmp_path):
 
 def test_a_dead_runs_lock_on_this_host_is_taken_over(tmp_path, caplog):
   run = str(tmp_path / "run")
-  subprocess.run([sys.executable, "-c", "import sys; from mmtl import workdir; "
-                  "workdir.RunLock(sys.argv[1], 'crashed').acquire()", run],
-                 cwd=REPO, check=True)  # Exits holding the lock.
+  subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import sys; from mmtl import workdir; workdir.RunLock(sys.argv[1], 'crashed').acquire()",
+      run,
+    ],
+    cwd=REPO,
+    check=True,
+  )  # Exits holding the lock.
   dead = holder(run)
   assert dead["run_id"] == "crashed" and dead["pid"] != os.getpid()
   with RunLock(run, run_id="rerun"):
@@ -124,8 +144,11 @@ def test_a_live_pid_started_at_another_time_is_a_reused_pid(tmp_path):
     assert holder(tmp_path)["run_id"] == "after"
 
 
-@pytest.mark.parametrize("elsewhere", [dict(host="tpu-vm-7"), dict(pid_namespace="pid:[1]")],
-                         ids=["another-host", "another-pid-namespace"])
+@pytest.mark.parametrize(
+  "elsewhere",
+  [dict(host="tpu-vm-7"), dict(pid_namespace="pid:[1]")],
+  ids=["another-host", "another-pid-namespace"],
+)
 def test_a_lock_of_another_host_is_never_taken_over(tmp_path, dead_pid, elsewhere):
   RunLock(tmp_path).acquire()
   rewrite(tmp_path, run_id="remote", pid=dead_pid, **elsewhere)  # That pid is not its host's.
@@ -151,8 +174,10 @@ def test_gs_workdir_lock(gcs):
   with pytest.raises(WorkdirLocked) as refused:
     RunLock(RUN).acquire()
   assert "run first" in str(refused.value)
-  assert "gcloud storage rm gs://bucket/run/lock.json, or gsutil rm gs://bucket/run/lock.json" \
-      in str(refused.value)
+  assert (
+    "gcloud storage rm gs://bucket/run/lock.json, or gsutil rm gs://bucket/run/lock.json"
+    in str(refused.value)
+  )
   first.release()
   assert not lock_file(RUN).exists()
   with RunLock(RUN, run_id="second"):
@@ -212,8 +237,9 @@ def test_racing_processes_one_wins(tmp_path, dead_pid, stale):
     RunLock(tmp_path / "run", run_id="crashed").acquire()
     rewrite(tmp_path / "run", pid=dead_pid)
   names = [str(i) for i in range(4)]
-  racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), name], cwd=REPO)
-            for name in names]
+  racers = [
+    subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), name], cwd=REPO) for name in names
+  ]
   try:
     wait_for([tmp_path / f"ready{name}" for name in names])
     (tmp_path / "go").touch()

@@ -1,4 +1,5 @@
-r"""Ablation grid on mmtl_shapes: fusion type x text encoder frozen/tuned x pretrained/scratch x modality.
+r"""Ablation grid on mmtl_shapes: fusion type x text encoder frozen/tuned x
+pretrained/scratch x modality.
 
 Every run is `configs/quickstart.py` with config arguments, so a single cell is
 
@@ -22,12 +23,14 @@ only is run for each text setting and init): 30 + 1 + 6 = 37 runs.
 
 Expected results: see the table in README, "Quickstart" (the `small` sweep).
 """
+
 import importlib.util
 import itertools
 import os
 
 _spec = importlib.util.spec_from_file_location(
-    "_mmtl_quickstart", os.path.join(os.path.dirname(__file__), os.pardir, "quickstart.py"))
+  "_mmtl_quickstart", os.path.join(os.path.dirname(__file__), os.pardir, "quickstart.py")
+)
 quickstart = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quickstart)
 
@@ -44,15 +47,19 @@ def get_sweep(arg=None):
   """Override dicts for launch/sweep.py: `arg.*` keys are config-file arguments."""
   if arg == "small":
     return [
-        {"arg.modalities": "image,text", "arg.init": "pretrained"},
-        {"arg.modalities": "image"},
-        {"arg.modalities": "text", "arg.init": "pretrained"},
-        # Same encoder, same (locked) setting, random weights: what pretraining buys.
-        {"arg.modalities": "image,text", "arg.init": "scratch", "arg.text": "frozen"},
+      {"arg.modalities": "image,text", "arg.init": "pretrained"},
+      {"arg.modalities": "image"},
+      {"arg.modalities": "text", "arg.init": "pretrained"},
+      # Same encoder, same (locked) setting, random weights: what pretraining buys.
+      {"arg.modalities": "image,text", "arg.init": "scratch", "arg.text": "frozen"},
     ]
-  runs = [{"arg.fusion": f, "arg.text": t, "arg.init": i}
-          for f, t, i in itertools.product(FUSIONS, TEXT, INITS)]
+  runs = [
+    {"arg.fusion": f, "arg.text": t, "arg.init": i}
+    for f, t, i in itertools.product(FUSIONS, TEXT, INITS)
+  ]
   runs.append({"arg.modalities": "image"})
-  runs += [{"arg.modalities": "text", "arg.text": t, "arg.init": i}
-           for t, i in itertools.product(TEXT, INITS)]
+  runs += [
+    {"arg.modalities": "text", "arg.text": t, "arg.init": i}
+    for t, i in itertools.product(TEXT, INITS)
+  ]
   return runs

@@ -4,6 +4,7 @@ options: the `config.input` keys; source: the dataset; transforms: per-example a
 preprocessing; loader: the (grain) iterators; tf_loader: the tf.data fallback; device: batches
 onto the mesh.
 """
+
 from mmtl.data import shapes  # Registers the TFDS builder `mmtl_shapes`.
 from mmtl.data.loader import eval_num_batches, make_eval_iterator, make_train_iterator
 from mmtl.data.options import defaults, input_config

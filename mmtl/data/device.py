@@ -5,6 +5,7 @@ process's rows, see `sharding.process_data_shard`) become global `jax.Array`s
 sharded over ("data", "fsdp"), with a few in flight so the host-to-device copy
 overlaps the step.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,10 +34,12 @@ def put_batch(local_batch: Any, mesh: Mesh) -> Any:
   def put(path, x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % local_shards:
-      raise ValueError(f"put_batch: {rules_lib.path_str(path)} has shape {x.shape}; its first "
-                       f"(batch) dimension must be a multiple of the {local_shards} batch shards "
-                       f"on this process. Make batch_size a multiple of data*fsdp="
-                       f"{mesh.shape['data'] * mesh.shape['fsdp']}.")
+      raise ValueError(
+        f"put_batch: {rules_lib.path_str(path)} has shape {x.shape}; its first "
+        f"(batch) dimension must be a multiple of the {local_shards} batch shards "
+        f"on this process. Make batch_size a multiple of data*fsdp="
+        f"{mesh.shape['data'] * mesh.shape['fsdp']}."
+      )
     global_shape = (x.shape[0] * count, *x.shape[1:])
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
@@ -83,5 +86,6 @@ class DevicePrefetch:
 def to_devices(batches: Iterator[Any], config: Mapping[str, Any], mesh: Mesh) -> DevicePrefetch:
   """Host batches (this process's rows) -> global device batches, `config.prefetch_to_device`
   of them in flight."""
-  return DevicePrefetch(batches, functools.partial(put_batch, mesh=mesh),
-                        int(config["prefetch_to_device"]))
+  return DevicePrefetch(
+    batches, functools.partial(put_batch, mesh=mesh), int(config["prefetch_to_device"])
+  )

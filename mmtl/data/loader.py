@@ -17,6 +17,7 @@ grain iterator state (a small JSON-able dict) is the global step, so it resumes
 at exactly the same example, on any number of processes (see
 mmtl/checkpoint.py). The tf.data loader shards per process instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -40,7 +41,8 @@ def _grain_seed(seed: int) -> int:
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
     raise config_keys.ConfigError(
-        f"process_index={process_index} must be in [0, process_count={process_count}).")
+      f"process_index={process_index} must be in [0, process_count={process_count})."
+    )
 
 
 def _check_loader(cfg: ml_collections.ConfigDict) -> None:
@@ -48,8 +50,9 @@ def _check_loader(cfg: ml_collections.ConfigDict) -> None:
     raise config_keys.ConfigError(f"config.input.loader={cfg.loader!r}; choose 'grain' or 'tf'.")
 
 
-def _to_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict,
-                 pre: transforms.Preprocess) -> grain.DatasetIterator:
+def _to_iterator(
+  ds: grain.MapDataset, cfg: ml_collections.ConfigDict, pre: transforms.Preprocess
+) -> grain.DatasetIterator:
   read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
   ds = ds.to_iter_dataset(read)
   ds = ds.map(pre.tokenize)  # Once per batch; in the consumer thread or in the workers.
@@ -60,8 +63,13 @@ def _to_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict,
   return iter(ds)
 
 
-def _decoded(cfg: ml_collections.ConfigDict, pre: transforms.Preprocess, src: Any,
-             process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def _decoded(
+  cfg: ml_collections.ConfigDict,
+  pre: transforms.Preprocess,
+  src: Any,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """The slice `process_index::process_count` of `src` (default: all of it), decoded (and held
   in memory when cfg.cache)."""
   ds = grain.MapDataset.source(src)[process_index::process_count].map(pre.decode)
@@ -70,9 +78,14 @@ def _decoded(cfg: ml_collections.ConfigDict, pre: transforms.Preprocess, src: An
   return ds
 
 
-def make_train_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, seed: int,
-                        process_index: int = 0,
-                        process_count: int = 1) -> Iterator[transforms.Batch]:
+def make_train_iterator(
+  input_cfg: Mapping[str, Any],
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[transforms.Batch]:
   """Endless, shuffled (reshuffled per epoch), augmented batches: this process's share.
 
   `batch_size` is per process; the global batch is B = batch_size *
@@ -92,16 +105,23 @@ def make_train_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, seed: 
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
   if cfg.loader == "tf":
-    return tf_loader.TfIterator(cfg, batch_size=batch_size, seed=seed, process_index=process_index,
-                                process_count=process_count, num_batches=None)
+    return tf_loader.TfIterator(
+      cfg,
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      num_batches=None,
+    )
   _check_loader(cfg)
   src, b = source.data_source(cfg)
   pre = transforms.Preprocess(cfg, b.info, train=True, class_weights=source.class_weights(cfg, b))
   ds = _decoded(cfg, pre, src)  # Lazy without cache: reads only what this process's rows need.
   if len(ds) < batch_size * process_count:
     raise config_keys.ConfigError(
-        f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
-        f"global batch size {batch_size} x {process_count} processes.")
+      f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
+      f"global batch size {batch_size} x {process_count} processes."
+    )
   ds = ds.seed(_grain_seed(seed)).shuffle().repeat(None).random_map(pre.example)
   # Local-size batches; global batch k is local batches k*P..k*P+P-1: this process takes the p-th.
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=pre.stack)[process_index::process_count]
@@ -113,8 +133,9 @@ def eval_num_batches(num: int, *, batch_size: int, process_count: int) -> int:
   return max(1, math.ceil(math.ceil(num / process_count) / batch_size))
 
 
-def make_eval_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[transforms.Batch]:
+def make_eval_iterator(
+  input_cfg: Mapping[str, Any], *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[transforms.Batch]:
   """One ordered pass over this process's slice; no augmentation or modality dropout.
 
   Every process yields the same number of batches (`eval_num_batches`), as
@@ -124,10 +145,17 @@ def make_eval_iterator(input_cfg: Mapping[str, Any], *, batch_size: int, process
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
   if cfg.loader == "tf":
-    num_batches = eval_num_batches(source.num_examples(cfg), batch_size=batch_size,
-                                   process_count=process_count)
-    return tf_loader.TfIterator(cfg, batch_size=batch_size, seed=0, process_index=process_index,
-                                process_count=process_count, num_batches=num_batches)
+    num_batches = eval_num_batches(
+      source.num_examples(cfg), batch_size=batch_size, process_count=process_count
+    )
+    return tf_loader.TfIterator(
+      cfg,
+      batch_size=batch_size,
+      seed=0,
+      process_index=process_index,
+      process_count=process_count,
+      num_batches=num_batches,
+    )
   _check_loader(cfg)
   src, b = source.data_source(cfg)
   pre = transforms.Preprocess(cfg, b.info, train=False)

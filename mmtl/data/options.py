@@ -3,6 +3,7 @@
 Every other data module takes its config through `input_config`, so an unknown
 key fails once, here, with a did-you-mean hint.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,7 +16,8 @@ from mmtl import config_keys
 
 def defaults() -> ml_collections.ConfigDict:
   """`config.input` keys and their defaults (see docs/data.md)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       dataset="mmtl_shapes",  # TFDS name[/config][:version]
       split="train",  # Any TFDS split spec: "train", "train[:2000]", "train+validation".
       data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
@@ -28,16 +30,17 @@ def defaults() -> ml_collections.ConfigDict:
       fields=dict(image="image", text="question", label="label", audio=None),
       eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
       image=dict(
-          size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
-          resize=None,  # Eval: shorter side resized to this, then center crop; None: = size.
-          mean=None, std=None,  # None: from stats_from, else (0.5, 0.5, 0.5).
-          stats_from=None,  # Checkpoint whose preprocessor_config.json gives mean/std/size.
+        size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
+        resize=None,  # Eval: shorter side resized to this, then center crop; None: = size.
+        mean=None,
+        std=None,  # None: from stats_from, else (0.5, 0.5, 0.5).
+        stats_from=None,  # Checkpoint whose preprocessor_config.json gives mean/std/size.
       ),
       text=dict(tokenizer=None, max_length=32),  # tokenizer: HF name or local path.
       augment=dict(  # Training only; never applied by make_eval_iterator.
-          crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
-          flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
-          color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
+        crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
+        flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
+        color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
       ),
       class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
       # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
@@ -48,11 +51,13 @@ def defaults() -> ml_collections.ConfigDict:
       num_threads=2,  # Threads producing batches in this process.
       prefetch=4,  # Batches buffered ahead.
       num_workers=0,  # >0: grain worker processes (mp_prefetch) instead of threads.
-  ))
+    )
+  )
 
 
 def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """`defaults()` overlaid with `cfg`; an unknown key is an error, not a silent default."""
+
   def merge(base: dict, override: Mapping, where: str) -> dict:
     config_keys.check_keys(override, base, f"config.input{where}")
     for key, value in override.items():
@@ -61,6 +66,7 @@ def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigD
       else:
         base[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
     return base
+
   cfg = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg or {})
   return ml_collections.ConfigDict(merge(defaults().to_dict(), cfg, ""))
 

@@ -29,55 +29,75 @@ Generation is deterministic (one numpy Generator per (seed, split, index)) and
 offline. Images are PNG-encoded with PIL, not TensorFlow, so
 `download_and_prepare(file_format="array_record")` works without TensorFlow.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+import tensorflow_datasets as tfds
 
 # name -> (RGB, seen words, held-out words)
 COLOURS = {
-    "red": ((220, 40, 40), ("red",), ("scarlet", "crimson")),
-    "green": ((40, 175, 60), ("green",), ("emerald", "lime")),
-    "blue": ((45, 85, 230), ("blue",), ("azure", "navy")),
-    "yellow": ((240, 210, 40), ("yellow",), ("golden", "lemon")),
+  "red": ((220, 40, 40), ("red",), ("scarlet", "crimson")),
+  "green": ((40, 175, 60), ("green",), ("emerald", "lime")),
+  "blue": ((45, 85, 230), ("blue",), ("azure", "navy")),
+  "yellow": ((240, 210, 40), ("yellow",), ("golden", "lemon")),
 }
 SHAPES = {
-    "square": (("square",), ("box", "block")),
-    "circle": (("circle",), ("disc", "ball")),
-    "triangle": (("triangle",), ("wedge", "pyramid")),
-    "diamond": (("diamond",), ("rhombus", "lozenge")),
+  "square": (("square",), ("box", "block")),
+  "circle": (("circle",), ("disc", "ball")),
+  "triangle": (("triangle",), ("wedge", "pyramid")),
+  "diamond": (("diamond",), ("rhombus", "lozenge")),
 }
 # name -> (seen phrases, held-out phrases, axis (0: x, 1: y), sign of b - a along it)
 RELATIONS = {
-    "left": (("left of", "to the left of"), ("on the left side of", "west of"), 0, 1),
-    "right": (("right of", "to the right of"), ("on the right side of", "east of"), 0, -1),
-    "above": (("above",), ("over", "on top of"), 1, 1),
-    "below": (("below",), ("under", "beneath"), 1, -1),
+  "left": (("left of", "to the left of"), ("on the left side of", "west of"), 0, 1),
+  "right": (("right of", "to the right of"), ("on the right side of", "east of"), 0, -1),
+  "above": (("above",), ("over", "on top of"), 1, 1),
+  "below": (("below",), ("under", "beneath"), 1, -1),
 }
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 TEMPLATES = {
-    "colour": (("is there anything {c}?", "is there a {c} shape?"),
-               ("do you see something {c}?", "is any object {c}?")),
-    "exist": (("is there {a}?", "is there {a} in the image?"),
-              ("can you see {a}?", "does the picture contain {a}?")),
-    "relation": (("is the {o1} {rel} the {o2}?",),
-                 ("would you say the {o1} is {rel} the {o2}?", "is the {o1} positioned {rel} the {o2}?")),
-    "caption": (("{objs}, from left to right.", "a picture of {objs}, from left to right."),
-                ("an image showing {objs}, ordered left to right.", "this scene contains {objs}, left to right.")),
+  "colour": (
+    ("is there anything {c}?", "is there a {c} shape?"),
+    ("do you see something {c}?", "is any object {c}?"),
+  ),
+  "exist": (
+    ("is there {a}?", "is there {a} in the image?"),
+    ("can you see {a}?", "does the picture contain {a}?"),
+  ),
+  "relation": (
+    ("is the {o1} {rel} the {o2}?",),
+    ("would you say the {o1} is {rel} the {o2}?", "is the {o1} positioned {rel} the {o2}?"),
+  ),
+  "caption": (
+    ("{objs}, from left to right.", "a picture of {objs}, from left to right."),
+    (
+      "an image showing {objs}, ordered left to right.",
+      "this scene contains {objs}, left to right.",
+    ),
+  ),
 }
 QUESTION_TYPES = ("colour", "shape", "exist", "relation")
 SPLITS = ("train", "validation", "test", "validation_iid")
 # Audio: a tone at 8 kHz whose pitch encodes the object count; log-mel (F, T, 1).
-AUDIO_RATE, AUDIO_SAMPLES, AUDIO_FFT, AUDIO_HOP, AUDIO_MELS, AUDIO_FRAMES = 8000, 4000, 256, 125, 32, 32
+AUDIO_RATE, AUDIO_SAMPLES, AUDIO_FFT, AUDIO_HOP, AUDIO_MELS, AUDIO_FRAMES = (
+  8000,
+  4000,
+  256,
+  125,
+  32,
+  32,
+)
 COUNT_PITCH_HZ = {1: 330.0, 2: 660.0, 3: 1320.0}
 
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
   """Size, difficulty and language split of `mmtl_shapes` (every field changes the data)."""
+
   image_size: int = 32
   num_train: int = 20_000
   num_eval: int = 2_000  # Each of validation, test, validation_iid.
@@ -94,8 +114,10 @@ class ShapesConfig(tfds.core.BuilderConfig):
     # Every "no" answer needs an absent colour and an absent shape.
     limit = min(len(COLOURS), len(SHAPES)) - 1
     if not 1 <= self.min_objects <= self.max_objects <= limit:
-      raise ValueError(f"Need 1 <= min_objects <= max_objects <= {limit}, got "
-                       f"{self.min_objects}..{self.max_objects}.")
+      raise ValueError(
+        f"Need 1 <= min_objects <= max_objects <= {limit}, got "
+        f"{self.min_objects}..{self.max_objects}."
+      )
     if "relation" in self.question_types and self.min_objects < 2:
       raise ValueError("question_types has 'relation': set min_objects >= 2.")
     if unknown := set(self.question_types) - set(QUESTION_TYPES):
@@ -110,12 +132,22 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
-      ShapesConfig(name="audio", audio=True, description="`default` plus the audio field."),
-      ShapesConfig(name="colour", num_train=10_000, num_eval=1_000, question_types=("colour",),
-                   description="Colour questions only, 10k train, 1k per eval split."),
-      ShapesConfig(name="small", num_train=256, num_eval=64, audio=True,
-                   description="Tiny, with audio: prepares in seconds, for tests."),
+    ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
+    ShapesConfig(name="audio", audio=True, description="`default` plus the audio field."),
+    ShapesConfig(
+      name="colour",
+      num_train=10_000,
+      num_eval=1_000,
+      question_types=("colour",),
+      description="Colour questions only, 10k train, 1k per eval split.",
+    ),
+    ShapesConfig(
+      name="small",
+      num_train=256,
+      num_eval=64,
+      audio=True,
+      description="Tiny, with audio: prepares in seconds, for tests.",
+    ),
   ]
   DEFAULT_CONFIG_NAME = "default"
 
@@ -123,29 +155,39 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     size = cfg.image_size
     features = {
-        "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-        "question": tfds.features.Text(),
-        "caption": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=["no", "yes"]),
-        "question_type": tfds.features.ClassLabel(names=list(QUESTION_TYPES)),
-        "novel_words": tfds.features.Scalar(np.int32, doc="Held-out words in the question."),
-        "objects": tfds.features.Sequence({
-            "colour": tfds.features.ClassLabel(names=list(COLOURS)),
-            "shape": tfds.features.ClassLabel(names=list(SHAPES)),
-            "center": tfds.features.Tensor(shape=(2,), dtype=np.float32),  # (x, y) in [0, 1]
-        }),
+      "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+      "question": tfds.features.Text(),
+      "caption": tfds.features.Text(),
+      "label": tfds.features.ClassLabel(names=["no", "yes"]),
+      "question_type": tfds.features.ClassLabel(names=list(QUESTION_TYPES)),
+      "novel_words": tfds.features.Scalar(np.int32, doc="Held-out words in the question."),
+      "objects": tfds.features.Sequence(
+        {
+          "colour": tfds.features.ClassLabel(names=list(COLOURS)),
+          "shape": tfds.features.ClassLabel(names=list(SHAPES)),
+          "center": tfds.features.Tensor(shape=(2,), dtype=np.float32),  # (x, y) in [0, 1]
+        }
+      ),
     }
     if cfg.audio:
-      features["audio"] = tfds.features.Tensor(shape=(AUDIO_MELS, AUDIO_FRAMES, 1), dtype=np.float32)
+      features["audio"] = tfds.features.Tensor(
+        shape=(AUDIO_MELS, AUDIO_FRAMES, 1), dtype=np.float32
+      )
     return tfds.core.DatasetInfo(
-        builder=self, description=__doc__, features=tfds.features.FeaturesDict(features),
-        supervised_keys=None, homepage="https://github.com/mmtl")
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(features),
+      supervised_keys=None,
+      homepage="https://github.com/mmtl",
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Offline: nothing to download.
     cfg = self.builder_config
-    return {split: self._generate_examples(split, cfg.num_train if split == "train" else cfg.num_eval)
-            for split in SPLITS}
+    return {
+      split: self._generate_examples(split, cfg.num_train if split == "train" else cfg.num_eval)
+      for split in SPLITS
+    }
 
   def _generate_examples(self, split: str, num_examples: int):
     for index in range(num_examples):
@@ -155,7 +197,9 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
 def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
   """One example; a pure function of (cfg, split, index)."""
   rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
-  heldout_rate = cfg.heldout_rate_eval if split in ("validation", "test") else cfg.heldout_rate_train
+  heldout_rate = (
+    cfg.heldout_rate_eval if split in ("validation", "test") else cfg.heldout_rate_train
+  )
   words = _Lexicon(rng, heldout_rate)
   objects = _place_objects(rng, cfg)
   qtype = cfg.question_types[rng.integers(len(cfg.question_types))]
@@ -167,13 +211,15 @@ def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
   # Captions get their own lexicon so `novel_words` counts the question only.
   caption = _caption(_Lexicon(rng, heldout_rate), objects)
   example = {
-      "image": _render(rng, cfg.image_size, objects),
-      "question": question,
-      "caption": caption,
-      "label": int(answer),
-      "question_type": qtype,
-      "novel_words": words.novel,
-      "objects": [{"colour": c, "shape": s, "center": np.asarray(xy, np.float32)} for c, s, xy, _ in objects],
+    "image": _render(rng, cfg.image_size, objects),
+    "question": question,
+    "caption": caption,
+    "label": int(answer),
+    "question_type": qtype,
+    "novel_words": words.novel,
+    "objects": [
+      {"colour": c, "shape": s, "center": np.asarray(xy, np.float32)} for c, s, xy, _ in objects
+    ],
   }
   if cfg.audio:
     example["audio"] = _tone_spectrogram(rng, len(objects))
@@ -209,17 +255,25 @@ def _place_objects(rng: np.random.Generator, cfg: ShapesConfig) -> list:
   while True:  # Rejection sampling; succeeds within a few tries for <= 5 objects.
     radii = rng.uniform(0.13, 0.18, size=num) * size
     centers = [rng.uniform(r + 1, size - r - 1, size=2) for r in radii]
-    if all(np.linalg.norm(centers[i] - centers[j]) > radii[i] + radii[j] + 2
-           for i in range(num) for j in range(i)):
+    if all(
+      np.linalg.norm(centers[i] - centers[j]) > radii[i] + radii[j] + 2
+      for i in range(num)
+      for j in range(i)
+    ):
       break
-  return [(*combos[k], tuple(float(v) / size for v in xy), float(r))
-          for k, xy, r in zip(chosen, centers, radii)]
+  return [
+    (*combos[k], tuple(float(v) / size for v in xy), float(r))
+    for k, xy, r in zip(chosen, centers, radii)
+  ]
 
 
 def _attribute_question(qtype: str, rng, words: _Lexicon, objects: list, answer: bool) -> str:
   """Is an attribute value (colour, shape, or both: `exist`) present? No: an absent value."""
-  values = {"colour": [(c,) for c in COLOURS], "shape": [(s,) for s in SHAPES],
-            "exist": [(c, s) for c in COLOURS for s in SHAPES]}[qtype]
+  values = {
+    "colour": [(c,) for c in COLOURS],
+    "shape": [(s,) for s in SHAPES],
+    "exist": [(c, s) for c in COLOURS for s in SHAPES],
+  }[qtype]
   present = {v for c, s, _, _ in objects for v in ((c,), (s,), (c, s))}
   pool = [v for v in values if (v in present) == answer]
   value = pool[rng.integers(len(pool))]
@@ -245,8 +299,9 @@ def _relation_question(rng, words: _Lexicon, objects: list, answer: bool) -> str
           candidates.append((a, b, name if answer else OPPOSITE[name]))
   a, b, rel = candidates[rng.integers(len(candidates))]
   template = words.pick(*TEMPLATES["relation"])
-  return template.format(o1=words.obj(a[0], a[1]), rel=words.pick(*RELATIONS[rel][:2]),
-                         o2=words.obj(b[0], b[1]))
+  return template.format(
+    o1=words.obj(a[0], a[1]), rel=words.pick(*RELATIONS[rel][:2]), o2=words.obj(b[0], b[1])
+  )
 
 
 def _caption(words: _Lexicon, objects: list) -> str:
@@ -284,7 +339,9 @@ def _mel_filterbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
   edges = to_hz(np.linspace(0.0, to_mel(rate / 2), n_mels + 2))
   freqs = np.linspace(0.0, rate / 2, n_fft // 2 + 1)[:, None]
   lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
-  return np.maximum(0.0, np.minimum((freqs - lower) / (center - lower), (upper - freqs) / (upper - center)))
+  return np.maximum(
+    0.0, np.minimum((freqs - lower) / (center - lower), (upper - freqs) / (upper - center))
+  )
 
 
 _MEL = _mel_filterbank(AUDIO_RATE, AUDIO_FFT, AUDIO_MELS)
@@ -294,9 +351,13 @@ def _tone_spectrogram(rng: np.random.Generator, count: int) -> np.ndarray:
   """Log-mel (F, T, 1) of a noisy tone at COUNT_PITCH_HZ[count] (+-3%), roughly in [-1, 1]."""
   t = np.arange(AUDIO_SAMPLES) / AUDIO_RATE
   pitch = COUNT_PITCH_HZ[count] * rng.uniform(0.97, 1.03)
-  wave = np.sin(2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)) + rng.normal(0, 0.3, AUDIO_SAMPLES)
+  wave = np.sin(2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)) + rng.normal(
+    0, 0.3, AUDIO_SAMPLES
+  )
   starts = np.arange(AUDIO_FRAMES) * AUDIO_HOP
-  frames = wave[np.minimum(starts[:, None] + np.arange(AUDIO_FFT), AUDIO_SAMPLES - 1)] * np.hanning(AUDIO_FFT)
+  frames = wave[np.minimum(starts[:, None] + np.arange(AUDIO_FFT), AUDIO_SAMPLES - 1)] * np.hanning(
+    AUDIO_FFT
+  )
   power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2  # (T, n_fft // 2 + 1)
   log_mel = np.log(power @ _MEL + 1e-3)  # (T, F)
   return ((log_mel.T - 2.0) / 4.0).astype(np.float32)[..., None]

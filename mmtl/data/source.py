@@ -5,6 +5,7 @@ used features, the split's size and class names, the checks that the configured
 split and features exist (each failing with the fix), and the class weights its
 labels give.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -34,9 +35,10 @@ def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     b = tfds.builder(name, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
     raise config_keys.ConfigError(
-        f"Unknown dataset {cfg.dataset!r}. Use a TFDS catalog name or mmtl's built-in "
-        "'mmtl_shapes'; for your own builder, import the module that defines it before "
-        "building the pipeline (see docs/data.md, 'Real datasets').") from None
+      f"Unknown dataset {cfg.dataset!r}. Use a TFDS catalog name or mmtl's built-in "
+      "'mmtl_shapes'; for your own builder, import the module that defines it before "
+      "building the pipeline (see docs/data.md, 'Real datasets')."
+    ) from None
   if b.is_prepared():
     return b
   if isinstance(b, OFFLINE_BUILDERS):
@@ -44,14 +46,16 @@ def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     return b
   if cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
     raise FileNotFoundError(
-        f"config.input.data_dir={cfg.data_dir!r} does not exist. Point it at the directory "
-        f"holding {cfg.dataset!r}, or set it to None for $TFDS_DATA_DIR / ~/tensorflow_datasets.")
+      f"config.input.data_dir={cfg.data_dir!r} does not exist. Point it at the directory "
+      f"holding {cfg.dataset!r}, or set it to None for $TFDS_DATA_DIR / ~/tensorflow_datasets."
+    )
   if not cfg.download:
     raise FileNotFoundError(
-        f"Dataset {cfg.dataset!r} is not prepared in {b.data_dir}. Prepare it once with "
-        f"`tfds build {cfg.dataset.split(':')[0].replace('/', ' --config ')} "
-        f"--data_dir {b.data_dir_root} --file_format array_record` "
-        "(see docs/data.md, 'Real datasets'), or set config.input.download=True.")
+      f"Dataset {cfg.dataset!r} is not prepared in {b.data_dir}. Prepare it once with "
+      f"`tfds build {cfg.dataset.split(':')[0].replace('/', ' --config ')} "
+      f"--data_dir {b.data_dir_root} --file_format array_record` "
+      "(see docs/data.md, 'Real datasets'), or set config.input.download=True."
+    )
   b.download_and_prepare(file_format="array_record")
   return b
 
@@ -62,12 +66,12 @@ def check_split(b: tfds.core.DatasetBuilder, split: str) -> None:
     name = part.split("[")[0].strip()
     if name not in b.info.splits:
       raise config_keys.ConfigError(
-          f"Unknown split {name!r} of {b.info.full_name}; it has {sorted(b.info.splits)}. "
-          "Set config.input.split (slices like 'train[:1000]' are fine).")
+        f"Unknown split {name!r} of {b.info.full_name}; it has {sorted(b.info.splits)}. "
+        "Set config.input.split (slices like 'train[:1000]' are fine)."
+      )
 
 
-def feature_at(features: tfds.features.FeaturesDict,
-               path: str) -> tfds.features.FeatureConnector:
+def feature_at(features: tfds.features.FeaturesDict, path: str) -> tfds.features.FeatureConnector:
   """Feature at "a/b" (b inside Sequence or dict feature a), or a ConfigError naming it."""
   node = features
   for key in path.split("/"):
@@ -75,8 +79,9 @@ def feature_at(features: tfds.features.FeaturesDict,
     if not isinstance(node, tfds.features.FeaturesDict) or key not in node:
       available = sorted(node.keys()) if isinstance(node, tfds.features.FeaturesDict) else []
       raise config_keys.ConfigError(
-          f"Feature {path!r} not in the dataset (available here: {available}). "
-          "Fix config.input.fields, or set that field to None.")
+        f"Feature {path!r} not in the dataset (available here: {available}). "
+        "Fix config.input.fields, or set that field to None."
+      )
     node = node[key]
   return node
 
@@ -91,12 +96,14 @@ def value_at(example: Mapping[str, Any], path: str) -> Any:
 def _skip_decoding(features: tfds.features.FeaturesDict, keep: set[str]) -> dict[str, Any]:
   """Decoders that leave unused top-level features as raw bytes (TFDS cannot skip nested dicts)."""
   nested = lambda f: isinstance(getattr(f, "feature", f), tfds.features.FeaturesDict)
-  return {k: tfds.decode.SkipDecoding() for k, f in features.items()
-          if k not in keep and not nested(f)}
+  return {
+    k: tfds.decode.SkipDecoding() for k, f in features.items() if k not in keep and not nested(f)
+  }
 
 
-def decoders(cfg: ml_collections.ConfigDict,
-             features: tfds.features.FeaturesDict) -> dict[str, Any]:
+def decoders(
+  cfg: ml_collections.ConfigDict, features: tfds.features.FeaturesDict
+) -> dict[str, Any]:
   """Checks that every used field exists; decoders that skip the unused features."""
   fields = options.used_fields(cfg)
   for path in fields.values():
@@ -112,15 +119,17 @@ def data_source(cfg: Mapping[str, Any]) -> tuple[Any, tfds.core.DatasetBuilder]:
   skip = decoders(cfg, b.info.features)
   if not b.info.splits[cfg.split].num_examples:
     raise config_keys.ConfigError(
-        f"Split {cfg.split!r} of {b.info.full_name} has no examples; set "
-        "config.input.split to a non-empty slice (e.g. 'train[:1000]').")
+      f"Split {cfg.split!r} of {b.info.full_name} has no examples; set "
+      "config.input.split to a non-empty slice (e.g. 'train[:1000]')."
+    )
   try:
     return b.as_data_source(split=cfg.split, decoders=skip), b
   except NotImplementedError as e:  # Prepared as tfrecord: no random access.
     raise config_keys.ConfigError(
-        f"{b.info.full_name} is stored as {b.info.file_format.value}, which grain cannot read. "
-        "Use config.input.loader='tf' (needs TensorFlow), or rebuild it with "
-        "`--file_format array_record`.") from e
+      f"{b.info.full_name} is stored as {b.info.file_format.value}, which grain cannot read. "
+      "Use config.input.loader='tf' (needs TensorFlow), or rebuild it with "
+      "`--file_format array_record`."
+    ) from e
 
 
 def num_examples(cfg: Mapping[str, Any]) -> int:
@@ -137,7 +146,8 @@ def class_names(cfg: Mapping[str, Any]) -> list[str]:
   feature = feature_at(builder(cfg).info.features, cfg.fields.label)
   if not isinstance(feature, tfds.features.ClassLabel):
     raise config_keys.ConfigError(
-        f"Feature {cfg.fields.label!r} is not a ClassLabel; it has no class names.")
+      f"Feature {cfg.fields.label!r} is not a ClassLabel; it has no class names."
+    )
   return list(feature.names)
 
 
@@ -162,6 +172,7 @@ def class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -
   weights = np.asarray(cfg.class_weights, np.float32)
   if weights.shape != (num_classes,):
     raise config_keys.ConfigError(
-        f"config.input.class_weights has {weights.size} entries; the label has "
-        f"{num_classes} classes. Give one weight per class, or 'balanced'.")
+      f"config.input.class_weights has {weights.size} entries; the label has "
+      f"{num_classes} classes. Give one weight per class, or 'balanced'."
+    )
   return weights

@@ -5,6 +5,7 @@ the draws of augmentation and modality dropout. Per batch: flip, colour jitter,
 normalization and blanking (`Preprocess.images`), then tokenization
 (`Preprocess.tokenize`), under the field names the models take.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -28,23 +29,27 @@ TOKEN_CACHE_SIZE = 200_000  # Distinct texts a Preprocess keeps tokenized (then 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(name_or_path: str):
   from mmtl import preprocess  # pylint: disable=g-import-not-at-top
+
   return preprocess.load_tokenizer(name_or_path)
 
 
-def _image_spec(cfg: ml_collections.ConfigDict,
-                info: tfds.core.DatasetInfo) -> tuple[int, int, np.ndarray, np.ndarray]:
+def _image_spec(
+  cfg: ml_collections.ConfigDict, info: tfds.core.DatasetInfo
+) -> tuple[int, int, np.ndarray, np.ndarray]:
   """(size, resize, mean, std) with mean/std in [0, 1] pixel units."""
   image = cfg.image
   stats = {}
   if image.stats_from:
     from mmtl import preprocess  # pylint: disable=g-import-not-at-top
+
     stats = preprocess.image_stats(image.stats_from)
   size = image.size or stats.get("size")
   if size is None:
     shape = source.feature_at(info.features, cfg.fields.image).shape
     if shape[0] is None or shape[0] != shape[1]:
       raise config_keys.ConfigError(
-          f"Images of {info.full_name} have shape {shape}: set config.input.image.size.")
+        f"Images of {info.full_name} have shape {shape}: set config.input.image.size."
+      )
     size = shape[0]
   mean = np.asarray(image.mean or stats.get("mean") or (0.5, 0.5, 0.5), np.float32)
   std = np.asarray(image.std or stats.get("std") or (0.5, 0.5, 0.5), np.float32)
@@ -60,18 +65,19 @@ def _center_crop(img: np.ndarray, size: int, resize: int) -> np.ndarray:
   nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
   img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
   top, left = (nh - size) // 2, (nw - size) // 2
-  return img[top:top + size, left:left + size]
+  return img[top : top + size, left : left + size]
 
 
-def _random_resized_crop(img: np.ndarray, size: int, scale: Sequence[float],
-                         rng: np.random.Generator) -> np.ndarray:
+def _random_resized_crop(
+  img: np.ndarray, size: int, scale: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
   """Inception-style crop: area fraction in `scale`, aspect ratio in [3/4, 4/3]."""
   h, w = img.shape[:2]
   area = h * w * rng.uniform(*scale)
   ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
   ch, cw = min(h, round(math.sqrt(area / ratio))), min(w, round(math.sqrt(area * ratio)))
   top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-  crop = Image.fromarray(img[top:top + ch, left:left + cw])
+  crop = Image.fromarray(img[top : top + ch, left : left + cw])
   return np.asarray(crop.resize((size, size), Image.BILINEAR))
 
 
@@ -91,11 +97,12 @@ class _ModalityDropout:
     for m, p in rates.items():
       if not 0.0 <= p <= 1.0:
         raise config_keys.ConfigError(
-            f"config.input.modality_dropout.{m}={p} is not a probability in [0, 1].")
+          f"config.input.modality_dropout.{m}={p} is not a probability in [0, 1]."
+        )
     self.modalities, n, total = list(rates), len(rates), sum(rates.values())
     keep = 1.0 - np.array(list(rates.values()), np.float64)
     # Every kept set but the empty one: row k keeps modality i iff bit i of k + 1 is set.
-    self.patterns = (np.arange(1, 2 ** n)[:, None] >> np.arange(n)) & 1 == 1
+    self.patterns = (np.arange(1, 2**n)[:, None] >> np.arange(n)) & 1 == 1
 
     def weights(t: float) -> np.ndarray:  # Marginals are `keep` for every t; t sets their sum.
       return t ** (self.patterns.sum(1) - 1) * np.where(self.patterns, keep, 1.0 - keep * t).prod(1)
@@ -105,17 +112,20 @@ class _ModalityDropout:
       if n == 1:
         only = self.modalities[0]
         raise config_keys.ConfigError(
-            f"config.input.modality_dropout.{only}={total:g}, but {only} is the only used "
-            "modality not in config.input.blank and dropout never blanks every modality: "
-            "set it to 0.")
+          f"config.input.modality_dropout.{only}={total:g}, but {only} is the only used "
+          "modality not in config.input.blank and dropout never blanks every modality: "
+          "set it to 0."
+        )
       given = ", ".join(f"{m}={p:g}" for m, p in rates.items())
-      fix = ", ".join(f"{m}={math.floor(p * (n - 1) / total * 100) / 100:g}"
-                      for m, p in rates.items())
+      fix = ", ".join(
+        f"{m}={math.floor(p * (n - 1) / total * 100) / 100:g}" for m, p in rates.items()
+      )
       raise config_keys.ConfigError(
-          f"config.input.modality_dropout rates {given} "
-          f"sum to {total:g}, but dropout never blanks all {n} used modalities not in "
-          f"config.input.blank at once, so their rates can sum to at most {n - 1}: lower them, "
-          f"e.g. to {fix}.")
+        f"config.input.modality_dropout rates {given} "
+        f"sum to {total:g}, but dropout never blanks all {n} used modalities not in "
+        f"config.input.blank at once, so their rates can sum to at most {n - 1}: lower them, "
+        f"e.g. to {fix}."
+      )
     lo, hi = 0.0, 1.0
     for _ in range(60):  # Bisect for the t whose weights sum to 1.
       mid = (lo + hi) / 2
@@ -131,35 +141,48 @@ class _ModalityDropout:
 class Preprocess:
   """The numpy preprocessing shared by both loaders: per example, then per batch."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, info: tfds.core.DatasetInfo | None, *,
-               train: bool, class_weights: np.ndarray | None = None):
+  def __init__(
+    self,
+    cfg: ml_collections.ConfigDict,
+    info: tfds.core.DatasetInfo | None,
+    *,
+    train: bool,
+    class_weights: np.ndarray | None = None,
+  ):
     self.cfg, self.train, self.class_weights = cfg, train, class_weights
     self.fields = options.used_fields(cfg)
     self.modalities = [m for m in MODALITIES if m in self.fields]
     if not self.modalities:
       raise config_keys.ConfigError(
-          "config.input.fields uses no modality: set fields.image/text/audio.")
+        "config.input.fields uses no modality: set fields.image/text/audio."
+      )
     if unknown := set(cfg.blank) - set(MODALITIES):
       raise config_keys.ConfigError(
-          f"config.input.blank has {sorted(unknown)}; choose from {MODALITIES}.")
+        f"config.input.blank has {sorted(unknown)}; choose from {MODALITIES}."
+      )
     if set(self.modalities) <= set(cfg.blank):
       raise config_keys.ConfigError(
-          f"config.input.blank={tuple(cfg.blank)} blanks every used modality.")
+        f"config.input.blank={tuple(cfg.blank)} blanks every used modality."
+      )
     if "image" in self.fields:
       self.size, self.resize, self.mean, self.std = _image_spec(cfg, info)
     if "text" in self.fields:
       if not cfg.text.tokenizer:
         raise config_keys.ConfigError(
-            "config.input.fields.text is set: set config.input.text.tokenizer "
-            "(HF name or path, e.g. the text checkpoint).")
+          "config.input.fields.text is set: set config.input.text.tokenizer "
+          "(HF name or path, e.g. the text checkpoint)."
+        )
       self.tokenizer = _tokenizer(cfg.text.tokenizer)
       self._token_cache: dict[str, np.ndarray] = {}
     aug = cfg.augment
     self.crop_scale = aug.crop_scale if train else None
     self.flip = aug.flip and train
     self.jitter = aug.color_jitter if train else 0.0
-    self.dropout = _ModalityDropout({m: cfg.modality_dropout[m] for m in self.modalities
-                                     if m not in cfg.blank}) if train else None
+    self.dropout = (
+      _ModalityDropout({m: cfg.modality_dropout[m] for m in self.modalities if m not in cfg.blank})
+      if train
+      else None
+    )
 
   def decode(self, ex: Mapping[str, Any]) -> dict[str, Any]:
     """Used fields only, in numpy (the cacheable, RNG-free part)."""
@@ -180,9 +203,10 @@ class Preprocess:
     i = self.cfg.eval_text
     if not 0 <= i < len(texts):
       raise config_keys.ConfigError(
-          f"An eval example has {len(texts)} texts; config.input.eval_text={i} needs at least "
-          f"{i + 1} (retrieval: lower config.evals.<name>.captions).")
-    return texts[i:i + 1]
+        f"An eval example has {len(texts)} texts; config.input.eval_text={i} needs at least "
+        f"{i + 1} (retrieval: lower config.evals.<name>.captions)."
+      )
+    return texts[i : i + 1]
 
   def example(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Crop/resize, and draw this element's random decisions (applied batched in `images`)."""
@@ -216,8 +240,10 @@ class Preprocess:
 
   @staticmethod
   def stack(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {k: ([e[k] for e in examples] if k == "text" else np.stack([e[k] for e in examples]))
-            for k in examples[0]}
+    return {
+      k: ([e[k] for e in examples] if k == "text" else np.stack([e[k] for e in examples]))
+      for k in examples[0]
+    }
 
   def images(self, batch: dict[str, Any]) -> dict[str, Any]:
     """Batched flip, colour jitter, normalization and blanking of images."""
@@ -246,8 +272,13 @@ class Preprocess:
     tokenized once, in one batched call for a batch's new strings."""
     new = [t for t in dict.fromkeys(texts) if t not in self._token_cache]
     if new:
-      tokens = self.tokenizer(new, padding="max_length", truncation=True,
-                              max_length=self.cfg.text.max_length, return_tensors="np")
+      tokens = self.tokenizer(
+        new,
+        padding="max_length",
+        truncation=True,
+        max_length=self.cfg.text.max_length,
+        return_tensors="np",
+      )
       ids = tokens["input_ids"]
       type_ids = tokens.get("token_type_ids", np.zeros_like(ids))
       rows = np.stack([ids, tokens["attention_mask"], type_ids], 1)

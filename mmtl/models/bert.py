@@ -4,6 +4,7 @@ Covers BERT and the sentence-transformers MiniLM/bge/e5 checkpoints that use
 `model_type: bert`. Inputs: `input_ids`, `attention_mask` (1 = real token),
 `token_type_ids`, all int32 (B, L).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,16 +38,22 @@ class BertConfig(layers.HFConfig):
   def __post_init__(self) -> None:
     if self.position_embedding_type != "absolute" or self.is_decoder:
       raise ValueError(
-          f"mmtl's BertModel is a bidirectional encoder with absolute positions; this config has "
-          f"position_embedding_type={self.position_embedding_type!r}, is_decoder={self.is_decoder}. "
-          "Use a checkpoint with absolute positions (like transformers 5, which dropped the others).")
+        f"mmtl's BertModel is a bidirectional encoder with absolute positions; this config has "
+        f"position_embedding_type={self.position_embedding_type!r}, is_decoder={self.is_decoder}. "
+        "Use a checkpoint with absolute positions (like transformers 5, which dropped the others)."
+      )
 
   def layer_spec(self) -> layers.LayerSpec:
     return layers.LayerSpec(
-        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
-        mlp_dim=self.intermediate_size, activation=self.hidden_act,
-        layer_norm_eps=self.layer_norm_eps, pre_norm=False,
-        dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob)
+      hidden_size=self.hidden_size,
+      num_heads=self.num_attention_heads,
+      mlp_dim=self.intermediate_size,
+      activation=self.hidden_act,
+      layer_norm_eps=self.layer_norm_eps,
+      pre_norm=False,
+      dropout=self.hidden_dropout_prob,
+      attention_dropout=self.attention_probs_dropout_prob,
+    )
 
 
 class BertEmbeddings(nn.Module):
@@ -55,15 +62,19 @@ class BertEmbeddings(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
-               deterministic: bool) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool
+  ) -> jax.Array:
     c = self.config
     length = input_ids.shape[1]
     if length > c.max_position_embeddings:
-      raise ValueError(f"Sequence length {length} > max_position_embeddings {c.max_position_embeddings}: "
-                       "truncate the inputs (tokenizer max_length).")
-    embed = lambda num, name: nn.Embed(num, c.hidden_size, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=name)
+      raise ValueError(
+        f"Sequence length {length} > max_position_embeddings {c.max_position_embeddings}: "
+        "truncate the inputs (tokenizer max_length)."
+      )
+    embed = lambda num, name: nn.Embed(
+      num, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     x = embed(c.vocab_size, "word_embeddings")(input_ids)
     x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = x + embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(length)[None])
@@ -73,6 +84,7 @@ class BertEmbeddings(nn.Module):
 
 class BertModel(layers.EncoderTower):
   """HF `BertModel`: embeddings -> post-LN encoder -> optional tanh pooler on [CLS]."""
+
   config: BertConfig
   add_pooling_layer: bool = True
 
@@ -93,9 +105,14 @@ class BertModel(layers.EncoderTower):
     if self.add_pooling_layer:
       self.pooler = layers.Pooler(c.hidden_size, "tanh", self.dtype, self.param_dtype)
 
-  def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-            token_type_ids: jax.Array | None = None, *,
-            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def embed(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> tuple[jax.Array, jax.Array]:
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
@@ -107,9 +124,14 @@ class BertModel(layers.EncoderTower):
     pooled = self.pooler(x) if self.add_pooling_layer else None
     return dict(last_hidden_state=x, pooler_output=pooled)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               token_type_ids: jax.Array | None = None, *,
-               deterministic: bool = True) -> dict[str, jax.Array | None]:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> dict[str, jax.Array | None]:
     x, mask = self.embed(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
@@ -119,16 +141,31 @@ class BertModel(layers.EncoderTower):
     c = self.config
     names = {}
     names.update(layers.hf_embed("embeddings/word_embeddings", "embeddings.word_embeddings"))
-    names.update(layers.hf_embed("embeddings/token_type_embeddings", "embeddings.token_type_embeddings"))
-    names.update(layers.hf_embed("embeddings/position_embeddings", "embeddings.position_embeddings"))
+    names.update(
+      layers.hf_embed("embeddings/token_type_embeddings", "embeddings.token_type_embeddings")
+    )
+    names.update(
+      layers.hf_embed("embeddings/position_embeddings", "embeddings.position_embeddings")
+    )
     names.update(layers.hf_norm("embeddings/layer_norm", "embeddings.LayerNorm"))
     spec = c.layer_spec()
     for i in range(c.num_hidden_layers):
       hf = f"encoder.layer.{i}"
-      names.update(layers.hf_layer(f"encoder/layer_{i}", spec, dict(
-          query=f"{hf}.attention.self.query", key=f"{hf}.attention.self.key",
-          value=f"{hf}.attention.self.value", out=f"{hf}.attention.output.dense",
-          attn_norm=f"{hf}.attention.output.LayerNorm", fc1=f"{hf}.intermediate.dense",
-          fc2=f"{hf}.output.dense", mlp_norm=f"{hf}.output.LayerNorm")))
+      names.update(
+        layers.hf_layer(
+          f"encoder/layer_{i}",
+          spec,
+          dict(
+            query=f"{hf}.attention.self.query",
+            key=f"{hf}.attention.self.key",
+            value=f"{hf}.attention.self.value",
+            out=f"{hf}.attention.output.dense",
+            attn_norm=f"{hf}.attention.output.LayerNorm",
+            fc1=f"{hf}.intermediate.dense",
+            fc2=f"{hf}.output.dense",
+            mlp_norm=f"{hf}.output.LayerNorm",
+          ),
+        )
+      )
     names.update(layers.hf_dense("pooler/dense", "pooler.dense"))
     return names

@@ -7,6 +7,7 @@ CLIP checkpoint and its params drop into a CLIPModel unchanged.
 Inputs: `pixel_values` float (B, H, W, 3) NHWC normalized with the checkpoint's
 mean/std; `input_ids`, `attention_mask` int32 (B, L).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,10 +39,15 @@ class CLIPTextConfig(layers.HFConfig):
 
   def layer_spec(self) -> layers.LayerSpec:
     return layers.LayerSpec(
-        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
-        mlp_dim=self.intermediate_size, activation=self.hidden_act,
-        layer_norm_eps=self.layer_norm_eps, pre_norm=True,
-        attention_dropout=self.attention_dropout, causal=True)
+      hidden_size=self.hidden_size,
+      num_heads=self.num_attention_heads,
+      mlp_dim=self.intermediate_size,
+      activation=self.hidden_act,
+      layer_norm_eps=self.layer_norm_eps,
+      pre_norm=True,
+      attention_dropout=self.attention_dropout,
+      causal=True,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +67,14 @@ class CLIPVisionConfig(layers.HFConfig):
 
   def layer_spec(self) -> layers.LayerSpec:
     return layers.LayerSpec(
-        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
-        mlp_dim=self.intermediate_size, activation=self.hidden_act,
-        layer_norm_eps=self.layer_norm_eps, pre_norm=True,
-        attention_dropout=self.attention_dropout)
+      hidden_size=self.hidden_size,
+      num_heads=self.num_attention_heads,
+      mlp_dim=self.intermediate_size,
+      activation=self.hidden_act,
+      layer_norm_eps=self.layer_norm_eps,
+      pre_norm=True,
+      attention_dropout=self.attention_dropout,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,27 +87,46 @@ class CLIPConfig(layers.HFConfig):
 
   @classmethod
   def from_hf(cls, d: dict[str, Any]) -> CLIPConfig:
-    return cls(text_config=CLIPTextConfig.from_hf(d.get("text_config") or {}),
-               vision_config=CLIPVisionConfig.from_hf(d.get("vision_config") or {}),
-               **{k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d})
+    return cls(
+      text_config=CLIPTextConfig.from_hf(d.get("text_config") or {}),
+      vision_config=CLIPVisionConfig.from_hf(d.get("vision_config") or {}),
+      **{k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d},
+    )
 
   def to_hf(self) -> dict[str, Any]:
-    return dict(model_type=self.model_type, text_config=self.text_config.to_hf(),
-                vision_config=self.vision_config.to_hf(), projection_dim=self.projection_dim,
-                logit_scale_init_value=self.logit_scale_init_value)
+    return dict(
+      model_type=self.model_type,
+      text_config=self.text_config.to_hf(),
+      vision_config=self.vision_config.to_hf(),
+      projection_dim=self.projection_dim,
+      logit_scale_init_value=self.logit_scale_init_value,
+    )
 
 
-def _tower_names(tower: layers.EncoderTower, hf_prefix: str,
-                 embeddings: dict[str, str]) -> dict[str, str]:
+def _tower_names(
+  tower: layers.EncoderTower, hf_prefix: str, embeddings: dict[str, str]
+) -> dict[str, str]:
   """Shared encoder-layer names of both towers (HF `CLIPEncoderLayer`)."""
   names = dict(embeddings)
   spec = tower.config.layer_spec()
   for i in range(tower.config.num_hidden_layers):
     hf = f"{hf_prefix}.encoder.layers.{i}"
-    names.update(layers.hf_layer(f"encoder/layer_{i}", spec, dict(
-        query=f"{hf}.self_attn.q_proj", key=f"{hf}.self_attn.k_proj", value=f"{hf}.self_attn.v_proj",
-        out=f"{hf}.self_attn.out_proj", attn_norm=f"{hf}.layer_norm1", fc1=f"{hf}.mlp.fc1",
-        fc2=f"{hf}.mlp.fc2", mlp_norm=f"{hf}.layer_norm2")))
+    names.update(
+      layers.hf_layer(
+        f"encoder/layer_{i}",
+        spec,
+        dict(
+          query=f"{hf}.self_attn.q_proj",
+          key=f"{hf}.self_attn.k_proj",
+          value=f"{hf}.self_attn.v_proj",
+          out=f"{hf}.self_attn.out_proj",
+          attn_norm=f"{hf}.layer_norm1",
+          fc1=f"{hf}.mlp.fc1",
+          fc2=f"{hf}.mlp.fc2",
+          mlp_norm=f"{hf}.layer_norm2",
+        ),
+      )
+    )
   return names
 
 
@@ -109,20 +138,38 @@ class CLIPVisionEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     c = self.config
-    x = layers.patchify(pixel_values, image_size=c.image_size, patch_size=c.patch_size,
-                        num_channels=c.num_channels, features=c.hidden_size, use_bias=False,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding")
-    cls = self.param("class_embedding", nn.initializers.normal(c.hidden_size ** -0.5),
-                     (c.hidden_size,), self.param_dtype)
+    x = layers.patchify(
+      pixel_values,
+      image_size=c.image_size,
+      patch_size=c.patch_size,
+      num_channels=c.num_channels,
+      features=c.hidden_size,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="patch_embedding",
+    )
+    cls = self.param(
+      "class_embedding",
+      nn.initializers.normal(c.hidden_size**-0.5),
+      (c.hidden_size,),
+      self.param_dtype,
+    )
     cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size))
     x = jnp.concatenate([cls, x], axis=1)
-    pos = nn.Embed(x.shape[1], c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="position_embedding")
+    pos = nn.Embed(
+      x.shape[1],
+      c.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="position_embedding",
+    )
     return x + pos(jnp.arange(x.shape[1])[None])
 
 
 class CLIPVisionModel(layers.EncoderTower):
   """HF `CLIPVisionModel`: pooler_output = post_layernorm(last_hidden_state[:, 0])."""
+
   config: CLIPVisionConfig
 
   config_class: ClassVar[type[CLIPVisionConfig]] = CLIPVisionConfig
@@ -140,8 +187,9 @@ class CLIPVisionModel(layers.EncoderTower):
     self.encoder = self.make_encoder()
     self.post_layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
 
-  def embed(self, pixel_values: jax.Array, *,
-            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def embed(
+    self, pixel_values: jax.Array, *, deterministic: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
     del deterministic  # CLIP has no embedding dropout
     x = self.pre_layernorm(self.embeddings(pixel_values))
     return x, jnp.ones(x.shape[:2], bool)
@@ -150,8 +198,9 @@ class CLIPVisionModel(layers.EncoderTower):
     del mask
     return dict(last_hidden_state=x, pooler_output=self.post_layernorm(x[:, 0]))
 
-  def __call__(self, pixel_values: jax.Array, *,
-               deterministic: bool = True) -> dict[str, jax.Array]:
+  def __call__(
+    self, pixel_values: jax.Array, *, deterministic: bool = True
+  ) -> dict[str, jax.Array]:
     x, mask = self.embed(pixel_values)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
@@ -160,8 +209,12 @@ class CLIPVisionModel(layers.EncoderTower):
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     p = self.hf_base_prefix
     emb = {"embeddings/class_embedding": f"{p}.embeddings.class_embedding"}
-    emb.update(layers.hf_dense("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding", bias=False))
-    emb.update(layers.hf_embed("embeddings/position_embedding", f"{p}.embeddings.position_embedding"))
+    emb.update(
+      layers.hf_dense("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding", bias=False)
+    )
+    emb.update(
+      layers.hf_embed("embeddings/position_embedding", f"{p}.embeddings.position_embedding")
+    )
     # HF spells it "pre_layrnorm".
     emb.update(layers.hf_norm("pre_layernorm", f"{p}.pre_layrnorm"))
     emb.update(layers.hf_norm("post_layernorm", f"{p}.post_layernorm"))
@@ -170,6 +223,7 @@ class CLIPVisionModel(layers.EncoderTower):
 
 class CLIPTextModel(layers.EncoderTower):
   """HF `CLIPTextModel`: causal encoder; pooler_output = final state at the EOS token."""
+
   config: CLIPTextConfig
 
   config_class: ClassVar[type[CLIPTextConfig]] = CLIPTextConfig
@@ -184,27 +238,36 @@ class CLIPTextModel(layers.EncoderTower):
 
   def setup(self) -> None:
     c = self.config
-    embed = lambda num, name: nn.Embed(num, c.hidden_size, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=name)
+    embed = lambda num, name: nn.Embed(
+      num, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     self.token_embedding = embed(c.vocab_size, "token_embedding")
     self.position_embedding = embed(c.max_position_embeddings, "position_embedding")
     self.encoder = self.make_encoder()
     self.final_layer_norm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
 
-  def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def embed(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> tuple[jax.Array, jax.Array]:
     del deterministic  # CLIP has no embedding dropout
     length, max_len = input_ids.shape[1], self.config.max_position_embeddings
     if length > max_len:
-      raise ValueError(f"Sequence length {length} > max_position_embeddings {max_len}: "
-                       "truncate the inputs (tokenizer max_length).")
+      raise ValueError(
+        f"Sequence length {length} > max_position_embeddings {max_len}: "
+        "truncate the inputs (tokenizer max_length)."
+      )
     x = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(length)[None])
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     return x, attention_mask.astype(bool)
 
-  def finalize(self, x: jax.Array, mask: jax.Array,
-               input_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+  def finalize(
+    self, x: jax.Array, mask: jax.Array, input_ids: jax.Array | None = None
+  ) -> dict[str, jax.Array]:
     """Final LN and EOS pooling.
 
     With `input_ids`, the EOS position follows transformers exactly: the first
@@ -223,8 +286,13 @@ class CLIPTextModel(layers.EncoderTower):
     pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
     return dict(last_hidden_state=x, pooler_output=pooled)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> dict[str, jax.Array]:
     x, mask = self.embed(input_ids, attention_mask)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask, input_ids)
@@ -245,6 +313,7 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 class CLIPModel(nn.Module):
   """HF `CLIPModel`: both towers, projections and the learned `logit_scale`."""
+
   config: CLIPConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
@@ -255,53 +324,80 @@ class CLIPModel(nn.Module):
   # Each tower: (its sub-config's key in config.json and field of CLIPConfig, its class). The
   # name is the tower's param subtree here and the `tower=` that mmtl.hf builds it alone for.
   towers: ClassVar[dict[str, tuple[str, type[layers.EncoderTower]]]] = {
-      "vision": ("vision_config", CLIPVisionModel), "text": ("text_config", CLIPTextModel)}
+    "vision": ("vision_config", CLIPVisionModel),
+    "text": ("text_config", CLIPTextModel),
+  }
   hf_architecture: ClassVar[str] = "CLIPModel"
   hf_base_prefix: ClassVar[str | None] = None  # CLIP checkpoints don't nest the model
 
   def setup(self) -> None:
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-              attention_impl=self.attention_impl)
+    kw = dict(
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      remat=self.remat,
+      attention_impl=self.attention_impl,
+    )
     self.vision = CLIPVisionModel(c.vision_config, **kw)
     self.text = CLIPTextModel(c.text_config, **kw)
-    proj = lambda: nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda: nn.Dense(
+      c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+    )
     self.visual_projection = proj()
     self.text_projection = proj()
-    self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
-                                  (), self.param_dtype)
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(c.logit_scale_init_value), (), self.param_dtype
+    )
 
   def _unbound_towers(self) -> dict[str, layers.EncoderTower]:
-    return {name: cls(getattr(self.config, key), parent=None)
-            for name, (key, cls) in self.towers.items()}
+    return {
+      name: cls(getattr(self.config, key), parent=None) for name, (key, cls) in self.towers.items()
+    }
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
-    return {k: x for tower in self._unbound_towers().values()
-            for k, x in tower.dummy_inputs().items()}
+    return {
+      k: x for tower in self._unbound_towers().values() for k, x in tower.dummy_inputs().items()
+    }
 
-  def get_image_features(self, pixel_values: jax.Array, *,
-                         deterministic: bool = True) -> jax.Array:
+  def get_image_features(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """Projected (not normalized) image embeddings, as HF's get_image_features."""
-    return self.visual_projection(self.vision(pixel_values, deterministic=deterministic)["pooler_output"])
+    return self.visual_projection(
+      self.vision(pixel_values, deterministic=deterministic)["pooler_output"]
+    )
 
-  def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                        deterministic: bool = True) -> jax.Array:
+  def get_text_features(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> jax.Array:
     """Projected (not normalized) text embeddings, as HF's get_text_features."""
     out = self.text(input_ids, attention_mask, deterministic=deterministic)
     return self.text_projection(out["pooler_output"])
 
-  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
-               attention_mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> dict[str, Any]:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    pixel_values: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> dict[str, Any]:
     vision_out = self.vision(pixel_values, deterministic=deterministic)
     text_out = self.text(input_ids, attention_mask, deterministic=deterministic)
     image_embeds = _normalize(self.visual_projection(vision_out["pooler_output"]))
     text_embeds = _normalize(self.text_projection(text_out["pooler_output"]))
     logits_per_text = text_embeds @ image_embeds.T * jnp.exp(self.logit_scale)
-    return dict(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
-                image_embeds=image_embeds, text_embeds=text_embeds,
-                vision_model_output=vision_out, text_model_output=text_out)
+    return dict(
+      logits_per_image=logits_per_text.T,
+      logits_per_text=logits_per_text,
+      image_embeds=image_embeds,
+      text_embeds=text_embeds,
+      vision_model_output=vision_out,
+      text_model_output=text_out,
+    )
 
   def hf_names(self) -> dict[str, str]:
     """{mmtl param path: HF state-dict key}, both towers included (see mmtl.hf)."""

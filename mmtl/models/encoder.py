@@ -6,6 +6,7 @@ contiguous range, so towers can be interleaved, as bottleneck fusion does) ->
 mmtl encoder (`mmtl.models.layers.EncoderTower`: BERT, ViT, the CLIP towers)
 implements it; any other module with these members can be a tower too.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -40,8 +41,9 @@ class Encoder(Protocol):
     `inputs` and holding at least the primary one.
     """
 
-  def run_layers(self, x: jax.Array, mask: jax.Array, start: int, stop: int, *,
-                 deterministic: bool = True) -> jax.Array:
+  def run_layers(
+    self, x: jax.Array, mask: jax.Array, start: int, stop: int, *, deterministic: bool = True
+  ) -> jax.Array:
     """Hidden states after layers [start, stop) of the (B, T, D) states `x`."""
 
   def finalize(self, hidden: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:

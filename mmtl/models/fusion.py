@@ -28,10 +28,11 @@ Missing modalities: a tower runs only when its inputs are in the batch, and
 zero a modality per example, so a fused model can be trained with modality
 dropout and evaluated with a modality missing.
 """
+
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -45,22 +46,29 @@ from mmtl.models.encoder import Encoder
 
 # Per modality, batch field -> the encoder input (`Encoder.inputs` name) it feeds.
 TOWER_INPUTS: dict[str, dict[str, str]] = {
-    "image": {"pixel_values": "pixel_values"},
-    "text": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-             "token_type_ids": "token_type_ids"},
-    # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
-    "audio": {"audio_values": "pixel_values"},
+  "image": {"pixel_values": "pixel_values"},
+  "text": {
+    "input_ids": "input_ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "token_type_ids",
+  },
+  # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
+  "audio": {"audio_values": "pixel_values"},
 }
 HEAD_TYPES = ("classification", "regression", "contrastive")
 POOL_TYPES = ("mean", "cls", "pooler")
 
 
-def tower_inputs(modality: str, encoder: Encoder, batch: Mapping[str, Any], *,
-                 train: bool) -> dict[str, Any]:
+def tower_inputs(
+  modality: str, encoder: Encoder, batch: Mapping[str, Any], *, train: bool
+) -> dict[str, Any]:
   """Keyword arguments of `encoder.embed`: the batch fields of `modality` among its
   declared `inputs` (under their input names) and `deterministic`."""
-  out = {arg: batch[field] for field, arg in TOWER_INPUTS[modality].items()
-         if field in batch and arg in encoder.inputs}
+  out = {
+    arg: batch[field]
+    for field, arg in TOWER_INPUTS[modality].items()
+    if field in batch and arg in encoder.inputs
+  }
   return {**out, "deterministic": not train}
 
 
@@ -73,9 +81,10 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 @dataclasses.dataclass
 class TowerOutput:
   """What fusion sees of one tower."""
-  tokens: jax.Array   # (B, T, D) last hidden state
-  mask: jax.Array     # (B, T) bool
-  pooled: jax.Array   # (B, D)
+
+  tokens: jax.Array  # (B, T, D) last hidden state
+  mask: jax.Array  # (B, T) bool
+  pooled: jax.Array  # (B, D)
   present: jax.Array  # (B,) float, 1 = modality present for that example
 
 
@@ -100,8 +109,9 @@ class MlpBlock(nn.Module):
     return nn.Dense(self.width, dtype=self.dtype, name="fc2")(nn.gelu(y))
 
 
-def _stack_present(towers: Mapping[str, TowerOutput],
-                   feats: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def _stack_present(
+  towers: Mapping[str, TowerOutput], feats: Mapping[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
   """Features (B, M, W) with absent modalities zeroed, and presence (B, M)."""
   present = jnp.stack([towers[m].present for m in feats], axis=1)
   x = jnp.stack(list(feats.values()), axis=1)
@@ -112,6 +122,7 @@ class Fusion(nn.Module):
   """A fusion module: `from_model(model, name)` builds it from a FusionModel's fields,
   and `fusion(towers, train=...)` maps every tower's output (absent towers as zero
   stand-ins) to the features (B, width) the head sees."""
+
   width: int
   dtype: Any = jnp.float32
 
@@ -126,8 +137,10 @@ class ConcatFusion(Fusion):
   @nn.compact
   def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
     del train  # no dropout
-    feats = {m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled)
-             for m, t in towers.items()}
+    feats = {
+      m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled)
+      for m, t in towers.items()
+    }
     x, _ = _stack_present(towers, feats)
     x = x.reshape(x.shape[0], -1)
     return nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="hidden")(x))
@@ -143,8 +156,10 @@ class GatedFusion(Fusion):
   @nn.compact
   def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
     del train  # no dropout
-    feats = {m: jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled))
-             for m, t in towers.items()}
+    feats = {
+      m: jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.pooled))
+      for m, t in towers.items()
+    }
     h, present = _stack_present(towers, feats)  # (B, M, W), (B, M)
     b, m, w = h.shape
     gate = nn.Dense(m * w, dtype=self.dtype, name="gate")(h.reshape(b, m * w))
@@ -178,50 +193,74 @@ class BilinearFusion(Fusion):
 
 class CrossAttentionBlock(nn.Module):
   """Pre-LN cross-attention + MLP: queries of one modality, keys of the others."""
+
   width: int
   num_heads: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q: jax.Array, q_mask: jax.Array, kv: jax.Array, kv_mask: jax.Array, *,
-               train: bool) -> jax.Array:
+  def __call__(
+    self, q: jax.Array, q_mask: jax.Array, kv: jax.Array, kv_mask: jax.Array, *, train: bool
+  ) -> jax.Array:
     attn_mask = q_mask[:, None, :, None] & kv_mask[:, None, None, :]
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
-        deterministic=not train, name="attn")(
-            nn.LayerNorm(dtype=self.dtype, name="ln_q")(q),
-            nn.LayerNorm(dtype=self.dtype, name="ln_kv")(kv), mask=attn_mask)
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      dropout_rate=self.dropout,
+      deterministic=not train,
+      name="attn",
+    )(
+      nn.LayerNorm(dtype=self.dtype, name="ln_q")(q),
+      nn.LayerNorm(dtype=self.dtype, name="ln_kv")(kv),
+      mask=attn_mask,
+    )
     # Nothing to attend to (the other modalities absent): add nothing.
     y = y * kv_mask.any(-1)[:, None, None].astype(y.dtype)
     x = q + y
     return x + MlpBlock(self.width, self.dtype, name="mlp")(
-        nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x))
+      nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    )
 
 
 class CrossAttentionFusion(Fusion):
   """Each modality's tokens attend to all other modalities' tokens, `depth` times."""
+
   num_heads: int = 4
   depth: int = 1
   dropout: float = 0.0
 
   @classmethod
   def from_model(cls, model: FusionModel, name: str) -> CrossAttentionFusion:
-    return cls(width=model.width, num_heads=model.num_heads, depth=model.fusion_depth,
-               dropout=model.dropout, dtype=model.dtype, name=name)
+    return cls(
+      width=model.width,
+      num_heads=model.num_heads,
+      depth=model.fusion_depth,
+      dropout=model.dropout,
+      dtype=model.dtype,
+      name=name,
+    )
 
   @nn.compact
   def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
-    x = {m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.tokens)
-         for m, t in towers.items()}
+    x = {
+      m: nn.Dense(self.width, dtype=self.dtype, name=f"proj_{m}")(t.tokens)
+      for m, t in towers.items()
+    }
     mask = {m: t.mask & (t.present[:, None] > 0) for m, t in towers.items()}
     for i in range(self.depth):
-      x = {m: CrossAttentionBlock(self.width, self.num_heads, self.dropout, self.dtype,
-                                  name=f"cross_{m}_{i}")(
-              x[m], mask[m],
-              jnp.concatenate([x[o] for o in x if o != m], axis=1),
-              jnp.concatenate([mask[o] for o in x if o != m], axis=1), train=train)
-           for m in x}
+      x = {
+        m: CrossAttentionBlock(
+          self.width, self.num_heads, self.dropout, self.dtype, name=f"cross_{m}_{i}"
+        )(
+          x[m],
+          mask[m],
+          jnp.concatenate([x[o] for o in x if o != m], axis=1),
+          jnp.concatenate([mask[o] for o in x if o != m], axis=1),
+          train=train,
+        )
+        for m in x
+      }
     pooled = {m: masked_mean(x[m], mask[m]) for m in x}
     h, _ = _stack_present(towers, pooled)
     h = nn.LayerNorm(dtype=self.dtype, name="ln_out")(h.reshape(h.shape[0], -1))
@@ -235,22 +274,26 @@ class BottleneckFusion(Fusion):
   FusionModel runs the towers' layers through `init_tokens` / `enter` / `leave`
   before calling it as the other fusions on the towers' outputs.
   """
+
   num_tokens: int = 4
   hidden_sizes: tuple[tuple[str, int], ...] = ()  # (modality, tower width) per tower
 
   @classmethod
   def from_model(cls, model: FusionModel, name: str) -> BottleneckFusion:
-    return cls(width=model.width, num_tokens=model.bottleneck_tokens,
-               hidden_sizes=tuple((m, model.tower(m).hidden_size) for m in model.modalities),
-               dtype=model.dtype, name=name)
+    return cls(
+      width=model.width,
+      num_tokens=model.bottleneck_tokens,
+      hidden_sizes=tuple((m, model.tower(m).hidden_size) for m in model.modalities),
+      dtype=model.dtype,
+      name=name,
+    )
 
   def setup(self) -> None:
-    self.tokens = self.param("tokens", nn.initializers.normal(0.02),
-                             (self.num_tokens, self.width))
-    self.to_tower = {m: nn.Dense(d, dtype=self.dtype, name=f"to_{m}")
-                     for m, d in self.hidden_sizes}
-    self.from_tower = {m: nn.Dense(self.width, dtype=self.dtype, name=f"from_{m}")
-                       for m, _ in self.hidden_sizes}
+    self.tokens = self.param("tokens", nn.initializers.normal(0.02), (self.num_tokens, self.width))
+    self.to_tower = {m: nn.Dense(d, dtype=self.dtype, name=f"to_{m}") for m, d in self.hidden_sizes}
+    self.from_tower = {
+      m: nn.Dense(self.width, dtype=self.dtype, name=f"from_{m}") for m, _ in self.hidden_sizes
+    }
     self.late = ConcatFusion(self.width, self.dtype)
 
   def init_tokens(self, batch_size: int) -> jax.Array:
@@ -272,12 +315,14 @@ class ContrastiveHead(Fusion):
   Takes the place of fusion and head (params `head/...`): called on the given
   towers only, it returns the model's outputs rather than features.
   """
+
   temperature_init: float = 0.07
 
   @classmethod
   def from_model(cls, model: FusionModel, name: str) -> ContrastiveHead:
-    return cls(width=model.width, temperature_init=model.temperature_init, dtype=model.dtype,
-               name=name)
+    return cls(
+      width=model.width, temperature_init=model.temperature_init, dtype=model.dtype, name=name
+    )
 
   @nn.compact
   def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> dict[str, jax.Array]:
@@ -288,7 +333,8 @@ class ContrastiveHead(Fusion):
       z = z.astype(jnp.float32)
       out[f"{m}_embeds"] = z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-6)
     out["logit_scale"] = self.param(
-        "logit_scale", nn.initializers.constant(np.log(1 / self.temperature_init)), ())
+      "logit_scale", nn.initializers.constant(np.log(1 / self.temperature_init)), ()
+    )
     out["features"] = out.get("image_embeds", next(iter(out.values())))
     return out
 
@@ -297,12 +343,12 @@ class ContrastiveHead(Fusion):
 # inside the towers' layers (FusionModel._bottleneck_layers), and contrastive is the
 # model's head (no classifier after it; it sees only the towers given).
 FUSIONS: dict[str, type[Fusion]] = {
-    "concat": ConcatFusion,
-    "gated": GatedFusion,
-    "bilinear": BilinearFusion,
-    "cross_attention": CrossAttentionFusion,
-    "bottleneck": BottleneckFusion,
-    "contrastive": ContrastiveHead,
+  "concat": ConcatFusion,
+  "gated": GatedFusion,
+  "bilinear": BilinearFusion,
+  "cross_attention": CrossAttentionFusion,
+  "bottleneck": BottleneckFusion,
+  "contrastive": ContrastiveHead,
 }
 
 
@@ -314,6 +360,7 @@ class FusionModel(nn.Module):
   `image_embeds`, `text_embeds` (B, width, L2-normalized) and `logit_scale`.
   `features` is the representation the head sees (the linear-probe input).
   """
+
   image_encoder: nn.Module | None = None
   text_encoder: nn.Module | None = None
   audio_encoder: nn.Module | None = None
@@ -339,22 +386,30 @@ class FusionModel(nn.Module):
       raise ValueError(f"Unknown head_type {self.head_type!r}; use one of {HEAD_TYPES}.")
     names = list(self.modalities)
     if not names:
-      raise ValueError("FusionModel needs at least one tower (image_encoder, text_encoder, "
-                       "audio_encoder).")
+      raise ValueError(
+        "FusionModel needs at least one tower (image_encoder, text_encoder, audio_encoder)."
+      )
     if (self.fusion_type == "contrastive") != (self.head_type == "contrastive"):
-      raise ValueError("fusion_type='contrastive' goes with head_type='contrastive' and "
-                       f"vice versa; got {self.fusion_type!r} / {self.head_type!r}.")
+      raise ValueError(
+        "fusion_type='contrastive' goes with head_type='contrastive' and "
+        f"vice versa; got {self.fusion_type!r} / {self.head_type!r}."
+      )
     if self.fusion_type == "contrastive" and not {"image", "text"} <= set(names):
       raise ValueError(f"Contrastive model needs image and text towers, got {names}.")
     if self.fusion_type in ("cross_attention", "bottleneck") and len(names) < 2:
-      raise ValueError(f"fusion_type={self.fusion_type!r} needs at least two towers, got "
-                       f"{names}; use fusion_type='concat' for a single-modality model.")
+      raise ValueError(
+        f"fusion_type={self.fusion_type!r} needs at least two towers, got "
+        f"{names}; use fusion_type='concat' for a single-modality model."
+      )
     if self.fusion_type == "bottleneck" and any(
-        getattr(self.tower(m), "attention_impl", None) == "cudnn" for m in names):
+      getattr(self.tower(m), "attention_impl", None) == "cudnn" for m in names
+    ):
       # cuDNN attention takes padding as lengths (real tokens first); bottleneck tokens
       # are appended after padded text, so that mask cannot be expressed.
-      raise ValueError("fusion_type='bottleneck' does not work with attention_impl='cudnn'; "
-                       "use attention_impl='xla' (or None) for the towers.")
+      raise ValueError(
+        "fusion_type='bottleneck' does not work with attention_impl='cudnn'; "
+        "use attention_impl='xla' (or None) for the towers."
+      )
     super().__post_init__()
 
   @property
@@ -377,57 +432,75 @@ class FusionModel(nn.Module):
   def _present(self, m: str, batch: Mapping[str, Any], batch_size: int) -> jax.Array:
     if PRIMARY_INPUT[m] not in batch:
       return jnp.zeros((batch_size,), jnp.float32)
-    return jnp.asarray(batch.get(f"{m}_present", jnp.ones((batch_size,), jnp.float32)),
-                       jnp.float32)
+    return jnp.asarray(batch.get(f"{m}_present", jnp.ones((batch_size,), jnp.float32)), jnp.float32)
 
-  def _run_towers(self, batch: Mapping[str, Any], bottleneck: BottleneckFusion | None, *,
-                  train: dict[str, bool]) -> dict[str, TowerOutput]:
+  def _run_towers(
+    self, batch: Mapping[str, Any], bottleneck: BottleneckFusion | None, *, train: dict[str, bool]
+  ) -> dict[str, TowerOutput]:
     """Run every tower whose inputs are in the batch (`train`: per modality, whether
     in training mode); bottleneck towers exchange tokens."""
     given = [m for m in self.modalities if PRIMARY_INPUT[m] in batch]
     if not given:
-      raise ValueError(f"The batch has none of the model's inputs "
-                       f"{[PRIMARY_INPUT[m] for m in self.modalities]}; got {sorted(batch)}.")
-    embedded = {m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m]))
-                for m in given}
+      raise ValueError(
+        f"The batch has none of the model's inputs "
+        f"{[PRIMARY_INPUT[m] for m in self.modalities]}; got {sorted(batch)}."
+      )
+    embedded = {
+      m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m])) for m in given
+    }
     batch_size = next(iter(embedded.values()))[0].shape[0]
     present = {m: self._present(m, batch, batch_size) for m in given}
     if bottleneck is not None:
       hidden = self._bottleneck_layers(bottleneck, embedded, present, train=train)
     else:
-      hidden = {m: self.tower(m).run_layers(x, mask, 0, self.tower(m).num_layers,
-                                            deterministic=not train[m])
-                for m, (x, mask) in embedded.items()}
+      hidden = {
+        m: self.tower(m).run_layers(
+          x, mask, 0, self.tower(m).num_layers, deterministic=not train[m]
+        )
+        for m, (x, mask) in embedded.items()
+      }
     out = {}
     for m in given:
       mask = embedded[m][1]
       final = self.tower(m).finalize(hidden[m], mask)
-      out[m] = TowerOutput(tokens=final["last_hidden_state"], mask=mask,
-                           pooled=pool(final, mask, getattr(self, f"{m}_pool")),
-                           present=present[m])
+      out[m] = TowerOutput(
+        tokens=final["last_hidden_state"],
+        mask=mask,
+        pooled=pool(final, mask, getattr(self, f"{m}_pool")),
+        present=present[m],
+      )
     return out
 
   def _fusion_starts(self) -> tuple[dict[str, int], int]:
     """First fusion layer of each tower, and the number of fusion layers."""
     depths = {m: self.tower(m).num_layers for m in self.modalities}
-    starts = {m: self.fusion_layer if self.fusion_layer >= 0 else d + self.fusion_layer
-              for m, d in depths.items()}
+    starts = {
+      m: self.fusion_layer if self.fusion_layer >= 0 else d + self.fusion_layer
+      for m, d in depths.items()
+    }
     num_fusion = {depths[m] - s for m, s in starts.items()}
     if len(num_fusion) != 1 or min(starts.values()) < 0 or num_fusion == {0}:
       raise ValueError(
-          f"Bottleneck fusion_layer={self.fusion_layer} does not give every tower the same "
-          f"(>0) number of fusion layers (depths {depths}). Use a negative fusion_layer "
-          "(-k: the top k layers of every tower exchange bottleneck tokens) or towers of "
-          "equal depth.")
+        f"Bottleneck fusion_layer={self.fusion_layer} does not give every tower the same "
+        f"(>0) number of fusion layers (depths {depths}). Use a negative fusion_layer "
+        "(-k: the top k layers of every tower exchange bottleneck tokens) or towers of "
+        "equal depth."
+      )
     return starts, num_fusion.pop()
 
-  def _bottleneck_layers(self, bn: BottleneckFusion,
-                         embedded: dict[str, tuple[jax.Array, jax.Array]],
-                         present: dict[str, jax.Array], *,
-                         train: dict[str, bool]) -> dict[str, jax.Array]:
+  def _bottleneck_layers(
+    self,
+    bn: BottleneckFusion,
+    embedded: dict[str, tuple[jax.Array, jax.Array]],
+    present: dict[str, jax.Array],
+    *,
+    train: dict[str, bool],
+  ) -> dict[str, jax.Array]:
     starts, num_fusion = self._fusion_starts()
-    hidden = {m: self.tower(m).run_layers(x, mask, 0, starts[m], deterministic=not train[m])
-              for m, (x, mask) in embedded.items()}
+    hidden = {
+      m: self.tower(m).run_layers(x, mask, 0, starts[m], deterministic=not train[m])
+      for m, (x, mask) in embedded.items()
+    }
     n = self.bottleneck_tokens
     b = bn.init_tokens(next(iter(hidden.values())).shape[0])
     weights = jnp.stack([present[m] for m in hidden], 1)  # (B, M)
@@ -437,8 +510,9 @@ class FusionModel(nn.Module):
       for m, (_, mask) in embedded.items():
         x = jnp.concatenate([hidden[m], bn.enter(m, b)], axis=1)
         x_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], n), bool)], axis=1)
-        x = self.tower(m).run_layers(x, x_mask, starts[m] + k, starts[m] + k + 1,
-                                     deterministic=not train[m])
+        x = self.tower(m).run_layers(
+          x, x_mask, starts[m] + k, starts[m] + k + 1, deterministic=not train[m]
+        )
         hidden[m] = x[:, :-n]
         updates.append(bn.leave(m, x[:, -n:]))
       # Shared tokens: the present towers' views averaged (MBT); absent ones don't vote.
@@ -446,22 +520,26 @@ class FusionModel(nn.Module):
     return hidden
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Any], *, train: bool = False,
-               inference_towers: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+  def __call__(
+    self, batch: Mapping[str, Any], *, train: bool = False, inference_towers: tuple[str, ...] = ()
+  ) -> dict[str, jax.Array]:
     """Outputs on `batch`. With `train`, dropout is on everywhere except in the towers
     of `inference_towers` (modalities): locked towers run as at inference (LiT)."""
     contrastive = self.head_type == "contrastive"
     fusion = FUSIONS[self.fusion_type].from_model(self, name="head" if contrastive else "fusion")
     towers = self._run_towers(
-        batch, fusion if isinstance(fusion, BottleneckFusion) else None,
-        train={m: train and m not in inference_towers for m in self.modalities})
+      batch,
+      fusion if isinstance(fusion, BottleneckFusion) else None,
+      train={m: train and m not in inference_towers for m in self.modalities},
+    )
     if contrastive:
       return fusion(towers, train=train)
     features = fusion(self._fill_absent(towers), train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(features)
     # Zero-init head (big_vision transfer): the first steps don't fight random logits.
-    out = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                   name="head")(x).astype(jnp.float32)
+    out = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="head"
+    )(x).astype(jnp.float32)
     key = "logits" if self.head_type == "classification" else "predictions"
     return {key: out, "features": features.astype(jnp.float32)}
 
@@ -475,10 +553,12 @@ class FusionModel(nn.Module):
         out[m] = towers[m]
         continue
       d = self.tower(m).hidden_size
-      out[m] = TowerOutput(tokens=jnp.zeros((b, 1, d), ref.tokens.dtype),
-                           mask=jnp.zeros((b, 1), bool),
-                           pooled=jnp.zeros((b, d), ref.pooled.dtype),
-                           present=jnp.zeros((b,), jnp.float32))
+      out[m] = TowerOutput(
+        tokens=jnp.zeros((b, 1, d), ref.tokens.dtype),
+        mask=jnp.zeros((b, 1), bool),
+        pooled=jnp.zeros((b, d), ref.pooled.dtype),
+        present=jnp.zeros((b,), jnp.float32),
+      )
     return out
 
 
@@ -490,8 +570,10 @@ def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]
   wanted = [m.strip() for m in model_cfg["modalities"].split(",") if m.strip()]
   unknown = [m for m in wanted if m not in towers]
   if unknown or not wanted:
-    raise ValueError(f"config.model.modalities={model_cfg['modalities']!r} names "
-                     f"{unknown or 'nothing'}; the config's towers are {sorted(towers)}.")
+    raise ValueError(
+      f"config.model.modalities={model_cfg['modalities']!r} names "
+      f"{unknown or 'nothing'}; the config's towers are {sorted(towers)}."
+    )
   return {m: towers[m] for m in towers if m in wanted}
 
 
@@ -502,15 +584,19 @@ def _check_tower_inputs(modality: str, encoder: nn.Module, name: Any) -> None:
   is_encoder = isinstance(encoder, Encoder)
   if is_encoder and wanted in encoder.inputs:
     return
-  takes = (f"whose inputs are {list(encoder.inputs)}" if is_encoder else
-           "which is not a tower (mmtl.models.encoder.Encoder)")
+  takes = (
+    f"whose inputs are {list(encoder.inputs)}"
+    if is_encoder
+    else "which is not a tower (mmtl.models.encoder.Encoder)"
+  )
   what = name.get("model_type", "config dict") if isinstance(name, Mapping) else name
   a = "an" if modality[0] in "aeiou" else "a"
   raise config_keys.ConfigError(
-      f"config.model.towers.{modality}: {what!r} builds a {type(encoder).__name__}, {takes}; "
-      f"{a} {modality} tower takes {wanted} (batch field {PRIMARY_INPUT[modality]!r}). "
-      f"Point towers.{modality}.name at {a} {modality} encoder, or move this checkpoint to the tower "
-      f"of the modality it encodes (for CLIP, pick its half with tower='vision' or 'text').")
+    f"config.model.towers.{modality}: {what!r} builds a {type(encoder).__name__}, {takes}; "
+    f"{a} {modality} tower takes {wanted} (batch field {PRIMARY_INPUT[modality]!r}). "
+    f"Point towers.{modality}.name at {a} {modality} encoder, or move this checkpoint to the tower "
+    f"of the modality it encodes (for CLIP, pick its half with tower='vision' or 'text')."
+  )
 
 
 def build(model_cfg: Mapping[str, Any]) -> FusionModel:
@@ -520,24 +606,40 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
   path or a config.json dict (a scratch or tiny encoder).
   """
   from mmtl import hf  # Loading code is only needed when building from a config.
+
   dtype, param_dtype = jnp.dtype(model_cfg["dtype"]), jnp.dtype(model_cfg["param_dtype"])
   towers, pools = {}, {}
   for m, t in selected_towers(model_cfg).items():
     if m not in MODALITIES:
-      raise ValueError(f"config.model.towers.{m}: towers are named by modality, one of {MODALITIES}.")
+      raise ValueError(
+        f"config.model.towers.{m}: towers are named by modality, one of {MODALITIES}."
+      )
     name = t["name"]
     name = name.to_dict() if hasattr(name, "to_dict") else name
     kwargs = dict(t.get("kwargs") or {})
     towers[f"{m}_encoder"] = hf.build_module(
-        name, tower=t.get("tower"), dtype=dtype, param_dtype=param_dtype,
-        remat=model_cfg.get("remat", "none"), **kwargs)
+      name,
+      tower=t.get("tower"),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=model_cfg.get("remat", "none"),
+      **kwargs,
+    )
     _check_tower_inputs(m, towers[f"{m}_encoder"], name)
     if t.get("pool"):
       pools[f"{m}_pool"] = t["pool"]
   return FusionModel(
-      **towers, **pools, fusion_type=model_cfg["fusion"], head_type=model_cfg["head"],
-      num_classes=model_cfg["num_classes"], width=model_cfg["width"],
-      dropout=model_cfg["dropout"], num_heads=model_cfg["num_heads"],
-      fusion_depth=model_cfg["fusion_depth"], fusion_layer=model_cfg["fusion_layer"],
-      bottleneck_tokens=model_cfg["bottleneck_tokens"],
-      temperature_init=model_cfg["temperature_init"], dtype=dtype)
+    **towers,
+    **pools,
+    fusion_type=model_cfg["fusion"],
+    head_type=model_cfg["head"],
+    num_classes=model_cfg["num_classes"],
+    width=model_cfg["width"],
+    dropout=model_cfg["dropout"],
+    num_heads=model_cfg["num_heads"],
+    fusion_depth=model_cfg["fusion_depth"],
+    fusion_layer=model_cfg["fusion_layer"],
+    bottleneck_tokens=model_cfg["bottleneck_tokens"],
+    temperature_init=model_cfg["temperature_init"],
+    dtype=dtype,
+  )

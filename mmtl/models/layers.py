@@ -7,10 +7,11 @@ driven by a `LayerSpec` covers all of them and keeps the param names uniform:
 Uniform names let one regex (e.g. `.*/attn/(query|value)/kernel`) address every
 family for freezing, LoRA or sharding.
 """
+
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
+import dataclasses
 from typing import Any, ClassVar, Self
 
 import flax.linen as nn
@@ -26,29 +27,31 @@ def _quick_gelu(x: jax.Array) -> jax.Array:
 
 # HF `hidden_act` names (transformers.activations.ACT2FN) -> the same math in jax.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": _quick_gelu,
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": _quick_gelu,
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "tanh": jnp.tanh,
 }
 
 # `remat` attribute of the encoders -> jax.checkpoint policy for each layer.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
-    "full": None,  # save nothing inside a layer: recompute all of it in backward
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_with_batch": jax.checkpoint_policies.checkpoint_dots,
+  "full": None,  # save nothing inside a layer: recompute all of it in backward
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots_with_batch": jax.checkpoint_policies.checkpoint_dots,
 }
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
-    raise ValueError(f"Unsupported hidden_act {name!r}: mmtl implements {sorted(ACTIVATIONS)}; "
-                     "add the function to mmtl.models.layers.ACTIVATIONS.")
+    raise ValueError(
+      f"Unsupported hidden_act {name!r}: mmtl implements {sorted(ACTIVATIONS)}; "
+      "add the function to mmtl.models.layers.ACTIVATIONS."
+    )
   return ACTIVATIONS[name]
 
 
@@ -59,6 +62,7 @@ class HFConfig:
   config.json that omits a default gives what transformers would build. Keys
   mmtl does not use are dropped (they do not change the encoder's math).
   """
+
   model_type: ClassVar[str]
 
   @classmethod
@@ -81,6 +85,7 @@ def pair(x: int | tuple[int, int]) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
   """What distinguishes one family's encoder layer from another's."""
+
   hidden_size: int
   num_heads: int
   mlp_dim: int
@@ -93,10 +98,13 @@ class LayerSpec:
   causal: bool = False  # CLIP text
 
 
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(
+  eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None
+) -> nn.LayerNorm:
   # Two-pass variance like torch.nn.LayerNorm: the fast E[x^2]-E[x]^2 costs parity.
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return nn.LayerNorm(
+    epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+  )
 
 
 def check_remat(remat: str) -> None:
@@ -106,6 +114,7 @@ def check_remat(remat: str) -> None:
 
 class Attention(nn.Module):
   """Multi-head self-attention over a key padding mask (True = real token)."""
+
   spec: LayerSpec
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -115,10 +124,13 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     s = self.spec
     if s.hidden_size % s.num_heads:
-      raise ValueError(f"hidden_size {s.hidden_size} is not a multiple of num_attention_heads {s.num_heads}.")
+      raise ValueError(
+        f"hidden_size {s.hidden_size} is not a multiple of num_attention_heads {s.num_heads}."
+      )
     head_dim = s.hidden_size // s.num_heads
-    dense = lambda name, bias: nn.Dense(s.hidden_size, use_bias=bias, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name=name)
+    dense = lambda name, bias: nn.Dense(
+      s.hidden_size, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     split = lambda y: y.reshape(*y.shape[:-1], s.num_heads, head_dim)
     q, k, v = (split(dense(n, s.qkv_bias)(x)) for n in ("query", "key", "value"))
     if s.attention_dropout and not deterministic:
@@ -126,24 +138,41 @@ class Attention(nn.Module):
       mask = mask[:, None, None, :]  # (B, heads, queries, keys)
       if s.causal:
         mask = nn.combine_masks(mask, nn.make_causal_mask(x[..., 0], dtype=jnp.bool_))
-      out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
-                                     dropout_rate=s.attention_dropout, deterministic=False,
-                                     dtype=self.dtype)
+      out = nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        dropout_rng=self.make_rng("dropout"),
+        dropout_rate=s.attention_dropout,
+        deterministic=False,
+        dtype=self.dtype,
+      )
     elif self.attention_impl == "cudnn":
       # cuDNN flash attention takes padding as per-example lengths (its PADDING mask
       # type). A boolean mask would become a dense additive bias: slower, and cuDNN
       # then needs an even sequence length in training (ViT-B/16 has 197 tokens).
       # Exact for masks with the real tokens first (images, right-padded text).
       if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got "
-                         f"{q.dtype}: set the model dtype to bfloat16 (params can stay float32) "
-                         "or use attention_impl='xla'.")
+        raise ValueError(
+          f"attention_impl='cudnn' needs bfloat16 or float16 compute, got "
+          f"{q.dtype}: set the model dtype to bfloat16 (params can stay float32) "
+          "or use attention_impl='xla'."
+        )
       lengths = mask.sum(-1, dtype=jnp.int32)
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=s.causal, query_seq_lengths=lengths,
-                                         key_value_seq_lengths=lengths, implementation="cudnn")
+      out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=s.causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn",
+      )
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], is_causal=s.causal,
-                                         implementation=self.attention_impl)
+      out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None, None, :], is_causal=s.causal, implementation=self.attention_impl
+      )
     return dense("out", True)(out.reshape(*x.shape[:-1], s.hidden_size))
 
 
@@ -162,6 +191,7 @@ class Mlp(nn.Module):
 
 class EncoderLayer(nn.Module):
   """One transformer block, pre-LN or post-LN per `spec.pre_norm`."""
+
   spec: LayerSpec
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -175,7 +205,9 @@ class EncoderLayer(nn.Module):
     attn_norm, mlp_norm = norm("attn_norm"), norm("mlp_norm")
 
     h = attn_norm(x) if s.pre_norm else x
-    h = Attention(s, self.dtype, self.param_dtype, self.attention_impl, name="attn")(h, mask, deterministic)
+    h = Attention(s, self.dtype, self.param_dtype, self.attention_impl, name="attn")(
+      h, mask, deterministic
+    )
     x = x + drop(h, deterministic=deterministic)
     if not s.pre_norm:
       x = attn_norm(x)
@@ -194,6 +226,7 @@ class Encoder(nn.Module):
   Running a range (not only all layers) is what lets fusion interleave towers,
   e.g. bottleneck tokens exchanged between layers 4..8 of two encoders.
   """
+
   spec: LayerSpec
   num_layers: int
   remat: str = "none"
@@ -208,13 +241,18 @@ class Encoder(nn.Module):
       # static_argnums counts `self`: (self, x, mask, deterministic).
       layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
     for i in range(self.num_layers):
-      setattr(self, f"layer_{i}", layer_cls(self.spec, self.dtype, self.param_dtype, self.attention_impl))
+      setattr(
+        self, f"layer_{i}", layer_cls(self.spec, self.dtype, self.param_dtype, self.attention_impl)
+      )
 
-  def __call__(self, x: jax.Array, mask: jax.Array, start: int, stop: int, *,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array, start: int, stop: int, *, deterministic: bool = True
+  ) -> jax.Array:
     if not 0 <= start <= stop <= self.num_layers:
-      raise ValueError(f"Layer range [{start}, {stop}) is outside the encoder's "
-                       f"{self.num_layers} layers; need 0 <= start <= stop <= {self.num_layers}.")
+      raise ValueError(
+        f"Layer range [{start}, {stop}) is outside the encoder's "
+        f"{self.num_layers} layers; need 0 <= start <= stop <= {self.num_layers}."
+      )
     for i in range(start, stop):
       x = getattr(self, f"layer_{i}")(x, mask, deterministic)
     return x
@@ -227,6 +265,7 @@ class EncoderTower(nn.Module):
   `inputs`, add `dummy_inputs`, `embed`, `finalize` and an HF-named `__call__`,
   and create `self.encoder = self.make_encoder()` in `setup`.
   """
+
   config: Any
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -246,21 +285,31 @@ class EncoderTower(nn.Module):
 
   def make_encoder(self) -> Encoder:
     c = self.config
-    return Encoder(c.layer_spec(), c.num_hidden_layers, self.remat, self.dtype, self.param_dtype,
-                   self.attention_impl)
+    return Encoder(
+      c.layer_spec(),
+      c.num_hidden_layers,
+      self.remat,
+      self.dtype,
+      self.param_dtype,
+      self.attention_impl,
+    )
 
-  def run_layers(self, x: jax.Array, mask: jax.Array, start: int, stop: int, *,
-                 deterministic: bool = True) -> jax.Array:
+  def run_layers(
+    self, x: jax.Array, mask: jax.Array, start: int, stop: int, *, deterministic: bool = True
+  ) -> jax.Array:
     return self.encoder(x, mask, start, stop, deterministic=deterministic)
 
 
 def image_dummy_inputs(config: Any) -> dict[str, jax.Array]:
   """Smallest valid `pixel_values` of an image tower, for `init` and shape evaluation."""
-  return dict(pixel_values=jnp.zeros((1, *pair(config.image_size), config.num_channels), jnp.float32))
+  return dict(
+    pixel_values=jnp.zeros((1, *pair(config.image_size), config.num_channels), jnp.float32)
+  )
 
 
 class Pooler(nn.Module):
   """Dense + activation on the first token (BERT and ViT `pooler`)."""
+
   features: int
   act: str = "tanh"
   dtype: Dtype = jnp.float32
@@ -272,9 +321,18 @@ class Pooler(nn.Module):
     return activation(self.act)(dense(x[:, 0]))
 
 
-def patchify(pixel_values: jax.Array, *, image_size: int | tuple[int, int],
-             patch_size: int | tuple[int, int], num_channels: int, features: int, use_bias: bool,
-             dtype: Dtype, param_dtype: Dtype, name: str) -> jax.Array:
+def patchify(
+  pixel_values: jax.Array,
+  *,
+  image_size: int | tuple[int, int],
+  patch_size: int | tuple[int, int],
+  num_channels: int,
+  features: int,
+  use_bias: bool,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  name: str,
+) -> jax.Array:
   """Non-overlapping patches of NHWC pixels -> tokens (B, N, features), N row-major.
 
   Call from a compact method: the patch nn.Conv (param `{name}/kernel`) lands there.
@@ -282,18 +340,29 @@ def patchify(pixel_values: jax.Array, *, image_size: int | tuple[int, int],
   expected = (*pair(image_size), num_channels)
   if tuple(pixel_values.shape[1:]) != expected:
     raise ValueError(
-        f"pixel_values has shape {tuple(pixel_values.shape)}; the model expects NHWC (B, {expected[0]}, "
-        f"{expected[1]}, {expected[2]}). Resize to the checkpoint's image_size and transpose NCHW "
-        "inputs (as HF processors return them) with x.transpose(0, 2, 3, 1).")
+      f"pixel_values has shape {tuple(pixel_values.shape)}; the model expects NHWC (B, "
+      f"{expected[0]}, "
+      f"{expected[1]}, {expected[2]}). Resize to the checkpoint's image_size and transpose NCHW "
+      "inputs (as HF processors return them) with x.transpose(0, 2, 3, 1)."
+    )
   p = pair(patch_size)
-  x = nn.Conv(features, p, strides=p, padding="VALID", use_bias=use_bias, dtype=dtype,
-              param_dtype=param_dtype, name=name)(pixel_values.astype(dtype))
+  x = nn.Conv(
+    features,
+    p,
+    strides=p,
+    padding="VALID",
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )(pixel_values.astype(dtype))
   return x.reshape(x.shape[0], -1, features)
 
 
 # --- HF name mapping helpers -------------------------------------------------
 # Model files list their params as {mmtl leaf path: HF state-dict key}; the
 # layout change (kernel transposes) follows from the mmtl leaf name in mmtl.hf.
+
 
 def hf_dense(path: str, hf: str, bias: bool = True) -> Iterator[tuple[str, str]]:
   yield f"{path}/kernel", f"{hf}.weight"

@@ -6,6 +6,7 @@ implement mmtl.models.encoder.Encoder) plus one line here. mmtl.hf builds any
 checkpoint's module from this table; a class with `towers` (CLIP) also gives
 its towers alone (`tower=`).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -14,10 +15,13 @@ from mmtl.models import bert, clip, vit
 
 # Keyed by `config_class.model_type` ("bert", "vit", "clip", "clip_vision_model",
 # "clip_text_model"): the key read from config.json is the one save_pretrained writes.
-MODELS: dict[str, type[nn.Module]] = {cls.config_class.model_type: cls for cls in (
+MODELS: dict[str, type[nn.Module]] = {
+  cls.config_class.model_type: cls
+  for cls in (
     bert.BertModel,
     vit.ViTModel,
     clip.CLIPModel,
     clip.CLIPVisionModel,  # a CLIP tower saved alone
     clip.CLIPTextModel,
-)}
+  )
+}

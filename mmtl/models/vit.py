@@ -5,6 +5,7 @@ mean/std (HF processors give NCHW: transpose with `x.transpose(0, 2, 3, 1)`).
 Also the audio encoder: `num_channels=1` and `image_size=[F, T]` over a
 log-mel spectrogram (B, F, T, 1).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,10 +43,16 @@ class ViTConfig(layers.HFConfig):
 
   def layer_spec(self) -> layers.LayerSpec:
     return layers.LayerSpec(
-        hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
-        mlp_dim=self.intermediate_size, activation=self.hidden_act,
-        layer_norm_eps=self.layer_norm_eps, pre_norm=True, qkv_bias=self.qkv_bias,
-        dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob)
+      hidden_size=self.hidden_size,
+      num_heads=self.num_attention_heads,
+      mlp_dim=self.intermediate_size,
+      activation=self.hidden_act,
+      layer_norm_eps=self.layer_norm_eps,
+      pre_norm=True,
+      qkv_bias=self.qkv_bias,
+      dropout=self.hidden_dropout_prob,
+      attention_dropout=self.attention_probs_dropout_prob,
+    )
 
 
 class ViTEmbeddings(nn.Module):
@@ -56,20 +63,31 @@ class ViTEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, pixel_values: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
-    x = layers.patchify(pixel_values, image_size=c.image_size, patch_size=c.patch_size,
-                        num_channels=c.num_channels, features=c.hidden_size, use_bias=True,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embeddings")
+    x = layers.patchify(
+      pixel_values,
+      image_size=c.image_size,
+      patch_size=c.patch_size,
+      num_channels=c.num_channels,
+      features=c.hidden_size,
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="patch_embeddings",
+    )
     init = nn.initializers.truncated_normal(0.02)
     cls = self.param("cls_token", init, (1, 1, c.hidden_size), self.param_dtype)
     num_tokens = c.grid[0] * c.grid[1] + 1
     pos = self.param("position_embeddings", init, (1, num_tokens, c.hidden_size), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size)), x], 1)
+    x = jnp.concatenate(
+      [jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size)), x], 1
+    )
     x = x + pos.astype(self.dtype)
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class ViTModel(layers.EncoderTower):
   """HF `ViTModel`: [CLS] + patches -> pre-LN encoder -> final LN -> optional pooler."""
+
   config: ViTConfig
   add_pooling_layer: bool = True
 
@@ -87,21 +105,26 @@ class ViTModel(layers.EncoderTower):
     self.encoder = self.make_encoder()
     self.layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
     if self.add_pooling_layer:
-      self.pooler = layers.Pooler(c.pooler_output_size or c.hidden_size, c.pooler_act,
-                                  self.dtype, self.param_dtype)
+      self.pooler = layers.Pooler(
+        c.pooler_output_size or c.hidden_size, c.pooler_act, self.dtype, self.param_dtype
+      )
 
-  def embed(self, pixel_values: jax.Array, *,
-            deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def embed(
+    self, pixel_values: jax.Array, *, deterministic: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
     x = self.embeddings(pixel_values, deterministic)
     return x, jnp.ones(x.shape[:2], bool)
 
   def finalize(self, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:
     del mask  # every image token is real
     x = self.layernorm(x)
-    return dict(last_hidden_state=x, pooler_output=self.pooler(x) if self.add_pooling_layer else None)
+    return dict(
+      last_hidden_state=x, pooler_output=self.pooler(x) if self.add_pooling_layer else None
+    )
 
-  def __call__(self, pixel_values: jax.Array, *,
-               deterministic: bool = True) -> dict[str, jax.Array | None]:
+  def __call__(
+    self, pixel_values: jax.Array, *, deterministic: bool = True
+  ) -> dict[str, jax.Array | None]:
     x, mask = self.embed(pixel_values, deterministic=deterministic)
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
@@ -109,17 +132,32 @@ class ViTModel(layers.EncoderTower):
   def hf_names(self) -> dict[str, str]:
     """{mmtl param path: HF state-dict key}, pooler included (see mmtl.hf)."""
     c = self.config
-    names = {"embeddings/cls_token": "embeddings.cls_token",
-             "embeddings/position_embeddings": "embeddings.position_embeddings"}
-    names.update(layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection"))
+    names = {
+      "embeddings/cls_token": "embeddings.cls_token",
+      "embeddings/position_embeddings": "embeddings.position_embeddings",
+    }
+    names.update(
+      layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
+    )
     spec = c.layer_spec()
     for i in range(c.num_hidden_layers):
       hf = f"encoder.layer.{i}"
-      names.update(layers.hf_layer(f"encoder/layer_{i}", spec, dict(
-          query=f"{hf}.attention.attention.query", key=f"{hf}.attention.attention.key",
-          value=f"{hf}.attention.attention.value", out=f"{hf}.attention.output.dense",
-          attn_norm=f"{hf}.layernorm_before", fc1=f"{hf}.intermediate.dense",
-          fc2=f"{hf}.output.dense", mlp_norm=f"{hf}.layernorm_after")))
+      names.update(
+        layers.hf_layer(
+          f"encoder/layer_{i}",
+          spec,
+          dict(
+            query=f"{hf}.attention.attention.query",
+            key=f"{hf}.attention.attention.key",
+            value=f"{hf}.attention.attention.value",
+            out=f"{hf}.attention.output.dense",
+            attn_norm=f"{hf}.layernorm_before",
+            fc1=f"{hf}.intermediate.dense",
+            fc2=f"{hf}.output.dense",
+            mlp_norm=f"{hf}.layernorm_after",
+          ),
+        )
+      )
     names.update(layers.hf_norm("layernorm", "layernorm"))
     names.update(layers.hf_dense("pooler/dense", "pooler.dense"))
     return names
