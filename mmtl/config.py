@@ -72,6 +72,8 @@ MODEL_DEFAULTS = dict(
   fusion_layer=-2,
   bottleneck_tokens=4,
   temperature_init=0.07,
+  contrastive_loss="softmax",  # contrastive head: "softmax" (CLIP's InfoNCE) or "sigmoid"
+  # (SigLIP's pairwise loss; adds a learned logit_bias)
   dtype="float32",  # compute dtype; "bfloat16" for mixed precision
   param_dtype="float32",
   remat="none",  # per-layer activation checkpointing of the towers

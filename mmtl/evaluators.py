@@ -428,7 +428,7 @@ def make_predict_fn(
 
   def predict(params, batch):
     out = model.apply({"params": lora.merge(params)}, batch)
-    out = {k: v for k, v in out.items() if k != "logit_scale"}
+    out = {k: v for k, v in out.items() if k not in ("logit_scale", "logit_bias")}  # Scalars.
     out["example_weight"] = batch.get(
       "example_weight", jnp.ones(next(iter(out.values())).shape[:1], jnp.float32)
     )

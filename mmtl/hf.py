@@ -129,7 +129,8 @@ def build_module(
 
   The class is `mmtl.models.registry.MODELS[config["model_type"]]`. `tower` picks
   one tower of a multi-tower family (CLIP: "vision" or "text"); `module_kw` sets
-  module attributes such as `remat`, `attention_impl`, `add_pooling_layer` (BERT, ViT).
+  module attributes such as `remat`, `attention_impl`, `add_pooling_layer` (BERT, RoBERTa,
+  XLM-R, ViT, DeiT).
   """
   d = _hf_config(name_or_path_or_config, revision)
   model_type = d.get("model_type")
@@ -272,9 +273,12 @@ def _align_prefix(
   return max(candidates, key=lambda s: len(hf_keys.intersection(s)))
 
 
-def from_hf_state(state: dict[str, np.ndarray], module: nn.Module) -> dict[str, np.ndarray]:
-  """{mmtl path: array} for every param of `module`'s family found in a torch-style state dict."""
-  names = module.hf_names()
+def from_hf_state(
+  state: dict[str, np.ndarray], module: nn.Module, names: Mapping[str, str] | None = None
+) -> dict[str, np.ndarray]:
+  """{mmtl path: array} for every param of `module`'s family found in a torch-style state dict
+  (`names`: {path: HF key} to read instead of `module.hf_names()`, e.g. its head's)."""
+  names = module.hf_names() if names is None else names
   state = _align_prefix(state, set(names.values()), module.hf_base_prefix)
   skipped = sorted(set(state) - set(names.values()))
   if skipped:
@@ -308,12 +312,14 @@ def merge_checkpoint(
   dont_load: Iterable[str] = (),
   where: str = "",
   source: str = "",
+  fix: str = "",
 ) -> dict[str, Any]:
   """Checkpoint values onto a flat `target` ({path: array or ShapeDtypeStruct}).
 
   `dont_load` paths keep the target value (and are dropped from the checkpoint).
   Every other target path must be in `loaded` with the target's shape; loaded
-  paths must all be in `target`. Values are cast to the target's dtype.
+  paths must all be in `target`. Values are cast to the target's dtype. `fix`
+  replaces the error's advice (which fits an encoder).
   """
   dont_load = list(dont_load)
   skip = rules.assign(sorted(set(target) | set(loaded)), dont_load, default=False, what="dont_load")
@@ -335,13 +341,13 @@ def merge_checkpoint(
       f"{len(unexpected)} checkpoint param(s) the model does not have: {_listing(unexpected)}"
     )
   if problems:
+    fix = fix or (
+      "Build the module from the checkpoint's config.json (mmtl.hf.build_module), or list the "
+      "params to leave out in dont_load (regexes on the encoder's param paths, e.g. "
+      "dont_load=['pooler/.*']): those keep their initialized values."
+    )
     raise CheckpointError(
-      f"Checkpoint {source} does not fit the model: "
-      + ". ".join(problems)
-      + ". Build the module from "
-      "the checkpoint's config.json (mmtl.hf.build_module), or list the params to leave out in "
-      "dont_load (regexes on the encoder's param paths, e.g. dont_load=['pooler/.*']): those keep "
-      "their initialized values."
+      f"Checkpoint {source} does not fit the model: {'. '.join(problems)}. {fix}"
     )
   return {
     p: target[p] if skip[p] else np.asarray(loaded[p]).astype(target[p].dtype) for p in target
@@ -389,12 +395,16 @@ def load_params_into(
   tower: str | None = None,
   dont_load: Iterable[str] = (),
   revision: str | None = None,
+  head: bool = False,
 ) -> dict[str, Any]:
   """`params` with `params[subtree]` (e.g. "image_encoder") replaced by checkpoint values.
 
   As big_vision's `load`: the bigger model is initialized first; every shape is
   checked against that initialized subtree, and values are cast to its dtypes.
-  `dont_load` regexes are on paths inside the subtree. Returns a new tree.
+  `dont_load` regexes are on paths inside the subtree. With `head`, the subtree is
+  a contrastive FusionModel's head and gets the checkpoint's dual-encoder head
+  (`head_hf_names()` of its family: CLIP's projections and logit_scale).
+  Returns a new tree.
   """
   keys = subtree.split("/")
   node = params
@@ -408,11 +418,32 @@ def load_params_into(
     node = node[k]
   folder = resolve(name_or_path, revision)
   module = build_module(read_config(folder), tower=tower)
-  loaded = from_hf_state(read_weights(folder), module)
+  names, fix = _head_names(module, tower) if head else (None, "")
+  loaded = from_hf_state(read_weights(folder), module, names)
   merged = merge_checkpoint(
-    rules.flatten(node), loaded, dont_load=dont_load, where=subtree, source=str(folder)
+    rules.flatten(node), loaded, dont_load=dont_load, where=subtree, source=str(folder), fix=fix
   )
   return _replace(params, keys, rules.unflatten(merged))
+
+
+def _head_names(module: nn.Module, tower: str | None) -> tuple[dict[str, str], str]:
+  """{head path: HF key} of a dual-encoder checkpoint's head, and the advice when it does
+  not fit."""
+  if tower is not None or not hasattr(module, "head_hf_names"):
+    raise CheckpointError(
+      f"A contrastive head loads from a whole dual-encoder checkpoint (CLIP) without `tower`; "
+      f"got a {type(module).__name__} checkpoint"
+      + (f" with tower={tower!r}" if tower is not None else "")
+      + ". Point model_init.head at the CLIP checkpoint, or leave the head out of model_init "
+      "to train it from scratch."
+    )
+  fix = (
+    f"config.model.width must equal the checkpoint's projection_dim "
+    f"({module.config.projection_dim}) and the towers "
+    "must be this checkpoint's (tower='vision' / 'text'); or leave the head out of "
+    "model_init (or list its params in dont_load) to train it from scratch."
+  )
+  return module.head_hf_names(), fix
 
 
 def _replace(tree: Mapping[str, Any], keys: list[str], value: Any) -> dict[str, Any]:

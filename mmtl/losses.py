@@ -56,8 +56,20 @@ def contrastive_per_example(
   )
 
 
+def sigmoid_per_example(
+  image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array
+) -> jax.Array:
+  """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) per text, as SiglipModel computes it:
+  every (text, image) pair is a binary match / no match (the diagonal matches), with logits
+  exp(logit_scale) * cosine + logit_bias (unclipped, as SigLIP trains), summed over the
+  batch's images. Each row needs every image, so it does not split over microbatches."""
+  logits = jnp.exp(logit_scale) * text_embeds @ image_embeds.T + logit_bias
+  signs = 2.0 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1.0
+  return -jax.nn.log_sigmoid(signs * logits).sum(-1)
+
+
 # Heads whose loss is a sum over examples, so microbatches' sums add up to the batch's;
-# the contrastive loss compares every example with the whole batch.
+# the contrastive losses (softmax and sigmoid) compare every example with the whole batch.
 SEPARABLE_HEADS = ("classification", "regression")
 
 
@@ -76,6 +88,10 @@ def task_loss(
   elif head_type == "regression":
     targets = jnp.asarray(batch["labels"], jnp.float32).reshape(outputs["predictions"].shape)
     per_example = ((outputs["predictions"] - targets) ** 2).mean(-1)
+  elif head_type == "contrastive" and "logit_bias" in outputs:  # contrastive_loss="sigmoid"
+    per_example = sigmoid_per_example(
+      outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], outputs["logit_bias"]
+    )
   elif head_type == "contrastive":
     per_example = contrastive_per_example(
       outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"]

@@ -90,6 +90,9 @@ def load_pretrained_towers(
 ) -> dict[str, Any]:
   """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
 
+  Subtrees are towers (`image_encoder`, ...) or, in a contrastive model, `head`: a CLIP
+  checkpoint's projections and logit_scale (zero-shot from step 0).
+
   Each checkpoint is read on the host, checked against the initialized subtree
   (mmtl.hf: every name and shape) and placed with `shardings`, shard by shard.
   An empty name keeps the random init (a from-scratch baseline is one override
@@ -105,12 +108,15 @@ def load_pretrained_towers(
       note(f"model_init: {subtree} is not in this model (config.model.modalities); skipped.")
       continue
     note(f"model_init: {subtree} <- {spec['name']}")
-    params = place(
-      hf.load_params_into(
-        params, subtree, spec["name"], tower=spec.get("tower"), dont_load=spec.get("dont_load", ())
-      ),
-      shardings,
+    loaded = hf.load_params_into(
+      params,
+      subtree,
+      spec["name"],
+      tower=spec.get("tower"),
+      dont_load=spec.get("dont_load", ()),
+      head=subtree == "head",  # FusionModel's head: a dual-encoder checkpoint's projections
     )
+    params = place(loaded, shardings)
   return params
 
 

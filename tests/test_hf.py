@@ -169,7 +169,7 @@ def test_missing_files_and_bad_arguments(tiny_bert_dir, tiny_vit_dir, tmp_path):
     hf.load_pretrained(tiny_bert_dir, revision="v1")
   with pytest.raises(
     hf.CheckpointError,
-    match="tower='vision' picks a tower of a 'clip' checkpoint.*model_type='vit'",
+    match="tower='vision' picks a tower of a 'clip' or 'siglip' checkpoint.*model_type='vit'",
   ):
     hf.load_pretrained(tiny_vit_dir, tower="vision")
   with pytest.raises(hf.CheckpointError, match=r"tower='audio': use one of \['text', 'vision'\]"):
@@ -370,7 +370,9 @@ def test_registry_and_towers():
   assert type(vision) is clip.CLIPVisionModel and vision.hidden_size == 48
   lone = hf.build_module({"model_type": "clip_text_model"}, tower="text")
   assert type(lone) is clip.CLIPTextModel
-  with pytest.raises(hf.CheckpointError, match="'clip' checkpoint.*model_type='clip_text_model'"):
+  with pytest.raises(
+    hf.CheckpointError, match="'clip' or 'siglip' checkpoint.*model_type='clip_text_model'"
+  ):
     hf.build_module({"model_type": "clip_text_model"}, tower="vision")
 
 

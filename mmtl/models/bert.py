@@ -43,6 +43,11 @@ class BertConfig(layers.HFConfig):
         "Use a checkpoint with absolute positions (like transformers 5, which dropped the others)."
       )
 
+  @property
+  def max_length(self) -> int:
+    """Longest input the position table covers."""
+    return self.max_position_embeddings
+
   def layer_spec(self) -> layers.LayerSpec:
     return layers.LayerSpec(
       hidden_size=self.hidden_size,
@@ -61,23 +66,28 @@ class BertEmbeddings(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
+  def position_ids(self, input_ids: jax.Array) -> jax.Array:
+    """Rows of the position table, (1 or B, L): BERT numbers the tokens 0 .. L-1."""
+    return jnp.arange(input_ids.shape[1])[None]
+
   @nn.compact
   def __call__(
     self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool
   ) -> jax.Array:
     c = self.config
     length = input_ids.shape[1]
-    if length > c.max_position_embeddings:
+    if length > c.max_length:
       raise ValueError(
-        f"Sequence length {length} > max_position_embeddings {c.max_position_embeddings}: "
-        "truncate the inputs (tokenizer max_length)."
+        f"Sequence length {length} > {c.max_length}, the longest the position embeddings cover "
+        f"(max_position_embeddings {c.max_position_embeddings}): truncate the inputs (tokenizer "
+        "max_length)."
       )
     embed = lambda num, name: nn.Embed(
       num, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
     x = embed(c.vocab_size, "word_embeddings")(input_ids)
     x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
-    x = x + embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(length)[None])
+    x = x + embed(c.max_position_embeddings, "position_embeddings")(self.position_ids(input_ids))
     x = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -92,6 +102,7 @@ class BertModel(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
   hf_architecture: ClassVar[str] = "BertModel"
   hf_base_prefix: ClassVar[str] = "bert"  # task checkpoints (BertForX) nest the encoder here
+  embeddings_class: ClassVar[type[BertEmbeddings]] = BertEmbeddings  # RoBERTa: its position ids
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     """Smallest valid inputs, for `init` and shape evaluation."""
@@ -100,7 +111,7 @@ class BertModel(layers.EncoderTower):
 
   def setup(self) -> None:
     c = self.config
-    self.embeddings = BertEmbeddings(c, self.dtype, self.param_dtype)
+    self.embeddings = self.embeddings_class(c, self.dtype, self.param_dtype)
     self.encoder = self.make_encoder()
     if self.add_pooling_layer:
       self.pooler = layers.Pooler(c.hidden_size, "tanh", self.dtype, self.param_dtype)

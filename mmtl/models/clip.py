@@ -3,7 +3,8 @@
 Params: `vision/...`, `text/...`, `visual_projection/kernel`,
 `text_projection/kernel`, `logit_scale`. `CLIPVisionModel` / `CLIPTextModel`
 params are exactly the `vision` / `text` subtrees, so a tower loads from a full
-CLIP checkpoint and its params drop into a CLIPModel unchanged.
+CLIP checkpoint and its params drop into a CLIPModel unchanged; the projections
+and `logit_scale` load into a contrastive FusionModel's head (`head_hf_names`).
 Inputs: `pixel_values` float (B, H, W, 3) NHWC normalized with the checkpoint's
 mean/std; `input_ids`, `attention_mask` int32 (B, L).
 """
@@ -11,7 +12,7 @@ mean/std; `input_ids`, `attention_mask` int32 (B, L).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax
@@ -77,36 +78,37 @@ class CLIPVisionConfig(layers.HFConfig):
     )
 
 
+class DualEncoderConfig(layers.HFConfig):
+  """Mixin for the config of a two-tower model (CLIP, SigLIP): `text_config` and
+  `vision_config` fields, each its own HFConfig, nested in config.json as HF nests them."""
+
+  sub_configs: ClassVar[tuple[str, ...]] = ("text_config", "vision_config")
+
+  @classmethod
+  def from_hf(cls, d: dict[str, Any]) -> Self:
+    own = {k: v for k, v in d.items() if k not in cls.sub_configs}
+    # A sub-config's class is its default's: the field's type annotation is a string here.
+    subs = {k: type(getattr(cls, k)).from_hf(d.get(k) or {}) for k in cls.sub_configs}
+    return dataclasses.replace(super().from_hf(own), **subs)
+
+  def to_hf(self) -> dict[str, Any]:
+    return {**super().to_hf(), **{k: getattr(self, k).to_hf() for k in self.sub_configs}}
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPConfig(layers.HFConfig):
+class CLIPConfig(DualEncoderConfig):
   model_type: ClassVar[str] = "clip"
   text_config: CLIPTextConfig = CLIPTextConfig()
   vision_config: CLIPVisionConfig = CLIPVisionConfig()
   projection_dim: int = 512
   logit_scale_init_value: float = 2.6592
 
-  @classmethod
-  def from_hf(cls, d: dict[str, Any]) -> CLIPConfig:
-    return cls(
-      text_config=CLIPTextConfig.from_hf(d.get("text_config") or {}),
-      vision_config=CLIPVisionConfig.from_hf(d.get("vision_config") or {}),
-      **{k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d},
-    )
 
-  def to_hf(self) -> dict[str, Any]:
-    return dict(
-      model_type=self.model_type,
-      text_config=self.text_config.to_hf(),
-      vision_config=self.vision_config.to_hf(),
-      projection_dim=self.projection_dim,
-      logit_scale_init_value=self.logit_scale_init_value,
-    )
-
-
-def _tower_names(
+def encoder_layer_names(
   tower: layers.EncoderTower, hf_prefix: str, embeddings: dict[str, str]
 ) -> dict[str, str]:
-  """Shared encoder-layer names of both towers (HF `CLIPEncoderLayer`)."""
+  """`embeddings` + the encoder-layer names of a CLIP-style tower (HF `CLIPEncoderLayer`,
+  which SigLIP's copies)."""
   names = dict(embeddings)
   spec = tower.config.layer_spec()
   for i in range(tower.config.num_hidden_layers):
@@ -218,7 +220,7 @@ class CLIPVisionModel(layers.EncoderTower):
     # HF spells it "pre_layrnorm".
     emb.update(layers.hf_norm("pre_layernorm", f"{p}.pre_layrnorm"))
     emb.update(layers.hf_norm("post_layernorm", f"{p}.post_layernorm"))
-    return _tower_names(self, p, emb)
+    return encoder_layer_names(self, p, emb)
 
 
 class CLIPTextModel(layers.EncoderTower):
@@ -304,50 +306,41 @@ class CLIPTextModel(layers.EncoderTower):
     emb.update(layers.hf_embed("token_embedding", f"{p}.embeddings.token_embedding"))
     emb.update(layers.hf_embed("position_embedding", f"{p}.embeddings.position_embedding"))
     emb.update(layers.hf_norm("final_layer_norm", f"{p}.final_layer_norm"))
-    return _tower_names(self, p, emb)
+    return encoder_layer_names(self, p, emb)
 
 
-def _normalize(x: jax.Array) -> jax.Array:
+# A contrastive FusionModel's head projections (mmtl.models.fusion.ContrastiveHead) -> CLIP's.
+HEAD_PROJECTIONS = {"image_proj": "visual_projection", "text_proj": "text_projection"}
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-class CLIPModel(nn.Module):
-  """HF `CLIPModel`: both towers, projections and the learned `logit_scale`."""
+class DualEncoder(nn.Module):
+  """What CLIP-style models share: their `towers`, built from the config's sub-configs."""
 
-  config: CLIPConfig
+  config: DualEncoderConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
 
-  config_class: ClassVar[type[CLIPConfig]] = CLIPConfig
-  # Each tower: (its sub-config's key in config.json and field of CLIPConfig, its class). The
+  # Each tower: (its sub-config's key in config.json and field of the config, its class). The
   # name is the tower's param subtree here and the `tower=` that mmtl.hf builds it alone for.
-  towers: ClassVar[dict[str, tuple[str, type[layers.EncoderTower]]]] = {
-    "vision": ("vision_config", CLIPVisionModel),
-    "text": ("text_config", CLIPTextModel),
-  }
-  hf_architecture: ClassVar[str] = "CLIPModel"
-  hf_base_prefix: ClassVar[str | None] = None  # CLIP checkpoints don't nest the model
+  towers: ClassVar[dict[str, tuple[str, type[layers.EncoderTower]]]]
+  hf_base_prefix: ClassVar[str | None] = None  # the checkpoints don't nest the model
 
-  def setup(self) -> None:
-    c = self.config
+  def setup_towers(self) -> None:
+    """Create each tower as the submodule of its name (call from `setup`)."""
     kw = dict(
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       remat=self.remat,
       attention_impl=self.attention_impl,
     )
-    self.vision = CLIPVisionModel(c.vision_config, **kw)
-    self.text = CLIPTextModel(c.text_config, **kw)
-    proj = lambda: nn.Dense(
-      c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
-    )
-    self.visual_projection = proj()
-    self.text_projection = proj()
-    self.logit_scale = self.param(
-      "logit_scale", nn.initializers.constant(c.logit_scale_init_value), (), self.param_dtype
-    )
+    for name, (key, cls) in self.towers.items():
+      setattr(self, name, cls(getattr(self.config, key), **kw))
 
   def _unbound_towers(self) -> dict[str, layers.EncoderTower]:
     return {
@@ -359,6 +352,39 @@ class CLIPModel(nn.Module):
     return {
       k: x for tower in self._unbound_towers().values() for k, x in tower.dummy_inputs().items()
     }
+
+  def tower_hf_names(self) -> dict[str, str]:
+    """{mmtl param path: HF state-dict key} of both towers (see mmtl.hf)."""
+    return {
+      f"{path}/{k}": v
+      for path, tower in self._unbound_towers().items()
+      for k, v in tower.hf_names().items()
+    }
+
+
+class CLIPModel(DualEncoder):
+  """HF `CLIPModel`: both towers, projections and the learned `logit_scale`."""
+
+  config: CLIPConfig
+
+  config_class: ClassVar[type[CLIPConfig]] = CLIPConfig
+  towers: ClassVar[dict[str, tuple[str, type[layers.EncoderTower]]]] = {
+    "vision": ("vision_config", CLIPVisionModel),
+    "text": ("text_config", CLIPTextModel),
+  }
+  hf_architecture: ClassVar[str] = "CLIPModel"
+
+  def setup(self) -> None:
+    c = self.config
+    self.setup_towers()
+    proj = lambda: nn.Dense(
+      c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    self.visual_projection = proj()
+    self.text_projection = proj()
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(c.logit_scale_init_value), (), self.param_dtype
+    )
 
   def get_image_features(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """Projected (not normalized) image embeddings, as HF's get_image_features."""
@@ -387,8 +413,8 @@ class CLIPModel(nn.Module):
   ) -> dict[str, Any]:
     vision_out = self.vision(pixel_values, deterministic=deterministic)
     text_out = self.text(input_ids, attention_mask, deterministic=deterministic)
-    image_embeds = _normalize(self.visual_projection(vision_out["pooler_output"]))
-    text_embeds = _normalize(self.text_projection(text_out["pooler_output"]))
+    image_embeds = l2_normalize(self.visual_projection(vision_out["pooler_output"]))
+    text_embeds = l2_normalize(self.text_projection(text_out["pooler_output"]))
     logits_per_text = text_embeds @ image_embeds.T * jnp.exp(self.logit_scale)
     return dict(
       logits_per_image=logits_per_text.T,
@@ -402,8 +428,17 @@ class CLIPModel(nn.Module):
   def hf_names(self) -> dict[str, str]:
     """{mmtl param path: HF state-dict key}, both towers included (see mmtl.hf)."""
     names = {"logit_scale": "logit_scale"}
-    names.update(layers.hf_dense("visual_projection", "visual_projection", bias=False))
-    names.update(layers.hf_dense("text_projection", "text_projection", bias=False))
-    for path, tower in self._unbound_towers().items():
-      names.update({f"{path}/{k}": v for k, v in tower.hf_names().items()})
+    for hf_name in HEAD_PROJECTIONS.values():
+      names.update(layers.hf_dense(hf_name, hf_name, bias=False))
+    return {**names, **self.tower_hf_names()}
+
+  def head_hf_names(self) -> dict[str, str]:
+    """{param path in a contrastive FusionModel's `head`: HF key}: the projections and the
+    temperature, so a CLIP checkpoint gives the whole dual encoder (zero-shot at step 0).
+
+    Both store `logit_scale` = log(1 / temperature); logits are exp(logit_scale) * cosine.
+    """
+    names = {"logit_scale": "logit_scale"}
+    for ours, hf_name in HEAD_PROJECTIONS.items():
+      names.update(layers.hf_dense(ours, hf_name, bias=False))
     return names

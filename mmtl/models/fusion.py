@@ -20,8 +20,8 @@ Fusion types (`fusion_type`, the keys of `FUSIONS`):
   bottleneck:      MBT (Nagrani et al. 2021): towers run layers
                    [0, fusion_layer) alone; in [fusion_layer, L) they exchange
                    information only through a few shared bottleneck tokens.
-  contrastive:     two towers and a CLIP/LiT head: projected, L2-normalized
-                   embeddings and a learnable temperature.
+  contrastive:     two towers and a CLIP/LiT/SigLIP head: projected, L2-normalized
+                   embeddings and a learnable temperature (and bias: sigmoid loss).
 
 Missing modalities: a tower runs only when its inputs are in the batch, and
 `image_present` / `text_present` / `audio_present` (B,) floats (1 = present)
@@ -95,6 +95,11 @@ def pool(out: Mapping[str, jax.Array], mask: jax.Array, how: str) -> jax.Array:
   if how == "cls":
     return out["last_hidden_state"][:, 0]
   if how == "pooler":
+    if out.get("pooler_output") is None:
+      raise ValueError(
+        "pool='pooler' on a tower without a pooler (e.g. DistilBERT, or add_pooling_layer=False): "
+        "set config.model.towers.<modality>.pool='cls' or 'mean'."
+      )
     return out["pooler_output"]
   raise ValueError(f"Unknown pool {how!r}; use one of {POOL_TYPES}.")
 
@@ -309,19 +314,33 @@ class BottleneckFusion(Fusion):
     return self.late(towers, train=train)
 
 
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+# SigLIP's init of the bias (with temperature_init=0.1): the ~B^2 negative pairs do not
+# dominate the first steps.
+SIGMOID_BIAS_INIT = -10.0
+
+
 class ContrastiveHead(Fusion):
-  """CLIP / LiT head: per-tower linear projections, L2 norm, learnable temperature.
+  """CLIP / LiT / SigLIP head: per-tower linear projections, L2 norm, learnable temperature.
 
   Takes the place of fusion and head (params `head/...`): called on the given
-  towers only, it returns the model's outputs rather than features.
+  towers only, it returns the model's outputs rather than features. `logit_scale`
+  is log(1 / temperature), as CLIP stores it (a CLIP checkpoint's loads as is:
+  mmtl.hf.load_params_into(head=True)); logits are exp(logit_scale) * cosine. The
+  sigmoid loss adds `logit_bias` (mmtl.losses picks the loss by its presence).
   """
 
   temperature_init: float = 0.07
+  loss: str = "softmax"
 
   @classmethod
   def from_model(cls, model: FusionModel, name: str) -> ContrastiveHead:
     return cls(
-      width=model.width, temperature_init=model.temperature_init, dtype=model.dtype, name=name
+      width=model.width,
+      temperature_init=model.temperature_init,
+      loss=model.contrastive_loss,
+      dtype=model.dtype,
+      name=name,
     )
 
   @nn.compact
@@ -335,6 +354,8 @@ class ContrastiveHead(Fusion):
     out["logit_scale"] = self.param(
       "logit_scale", nn.initializers.constant(np.log(1 / self.temperature_init)), ()
     )
+    if self.loss == "sigmoid":
+      out["logit_bias"] = self.param("logit_bias", nn.initializers.constant(SIGMOID_BIAS_INIT), ())
     out["features"] = out.get("image_embeds", next(iter(out.values())))
     return out
 
@@ -357,7 +378,8 @@ class FusionModel(nn.Module):
 
   Call with a batch dict (the data pipeline's field names). Returns a dict:
   classification `logits` (B, C); regression `predictions` (B, C); contrastive
-  `image_embeds`, `text_embeds` (B, width, L2-normalized) and `logit_scale`.
+  `image_embeds`, `text_embeds` (B, width, L2-normalized), `logit_scale` (and `logit_bias`
+  with contrastive_loss="sigmoid").
   `features` is the representation the head sees (the linear-probe input).
   """
 
@@ -377,6 +399,7 @@ class FusionModel(nn.Module):
   text_pool: str = "mean"
   audio_pool: str = "mean"
   temperature_init: float = 0.07
+  contrastive_loss: str = "softmax"
   dtype: Any = jnp.float32
 
   def __post_init__(self) -> None:
@@ -384,6 +407,10 @@ class FusionModel(nn.Module):
       raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {tuple(FUSIONS)}.")
     if self.head_type not in HEAD_TYPES:
       raise ValueError(f"Unknown head_type {self.head_type!r}; use one of {HEAD_TYPES}.")
+    if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+      raise ValueError(
+        f"Unknown contrastive_loss {self.contrastive_loss!r}; use one of {CONTRASTIVE_LOSSES}."
+      )
     names = list(self.modalities)
     if not names:
       raise ValueError(
@@ -641,5 +668,6 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
     fusion_layer=model_cfg["fusion_layer"],
     bottleneck_tokens=model_cfg["bottleneck_tokens"],
     temperature_init=model_cfg["temperature_init"],
+    contrastive_loss=model_cfg["contrastive_loss"],
     dtype=dtype,
   )

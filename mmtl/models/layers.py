@@ -1,9 +1,11 @@
-"""Transformer pieces shared by the BERT, ViT and CLIP encoders.
+"""Transformer pieces shared by the BERT, ViT, DeiT, DINOv2 and CLIP encoders.
 
-The three HF families differ only in where the layer norms sit (post-LN BERT,
-pre-LN ViT/CLIP), the activation, biases and causality, so one `EncoderLayer`
-driven by a `LayerSpec` covers all of them and keeps the param names uniform:
-`encoder/layer_{i}/{attn/{query,key,value,out},attn_norm,mlp/{fc1,fc2},mlp_norm}`.
+The HF families differ only in where the layer norms sit (post-LN BERT,
+pre-LN ViT/CLIP), the activation, biases, causality and DINOv2's layer scale and
+SwiGLU MLP, so one `EncoderLayer` driven by a `LayerSpec` covers all of them and
+keeps the param names uniform:
+`encoder/layer_{i}/{attn/{query,key,value,out},attn_norm,mlp/{fc1,fc2},mlp_norm}`
+(+ `attn_scale`, `mlp_scale` with layer scale).
 Uniform names let one regex (e.g. `.*/attn/(query|value)/kernel`) address every
 family for freezing, LoRA or sharding.
 """
@@ -17,6 +19,7 @@ from typing import Any, ClassVar, Self
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -95,7 +98,13 @@ class LayerSpec:
   qkv_bias: bool = True
   dropout: float = 0.0  # on each sublayer's output, before the residual add
   attention_dropout: float = 0.0  # on the attention probabilities
+  attn_output_dropout: bool = True  # False: `dropout` on the MLP's output only (DistilBERT)
   causal: bool = False  # CLIP text
+  # Per-channel learned scales `attn_scale`, `mlp_scale` on each sublayer's output, initialized
+  # to this value (DINOv2's LayerScale); None: no layer scale.
+  layer_scale: float | None = None
+  # fc1 gives 2 * mlp_dim features, [gate, up]: activation(gate) * up goes to fc2 (SwiGLU).
+  gated_mlp: bool = False
 
 
 def layer_norm(
@@ -184,8 +193,13 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = self.spec
-    x = nn.Dense(s.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-    x = activation(s.activation)(x)
+    features = 2 * s.mlp_dim if s.gated_mlp else s.mlp_dim
+    x = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+    if s.gated_mlp:
+      gate, up = jnp.split(x, 2, axis=-1)
+      x = activation(s.activation)(gate) * up
+    else:
+      x = activation(s.activation)(x)
     return nn.Dense(s.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
 
@@ -196,6 +210,14 @@ class EncoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+
+  def _scaled(self, name: str, h: jax.Array) -> jax.Array:
+    """`h` times the layer scale param `name` when the spec has layer scale, else `h`."""
+    s = self.spec
+    if s.layer_scale is None:
+      return h
+    init = nn.initializers.constant(s.layer_scale)
+    return h * self.param(name, init, (s.hidden_size,), self.param_dtype).astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -208,13 +230,14 @@ class EncoderLayer(nn.Module):
     h = Attention(s, self.dtype, self.param_dtype, self.attention_impl, name="attn")(
       h, mask, deterministic
     )
-    x = x + drop(h, deterministic=deterministic)
+    h = self._scaled("attn_scale", h)
+    x = x + (drop(h, deterministic=deterministic) if s.attn_output_dropout else h)
     if not s.pre_norm:
       x = attn_norm(x)
 
     h = mlp_norm(x) if s.pre_norm else x
     h = Mlp(s, self.dtype, self.param_dtype, name="mlp")(h)
-    x = x + drop(h, deterministic=deterministic)
+    x = x + drop(self._scaled("mlp_scale", h), deterministic=deterministic)
     if not s.pre_norm:
       x = mlp_norm(x)
     return x
@@ -324,7 +347,7 @@ class Pooler(nn.Module):
 def patchify(
   pixel_values: jax.Array,
   *,
-  image_size: int | tuple[int, int],
+  image_size: int | tuple[int, int] | None,
   patch_size: int | tuple[int, int],
   num_channels: int,
   features: int,
@@ -335,15 +358,21 @@ def patchify(
 ) -> jax.Array:
   """Non-overlapping patches of NHWC pixels -> tokens (B, N, features), N row-major.
 
-  Call from a compact method: the patch nn.Conv (param `{name}/kernel`) lands there.
+  `image_size` None takes any height and width (pixels past the last whole patch are
+  dropped, as torch's strided conv does). Call from a compact method: the patch
+  nn.Conv (param `{name}/kernel`) lands there.
   """
-  expected = (*pair(image_size), num_channels)
-  if tuple(pixel_values.shape[1:]) != expected:
+  if image_size is None:
+    shape_ok = pixel_values.ndim == 4 and pixel_values.shape[-1] == num_channels
+    expected = f"(B, H, W, {num_channels})"
+  else:
+    shape_ok = tuple(pixel_values.shape[1:]) == (*pair(image_size), num_channels)
+    expected = f"(B, {', '.join(map(str, (*pair(image_size), num_channels)))})"
+  if not shape_ok:
+    resize = "" if image_size is None else "Resize to the checkpoint's image_size and "
     raise ValueError(
-      f"pixel_values has shape {tuple(pixel_values.shape)}; the model expects NHWC (B, "
-      f"{expected[0]}, "
-      f"{expected[1]}, {expected[2]}). Resize to the checkpoint's image_size and transpose NCHW "
-      "inputs (as HF processors return them) with x.transpose(0, 2, 3, 1)."
+      f"pixel_values has shape {tuple(pixel_values.shape)}; the model expects NHWC {expected}. "
+      f"{resize}transpose NCHW inputs (as HF processors return them) with x.transpose(0, 2, 3, 1)."
     )
   p = pair(patch_size)
   x = nn.Conv(
@@ -357,6 +386,38 @@ def patchify(
     name=name,
   )(pixel_values.astype(dtype))
   return x.reshape(x.shape[0], -1, features)
+
+
+def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """(size_out, size_in) weights of torch's bicubic resize along one axis.
+
+  torch.nn.functional.interpolate(mode="bicubic", align_corners=False, antialias=False):
+  Keys' cubic with a=-0.75 (jax.image.resize uses a=-0.5 and antialiases when
+  downsampling, so it does not match), source index (i + 0.5) * in / out - 0.5,
+  taps clamped to the border. Equal sizes give the identity.
+  """
+  a = -0.75
+  near = lambda t: ((a + 2) * t - (a + 3)) * t * t + 1  # |t| <= 1
+  far = lambda t: ((a * t - 5 * a) * t + 8 * a) * t - 4 * a  # 1 < |t| < 2
+  src = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+  first = np.floor(src).astype(int)
+  t = src - first
+  weights = np.zeros((size_out, size_in))
+  for k, w in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
+    np.add.at(weights, (np.arange(size_out), np.clip(first - 1 + k, 0, size_in - 1)), w)
+  return weights
+
+
+def resize_grid(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(H, W, D) -> (*size, D) as torch's bicubic `interpolate` (HF position-embedding interpolation).
+
+  Computed in float32, as transformers does.
+  """
+  rows, cols = (
+    jnp.asarray(_torch_bicubic_matrix(n, m), jnp.float32) for n, m in zip(grid.shape[:2], size)
+  )
+  hp = jax.lax.Precision.HIGHEST
+  return jnp.einsum("ih,hwd,jw->ijd", rows, grid.astype(jnp.float32), cols, precision=hp)
 
 
 # --- HF name mapping helpers -------------------------------------------------
@@ -388,3 +449,6 @@ def hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[s
   yield from hf_dense(f"{path}/mlp/fc1", hf["fc1"])
   yield from hf_dense(f"{path}/mlp/fc2", hf["fc2"])
   yield from hf_norm(f"{path}/mlp_norm", hf["mlp_norm"])
+  if spec.layer_scale is not None:  # `hf` gives the full keys of these leaves
+    yield f"{path}/attn_scale", hf["attn_scale"]
+    yield f"{path}/mlp_scale", hf["mlp_scale"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from mmtl.models import bert, clip, vit
+from mmtl.models import bert, clip, deit, dinov2, distilbert, roberta, siglip, vit
 
 # Keyed by `config_class.model_type` ("bert", "vit", "clip", "clip_vision_model",
 # "clip_text_model"): the key read from config.json is the one save_pretrained writes.
@@ -23,5 +23,13 @@ MODELS: dict[str, type[nn.Module]] = {
     clip.CLIPModel,
     clip.CLIPVisionModel,  # a CLIP tower saved alone
     clip.CLIPTextModel,
+    deit.DeiTModel,
+    dinov2.Dinov2Model,
+    siglip.SiglipModel,
+    siglip.SiglipVisionModel,  # a SigLIP tower saved alone
+    siglip.SiglipTextModel,
+    roberta.RobertaModel,
+    roberta.XLMRobertaModel,
+    distilbert.DistilBertModel,
   )
 }

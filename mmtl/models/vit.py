@@ -56,9 +56,14 @@ class ViTConfig(layers.HFConfig):
 
 
 class ViTEmbeddings(nn.Module):
+  """[prefix tokens] + patches, plus position embeddings (one per token)."""
+
   config: ViTConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+
+  # Learned tokens put before the patches, in order (DeiT adds "distillation_token").
+  prefix_tokens: ClassVar[tuple[str, ...]] = ("cls_token",)
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, deterministic: bool) -> jax.Array:
@@ -75,12 +80,14 @@ class ViTEmbeddings(nn.Module):
       name="patch_embeddings",
     )
     init = nn.initializers.truncated_normal(0.02)
-    cls = self.param("cls_token", init, (1, 1, c.hidden_size), self.param_dtype)
-    num_tokens = c.grid[0] * c.grid[1] + 1
+    prefix = [
+      self.param(name, init, (1, 1, c.hidden_size), self.param_dtype).astype(self.dtype)
+      for name in self.prefix_tokens
+    ]
+    num_tokens = c.grid[0] * c.grid[1] + len(prefix)
     pos = self.param("position_embeddings", init, (1, num_tokens, c.hidden_size), self.param_dtype)
-    x = jnp.concatenate(
-      [jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size)), x], 1
-    )
+    batch = (x.shape[0], 1, c.hidden_size)
+    x = jnp.concatenate([*(jnp.broadcast_to(t, batch) for t in prefix), x], 1)
     x = x + pos.astype(self.dtype)
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -95,13 +102,14 @@ class ViTModel(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
   hf_architecture: ClassVar[str] = "ViTModel"
   hf_base_prefix: ClassVar[str] = "vit"  # ViTForImageClassification nests the encoder here
+  embeddings_class: ClassVar[type[ViTEmbeddings]] = ViTEmbeddings
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     return layers.image_dummy_inputs(self.config)
 
   def setup(self) -> None:
     c = self.config
-    self.embeddings = ViTEmbeddings(c, self.dtype, self.param_dtype)
+    self.embeddings = self.embeddings_class(c, self.dtype, self.param_dtype)
     self.encoder = self.make_encoder()
     self.layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
     if self.add_pooling_layer:
@@ -133,8 +141,8 @@ class ViTModel(layers.EncoderTower):
     """{mmtl param path: HF state-dict key}, pooler included (see mmtl.hf)."""
     c = self.config
     names = {
-      "embeddings/cls_token": "embeddings.cls_token",
-      "embeddings/position_embeddings": "embeddings.position_embeddings",
+      f"embeddings/{name}": f"embeddings.{name}"
+      for name in (*self.embeddings_class.prefix_tokens, "position_embeddings")
     }
     names.update(
       layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")

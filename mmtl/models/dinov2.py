@@ -1,0 +1,191 @@
+"""DINOv2 (HF `Dinov2Model`): a pre-LN ViT with layer scale, optional SwiGLU MLP, any image size.
+
+Input: `pixel_values` float (B, H, W, C) NHWC, normalized with the checkpoint's
+mean/std, at any H, W: the position embeddings are resized to the (H // patch,
+W // patch) grid exactly as transformers' `interpolate_pos_encoding` does (torch
+bicubic, in float32), so DINOv2 runs at its 518 px pretraining size and at the 224 px
+of its processor alike. `pooler_output` is the final-layer-normed [CLS] token (no
+pooler weights). Register-token checkpoints (`dinov2_with_registers`) are not this family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmtl.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Dinov2Config(layers.HFConfig):
+  model_type: ClassVar[str] = "dinov2"
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  mlp_ratio: int = 4
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.0  # on the embeddings only (the layers have none)
+  attention_probs_dropout_prob: float = 0.0
+  layer_norm_eps: float = 1e-6
+  image_size: int | tuple[int, int] = 224  # the size the position embeddings were learned at
+  patch_size: int | tuple[int, int] = 14
+  num_channels: int = 3
+  qkv_bias: bool = True
+  layerscale_value: float = 1.0  # layer scale init
+  use_swiglu_ffn: bool = False  # ViT-g: SwiGLU MLP
+  use_mask_token: bool = True  # a `mask_token` param (replaces patches in `bool_masked_pos`)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    (h, w), (ph, pw) = layers.pair(self.image_size), layers.pair(self.patch_size)
+    return h // ph, w // pw
+
+  def layer_spec(self) -> layers.LayerSpec:
+    mlp_dim = int(self.hidden_size * self.mlp_ratio)
+    if self.use_swiglu_ffn:  # 2/3 of the MLP width, rounded up to a multiple of 8 (as HF)
+      mlp_dim = (int(mlp_dim * 2 / 3) + 7) // 8 * 8
+    return layers.LayerSpec(
+      hidden_size=self.hidden_size,
+      num_heads=self.num_attention_heads,
+      mlp_dim=mlp_dim,
+      activation="silu" if self.use_swiglu_ffn else self.hidden_act,
+      layer_norm_eps=self.layer_norm_eps,
+      pre_norm=True,
+      qkv_bias=self.qkv_bias,
+      attention_dropout=self.attention_probs_dropout_prob,
+      layer_scale=self.layerscale_value,
+      gated_mlp=self.use_swiglu_ffn,
+    )
+
+
+class Dinov2Embeddings(nn.Module):
+  """[CLS] + patches (masked ones replaced by `mask_token`) + position embeddings resized to
+  the image's patch grid."""
+
+  config: Dinov2Config
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None, deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+    d = c.hidden_size
+    x = layers.patchify(
+      pixel_values,
+      image_size=None,
+      patch_size=c.patch_size,
+      num_channels=c.num_channels,
+      features=d,
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="patch_embeddings",
+    )
+    if c.use_mask_token:
+      mask_token = self.param("mask_token", nn.initializers.zeros, (1, d), self.param_dtype)
+    if bool_masked_pos is not None:
+      if not c.use_mask_token:
+        raise ValueError(
+          "bool_masked_pos needs a mask token: this config has use_mask_token=False."
+        )
+      x = jnp.where(bool_masked_pos[..., None], mask_token.astype(self.dtype), x)
+    init = nn.initializers.truncated_normal(0.02)
+    cls = self.param("cls_token", init, (1, 1, d), self.param_dtype)
+    pos = self.param(
+      "position_embeddings", init, (1, c.grid[0] * c.grid[1] + 1, d), self.param_dtype
+    )
+    ph, pw = layers.pair(c.patch_size)
+    grid = (pixel_values.shape[1] // ph, pixel_values.shape[2] // pw)
+    patch_pos = pos[0, 1:]
+    if grid != c.grid:
+      patch_pos = layers.resize_grid(patch_pos.reshape(*c.grid, d), grid).reshape(-1, d)
+    pos = jnp.concatenate([pos[0, :1].astype(self.dtype), patch_pos.astype(self.dtype)])
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d)), x], 1)
+    return nn.Dropout(c.hidden_dropout_prob)(x + pos, deterministic=deterministic)
+
+
+class Dinov2Model(layers.EncoderTower):
+  """HF `Dinov2Model`: [CLS] + patches -> pre-LN encoder with layer scale -> final LN."""
+
+  config: Dinov2Config
+
+  config_class: ClassVar[type[Dinov2Config]] = Dinov2Config
+  inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+  hf_architecture: ClassVar[str] = "Dinov2Model"
+  hf_base_prefix: ClassVar[str] = "dinov2"  # Dinov2ForImageClassification nests the encoder here
+
+  def dummy_inputs(self) -> dict[str, jax.Array]:
+    return layers.image_dummy_inputs(self.config)
+
+  def setup(self) -> None:
+    c = self.config
+    self.embeddings = Dinov2Embeddings(c, self.dtype, self.param_dtype)
+    self.encoder = self.make_encoder()
+    self.layernorm = layers.layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype)
+
+  def embed(
+    self,
+    pixel_values: jax.Array,
+    *,
+    bool_masked_pos: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> tuple[jax.Array, jax.Array]:
+    """`bool_masked_pos` (B, num_patches) bool, optional: patches to replace by the mask token."""
+    x = self.embeddings(pixel_values, bool_masked_pos, deterministic)
+    return x, jnp.ones(x.shape[:2], bool)
+
+  def finalize(self, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:
+    del mask  # every image token is real
+    x = self.layernorm(x)
+    return dict(last_hidden_state=x, pooler_output=x[:, 0])
+
+  def __call__(
+    self,
+    pixel_values: jax.Array,
+    *,
+    bool_masked_pos: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> dict[str, jax.Array | None]:
+    x, mask = self.embed(pixel_values, bool_masked_pos=bool_masked_pos, deterministic=deterministic)
+    x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
+    return self.finalize(x, mask)
+
+  def hf_names(self) -> dict[str, str]:
+    """{mmtl param path: HF state-dict key} (the names transformers saves and the hub has)."""
+    c = self.config
+    tokens = ("cls_token", "position_embeddings") + (("mask_token",) if c.use_mask_token else ())
+    names = {f"embeddings/{name}": f"embeddings.{name}" for name in tokens}
+    names.update(
+      layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
+    )
+    # The SwiGLU MLP saves gate and up fused in one Linear, [gate; up]: mmtl's fc1 as is.
+    mlp_in, mlp_out = ("weights_in", "weights_out") if c.use_swiglu_ffn else ("fc1", "fc2")
+    spec = c.layer_spec()
+    for i in range(c.num_hidden_layers):
+      hf = f"encoder.layer.{i}"
+      names.update(
+        layers.hf_layer(
+          f"encoder/layer_{i}",
+          spec,
+          dict(
+            query=f"{hf}.attention.attention.query",
+            key=f"{hf}.attention.attention.key",
+            value=f"{hf}.attention.attention.value",
+            out=f"{hf}.attention.output.dense",
+            attn_norm=f"{hf}.norm1",
+            attn_scale=f"{hf}.layer_scale1.lambda1",
+            fc1=f"{hf}.mlp.{mlp_in}",
+            fc2=f"{hf}.mlp.{mlp_out}",
+            mlp_norm=f"{hf}.norm2",
+            mlp_scale=f"{hf}.layer_scale2.lambda1",
+          ),
+        )
+      )
+    names.update(layers.hf_norm("layernorm", "layernorm"))
+    return names
