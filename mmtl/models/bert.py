@@ -160,23 +160,22 @@ class BertModel(layers.EncoderTower):
     )
     names.update(layers.hf_norm("embeddings/layer_norm", "embeddings.LayerNorm"))
     spec = c.layer_spec()
-    for i in range(c.num_hidden_layers):
-      hf = f"encoder.layer.{i}"
-      names.update(
-        layers.hf_layer(
-          f"encoder/layer_{i}",
-          spec,
-          dict(
-            query=f"{hf}.attention.self.query",
-            key=f"{hf}.attention.self.key",
-            value=f"{hf}.attention.self.value",
-            out=f"{hf}.attention.output.dense",
-            attn_norm=f"{hf}.attention.output.LayerNorm",
-            fc1=f"{hf}.intermediate.dense",
-            fc2=f"{hf}.output.dense",
-            mlp_norm=f"{hf}.output.LayerNorm",
-          ),
-        )
+    names.update(
+      layers.hf_layers(
+        spec,
+        c.num_hidden_layers,
+        "encoder.layer",
+        dict(
+          query="attention.self.query",
+          key="attention.self.key",
+          value="attention.self.value",
+          out="attention.output.dense",
+          attn_norm="attention.output.LayerNorm",
+          fc1="intermediate.dense",
+          fc2="output.dense",
+          mlp_norm="output.LayerNorm",
+        ),
       )
+    )
     names.update(layers.hf_dense("pooler/dense", "pooler.dense"))
     return names

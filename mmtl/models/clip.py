@@ -111,24 +111,23 @@ def encoder_layer_names(
   which SigLIP's copies)."""
   names = dict(embeddings)
   spec = tower.config.layer_spec()
-  for i in range(tower.config.num_hidden_layers):
-    hf = f"{hf_prefix}.encoder.layers.{i}"
-    names.update(
-      layers.hf_layer(
-        f"encoder/layer_{i}",
-        spec,
-        dict(
-          query=f"{hf}.self_attn.q_proj",
-          key=f"{hf}.self_attn.k_proj",
-          value=f"{hf}.self_attn.v_proj",
-          out=f"{hf}.self_attn.out_proj",
-          attn_norm=f"{hf}.layer_norm1",
-          fc1=f"{hf}.mlp.fc1",
-          fc2=f"{hf}.mlp.fc2",
-          mlp_norm=f"{hf}.layer_norm2",
-        ),
-      )
+  names.update(
+    layers.hf_layers(
+      spec,
+      tower.config.num_hidden_layers,
+      f"{hf_prefix}.encoder.layers",
+      dict(
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        out="self_attn.out_proj",
+        attn_norm="layer_norm1",
+        fc1="mlp.fc1",
+        fc2="mlp.fc2",
+        mlp_norm="layer_norm2",
+      ),
     )
+  )
   return names
 
 

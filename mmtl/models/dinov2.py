@@ -167,25 +167,24 @@ class Dinov2Model(layers.EncoderTower):
     # The SwiGLU MLP saves gate and up fused in one Linear, [gate; up]: mmtl's fc1 as is.
     mlp_in, mlp_out = ("weights_in", "weights_out") if c.use_swiglu_ffn else ("fc1", "fc2")
     spec = c.layer_spec()
-    for i in range(c.num_hidden_layers):
-      hf = f"encoder.layer.{i}"
-      names.update(
-        layers.hf_layer(
-          f"encoder/layer_{i}",
-          spec,
-          dict(
-            query=f"{hf}.attention.attention.query",
-            key=f"{hf}.attention.attention.key",
-            value=f"{hf}.attention.attention.value",
-            out=f"{hf}.attention.output.dense",
-            attn_norm=f"{hf}.norm1",
-            attn_scale=f"{hf}.layer_scale1.lambda1",
-            fc1=f"{hf}.mlp.{mlp_in}",
-            fc2=f"{hf}.mlp.{mlp_out}",
-            mlp_norm=f"{hf}.norm2",
-            mlp_scale=f"{hf}.layer_scale2.lambda1",
-          ),
-        )
+    names.update(
+      layers.hf_layers(
+        spec,
+        c.num_hidden_layers,
+        "encoder.layer",
+        dict(
+          query="attention.attention.query",
+          key="attention.attention.key",
+          value="attention.attention.value",
+          out="attention.output.dense",
+          attn_norm="norm1",
+          attn_scale="layer_scale1.lambda1",
+          fc1=f"mlp.{mlp_in}",
+          fc2=f"mlp.{mlp_out}",
+          mlp_norm="norm2",
+          mlp_scale="layer_scale2.lambda1",
+        ),
       )
+    )
     names.update(layers.hf_norm("layernorm", "layernorm"))
     return names

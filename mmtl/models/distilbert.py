@@ -163,22 +163,21 @@ class DistilBertModel(layers.EncoderTower):
       names.update(layers.hf_embed(f"embeddings/{name}", f"embeddings.{name}"))
     names.update(layers.hf_norm("embeddings/layer_norm", "embeddings.LayerNorm"))
     spec = c.layer_spec()
-    for i in range(c.n_layers):
-      hf = f"transformer.layer.{i}"
-      names.update(
-        layers.hf_layer(
-          f"encoder/layer_{i}",
-          spec,
-          dict(
-            query=f"{hf}.attention.q_lin",
-            key=f"{hf}.attention.k_lin",
-            value=f"{hf}.attention.v_lin",
-            out=f"{hf}.attention.out_lin",
-            attn_norm=f"{hf}.sa_layer_norm",
-            fc1=f"{hf}.ffn.lin1",
-            fc2=f"{hf}.ffn.lin2",
-            mlp_norm=f"{hf}.output_layer_norm",
-          ),
-        )
+    names.update(
+      layers.hf_layers(
+        spec,
+        c.n_layers,
+        "transformer.layer",
+        dict(
+          query="attention.q_lin",
+          key="attention.k_lin",
+          value="attention.v_lin",
+          out="attention.out_lin",
+          attn_norm="sa_layer_norm",
+          fc1="ffn.lin1",
+          fc2="ffn.lin2",
+          mlp_norm="output_layer_norm",
+        ),
       )
+    )
     return names

@@ -440,7 +440,7 @@ def hf_embed(path: str, hf: str) -> Iterator[tuple[str, str]]:
   yield f"{path}/embedding", f"{hf}.weight"
 
 
-def hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[str, str]]:
+def _hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[str, str]]:
   """Names of one `EncoderLayer`; `hf` gives the HF module prefix of each part."""
   for name in ("query", "key", "value"):
     yield from hf_dense(f"{path}/attn/{name}", hf[name], spec.qkv_bias)
@@ -452,3 +452,15 @@ def hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[s
   if spec.layer_scale is not None:  # `hf` gives the full keys of these leaves
     yield f"{path}/attn_scale", hf["attn_scale"]
     yield f"{path}/mlp_scale", hf["mlp_scale"]
+
+
+def hf_layers(
+  spec: LayerSpec, num_layers: int, hf_prefix: str, parts: dict[str, str]
+) -> dict[str, str]:
+  """Names of every `encoder/layer_{i}`: the HF key of part `p` of layer i is
+  `{hf_prefix}.{i}.{parts[p]}` (BERT: "encoder.layer", fc1 "intermediate.dense")."""
+  names = {}
+  for i in range(num_layers):
+    hf = {part: f"{hf_prefix}.{i}.{name}" for part, name in parts.items()}
+    names.update(_hf_layer(f"encoder/layer_{i}", spec, hf))
+  return names

@@ -148,24 +148,23 @@ class ViTModel(layers.EncoderTower):
       layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
     )
     spec = c.layer_spec()
-    for i in range(c.num_hidden_layers):
-      hf = f"encoder.layer.{i}"
-      names.update(
-        layers.hf_layer(
-          f"encoder/layer_{i}",
-          spec,
-          dict(
-            query=f"{hf}.attention.attention.query",
-            key=f"{hf}.attention.attention.key",
-            value=f"{hf}.attention.attention.value",
-            out=f"{hf}.attention.output.dense",
-            attn_norm=f"{hf}.layernorm_before",
-            fc1=f"{hf}.intermediate.dense",
-            fc2=f"{hf}.output.dense",
-            mlp_norm=f"{hf}.layernorm_after",
-          ),
-        )
+    names.update(
+      layers.hf_layers(
+        spec,
+        c.num_hidden_layers,
+        "encoder.layer",
+        dict(
+          query="attention.attention.query",
+          key="attention.attention.key",
+          value="attention.attention.value",
+          out="attention.output.dense",
+          attn_norm="layernorm_before",
+          fc1="intermediate.dense",
+          fc2="output.dense",
+          mlp_norm="layernorm_after",
+        ),
       )
+    )
     names.update(layers.hf_norm("layernorm", "layernorm"))
     names.update(layers.hf_dense("pooler/dense", "pooler.dense"))
     return names
