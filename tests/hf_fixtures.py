@@ -9,7 +9,8 @@ checkpoint:
 - `tiny_vit_dir`: ViTModel, 16x16x3 images, patch 4 (17 tokens), hidden 32, 2 layers.
 - `tiny_clip_dir`: CLIPModel, vision 16x16 patch 4, text max 32 tokens, hidden 32,
   2 layers each, projection 24; character-level BPE CLIP tokenizer.
-`make_tiny_checkpoint(family, out_dir, **config_overrides)` writes variants.
+`make_tiny_checkpoint(family, out_dir, **config_overrides)` writes variants;
+`export_and_reload` checks an export round trip.
 """
 
 from __future__ import annotations
@@ -152,3 +153,25 @@ def tiny_vit_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> str:
   return make_tiny_checkpoint("clip", tmp_path_factory.mktemp("tiny_clip"))
+
+
+def export_and_reload(module, params, out_dir, torch_cls=None):
+  """`hf.save_pretrained(module, params, out_dir)`, checked both ways: mmtl reloads it
+  exactly, and transformers (`torch_cls`, default AutoModel) loads it as the class
+  config.json names with no missing, unexpected or mismatched keys. Returns that
+  transformers model, in eval mode, for the caller to compare outputs."""
+  import jax
+  import numpy as np
+  import transformers
+
+  from mmtl import hf
+
+  out = hf.save_pretrained(module, params, out_dir)
+  jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(out)[1], params)
+  assert hf.read_config(out)["architectures"] == [module.hf_architecture]
+  torch_model, info = (torch_cls or transformers.AutoModel).from_pretrained(
+    out, output_loading_info=True
+  )
+  assert type(torch_model).__name__ == module.hf_architecture
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  return torch_model.eval()
