@@ -101,19 +101,25 @@ def init(model, b=None):
   return model.init(jax.random.PRNGKey(0), b)["params"]
 
 
-@pytest.mark.parametrize(
-  "fusion_type", ["concat", "gated", "bilinear", "cross_attention", "bottleneck"]
-)
-def test_fused_classifier_shapes_and_param_names(fusion_type):
-  model = fusion.FusionModel(
-    **towers(),
+def fused_classifier(model_towers, fusion_type, *, fusion_layer, **kw):
+  """A 3-class, width-8 fused model of `model_towers` (2 heads, 2 bottleneck tokens)."""
+  return fusion.FusionModel(
+    **model_towers,
     fusion_type=fusion_type,
     num_classes=3,
     width=8,
     num_heads=2,
     bottleneck_tokens=2,
-    fusion_layer=1,
+    fusion_layer=fusion_layer,
+    **kw,
   )
+
+
+@pytest.mark.parametrize(
+  "fusion_type", ["concat", "gated", "bilinear", "cross_attention", "bottleneck"]
+)
+def test_fused_classifier_shapes_and_param_names(fusion_type):
+  model = fused_classifier(towers(), fusion_type, fusion_layer=1)
   params = init(model)
   out = model.apply({"params": params}, batch())
   assert out["logits"].shape == (4, 3) and out["features"].shape == (4, 8)
@@ -157,15 +163,7 @@ def test_regression_head_and_single_tower():
 )
 def test_absent_image_equals_missing_image(fusion_type):
   """image_present=0 gives the same prediction as not passing the image at all."""
-  model = fusion.FusionModel(
-    **towers(),
-    fusion_type=fusion_type,
-    num_classes=3,
-    width=8,
-    num_heads=2,
-    bottleneck_tokens=2,
-    fusion_layer=-1,
-  )
+  model = fused_classifier(towers(), fusion_type, fusion_layer=-1)
   params = init(model)
   # A non-zero head so logits depend on the features.
   params["head"]["kernel"] = jax.random.normal(
@@ -269,16 +267,7 @@ def test_dummy_batch_inits_the_params_of_a_real_batch(fusion_type, tower_set):
     model_towers, real = towers(), batch()
   else:
     model_towers, real = hf_towers(), hf_batch()
-  model = fusion.FusionModel(
-    **model_towers,
-    fusion_type=fusion_type,
-    head_type=kind,
-    num_classes=3,
-    width=8,
-    num_heads=2,
-    bottleneck_tokens=2,
-    fusion_layer=-1,
-  )
+  model = fused_classifier(model_towers, fusion_type, fusion_layer=-1, head_type=kind)
   dummy = model.dummy_batch()
   fields = {"pixel_values", "input_ids", "attention_mask"}
   if tower_set != "tiny":

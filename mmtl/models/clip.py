@@ -132,9 +132,13 @@ def encoder_layer_names(
 
 
 class CLIPVisionEmbeddings(nn.Module):
-  config: CLIPVisionConfig
+  """Patches + a class token + one learned position embedding per token."""
+
+  config: Any
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  patch_bias: ClassVar[bool] = False  # the patch conv's bias (SigLIP has one)
+  class_token: ClassVar[bool] = True  # `class_embedding` first (SigLIP has none)
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -145,19 +149,20 @@ class CLIPVisionEmbeddings(nn.Module):
       patch_size=c.patch_size,
       num_channels=c.num_channels,
       features=c.hidden_size,
-      use_bias=False,
+      use_bias=self.patch_bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="patch_embedding",
     )
-    cls = self.param(
-      "class_embedding",
-      nn.initializers.normal(c.hidden_size**-0.5),
-      (c.hidden_size,),
-      self.param_dtype,
-    )
-    cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size))
-    x = jnp.concatenate([cls, x], axis=1)
+    if self.class_token:
+      cls = self.param(
+        "class_embedding",
+        nn.initializers.normal(c.hidden_size**-0.5),
+        (c.hidden_size,),
+        self.param_dtype,
+      )
+      cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size))
+      x = jnp.concatenate([cls, x], axis=1)
     pos = nn.Embed(
       x.shape[1],
       c.hidden_size,

@@ -77,35 +77,11 @@ class SiglipConfig(clip.DualEncoderConfig):
   vision_config: SiglipVisionConfig = SiglipVisionConfig()
 
 
-class SiglipVisionEmbeddings(nn.Module):
+class SiglipVisionEmbeddings(clip.CLIPVisionEmbeddings):
   """Patches (a biased conv) + one position embedding per patch; no class token."""
 
-  config: SiglipVisionConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixel_values: jax.Array) -> jax.Array:
-    c = self.config
-    x = layers.patchify(
-      pixel_values,
-      image_size=c.image_size,
-      patch_size=c.patch_size,
-      num_channels=c.num_channels,
-      features=c.hidden_size,
-      use_bias=True,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="patch_embedding",
-    )
-    pos = nn.Embed(
-      x.shape[1],
-      c.hidden_size,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="position_embedding",
-    )
-    return x + pos(jnp.arange(x.shape[1])[None])
+  patch_bias: ClassVar[bool] = True
+  class_token: ClassVar[bool] = False
 
 
 class PackedInProjection(nn.Module):
