@@ -131,3 +131,12 @@ def get_config(arg=None):
   config.log_every = 50
   config.ckpt_every = 250
   return config
+
+
+def get_search_space():
+  """launch/search.py's space (docs/search.md): each trial is get_config() with these set."""
+  return {
+    "optim.lr": dict(low=3e-4, high=3e-2, log=True),  # log-uniform
+    "arg.fusion": ["bilinear", "concat", "gated"],
+    "model.width": dict(low=64, high=512, step=64),  # an int range
+  }

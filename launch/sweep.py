@@ -32,6 +32,7 @@ Flags after `--` go to every run unchanged and are not part of the run names; so
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 import csv
 import dataclasses
 import itertools
@@ -42,7 +43,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from absl import app, flags
 
@@ -145,6 +146,17 @@ def combine(
 # ---- Names and commands ----------------------------------------------------------
 
 
+class Launch(Protocol):
+  """What a trainer command is built from: the settings shared by every run (this sweep's
+  Options, launch/search.py's)."""
+
+  config: str
+  emit: str | None
+  train_module: str
+  python: str
+  train_flags: list[str]
+
+
 def cli_value(value: Any) -> str:
   """How config_flags parses it back: strings raw, everything else as a literal."""
   return value if isinstance(value, str) else repr(value)
@@ -176,13 +188,19 @@ def config_spec(config: str, overrides: Overrides) -> str:
   return config + (("," if ":" in config else ":") + ",".join(args))
 
 
-def train_command(args: Options, workdir: str, overrides: Overrides) -> list[str]:
-  config = config_spec(args.config, overrides)
-  flags = [
+def config_flags(overrides: Overrides) -> list[str]:
+  """The `--config.KEY=VALUE` flags of the overrides that are config keys (`arg.*` go in
+  `config_spec`)."""
+  return [
     f"--config.{key}={cli_value(value)}"
     for key, value in overrides.items()
     if not key.startswith(ARG_PREFIX)
-  ] + args.train_flags
+  ]
+
+
+def train_command(args: Launch, workdir: str, overrides: Overrides) -> list[str]:
+  config = config_spec(args.config, overrides)
+  flags = config_flags(overrides) + args.train_flags
   if args.emit == "tpu":
     return [
       str(REPO_ROOT / "launch/tpu_vm.sh"),
@@ -221,10 +239,22 @@ def is_done(workdir: str) -> bool:
 # ---- Running ---------------------------------------------------------------------
 
 
-def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
-  """Runs the unfinished runs one after another; returns the names that failed."""
+def trainer_env() -> dict[str, str]:
+  """This environment with the checkout first on PYTHONPATH, so `python -m mmtl.train` and
+  config files find mmtl from any directory."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+  return env
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+  """The last lines of a run's log: what a failure message shows."""
+  return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+
+
+def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
+  """Runs the unfinished runs one after another; returns the names that failed."""
+  env = trainer_env()
   (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
   failed = []
   for i, (name, overrides) in enumerate(runs, 1):
@@ -243,8 +273,11 @@ def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Pat
       print(f"{prefix}: done in {time.time() - start:.0f}s", flush=True)
       continue
     why = f"exit code {returncode}" if returncode else f"exited 0 without writing {METRICS_FILE}"
-    tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-    print(f"{prefix}: FAILED ({why}); last lines of {log}:\n{tail}", file=sys.stderr, flush=True)
+    print(
+      f"{prefix}: FAILED ({why}); last lines of {log}:\n{log_tail(log)}",
+      file=sys.stderr,
+      flush=True,
+    )
     failed.append(name)
     if not args.keep_going:
       break
@@ -304,10 +337,26 @@ def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path
 # ---- Main ------------------------------------------------------------------------
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The sweep's flags; `--sweep-dir`, `--keep-going`, `--train-module` are aliases."""
+def define_trainer_flags(flag_values: flags.FlagValues) -> None:
+  """The flags saying what each run trains and with which trainer (shared with
+  launch/search.py); `--train-module` is an alias."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("config", None, "Base config, PATH[:ARG], as for mmtl.train. Required.", **fv)
+  flags.DEFINE_string(
+    "train_module",
+    "mmtl.train",
+    "Module run with `python -m` for each run: any "
+    "trainer taking --config/--workdir and writing final_metrics.json.",
+    **fv,
+  )
+  flags.DEFINE_string("python", sys.executable, "Interpreter for local runs.", **fv)
+  flags.DEFINE_alias("train-module", "train_module", **fv)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The sweep's flags; `--sweep-dir`, `--keep-going`, `--train-module` are aliases."""
+  define_trainer_flags(flag_values)
+  fv = dict(flag_values=flag_values)
   flags.DEFINE_string("sweep_dir", None, "One workdir per run goes here. Required.", **fv)
   flags.DEFINE_multi_string(
     "grid",
@@ -336,19 +385,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool(
     "keep_going", False, "Go on with the next run after a failed one, instead of stopping.", **fv
   )
-  flags.DEFINE_string(
-    "train_module",
-    "mmtl.train",
-    "Module run with `python -m` for each run: any "
-    "trainer taking --config/--workdir and writing final_metrics.json.",
-    **fv,
-  )
-  flags.DEFINE_string("python", sys.executable, "Interpreter for local runs.", **fv)
-  for alias, name in [
-    ("sweep-dir", "sweep_dir"),
-    ("keep-going", "keep_going"),
-    ("train-module", "train_module"),
-  ]:
+  for alias, name in [("sweep-dir", "sweep_dir"), ("keep-going", "keep_going")]:
     flags.DEFINE_alias(alias, name, **fv)
 
 
@@ -377,17 +414,21 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   return [program, *train_flags, *after]
 
 
-def options(flag_values: flags.FlagValues, train_flags: list[str]) -> Options:
-  """The parsed command line; ValueError if a required flag is missing."""
-  for name in ("config", "sweep_dir"):
+def options(
+  flag_values: flags.FlagValues,
+  train_flags: list[str],
+  cls: type = Options,
+  required: tuple[str, ...] = ("config", "sweep_dir"),
+) -> Any:
+  """The parsed command line as a `cls` (a dataclass with a field per flag, and
+  `train_flags`); ValueError if a `required` flag is missing."""
+  for name in required:
     if not flag_values[name].value:
       raise ValueError(f"--{name} is required")
   values = {
-    f.name: flag_values[f.name].value
-    for f in dataclasses.fields(Options)
-    if f.name != "train_flags"
+    f.name: flag_values[f.name].value for f in dataclasses.fields(cls) if f.name != "train_flags"
   }
-  return Options(**values, train_flags=list(train_flags))
+  return cls(**values, train_flags=list(train_flags))
 
 
 def sweep_runs(args: Options) -> list[Overrides]:
@@ -406,17 +447,28 @@ def sweep_runs(args: Options) -> list[Overrides]:
   return combine(sweep_file_runs, grid_runs)
 
 
+def run_with_own_flags(
+  program: str,
+  define: Callable[[flags.FlagValues], None],
+  run_flags: Callable[[flags.FlagValues, list[str]], int],
+  argv: list[str],
+) -> int:
+  """`run_flags` of command line `argv` (without the program name) parsed into flags of
+  its own (`define`d), not absl's global ones: for tests and Python callers."""
+  flag_values = flags.FlagValues()
+  define(flag_values)
+  try:
+    train_flags = parse_flags([program, *argv], flag_values)[1:]
+  except flags.Error as e:
+    print(f"{program}: error: {e}", file=sys.stderr)
+    return 2
+  return run_flags(flag_values, train_flags)
+
+
 def main(argv: list[str]) -> int:
   """The sweep of command line `argv` (without the program name), with flags of its own: for
   tests and Python callers; `python launch/sweep.py ARGS` runs the same through app.run."""
-  flag_values = flags.FlagValues()
-  define_flags(flag_values)
-  try:
-    train_flags = parse_flags(["sweep.py", *argv], flag_values)[1:]
-  except flags.Error as e:
-    print(f"sweep.py: error: {e}", file=sys.stderr)
-    return 2
-  return run(flag_values, train_flags)
+  return run_with_own_flags("sweep.py", define_flags, run, argv)
 
 
 def _app_main(argv: list[str]) -> int:

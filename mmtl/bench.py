@@ -341,12 +341,14 @@ def build_mmtl_step(config, mesh) -> tuple[Callable[..., Any], Callable[[], Any]
 
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
-  objective_for = functools.partial(train_step.make_objective, model, config, None)
-  phase = train_step.make_phase(config, objective_for, layout.shapes, layout.shardings, mesh, 0)
+  objective_for = functools.partial(
+    train_step.make_objective, model, config, None, batch_stats_shape=layout.batch_stats
+  )
+  phase = train_step.make_phase(config, objective_for, layout, mesh, 0)
 
   def init_state():
-    params = train_state.init_params(model, config, layout, pretrained=False)
-    return train_state.init_state(params, phase.tx, phase.state_shardings)
+    variables = train_state.init_variables(model, config, layout, pretrained=False)
+    return train_state.init_state(variables, phase.tx, phase.state_shardings)
 
   return phase.step_fn, init_state, phase.state_shapes
 
@@ -426,17 +428,15 @@ def measure_image_forward(spec: Mapping[str, Any]) -> dict[str, Any]:
   module = hf.build_module(
     PRESETS[preset], tower="vision", dtype=jnp.bfloat16, param_dtype=jnp.float32, **kw
   )
-  params = hf.init_params(module, jax.random.PRNGKey(0))
+  variables = hf.init_variables(module, jax.random.PRNGKey(0))
   pixels = jax.device_put(synthetic_batch(preset, batch)["pixel_values"], jax.devices()[0])
   t0 = time.perf_counter()
   compiled = (
-    jax.jit(lambda p, x: module.apply({"params": p}, x)["pooler_output"])
-    .lower(params, pixels)
-    .compile()
+    jax.jit(lambda v, x: module.apply(v, x)["pooler_output"]).lower(variables, pixels).compile()
   )
   compile_s = time.perf_counter() - t0
   per_step, warmup_s = time_steps(
-    lambda: compiled(params, pixels),
+    lambda: compiled(variables, pixels),
     jax.block_until_ready,
     warmup=int(spec["warmup"]),
     steps=int(spec["steps"]),

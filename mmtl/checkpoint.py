@@ -612,20 +612,26 @@ def _put_scalar(step: int, like: Any) -> jax.Array:
   return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
 
 
-def restore_params_only(
-  directory: str | epath.PathLike, *, step: int | None = None, shardings: Any = None
-) -> Any:
-  """Only the params of a checkpoint (evaluation, distillation teachers).
+VARIABLES = ("params", "batch_stats")  # the train-state entries that are model variables
 
-  `shardings`: a tree of shardings like the params, or one sharding for all
+
+def restore_variables(
+  directory: str | epath.PathLike, *, step: int | None = None, shardings: Any = None
+) -> dict[str, Any]:
+  """Only the model variables of a checkpoint, {"params": ...} (+ "batch_stats" when the
+  model has BatchNorm): evaluation, distillation teachers, export.
+
+  `shardings`: a tree of shardings like the variables, or one sharding for all
   (e.g. `sharding.replicated(mesh)`); None puts every array on this process's
   first device.
   """
   with CheckpointManager(directory, read_only=True) as manager:
     step = manager.resolve_step(step)
-    meta = manager.item_metadata(step, "params")
+    # params always (a clear KeyError if absent); batch_stats when the model has them
+    items = [k for k in VARIABLES if k == "params" or k in manager._item_names(step)]
+    meta = {k: manager.item_metadata(step, k) for k in items}
     if shardings is None:
       shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
       shardings = jax.tree.map(lambda _, s=shardings: s, meta)
-    return manager.restore({"params": abstract(meta, shardings)}, step)["params"]
+    return manager.restore({k: abstract(meta[k], shardings[k]) for k in items}, step)

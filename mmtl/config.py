@@ -79,6 +79,8 @@ MODEL_DEFAULTS = dict(
   remat="none",  # per-layer activation checkpointing of the towers
   frozen_tower_mode="inference",  # fully frozen towers in training: "inference" (no
   # dropout, as LiT's locked tower) or "train"
+  batch_stats="trainable",  # BatchNorm statistics updated in training: "trainable" (of layers
+  # whose params train), "none" (running statistics everywhere) or "all"
 )
 TOWER_KEYS = dict(name=(str, dict), tower=str, pool=str, kwargs={})
 

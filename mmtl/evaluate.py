@@ -51,15 +51,15 @@ def evaluate(
   """Runs `config.evals` on the checkpoint; writes DIR/eval_step<N>[-<name>].json.
 
   The evaluators, their inputs and the predict function are the trainer's own
-  (mmtl.evaluators.make_evaluators); params are restored in the run's sharding."""
+  (mmtl.evaluators.make_evaluators); variables are restored in the run's sharding."""
   distributed.maybe_initialize()
   config = config_lib.with_defaults(config)
   mesh = sharding.make_mesh(config.mesh)
   step = train_state.checkpoint_step(workdir, step)
-  model, params = train_state.load_run(workdir, mesh, step, config)
+  model, variables = train_state.load_run(workdir, mesh, step, config)
   results = {}
   for evaluator in evaluators.make_evaluators(config, model, mesh, int(config.batch_size)):
-    results.update(evaluator.run(params))
+    results.update(evaluator.run(variables))
   if distributed.is_main_process():
     file = workdir_lib.path(workdir, results_file(workdir, step, config, name))
     workdir_lib.write_text(file, json.dumps(results, indent=2))

@@ -173,8 +173,8 @@ class EvalContext:
 
   `make_batches(eval_cfg)` yields batches of the eval input; `open_input(eval_cfg)`
   opens it without reading (dataset, split and fields: `Evaluator.check`);
-  `predict(params, batch)` returns model outputs + labels + example_weight;
-  `text_embedder(tokenizer, max_len)` gives `embed(params, texts)`, normalized text
+  `predict(variables, batch)` returns model outputs + labels + example_weight;
+  `text_embedder(tokenizer, max_len)` gives `embed(variables, texts)`, normalized text
   embeddings (zeroshot).
   """
 
@@ -242,14 +242,15 @@ class Evaluator:
     """Batches of the input of `cfg` (default: this evaluator's config)."""
     return self.context.make_batches(self.cfg if cfg is None else cfg)
 
-  def run(self, params: Any) -> dict[str, float]:
-    """`<evaluator>/<metric>` of the model with `params`."""
-    metrics = self.compute(params, functools.partial(self.context.predict, params))
+  def run(self, variables: Any) -> dict[str, float]:
+    """`<evaluator>/<metric>` of the model with `variables`."""
+    metrics = self.compute(variables, functools.partial(self.context.predict, variables))
     return {f"{self.name}/{k}": v for k, v in metrics.items()}
 
-  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
-    """The metrics, by name, of the model `predict` runs; `params` are its params, for
-    other calls of the model (zeroshot's text embeddings)."""
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    """The metrics, by name, of the model `predict` runs; `variables` ({"params", and
+    "batch_stats" with BatchNorm}) are its variables, for other calls of the model
+    (zeroshot's text embeddings)."""
     raise NotImplementedError
 
 
@@ -259,7 +260,7 @@ class Classification(Evaluator):
   HEAD = "classification"
   METRICS = ("accuracy", "macro_f1", "loss")
 
-  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["logits", "labels"])
     loss = losses.softmax_xent_per_example(out["logits"], out["labels"]).mean()
     return {
@@ -275,7 +276,7 @@ class Regression(Evaluator):
   HEAD = "regression"
   METRICS = ("mse", "mae")
 
-  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["predictions", "labels"])
     err = out["predictions"] - out["labels"].reshape(out["predictions"].shape)
     return {"mse": float((err**2).mean()), "mae": float(np.abs(err).mean())}
@@ -311,7 +312,7 @@ class Retrieval(Evaluator):
       input_cfg["fields"] = {**input_cfg.get("fields", {}), "image": None, "audio": None}
     return dict(self.cfg, input=input_cfg)
 
-  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(self._caption_cfg(0)), ["image_embeds", "text_embeds"])
     texts = [out["text_embeds"]] + [
       collect(predict, self.batches(self._caption_cfg(i)), ["text_embeds"])["text_embeds"]
@@ -343,11 +344,11 @@ class Zeroshot(Evaluator):
       )
     self._embed_texts = context.text_embedder(cfg["tokenizer"], int(self.option("max_len")))
 
-  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     prompts = list(self.cfg.get("prompts") or ["{}"])
     class_embeds = []
     for classname in self.cfg["classnames"]:
-      e = self._embed_texts(params, [p.format(classname) for p in prompts]).mean(0)
+      e = self._embed_texts(variables, [p.format(classname) for p in prompts]).mean(0)
       class_embeds.append(e / np.linalg.norm(e))
     out = collect(predict, self.batches(), ["image_embeds", "labels"])
     return {
@@ -367,7 +368,7 @@ class LinearProbe(Evaluator):
   def _train_cfg(self) -> dict[str, Any]:
     return dict(self.cfg, input={**self.cfg.get("input", {}), **self.cfg.get("train_input", {})})
 
-  def compute(self, params: Any, predict: Predict) -> dict[str, float]:
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     num_train = int(self.option("num_train"))
     train = collect(
       predict, _take_examples(self.batches(self._train_cfg()), num_train), ["features", "labels"]
@@ -426,8 +427,8 @@ def make_predict_fn(
 ) -> Callable[[Any, Any], dict[str, Any]]:
   """Jitted eval forward pass: outputs + labels + example_weight, replicated on every host."""
 
-  def predict(params, batch):
-    out = model.apply({"params": lora.merge(params)}, batch)
+  def predict(variables, batch):
+    out = model.apply({**variables, "params": lora.merge(variables["params"])}, batch)
     out = {k: v for k, v in out.items() if k not in ("logit_scale", "logit_bias")}  # Scalars.
     out["example_weight"] = batch.get(
       "example_weight", jnp.ones(next(iter(out.values())).shape[:1], jnp.float32)
@@ -460,7 +461,7 @@ def make_evaluators(
 
     tokenizer = preprocess.load_tokenizer(tokenizer_name)
 
-    def embed(params, texts):
+    def embed(variables, texts):
       tokens = tokenizer(
         texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
       )
@@ -470,7 +471,7 @@ def make_evaluators(
       }
       if "token_type_ids" in tokens:
         batch["token_type_ids"] = tokens["token_type_ids"].astype(np.int32)
-      return np.asarray(predict(params, batch)["text_embeds"])
+      return np.asarray(predict(variables, batch)["text_embeds"])
 
     return embed
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 import json
 import logging
 from pathlib import Path
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -175,7 +176,7 @@ def _tower(
 
 
 def _init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
-  return module.init(rng, **module.dummy_inputs())["params"]
+  return dict(module.init(rng, **module.dummy_inputs()))
 
 
 _jitted_init = jax.jit(
@@ -183,34 +184,55 @@ _jitted_init = jax.jit(
 )  # modules are hashable: one compile per architecture
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
-  """Randomly initialized params of an encoder built by `build_module`."""
+def init_variables(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
+  """Randomly initialized variables of an encoder built by `build_module`: {"params": ...}
+  and, for BatchNorm families (ResNet), {"batch_stats": ...} (running mean and variance)."""
   return _jitted_init(module, rng)
 
 
-def param_shapes(module: nn.Module) -> dict[str, Any]:
-  """`init_params` as ShapeDtypeStructs, without computing anything."""
+def variable_shapes(module: nn.Module) -> dict[str, Any]:
+  """`init_variables` as ShapeDtypeStructs, without computing anything."""
   return jax.eval_shape(lambda r: _init(module, r), jax.random.PRNGKey(0))
+
+
+def variable_names(module: nn.Module) -> dict[str, dict[str, str]]:
+  """{collection: {path: HF state-dict key}}: `hf_names()` under "params", and a BatchNorm
+  family's `hf_batch_stats_names()` (its running statistics, torch buffers) under
+  "batch_stats"."""
+  names = {"params": module.hf_names()}
+  if hasattr(module, "hf_batch_stats_names"):
+    names["batch_stats"] = module.hf_batch_stats_names()
+  return names
 
 
 # --- Reading weights -----------------------------------------------------------
 
 
-def _from_flax_layout(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """HF Flax param tree (flax_model.msgpack) -> the torch state-dict names and layouts."""
+# HF Flax leaf names -> torch's (BatchNorm running statistics are `batch_stats` mean/var).
+_FLAX_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+_FLAX_STATS = {"mean": "running_mean", "var": "running_var"}
+
+
+def _from_flax_layout(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """HF Flax variables (flax_model.msgpack) -> the torch state-dict names and layouts.
+
+  The file holds the params tree, or {"params": ..., "batch_stats": ...} for BatchNorm
+  families (FlaxResNetModel)."""
+  collections = tree if "batch_stats" in tree else {"params": tree}
   state = {}
-  for path, x in flat.items():
-    *module, leaf = path.split("/")
-    leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
-    state[".".join([*module, leaf])] = _to_torch(path, x)  # HF Flax kernels are laid out as mmtl's
+  for collection, subtree in collections.items():
+    leaves = _FLAX_STATS if collection == "batch_stats" else _FLAX_LEAVES
+    for path, x in rules.flatten(subtree).items():
+      *module, leaf = path.split("/")
+      # HF Flax kernels are laid out as mmtl's: the same transposes give torch's.
+      state[".".join([*module, leaves.get(leaf, leaf)])] = _to_torch(path, np.asarray(x))
   return state
 
 
 def _read_file(file: Path) -> dict[str, np.ndarray]:
   if file.suffix == ".safetensors":
     return safetensors.numpy.load_file(file)
-  tree = flax.serialization.msgpack_restore(file.read_bytes())
-  return _from_flax_layout({k: np.asarray(v) for k, v in rules.flatten(tree).items()})
+  return _from_flax_layout(flax.serialization.msgpack_restore(file.read_bytes()))
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -267,38 +289,67 @@ def _align_prefix(
   p = prefix + "."
   candidates = [
     state,
-    {(k[len(p) :] if k.startswith(p) else k): v for k, v in state.items()},
+    # Only the prefixed keys: a task head's own `layernorm` must not shadow the encoder's.
+    {k[len(p) :]: v for k, v in state.items() if k.startswith(p)},
     {p + k: v for k, v in state.items()},
   ]
   return max(candidates, key=lambda s: len(hf_keys.intersection(s)))
 
 
 def from_hf_state(
-  state: dict[str, np.ndarray], module: nn.Module, names: Mapping[str, str] | None = None
-) -> dict[str, np.ndarray]:
-  """{mmtl path: array} for every param of `module`'s family found in a torch-style state dict
-  (`names`: {path: HF key} to read instead of `module.hf_names()`, e.g. its head's)."""
-  names = module.hf_names() if names is None else names
-  state = _align_prefix(state, set(names.values()), module.hf_base_prefix)
-  skipped = sorted(set(state) - set(names.values()))
+  state: dict[str, np.ndarray],
+  module: nn.Module,
+  names: Mapping[str, Mapping[str, str]] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+  """{collection: {mmtl path: array}} for every variable of `module`'s family found in a
+  torch-style state dict (`names`: {collection: {path: HF key}} to read instead of
+  `variable_names(module)`, e.g. its head's)."""
+  names = variable_names(module) if names is None else names
+  keys = {key for per_collection in names.values() for key in per_collection.values()}
+  for pattern, replacement in getattr(module, "hf_flax_aliases", ()):
+    state = {k if k in keys else re.sub(pattern, replacement, k): v for k, v in state.items()}
+  state = _align_prefix(state, keys, module.hf_base_prefix)
+  skipped = sorted(set(state) - keys)
   if skipped:
     logging.info("Checkpoint entries outside %s, not loaded: %s", type(module).__name__, skipped)
   return {
-    path: _to_flax(path, np.asarray(state[key])) for path, key in names.items() if key in state
+    collection: {
+      path: _to_flax(path, np.asarray(state[key])) for path, key in paths.items() if key in state
+    }
+    for collection, paths in names.items()
   }
 
 
-def to_hf_state(module: nn.Module, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Torch-style state dict {HF key: array} of `params`."""
-  names = module.hf_names()
-  flat = rules.flatten(params)
-  unknown = [p for p in flat if p not in names]
-  if unknown:
+def to_hf_state(module: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Torch-style state dict {HF key: array} of the encoder's `variables`."""
+  names = variable_names(module)
+  if "params" not in variables:
     raise CheckpointError(
-      f"Params with no HF name in {type(module).__name__}: {unknown[:10]}. Export "
-      "the encoder's own params (e.g. params['image_encoder']), with LoRA merged."
+      f"Export takes the encoder's variables ({{'params': ..., 'batch_stats': ...}}), got a tree "
+      f"with {sorted(variables)[:5]}: pass {{'params': params}} (for a FusionModel tower, "
+      "{'params': params['image_encoder']}, plus its batch_stats for BatchNorm families)."
     )
-  return {names[p]: _to_torch(p, np.asarray(x)) for p, x in flat.items()}
+  missing = sorted(set(names) - set(variables))
+  if missing:
+    raise CheckpointError(
+      f"{type(module).__name__} variables lack the {missing} collection(s): pass them "
+      "with the params (the train state's batch_stats), or transformers gets no statistics."
+    )
+  state = {}
+  for collection, tree in variables.items():
+    flat = rules.flatten(tree)
+    unknown = [p for p in flat if p not in names.get(collection, {})]
+    if unknown:
+      raise CheckpointError(
+        f"{collection} with no HF name in {type(module).__name__}: {unknown[:10]}. Export "
+        "the encoder's own variables (e.g. params['image_encoder']), with LoRA merged."
+      )
+    state.update({names[collection][p]: _to_torch(p, np.asarray(x)) for p, x in flat.items()})
+  # torch's BatchNorm also saves a step counter (unused with its momentum set): write one,
+  # so transformers finds every buffer it expects.
+  for key in [k for k in state if k.endswith(".running_mean")]:
+    state[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
+  return state
 
 
 def _listing(paths: list[str]) -> str:
@@ -329,7 +380,7 @@ def merge_checkpoint(
   mismatched = [
     f"{full(p)}: checkpoint {tuple(loaded[p].shape)} vs model {tuple(target[p].shape)}"
     for p in target
-    if p in loaded and not skip[p] and loaded[p].shape != target[p].shape
+    if p in loaded and not skip[p] and not _fits(loaded[p].shape, target[p].shape)
   ]
   problems = []
   if mismatched:
@@ -350,11 +401,45 @@ def merge_checkpoint(
       f"Checkpoint {source} does not fit the model: {'. '.join(problems)}. {fix}"
     )
   return {
-    p: target[p] if skip[p] else np.asarray(loaded[p]).astype(target[p].dtype) for p in target
+    p: target[p]
+    if skip[p]
+    else np.asarray(loaded[p]).astype(target[p].dtype).reshape(target[p].shape)
+    for p in target
   }
 
 
+def _fits(loaded: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  """Same shape, or one value either way: SigLIP's (1,) logit_scale is a head's () one."""
+  return tuple(loaded) == tuple(target) or np.prod(loaded) == np.prod(target) == 1
+
+
 # --- Public entry points --------------------------------------------------------
+
+
+def _merge_variables(
+  target: Mapping[str, Mapping[str, Any]],
+  loaded: Mapping[str, Mapping[str, np.ndarray]],
+  *,
+  dont_load: Iterable[str],
+  where: str,
+  source: str,
+  fix: str = "",
+) -> dict[str, dict[str, Any]]:
+  """`merge_checkpoint` for each collection of the flat `target` ({collection: {path: x}}).
+  `dont_load` regexes are on paths without the collection: `layer_0/.*` keeps a layer's
+  params and its batch statistics."""
+  merged = {}
+  for collection, flat in target.items():
+    if collection not in loaded:
+      raise CheckpointError(
+        f"The model has {collection} at {where or 'the encoder'} but {source} holds none: "
+        "point model_init at a checkpoint of the same family."
+      )
+    at = where if collection == "params" else f"{collection}:{where}".rstrip(":")
+    merged[collection] = merge_checkpoint(
+      flat, loaded[collection], dont_load=dont_load, where=at, source=source, fix=fix
+    )
+  return merged
 
 
 def load_pretrained(
@@ -368,27 +453,44 @@ def load_pretrained(
   rng: jax.Array | None = None,
   **module_kw,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-  """(module, params, config.json dict) from a local folder or a hub id.
+  """(module, variables, config.json dict) from a local folder or a hub id.
 
-  `params` are host numpy arrays in `param_dtype`; `dtype` is the compute dtype.
-  Params matched by `dont_load` are initialized with `rng` (default PRNGKey(0)).
+  `variables` is what `module.apply` takes: {"params": ...} (+ "batch_stats" for BatchNorm
+  families), host numpy arrays in `param_dtype`; `dtype` is the compute dtype.
+  Variables matched by `dont_load` are initialized with `rng` (default PRNGKey(0)).
   """
   folder = resolve(name_or_path, revision)
   config = read_config(folder)
   module = build_module(config, tower=tower, dtype=dtype, param_dtype=param_dtype, **module_kw)
   loaded = from_hf_state(read_weights(folder), module)
   dont_load = list(dont_load)
-  target = rules.flatten(param_shapes(module))
-  if any(rules.assign(target, dont_load, default=False, require_match=False).values()):
+  target = {c: rules.flatten(t) for c, t in variable_shapes(module).items()}
+  if any(
+    any(rules.assign(flat, dont_load, default=False, require_match=False).values())
+    for flat in target.values()
+  ):
     # Only now are initialized values kept: pay for an init.
-    init = init_params(module, jax.random.PRNGKey(0) if rng is None else rng)
-    target = {p: np.asarray(x) for p, x in rules.flatten(init).items()}
-  params = merge_checkpoint(target, loaded, dont_load=dont_load, source=str(folder))
-  return module, rules.unflatten(params), config
+    init = init_variables(module, jax.random.PRNGKey(0) if rng is None else rng)
+    target = {c: {p: np.asarray(x) for p, x in rules.flatten(t).items()} for c, t in init.items()}
+  merged = _merge_variables(target, loaded, dont_load=dont_load, where="", source=str(folder))
+  return module, {c: rules.unflatten(flat) for c, flat in merged.items()}, config
 
 
-def load_params_into(
-  params: Mapping[str, Any],
+def _subtree(tree: Mapping[str, Any], keys: list[str], what: str) -> Any:
+  node = tree
+  for i, k in enumerate(keys):
+    if not isinstance(node, Mapping) or k not in node:
+      have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+      raise CheckpointError(
+        f"No subtree {'/'.join(keys[: i + 1])!r} in {what} (has {have}): "
+        "pass the path of the encoder inside the model, e.g. 'image_encoder'."
+      )
+    node = node[k]
+  return node
+
+
+def load_into(
+  variables: Mapping[str, Any],
   subtree: str,
   name_or_path: str | Path,
   *,
@@ -397,7 +499,8 @@ def load_params_into(
   revision: str | None = None,
   head: bool = False,
 ) -> dict[str, Any]:
-  """`params` with `params[subtree]` (e.g. "image_encoder") replaced by checkpoint values.
+  """`variables` ({"params": ..., "batch_stats": ...}) with their `subtree` (e.g.
+  "image_encoder") replaced by checkpoint values, in every collection the checkpoint has.
 
   As big_vision's `load`: the bigger model is initialized first; every shape is
   checked against that initialized subtree, and values are cast to its dtypes.
@@ -407,28 +510,23 @@ def load_params_into(
   Returns a new tree.
   """
   keys = subtree.split("/")
-  node = params
-  for i, k in enumerate(keys):
-    if not isinstance(node, Mapping) or k not in node:
-      have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      raise CheckpointError(
-        f"No subtree {'/'.join(keys[: i + 1])!r} in params (has {have}): "
-        "pass the path of the encoder inside the model, e.g. 'image_encoder'."
-      )
-    node = node[k]
   folder = resolve(name_or_path, revision)
   module = build_module(read_config(folder), tower=tower)
-  names, fix = _head_names(module, tower) if head else (None, "")
+  names, fix = _head_names(module, tower) if head else (variable_names(module), "")
   loaded = from_hf_state(read_weights(folder), module, names)
-  merged = merge_checkpoint(
-    rules.flatten(node), loaded, dont_load=dont_load, where=subtree, source=str(folder), fix=fix
-  )
-  return _replace(params, keys, rules.unflatten(merged))
+  out = dict(variables)
+  for c in names:  # "params" first: a checkpoint of another family fails on its params
+    node = rules.flatten(_subtree(variables.get(c, {}), keys, c))
+    merged = _merge_variables(
+      {c: node}, loaded, dont_load=dont_load, where=subtree, source=str(folder), fix=fix
+    )
+    out[c] = _replace(variables[c], keys, rules.unflatten(merged[c]))
+  return out
 
 
-def _head_names(module: nn.Module, tower: str | None) -> tuple[dict[str, str], str]:
-  """{head path: HF key} of a dual-encoder checkpoint's head, and the advice when it does
-  not fit."""
+def _head_names(module: nn.Module, tower: str | None) -> tuple[dict[str, dict[str, str]], str]:
+  """{"params": {head path: HF key}} of a dual-encoder checkpoint's head, and the advice when
+  it does not fit."""
   if tower is not None or not hasattr(module, "head_hf_names"):
     raise CheckpointError(
       f"A contrastive head loads from a whole dual-encoder checkpoint (CLIP) without `tower`; "
@@ -437,13 +535,21 @@ def _head_names(module: nn.Module, tower: str | None) -> tuple[dict[str, str], s
       + ". Point model_init.head at the CLIP checkpoint, or leave the head out of model_init "
       "to train it from scratch."
     )
-  fix = (
-    f"config.model.width must equal the checkpoint's projection_dim "
-    f"({module.config.projection_dim}) and the towers "
-    "must be this checkpoint's (tower='vision' / 'text'); or leave the head out of "
-    "model_init (or list its params in dont_load) to train it from scratch."
+  dim = getattr(module.config, "projection_dim", None)
+  width = (
+    f"config.model.width must equal the checkpoint's projection_dim ({dim})"
+    if dim
+    else "config.model.width must be 0 (no projections: the towers' poolers are the embeddings)"
   )
-  return module.head_hf_names(), fix
+  bias = (
+    " and config.model.contrastive_loss='sigmoid'" if "logit_bias" in module.head_hf_names() else ""
+  )
+  fix = (
+    f"{width}{bias}, and the towers must be this checkpoint's (tower='vision' / 'text'); or "
+    "leave the head out of model_init (or list its params in dont_load) to train it from "
+    "scratch."
+  )
+  return {"params": module.head_hf_names()}, fix
 
 
 def _replace(tree: Mapping[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
@@ -453,11 +559,12 @@ def _replace(tree: Mapping[str, Any], keys: list[str], value: Any) -> dict[str, 
   return {**tree, keys[0]: _replace(tree[keys[0]], keys[1:], value)}
 
 
-def save_pretrained(module: nn.Module, params: Mapping[str, Any], out_dir: str | Path) -> Path:
-  """Write `config.json` + `model.safetensors` that transformers (PyTorch) loads as-is."""
+def save_pretrained(module: nn.Module, variables: Mapping[str, Any], out_dir: str | Path) -> Path:
+  """Write `config.json` + `model.safetensors` of the encoder's `variables` ({"params": ...},
+  + "batch_stats") that transformers (PyTorch) loads as-is."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  state = to_hf_state(module, params)
+  state = to_hf_state(module, variables)
   config = {"architectures": [module.hf_architecture], **module.config.to_hf()}
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   safetensors.numpy.save_file(state, out / "model.safetensors", metadata={"format": "pt"})

@@ -126,10 +126,10 @@ class Validated:
   train_iter: Any
   model: fusion.FusionModel
   layout: train_state.ParamLayout
-  initial_params: Any  # fresh runs: random init + pretrained towers (+ LoRA), placed; else None
+  initial_variables: Any  # fresh runs: random init + pretrained towers (+ LoRA), placed; else None
   build_phase: Callable[[int], train_step.Phase]  # optimizer and step of the phase of `step`
   activations: Callable[[int], int]  # activation bytes of the step of the phase of `step`
-  teacher_params: Any
+  teacher_variables: Any
   evaluators: list[evaluators_lib.Evaluator]
 
 
@@ -182,24 +182,32 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   # creates its params sharded and loads its pretrained towers now.
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
-  initial_params = train_state.init_params(model, config, layout, note=note) if fresh else None
+  initial_variables = (
+    train_state.init_variables(model, config, layout, note=note) if fresh else None
+  )
   batch_shape = {
     k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
     for k, v in example_batch.items()
   }
 
   # Distillation teacher and optimizer (every rule is matched against the params here).
-  teacher_logits, teacher_params, teacher_shardings = None, None, None
+  teacher_logits, teacher_variables, teacher_shardings = None, None, None
   if config.distill:
     distill.check_config(config.distill, model.head_type)
-    teacher, teacher_params = train_state.load_run(config.distill.teacher_workdir, mesh)
-    teacher_logits = lambda params, batch: teacher.apply({"params": params}, batch)["logits"]  # noqa: E731
-    teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
+    teacher, teacher_variables = train_state.load_run(config.distill.teacher_workdir, mesh)
+    teacher_logits = lambda variables, batch: teacher.apply(variables, batch)["logits"]  # noqa: E731
+    teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_variables)
     note(
       f"Distilling from {config.distill.teacher_workdir} "
       f"(T={config.distill.get('temperature', 2.0)}, alpha={config.distill.get('alpha', 0.5)})."
     )
-  objective_for = functools.partial(train_step.make_objective, model, config, teacher_logits)
+  objective_for = functools.partial(
+    train_step.make_objective,
+    model,
+    config,
+    teacher_logits,
+    batch_stats_shape=layout.batch_stats,
+  )
   boundaries = optim.phase_boundaries(config.optim)
   phases: dict[int, train_step.Phase] = {}
 
@@ -209,8 +217,7 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
       phases[start] = train_step.make_phase(
         config,
         objective_for,
-        layout.shapes,
-        layout.shardings,
+        layout,
         mesh,
         start,
         teacher_shardings=teacher_shardings,
@@ -223,10 +230,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     return train_step.activation_bytes(
       objective_for(mask),
       mask,
-      layout.shapes,
+      layout,
       batch_shape,
       accum_steps=accum,
-      teacher_params=teacher_params,
+      teacher_variables=teacher_variables,
     )
 
   for boundary in [0] + boundaries:
@@ -248,10 +255,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     train_iter=train_iter,
     model=model,
     layout=layout,
-    initial_params=initial_params,
+    initial_variables=initial_variables,
     build_phase=build_phase,
     activations=activations,
-    teacher_params=teacher_params,
+    teacher_variables=teacher_variables,
     evaluators=evaluators,
   )
 
@@ -347,7 +354,7 @@ def _train_loop(
 ) -> dict[str, float]:
   total_steps = int(config.total_steps)
   mesh, layout = v.mesh, v.layout
-  train_iter, build_phase, teacher_params = v.train_iter, v.build_phase, v.teacher_params
+  train_iter, build_phase, teacher_variables = v.train_iter, v.build_phase, v.teacher_variables
   boundaries = optim.phase_boundaries(config.optim)
 
   def target(step):  # A saved opt_state has the structure of the phase that produced it.
@@ -362,7 +369,7 @@ def _train_loop(
       train_iter.set_state(data_state)
   else:
     resume_step, phase = 0, build_phase(0)
-    state = train_state.init_state(v.initial_params, phase.tx, phase.state_shardings)
+    state = train_state.init_state(v.initial_variables, phase.tx, phase.state_shardings)
   phase = build_phase(max(resume_step - 1, 0))
   first_step = int(jax.device_get(state["step"]))
   note(
@@ -413,7 +420,7 @@ def _train_loop(
           functools.partial(optim.migrate_state, new_tx=phase.tx),
           out_shardings=phase.state_shardings["opt_state"],
         )(old_opt_state, params=state["params"])
-      state, measurements = phase.step_fn(state, next(device_batches), teacher_params)
+      state, measurements = phase.step_fn(state, next(device_batches), teacher_variables)
       done = step + 1
       ckpt.check_for_errors()  # A failed background save stops the run at once.
 
@@ -441,7 +448,7 @@ def _train_loop(
 
       eval_metrics = {}
       for evaluator in due:
-        result = evaluator.run(state["params"])
+        result = evaluator.run(train_state.variables_of(state))
         last_eval[evaluator.name] = (done, result)
         eval_metrics.update(result)
       if eval_metrics:
@@ -474,13 +481,13 @@ def _train_loop(
   # Final metrics: of the best checkpoint when config.best_metric is tracked.
   ##############################################################################
   final_step = int(jax.device_get(state["step"]))
-  params = state["params"]
+  variables = train_state.variables_of(state)
   best_step = ckpt.best_step() if config.best_metric else None
   if best_step is not None and best_step != final_step:
     note(f"Final evaluation on the best checkpoint (step {best_step} by {config.best_metric}).")
-    params = ckpt.restore(
-      {"params": checkpoint.abstract(layout.shapes, layout.shardings)}, best_step
-    )["params"]
+    variables = ckpt.restore(
+      checkpoint.abstract(layout.variables(), layout.variables("shardings")), best_step
+    )
     final_step = best_step
   final = {}
   for evaluator in evaluators:
@@ -488,7 +495,7 @@ def _train_loop(
     final.update(
       step_and_metrics[1]
       if step_and_metrics and step_and_metrics[0] == final_step
-      else evaluator.run(params)
+      else evaluator.run(variables)
     )
   final["step"] = float(final_step)
   writer.close()

@@ -2,13 +2,17 @@
 
 One builder for the trainer, the benchmark and evaluation: `param_layout` gives
 the params' shapes and shardings (from `config.sharding_rules`) without
-computing anything; `init_params` initializes them with
+computing anything; `init_variables` initializes them with
 `jax.jit(init, out_shardings=...)`, so every device computes only its own
 shard (as big_vision's train.py), then loads the pretrained towers of
 `config.model_init` and places each loaded array shard by shard, so a tower
 larger than one device's memory never exists whole on one device; `init_state`
 adds the step counter and the optimizer state, sharded like the params.
-`load_run` gives the params of a finished run, restored into the same layout.
+`load_run` gives the variables of a finished run, restored into the same layout.
+
+Variables are Flax's: {"params": ...} and, for models with BatchNorm towers (ResNet),
+{"batch_stats": ...}, the running statistics, replicated (one vector per layer). The
+train state holds them beside the params: {"step", "params", "batch_stats", "opt_state"}.
 """
 
 from __future__ import annotations
@@ -31,10 +35,22 @@ from mmtl.models import fusion
 
 @dataclasses.dataclass(frozen=True)
 class ParamLayout:
-  """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included."""
+  """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included,
+  and of its BatchNorm statistics ({} without BatchNorm)."""
 
   shapes: Any
   shardings: Any
+  batch_stats: Any = dataclasses.field(default_factory=dict)
+  batch_stats_shardings: Any = dataclasses.field(default_factory=dict)
+
+  def variables(self, of: str = "shapes") -> dict[str, Any]:
+    """{"params": ..., "batch_stats": ...} of the shapes (`of="shapes"`) or shardings."""
+    params, stats = (
+      (self.shapes, self.batch_stats)
+      if of == "shapes"
+      else (self.shardings, self.batch_stats_shardings)
+    )
+    return {"params": params, **({"batch_stats": stats} if self.batch_stats else {})}
 
 
 def _rngs(config: mlc.ConfigDict) -> tuple[jax.Array, jax.Array]:
@@ -43,9 +59,9 @@ def _rngs(config: mlc.ConfigDict) -> tuple[jax.Array, jax.Array]:
   return rng_init, rng_lora
 
 
-def _init_fn(model: fusion.FusionModel) -> Callable[[jax.Array], Any]:
+def _init_fn(model: fusion.FusionModel) -> Callable[[jax.Array], dict[str, Any]]:
   batch = model.dummy_batch()
-  return lambda rng: model.init(rng, batch)["params"]
+  return lambda rng: dict(model.init(rng, batch))
 
 
 def _add_lora(config: mlc.ConfigDict, rng: jax.Array) -> Callable[[Any], Any]:
@@ -57,10 +73,18 @@ def _add_lora(config: mlc.ConfigDict, rng: jax.Array) -> Callable[[Any], Any]:
 def param_layout(
   model: fusion.FusionModel, config: mlc.ConfigDict, mesh: jax.sharding.Mesh
 ) -> ParamLayout:
-  """The params' layout under `config.sharding_rules` (every rule checked against them)."""
+  """The params' layout under `config.sharding_rules` (every rule checked against them);
+  BatchNorm statistics are replicated."""
   rng_init, rng_lora = _rngs(config)
-  shapes = jax.eval_shape(lambda: _add_lora(config, rng_lora)(_init_fn(model)(rng_init)))
-  return ParamLayout(shapes, sharding.param_shardings(mesh, shapes, config.sharding_rules))
+  variables = jax.eval_shape(_init_fn(model), rng_init)
+  shapes = jax.eval_shape(_add_lora(config, rng_lora), variables["params"])
+  stats = variables.get("batch_stats", {})
+  return ParamLayout(
+    shapes,
+    sharding.param_shardings(mesh, shapes, config.sharding_rules),
+    stats,
+    jax.tree.map(lambda _: sharding.replicated(mesh), stats),
+  )
 
 
 def _subtree(tree: Any, like: Any) -> Any:
@@ -83,7 +107,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def load_pretrained_towers(
-  params: dict[str, Any],
+  variables: dict[str, Any],
   model_init: Mapping[str, Any],
   shardings: Any,
   note: Callable[[str], None] = print,
@@ -94,7 +118,8 @@ def load_pretrained_towers(
   checkpoint's projections and logit_scale (zero-shot from step 0).
 
   Each checkpoint is read on the host, checked against the initialized subtree
-  (mmtl.hf: every name and shape) and placed with `shardings`, shard by shard.
+  (mmtl.hf: every name and shape, BatchNorm statistics included) and placed with
+  `shardings` (of the variables), shard by shard.
   An empty name keeps the random init (a from-scratch baseline is one override
   away: `--config.model_init.text_encoder=`). Towers left out by
   `config.model.modalities` are skipped; any other subtree must exist.
@@ -104,52 +129,66 @@ def load_pretrained_towers(
     if not spec.get("name"):
       note(f"model_init: {subtree} from scratch (no checkpoint given).")
       continue
+    params = variables["params"]
     if subtree.split("/")[0] not in params and subtree in [f"{m}_encoder" for m in MODALITIES]:
       note(f"model_init: {subtree} is not in this model (config.model.modalities); skipped.")
       continue
     note(f"model_init: {subtree} <- {spec['name']}")
-    loaded = hf.load_params_into(
-      params,
+    loaded = hf.load_into(
+      variables,
       subtree,
       spec["name"],
       tower=spec.get("tower"),
       dont_load=spec.get("dont_load", ()),
       head=subtree == "head",  # FusionModel's head: a dual-encoder checkpoint's projections
     )
-    params = place(loaded, shardings)
-  return params
+    variables = place(loaded, shardings)
+  return variables
 
 
-def init_params(
+def init_variables(
   model: fusion.FusionModel,
   config: mlc.ConfigDict,
   layout: ParamLayout,
   *,
   pretrained: bool = True,
   note: Callable[[str], None] = print,
-) -> Any:
+) -> dict[str, Any]:
   """Random init (+ `config.model_init`'s pretrained towers when `pretrained`) + LoRA
-  leaves, every array created in its final sharding."""
+  leaves, every array created in its final sharding: {"params": ..., "batch_stats": ...}."""
   rng_init, rng_lora = _rngs(config)
   init = _init_fn(model)
-  base_shardings = _subtree(layout.shardings, jax.eval_shape(init, rng_init))
-  params = jax.jit(init, out_shardings=base_shardings)(rng_init)
+  shardings = layout.variables("shardings")
+  base = {
+    **shardings,
+    "params": _subtree(layout.shardings, jax.eval_shape(init, rng_init)["params"]),
+  }
+  variables = jax.jit(init, out_shardings=base)(rng_init)
   if pretrained:
-    params = load_pretrained_towers(params, config.model_init, base_shardings, note)
+    variables = load_pretrained_towers(variables, config.model_init, base, note)
   if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
-    params = jax.jit(_add_lora(config, rng_lora), out_shardings=layout.shardings, donate_argnums=0)(
-      params
-    )
-  return params
+    variables["params"] = jax.jit(
+      _add_lora(config, rng_lora), out_shardings=layout.shardings, donate_argnums=0
+    )(variables["params"])
+  return variables
 
 
-def init_state(params: Any, tx: Any, state_shardings: Mapping[str, Any]) -> dict[str, Any]:
-  """{step: 0, params, opt_state: tx.init(params)}, each sharded as `state_shardings` says."""
+def init_state(
+  variables: Mapping[str, Any], tx: Any, state_shardings: Mapping[str, Any]
+) -> dict[str, Any]:
+  """{step: 0, params, [batch_stats,] opt_state: tx.init(params)}, each sharded as
+  `state_shardings` says."""
+  params = variables["params"]
   return {
     "step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
-    "params": params,
+    **variables,
     "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
   }
+
+
+def variables_of(state: Mapping[str, Any]) -> dict[str, Any]:
+  """The model variables ({"params", "batch_stats"}) of a train state."""
+  return {k: state[k] for k in ("params", "batch_stats") if k in state}
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
@@ -169,17 +208,17 @@ def load_run(
   mesh: jax.sharding.Mesh,
   step: int | None = None,
   config: mlc.ConfigDict | None = None,
-) -> tuple[fusion.FusionModel, Any]:
-  """(model, params) of a saved run (default: its own config and best step), the params
-  restored straight into their shardings on `mesh`."""
+) -> tuple[fusion.FusionModel, dict[str, Any]]:
+  """(model, variables) of a saved run (default: its own config and best step), restored
+  straight into their shardings on `mesh`."""
   config = config_lib.with_defaults(
     config or config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
   )
   model = fusion.build(config.model)
   layout = param_layout(model, config, mesh)
-  params = checkpoint.restore_params_only(
+  variables = checkpoint.restore_variables(
     workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR),
     step=checkpoint_step(workdir, step),
-    shardings=layout.shardings,
+    shardings=layout.variables("shardings"),
   )
-  return model, params
+  return model, variables

@@ -1,10 +1,11 @@
 """The training objective and the jitted optimizer step over the device mesh.
 
 `make_objective` says what is minimized (task loss, distillation, which towers
-run locked); `make_train_step` turns it into one optimizer update on a global
-batch (gradient accumulation, the gradient cache for contrastive losses,
-gradients only w.r.t. trainable params); `make_phase` jits that step with the
-train state's shardings for one gradual-unfreezing phase. The trainer
+run locked, which BatchNorm statistics train); `make_train_step` turns it into
+one optimizer update on a global batch (gradient accumulation, the gradient
+cache for contrastive losses, gradients only w.r.t. trainable params);
+`make_phase` jits that step with the train state's shardings for one
+gradual-unfreezing phase. The trainer
 (mmtl/train.py) and the benchmark (mmtl/bench.py) both run `make_phase`'s step.
 """
 
@@ -20,7 +21,13 @@ import ml_collections as mlc
 import optax
 
 from mmtl import config_keys, distill, lora, losses, memory, optim, rules, sharding
-from mmtl.models import fusion
+from mmtl.models import fusion, layers
+
+# config.model.batch_stats: which BatchNorm layers normalize with batch statistics and
+# update their running ones in training ("trainable": those whose scale/bias train; "none":
+# no layer, every BatchNorm uses its running statistics; "all": every layer of the towers
+# that run in training mode, frozen ones included).
+BATCH_STATS_MODES = ("trainable", "none", "all")
 
 
 @dataclasses.dataclass
@@ -43,8 +50,10 @@ def phase_start(step: int, boundaries: list[int]) -> int:
 class Objective:
   """The training loss as the step uses it.
 
-  `forward(trainable, frozen, batch, rng)` gives the model's outputs and
-  `loss(outputs, batch, teacher_params)` their `(loss sum, weight sum)` over the
+  `forward(trainable, frozen, batch_stats, batch, rng)` gives the model's outputs
+  and the updated BatchNorm statistics (`batch_stats` as given, {} without BatchNorm,
+  with the statistics of the layers that train them updated), and
+  `loss(outputs, batch, teacher_variables)` their `(loss sum, weight sum)` over the
   batch (mmtl.losses). `separable`: the loss sum adds up over examples, so
   microbatches' sums add up to the batch's (classification, regression,
   distillation); the contrastive loss compares each example with the whole batch.
@@ -65,15 +74,44 @@ def locked_towers(model: fusion.FusionModel, mask: Any) -> tuple[str, ...]:
   )
 
 
+def frozen_batch_stats(batch_stats: Any, mask: Any, mode: str) -> dict[str, bool]:
+  """{batch_stats path: True if the statistic stays as it is} for `config.model.batch_stats`
+  `mode` and the trainable set `mask` (a BatchNorm's `mean`/`var` follow its `scale`)."""
+  if mode not in BATCH_STATS_MODES:
+    raise config_keys.ConfigError(
+      f"config.model.batch_stats={mode!r}: use one of {BATCH_STATS_MODES} ('trainable': the "
+      "statistics of BatchNorm layers whose params train are updated)."
+    )
+  flat_mask = rules.flatten(mask)
+  out = {}
+  for path in rules.flatten(batch_stats):
+    if mode == "trainable":
+      out[path] = bool(flat_mask[f"{path.rsplit('/', 1)[0]}/scale"])
+    else:
+      out[path] = mode == "none"
+  return out
+
+
+def _partition(tree: Any, frozen: dict[str, bool]) -> tuple[dict[str, Any], dict[str, Any]]:
+  flat = rules.flatten(tree)
+  return (
+    rules.unflatten({p: x for p, x in flat.items() if not frozen[p]}),
+    rules.unflatten({p: x for p, x in flat.items() if frozen[p]}),
+  )
+
+
 def make_objective(
   model: fusion.FusionModel,
   config: mlc.ConfigDict,
   teacher_logits: Callable[[Any, Any], jax.Array] | None,
   mask: Any,
+  batch_stats_shape: Any = None,
 ) -> Objective:
   """The Objective of `config` for the trainable set `mask`. Fully frozen towers run
   in inference mode (no dropout: LiT's locked tower), unless
-  `config.model.frozen_tower_mode="train"`."""
+  `config.model.frozen_tower_mode="train"`. BatchNorm statistics (`batch_stats_shape`:
+  the train state's, None without BatchNorm) train as `config.model.batch_stats` says; the
+  ones that do not are passed as `layers.FROZEN_BATCH_STATS` and come back bit-identical."""
   mode = config.model.frozen_tower_mode
   if mode not in ("inference", "train"):
     raise config_keys.ConfigError(
@@ -81,24 +119,28 @@ def make_objective(
       "(locked towers without dropout) or 'train'."
     )
   inference_towers = locked_towers(model, mask) if mode == "inference" else ()
+  stats_frozen = frozen_batch_stats(batch_stats_shape or {}, mask, config.model.batch_stats)
 
-  def forward(trainable, frozen, batch, rng):
+  def forward(trainable, frozen, batch_stats, batch, rng):
     params = lora.merge(optim.combine(trainable, frozen))
-    return model.apply(
-      {"params": params},
-      batch,
-      train=True,
-      inference_towers=inference_towers,
-      rngs={"dropout": rng},
+    kw = dict(train=True, inference_towers=inference_towers, rngs={"dropout": rng})
+    if not batch_stats:
+      return model.apply({"params": params}, batch, **kw), batch_stats
+    updating, kept = _partition(batch_stats, stats_frozen)
+    variables = {"params": params, "batch_stats": updating, layers.FROZEN_BATCH_STATS: kept}
+    outputs, updates = model.apply(variables, batch, mutable=["batch_stats"], **kw)
+    merged = {**rules.flatten(kept), **rules.flatten(updates.get("batch_stats", updating))}
+    return outputs, jax.tree.unflatten(
+      jax.tree.structure(batch_stats), [merged[p] for p in rules.flatten(batch_stats)]
     )
 
-  def loss(outputs, batch, teacher_params):
+  def loss(outputs, batch, teacher_variables):
     total = losses.task_loss(model.head_type, outputs, batch, config.loss)
     if teacher_logits is not None:
       total = distill.student_loss(
         total,
         outputs["logits"],
-        teacher_logits(teacher_params, batch),
+        teacher_logits(teacher_variables, batch),
         batch.get("example_weight"),
         config.distill,
       )
@@ -151,74 +193,98 @@ def make_train_step(
 
   Gradients are taken only w.r.t. trainable params: frozen towers run forward
   only, keep no activations for backward and cost no weight-gradient FLOPs.
-  Frozen params are passed through untouched (bit-identical).
+  Frozen params are passed through untouched (bit-identical), and so are the
+  BatchNorm statistics the objective keeps (`config.model.batch_stats`); the
+  others are updated by every microbatch in turn, from that microbatch's
+  statistics over all devices.
   """
 
-  def batch_loss(trainable, frozen, batch, rng, teacher_params):
-    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch, teacher_params)
+  def batch_loss(trainable, frozen, stats, batch, rng, teacher_variables):
+    outputs, stats = objective.forward(trainable, frozen, stats, batch, rng)
+    loss_sum, weight = objective.loss(outputs, batch, teacher_variables)
+    return loss_sum, (weight, stats)
 
-  sum_and_grad = jax.value_and_grad(batch_loss, has_aux=True)  # ((sum, weight), d sum)
+  sum_and_grad = jax.value_and_grad(batch_loss, has_aux=True)  # ((sum, (weight, stats)), d sum)
   steps = jnp.arange(accum_steps)
 
-  def accumulated(trainable, frozen, batch, rng, teacher_params):
+  def accumulated(trainable, frozen, stats, batch, rng, teacher_variables):
+    # BatchNorm statistics are updated by each microbatch in turn.
     def accumulate(carry, xs):
       i, microbatch = xs
-      (loss_sum, weight), grads = sum_and_grad(
-        trainable, frozen, microbatch, jax.random.fold_in(rng, i), teacher_params
+      totals, stats = carry
+      (loss_sum, (weight, stats)), grads = sum_and_grad(
+        trainable, frozen, stats, microbatch, jax.random.fold_in(rng, i), teacher_variables
       )
-      return jax.tree.map(jnp.add, carry, (loss_sum, weight, grads)), None
+      return (jax.tree.map(jnp.add, totals, (loss_sum, weight, grads)), stats), None
 
     zeros = (
       jnp.zeros((), jnp.float32),
       jnp.zeros((), jnp.float32),
       jax.tree.map(jnp.zeros_like, trainable),
     )
-    return jax.lax.scan(accumulate, zeros, (steps, _split(batch, accum_steps)))[0]
+    (totals, stats), _ = jax.lax.scan(
+      accumulate, (zeros, stats), (steps, _split(batch, accum_steps))
+    )
+    return (*totals, stats)
 
-  def gradient_cache(trainable, frozen, batch, rng, teacher_params):
+  def gradient_cache(trainable, frozen, stats, batch, rng, teacher_variables):
     micro = _split(batch, accum_steps)
 
-    def forward(params, i, microbatch):
-      return objective.forward(params, frozen, microbatch, jax.random.fold_in(rng, i))
+    def forward(params, stats, i, microbatch):
+      return objective.forward(params, frozen, stats, microbatch, jax.random.fold_in(rng, i))
 
-    outputs = jax.lax.map(lambda xs: forward(trainable, *xs), (steps, micro))
+    def embed(stats, xs):  # BatchNorm statistics are updated here, once per microbatch
+      outputs, stats = forward(trainable, stats, *xs)
+      return stats, outputs
+
+    new_stats, outputs = jax.lax.scan(embed, stats, (steps, micro))
     (loss_sum, weight), d_merged = jax.value_and_grad(
-      lambda out: objective.loss(out, batch, teacher_params), has_aux=True
+      lambda out: objective.loss(out, batch, teacher_variables), has_aux=True
     )(jax.tree.map(_merge, outputs))
     d_outputs = jax.tree.map(_split_like, d_merged, outputs)
 
     def backprop(grads, xs):
+      # Outputs do not depend on the statistics passed (training BatchNorm normalizes with
+      # the batch's): the first pass's updates stand.
       i, microbatch, d_out = xs
-      _, vjp = jax.vjp(lambda params: forward(params, i, microbatch), trainable)
+      _, vjp = jax.vjp(lambda params: forward(params, stats, i, microbatch)[0], trainable)
       return jax.tree.map(jnp.add, grads, vjp(d_out)[0]), None
 
     grads, _ = jax.lax.scan(
       backprop, jax.tree.map(jnp.zeros_like, trainable), (steps, micro, d_outputs)
     )
-    return loss_sum, weight, grads
+    return loss_sum, weight, grads, new_stats
 
-  def grads_of(trainable, frozen, batch, rng, teacher_params):
-    """(weighted-mean loss, its gradient) over the whole batch."""
+  def grads_of(trainable, frozen, stats, batch, rng, teacher_variables):
+    """(weighted-mean loss, its gradient, updated BatchNorm statistics) over the batch."""
     if accum_steps == 1:
-      (loss_sum, weight), grads = sum_and_grad(trainable, frozen, batch, rng, teacher_params)
+      (loss_sum, (weight, stats)), grads = sum_and_grad(
+        trainable, frozen, stats, batch, rng, teacher_variables
+      )
     else:
       accumulate = accumulated if objective.separable else gradient_cache
-      loss_sum, weight, grads = accumulate(trainable, frozen, batch, rng, teacher_params)
+      loss_sum, weight, grads, stats = accumulate(
+        trainable, frozen, stats, batch, rng, teacher_variables
+      )
     weight = jnp.maximum(weight, 1e-6)
-    return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads)
+    return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads), stats
 
-  def train_step(state, batch, teacher_params):
+  def train_step(state, batch, teacher_variables):
     trainable, frozen = optim.split(state["params"], mask)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
-    loss, grads = grads_of(trainable, frozen, batch, rng, teacher_params)
+    stats = state.get("batch_stats", {})
+    loss, grads, stats = grads_of(trainable, frozen, stats, batch, rng, teacher_variables)
     full_grads = optim.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
     trainable = optax.apply_updates(trainable, optim.split(updates, mask)[0])
     new_state = {
+      **state,
       "step": state["step"] + 1,
       "params": optim.combine(trainable, frozen),
       "opt_state": opt_state,
     }
+    if "batch_stats" in state:
+      new_state["batch_stats"] = stats
     measurements = {
       "train/loss": loss,
       "train/grad_norm": optax.tree.norm(grads),
@@ -233,30 +299,30 @@ def make_train_step(
 def make_phase(
   config: mlc.ConfigDict,
   objective_for: Callable[[Any], Objective],
-  params_shape: Any,
-  param_shardings: Any,
+  layout: Any,
   mesh,
   step: int,
   *,
   teacher_shardings: Any = None,
 ) -> Phase:
   """Optimizer and jitted step of the unfreezing phase that runs update `step`;
-  `objective_for(freeze_mask)` gives the loss of that trainable set.
+  `objective_for(freeze_mask)` gives the loss of that trainable set; `layout` is the
+  model's `train_state.ParamLayout`.
 
   The step donates the train state (updated in place) and takes the batch
   sharded over ("data", "fsdp"); mmtl.bench times exactly this function's step.
   """
   start = phase_start(step, optim.phase_boundaries(config.optim))
-  mask = optim.freeze_mask(params_shape, config.optim, start)
+  mask = optim.freeze_mask(layout.shapes, config.optim, start)
   tx, lr_fn = optim.make(
-    config.optim, params_shape, total_steps=int(config.total_steps), step=start
+    config.optim, layout.shapes, total_steps=int(config.total_steps), step=start
   )
   state_shapes = {
     "step": jax.ShapeDtypeStruct((), jnp.int32),
-    "params": params_shape,
-    "opt_state": jax.eval_shape(tx.init, params_shape),
+    **layout.variables(),
+    "opt_state": jax.eval_shape(tx.init, layout.shapes),
   }
-  state_shardings = sharding.state_shardings(mesh, state_shapes, param_shardings)
+  state_shardings = sharding.state_shardings(mesh, state_shapes, layout.shardings)
   step_fn = jax.jit(
     make_train_step(
       objective_for(mask),
@@ -276,26 +342,26 @@ def make_phase(
 def activation_bytes(
   objective: Objective,
   mask: Any,
-  params_shape: Any,
+  layout: Any,
   batch_shape: Any,
   *,
   accum_steps: int,
-  teacher_params: Any = None,
+  teacher_variables: Any = None,
 ) -> int:
   """Bytes of forward values one microbatch keeps for backward in the step of the
   trainable set `mask` (all batch shards together; `memory.memory_estimate` splits
   them). Traced on shapes, not compiled. Accumulation (and the gradient cache)
   backpropagates one microbatch at a time, so this is the step's activation peak."""
-  trainable, frozen = optim.split(params_shape, mask)
+  trainable, frozen = optim.split(layout.shapes, mask)
   micro = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum_steps, *x.shape[1:]), x.dtype), batch_shape
   )
 
-  def loss_sum(trainable, frozen, batch, rng, teacher_params):
-    return objective.loss(objective.forward(trainable, frozen, batch, rng), batch, teacher_params)[
-      0
-    ]
+  def loss_sum(trainable, frozen, stats, batch, rng, teacher_variables):
+    outputs, _ = objective.forward(trainable, frozen, stats, batch, rng)
+    return objective.loss(outputs, batch, teacher_variables)[0]
 
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
   return memory.activation_bytes(
-    loss_sum, trainable, frozen, micro, jax.ShapeDtypeStruct((2,), jnp.uint32), teacher_params
+    loss_sum, trainable, frozen, layout.batch_stats, micro, rng, teacher_variables
   )

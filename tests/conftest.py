@@ -10,10 +10,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir): see tests/hf_fixtures.py.
+# Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tiny_siglip_dir): see
+# tests/hf_fixtures.py.
 import pytest  # noqa: E402
 
-from tests.hf_fixtures import tiny_bert_dir, tiny_clip_dir, tiny_vit_dir  # noqa: E402,F401
+from tests.hf_fixtures import (  # noqa: E402,F401
+  tiny_bert_dir,
+  tiny_clip_dir,
+  tiny_siglip_dir,
+  tiny_vit_dir,
+)
 
 
 @pytest.fixture(scope="session")

@@ -155,8 +155,8 @@ def tiny_clip_dir(tmp_path_factory) -> str:
   return make_tiny_checkpoint("clip", tmp_path_factory.mktemp("tiny_clip"))
 
 
-def export_and_reload(module, params, out_dir, torch_cls=None):
-  """`hf.save_pretrained(module, params, out_dir)`, checked both ways: mmtl reloads it
+def export_and_reload(module, variables, out_dir, torch_cls=None):
+  """`hf.save_pretrained(module, variables, out_dir)`, checked both ways: mmtl reloads it
   exactly, and transformers (`torch_cls`, default AutoModel) loads it as the class
   config.json names with no missing, unexpected or mismatched keys. Returns that
   transformers model, in eval mode, for the caller to compare outputs."""
@@ -166,8 +166,8 @@ def export_and_reload(module, params, out_dir, torch_cls=None):
 
   from mmtl import hf
 
-  out = hf.save_pretrained(module, params, out_dir)
-  jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(out)[1], params)
+  out = hf.save_pretrained(module, variables, out_dir)
+  jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(out)[1], variables)
   assert hf.read_config(out)["architectures"] == [module.hf_architecture]
   torch_model, info = (torch_cls or transformers.AutoModel).from_pretrained(
     out, output_loading_info=True
@@ -175,3 +175,36 @@ def export_and_reload(module, params, out_dir, torch_cls=None):
   assert type(torch_model).__name__ == module.hf_architecture
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
   return torch_model.eval()
+
+
+SIGLIP_VOCAB = 99
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> str:
+  """A tiny random SiglipModel with odd shapes: towers of different widths, a text head
+  (32 -> 48) that is not square, MAP head MLP of another width; logit_scale / logit_bias
+  not at their init."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  common = dict(num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu_pytorch_tanh")
+  config = transformers.SiglipConfig(
+    text_config=dict(
+      common,
+      hidden_size=32,
+      intermediate_size=37,
+      vocab_size=SIGLIP_VOCAB,
+      max_position_embeddings=16,
+      projection_size=48,
+    ),
+    vision_config=dict(common, hidden_size=48, intermediate_size=40, image_size=16, patch_size=4),
+  )
+  model = transformers.SiglipModel(config).eval()
+  with torch.no_grad():
+    model.logit_scale.fill_(2.3)
+    model.logit_bias.fill_(-1.7)
+  out = tmp_path_factory.mktemp("tiny_siglip")
+  model.save_pretrained(out)
+  return str(out)

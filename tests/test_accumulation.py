@@ -10,6 +10,15 @@ import pytest
 from mmtl import losses, optim, train_step
 
 
+def stateless(forward):
+  """`forward(trainable, frozen, batch, rng)` of a model without BatchNorm, as an
+  Objective's forward (which also takes and returns the BatchNorm statistics)."""
+  return lambda trainable, frozen, stats, batch, rng: (
+    forward(trainable, frozen, batch, rng),
+    stats,
+  )
+
+
 def run_steps(objective, params, batch, mask, accum, lr=1.0, steps=1):
   tx = optax.multi_transform(
     {"t": optax.sgd(lr), "f": optax.set_to_zero()}, jax.tree.map(lambda f: "f" if f else "t", mask)
@@ -33,7 +42,7 @@ def linear_objective(loss_kind="classification"):
     del teacher_params
     return losses.task_loss(loss_kind, outputs, batch, {})
 
-  return train_step.Objective(forward, loss, separable=True)
+  return train_step.Objective(stateless(forward), loss, separable=True)
 
 
 def test_weighted_loss_is_the_same_objective_under_accumulation():
@@ -76,7 +85,7 @@ def test_unweighted_accumulation_still_matches():
     return {"predictions": batch["x"] @ w["w"] + w["b"]}
 
   objective = train_step.Objective(
-    forward, lambda o, b, t: losses.task_loss("regression", o, b, {}), separable=True
+    stateless(forward), lambda o, b, t: losses.task_loss("regression", o, b, {}), separable=True
   )
   mask = {"w": False, "b": False}
   out = {k: run_steps(objective, params, batch, mask, k, lr=0.1) for k in (1, 2, 4)}
@@ -103,7 +112,7 @@ def contrastive_objective(dropout=0.0):
   def loss(outputs, batch, teacher_params):
     return losses.task_loss("contrastive", outputs, batch, {})
 
-  return train_step.Objective(forward, loss, separable=False)
+  return train_step.Objective(stateless(forward), loss, separable=False)
 
 
 def contrastive_problem():
@@ -148,9 +157,10 @@ def test_gradient_cache_backprops_the_same_dropout_masks():
     outputs = [
       objective.forward(
         *optim.split(p, mask),
+        {},
         jax.tree.map(lambda x, j=j: x[j], train_step._split(batch, k)),
         jax.random.fold_in(rng, j),
-      )
+      )[0]
       for j in range(k)
     ]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
@@ -183,7 +193,7 @@ def test_gradient_cache_keeps_one_microbatchs_activations():
     }
 
   objective = train_step.Objective(
-    forward, lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
+    stateless(forward), lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
   )
   params = {
     "up": jax.ShapeDtypeStruct((8, width), jnp.float32),

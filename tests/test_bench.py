@@ -150,9 +150,11 @@ def test_analytic_flops_are_the_programs_matmuls(variant):
   analytic = bench.train_flops("tiny", variant, 8)
   assert traced_matmul_flops(step, *args) == analytic["train_step"] - not_computed[variant]
   module = hf.build_module(c, tower="vision")
-  forward = lambda p, x: module.apply({"params": p}, x)["pooler_output"]  # noqa: E731
+  forward = lambda v, x: module.apply(v, x)["pooler_output"]  # noqa: E731
   pixels = jax.ShapeDtypeStruct((8, v["image_size"], v["image_size"], 3), np.float32)
-  assert traced_matmul_flops(forward, hf.param_shapes(module), pixels) == analytic["forward_image"]
+  assert (
+    traced_matmul_flops(forward, hf.variable_shapes(module), pixels) == analytic["forward_image"]
+  )
 
 
 def test_frozen_tower_keeps_no_activations(monkeypatch):

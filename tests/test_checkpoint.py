@@ -68,14 +68,15 @@ def test_resume_on_another_mesh_continues_the_same_run(saved):
   )
 
 
-def test_restore_params_only(saved):
+def test_restore_variables(saved):
   directory, expected = saved
-  params = checkpoint.restore_params_only(directory)
-  _assert_identical(params, expected["params"])
+  variables = checkpoint.restore_variables(directory)
+  assert set(variables) == {"params"}  # the state has no batch_stats: none are restored
+  _assert_identical(variables["params"], expected["params"])
   mesh = sharding.make_mesh(dict(data=8))
-  params = checkpoint.restore_params_only(directory, shardings=sharding.replicated(mesh))
-  _assert_identical(params, expected["params"])
-  assert all(x.sharding.spec == P() for x in jax.tree.leaves(params))
+  variables = checkpoint.restore_variables(directory, shardings=sharding.replicated(mesh))
+  _assert_identical(variables["params"], expected["params"])
+  assert all(x.sharding.spec == P() for x in jax.tree.leaves(variables))
 
 
 def _tiny_state(value):

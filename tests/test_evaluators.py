@@ -193,7 +193,7 @@ def _required(kind):
 @pytest.mark.parametrize("kind", list(ev.EVALUATORS))
 def test_every_kind_returns_its_metric_names(kind):
   e = ev.make("val", {"type": kind, **_required(kind)}, _kind_context(ev.EVALUATORS[kind]))
-  out = e.run(params=None)
+  out = e.run(variables=None)
   assert list(out) == e.metric_names() and e.metric_names()
   assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
 
@@ -213,7 +213,7 @@ def _declared_value(key, spec, kind):
 def test_every_declared_key_is_accepted_and_a_typo_is_not(kind):
   kind_cls = ev.EVALUATORS[kind]
   cfg = {k: _declared_value(k, spec, kind) for k, spec in kind_cls.keys().items()}
-  ev.make("val", cfg, _kind_context(kind_cls)).run(params=None)
+  ev.make("val", cfg, _kind_context(kind_cls)).run(variables=None)
   with pytest.raises(
     config_lib.ConfigError,
     match=r"Unknown config key config\.evals\.val\.evry\. "
@@ -275,7 +275,7 @@ def test_classification_evaluator_runs_over_batches():
     }
   ]
   e = ev.make("val", {"type": "classification", "every": 5}, _context(batches))
-  out = e.run(params=None)
+  out = e.run(variables=None)
   assert out["val/accuracy"] == 0.5 and set(out) == {"val/accuracy", "val/macro_f1", "val/loss"}
   assert e.due(10, 100) and e.due(100, 100) and not e.due(7, 100)
 
@@ -344,7 +344,7 @@ def test_retrieval_evaluator_embeds_every_caption():
     "captions": 2,
     "input": {"fields": {"text": "captions/text"}},
   }
-  out = ev.make("coco", cfg, context).run(params=None)
+  out = ev.make("coco", cfg, context).run(variables=None)
   # i2t: caption 1 is top for every image. t2i: the 3 captions 1 hit, the 3 captions 0 miss.
   assert out == {"coco/i2t_recall@1": 1.0, "coco/t2i_recall@1": 0.5}
   text_only = {"text": "captions/text", "image": None, "audio": None}
@@ -417,7 +417,7 @@ def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_b
   evaluators["val"].check()
   evaluators["big"].check()  # Its test input and its train input.
   assert read == [("validation", "shapes", 8, 0, 1)] + [("train", "shapes", 16, 0, 1)] * 2
-  out = evaluators["val"].run({"w": jnp.eye(2)})
+  out = evaluators["val"].run({"params": {"w": jnp.eye(2)}})
   # 7 real rows (the padding row dropped), 6 right: row 6 has label 0 and logits (0, 1).
   right, wrong = np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))
   assert out == pytest.approx(
@@ -454,7 +454,7 @@ def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_b
     mesh,
     8,
   )[0]
-  assert 0 <= zs.run({"w": jnp.eye(2)})["zs/accuracy"] <= 1
+  assert 0 <= zs.run({"params": {"w": jnp.eye(2)}})["zs/accuracy"] <= 1
   assert model.text_shapes == [(2, 7)]  # Both prompts of a class in one batch, max_len tokens.
 
 

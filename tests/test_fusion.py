@@ -191,6 +191,38 @@ def test_bottleneck_unequal_depths():
     init(bad)
 
 
+def test_bottleneck_with_a_tower_without_layers():
+  """A CNN-like tower (num_layers 0, its tokens final after `embed`) joins MBT fusion: at
+  each fusion layer the bottleneck tokens read its feature map by cross-attention, so
+  the image reaches the text tower only through them."""
+  model = fusion.FusionModel(
+    **towers(depth_image=0, depth_text=2),
+    fusion_type="bottleneck",
+    width=8,
+    num_heads=2,
+    fusion_layer=-2,
+  )
+  params = init(model)
+  assert {"read_image_0", "read_image_1"} <= set(params["fusion"])
+  assert "read_text_0" not in params["fusion"]
+
+  def text_tokens(pixels):
+    _, state = model.apply(
+      {"params": params},
+      dict(batch(), pixel_values=pixels),
+      capture_intermediates=lambda module, method: method == "finalize",
+    )
+    return state["intermediates"]["text_encoder"]["finalize"][0]["last_hidden_state"]
+
+  pixels = batch()["pixel_values"]
+  assert not np.allclose(text_tokens(pixels), text_tokens(pixels + 1.0))
+  all_cnn = fusion.FusionModel(
+    image_encoder=TinyImage(depth=0), audio_encoder=TinyImage(depth=0), fusion_type="bottleneck"
+  )
+  with pytest.raises(ValueError, match="needs a tower with token layers"):
+    init(all_cnn)
+
+
 def test_bad_fusion_type_names_choices():
   with pytest.raises(ValueError, match="Unknown fusion_type 'late'.*concat"):
     fusion.FusionModel(**towers(), fusion_type="late")

@@ -1,4 +1,4 @@
-"""mmtl.hf: checkpoint formats, hub cache, errors, towers, load_params_into, export."""
+"""mmtl.hf: checkpoint formats, hub cache, errors, towers, load_into, export."""
 
 import json
 from pathlib import Path
@@ -99,8 +99,8 @@ def test_flax_msgpack_and_sharded_checkpoints_load_the_same(tiny_bert_dir, tmp_p
     },
   }
   for name, files in checkpoints.items():
-    _, params, _ = hf.load_pretrained(folder(name, files))
-    _assert_trees_equal(params, ref)
+    _, variables, _ = hf.load_pretrained(folder(name, files))
+    _assert_trees_equal(variables, ref)
 
 
 def test_bert_for_task_checkpoint_loads_encoder(tiny_bert_dir, tmp_path):
@@ -111,9 +111,9 @@ def test_bert_for_task_checkpoint_loads_encoder(tiny_bert_dir, tmp_path):
   )
   torch_model.save_pretrained(tmp_path)
   assert any(k.startswith("bert.") for k in _state(tmp_path))
-  _, params, _ = hf.load_pretrained(tmp_path)
+  _, variables, _ = hf.load_pretrained(tmp_path)
   _, ref, _ = hf.load_pretrained(tiny_bert_dir)
-  _assert_trees_equal(params, ref)
+  _assert_trees_equal(variables, ref)
 
 
 def test_hub_id_from_the_hf_cache_offline_with_revision(tiny_bert_dir, tmp_path, monkeypatch):
@@ -126,11 +126,12 @@ def test_hub_id_from_the_hf_cache_offline_with_revision(tiny_bert_dir, tmp_path,
   (repo / "refs" / "main").write_text(main)
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
-  _, params, _ = hf.load_pretrained("mmtl-test/tiny-bert")
-  _assert_trees_equal(params, hf.load_pretrained(tiny_bert_dir)[1])
-  _, params_b, _ = hf.load_pretrained("mmtl-test/tiny-bert", revision=other)
+  _, variables, _ = hf.load_pretrained("mmtl-test/tiny-bert")
+  _assert_trees_equal(variables, hf.load_pretrained(tiny_bert_dir)[1])
+  _, variables_b, _ = hf.load_pretrained("mmtl-test/tiny-bert", revision=other)
   assert not np.array_equal(
-    params_b["pooler"]["dense"]["kernel"], params["pooler"]["dense"]["kernel"]
+    variables_b["params"]["pooler"]["dense"]["kernel"],
+    variables["params"]["pooler"]["dense"]["kernel"],
   )
   assert len(preprocess.load_tokenizer("mmtl-test/tiny-bert")) == 92
   with pytest.raises(hf.CheckpointError, match="not in the HF cache and downloads are off"):
@@ -147,7 +148,7 @@ def test_unknown_model_type(tiny_bert_dir, tmp_path):
   )
   with pytest.raises(
     hf.CheckpointError,
-    match=r"Unknown model_type 'gpt2'.*implements \['bert'.*"
+    match=r"Unknown model_type 'gpt2'.*implements \[[^]]*'bert'.*"
     r"one line in mmtl/models/registry\.py",
   ):
     hf.load_pretrained(d)
@@ -197,8 +198,8 @@ def test_missing_and_unexpected_params_and_dont_load(tiny_bert_dir, tmp_path):
   ):
     hf.load_pretrained(d)
   # dont_load keeps the initialized value instead (seeded), never silently.
-  _, params, _ = hf.load_pretrained(d, dont_load=["pooler/dense/kernel"])
-  _, again, _ = hf.load_pretrained(d, dont_load=["pooler/dense/kernel"])
+  params = hf.load_pretrained(d, dont_load=["pooler/dense/kernel"])[1]["params"]
+  again = hf.load_pretrained(d, dont_load=["pooler/dense/kernel"])[1]["params"]
   np.testing.assert_array_equal(
     params["pooler"]["dense"]["kernel"], again["pooler"]["dense"]["kernel"]
   )
@@ -210,78 +211,81 @@ def test_missing_and_unexpected_params_and_dont_load(tiny_bert_dir, tmp_path):
     "pooler/dense/kernel, pooler/dense/bias",
   ):
     hf.load_pretrained(tiny_bert_dir, add_pooling_layer=False)
-  module, params, _ = hf.load_pretrained(
+  module, variables, _ = hf.load_pretrained(
     tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"]
   )
-  assert "pooler" not in params and not module.add_pooling_layer
+  assert "pooler" not in variables["params"] and not module.add_pooling_layer
   with pytest.raises(
     rules.RuleError, match=r"dont_load: rule\(s\) \['poler/\.\*'\] match no parameter"
   ):
     hf.load_pretrained(tiny_bert_dir, dont_load=["poler/.*"])
 
 
-# --- Towers, load_params_into -----------------------------------------------------------
+# --- Towers, load_into ------------------------------------------------------------------
 
 
 def _fused_init(tiny_vit_dir, tiny_bert_dir):
-  """Stand-in for a fused model: two freshly initialized towers and a head."""
+  """Stand-in for a fused model's variables: two freshly initialized towers and a head."""
   image = hf.build_module(hf.read_config(tiny_vit_dir), param_dtype=jnp.bfloat16)
   text = hf.build_module(hf.read_config(tiny_bert_dir), add_pooling_layer=False)
-  return {
-    "image_encoder": _zeros(image),
-    "text_encoder": _zeros(text),
+  params = {
+    "image_encoder": _zeros(image)["params"],
+    "text_encoder": _zeros(text)["params"],
     "head": {"kernel": jnp.ones((64, 3))},
   }
+  return {"params": params}
 
 
 def _zeros(module):
-  """Initialized-looking params without compiling an init."""
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), hf.param_shapes(module))
+  """Initialized-looking variables without compiling an init."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), hf.variable_shapes(module))
 
 
-def test_load_params_into_subtrees(tiny_vit_dir, tiny_bert_dir, tiny_clip_dir):
-  params = _fused_init(tiny_vit_dir, tiny_bert_dir)
-  before = jax.tree.map(np.asarray, params)
-  loaded = hf.load_params_into(params, "image_encoder", tiny_vit_dir)
-  _, vit_params, _ = hf.load_pretrained(tiny_vit_dir, param_dtype=jnp.bfloat16)
-  _assert_trees_equal(loaded["image_encoder"], vit_params)  # cast to the initialized dtype
-  assert loaded["text_encoder"] is params["text_encoder"] and loaded["head"] is params["head"]
-  _assert_trees_equal(params, before)  # not mutated
+def test_load_into_subtrees(tiny_vit_dir, tiny_bert_dir, tiny_clip_dir):
+  variables = _fused_init(tiny_vit_dir, tiny_bert_dir)
+  params = variables["params"]
+  before = jax.tree.map(np.asarray, variables)
+  loaded = hf.load_into(variables, "image_encoder", tiny_vit_dir)
+  _, vit, _ = hf.load_pretrained(tiny_vit_dir, param_dtype=jnp.bfloat16)
+  assert loaded.keys() == {"params"}
+  # Cast to the initialized dtype.
+  _assert_trees_equal(loaded["params"]["image_encoder"], vit["params"])
+  assert loaded["params"]["text_encoder"] is params["text_encoder"]
+  assert loaded["params"]["head"] is params["head"]
+  _assert_trees_equal(variables, before)  # not mutated
 
   with pytest.raises(hf.CheckpointError, match="text_encoder/pooler/dense/kernel"):
-    hf.load_params_into(params, "text_encoder", tiny_bert_dir)
-  loaded = hf.load_params_into(params, "text_encoder", tiny_bert_dir, dont_load=["pooler/.*"])
-  _, bert_params, _ = hf.load_pretrained(
-    tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"]
-  )
-  _assert_trees_equal(loaded["text_encoder"], bert_params)
+    hf.load_into(variables, "text_encoder", tiny_bert_dir)
+  loaded = hf.load_into(variables, "text_encoder", tiny_bert_dir, dont_load=["pooler/.*"])
+  _, bert, _ = hf.load_pretrained(tiny_bert_dir, add_pooling_layer=False, dont_load=["pooler/.*"])
+  _assert_trees_equal(loaded["params"]["text_encoder"], bert["params"])
 
   # A CLIP tower into a ViT-shaped slot: names differ, so every param is reported.
   with pytest.raises(
     hf.CheckpointError, match="missing from the checkpoint: image_encoder/embeddings/cls_token"
   ):
-    hf.load_params_into(params, "image_encoder", tiny_clip_dir, tower="vision")
+    hf.load_into(variables, "image_encoder", tiny_clip_dir, tower="vision")
   with pytest.raises(
     hf.CheckpointError, match=r"No subtree 'audio_encoder' in params \(has \['head'"
   ):
-    hf.load_params_into(params, "audio_encoder", tiny_vit_dir)
+    hf.load_into(variables, "audio_encoder", tiny_vit_dir)
 
 
-def test_load_params_into_shape_mismatch_and_dont_load(tiny_vit_dir, tmp_path):
+def test_load_into_shape_mismatch_and_dont_load(tiny_vit_dir, tmp_path):
   """An audio ViT (1 channel) initialized from an RGB checkpoint: all but the patch kernel."""
   config = {**hf.read_config(tiny_vit_dir), "num_channels": 1}
-  audio = _zeros(hf.build_module(config))
-  params = {"audio_encoder": audio}
+  audio = _zeros(hf.build_module(config))["params"]
+  variables = {"params": {"audio_encoder": audio}}
   with pytest.raises(
     hf.CheckpointError,
     match=r"audio_encoder/embeddings/patch_embeddings/kernel: "
     r"checkpoint \(4, 4, 3, 32\) vs model \(4, 4, 1, 32\)",
   ):
-    hf.load_params_into(params, "audio_encoder", tiny_vit_dir)
-  loaded = hf.load_params_into(
-    params, "audio_encoder", tiny_vit_dir, dont_load=["embeddings/patch_embeddings/kernel"]
+    hf.load_into(variables, "audio_encoder", tiny_vit_dir)
+  loaded = hf.load_into(
+    variables, "audio_encoder", tiny_vit_dir, dont_load=["embeddings/patch_embeddings/kernel"]
   )
-  kept = loaded["audio_encoder"]["embeddings"]["patch_embeddings"]
+  kept = loaded["params"]["audio_encoder"]["embeddings"]["patch_embeddings"]
   np.testing.assert_array_equal(kept["kernel"], audio["embeddings"]["patch_embeddings"]["kernel"])
   np.testing.assert_array_equal(
     kept["bias"], _state(tiny_vit_dir)["embeddings.patch_embeddings.projection.bias"]
@@ -304,8 +308,8 @@ def test_export_round_trip_into_transformers(
   family, tower, inputs, tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tmp_path
 ):
   src = {"bert": tiny_bert_dir, "vit": tiny_vit_dir, "clip": tiny_clip_dir}[family]
-  module, params, _ = hf.load_pretrained(src, tower=tower)
-  torch_model = export_and_reload(module, params, tmp_path / "export")
+  module, variables, _ = hf.load_pretrained(src, tower=tower)
+  torch_model = export_and_reload(module, variables, tmp_path / "export")
   ref_cls = transformers.CLIPVisionModel if tower == "vision" else transformers.AutoModel
   ref_model = ref_cls.from_pretrained(src).eval()
   kw = {}
@@ -327,9 +331,30 @@ def test_export_round_trip_into_transformers(
 
 
 def test_export_rejects_foreign_params(tiny_vit_dir, tmp_path):
-  module, params, _ = hf.load_pretrained(tiny_vit_dir)
-  with pytest.raises(hf.CheckpointError, match="no HF name.*lora_a"):
-    hf.save_pretrained(module, {**params, "lora_a": np.ones(2)}, tmp_path)
+  module, variables, _ = hf.load_pretrained(tiny_vit_dir)
+  foreign = {"params": {**variables["params"], "lora_a": np.ones(2)}}
+  with pytest.raises(hf.CheckpointError, match="params with no HF name.*lora_a"):
+    hf.save_pretrained(module, foreign, tmp_path)
+
+
+def test_export_rejects_a_bare_params_tree(tiny_vit_dir, tmp_path):
+  """The old call, `save_pretrained(module, params, ...)`, says how to pass variables."""
+  module, variables, _ = hf.load_pretrained(tiny_vit_dir)
+  with pytest.raises(
+    hf.CheckpointError,
+    match=r"Export takes the encoder's variables.*got a tree with \['embeddings', 'encoder'.*"
+    r"pass \{'params': params\}",
+  ):
+    hf.save_pretrained(module, variables["params"], tmp_path)
+  assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_bert_variables_are_params_only(tiny_bert_dir, tmp_path):
+  """A family without BatchNorm has one collection, loaded and after an export round trip."""
+  module, variables, _ = hf.load_pretrained(tiny_bert_dir)
+  _, reloaded, _ = hf.load_pretrained(hf.save_pretrained(module, variables, tmp_path))
+  assert variables.keys() == reloaded.keys() == {"params"}
+  assert hf.variable_shapes(module).keys() == {"params"}
 
 
 def test_build_module_from_config_dict():
@@ -345,7 +370,7 @@ def test_build_module_from_config_dict():
     dtype=jnp.bfloat16,
     attention_impl="xla",
   )
-  shapes = rules.flatten(hf.param_shapes(module))
+  shapes = rules.flatten(hf.variable_shapes(module)["params"])
   assert shapes["encoder/layer_0/attn/query/kernel"].shape == (16, 16)
   assert "encoder/layer_1/attn/query/kernel" not in shapes
   assert module.dtype == jnp.bfloat16 and module.attention_impl == "xla"

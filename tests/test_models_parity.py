@@ -21,14 +21,14 @@ ATOL = 1e-5
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _jitted_apply(module, method, static_kw, params, args, kw):
-  return module.apply({"params": params}, *args, method=method, **dict(static_kw), **kw)
+def _jitted_apply(module, method, static_kw, variables, args, kw):
+  return module.apply(variables, *args, method=method, **dict(static_kw), **kw)
 
 
-def _apply(module, params, *args, method=None, deterministic=None, **kw):
+def _apply(module, variables, *args, method=None, deterministic=None, **kw):
   """Jitted module.apply (compiles are cached per module): much cheaper than op-by-op dispatch."""
   static_kw = () if deterministic is None else (("deterministic", deterministic),)
-  return _jitted_apply(module, method, static_kw, params, args, kw)
+  return _jitted_apply(module, method, static_kw, variables, args, kw)
 
 
 def _torch_model(path, cls=transformers.AutoModel):
@@ -63,10 +63,10 @@ def _nhwc(pixels):
 
 
 def _bert_parity(path):
-  module, params, config = hf.load_pretrained(path)
+  module, variables, config = hf.load_pretrained(path)
   ids, mask = _text_inputs(config["vocab_size"])
   types = np.random.default_rng(1).integers(0, 2, ids.shape)
-  out = _apply(module, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+  out = _apply(module, variables, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
   with torch.no_grad():
     ref = _torch_model(path)(
       input_ids=torch.tensor(ids),
@@ -91,9 +91,9 @@ def test_bert_gelu_new_parity(tmp_path):
 
 
 def _vit_parity(path, size=16, channels=3):
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   pixels = _pixels(size=size, channels=channels)
-  out = _apply(module, params, _nhwc(pixels))
+  out = _apply(module, variables, _nhwc(pixels))
   with torch.no_grad():
     ref = _torch_model(path)(pixel_values=torch.tensor(pixels))
   _close(out["last_hidden_state"], ref.last_hidden_state)
@@ -119,11 +119,11 @@ def test_vit_variant_parity(tmp_path):
 
 
 def _clip_parity(path):
-  module, params, config = hf.load_pretrained(path)
+  module, variables, config = hf.load_pretrained(path)
   text = config["text_config"]
   ids, mask = _text_inputs(text["vocab_size"], eos=text["eos_token_id"])
   pixels = _pixels()
-  out = _apply(module, params, jnp.asarray(ids), _nhwc(pixels), jnp.asarray(mask))
+  out = _apply(module, variables, jnp.asarray(ids), _nhwc(pixels), jnp.asarray(mask))
   with torch.no_grad():
     ref = _torch_model(path)(
       input_ids=torch.tensor(ids),
@@ -150,8 +150,8 @@ def test_clip_legacy_eos_parity(tmp_path):
 
 def test_clip_towers_match_hf_towers(tiny_clip_dir):
   """Towers loaded out of a full CLIP checkpoint are HF's CLIPVisionModel / CLIPTextModel."""
-  vision, vparams, _ = hf.load_pretrained(tiny_clip_dir, tower="vision")
-  text, tparams, config = hf.load_pretrained(tiny_clip_dir, tower="text")
+  vision, vision_vars, _ = hf.load_pretrained(tiny_clip_dir, tower="vision")
+  text, text_vars, config = hf.load_pretrained(tiny_clip_dir, tower="text")
   ids, mask = _text_inputs(
     config["text_config"]["vocab_size"], eos=config["text_config"]["eos_token_id"]
   )
@@ -163,8 +163,8 @@ def test_clip_towers_match_hf_towers(tiny_clip_dir):
     tref = _torch_model(tiny_clip_dir, transformers.CLIPTextModel)(
       input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
     )
-  vout = _apply(vision, vparams, _nhwc(pixels))
-  tout = _apply(text, tparams, jnp.asarray(ids), jnp.asarray(mask))
+  vout = _apply(vision, vision_vars, _nhwc(pixels))
+  tout = _apply(text, text_vars, jnp.asarray(ids), jnp.asarray(mask))
   for key in ("last_hidden_state", "pooler_output"):
     _close(vout[key], vref[key])
     _close(tout[key], tref[key])
@@ -173,9 +173,9 @@ def test_clip_towers_match_hf_towers(tiny_clip_dir):
 def test_clip_tower_params_are_clip_subtrees(tiny_clip_dir):
   _, full, _ = hf.load_pretrained(tiny_clip_dir)
   for tower in ("vision", "text"):
-    _, params, _ = hf.load_pretrained(tiny_clip_dir, tower=tower)
-    jax.tree.map(np.testing.assert_array_equal, params, full[tower])
-  paths = rules.flatten(full)
+    _, variables, _ = hf.load_pretrained(tiny_clip_dir, tower=tower)
+    jax.tree.map(np.testing.assert_array_equal, variables["params"], full["params"][tower])
+  paths = rules.flatten(full["params"])
   for path in (
     "vision/encoder/layer_1/attn/query/kernel",
     "text/encoder/layer_0/mlp/fc1/kernel",
@@ -190,16 +190,16 @@ def test_clip_tower_params_are_clip_subtrees(tiny_clip_dir):
 def test_encoder_protocol_runs_layer_ranges(family, tiny_bert_dir, tiny_vit_dir, tiny_clip_dir):
   """embed -> run_layers in pieces -> finalize == __call__ (what fusion relies on)."""
   if family == "bert":
-    module, params, _ = hf.load_pretrained(tiny_bert_dir)
+    module, variables, _ = hf.load_pretrained(tiny_bert_dir)
     inputs = dict(zip(("input_ids", "attention_mask"), map(jnp.asarray, _text_inputs(90))))
   elif family == "vit":
-    module, params, _ = hf.load_pretrained(tiny_vit_dir)
+    module, variables, _ = hf.load_pretrained(tiny_vit_dir)
     inputs = dict(pixel_values=_nhwc(_pixels()))
   elif family == "clip_vision":
-    module, params, _ = hf.load_pretrained(tiny_clip_dir, tower="vision")
+    module, variables, _ = hf.load_pretrained(tiny_clip_dir, tower="vision")
     inputs = dict(pixel_values=_nhwc(_pixels()))
   else:
-    module, params, config = hf.load_pretrained(tiny_clip_dir, tower="text")
+    module, variables, config = hf.load_pretrained(tiny_clip_dir, tower="text")
     ids, mask = _text_inputs(80, eos=config["text_config"]["eos_token_id"])
     inputs = dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
   assert (module.num_layers, module.hidden_size) == (2, 32)
@@ -212,23 +212,23 @@ def test_encoder_protocol_runs_layer_ranges(family, tiny_bert_dir, tiny_vit_dir,
       x = m.run_layers(x, mask, start, start + 1)
     return m.finalize(x, mask)
 
-  whole = _apply(module, params, **inputs)
-  split = _apply(module, params, method=pieces)
+  whole = _apply(module, variables, **inputs)
+  split = _apply(module, variables, method=pieces)
   for key in ("last_hidden_state", "pooler_output"):
     np.testing.assert_allclose(split[key], whole[key], atol=1e-6)
   with pytest.raises(ValueError, match="outside the encoder's 2 layers"):
-    _apply(module, params, method=lambda m: m.run_layers(*m.embed(**inputs), 1, 3))
+    _apply(module, variables, method=lambda m: m.run_layers(*m.embed(**inputs), 1, 3))
 
 
 def test_remat_wraps_each_layer(tiny_vit_dir):
   """remat puts every layer under jax.checkpoint with the policy (tracing only: cheap), same
   values."""
-  module, params, _ = hf.load_pretrained(tiny_vit_dir)
+  module, variables, _ = hf.load_pretrained(tiny_vit_dir)
   pixels = _nhwc(_pixels())
 
   def remat_policies(m):
     loss = lambda p: jnp.sum(m.apply({"params": p}, pixels)["pooler_output"] ** 2)
-    eqns = jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns
+    eqns = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr.eqns
     return [e.params["policy"] for e in eqns if e.primitive.name.startswith("remat")]
 
   assert remat_policies(module) == []
@@ -236,8 +236,8 @@ def test_remat_wraps_each_layer(tiny_vit_dir):
   dots = remat_policies(module.clone(remat="dots"))
   assert len(dots) == module.num_layers and dots[0] is not None
   np.testing.assert_allclose(
-    _apply(module.clone(remat="dots"), params, pixels)["pooler_output"],
-    _apply(module, params, pixels)["pooler_output"],
+    _apply(module.clone(remat="dots"), variables, pixels)["pooler_output"],
+    _apply(module, variables, pixels)["pooler_output"],
     atol=1e-6,
   )
   with pytest.raises(ValueError, match="remat='most'"):
@@ -245,24 +245,24 @@ def test_remat_wraps_each_layer(tiny_vit_dir):
 
 
 def test_bfloat16_loading(tiny_bert_dir):
-  module, params, config = hf.load_pretrained(
+  module, variables, config = hf.load_pretrained(
     tiny_bert_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
   )
-  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-  _, params32, _ = hf.load_pretrained(tiny_bert_dir)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+  _, variables32, _ = hf.load_pretrained(tiny_bert_dir)
   ids, mask = map(jnp.asarray, _text_inputs(config["vocab_size"]))
-  out = _apply(module, params, ids, mask)["last_hidden_state"]
-  ref = _apply(module.clone(dtype=jnp.float32), params32, ids, mask)["last_hidden_state"]
+  out = _apply(module, variables, ids, mask)["last_hidden_state"]
+  ref = _apply(module.clone(dtype=jnp.float32), variables32, ids, mask)["last_hidden_state"]
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1)
 
 
 def test_dropout_only_when_not_deterministic(tiny_bert_dir):
-  module, params, config = hf.load_pretrained(tiny_bert_dir)  # hidden/attention dropout 0.1
+  module, variables, config = hf.load_pretrained(tiny_bert_dir)  # hidden/attention dropout 0.1
   ids, mask = map(jnp.asarray, _text_inputs(config["vocab_size"]))
-  ref = _apply(module, params, ids, mask)["last_hidden_state"]
+  ref = _apply(module, variables, ids, mask)["last_hidden_state"]
   train = lambda seed: _apply(
-    module, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+    module, variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
   )["last_hidden_state"]
   assert not np.allclose(train(0), ref, atol=1e-3)
   np.testing.assert_array_equal(train(0), train(0))
@@ -271,7 +271,7 @@ def test_dropout_only_when_not_deterministic(tiny_bert_dir):
 
 def test_clip_text_pooling_without_input_ids(tiny_clip_dir):
   """Fusion calls finalize(x, mask): the last real token is the EOS of right-padded text."""
-  module, params, config = hf.load_pretrained(tiny_clip_dir, tower="text")
+  module, variables, config = hf.load_pretrained(tiny_clip_dir, tower="text")
   ids, mask = map(jnp.asarray, _text_inputs(80, eos=config["text_config"]["eos_token_id"]))
 
   def no_ids(m):
@@ -279,31 +279,31 @@ def test_clip_text_pooling_without_input_ids(tiny_clip_dir):
     return m.finalize(m.run_layers(x, m_, 0, m.num_layers), m_)
 
   np.testing.assert_allclose(
-    _apply(module, params, method=no_ids)["pooler_output"],
-    _apply(module, params, ids, mask)["pooler_output"],
+    _apply(module, variables, method=no_ids)["pooler_output"],
+    _apply(module, variables, ids, mask)["pooler_output"],
     atol=1e-6,
   )
 
 
 def test_pixel_layout_error_names_the_fix(tiny_vit_dir):
-  module, params, _ = hf.load_pretrained(tiny_vit_dir)
+  module, variables, _ = hf.load_pretrained(tiny_vit_dir)
   with pytest.raises(ValueError, match=r"expects NHWC \(B, 16, 16, 3\).*transpose"):
-    _apply(module, params, jnp.asarray(_pixels()))  # NCHW
+    _apply(module, variables, jnp.asarray(_pixels()))  # NCHW
 
 
 def test_attention_dropout_path_keeps_causal_and_padding_masks(tiny_clip_dir):
   """With attention dropout on, attention is computed without jax.nn.dot_product_attention; at a
   vanishing rate it must give the deterministic result (same causal + padding masking)."""
-  _, params, config = hf.load_pretrained(tiny_clip_dir, tower="text")
+  _, variables, config = hf.load_pretrained(tiny_clip_dir, tower="text")
   module = hf.build_module(
     {**config["text_config"], "model_type": "clip_text_model", "attention_dropout": 1e-9}
   )
   ids, mask = map(jnp.asarray, _text_inputs(80, eos=config["text_config"]["eos_token_id"]))
   train = _apply(
-    module, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
+    module, variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
   )
   np.testing.assert_allclose(
-    train["last_hidden_state"], _apply(module, params, ids, mask)["last_hidden_state"], atol=1e-5
+    train["last_hidden_state"], _apply(module, variables, ids, mask)["last_hidden_state"], atol=1e-5
   )
 
 
@@ -324,7 +324,7 @@ def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
     return original(q, k, v, *args, implementation=implementation, **kw)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_on_xla)
-  _, params, config = hf.load_pretrained(tiny_clip_dir)
+  _, variables, config = hf.load_pretrained(tiny_clip_dir)
   ids, mask = map(
     jnp.asarray,
     _text_inputs(config["text_config"]["vocab_size"], eos=config["text_config"]["eos_token_id"]),
@@ -338,14 +338,14 @@ def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
       out = module.apply({"params": p}, ids, pixels, mask)
       return jnp.sum(out["text_embeds"] * out["image_embeds"].mean(0)), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     return out, grads
 
   out, grads = run("cudnn")
   ref, ref_grads = run(None)
   calls.clear()  # Once more outside jit, to read the lengths passed.
   hf.build_module(tiny_clip_dir, dtype=jnp.bfloat16, attention_impl="cudnn").apply(
-    {"params": params}, ids, pixels, mask
+    variables, ids, pixels, mask
   )
   real = np.asarray(mask, bool)
   layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["num_hidden_layers"]

@@ -10,43 +10,16 @@ import transformers
 
 from mmtl import hf, losses, optim, rules, train_step
 from mmtl.models import fusion, siglip
-from tests.hf_fixtures import export_and_reload
-from tests.test_accumulation import run_steps
+from tests.hf_fixtures import SIGLIP_VOCAB, export_and_reload
+from tests.test_accumulation import run_steps, stateless
 
 ATOL = 1e-5
-VOCAB = 99
-
-
-@pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory):
-  """Odd shapes: towers of different widths, a text head (32 -> 48) that is not square,
-  MAP head MLP of another width; logit_scale / logit_bias not at their init."""
-  torch.manual_seed(0)
-  common = dict(num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu_pytorch_tanh")
-  config = transformers.SiglipConfig(
-    text_config=dict(
-      common,
-      hidden_size=32,
-      intermediate_size=37,
-      vocab_size=VOCAB,
-      max_position_embeddings=16,
-      projection_size=48,
-    ),
-    vision_config=dict(common, hidden_size=48, intermediate_size=40, image_size=16, patch_size=4),
-  )
-  model = transformers.SiglipModel(config).eval()
-  with torch.no_grad():
-    model.logit_scale.fill_(2.3)
-    model.logit_bias.fill_(-1.7)
-  out = tmp_path_factory.mktemp("tiny_siglip")
-  model.save_pretrained(out)
-  return str(out)
 
 
 def inputs(batch=4, length=9):
   """Random pixels; random ids right-padded (with pad id 1) to different lengths."""
   rng = np.random.default_rng(0)
-  ids = rng.integers(3, VOCAB, (batch, length))
+  ids = rng.integers(3, SIGLIP_VOCAB, (batch, length))
   mask = np.ones_like(ids)
   for row, n in enumerate(np.linspace(length, 2, batch).astype(int)):
     ids[row, n:], mask[row, n:] = 1, 0
@@ -61,13 +34,13 @@ def close(ours, ref):
   np.testing.assert_allclose(np.asarray(ours), ref.detach().numpy(), atol=ATOL, rtol=0)
 
 
-def test_siglip_parity_logits_and_loss(siglip_dir):
-  module, params, _ = hf.load_pretrained(siglip_dir)
+def test_siglip_parity_logits_and_loss(tiny_siglip_dir):
+  module, variables, _ = hf.load_pretrained(tiny_siglip_dir)
   assert isinstance(module, siglip.SiglipModel)
   ids, mask, pixels = inputs()
-  out = jax.jit(module.apply)({"params": params}, jnp.asarray(ids), nhwc(pixels), jnp.asarray(mask))
+  out = jax.jit(module.apply)(variables, jnp.asarray(ids), nhwc(pixels), jnp.asarray(mask))
   with torch.no_grad():
-    ref = transformers.SiglipModel.from_pretrained(siglip_dir).eval()(
+    ref = transformers.SiglipModel.from_pretrained(tiny_siglip_dir).eval()(
       input_ids=torch.tensor(ids),
       attention_mask=torch.tensor(mask),
       pixel_values=torch.tensor(pixels),
@@ -84,8 +57,8 @@ def test_siglip_parity_logits_and_loss(siglip_dir):
     dict(
       image_embeds=out["image_embeds"],
       text_embeds=out["text_embeds"],
-      logit_scale=params["logit_scale"],
-      logit_bias=params["logit_bias"],
+      logit_scale=variables["params"]["logit_scale"],
+      logit_bias=variables["params"]["logit_bias"],
     ),
     {},
     {},
@@ -93,7 +66,7 @@ def test_siglip_parity_logits_and_loss(siglip_dir):
   np.testing.assert_allclose(float(losses.mean_of(loss_sum, weight)), float(ref.loss), rtol=1e-6)
 
 
-def test_siglip_towers_alone(siglip_dir, tmp_path):
+def test_siglip_towers_alone(tiny_siglip_dir, tmp_path):
   """Towers out of the full checkpoint, and saved alone by transformers, are HF's towers;
   embed -> run_layers -> finalize (what fusion runs) gives the same."""
   ids, mask, pixels = inputs()
@@ -103,17 +76,17 @@ def test_siglip_towers_alone(siglip_dir, tmp_path):
     "vision": dict(pixel_values=torch.tensor(pixels)),
     "text": dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)),
   }
-  _, full, _ = hf.load_pretrained(siglip_dir)
+  _, full, _ = hf.load_pretrained(tiny_siglip_dir)
   for tower, ref_cls in ref_classes.items():
-    ref_model = ref_cls.from_pretrained(siglip_dir).eval()
+    ref_model = ref_cls.from_pretrained(tiny_siglip_dir).eval()
     with torch.no_grad():
       ref = ref_model(**ref_kw[tower])
     alone = tmp_path / tower
     ref_model.save_pretrained(alone)
-    for path, kw in ((siglip_dir, dict(tower=tower)), (alone, {})):
-      module, params, _ = hf.load_pretrained(path, **kw)
-      jax.tree.map(np.testing.assert_array_equal, params, full[tower])
-      out = module.apply({"params": params}, *args[tower])
+    for path, kw in ((tiny_siglip_dir, dict(tower=tower)), (alone, {})):
+      module, variables, _ = hf.load_pretrained(path, **kw)
+      jax.tree.map(np.testing.assert_array_equal, variables["params"], full["params"][tower])
+      out = module.apply(variables, *args[tower])
       for key in ("last_hidden_state", "pooler_output"):
         close(out[key], ref[key])
 
@@ -121,17 +94,17 @@ def test_siglip_towers_alone(siglip_dir, tmp_path):
       x, m_ = m.embed(*a)
       return m.finalize(m.run_layers(x, m_, 0, m.num_layers), m_)
 
-    split = module.apply({"params": params}, *args[tower], method=pieces)  # the lone tower
+    split = module.apply(variables, *args[tower], method=pieces)  # the lone tower
     close(split["pooler_output"], ref.pooler_output)
 
 
 @pytest.mark.parametrize("tower", [None, "vision", "text"])
-def test_siglip_export_round_trip(siglip_dir, tower, tmp_path):
-  module, params, _ = hf.load_pretrained(siglip_dir, tower=tower)
+def test_siglip_export_round_trip(tiny_siglip_dir, tower, tmp_path):
+  module, variables, _ = hf.load_pretrained(tiny_siglip_dir, tower=tower)
   # AutoModel has no entry for siglip_text_model: load with the class config.json names.
   torch_cls = getattr(transformers, module.hf_architecture)
-  torch_model = export_and_reload(module, params, tmp_path / "export", torch_cls)
-  ref_model = torch_cls.from_pretrained(siglip_dir).eval()
+  torch_model = export_and_reload(module, variables, tmp_path / "export", torch_cls)
+  ref_model = torch_cls.from_pretrained(tiny_siglip_dir).eval()
   ids, mask, pixels = inputs()
   kw = {}
   if tower in (None, "text"):
@@ -144,11 +117,11 @@ def test_siglip_export_round_trip(siglip_dir, tower, tmp_path):
   torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
 
 
-def test_fusion_sigmoid_head(siglip_dir):
+def test_fusion_sigmoid_head(tiny_siglip_dir):
   """contrastive_loss="sigmoid" gives the head a logit_bias (SigLIP's init) and the loss the
   sigmoid one; SigLIP towers drive it through the encoder protocol."""
   towers = {
-    f"{m}_encoder": hf.build_module(siglip_dir, tower=t)
+    f"{m}_encoder": hf.build_module(tiny_siglip_dir, tower=t)
     for m, t in (("image", "vision"), ("text", "text"))
   }
   model = fusion.FusionModel(
@@ -196,7 +169,7 @@ def test_sigmoid_loss_accumulates_over_the_full_batch():
     }
 
   objective = train_step.Objective(
-    forward, lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
+    stateless(forward), lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
   )
   rng = np.random.default_rng(2)
   params = {

@@ -69,8 +69,8 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, transformers.PreTraine
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(module, params, inputs):
-  return module.apply({"params": params}, **inputs)
+def _apply(module, variables, inputs):
+  return module.apply(variables, **inputs)
 
 
 def _inputs(
@@ -92,8 +92,8 @@ def _inputs(
   return inputs
 
 
-def _check_parity(module, params, torch_model, inputs):
-  out = _apply(module, params, {k: jnp.asarray(v) for k, v in inputs.items()})
+def _check_parity(module, variables, torch_model, inputs):
+  out = _apply(module, variables, {k: jnp.asarray(v) for k, v in inputs.items()})
   with torch.no_grad():
     ref = torch_model(**{k: torch.tensor(v) for k, v in inputs.items()})
   np.testing.assert_allclose(out["last_hidden_state"], ref.last_hidden_state, atol=ATOL, rtol=0)
@@ -108,16 +108,16 @@ def _check_parity(module, params, torch_model, inputs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parity_on_padded_batches(family, side, checkpoints):
   path, torch_model = checkpoints[family]
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   assert type(module).config_class.model_type == family
   inputs = _inputs(module, torch_model, side)
-  out = _check_parity(module, params, torch_model, inputs)
+  out = _check_parity(module, variables, torch_model, inputs)
   if family == "distilbert" and side == "left":
     return  # DistilBERT (as BERT) numbers positions 0 .. L-1 whatever the padding.
   # RoBERTa's position ids follow the padding: a row's real tokens give what they give unpadded.
   row = inputs["attention_mask"][1].astype(bool)
   alone = {k: v[1:2, row] for k, v in inputs.items()}
-  unpadded = _apply(module, params, {k: jnp.asarray(v) for k, v in alone.items()})
+  unpadded = _apply(module, variables, {k: jnp.asarray(v) for k, v in alone.items()})
   np.testing.assert_allclose(
     out["last_hidden_state"][1, row], unpadded["last_hidden_state"][0], atol=ATOL, rtol=0
   )
@@ -127,20 +127,20 @@ def test_parity_on_padded_batches(family, side, checkpoints):
 def test_roberta_longest_input(family, checkpoints):
   """Positions run to pad_token_id + L: the table covers max_position_embeddings - pad - 1."""
   path, torch_model = checkpoints[family]
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   longest = MAX_POSITIONS - torch_model.config.pad_token_id - 1
-  _check_parity(module, params, torch_model, _inputs(module, torch_model, "right", longest))
+  _check_parity(module, variables, torch_model, _inputs(module, torch_model, "right", longest))
   too_long = {
     k: jnp.asarray(v) for k, v in _inputs(module, torch_model, "right", longest + 1).items()
   }
   with pytest.raises(ValueError, match=f"{longest + 1} > {longest}, the longest"):
-    _apply(module, params, too_long)
+    _apply(module, variables, too_long)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encoder_protocol_and_param_names(family, checkpoints):
   path, torch_model = checkpoints[family]
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   assert isinstance(module, encoder.Encoder) and set(module.dummy_inputs()) == set(module.inputs)
   assert (module.num_layers, module.hidden_size) == (2, 36)
   inputs = {k: jnp.asarray(v) for k, v in _inputs(module, torch_model, "left").items()}
@@ -151,11 +151,13 @@ def test_encoder_protocol_and_param_names(family, checkpoints):
       x = m.run_layers(x, mask, start, start + 1)
     return m.finalize(x, mask)
 
-  split = module.apply({"params": params}, method=pieces)
+  split = module.apply(variables, method=pieces)
   jax.tree.map(
-    functools.partial(np.testing.assert_allclose, atol=1e-6), split, _apply(module, params, inputs)
+    functools.partial(np.testing.assert_allclose, atol=1e-6),
+    split,
+    _apply(module, variables, inputs),
   )
-  paths = set(rules.flatten(params))
+  paths = set(rules.flatten(variables["params"]))
   assert {
     "embeddings/word_embeddings/embedding",
     "embeddings/position_embeddings/embedding",
@@ -173,8 +175,8 @@ def test_encoder_protocol_and_param_names(family, checkpoints):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_reloads_in_transformers(family, checkpoints, tmp_path):
   path, torch_model = checkpoints[family]
-  module, params, _ = hf.load_pretrained(path)
-  reloaded = export_and_reload(module, params, tmp_path)
+  module, variables, _ = hf.load_pretrained(path)
+  reloaded = export_and_reload(module, variables, tmp_path)
   assert type(reloaded) is type(torch_model)
   inputs = {k: torch.tensor(v) for k, v in _inputs(module, torch_model, "left").items()}
   with torch.no_grad():
@@ -188,14 +190,14 @@ def test_export_reloads_in_transformers(family, checkpoints, tmp_path):
 def test_task_checkpoint_loads_encoder(family, checkpoints, tmp_path):
   path, _ = checkpoints[family]
   TASK_MODELS[family].from_pretrained(path, num_labels=3).save_pretrained(tmp_path)
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   prefix = f"{module.hf_base_prefix}."
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["architectures"] == [TASK_MODELS[family].__name__]
   keys = set(hf.read_weights(tmp_path))
   assert all(k.startswith((prefix, "classifier.", "pre_classifier.")) for k in keys)
   if family == "distilbert":
-    jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(tmp_path)[1], params)
+    jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(tmp_path)[1], variables)
     return
   # RobertaForSequenceClassification has no pooler (its head pools the first token itself).
   with pytest.raises(
@@ -203,8 +205,8 @@ def test_task_checkpoint_loads_encoder(family, checkpoints, tmp_path):
   ):
     hf.load_pretrained(tmp_path)
   _, task, _ = hf.load_pretrained(tmp_path, add_pooling_layer=False)
-  del params["pooler"]
-  jax.tree.map(np.testing.assert_array_equal, task, params)
+  del variables["params"]["pooler"]
+  jax.tree.map(np.testing.assert_array_equal, task, variables)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -214,7 +216,7 @@ def test_reads_hf_flax_msgpack(family, checkpoints, tmp_path):
   positions instead of storing them: such a checkpoint loads with dont_load, and mmtl's
   initialization of the table is transformers' table."""
   path, _ = checkpoints[family]
-  module, params, config = hf.load_pretrained(path)
+  module, variables, config = hf.load_pretrained(path)
   to_mmtl = {key: p for p, key in module.hf_names().items()}
   flat = {}
   for key, x in hf.read_weights(Path(path)).items():
@@ -230,7 +232,7 @@ def test_reads_hf_flax_msgpack(family, checkpoints, tmp_path):
   )
   (tmp_path / "config.json").write_text(json.dumps(config))
   loaded = hf.load_pretrained(tmp_path, dont_load=dont_load)[1]
-  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
 
 def test_distilbert_has_no_dropout_after_attention():
@@ -247,16 +249,15 @@ def test_distilbert_has_no_dropout_after_attention():
         calls.append(context.module.rate)
       return next_fun(*args, **kwargs)
 
-    params = hf.param_shapes(module)
     with nn.intercept_methods(count):
       jax.eval_shape(
-        lambda p: module.apply(
-          {"params": p},
+        lambda v: module.apply(
+          v,
           **module.dummy_inputs(),
           deterministic=False,
           rngs={"dropout": jax.random.PRNGKey(0)},
         ),
-        params,
+        hf.variable_shapes(module),
       )
     return calls
 
@@ -295,12 +296,12 @@ def test_fusion_with_text_tower(family, checkpoints):
   towers = dict(image=dict(name=small_vit), text=text)
   model = fusion.build({**config_lib.MODEL_DEFAULTS, "towers": towers, "width": 8})
   batch = model.dummy_batch()
-  params = model.init(jax.random.PRNGKey(0), batch)["params"]
-  assert "text_encoder/encoder/layer_1/attn/query/kernel" in rules.flatten(params)
-  assert model.apply({"params": params}, batch)["logits"].shape == (1, 2)
-  params = hf.load_params_into(params, "text_encoder", checkpoints[family][0])
+  variables = model.init(jax.random.PRNGKey(0), batch)
+  assert "text_encoder/encoder/layer_1/attn/query/kernel" in rules.flatten(variables["params"])
+  assert model.apply(variables, batch)["logits"].shape == (1, 2)
+  variables = hf.load_into(variables, "text_encoder", checkpoints[family][0])
   module, torch_model = model.text_encoder, checkpoints[family][1]
   real = dict(
     _inputs(module, torch_model, "right"), pixel_values=np.zeros((3, 8, 8, 3), np.float32)
   )
-  assert model.apply({"params": params}, real)["logits"].shape == (3, 2)
+  assert model.apply(variables, real)["logits"].shape == (3, 2)

@@ -53,19 +53,19 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, transformers.PreTraine
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(module, params, pixels, bool_masked_pos=None):
+def _apply(module, variables, pixels, bool_masked_pos=None):
   kw = {} if bool_masked_pos is None else dict(bool_masked_pos=bool_masked_pos)
-  return module.apply({"params": params}, pixels, **kw)
+  return module.apply(variables, pixels, **kw)
 
 
 def _pixels(height=28, width=28, batch=2, seed=0):
   return np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(np.float32)
 
 
-def _check_parity(module, params, torch_model, pixels, bool_masked_pos=None):
+def _check_parity(module, variables, torch_model, pixels, bool_masked_pos=None):
   nhwc = jnp.asarray(pixels.transpose(0, 2, 3, 1))
   masked = None if bool_masked_pos is None else jnp.asarray(bool_masked_pos)
-  out = _apply(module, params, nhwc, masked)
+  out = _apply(module, variables, nhwc, masked)
   kw = {} if bool_masked_pos is None else dict(bool_masked_pos=torch.tensor(bool_masked_pos))
   with torch.no_grad():
     ref = torch_model(pixel_values=torch.tensor(pixels), **kw)
@@ -76,25 +76,25 @@ def _check_parity(module, params, torch_model, pixels, bool_masked_pos=None):
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_parity(family, checkpoints):
   path, torch_model = checkpoints[family]
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   assert isinstance(module, encoder.Encoder) and module.inputs == ("pixel_values",)
   assert (module.num_layers, module.hidden_size) == (2, 36)
-  _check_parity(module, params, torch_model, _pixels())
+  _check_parity(module, variables, torch_model, _pixels())
 
 
 @pytest.mark.parametrize("size", [(35, 49), (21, 21), (30, 16)])
 def test_dinov2_interpolates_position_embeddings(size, checkpoints):
   """Up, down and non-square image sizes (and a remainder of pixels past the last patch)."""
   path, torch_model = checkpoints["dinov2"]
-  module, params, _ = hf.load_pretrained(path)
-  _check_parity(module, params, torch_model, _pixels(*size))
+  module, variables, _ = hf.load_pretrained(path)
+  _check_parity(module, variables, torch_model, _pixels(*size))
 
 
 def test_dinov2_mask_token(checkpoints):
   path, torch_model = checkpoints["dinov2_swiglu"]
-  module, params, _ = hf.load_pretrained(path)
+  module, variables, _ = hf.load_pretrained(path)
   masked = np.random.default_rng(1).random((2, 16)) < 0.5
-  _check_parity(module, params, torch_model, _pixels(), masked)
+  _check_parity(module, variables, torch_model, _pixels(), masked)
 
 
 @pytest.mark.parametrize("size", [((4, 4), (7, 9)), ((4, 4), (3, 2)), ((5, 3), (5, 3))])
@@ -113,7 +113,7 @@ def test_resize_grid_is_torch_bicubic(size):
 
 def test_param_names(checkpoints):
   paths = {
-    family: set(rules.flatten(hf.load_pretrained(path)[1]))
+    family: set(rules.flatten(hf.load_pretrained(path)[1]["params"]))
     for family, (path, _) in checkpoints.items()
   }
   shared = {
@@ -132,8 +132,8 @@ def test_param_names(checkpoints):
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_export_reloads_in_transformers(family, checkpoints, tmp_path):
   path, torch_model = checkpoints[family]
-  module, params, _ = hf.load_pretrained(path)
-  reloaded = export_and_reload(module, params, tmp_path)
+  module, variables, _ = hf.load_pretrained(path)
+  reloaded = export_and_reload(module, variables, tmp_path)
   assert type(reloaded) is type(torch_model)
   pixels = torch.tensor(_pixels())
   with torch.no_grad():
@@ -142,24 +142,33 @@ def test_export_reloads_in_transformers(family, checkpoints, tmp_path):
     np.testing.assert_array_equal(ours[key].numpy(), ref[key].numpy())
 
 
-def test_deit_fixed_image_size(checkpoints):
-  module, params, _ = hf.load_pretrained(checkpoints["deit"][0])
-  with pytest.raises(ValueError, match=r"expects NHWC \(B, 28, 28, 3\)"):
-    _apply(module, params, jnp.zeros((1, 35, 35, 3)))
+@pytest.mark.parametrize("size", [(35, 21), (28, 30)])
+def test_deit_other_image_sizes(size, checkpoints):
+  """As transformers with interpolate_pos_encoding=True: [CLS] and [DIST] positions kept,
+  the patches' resized bicubically (28 x 30 has the config's grid and a remainder)."""
+  path, torch_model = checkpoints["deit"]
+  module, variables, _ = hf.load_pretrained(path)
+  pixels = _pixels(*size)
+  out = _apply(module, variables, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+  with torch.no_grad():
+    ref = torch_model(pixel_values=torch.tensor(pixels), interpolate_pos_encoding=True)
+  for key in ("last_hidden_state", "pooler_output"):
+    np.testing.assert_allclose(out[key], ref[key].numpy(), atol=ATOL, rtol=0, err_msg=key)
 
 
 def test_wrong_family_names_the_path(checkpoints):
   """A DINOv2 / DeiT checkpoint into a ViT-shaped subtree: what differs is named."""
   vit = hf.build_module(dict(model_type="vit", intermediate_size=40, **TINY))
-  params = {"image_encoder": hf.init_params(vit, jax.random.PRNGKey(0))}
+  image_encoder = hf.init_variables(vit, jax.random.PRNGKey(0))["params"]
+  variables = {"params": {"image_encoder": image_encoder}}
   with pytest.raises(hf.CheckpointError) as e:
-    hf.load_params_into(params, "image_encoder", checkpoints["dinov2"][0])
+    hf.load_into(variables, "image_encoder", checkpoints["dinov2"][0])
   assert "image_encoder/encoder/layer_0/mlp/fc1/kernel: checkpoint (36, 72) vs model (36, 40)" in (
     str(e.value)
   )
   assert "image_encoder/encoder/layer_0/attn_scale" in str(e.value)
   with pytest.raises(hf.CheckpointError) as e:
-    hf.load_params_into(params, "image_encoder", checkpoints["deit"][0])
+    hf.load_into(variables, "image_encoder", checkpoints["deit"][0])
   assert (
     "image_encoder/embeddings/position_embeddings: checkpoint (1, 18, 36) vs model (1, 17, 36)"
     in (str(e.value))
@@ -171,16 +180,16 @@ def test_dinov2_reads_hf_flax_msgpack(checkpoints, tmp_path):
   """flax_model.msgpack in HF Flax's layout (FlaxDinov2Model: `encoder/layer/0/...`, kernels as
   Flax's) loads to the same params as the safetensors."""
   path, _ = checkpoints["dinov2_swiglu"]
-  module, params, config = hf.load_pretrained(path)
+  module, variables, config = hf.load_pretrained(path)
   flat = {}
-  for p, x in rules.flatten(params).items():
+  for p, x in rules.flatten(variables["params"]).items():
     *parents, leaf = module.hf_names()[p].split(".")
     flat["/".join([*parents, p.rsplit("/", 1)[1] if leaf == "weight" else leaf])] = np.asarray(x)
   (tmp_path / "flax_model.msgpack").write_bytes(
     flax.serialization.msgpack_serialize(rules.unflatten(flat))
   )
   (tmp_path / "config.json").write_text(json.dumps(config))
-  jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(tmp_path)[1], params)
+  jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(tmp_path)[1], variables)
 
 
 @pytest.mark.parametrize("image", ["dinov2", "deit"])

@@ -142,7 +142,8 @@ def trainer_runs(tmp_path_factory, tiny_bert_dir):
 
 def _assert_same_params(workdir, other):
   params = [
-    jax.device_get(checkpoint.restore_params_only(w / "checkpoints")) for w in (workdir, other)
+    jax.device_get(checkpoint.restore_variables(w / "checkpoints")["params"])
+    for w in (workdir, other)
   ]
   for (path, a), b in zip(rules.flatten(params[0]).items(), rules.flatten(params[1]).values()):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)

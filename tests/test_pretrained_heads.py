@@ -1,5 +1,5 @@
-"""A contrastive FusionModel loaded whole from a CLIP checkpoint (towers and head) is
-transformers' CLIPModel: same logits and retrieval at step 0."""
+"""A contrastive FusionModel loaded whole from a CLIP (or SigLIP) checkpoint, towers and
+head, is transformers' CLIPModel (SiglipModel): same logits and retrieval at step 0."""
 
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -12,6 +12,7 @@ from mmtl import config as config_lib
 from mmtl import evaluators, hf, sharding, train_state
 from mmtl.models import fusion
 from tests.hf_fixtures import make_tiny_checkpoint
+from tests.test_models_siglip import inputs as siglip_inputs
 
 ATOL = 1e-5
 BATCH = 6
@@ -52,7 +53,8 @@ def init(config):
   mesh = sharding.make_mesh(config.mesh)
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
-  return model, mesh, train_state.init_params(model, config, layout, note=lambda _: None)
+  variables = train_state.init_variables(model, config, layout, note=lambda _: None)
+  return model, mesh, variables["params"]
 
 
 def padded_batch(path):
@@ -108,7 +110,7 @@ def test_clip_dual_encoder_matches_transformers_at_step_0(clip_dir):
     predict=evaluators.make_predict_fn(model, mesh),
   )
   retrieval = evaluators.make("val", dict(type="retrieval", ks=ks), context)
-  assert retrieval.run(params) == {
+  assert retrieval.run({"params": params}) == {
     f"val/{k}": v for k, v in recall_from_logits(ref_logits, ks).items()
   }
 
@@ -127,3 +129,42 @@ def test_head_needs_a_dual_encoder_checkpoint(clip_dir, tiny_bert_dir):
     init(clip_config(clip_dir, head=tiny_bert_dir))
   with pytest.raises(hf.CheckpointError, match="with tower='vision'"):
     init(clip_config(clip_dir, head=dict(name=clip_dir, tower="vision")))
+
+
+def siglip_config(path, width=0, loss="sigmoid"):
+  config = clip_config(path, width=width)
+  config.model.contrastive_loss = loss
+  return config
+
+
+def test_siglip_dual_encoder_matches_transformers_at_step_0(tiny_siglip_dir):
+  """SigLIP has no projections (width=0): its towers' poolers, temperature and bias make
+  the head, and the model is transformers' SiglipModel at step 0."""
+  model, _, params = init(siglip_config(tiny_siglip_dir))
+  assert "image_proj" not in params["head"]
+  ids, mask, pixels = siglip_inputs()
+  batch = dict(
+    pixel_values=jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+    input_ids=jnp.asarray(ids, jnp.int32),
+    attention_mask=jnp.asarray(mask, jnp.int32),
+  )
+  out = model.apply({"params": params}, batch)
+  logits = np.exp(out["logit_scale"]) * np.asarray(out["image_embeds"] @ out["text_embeds"].T)
+  logits = logits + np.asarray(out["logit_bias"])
+  with torch.no_grad():
+    ref = transformers.SiglipModel.from_pretrained(tiny_siglip_dir).eval()(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      pixel_values=torch.tensor(pixels),
+    )
+  np.testing.assert_allclose(logits, ref.logits_per_image.numpy(), atol=ATOL, rtol=0)
+  assert float(out["logit_bias"]) == pytest.approx(-1.7)
+
+
+def test_siglip_head_needs_width_0_and_the_sigmoid_loss(tiny_siglip_dir):
+  with pytest.raises(hf.CheckpointError, match="config.model.width must be 0"):
+    init(siglip_config(tiny_siglip_dir, width=16))
+  with pytest.raises(
+    hf.CheckpointError, match="logit_bias.*config.model.contrastive_loss='sigmoid'"
+  ):
+    init(siglip_config(tiny_siglip_dir, loss="softmax"))

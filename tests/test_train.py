@@ -89,7 +89,8 @@ def losses(workdir):
 
 
 def final_params(workdir):
-  return jax.device_get(checkpoint.restore_params_only(os.path.join(workdir, "checkpoints")))
+  ckpts = os.path.join(workdir, "checkpoints")
+  return jax.device_get(checkpoint.restore_variables(ckpts)["params"])
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +251,8 @@ def test_distillation_from_a_finished_run(finished_run, tiny_bert_dir, data_dir,
   config = config_lib.with_defaults(student)
   batch = next(data.make_train_iterator(config.input, batch_size=16, seed=config.seed))
   mesh = sharding.make_mesh(config.mesh)
-  model, params = train_state.load_run(str(teacher), mesh)
-  teacher_logits = np.asarray(model.apply({"params": params}, batch)["logits"])
+  model, variables = train_state.load_run(str(teacher), mesh)
+  teacher_logits = np.asarray(model.apply(variables, batch)["logits"])
   expected = distill.kd_loss_per_example(np.zeros_like(teacher_logits), teacher_logits, 2.0).mean()
   assert expected > 0.01
   assert losses(tmp_path / "student")[1] == pytest.approx(float(expected), rel=1e-5)
@@ -275,10 +276,12 @@ def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, dat
     ),
   )
   train.train(config, str(tmp_path / "run"))
-  _, pretrained, _ = hf.load_pretrained(tiny_bert_dir)
+  pretrained = hf.load_pretrained(tiny_bert_dir)[1]["params"]
   ckpts = str(tmp_path / "run" / "checkpoints")
-  before = jax.device_get(checkpoint.restore_params_only(ckpts, step=2))["text_encoder"]
-  after = jax.device_get(checkpoint.restore_params_only(ckpts, step=4))["text_encoder"]
+  before, after = (
+    jax.device_get(checkpoint.restore_variables(ckpts, step=s)["params"]["text_encoder"])
+    for s in (2, 4)
+  )
   kernel = lambda p: p["encoder"]["layer_0"]["attn"]["query"]["kernel"]
   np.testing.assert_array_equal(kernel(before), kernel(pretrained))  # locked for steps 1-2
   assert not np.allclose(kernel(after), kernel(before))  # trained from step 3 on
@@ -310,7 +313,8 @@ def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_pat
   assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
   ckpts = str(tmp_path / "run" / "checkpoints")
   before, after = (
-    rules.flatten(jax.device_get(checkpoint.restore_params_only(ckpts, step=s))) for s in (1, 2)
+    rules.flatten(jax.device_get(checkpoint.restore_variables(ckpts, step=s)["params"]))
+    for s in (1, 2)
   )
   kernel = "audio_encoder/encoder/layer_0/attn/query/kernel"
   assert before[kernel].shape == (16, 16)
@@ -374,9 +378,8 @@ def test_lora_bf16_run_with_early_stopping(tiny_bert_dir, data_dir, tmp_path):
   with checkpoint.CheckpointManager(ckpts, read_only=True) as m:
     assert m.latest_step() == 3 and final["step"] == m.best_step()
     assert accuracy[m.best_step()] == max(accuracy.values())
-  params = rules.flatten(jax.device_get(checkpoint.restore_params_only(ckpts, step=3)))
-  _, pretrained, _ = hf.load_pretrained(tiny_bert_dir)
-  pretrained = rules.flatten(pretrained)
+  params = rules.flatten(jax.device_get(checkpoint.restore_variables(ckpts, step=3)["params"]))
+  pretrained = rules.flatten(hf.load_pretrained(tiny_bert_dir)[1]["params"])
   query = "encoder/layer_0/attn/query"
   # bf16 compute keeps float32 params; LoRA trains only its adapters: the base stays exact.
   assert params[f"text_encoder/{query}/kernel"].dtype == np.float32
@@ -408,9 +411,8 @@ def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
     cfg = mlc.ConfigDict(config.to_dict())
     cfg.model.frozen_tower_mode = mode
     objective = train_step.make_objective(model, cfg, None, mask)
-    return np.asarray(
-      objective.forward(*optim.split(params, mask), batch, jax.random.PRNGKey(seed))["features"]
-    )
+    outputs, _ = objective.forward(*optim.split(params, mask), {}, batch, jax.random.PRNGKey(seed))
+    return np.asarray(outputs["features"])
 
   np.testing.assert_array_equal(features("inference", 1), features("inference", 2))
   assert np.abs(features("train", 1) - features("train", 2)).max() > 1e-3
@@ -427,12 +429,12 @@ def test_activation_estimate_counts_what_backward_keeps(tiny_bert_dir, data_dir)
   model = fusion.build(config.model)
   batch = next(data.make_train_iterator(config.input, batch_size=16, seed=0))
   shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), model.dummy_batch())["params"])
+  layout = train_state.param_layout(model, config, sharding.make_mesh(config.mesh))
 
   def estimate(frozen, accum):
-    mask = optim.freeze_mask(params, dict(frozen=frozen))
+    mask = optim.freeze_mask(layout.shapes, dict(frozen=frozen))
     return train_step.activation_bytes(
-      train_step.make_objective(model, config, None, mask), mask, params, shapes, accum_steps=accum
+      train_step.make_objective(model, config, None, mask), mask, layout, shapes, accum_steps=accum
     )
 
   full, locked = estimate([], 1), estimate(["text_encoder/.*"], 1)

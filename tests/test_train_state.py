@@ -59,7 +59,7 @@ def setup(tiny_vit_dir, tiny_bert_dir):
 def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
   config, mesh, model, layout, sharded = setup
   seen = []
-  load = hf.load_params_into
+  load = hf.load_into
   before = jax.live_arrays()  # Held, so that no new array can take one of their ids.
 
   def watching_load(*args, **kwargs):  # The random init is live here, the loaded tower next.
@@ -68,8 +68,10 @@ def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
     seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
     return out
 
-  monkeypatch.setattr(hf, "load_params_into", watching_load)
-  params = train_state.init_params(model, config, layout, note=lambda _: None)
+  monkeypatch.setattr(hf, "load_into", watching_load)
+  variables = train_state.init_variables(model, config, layout, note=lambda _: None)
+  assert set(variables) == {"params"}  # no BatchNorm in these towers
+  params = variables["params"]
   seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
   assert seen == []
   assert jax.tree.map(lambda x: x.sharding, params) == layout.shardings
@@ -87,10 +89,11 @@ def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
 
 def test_loaded_values_and_random_init_are_the_unsharded_ones(setup, tiny_vit_dir, tiny_bert_dir):
   config, mesh, model, layout, _ = setup
-  params = jax.device_get(train_state.init_params(model, config, layout, note=lambda _: None))
+  variables = train_state.init_variables(model, config, layout, note=lambda _: None)
+  params = jax.device_get(variables["params"])
   for subtree, folder in (("image_encoder", tiny_vit_dir), ("text_encoder", tiny_bert_dir)):
     _, loaded, _ = hf.load_pretrained(folder)
-    for path, value in rules.flatten(loaded).items():
+    for path, value in rules.flatten(loaded["params"]).items():
       np.testing.assert_array_equal(rules.flatten(params[subtree])[path], value, err_msg=path)
   # The new layers: the same values as one unsharded init of the same seed.
   rng_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -109,7 +112,8 @@ def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir
   mesh = sharding.make_mesh(config.mesh)
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
-  params = train_state.init_params(model, config, layout, note=lambda _: None)
+  variables = train_state.init_variables(model, config, layout, note=lambda _: None)
+  params = variables["params"]
   flat = rules.flatten(params)
   assert any(p.endswith("/lora_a") for p in flat)
   assert jax.tree.map(lambda x: x.sharding, params) == layout.shardings
@@ -120,6 +124,6 @@ def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir
     "opt_state": jax.eval_shape(tx.init, layout.shapes),
   }
   shardings = sharding.state_shardings(mesh, state_shapes, layout.shardings)
-  state = train_state.init_state(params, tx, shardings)
+  state = train_state.init_state(variables, tx, shardings)
   assert int(state["step"]) == 0
   assert jax.tree.map(lambda x: x.sharding, state["opt_state"]) == shardings["opt_state"]

@@ -1,9 +1,11 @@
 """DeiT (HF `DeiTModel`): a ViT with a distillation token after [CLS].
 
-Same layers, param names, input (NHWC `pixel_values` at the config's image size)
-and tanh pooler on [CLS] as `mmtl.models.vit.ViTModel`; only the embeddings
-differ: [CLS], [DIST], patches, with one more position embedding. As transformers
-does without `interpolate_pos_encoding`, other image sizes are an error.
+Same layers, param names, input (NHWC `pixel_values`) and tanh pooler on [CLS] as
+`mmtl.models.vit.ViTModel`; only the embeddings differ: [CLS], [DIST], patches, with one
+more position embedding. Any image size runs, as transformers with
+`interpolate_pos_encoding=True`: the patch position embeddings are resized to the image's
+patch grid (torch bicubic), the [CLS] and [DIST] ones kept; at the config's size that is
+transformers' default forward.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class DeiTConfig(vit.ViTConfig):
 
 class DeiTEmbeddings(vit.ViTEmbeddings):
   prefix_tokens: ClassVar[tuple[str, ...]] = ("cls_token", "distillation_token")
+  any_image_size: ClassVar[bool] = True
 
 
 class DeiTModel(vit.ViTModel):

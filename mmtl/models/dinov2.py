@@ -5,19 +5,21 @@ mean/std, at any H, W: the position embeddings are resized to the (H // patch,
 W // patch) grid exactly as transformers' `interpolate_pos_encoding` does (torch
 bicubic, in float32), so DINOv2 runs at its 518 px pretraining size and at the 224 px
 of its processor alike. `pooler_output` is the final-layer-normed [CLS] token (no
-pooler weights). Register-token checkpoints (`dinov2_with_registers`) are not this family.
+pooler weights). `drop_path_rate` is stochastic depth on every layer's two residual branches
+(the same rate in every layer, as transformers), in training only. Register-token checkpoints
+(`dinov2_with_registers`) are not this family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmtl.models import layers
+from mmtl.models import layers, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Dinov2Config(layers.HFConfig):
   layerscale_value: float = 1.0  # layer scale init
   use_swiglu_ffn: bool = False  # ViT-g: SwiGLU MLP
   use_mask_token: bool = True  # a `mask_token` param (replaces patches in `bool_masked_pos`)
+  drop_path_rate: float = 0.0  # stochastic depth, the same in every layer
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -60,6 +63,96 @@ class Dinov2Config(layers.HFConfig):
       layer_scale=self.layerscale_value,
       gated_mlp=self.use_swiglu_ffn,
     )
+
+  def drop_path_rates(self) -> tuple[float, ...]:
+    return (self.drop_path_rate,) * self.num_hidden_layers
+
+
+class Dinov2Layer(layers.EncoderLayer):
+  """Pre-LN `layers.EncoderLayer` with stochastic depth (rate `drop_path`) on both residual
+  branches, after dropout and layer scale as in transformers' DINOv2 and BEiT layers.
+
+  `attention` builds the `attn` sublayer; arguments the encoder passes after `deterministic`
+  go to it (BEiT's attention bias).
+  """
+
+  drop_path: float = 0.0
+
+  def attention(self, x: jax.Array, mask: jax.Array, deterministic: bool, *args: Any) -> jax.Array:
+    del args  # DINOv2's attention takes nothing more
+    attn = layers.Attention(
+      self.spec, self.dtype, self.param_dtype, self.attention_impl, name="attn"
+    )
+    return attn(x, mask, deterministic)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, *args: Any) -> jax.Array:
+    s = self.spec
+    norm = lambda name: layers.layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype, name)
+    drop, drop_path = nn.Dropout(s.dropout), layers.DropPath(self.drop_path)
+    branch = lambda scale, h: drop_path(
+      self._scaled(scale, drop(h, deterministic=deterministic)), deterministic
+    )
+    x = x + branch("attn_scale", self.attention(norm("attn_norm")(x), mask, deterministic, *args))
+    h = layers.Mlp(s, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(x))
+    return x + branch("mlp_scale", h)
+
+
+class Dinov2Encoder(layers.Encoder):
+  """`layers.Encoder` of `layer_class` layers, layer i with drop path rate `drop_path_rates[i]`.
+
+  `__call__` passes any arguments after `stop` on to every layer (its attention).
+  """
+
+  drop_path_rates: tuple[float, ...] = ()
+
+  layer_class: ClassVar[type[Dinov2Layer]] = Dinov2Layer
+  # Static arguments of the layer's __call__ under remat, counting `self` (deterministic).
+  layer_static_argnums: ClassVar[tuple[int, ...]] = (3,)
+
+  def setup(self) -> None:
+    layers.check_remat(self.remat)
+    if len(self.drop_path_rates) != self.num_layers:
+      raise ValueError(
+        f"{len(self.drop_path_rates)} drop path rates for {self.num_layers} layers: give one each."
+      )
+    layer_cls = self.layer_class
+    if self.remat != "none":
+      policy = layers.REMAT_POLICIES[self.remat]
+      layer_cls = nn.remat(layer_cls, policy=policy, static_argnums=self.layer_static_argnums)
+    for i, rate in enumerate(self.drop_path_rates):
+      layer = layer_cls(self.spec, self.dtype, self.param_dtype, self.attention_impl, rate)
+      setattr(self, f"layer_{i}", layer)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array,
+    start: int,
+    stop: int,
+    *args: Any,
+    deterministic: bool = True,
+  ) -> jax.Array:
+    if not 0 <= start <= stop <= self.num_layers:
+      raise ValueError(
+        f"Layer range [{start}, {stop}) is outside the encoder's "
+        f"{self.num_layers} layers; need 0 <= start <= stop <= {self.num_layers}."
+      )
+    for i in range(start, stop):
+      x = getattr(self, f"layer_{i}")(x, mask, deterministic, *args)
+    return x
+
+
+def mask_patches(
+  x: jax.Array, bool_masked_pos: jax.Array | None, mask_token: jax.Array | None
+) -> jax.Array:
+  """Patch tokens `x` (B, N, D) with those at `bool_masked_pos` (B, N) replaced by
+  `mask_token` (D values in any shape: (1, D), (1, 1, D)); `x` itself when nothing is masked."""
+  if bool_masked_pos is None:
+    return x
+  if mask_token is None:
+    raise ValueError("bool_masked_pos needs a mask token: this config has use_mask_token=False.")
+  return jnp.where(bool_masked_pos[..., None], mask_token.reshape(-1).astype(x.dtype), x)
 
 
 class Dinov2Embeddings(nn.Module):
@@ -87,27 +180,19 @@ class Dinov2Embeddings(nn.Module):
       param_dtype=self.param_dtype,
       name="patch_embeddings",
     )
+    mask_token = None
     if c.use_mask_token:
       mask_token = self.param("mask_token", nn.initializers.zeros, (1, d), self.param_dtype)
-    if bool_masked_pos is not None:
-      if not c.use_mask_token:
-        raise ValueError(
-          "bool_masked_pos needs a mask token: this config has use_mask_token=False."
-        )
-      x = jnp.where(bool_masked_pos[..., None], mask_token.astype(self.dtype), x)
+    x = mask_patches(x, bool_masked_pos, mask_token)
     init = nn.initializers.truncated_normal(0.02)
     cls = self.param("cls_token", init, (1, 1, d), self.param_dtype)
     pos = self.param(
       "position_embeddings", init, (1, c.grid[0] * c.grid[1] + 1, d), self.param_dtype
     )
-    ph, pw = layers.pair(c.patch_size)
-    grid = (pixel_values.shape[1] // ph, pixel_values.shape[2] // pw)
-    patch_pos = pos[0, 1:]
-    if grid != c.grid:
-      patch_pos = layers.resize_grid(patch_pos.reshape(*c.grid, d), grid).reshape(-1, d)
-    pos = jnp.concatenate([pos[0, :1].astype(self.dtype), patch_pos.astype(self.dtype)])
+    pos = vit.resize_positions(pos, 1, c.grid, vit.patch_grid(pixel_values, c.patch_size))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d)), x], 1)
-    return nn.Dropout(c.hidden_dropout_prob)(x + pos, deterministic=deterministic)
+    x = x + pos.astype(self.dtype)
+    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class Dinov2Model(layers.EncoderTower):
@@ -122,6 +207,18 @@ class Dinov2Model(layers.EncoderTower):
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     return layers.image_dummy_inputs(self.config)
+
+  def make_encoder(self) -> Dinov2Encoder:
+    c = self.config
+    return Dinov2Encoder(
+      c.layer_spec(),
+      c.num_hidden_layers,
+      self.remat,
+      self.dtype,
+      self.param_dtype,
+      self.attention_impl,
+      drop_path_rates=c.drop_path_rates(),
+    )
 
   def setup(self) -> None:
     c = self.config

@@ -19,7 +19,10 @@ Fusion types (`fusion_type`, the keys of `FUSIONS`):
                    tokens (text->image patches and back), then pooled + concat.
   bottleneck:      MBT (Nagrani et al. 2021): towers run layers
                    [0, fusion_layer) alone; in [fusion_layer, L) they exchange
-                   information only through a few shared bottleneck tokens.
+                   information only through a few shared bottleneck tokens. A
+                   tower without token layers (a CNN) takes part through a
+                   cross-attention of the bottleneck tokens over its feature
+                   map at each fusion layer.
   contrastive:     two towers and a CLIP/LiT/SigLIP head: projected, L2-normalized
                    embeddings and a learnable temperature (and bias: sigmoid loss).
 
@@ -282,6 +285,11 @@ class BottleneckFusion(Fusion):
 
   num_tokens: int = 4
   hidden_sizes: tuple[tuple[str, int], ...] = ()  # (modality, tower width) per tower
+  # Towers without token layers (CNNs) and the number of fusion layers: at each, the
+  # bottleneck tokens read such a tower's feature map by cross-attention (`read`).
+  layerless: tuple[str, ...] = ()
+  num_fusion: int = 0
+  num_heads: int = 4
 
   @classmethod
   def from_model(cls, model: FusionModel, name: str) -> BottleneckFusion:
@@ -289,6 +297,9 @@ class BottleneckFusion(Fusion):
       width=model.width,
       num_tokens=model.bottleneck_tokens,
       hidden_sizes=tuple((m, model.tower(m).hidden_size) for m in model.modalities),
+      layerless=tuple(m for m in model.modalities if not model.tower(m).num_layers),
+      num_fusion=model._fusion_starts()[1],
+      num_heads=model.num_heads,
       dtype=model.dtype,
       name=name,
     )
@@ -299,7 +310,22 @@ class BottleneckFusion(Fusion):
     self.from_tower = {
       m: nn.Dense(self.width, dtype=self.dtype, name=f"from_{m}") for m, _ in self.hidden_sizes
     }
+    widths = dict(self.hidden_sizes)
+    self.readers = {
+      m: [
+        CrossAttentionBlock(widths[m], self.num_heads, dtype=self.dtype, name=f"read_{m}_{k}")
+        for k in range(self.num_fusion)
+      ]
+      for m in self.layerless
+    }
     self.late = ConcatFusion(self.width, self.dtype)
+
+  def read(
+    self, m: str, k: int, b: jax.Array, tokens: jax.Array, mask: jax.Array, *, train: bool
+  ) -> jax.Array:
+    """Fusion layer `k` of a tower without layers: its bottleneck tokens `b` (in its width)
+    attend to its final tokens."""
+    return self.readers[m][k](b, jnp.ones(b.shape[:2], bool), tokens, mask, train=train)
 
   def init_tokens(self, batch_size: int) -> jax.Array:
     return jnp.broadcast_to(self.tokens, (batch_size, *self.tokens.shape)).astype(self.dtype)
@@ -326,8 +352,9 @@ class ContrastiveHead(Fusion):
   Takes the place of fusion and head (params `head/...`): called on the given
   towers only, it returns the model's outputs rather than features. `logit_scale`
   is log(1 / temperature), as CLIP stores it (a CLIP checkpoint's loads as is:
-  mmtl.hf.load_params_into(head=True)); logits are exp(logit_scale) * cosine. The
+  mmtl.hf.load_into(head=True)); logits are exp(logit_scale) * cosine. The
   sigmoid loss adds `logit_bias` (mmtl.losses picks the loss by its presence).
+  `width=0` drops the projections, as SigLIP (whose temperature and bias load too).
   """
 
   temperature_init: float = 0.07
@@ -347,8 +374,15 @@ class ContrastiveHead(Fusion):
   def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> dict[str, jax.Array]:
     del train  # no dropout
     out = {}
+    if not self.width and len({t.pooled.shape[-1] for t in towers.values()}) > 1:
+      raise ValueError(
+        "A contrastive head with width=0 (no projections) needs pooled features of one size; "
+        f"got { ({m: t.pooled.shape[-1] for m, t in towers.items()}) }. Set config.model.width."
+      )
     for m, t in towers.items():
-      z = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name=f"{m}_proj")(t.pooled)
+      z = t.pooled  # width 0: no projection, the pooled features are the embedding (SigLIP)
+      if self.width:
+        z = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name=f"{m}_proj")(z)
       z = z.astype(jnp.float32)
       out[f"{m}_embeds"] = z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-6)
     out["logit_scale"] = self.param(
@@ -423,6 +457,11 @@ class FusionModel(nn.Module):
       )
     if self.fusion_type == "contrastive" and not {"image", "text"} <= set(names):
       raise ValueError(f"Contrastive model needs image and text towers, got {names}.")
+    if self.width <= 0 and self.fusion_type != "contrastive":
+      raise ValueError(
+        f"width={self.width}: only a contrastive head goes without projections (width=0, "
+        "SigLIP); set config.model.width > 0."
+      )
     if self.fusion_type in ("cross_attention", "bottleneck") and len(names) < 2:
       raise ValueError(
         f"fusion_type={self.fusion_type!r} needs at least two towers, got "
@@ -499,8 +538,13 @@ class FusionModel(nn.Module):
     return out
 
   def _fusion_starts(self) -> tuple[dict[str, int], int]:
-    """First fusion layer of each tower, and the number of fusion layers."""
-    depths = {m: self.tower(m).num_layers for m in self.modalities}
+    """First fusion layer of each tower with token layers, and the number of fusion layers."""
+    depths = {m: self.tower(m).num_layers for m in self.modalities if self.tower(m).num_layers}
+    if not depths:
+      raise ValueError(
+        "Bottleneck fusion needs a tower with token layers (a transformer); every tower here "
+        "is a CNN. Use fusion_type='cross_attention' or 'concat'."
+      )
     starts = {
       m: self.fusion_layer if self.fusion_layer >= 0 else d + self.fusion_layer
       for m, d in depths.items()
@@ -525,7 +569,7 @@ class FusionModel(nn.Module):
   ) -> dict[str, jax.Array]:
     starts, num_fusion = self._fusion_starts()
     hidden = {
-      m: self.tower(m).run_layers(x, mask, 0, starts[m], deterministic=not train[m])
+      m: self.tower(m).run_layers(x, mask, 0, starts.get(m, 0), deterministic=not train[m])
       for m, (x, mask) in embedded.items()
     }
     n = self.bottleneck_tokens
@@ -535,6 +579,10 @@ class FusionModel(nn.Module):
     for k in range(num_fusion):
       updates = []
       for m, (_, mask) in embedded.items():
+        if m not in starts:  # no token layers: the bottleneck tokens read its feature map
+          x = bn.read(m, k, bn.enter(m, b), hidden[m], mask, train=train[m])
+          updates.append(bn.leave(m, x))
+          continue
         x = jnp.concatenate([hidden[m], bn.enter(m, b)], axis=1)
         x_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], n), bool)], axis=1)
         x = self.tower(m).run_layers(
@@ -653,8 +701,16 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
       **kwargs,
     )
     _check_tower_inputs(m, towers[f"{m}_encoder"], name)
-    if t.get("pool"):
-      pools[f"{m}_pool"] = t["pool"]
+    pool = t.get("pool")
+    if not towers[f"{m}_encoder"].num_layers:  # a CNN: its first position is no [CLS] token
+      if pool == "cls":
+        raise config_keys.ConfigError(
+          f"config.model.towers.{m}.pool='cls' takes the first token, but this tower is a CNN "
+          "(its tokens are feature-map positions): use pool='pooler' or 'mean'."
+        )
+      pool = pool or "pooler"
+    if pool:
+      pools[f"{m}_pool"] = pool
   return FusionModel(
     **towers,
     **pools,

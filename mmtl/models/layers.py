@@ -116,9 +116,71 @@ def layer_norm(
   )
 
 
+# Collection of the running statistics a BatchNorm layer reads but must not update
+# (its layer is frozen): mmtl.train_step moves them here from "batch_stats" for the step.
+FROZEN_BATCH_STATS = "frozen_batch_stats"
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis (NHWC), as torch.nn.BatchNorm2d.
+
+  Its running `mean` and `var` live in the "batch_stats" collection. In training
+  (`deterministic=False`, "batch_stats" mutable) it normalizes with the batch's
+  statistics, the mean over every other axis of the global batch (under jit on a
+  sharded batch that reduction spans all devices: synchronised BatchNorm), and
+  updates the running ones as torch does (`momentum` weights the new batch;
+  unbiased variance). Otherwise, or when its statistics were passed in the
+  FROZEN_BATCH_STATS collection instead, it uses the running statistics and
+  leaves them bit-identical: a frozen layer keeps its pretrained statistics.
+  """
+
+  eps: float = 1e-5
+  momentum: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    features = x.shape[-1]
+    frozen = self.has_variable(FROZEN_BATCH_STATS, "mean")
+    stats = FROZEN_BATCH_STATS if frozen else "batch_stats"
+    mean = self.variable(stats, "mean", lambda: jnp.zeros((features,), jnp.float32))
+    var = self.variable(stats, "var", lambda: jnp.ones((features,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    train = not deterministic and not frozen and self.is_mutable_collection("batch_stats")
+    if train and not self.is_initializing():
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      batch_mean = x32.mean(axes)
+      batch_var = jnp.square(x32 - batch_mean).mean(axes)  # two-pass, as torch
+      n = np.prod([x.shape[a] for a in axes])
+      mean.value = (1 - self.momentum) * mean.value + self.momentum * batch_mean
+      var.value = (1 - self.momentum) * var.value + self.momentum * batch_var * n / max(n - 1, 1)
+      m, v = batch_mean, batch_var
+    else:
+      m, v = mean.value, var.value
+    mul = jax.lax.rsqrt(v + self.eps) * scale.astype(jnp.float32)
+    y = (x.astype(jnp.float32) - m) * mul + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
 def check_remat(remat: str) -> None:
   if remat != "none" and remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r}: use 'none' or one of {sorted(REMAT_POLICIES)}.")
+
+
+class DropPath(nn.Module):
+  """Stochastic depth (timm's / transformers' `drop_path`) on a residual branch: in training,
+  each example's branch is zeroed with probability `rate` and kept ones are scaled by
+  1 / (1 - rate), using the "dropout" rng; the identity when `deterministic`."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    dims = tuple(range(1, x.ndim))  # one draw per example
+    return nn.Dropout(self.rate, broadcast_dims=dims)(x, deterministic=deterministic)
 
 
 class Attention(nn.Module):
@@ -323,6 +385,75 @@ class EncoderTower(nn.Module):
     return self.encoder(x, mask, start, stop, deterministic=deterministic)
 
 
+class ConvTower(nn.Module):
+  """What the CNN families (ResNet, ConvNeXt) share: a tower without token layers.
+
+  Implements `mmtl.models.encoder.Encoder` with `num_layers == 0`: `embed` runs
+  the whole network and returns its last feature map (B, h, w, C) as tokens
+  (B, h*w, C), so cross-attention fusion attends over its positions and pooled
+  fusions get `pooler_output` (the mean over positions, `pool_features` of it).
+  Subclasses set `config_class`, create their submodules in `setup` and define
+  `features` (NHWC maps) and, where the family has one, `pool_features` (ConvNeXt's
+  final LayerNorm).
+  """
+
+  config: Any
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # jax.checkpoint policy name (REMAT_POLICIES) for each block
+
+  config_class: ClassVar[type[HFConfig]]
+  inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+  @property
+  def num_layers(self) -> int:
+    return 0
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_sizes[-1]
+
+  def dummy_inputs(self) -> dict[str, jax.Array]:
+    # Params do not depend on the image size; 32 px survives a /32 network.
+    return dict(pixel_values=jnp.zeros((1, 32, 32, self.config.num_channels), jnp.float32))
+
+  def features(self, pixel_values: jax.Array, deterministic: bool) -> jax.Array:
+    """The last stage's feature map (B, h, w, C) of NHWC `pixel_values`."""
+    raise NotImplementedError
+
+  def pool_features(self, mean: jax.Array) -> jax.Array:
+    """`pooler_output` (B, C) from the mean over positions."""
+    return mean
+
+  def embed(
+    self, pixel_values: jax.Array, *, deterministic: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
+    maps = self.features(pixel_values, deterministic)
+    b, h, w, c = maps.shape
+    return maps.reshape(b, h * w, c), jnp.ones((b, h * w), bool)
+
+  def run_layers(
+    self, x: jax.Array, mask: jax.Array, start: int, stop: int, *, deterministic: bool = True
+  ) -> jax.Array:
+    if start != stop:
+      raise ValueError(
+        f"{type(self).__name__} has no token layers (num_layers=0): run_layers({start}, {stop}). "
+        "A CNN tower runs whole in `embed`."
+      )
+    return x
+
+  def finalize(self, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:
+    del mask  # every position is real
+    return dict(last_hidden_state=x, pooler_output=self.pool_features(x.mean(1)))
+
+  def __call__(
+    self, pixel_values: jax.Array, *, deterministic: bool = True
+  ) -> dict[str, jax.Array | None]:
+    """As the HF model: `last_hidden_state` (B, h, w, C) NHWC and `pooler_output` (B, C)."""
+    maps = self.features(pixel_values, deterministic)
+    return dict(last_hidden_state=maps, pooler_output=self.pool_features(maps.mean((1, 2))))
+
+
 def image_dummy_inputs(config: Any) -> dict[str, jax.Array]:
   """Smallest valid `pixel_values` of an image tower, for `init` and shape evaluation."""
   return dict(
@@ -434,6 +565,14 @@ def hf_dense(path: str, hf: str, bias: bool = True) -> Iterator[tuple[str, str]]
 def hf_norm(path: str, hf: str) -> Iterator[tuple[str, str]]:
   yield f"{path}/scale", f"{hf}.weight"
   yield f"{path}/bias", f"{hf}.bias"
+
+
+def hf_batch_norm(path: str, hf: str) -> tuple[dict[str, str], dict[str, str]]:
+  """({param path: HF key}, {batch_stats path: HF key}) of a `BatchNorm` at `path` for the
+  torch BatchNorm at `hf`."""
+  params = {f"{path}/scale": f"{hf}.weight", f"{path}/bias": f"{hf}.bias"}
+  stats = {f"{path}/mean": f"{hf}.running_mean", f"{path}/var": f"{hf}.running_var"}
+  return params, stats
 
 
 def hf_embed(path: str, hf: str) -> Iterator[tuple[str, str]]:

@@ -11,7 +11,19 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from mmtl.models import bert, clip, deit, dinov2, distilbert, roberta, siglip, vit
+from mmtl.models import (
+  beit,
+  bert,
+  clip,
+  convnext,
+  deit,
+  dinov2,
+  distilbert,
+  resnet,
+  roberta,
+  siglip,
+  vit,
+)
 
 # Keyed by `config_class.model_type` ("bert", "vit", "clip", "clip_vision_model",
 # "clip_text_model"): the key read from config.json is the one save_pretrained writes.
@@ -24,6 +36,7 @@ MODELS: dict[str, type[nn.Module]] = {
     clip.CLIPVisionModel,  # a CLIP tower saved alone
     clip.CLIPTextModel,
     deit.DeiTModel,
+    beit.BeitModel,
     dinov2.Dinov2Model,
     siglip.SiglipModel,
     siglip.SiglipVisionModel,  # a SigLIP tower saved alone
@@ -31,5 +44,8 @@ MODELS: dict[str, type[nn.Module]] = {
     roberta.RobertaModel,
     roberta.XLMRobertaModel,
     distilbert.DistilBertModel,
+    convnext.ConvNextModel,
+    convnext.ConvNextV2Model,
+    resnet.ResNetModel,
   )
 }

@@ -265,4 +265,9 @@ class SiglipModel(clip.DualEncoder):
 
   def hf_names(self) -> dict[str, str]:
     """{mmtl param path: HF state-dict key}, both towers included (see mmtl.hf)."""
-    return {"logit_scale": "logit_scale", "logit_bias": "logit_bias", **self.tower_hf_names()}
+    return {**self.head_hf_names(), **self.tower_hf_names()}
+
+  def head_hf_names(self) -> dict[str, str]:
+    """{param path in a contrastive FusionModel's `head`: HF key}: the temperature and bias
+    (SigLIP has no projections: the head takes `config.model.width=0`)."""
+    return {"logit_scale": "logit_scale", "logit_bias": "logit_bias"}

@@ -55,6 +55,25 @@ class ViTConfig(layers.HFConfig):
     )
 
 
+def patch_grid(pixel_values: jax.Array, patch_size: int | tuple[int, int]) -> tuple[int, int]:
+  """The (rows, columns) of whole patches in NHWC `pixel_values`."""
+  (ph, pw), (h, w) = layers.pair(patch_size), pixel_values.shape[1:3]
+  return h // ph, w // pw
+
+
+def resize_positions(
+  pos: jax.Array, num_prefix: int, grid: tuple[int, int], new_grid: tuple[int, int]
+) -> jax.Array:
+  """Position embeddings (1, num_prefix + rows * cols, D) learned on the patch `grid`, for an
+  image whose patches form `new_grid`: the prefix tokens' kept, the patches' resized as
+  transformers' `interpolate_pos_encoding` does (torch bicubic, in float32)."""
+  if new_grid == grid:
+    return pos
+  d = pos.shape[-1]
+  patches = layers.resize_grid(pos[0, num_prefix:].reshape(*grid, d), new_grid)
+  return jnp.concatenate([pos[:, :num_prefix], patches.reshape(1, -1, d).astype(pos.dtype)], 1)
+
+
 class ViTEmbeddings(nn.Module):
   """[prefix tokens] + patches, plus position embeddings (one per token)."""
 
@@ -64,13 +83,16 @@ class ViTEmbeddings(nn.Module):
 
   # Learned tokens put before the patches, in order (DeiT adds "distillation_token").
   prefix_tokens: ClassVar[tuple[str, ...]] = ("cls_token",)
+  # True: any image size, the position embeddings resized to its patch grid (DeiT, as
+  # transformers with `interpolate_pos_encoding=True`); False: the config's size only.
+  any_image_size: ClassVar[bool] = False
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
     x = layers.patchify(
       pixel_values,
-      image_size=c.image_size,
+      image_size=None if self.any_image_size else c.image_size,
       patch_size=c.patch_size,
       num_channels=c.num_channels,
       features=c.hidden_size,
@@ -86,6 +108,8 @@ class ViTEmbeddings(nn.Module):
     ]
     num_tokens = c.grid[0] * c.grid[1] + len(prefix)
     pos = self.param("position_embeddings", init, (1, num_tokens, c.hidden_size), self.param_dtype)
+    if self.any_image_size:
+      pos = resize_positions(pos, len(prefix), c.grid, patch_grid(pixel_values, c.patch_size))
     batch = (x.shape[0], 1, c.hidden_size)
     x = jnp.concatenate([*(jnp.broadcast_to(t, batch) for t in prefix), x], 1)
     x = x + pos.astype(self.dtype)
