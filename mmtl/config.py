@@ -79,10 +79,16 @@ MODEL_DEFAULTS = dict(
   remat="none",  # per-layer activation checkpointing of the towers
   frozen_tower_mode="inference",  # fully frozen towers in training: "inference" (no
   # dropout, as LiT's locked tower) or "train"
+  # head="captioning": the text decoder (name: HF GPT-2/BERT checkpoint or config.json dict;
+  # cross_attention: give it cross-attention layers; kwargs: module attrs) and how it reads
+  # the towers' tokens ("cross_attention" or "prefix"); see mmtl.models.fusion.
+  decoder={},
+  conditioning="cross_attention",
   batch_stats="trainable",  # BatchNorm statistics updated in training: "trainable" (of layers
   # whose params train), "none" (running statistics everywhere) or "all"
 )
 TOWER_KEYS = dict(name=(str, dict), tower=str, pool=str, kwargs={})
+DECODER_KEYS = dict(name=(str, dict), cross_attention=True, kwargs={})
 
 
 def schema() -> dict[str, Any]:
@@ -103,7 +109,11 @@ def schema() -> dict[str, Any]:
   out.update(
     input=input_keys,
     evals={ANY_NAME: resolve(evaluators.CONFIG_KEYS)},
-    model={**MODEL_DEFAULTS, "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE}}},
+    model={
+      **MODEL_DEFAULTS,
+      "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE}},
+      "decoder": {**DECODER_KEYS, "kwargs": FREE},
+    },
     model_init={ANY_NAME: FREE},
     optim=resolve(optim.CONFIG_KEYS),
     distill=distill.CONFIG_KEYS,

@@ -59,7 +59,7 @@ def evaluate(
   model, variables = train_state.load_run(workdir, mesh, step, config)
   results = {}
   for evaluator in evaluators.make_evaluators(config, model, mesh, int(config.batch_size)):
-    results.update(evaluator.run(variables))
+    results.update(evaluator.run(variables, step=step, workdir=workdir))
   if distributed.is_main_process():
     file = workdir_lib.path(workdir, results_file(workdir, step, config, name))
     workdir_lib.write_text(file, json.dumps(results, indent=2))

@@ -142,6 +142,8 @@ def build_module(
       "in mmtl/models/registry.py."
     )
   module_cls = registry.MODELS[model_type]
+  if d.get("is_decoder") and model_type in registry.DECODERS:
+    module_cls = registry.DECODERS[model_type]  # BertLMHeadModel, not the encoder
   if tower is not None:
     d, module_cls = _tower(d, module_cls, tower)
   return module_cls(
@@ -308,6 +310,8 @@ def from_hf_state(
   keys = {key for per_collection in names.values() for key in per_collection.values()}
   for pattern, replacement in getattr(module, "hf_flax_aliases", ()):
     state = {k if k in keys else re.sub(pattern, replacement, k): v for k, v in state.items()}
+  if hasattr(module, "from_hf_layout"):  # GPT-2: Conv1D weights, fused c_attn
+    state = module.from_hf_layout(state)
   state = _align_prefix(state, keys, module.hf_base_prefix)
   skipped = sorted(set(state) - keys)
   if skipped:
@@ -345,6 +349,8 @@ def to_hf_state(module: nn.Module, variables: Mapping[str, Any]) -> dict[str, np
         "the encoder's own variables (e.g. params['image_encoder']), with LoRA merged."
       )
     state.update({names[collection][p]: _to_torch(p, np.asarray(x)) for p, x in flat.items()})
+  if hasattr(module, "to_hf_layout"):
+    state = module.to_hf_layout(state)
   # torch's BatchNorm also saves a step counter (unused with its momentum set): write one,
   # so transformers finds every buffer it expects.
   for key in [k for k in state if k.endswith(".running_mean")]:
@@ -462,7 +468,19 @@ def load_pretrained(
   folder = resolve(name_or_path, revision)
   config = read_config(folder)
   module = build_module(config, tower=tower, dtype=dtype, param_dtype=param_dtype, **module_kw)
-  loaded = from_hf_state(read_weights(folder), module)
+  return module, _load_variables(module, read_weights(folder), folder, dont_load, rng), config
+
+
+def _load_variables(
+  module: nn.Module,
+  state: dict[str, np.ndarray],
+  folder: Path,
+  dont_load: Iterable[str],
+  rng: jax.Array | None,
+) -> dict[str, Any]:
+  """`module`'s variables from the checkpoint `state` (read from `folder`); `dont_load`
+  ones initialized."""
+  loaded = from_hf_state(state, module)
   dont_load = list(dont_load)
   target = {c: rules.flatten(t) for c, t in variable_shapes(module).items()}
   if any(
@@ -473,7 +491,100 @@ def load_pretrained(
     init = init_variables(module, jax.random.PRNGKey(0) if rng is None else rng)
     target = {c: {p: np.asarray(x) for p, x in rules.flatten(t).items()} for c, t in init.items()}
   merged = _merge_variables(target, loaded, dont_load=dont_load, where="", source=str(folder))
-  return module, {c: rules.unflatten(flat) for c, flat in merged.items()}, config
+  return {c: rules.unflatten(flat) for c, flat in merged.items()}
+
+
+def build_decoder(
+  name_or_path_or_config: str | Path | Mapping[str, Any],
+  *,
+  cross_attention: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  revision: str | None = None,
+  **module_kw,
+) -> nn.Module:
+  """The text decoder (`registry.DECODERS`) of a checkpoint or config.json dict, made a
+  decoder (`is_decoder`) with cross-attention layers when `cross_attention`."""
+  d = _hf_config(name_or_path_or_config, revision)
+  model_type = d.get("model_type")
+  if model_type not in registry.DECODERS:
+    raise CheckpointError(
+      f"model_type {model_type!r} is not a decoder family mmtl implements "
+      f"({sorted(registry.DECODERS)}): point the decoder at a GPT-2 or BERT checkpoint, or add "
+      "the family to mmtl.models.registry.DECODERS."
+    )
+  cls = registry.DECODERS[model_type]
+  d = {**d, "is_decoder": True, "add_cross_attention": cross_attention}
+  return cls(cls.config_class.from_hf(d), dtype=dtype, param_dtype=param_dtype, **module_kw)
+
+
+# Decoder params a checkpoint without cross-attention (an encoder, a plain LM) cannot hold.
+CROSS_ATTENTION = r".*/cross_attn(_norm)?/.*"
+
+
+def load_decoder(
+  name_or_path: str | Path,
+  *,
+  cross_attention: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  revision: str | None = None,
+  dont_load: Iterable[str] = (),
+  rng: jax.Array | None = None,
+  **module_kw,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+  """(decoder, variables, config.json dict): a text decoder (`registry.DECODERS`) from a
+  decoder or an encoder checkpoint, with cross-attention layers when `cross_attention`.
+
+  Warm-starting (Rothe et al., 2020): a BERT encoder checkpoint becomes a causal
+  `BertLMHeadModel`. Cross-attention params the checkpoint lacks are initialized with
+  `rng` and logged as such; any other missing param is a CheckpointError, the LM head
+  included (a sentence-transformers BertModel has none: `dont_load=["lm_head/.*"]`
+  starts a new one, its output embedding tied to the word embeddings).
+  """
+  folder = resolve(name_or_path, revision)
+  config = read_config(folder)
+  module = build_decoder(
+    config, cross_attention=cross_attention, dtype=dtype, param_dtype=param_dtype, **module_kw
+  )
+  state = read_weights(folder)
+  dont_load = _decoder_dont_load(module, state, config, folder, dont_load)
+  return module, _load_variables(module, state, folder, dont_load, rng), config
+
+
+def _decoder_dont_load(
+  module: nn.Module,
+  state: dict[str, np.ndarray],
+  config: Mapping[str, Any],
+  folder: Path,
+  dont_load: Iterable[str],
+) -> list[str]:
+  """`dont_load` + the cross-attention params a checkpoint without cross-attention cannot
+  hold. Logs every param that will be initialized; a missing LM head is an error."""
+  dont_load = list(dont_load)
+  if module.cross_attention and not config.get("add_cross_attention"):
+    dont_load.append(CROSS_ATTENTION)
+  loaded = set(from_hf_state(state, module)["params"])
+  params = sorted(rules.flatten(variable_shapes(module)["params"]))
+  keep = rules.assign(params, dont_load, default=False, require_match=False)
+  head = [p for p in params if p.startswith("lm_head/")]
+  if head and not loaded.intersection(head) and not any(keep[p] for p in head):
+    raise CheckpointError(
+      f"{str(folder)!r} has no LM head (the {module.hf_architecture} weights {head[:3]} are not "
+      "in it: an encoder checkpoint such as a BertModel or sentence-transformers model). Pass "
+      "dont_load=['lm_head/.*'] to train a new head (the output embedding stays tied to the "
+      "word embeddings), or use a checkpoint with its LM head (BertForMaskedLM, BertLMHeadModel)."
+    )
+  fresh = [p for p in params if keep[p] and p not in loaded]
+  if fresh:
+    logging.warning(
+      "%s from %s: %d param(s) not in the checkpoint are initialized: %s",
+      type(module).__name__,
+      folder,
+      len(fresh),
+      _listing(fresh),
+    )
+  return dont_load
 
 
 def _subtree(tree: Mapping[str, Any], keys: list[str], what: str) -> Any:
@@ -498,6 +609,7 @@ def load_into(
   dont_load: Iterable[str] = (),
   revision: str | None = None,
   head: bool = False,
+  decoder: bool = False,
 ) -> dict[str, Any]:
   """`variables` ({"params": ..., "batch_stats": ...}) with their `subtree` (e.g.
   "image_encoder") replaced by checkpoint values, in every collection the checkpoint has.
@@ -506,14 +618,23 @@ def load_into(
   checked against that initialized subtree, and values are cast to its dtypes.
   `dont_load` regexes are on paths inside the subtree. With `head`, the subtree is
   a contrastive FusionModel's head and gets the checkpoint's dual-encoder head
-  (`head_hf_names()` of its family: CLIP's projections and logit_scale).
+  (`head_hf_names()` of its family: CLIP's projections and logit_scale). With `decoder`,
+  the subtree is a captioning model's text decoder, loaded as `load_decoder` does
+  (cross-attention an encoder checkpoint lacks is initialized and logged).
   Returns a new tree.
   """
   keys = subtree.split("/")
   folder = resolve(name_or_path, revision)
-  module = build_module(read_config(folder), tower=tower)
+  config, state = read_config(folder), read_weights(folder)
+  if decoder:
+    target = rules.flatten(_subtree(variables["params"], keys, "params"))
+    cross = any("/cross_attn/" in f"/{p}" for p in target)
+    module = build_decoder(config, cross_attention=cross)
+    dont_load = _decoder_dont_load(module, state, config, folder, dont_load)
+  else:
+    module = build_module(config, tower=tower)
   names, fix = _head_names(module, tower) if head else (variable_names(module), "")
-  loaded = from_hf_state(read_weights(folder), module, names)
+  loaded = from_hf_state(state, module, names)
   out = dict(variables)
   for c in names:  # "params" first: a checkpoint of another family fails on its params
     node = rules.flatten(_subtree(variables.get(c, {}), keys, c))

@@ -68,9 +68,22 @@ def sigmoid_per_example(
   return -jax.nn.log_sigmoid(signs * logits).sum(-1)
 
 
+def token_loss(
+  logits: jax.Array, batch: Mapping[str, Any], label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced next-token cross-entropy as (sum, weight) over the batch's target tokens:
+  `decoder_loss_mask` (B, T) drops padding and prompt tokens, `example_weight` whole rows.
+  The mean is per token (every caption token counts the same), as captioning models train."""
+  per_token = softmax_xent_per_example(logits, batch["decoder_target_ids"], label_smoothing)
+  weights = batch["decoder_loss_mask"].astype(jnp.float32)
+  if "example_weight" in batch:
+    weights = weights * batch["example_weight"].astype(jnp.float32)[:, None]
+  return weighted_sum(per_token, weights)
+
+
 # Heads whose loss is a sum over examples, so microbatches' sums add up to the batch's;
 # the contrastive losses (softmax and sigmoid) compare every example with the whole batch.
-SEPARABLE_HEADS = ("classification", "regression")
+SEPARABLE_HEADS = ("classification", "regression", "captioning")
 
 
 def task_loss(
@@ -81,6 +94,8 @@ def task_loss(
 ) -> tuple[jax.Array, jax.Array]:
   """`(loss sum, weight sum)` of a FusionModel head (see mmtl.models.fusion) on a batch."""
   weights = batch.get("example_weight")
+  if head_type == "captioning":
+    return token_loss(outputs["logits"], batch, loss_cfg.get("label_smoothing", 0.0))
   if head_type == "classification":
     per_example = softmax_xent_per_example(
       outputs["logits"], batch["labels"], loss_cfg.get("label_smoothing", 0.0)

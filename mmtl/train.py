@@ -47,6 +47,7 @@ from mmtl import evaluators as evaluators_lib
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
+from mmtl.data import transforms
 from mmtl.models import fusion
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -181,6 +182,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   # Model and its params' layout (every sharding rule matched here); a fresh run
   # creates its params sharded and loads its pretrained towers now.
   model = fusion.build(config.model)
+  if model.head_type == "captioning":
+    target_cfg = data.input_config(config.input).target
+    target = transforms.TargetTokens.load(target_cfg.tokenizer, target_cfg.prompt)
+    target.check_vocab(model.vocab_size)
   layout = train_state.param_layout(model, config, mesh)
   initial_variables = (
     train_state.init_variables(model, config, layout, note=note) if fresh else None
@@ -448,7 +453,7 @@ def _train_loop(
 
       eval_metrics = {}
       for evaluator in due:
-        result = evaluator.run(train_state.variables_of(state))
+        result = evaluator.run(train_state.variables_of(state), step=done, workdir=workdir)
         last_eval[evaluator.name] = (done, result)
         eval_metrics.update(result)
       if eval_metrics:
@@ -495,7 +500,7 @@ def _train_loop(
     final.update(
       step_and_metrics[1]
       if step_and_metrics and step_and_metrics[0] == final_step
-      else evaluator.run(variables)
+      else evaluator.run(variables, step=final_step, workdir=workdir)
     )
   final["step"] = float(final_step)
   writer.close()

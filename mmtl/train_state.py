@@ -114,8 +114,9 @@ def load_pretrained_towers(
 ) -> dict[str, Any]:
   """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
 
-  Subtrees are towers (`image_encoder`, ...) or, in a contrastive model, `head`: a CLIP
-  checkpoint's projections and logit_scale (zero-shot from step 0).
+  Subtrees are towers (`image_encoder`, ...), in a contrastive model `head`: a CLIP
+  checkpoint's projections and logit_scale (zero-shot from step 0), and in a captioning
+  model `decoder`: a decoder or encoder checkpoint (BERT warm-start, new cross-attention).
 
   Each checkpoint is read on the host, checked against the initialized subtree
   (mmtl.hf: every name and shape, BatchNorm statistics included) and placed with
@@ -141,6 +142,7 @@ def load_pretrained_towers(
       tower=spec.get("tower"),
       dont_load=spec.get("dont_load", ()),
       head=subtree == "head",  # FusionModel's head: a dual-encoder checkpoint's projections
+      decoder=subtree == "decoder",  # CaptioningModel's text decoder (warm-start allowed)
     )
     variables = place(loaded, shardings)
   return variables

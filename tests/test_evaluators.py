@@ -179,9 +179,17 @@ def _fake_text_embedder(tokenizer, max_len):
   return lambda params, texts: np.stack([np.eye(4)[len(t) % 4] for t in texts])
 
 
+def _fake_generate_texts(variables, cfg, **generate_kw):
+  """What a captioning model would generate for two examples, and their references."""
+  return ["a red circle", "yes"], [["a red circle", "one red circle"], ["yes", "no"]]
+
+
 def _kind_context(kind_cls):
   return _context(
-    _BATCHES, head_type=kind_cls.HEAD or "classification", text_embedder=_fake_text_embedder
+    _BATCHES,
+    head_type=kind_cls.HEAD or "classification",
+    text_embedder=_fake_text_embedder,
+    generate_texts=_fake_generate_texts,
   )
 
 

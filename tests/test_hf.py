@@ -144,11 +144,11 @@ def test_hub_id_from_the_hf_cache_offline_with_revision(tiny_bert_dir, tmp_path,
 def test_unknown_model_type(tiny_bert_dir, tmp_path):
   d = _copy(tiny_bert_dir, tmp_path / "ckpt")
   (d / "config.json").write_text(
-    json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "gpt2"})
+    json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "mamba"})
   )
   with pytest.raises(
     hf.CheckpointError,
-    match=r"Unknown model_type 'gpt2'.*implements \[[^]]*'bert'.*"
+    match=r"Unknown model_type 'mamba'.*implements \[[^]]*'bert'.*"
     r"one line in mmtl/models/registry\.py",
   ):
     hf.load_pretrained(d)
@@ -381,9 +381,18 @@ def test_build_module_from_config_dict():
 def test_registry_and_towers():
   """Every registered class builds from its model_type; `tower` takes a CLIP half from a
   full config or accepts a lone tower's config."""
+  composite = "vision-encoder-decoder"  # needs its encoder and decoder configs
   for model_type, cls in registry.MODELS.items():
-    module = hf.build_module({"model_type": model_type})
-    assert type(module) is cls and type(module.config) is cls.config_class
+    if model_type != composite:
+      module = hf.build_module({"model_type": model_type})
+      assert type(module) is cls and type(module.config) is cls.config_class
+  for model_type, cls in registry.DECODERS.items():
+    assert type(hf.build_module({"model_type": model_type, "is_decoder": True})) is cls
+  with pytest.raises(ValueError, match="needs `encoder` and `decoder` sub-configs"):
+    hf.build_module({"model_type": composite})
+  parts = {"encoder": {"model_type": "vit"}, "decoder": {"model_type": "bert"}}
+  module = hf.build_module({"model_type": composite, **parts})
+  assert module.config.decoder.is_decoder and module.config.decoder.add_cross_attention
   full = {"model_type": "clip", "vision_config": {"hidden_size": 48}}
   vision = hf.build_module(full, tower="vision")
   assert type(vision) is clip.CLIPVisionModel and vision.hidden_size == 48

@@ -4,7 +4,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = {"mmtl.train", "mmtl.evaluate", "mmtl.bench"}  # `python -m` entry points
+SCRIPTS = {"mmtl.train", "mmtl.evaluate", "mmtl.bench", "mmtl.generate.__main__"}  # `python -m`
 
 
 def _module_name(file: pathlib.Path) -> str:

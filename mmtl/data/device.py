@@ -19,14 +19,18 @@ import numpy as np
 
 from mmtl import rules as rules_lib
 from mmtl import sharding as sharding_lib
+from mmtl.data import transforms
 
 
 def put_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Global jax.Arrays from this process's numpy slice of the batch.
 
   Each process passes only its own rows (see `process_data_shard`); the
-  global batch is local rows x number of data slices.
+  global batch is local rows x number of data slices. Host-only fields
+  (`transforms.HOST_FIELDS`: reference texts) stay behind.
   """
+  if isinstance(local_batch, Mapping):
+    local_batch = {k: v for k, v in local_batch.items() if k not in transforms.HOST_FIELDS}
   sharding = sharding_lib.batch_sharding(mesh)
   _, count = sharding_lib.process_data_shard(mesh)
   local_shards = mesh.shape["data"] * mesh.shape["fsdp"] // count

@@ -27,7 +27,9 @@ def defaults() -> ml_collections.ConfigDict:
       # Dataset feature read for each modality / the label; None = not used.
       # "a/b" reads feature b of a Sequence feature a (e.g. "captions/text");
       # a sequence of texts gives a random one in training, text `eval_text` at eval.
-      fields=dict(image="image", text="question", label="label", audio=None),
+      # target: text a decoder learns to generate (captioning head; a ClassLabel gives its
+      # class names, e.g. generative VQA answers).
+      fields=dict(image="image", text="question", label="label", audio=None, target=None),
       eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
       image=dict(
         size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
@@ -37,6 +39,9 @@ def defaults() -> ml_collections.ConfigDict:
         stats_from=None,  # Checkpoint whose preprocessor_config.json gives mean/std/size.
       ),
       text=dict(tokenizer=None, max_length=32),  # tokenizer: HF name or local path.
+      # The decoder's text (fields.target): tokenizer (the decoder checkpoint's), decoder
+      # length (BOS + prompt + target + EOS, shifted), a fixed prompt every target follows.
+      target=dict(tokenizer=None, max_length=32, prompt=""),
       augment=dict(  # Training only; never applied by make_eval_iterator.
         crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
         flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
@@ -72,5 +77,5 @@ def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigD
 
 
 def used_fields(cfg: ml_collections.ConfigDict) -> dict[str, str]:
-  """Used fields: {"image"|"text"|"audio"|"label": feature path}."""
+  """Used fields: {"image"|"text"|"audio"|"label"|"target": feature path}."""
   return {k: v for k, v in cfg.fields.items() if v}

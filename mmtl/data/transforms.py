@@ -4,11 +4,20 @@ Per example (`Preprocess.example`, with the element's own RNG): crop/resize, and
 the draws of augmentation and modality dropout. Per batch: flip, colour jitter,
 normalization and blanking (`Preprocess.images`), then tokenization
 (`Preprocess.tokenize`), under the field names the models take.
+
+A decoder's target text (`fields.target`, captioning) becomes, with BOS, the
+fixed `target.prompt`, the target and EOS in one sequence s (padded):
+`decoder_input_ids` = s[:-1] and `decoder_attention_mask`, `decoder_target_ids` =
+s[1:], `decoder_loss_mask` (1 on real targets after the prompt: padding and prompt
+are never trained on) and `decoder_prompt_ids` (BOS + prompt, where generation
+starts). Eval batches also carry every reference text of each example in
+`target_texts`, a host-only field (HOST_FIELDS) that never goes to the devices.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -24,6 +33,88 @@ from mmtl.modalities import MODALITIES
 
 Batch = dict[str, np.ndarray]
 TOKEN_CACHE_SIZE = 200_000  # Distinct texts a Preprocess keeps tokenized (then cleared).
+HOST_FIELDS = ("target_texts",)  # Batch fields of Python objects: read on the host only.
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetTokens:
+  """A decoder tokenizer's special ids, and ids <-> text for the decoder's targets.
+
+  BOS is the tokenizer's bos token, else its cls token (BERT: [CLS], as BERT2BERT
+  models start), EOS its eos, else sep token; PAD its pad token.
+  """
+
+  tokenizer: Any
+  bos: int
+  eos: int
+  pad: int
+  prompt: tuple[int, ...]  # BOS + the prompt's tokens
+
+  @classmethod
+  def load(cls, name_or_path: str, prompt: str = "") -> TargetTokens:
+    tok = _tokenizer(name_or_path)
+    ids = {}
+    for what, names in (("bos", ("bos", "cls")), ("eos", ("eos", "sep")), ("pad", ("pad",))):
+      ids[what] = next(
+        (getattr(tok, f"{n}_token_id") for n in names if getattr(tok, f"{n}_token_id") is not None),
+        None,
+      )
+      if ids[what] is None:
+        fix = (
+          " (GPT-2's has none: save the tokenizer with tokenizer.pad_token = tokenizer.eos_token)"
+          if what == "pad"
+          else ""
+        )
+        raise config_keys.ConfigError(
+          f"Tokenizer {name_or_path!r} has no {what} token ({' or '.join(names)}_token): the "
+          f"decoder needs BOS, EOS and PAD. Set its {names[0]}_token in the tokenizer's "
+          f"special_tokens_map.json / tokenizer_config.json{fix}, or use another tokenizer."
+        )
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return cls(tok, ids["bos"], ids["eos"], ids["pad"], (ids["bos"], *prompt_ids))
+
+  def check_vocab(self, vocab_size: int) -> None:
+    """A tokenizer whose ids reach past the decoder's embedding rows is the wrong one."""
+    n = len(self.tokenizer)
+    if n > vocab_size:
+      raise config_keys.ConfigError(
+        f"The target tokenizer {self.tokenizer.name_or_path!r} has {n} tokens but the "
+        f"decoder's embeddings have {vocab_size} rows: set config.input.target.tokenizer to "
+        "the decoder checkpoint's own tokenizer."
+      )
+
+  def sequences(self, texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
+    """The teacher-forcing fields (module doc) of `texts`, decoder length `max_length`."""
+    p = len(self.prompt)
+    if p > max_length:
+      raise config_keys.ConfigError(
+        f"config.input.target.prompt is {p - 1} tokens (+ BOS), which leaves no room in "
+        f"config.input.target.max_length={max_length}: raise max_length or shorten the prompt."
+      )
+    body = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    seqs = np.full((len(texts), max_length + 1), self.pad, np.int32)
+    real = np.zeros((len(texts), max_length + 1), bool)
+    for i, ids in enumerate(body):
+      row = [*self.prompt, *ids[: max_length - p], self.eos]
+      seqs[i, : len(row)], real[i, : len(row)] = row, True
+    loss = real[:, 1:] & (np.arange(max_length) >= p - 1)
+    return dict(
+      decoder_input_ids=seqs[:, :-1],
+      decoder_attention_mask=real[:, 1:].astype(np.int32),  # EOS is a target, never an input
+      decoder_target_ids=seqs[:, 1:],
+      decoder_loss_mask=loss.astype(np.float32),
+      decoder_prompt_ids=np.tile(np.asarray(self.prompt, np.int32), (len(texts), 1)),
+    )
+
+  def texts(self, ids: np.ndarray) -> list[str]:
+    """Generated texts of token ids (B, L) that start with `prompt`: up to EOS, specials
+    dropped."""
+    out = []
+    for row in np.asarray(ids)[:, len(self.prompt) :]:
+      end = np.nonzero(row == self.eos)[0]
+      row = row[: end[0]] if len(end) else row
+      out.append(self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -174,6 +265,17 @@ class Preprocess:
         )
       self.tokenizer = _tokenizer(cfg.text.tokenizer)
       self._token_cache: dict[str, np.ndarray] = {}
+    if "target" in self.fields:
+      if not cfg.target.tokenizer:
+        raise config_keys.ConfigError(
+          "config.input.fields.target is set: set config.input.target.tokenizer (the decoder "
+          "checkpoint's tokenizer, HF name or path)."
+        )
+      self.target = TargetTokens.load(cfg.target.tokenizer, cfg.target.prompt)
+      feature = source.feature_at(info.features, cfg.fields.target) if info else None
+      self.target_names = (
+        list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
+      )
     aug = cfg.augment
     self.crop_scale = aug.crop_scale if train else None
     self.flip = aug.flip and train
@@ -190,10 +292,15 @@ class Preprocess:
     for name, path in self.fields.items():
       value = source.value_at(ex, path)
       if name == "text":
-        texts = [value] if isinstance(value, (bytes, str)) else list(value)
-        value = [t.decode() if isinstance(t, bytes) else t for t in texts]
+        value = _texts(value)
         if not self.train:
           value = self._eval_text(value)
+      if name == "target":
+        value = [self.target_names[int(value)]] if self.target_names else _texts(value)
+        if not value:
+          raise config_keys.ConfigError(
+            f"An example has no {self.cfg.fields.target!r} text: every example needs a target."
+          )
       out[name] = value
     return out
 
@@ -227,6 +334,11 @@ class Preprocess:
       out["text"] = texts[rng.integers(len(texts))] if self.train else texts[0]
     if "audio" in ex:
       out["audio"] = np.asarray(ex["audio"], np.float32)
+    if "target" in ex:
+      refs = ex["target"]
+      out["target"] = refs[rng.integers(len(refs))] if self.train else refs[0]
+      if not self.train:
+        out["target_texts"] = list(refs)
     weight = 1.0
     if "label" in ex:
       out["labels"] = np.int32(ex["label"])
@@ -241,7 +353,11 @@ class Preprocess:
   @staticmethod
   def stack(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
-      k: ([e[k] for e in examples] if k == "text" else np.stack([e[k] for e in examples]))
+      k: (
+        [e[k] for e in examples]
+        if k in ("text", "target", *HOST_FIELDS)
+        else np.stack([e[k] for e in examples])
+      )
       for k in examples[0]
     }
 
@@ -297,4 +413,12 @@ class Preprocess:
       batch.update(input_ids=ids, attention_mask=mask, token_type_ids=type_ids)
     if "audio" in batch:
       batch["audio_values"] = batch.pop("audio") * batch["audio_present"][:, None, None, None]
+    if "target" in batch:
+      batch.update(self.target.sequences(batch.pop("target"), self.cfg.target.max_length))
     return batch
+
+
+def _texts(value: Any) -> list[str]:
+  """A text feature's value (one string or a sequence of them) as a list of str."""
+  texts = [value] if isinstance(value, (bytes, str)) else list(value)
+  return [t.decode() if isinstance(t, bytes) else t for t in texts]

@@ -26,6 +26,14 @@ Fusion types (`fusion_type`, the keys of `FUSIONS`):
   contrastive:     two towers and a CLIP/LiT/SigLIP head: projected, L2-normalized
                    embeddings and a learnable temperature (and bias: sigmoid loss).
 
+Captioning (`CaptioningModel`, head "captioning"): no pooled fusion; every tower's
+tokens, projected to the decoder width (`enc_to_dec_proj/<modality>`, as HF's
+VisionEncoderDecoder), are concatenated and a text decoder (`decoder/...`: GPT-2,
+BERT as a decoder) cross-attends to them, or reads them as a prefix of its input
+embeddings (ClipCap-style, `conditioning="prefix"`, for decoders without
+cross-attention). Image tokens give captions; image + question tokens give
+generative VQA.
+
 Missing modalities: a tower runs only when its inputs are in the batch, and
 `image_present` / `text_present` / `audio_present` (B,) floats (1 = present)
 zero a modality per example, so a fused model can be trained with modality
@@ -58,7 +66,9 @@ TOWER_INPUTS: dict[str, dict[str, str]] = {
   # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
   "audio": {"audio_values": "pixel_values"},
 }
-HEAD_TYPES = ("classification", "regression", "contrastive")
+HEAD_TYPES = ("classification", "regression", "contrastive", "captioning")
+# How a captioning head's decoder reads the towers' tokens.
+CONDITIONINGS = ("cross_attention", "prefix")
 POOL_TYPES = ("mean", "cls", "pooler")
 
 
@@ -637,6 +647,112 @@ class FusionModel(nn.Module):
     return out
 
 
+class EncoderToDecoder(nn.Module):
+  """Per modality, a Dense from the tower width to the decoder's (`enc_to_dec_proj/<m>`)."""
+
+  modalities: tuple[str, ...]
+  width: int
+  dtype: Any = jnp.float32
+
+  def setup(self) -> None:
+    self.projections = {m: nn.Dense(self.width, dtype=self.dtype, name=m) for m in self.modalities}
+
+  def __call__(self, m: str, tokens: jax.Array) -> jax.Array:
+    return self.projections[m](tokens)
+
+
+class CaptioningModel(FusionModel):
+  """Towers -> projected tokens -> text decoder: a FusionModel with a "captioning" head.
+
+  Called on a batch (decoder_input_ids, decoder_attention_mask + the towers' inputs) it
+  returns teacher-forced `logits` (B, T, vocab) of the tokens after the prefix.
+  `encode` / `decode` / `init_cache` are what `mmtl.generate.generate` drives.
+  """
+
+  decoder: nn.Module | None = None
+  conditioning: str = "cross_attention"
+  head_type: str = "captioning"
+
+  def __post_init__(self) -> None:
+    if self.head_type != "captioning":
+      raise ValueError(f"CaptioningModel has head_type 'captioning', got {self.head_type!r}.")
+    if self.decoder is None:
+      raise config_keys.ConfigError(
+        "head='captioning' needs a decoder: set config.model.decoder.name (a GPT-2 or BERT "
+        "checkpoint or config.json dict)."
+      )
+    if self.conditioning not in CONDITIONINGS:
+      raise config_keys.ConfigError(
+        f"config.model.conditioning={self.conditioning!r}; use one of {CONDITIONINGS}."
+      )
+    if self.conditioning == "cross_attention" and not self.decoder.cross_attention:
+      raise config_keys.ConfigError(
+        "conditioning='cross_attention' but the decoder has no cross-attention layers: set "
+        "config.model.decoder.cross_attention=True (new layers, trained from init) or "
+        "config.model.conditioning='prefix'."
+      )
+    super().__post_init__()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.decoder.vocab_size
+
+  @property
+  def max_length(self) -> int:
+    return self.decoder.max_length
+
+  def setup(self) -> None:
+    self.enc_to_dec_proj = EncoderToDecoder(
+      self.modalities, self.decoder.hidden_size, self.dtype, name="enc_to_dec_proj"
+    )
+
+  def dummy_batch(self) -> dict[str, jax.Array]:
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return {**super().dummy_batch(), "decoder_input_ids": ids, "decoder_attention_mask": ids + 1}
+
+  def encode(
+    self, batch: Mapping[str, Any], *, train: bool = False, inference_towers: tuple[str, ...] = ()
+  ) -> dict[str, jax.Array]:
+    """The decoder's conditioning from the towers: `encoder_hidden_states` and their mask,
+    or `prefix_embeds`. Absent modalities (not in the batch, or `<m>_present` 0) are masked
+    out (prefix: zeroed). Towers in `inference_towers` run as at inference (LiT)."""
+    train_of = {m: train and m not in inference_towers for m in self.modalities}
+    towers = self._run_towers(batch, None, train=train_of)
+    tokens, masks = [], []
+    for m, t in towers.items():
+      present = t.present > 0
+      tokens.append(self.enc_to_dec_proj(m, t.tokens) * present[:, None, None].astype(self.dtype))
+      masks.append(t.mask & present[:, None])
+    x, mask = jnp.concatenate(tokens, 1), jnp.concatenate(masks, 1)
+    if self.conditioning == "prefix":
+      return dict(prefix_embeds=x)
+    return dict(encoder_hidden_states=x, encoder_attention_mask=mask)
+
+  def decode(self, input_ids: jax.Array, attention_mask=None, position_ids=None, **kw) -> dict:
+    """The decoder (`TextDecoder.__call__`) on `encode`'s conditioning or a cache."""
+    return self.decoder(input_ids, attention_mask, position_ids, **kw)
+
+  def init_cache(self, batch_size: int, max_length: int, **conditioning) -> dict[str, Any]:
+    return self.decoder.init_cache(batch_size, max_length, **conditioning)
+
+  def __call__(
+    self, batch: Mapping[str, Any], *, train: bool = False, inference_towers: tuple[str, ...] = ()
+  ) -> dict[str, jax.Array]:
+    """Teacher forcing: `logits` (B, T, vocab) of `decoder_input_ids` given the towers.
+    With `train`, locked towers (`inference_towers`) still run as at inference."""
+    cond = self.encode(batch, train=train, inference_towers=inference_towers)
+    out = self.decoder(
+      batch["decoder_input_ids"],
+      batch.get("decoder_attention_mask"),
+      **cond,
+      deterministic=not train,
+    )
+    logits = out["logits"]
+    if "prefix_embeds" in cond:  # predictions at the prefix positions are not tokens
+      logits = logits[:, cond["prefix_embeds"].shape[1] :]
+    return {"logits": logits}
+
+
 def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
   """The towers `model_cfg.modalities` selects (all when empty), in config order."""
   towers = dict(model_cfg["towers"])
@@ -711,9 +827,31 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
       pool = pool or "pooler"
     if pool:
       pools[f"{m}_pool"] = pool
-  return FusionModel(
+  extra, cls = {}, FusionModel
+  if model_cfg["head"] == "captioning":
+    dec = dict(model_cfg.get("decoder") or {})
+    if not dec.get("name"):
+      raise config_keys.ConfigError(
+        "config.model.head='captioning' needs config.model.decoder.name: a GPT-2 or BERT "
+        "checkpoint (hub id or folder) or a config.json dict."
+      )
+    name = dec["name"].to_dict() if hasattr(dec["name"], "to_dict") else dec["name"]
+    extra = dict(
+      decoder=hf.build_decoder(
+        name,
+        cross_attention=dec.get("cross_attention", True),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=model_cfg.get("remat", "none"),
+        **dict(dec.get("kwargs") or {}),
+      ),
+      conditioning=model_cfg.get("conditioning", "cross_attention"),
+    )
+    cls = CaptioningModel
+  return cls(
     **towers,
     **pools,
+    **extra,
     fusion_type=model_cfg["fusion"],
     head_type=model_cfg["head"],
     num_classes=model_cfg["num_classes"],

@@ -19,6 +19,8 @@ from mmtl.models import (
   deit,
   dinov2,
   distilbert,
+  encoder_decoder,
+  gpt2,
   resnet,
   roberta,
   siglip,
@@ -47,5 +49,13 @@ MODELS: dict[str, type[nn.Module]] = {
     convnext.ConvNextModel,
     convnext.ConvNextV2Model,
     resnet.ResNetModel,
+    gpt2.GPT2LMHeadModel,
+    encoder_decoder.VisionEncoderDecoderModel,
   )
 }
+# Text decoders (mmtl.models.decoder.TextDecoder) by `model_type`: what a config with
+# `is_decoder` (or a decoder sub-config, or mmtl.hf.load_decoder) builds.
+DECODERS: dict[str, type[nn.Module]] = {
+  cls.config_class.model_type: cls for cls in (gpt2.GPT2LMHeadModel, bert.BertLMHeadModel)
+}
+encoder_decoder.FAMILIES.update(encoder=MODELS, decoder=DECODERS)

@@ -1,0 +1,132 @@
+"""`python -m mmtl.generate`: captions of a split or of image files by a trained captioning run.
+
+Prints the first captions (and the metrics, where the split has references) and writes
+every caption to `<workdir>/captions_step<N>-<split or images>-beams<k>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from absl import app, flags
+import numpy as np
+from PIL import Image
+
+from mmtl import checkpoint, data, evaluators, sharding, text_metrics, train_state
+from mmtl import config as config_lib
+from mmtl import metrics as metrics_lib
+from mmtl import workdir as workdir_lib
+from mmtl.data import source, transforms
+from mmtl.generate import GenerationError, generate
+
+
+def caption_run(
+  workdir: str,
+  *,
+  split: str | None = None,
+  images: tuple[str, ...] = (),
+  step: int | None = None,
+  **generate_kw: Any,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+  """(one {"prediction", "references" | "image"} per example, metrics) of the captioning run
+  in `workdir` on its eval input with `split` (default: config.input's), or on image files."""
+  config = config_lib.with_defaults(
+    config_lib.load_json(f"{workdir.rstrip('/')}/{config_lib.CONFIG_FILE}")
+  )
+  mesh = sharding.make_mesh(config.mesh)
+  model, variables = train_state.load_run(workdir, mesh, step, config)
+  if model.head_type != "captioning":
+    raise GenerationError(
+      f"{workdir} is a {model.head_type!r} run: mmtl.generate captions runs whose "
+      "config.model.head is 'captioning'."
+    )
+  input_cfg = data.input_config(config.input)
+  target = transforms.TargetTokens.load(input_cfg.target.tokenizer, input_cfg.target.prompt)
+  if images:
+    fields = dict(image="image", text=None, label=None, audio=None, target=None)
+    cfg = data.input_config({**input_cfg.to_dict(), "fields": fields})
+    pre = transforms.Preprocess(cfg, source.builder(cfg).info, train=False)
+    rng = np.random.default_rng(0)  # eval preprocessing draws nothing that changes the image
+    rows = [pre.example({"image": np.asarray(Image.open(f).convert("RGB"))}, rng) for f in images]
+    batch = pre.tokenize(pre.images(pre.stack(rows)))
+    batch["decoder_input_ids"] = np.tile(np.asarray(target.prompt, np.int32), (len(images), 1))
+    ids = generate(
+      model,
+      variables,
+      batch,
+      max_new_tokens=generate_kw.pop("max_new_tokens", 0) or int(input_cfg.target.max_length),
+      eos_token_id=target.eos,
+      pad_token_id=target.pad,
+      **generate_kw,
+    )
+    texts = target.texts(np.asarray(ids))
+    return [{"image": f, "prediction": t} for f, t in zip(images, texts)], {}
+  # The run's first generating evaluator says how it is scored and what it reads.
+  eval_cfg = next(
+    (dict(c) for c in config.evals.values() if c.get("type") in ("captioning", "vqa")),
+    {"type": "captioning"},
+  )
+  eval_cfg["input"] = {**dict(eval_cfg.get("input", {})), **({"split": split} if split else {})}
+  process_index, process_count = sharding.process_data_shard(mesh)
+  host_batches = lambda c: data.make_eval_iterator(
+    {**input_cfg.to_dict(), **c.get("input", {})},
+    batch_size=int(config.batch_size) // process_count,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  generate_texts = evaluators.make_generate_texts(config, model, mesh, host_batches)
+  predictions, references = generate_texts(variables, eval_cfg, **generate_kw)
+  rows = [{"prediction": p, "references": r} for p, r in zip(predictions, references)]
+  score = text_metrics.vqa_accuracy if eval_cfg["type"] == "vqa" else text_metrics.caption_scores
+  return rows, score(predictions, references)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  metrics_lib.quiet_library_logs()
+  if not f.workdir:
+    sys.exit("--workdir=DIR is required (a captioning run written by mmtl.train).")
+  config_file = workdir_lib.path(f.workdir, config_lib.CONFIG_FILE)
+  if not config_file.exists():
+    sys.exit(f"{config_file} not found: --workdir must be a run written by mmtl.train.")
+  try:
+    step = train_state.checkpoint_step(f.workdir, f.step)
+    rows, scores = caption_run(
+      f.workdir,
+      split=f.split,
+      images=tuple(f.images or ()),
+      step=step,
+      num_beams=f.num_beams,
+      max_new_tokens=f.max_new_tokens,
+      length_penalty=f.length_penalty,
+    )
+  except (GenerationError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+  for row in rows[:10]:
+    print(json.dumps(row, ensure_ascii=False))
+  if scores:
+    print(metrics_lib.format_table(scores, title=f"{f.workdir} step {step}, {len(rows)} examples"))
+  what = "images" if f.images else workdir_lib.safe_name(f.split or "eval")
+  out = workdir_lib.path(f.workdir, f"captions_step{step}-{what}-beams{f.num_beams}.jsonl")
+  workdir_lib.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  print(f"Wrote {len(rows)} captions to {out}")
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A captioning run's workdir (config.json, checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: best (or latest).")
+  flags.DEFINE_string("split", None, "TFDS split to caption; default: config.input's split.")
+  flags.DEFINE_list("images", None, "Image files to caption instead of a split.")
+  flags.DEFINE_integer("num_beams", 1, "Beam width (1: greedy).")
+  flags.DEFINE_integer(
+    "max_new_tokens", 0, "Tokens to generate; 0: config.input.target.max_length."
+  )
+  flags.DEFINE_float("length_penalty", 1.0, "Beam scores are divided by length**length_penalty.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
