@@ -19,7 +19,7 @@ tower, old `position_ids` buffers) are skipped and logged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import json
 import logging
 from pathlib import Path
@@ -558,9 +558,10 @@ def _decoder_dont_load(
   config: Mapping[str, Any],
   folder: Path,
   dont_load: Iterable[str],
+  report: Callable[[str], None] = logging.warning,
 ) -> list[str]:
   """`dont_load` + the cross-attention params a checkpoint without cross-attention cannot
-  hold. Logs every param that will be initialized; a missing LM head is an error."""
+  hold. `report`s every param that will be initialized; a missing LM head is an error."""
   dont_load = list(dont_load)
   if module.cross_attention and not config.get("add_cross_attention"):
     dont_load.append(CROSS_ATTENTION)
@@ -577,12 +578,9 @@ def _decoder_dont_load(
     )
   fresh = [p for p in params if keep[p] and p not in loaded]
   if fresh:
-    logging.warning(
-      "%s from %s: %d param(s) not in the checkpoint are initialized: %s",
-      type(module).__name__,
-      folder,
-      len(fresh),
-      _listing(fresh),
+    report(
+      f"{type(module).__name__} from {folder}: {len(fresh)} param(s) not in the checkpoint "
+      f"are initialized: {_listing(fresh)}"
     )
   return dont_load
 
@@ -610,6 +608,7 @@ def load_into(
   revision: str | None = None,
   head: bool = False,
   decoder: bool = False,
+  report: Callable[[str], None] = logging.warning,
 ) -> dict[str, Any]:
   """`variables` ({"params": ..., "batch_stats": ...}) with their `subtree` (e.g.
   "image_encoder") replaced by checkpoint values, in every collection the checkpoint has.
@@ -620,7 +619,7 @@ def load_into(
   a contrastive FusionModel's head and gets the checkpoint's dual-encoder head
   (`head_hf_names()` of its family: CLIP's projections and logit_scale). With `decoder`,
   the subtree is a captioning model's text decoder, loaded as `load_decoder` does
-  (cross-attention an encoder checkpoint lacks is initialized and logged).
+  (cross-attention an encoder checkpoint lacks is initialized, and `report`ed).
   Returns a new tree.
   """
   keys = subtree.split("/")
@@ -630,7 +629,7 @@ def load_into(
     target = rules.flatten(_subtree(variables["params"], keys, "params"))
     cross = any("/cross_attn/" in f"/{p}" for p in target)
     module = build_decoder(config, cross_attention=cross)
-    dont_load = _decoder_dont_load(module, state, config, folder, dont_load)
+    dont_load = _decoder_dont_load(module, state, config, folder, dont_load, report)
   else:
     module = build_module(config, tower=tower)
   names, fix = _head_names(module, tower) if head else (variable_names(module), "")

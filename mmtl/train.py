@@ -101,15 +101,20 @@ def hold_workdir(workdir: str):
 
 
 def describe_towers(model_cfg: Mapping[str, Any], model_init: Mapping[str, Any]) -> str:
-  """Which towers run (and from which weights) and which are configured but left out."""
-  used = fusion.selected_towers(model_cfg)
-  lines = []
-  for m, tower in used.items():
-    name = tower["name"]
+  """Which towers (and decoder) run, from which weights, and which are configured but left
+  out."""
+
+  def line(what: str, name: Any, init: Any, extra: str = "") -> str:
     arch = name.get("model_type", "config dict") if hasattr(name, "get") else name
-    init = model_init.get(f"{m}_encoder")
     init = init.get("name") if hasattr(init, "get") else init
-    lines.append(f"  {m}: {arch} ({f'weights from {init}' if init else 'random init'})")
+    return f"  {what}: {arch}{extra} ({f'weights from {init}' if init else 'random init'})"
+
+  used = fusion.selected_towers(model_cfg)
+  lines = [line(m, t["name"], model_init.get(f"{m}_encoder")) for m, t in used.items()]
+  if model_cfg["head"] == "captioning":
+    decoder = model_cfg["decoder"]
+    cross = " with cross-attention" if decoder.get("cross_attention", True) else ""
+    lines.append(line("decoder", decoder.get("name"), model_init.get("decoder"), cross))
   unused = [m for m in model_cfg["towers"] if m not in used]
   if unused:
     lines.append(

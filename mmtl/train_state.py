@@ -143,6 +143,7 @@ def load_pretrained_towers(
       dont_load=spec.get("dont_load", ()),
       head=subtree == "head",  # FusionModel's head: a dual-encoder checkpoint's projections
       decoder=subtree == "decoder",  # CaptioningModel's text decoder (warm-start allowed)
+      report=note,  # the decoder's newly initialized params, in the start-up summary
     )
     variables = place(loaded, shardings)
   return variables

@@ -17,8 +17,8 @@ Checked here:
 """
 
 import contextlib
+import io
 import json
-import logging
 import os
 from pathlib import Path
 import re
@@ -47,6 +47,7 @@ from mmtl import config as config_lib
 from mmtl.data import transforms
 from mmtl.generate import __main__ as generate_script
 from mmtl.models import fusion
+from tests.hf_fixtures import export_and_reload
 from tests.test_train import TINY_VIT
 
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu")
@@ -68,19 +69,6 @@ def compilation_cache(tmp_path_factory):
   yield
   jax.config.update("jax_compilation_cache_dir", old)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-@contextlib.contextmanager
-def logged_warnings():
-  """The root logger's warning records while the block runs (caplog for module fixtures)."""
-  records = []
-  handler = logging.Handler(logging.WARNING)
-  handler.emit = records.append
-  logging.getLogger().addHandler(handler)
-  try:
-    yield records
-  finally:
-    logging.getLogger().removeHandler(handler)
 
 
 def caption_config(bert_dir, data_dir, **overrides):
@@ -249,11 +237,11 @@ def test_gpt2_tokenizer_without_pad_token(tmp_path):
 
 @pytest.fixture(scope="module")
 def caption_run(tiny_bert_dir, data_dir, tmp_path_factory):
-  """(workdir, final metrics, warning records) of a complete captioning run."""
+  """(workdir, final metrics, the trainer's printed lines) of a complete captioning run."""
   workdir = tmp_path_factory.mktemp("caption") / "run"
-  with logged_warnings() as records:
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
     final = train.train(caption_config(tiny_bert_dir, data_dir), str(workdir))
-  return workdir, final, records
+  return workdir, final, printed.getvalue().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -349,14 +337,46 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
   ]
 
 
+def test_fine_tuned_decoder_exports_to_transformers(caption_run, tiny_bert_dir, tmp_path):
+  """The trained decoder of a captioning run, cross-attention included, is a folder that
+  transformers loads as BertLMHeadModel (no missing or unexpected keys), same logits."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  workdir, _, _ = caption_run
+  config = config_lib.with_defaults(
+    mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  )
+  model = fusion.build(config.model)
+  params = rules.unflatten(
+    {p[len("decoder/") :]: x for p, x in final_params(workdir).items() if p.startswith("decoder/")}
+  )
+  torch_model = export_and_reload(
+    model.decoder, {"params": params}, tmp_path, transformers.BertLMHeadModel
+  )
+  assert torch_model.config.is_decoder and torch_model.config.add_cross_attention
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, model.vocab_size, (2, 6))
+  states = rng.normal(size=(2, 4, model.decoder.hidden_size)).astype(np.float32)
+  ours = model.decoder.apply({"params": params}, ids, encoder_hidden_states=states)["logits"]
+  with torch.no_grad():
+    ref = torch_model(
+      input_ids=torch.tensor(ids), encoder_hidden_states=torch.tensor(states)
+    ).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
+
+
 def test_decoder_warm_start_loads_self_attention_and_logs_cross_attention(
   caption_run, warm_start, tiny_bert_dir
 ):
-  _, _, records = caption_run
-  messages = [
-    r.getMessage() for r in records if "not in the checkpoint are initialized" in r.getMessage()
-  ]
+  _, _, printed = caption_run
+  # The start-up summary names the decoder's source and lists what it initializes.
+  assert f"  decoder: {tiny_bert_dir} with cross-attention (weights from {tiny_bert_dir})" in (
+    printed
+  )
+  messages = [line for line in printed if "not in the checkpoint are initialized" in line]
   assert len(messages) == 1, messages
+  assert printed.index(messages[0]) == printed.index(f"model_init: decoder <- {tiny_bert_dir}") + 1
   listed = messages[0].split("initialized: ", 1)[1].split(", ")
   assert "decoder/layer_0/cross_attn/query/kernel" in listed
   assert "decoder/layer_1/cross_attn_norm/scale" in listed

@@ -6,7 +6,8 @@ on right-padded batches (cross-attention over padded encoder tokens included), c
 incremental decoding against the full forward, exports that transformers reloads as
 `BertLMHeadModel` with its own names, a MaskedLM checkpoint warm-starting a decoder
 (cross-attention created and logged, everything else the checkpoint's), a ViT + BERT
-`VisionEncoderDecoderModel`, and the one-line errors for misused decoders.
+`VisionEncoderDecoderModel` (logits, export, greedy and beam generation token for token),
+and the one-line errors for misused decoders.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import pytest
 import torch
 import transformers
 
-from mmtl import hf, rules
+from mmtl import generate, hf, rules
 from mmtl.models import bert, decoder, encoder_decoder
 from tests.hf_fixtures import export_and_reload
+from tests.test_generate import MAX_NEW, _assert_same_tokens, _most_frequent, _torch_generate
 from tests.test_models_gpt2 import (
   _assert_close_where,
   _encoder_tokens,
@@ -149,8 +151,10 @@ def test_masked_lm_checkpoint_warm_starts_a_cross_attending_decoder(tmp_path, ca
   del torch_model
 
 
-def test_vision_encoder_decoder_with_a_bert_decoder(tmp_path):
-  """ViT (32 wide) + BERT decoder (36 wide): enc_to_dec_proj, logits, export."""
+@pytest.fixture(scope="module")
+def bert_ved(tmp_path_factory):
+  """(folder, torch model, mmtl module, variables) of a ViT (32 wide) + BERT decoder (36
+  wide) VisionEncoderDecoderModel: enc_to_dec_proj, decoder_start_token_id 2."""
   torch.manual_seed(0)
   vit = transformers.ViTConfig(
     hidden_size=32,
@@ -164,18 +168,44 @@ def test_vision_encoder_decoder_with_a_bert_decoder(tmp_path):
   config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, dec)
   config.decoder_start_token_id, config.pad_token_id = 2, PAD
   torch_model = transformers.VisionEncoderDecoderModel(config)
-  _perturb(torch_model.eval(), 0.1, 0)
-  torch_model.save_pretrained(tmp_path / "ckpt")
-  module, variables, _ = hf.load_pretrained(tmp_path / "ckpt")
+  _perturb(torch_model.eval(), 0.3, 0)
+  folder = tmp_path_factory.mktemp("bert_ved")
+  torch_model.save_pretrained(folder)
+  return (folder, torch_model, *hf.load_pretrained(folder)[:2])
+
+
+def test_vision_encoder_decoder_with_a_bert_decoder(bert_ved, tmp_path):
+  """Logits with enc_to_dec_proj, and an export that transformers loads."""
+  _, torch_model, module, variables = bert_ved
   assert isinstance(module, encoder_decoder.VisionEncoderDecoderModel) and module.needs_projection
   inputs = _ved_inputs()
   inputs["decoder_input_ids"] = inputs["decoder_input_ids"] % VOCAB
   ref = _ved_torch_logits(torch_model, inputs)
   _assert_close_where(_ours(module, variables, inputs), ref, inputs["decoder_attention_mask"])
-  reloaded = export_and_reload(
-    module, variables, tmp_path / "out", transformers.VisionEncoderDecoderModel
-  )
+  reloaded = export_and_reload(module, variables, tmp_path, transformers.VisionEncoderDecoderModel)
   np.testing.assert_array_equal(_ved_torch_logits(reloaded, inputs), ref)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_vision_encoder_decoder_with_a_bert_decoder_generates_transformers_tokens(
+  num_beams, bert_ved
+):
+  _, torch_model, module, variables = bert_ved
+  pixels = dict(pixel_values=np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype("f4"))
+  free = _torch_generate(torch_model, pixels, eos_token_id=None)
+  eos = _most_frequent(free[:, 1:])
+  ref = _torch_generate(torch_model, pixels, num_beams=num_beams, eos_token_id=eos)
+  assert (ref[:, 0] == 2).all() and (ref[:, 1:] == eos).any()
+  got = generate.generate(
+    module,
+    variables,
+    pixels,
+    max_new_tokens=MAX_NEW,
+    num_beams=num_beams,
+    eos_token_id=eos,
+    pad_token_id=PAD,
+  )
+  _assert_same_tokens(got, ref, 1, eos)
 
 
 def test_misused_decoders_name_the_fix(checkpoints):
