@@ -2,6 +2,7 @@ r"""Training-step benchmark: mmtl's trainer step vs HF transformers PyTorch, sam
 
   python -m mmtl.bench --preset clip_b16 --batch 256 --out bench_out   # one GPU (docs/benchmark.md)
   python -m mmtl.bench --tiny --out /tmp/bench                         # CPU, tiny sizes, seconds
+  python -m mmtl.bench --preset gpt2_generation --out bench_gen        # mmtl.bench_generation
 
 Measured, each in its own process by default (clean peak memory, one
 framework on the GPU at a time), all on the first local device:
@@ -45,7 +46,7 @@ from typing import Any
 from absl import flags
 import numpy as np
 
-from mmtl import workdir  # etils only: importing mmtl.bench loads no JAX
+from mmtl import bench_generation, workdir  # etils only: importing mmtl.bench loads no JAX
 
 # --- What is benchmarked ------------------------------------------------------
 
@@ -742,7 +743,14 @@ def _define_flags() -> flags.FlagValues:
   that `main(argv)` can be called (and re-parsed) in-process, e.g. by the tests."""
   fv = flags.FlagValues()
   kw = dict(flag_values=fv)
-  flags.DEFINE_enum("preset", "clip_b16", sorted(PRESETS), "Model size (PRESETS).", **kw)
+  flags.DEFINE_enum(
+    "preset",
+    "clip_b16",
+    sorted(PRESETS) + sorted(bench_generation.PRESETS),
+    "Model size (PRESETS: the training step), or a generation grid "
+    "(mmtl.bench_generation.PRESETS: mmtl.generate vs transformers' generate()).",
+    **kw,
+  )
   flags.DEFINE_integer("batch", 256, "Global batch (image-text pairs).", **kw)
   flags.DEFINE_bool(
     "tiny",
@@ -839,6 +847,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.worker:
     _worker(args.worker, args.worker_out)
     return {}
+  if args.preset in bench_generation.PRESETS:
+    return bench_generation.run(
+      args.preset,
+      args.out,
+      repeats=args.repeats,
+      meta=dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        host=platform.node(),
+        python=platform.python_version(),
+        argv=argv if argv is not None else sys.argv[1:],
+      ),
+    )
   if args.torch and not _torch_importable():
     print("torch/transformers not importable: skipping the PyTorch peers.", flush=True)
     args.torch = []

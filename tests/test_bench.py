@@ -9,7 +9,7 @@ from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
-from mmtl import bench, hf, sharding
+from mmtl import bench, bench_generation, hf, sharding
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,22 @@ def test_bad_variant_is_a_clear_error():
     bench.parse_args(["--variants", "full,lockd"])
   with pytest.raises(ValueError, match="variant='lockd'"):
     bench.trainer_config("tiny", "lockd", batch=8, attention=None)
+
+
+def test_generation_preset_measures_both_frameworks_on_the_same_weights(tmp_path):
+  """`--preset tiny_generation`: every cell of the grid has both frameworks' tokens/s,
+  mmtl's compile time, and mmtl's tokens equal to transformers' (greedy and beam)."""
+  report = bench.main(["--preset", "tiny_generation", "--out", str(tmp_path), "--repeats", "1"])
+  assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
+  preset = bench_generation.PRESETS["tiny_generation"]
+  cells = len(preset["models"]) * len(preset["searches"]) * len(preset["batches"])
+  assert len(report["runs"]) == cells * len(preset["new_tokens"])
+  for run in report["runs"]:
+    assert run["same_tokens"], run["name"]
+    assert run["mmtl_tokens_per_s"] > 0 and run["torch_tokens_per_s"] > 0
+    assert run["speedup"] == pytest.approx(run["torch_s"] / run["mmtl_s"])
+    assert run["mmtl_tokens_per_s"] == pytest.approx(
+      run["batch"] * run["new_tokens"] / run["mmtl_s"]
+    )
+  table = (tmp_path / "bench.md").read_text()
+  assert "| vit_gpt2 | beam 2 | 2 | 4 |" in table and "transformers 5." in table

@@ -12,6 +12,8 @@ compiles once, so the cases are few and share fixtures.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -204,9 +206,92 @@ def test_sharded_batch_matches_unsharded(lm):
     (dict(max_new_tokens=0), "generate at least one token"),
     (dict(do_sample=True, top_p=0.0), "need 0 < top_p <= 1"),
     (dict(do_sample=True, top_p=1.5), "need 0 < top_p <= 1"),
+    (dict(do_sample=True), r"do_sample=True needs rng=jax\.random\.PRNGKey\(seed\)"),
   ],
 )
 def test_bad_arguments(bad, fix, lm):
   _, module, variables, _, _ = lm
   with pytest.raises(gen.GenerationError, match=fix):
     gen.generate(module, variables, _prompt(), **{"max_new_tokens": MAX_NEW, **bad})
+
+
+def test_token_ids_come_from_the_config_and_none_anywhere_is_an_error(tmp_path):
+  """eos/pad left None are the config's (transformers' generation config); without any,
+  one line names the fix."""
+  torch_model = save_tiny_gpt2(tmp_path / "eos", seed=2, eos_token_id=7, pad_token_id=PAD)
+  module, variables, _ = hf.load_pretrained(tmp_path / "eos")
+  prompt = _prompt()
+  ref = _torch_generate(torch_model, prompt, do_sample=False)  # eos 7 from its config
+  _assert_same_tokens(gen.generate(module, variables, prompt, max_new_tokens=MAX_NEW), ref, 5, 7)
+
+  save_tiny_gpt2(tmp_path / "none", eos_token_id=None, pad_token_id=None)
+  module, variables, _ = hf.load_pretrained(tmp_path / "none")
+  with pytest.raises(gen.GenerationError, match=r"No eos_token_id or pad_token_id.*pass"):
+    gen.generate(module, variables, prompt, max_new_tokens=MAX_NEW)
+  # Without EOS but with a pad id every row runs max_new_tokens steps.
+  out = gen.generate(module, variables, prompt, max_new_tokens=3, pad_token_id=PAD)
+  assert out.shape == (3, PROMPT_LEN + 3)
+
+
+def test_decoder_start_token_id(ved):
+  """The argument overrides the config's decoder_start_token_id; a model with neither and
+  no prompt is refused."""
+  torch_model, module, variables, pixels, eos = ved
+  inputs = dict(pixel_values=pixels)
+  kw = dict(max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
+  ref = _torch_generate(torch_model, inputs, eos_token_id=eos, decoder_start_token_id=5)
+  got = gen.generate(module, variables, inputs, decoder_start_token_id=5, **kw)
+  assert (np.asarray(got)[:, 0] == 5).all()
+  _assert_same_tokens(got, ref, 1, eos)
+  config = dataclasses.replace(module.config, decoder_start_token_id=None)
+  with pytest.raises(gen.GenerationError, match=r"decoder_start_token_id.*pass one of them"):
+    gen.generate(module.clone(config=config), variables, inputs, **kw)
+
+
+def _warped_probs(logits: np.ndarray, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
+  """The sampling distribution by its definition (numpy): softmax(logits / T) over the k
+  best tokens, then over the smallest set of best tokens whose mass reaches top_p."""
+  probs = np.exp((logits - logits.max()) / temperature)
+  if top_k:
+    probs[np.argsort(-logits)[top_k:]] = 0
+  probs /= probs.sum()
+  if top_p < 1:
+    order = np.argsort(-probs)
+    needed = np.searchsorted(np.cumsum(probs[order]), top_p) + 1
+    probs[order[needed:]] = 0
+    probs /= probs.sum()
+  return probs
+
+
+@pytest.mark.parametrize(
+  "warp", [dict(temperature=1.5), dict(top_k=5), dict(top_p=0.6, temperature=0.8)]
+)
+def test_sampled_tokens_follow_the_warped_softmax(warp, lm):
+  """4000 draws of the first new token: never outside the top k / the nucleus, and the
+  counts fit the distribution (chi-square goodness of fit, p > 0.001, bins with an expected
+  count under 5 pooled)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  _, module, variables, _, _ = lm
+  n = 4000
+  prompt = {k: np.repeat(v[:1], n, 0) for k, v in _prompt().items()}  # row 0: no padding
+  out = gen.generate(
+    module,
+    variables,
+    prompt,
+    max_new_tokens=1,
+    do_sample=True,
+    rng=jax.random.PRNGKey(0),
+    **warp,
+  )
+  counts = np.bincount(np.asarray(out)[:, -1], minlength=VOCAB)
+  logits = np.asarray(module.apply(variables, **{k: v[:1] for k, v in prompt.items()})["logits"])
+  probs = _warped_probs(logits[0, -1].astype(np.float64), **warp)
+  assert counts[probs == 0].sum() == 0, "a token outside the top k / nucleus was sampled"
+  expected = n * probs
+  big = expected >= 5
+  observed = np.append(counts[big], counts[~big].sum())
+  expected = np.append(expected[big], expected[~big].sum())
+  keep = expected > 0
+  assert (probs > 0).sum() > 2  # a real distribution, not one forced token
+  assert stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3

@@ -305,7 +305,7 @@ def test_ved_logits_match_transformers(variant, ved_checkpoints):
   assert isinstance(module, encoder_decoder.VisionEncoderDecoderModel)
   assert module.needs_projection == (variant == "projected")
   assert ("enc_to_dec_proj" in variables["params"]) == (variant == "projected")
-  assert module.decoder_start_token_id == BOS and module.vocab_size == VOCAB
+  assert module.config.decoder_start_token_id == BOS and module.vocab_size == VOCAB
   inputs = _ved_inputs()
   got, ref = _ours(module, variables, inputs), _ved_torch_logits(torch_model, inputs)
   assert got.shape == ref.shape == (3, 7, VOCAB)

@@ -112,13 +112,12 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(eos, tokens.dtype))
 
 
-def _prompt(module: nn.Module, prompt: dict, batch_size: int | None) -> tuple[jax.Array, jax.Array]:
+def _prompt(prompt: dict, batch_size: int | None, start: int | None) -> tuple[jax.Array, jax.Array]:
   if "input_ids" not in prompt:
-    start = getattr(module, "decoder_start_token_id", None)
     if start is None or batch_size is None:
       raise GenerationError(
-        "generate() needs inputs['input_ids'] (the prompt): this model has no "
-        "decoder_start_token_id to start from. Pass e.g. [[bos_token_id]] per example."
+        "generate() needs inputs['input_ids'] (the prompt), or decoder_start_token_id (an "
+        "argument or the model config's) to start every row from: pass one of them."
       )
     ids = jnp.full((batch_size, 1), start, jnp.int32)
     return ids, jnp.ones_like(ids)
@@ -151,6 +150,7 @@ def _gather_rows(tree: Any, rows: jax.Array) -> Any:
     "top_p",
     "eos_token_id",
     "pad_token_id",
+    "decoder_start_token_id",
   ),
 )
 def _generate(
@@ -170,10 +170,11 @@ def _generate(
   top_p,
   eos_token_id,
   pad_token_id,
+  decoder_start_token_id,
 ):
   cond = _conditioning(module, variables, rest)
   batch_size = next((x.shape[0] for x in jax.tree.leaves(cond)), None)
-  ids, mask = _prompt(module, prompt, batch_size)
+  ids, mask = _prompt(prompt, batch_size, decoder_start_token_id)
   b, t = ids.shape
   max_length = t + max_new_tokens
   positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)  # transformers' rule for left padding
@@ -395,18 +396,32 @@ def generate(
   top_p: float = 1.0,
   eos_token_id: int | tuple[int, ...] | None = None,
   pad_token_id: int | None = None,
+  decoder_start_token_id: int | None = None,
   rng: jax.Array | None = None,
 ) -> jax.Array:
   """Token ids (B, T + max_new_tokens): the prompt and what `module` generates after it.
 
   `params`: the model's variables ({"params": ...}) or its params tree. Arguments
-  mean what they mean in transformers' `generate()`; `pad_token_id` defaults to the
-  first EOS id (as transformers does), `rng` (sampling) to PRNGKey(0).
+  mean what they mean in transformers' `generate()`. Token ids left None come from the
+  model's config (its decoder's for an encoder-decoder), as transformers' generation
+  config does; `pad_token_id` then defaults to the first EOS id. Without any EOS every
+  row runs `max_new_tokens` steps. Sampling needs `rng`.
   """
   variables = params if "params" in params else {"params": params}
+  if eos_token_id is None:
+    eos_token_id = _config_token_id(module, "eos_token_id")
   eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
   if pad_token_id is None:
-    pad_token_id = eos[0] if eos else 0
+    pad_token_id = _config_token_id(module, "pad_token_id")
+  if pad_token_id is None:
+    if not eos:
+      raise GenerationError(
+        "No eos_token_id or pad_token_id in the arguments or the model's config: pass "
+        "eos_token_id= and pad_token_id= (the tokenizer's eos_token_id / pad_token_id)."
+      )
+    pad_token_id = eos[0]
+  if decoder_start_token_id is None:
+    decoder_start_token_id = _config_token_id(module, "decoder_start_token_id")
   if max_new_tokens < 1:
     raise GenerationError(f"max_new_tokens={max_new_tokens}: generate at least one token.")
   vocab = module.vocab_size
@@ -422,6 +437,8 @@ def generate(
     )
   if early_stopping not in (True, False, "never"):
     raise GenerationError(f"early_stopping={early_stopping!r}: use True, False or 'never'.")
+  if do_sample and rng is None:
+    raise GenerationError("do_sample=True needs rng=jax.random.PRNGKey(seed): pass one.")
   prompt, rest = _split_inputs(module, inputs)
   _check_length(module, prompt, max_new_tokens)
   return _generate(
@@ -440,7 +457,20 @@ def generate(
     top_p=float(top_p),
     eos_token_id=eos,
     pad_token_id=int(pad_token_id),
+    decoder_start_token_id=decoder_start_token_id,
   )
+
+
+def _config_token_id(module: nn.Module, name: str) -> int | None:
+  """A special token id (`eos_token_id`, ...) from the config of `module`, else of its
+  decoder (a VisionEncoderDecoder's decoder config, a captioning model's decoder)."""
+  for part in (module, getattr(module, "decoder", None)):
+    config = getattr(part, "config", None)
+    for c in (config, getattr(config, "decoder", None)):
+      value = getattr(c, name, None)
+      if value is not None:
+        return value
+  return None
 
 
 def _check_length(module: nn.Module, prompt: Mapping[str, Any], max_new_tokens: int) -> None:

@@ -106,10 +106,6 @@ class VisionEncoderDecoderModel(nn.Module):
   def max_length(self) -> int:
     return self.config.decoder.max_length
 
-  @property
-  def decoder_start_token_id(self) -> int | None:
-    return self.config.decoder_start_token_id
-
   def _modules(self, detached: bool = True) -> tuple[nn.Module, nn.Module]:
     """The encoder and decoder modules; `detached` ones (no parent) for their class methods."""
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
