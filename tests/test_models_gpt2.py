@@ -184,7 +184,7 @@ def test_cached_decoding_matches_full_forward(variant, side, loaded):
   cond = {k: jnp.asarray(v) for k, v in inputs.items() if k.startswith("encoder_")}
   cache = module.apply(variables, 3, 12, **cond, method=module.init_cache)
   assert cache["index"] == 0 and cache["mask"].shape == (3, 12)
-  assert cache["layer_1"]["key"].shape == (3, 12, 3, 12)
+  assert cache["layer_1"]["key"].shape == (3, 3, 12, 12)  # (B, heads, max_length, head_dim)
   step_inputs = {k: v for k, v in inputs.items() if not k.startswith("encoder_")}
   logits = []
   for start, stop in [(0, 4), *((t, t + 1) for t in range(4, 9))]:

@@ -131,9 +131,19 @@ def _expand(tree: Any, n: int) -> Any:
   return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def _gather_rows(tree: Any, rows: jax.Array) -> Any:
-  """Reorder the batch axis of every array with one (a cache's `index` has none)."""
-  return jax.tree.map(lambda x: x[rows] if x.ndim else x, tree)
+# Cache entries of the encoder tokens: the same for every beam of an example.
+_PER_EXAMPLE = ("cross_key", "cross_value", "encoder_mask")
+
+
+def _reorder_cache(cache: Any, rows: jax.Array) -> Any:
+  """The cache of the beams `rows` (each a row of the same example): self-attention keys,
+  values and mask follow their beam; the encoder's cross-attention keys and values, equal
+  across an example's beams, are not copied (most of the cache of an encoder-decoder)."""
+
+  def take(path, x):
+    return x if x.ndim == 0 or path[-1].key in _PER_EXAMPLE else x[rows]
+
+  return jax.tree_util.tree_map_with_path(take, cache)
 
 
 @functools.partial(
@@ -337,7 +347,7 @@ def _beam_loop(
     finished = gather(merged_finished, best)
 
     tokens = running_seq[:, :, cur].reshape(-1)
-    cache = _gather_rows(s["cache"], rows)
+    cache = _reorder_cache(s["cache"], rows)
     next_pos = s["next_pos"][rows]
     logits, cache = _decode(
       module,

@@ -11,7 +11,10 @@ addresses every family's cross-attention for freezing, LoRA or `dont_load`.
 The KV cache is an explicit pytree (no mutable Flax collection), so a decoding loop
 carries it through `lax.while_loop` and beam search reorders it with a gather:
 `{"index": () int32, "mask": (B, max_length) bool, "layer_{i}": {"key", "value"
-(B, max_length, heads, head_dim), "cross_key", "cross_value" (B, S, heads, head_dim)}}`.
+(B, heads, max_length, head_dim), "cross_key", "cross_value" (B, heads, S, head_dim)}}`:
+heads before positions, the layout both attention products read without a transpose
+(a transposed copy of every cached key and value per step costs more than the step's
+attention itself on CPU).
 `index` counts the positions written; `mask` marks which of them are real tokens
 (a left-padded prompt's padding is not). Cross-attention keys and values of the
 encoder tokens are computed once, by `init_cache`.
@@ -74,7 +77,9 @@ class TextDecoder(Protocol):
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
-  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+  """(B, T, D) -> (B, heads, T, head_dim)."""
+  b, t, d = x.shape
+  return x.reshape(b, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
 
 
 class MultiHeadAttention(nn.Module):
@@ -100,9 +105,10 @@ class MultiHeadAttention(nn.Module):
     )
     self.query, self.key, self.value = dense(s.qkv_bias), dense(s.qkv_bias), dense(s.qkv_bias)
     self.out = dense(True)
+    self.attention_dropout = nn.Dropout(s.attention_dropout)
 
   def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values (B, S, heads, head_dim) of the tokens `context`."""
+    """Keys and values (B, heads, S, head_dim) of the tokens `context`."""
     h = self.spec.num_heads
     return _heads(self.key(context), h), _heads(self.value(context), h)
 
@@ -115,27 +121,14 @@ class MultiHeadAttention(nn.Module):
     *,
     deterministic: bool,
   ) -> jax.Array:
-    """`x` (B, T, D) attends to `keys`/`values` (B, S, heads, head_dim) where `mask`
-    (B, 1, T, S) is True."""
+    """`x` (B, T, D) attends to `keys`/`values` (B, heads, S, head_dim) where `mask`
+    (B, 1, T, S) is True. Softmax in float32; attention dropout on its weights."""
     s = self.spec
-    q = _heads(self.query(x), s.num_heads)
-    head_dim = s.hidden_size // s.num_heads
-    if s.attention_dropout and not deterministic:
-      # jax.nn.dot_product_attention has no dropout; flax's divides q by sqrt(head_dim).
-      out = nn.dot_product_attention(
-        q * self.scale,
-        keys,
-        values,
-        mask=mask,
-        dropout_rng=self.make_rng("dropout"),
-        dropout_rate=s.attention_dropout,
-        deterministic=False,
-        dtype=self.dtype,
-      )
-    else:
-      out = jax.nn.dot_product_attention(
-        q, keys, values, mask=mask, scale=self.scale / head_dim**0.5
-      )
+    q = _heads(self.query(x), s.num_heads) * (self.scale / (s.hidden_size // s.num_heads) ** 0.5)
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, keys.astype(q.dtype)).astype(jnp.float32)
+    weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    weights = self.attention_dropout(weights, deterministic=deterministic)
+    out = jnp.einsum("bhts,bhsd->bthd", weights.astype(self.dtype), values.astype(self.dtype))
     return self.out(out.reshape(*x.shape[:-1], s.hidden_size))
 
 
@@ -184,7 +177,7 @@ class DecoderLayer(nn.Module):
       nonlocal new_cache
       k, v = self.attn.keys_values(h)
       if cache is not None:
-        at = (0, index, 0, 0)
+        at = (0, 0, index, 0)
         k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), at)
         v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), at)
         new_cache = {**cache, "key": k, "value": v}
@@ -265,7 +258,7 @@ class DecoderStack(nn.Module):
   ) -> Cache:
     self._check_encoder_tokens(encoder_hidden_states)
     s = self.spec
-    shape = (batch_size, max_length, s.num_heads, s.hidden_size // s.num_heads)
+    shape = (batch_size, s.num_heads, max_length, s.hidden_size // s.num_heads)
     cache: Cache = {
       "index": jnp.zeros((), jnp.int32),
       "mask": jnp.zeros((batch_size, max_length), bool),
