@@ -36,6 +36,7 @@ SEARCHES = [
   (3, 0.5, False),
   (3, 1.0, True),
   (3, 1.0, "never"),
+  (4, 1.0, False),
 ]
 
 
@@ -121,7 +122,7 @@ def ved(tmp_path_factory):
   return torch_model, module, variables, pixels, _most_frequent(free[:, 1:])
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("num_beams", [1, 3, 4])
 def test_vision_encoder_decoder_matches_transformers(num_beams, ved):
   torch_model, module, variables, pixels, eos = ved
   inputs = dict(pixel_values=pixels)
