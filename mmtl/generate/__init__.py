@@ -1,5 +1,8 @@
 """Jitted text generation: greedy, beam search and top-k / top-p sampling with a KV cache.
 
+`python -m mmtl.generate` (this package's `__main__`) captions a split or image files with a
+trained captioning run; docs/generation.md describes the API.
+
 `generate(module, params, inputs, ...)` runs one compiled `lax.while_loop` over
 decoding steps. `module` is a decoder (`mmtl.models.decoder.TextDecoder`, e.g.
 GPT-2; `inputs` may hold `encoder_hidden_states` / `prefix_embeds` for it to
@@ -11,8 +14,8 @@ a captioning `mmtl.models.fusion.CaptioningModel`), whose other `inputs`
 The prompt of a bare decoder is `inputs["input_ids"]` (B, T), left-padded with
 `attention_mask` as transformers expects of decoder-only prompts; of a model with
 an encoder it is `decoder_input_ids` / `decoder_attention_mask` (as in
-transformers), and without one every row starts with the module's
-`decoder_start_token_id`. The search follows transformers' `generate()` (greedy,
+transformers), and without one every row starts with `decoder_start_token_id`
+(the argument, else the model config's). The search follows transformers' `generate()` (greedy,
 and the vectorized beam search of transformers 5 with its length penalty and
 `early_stopping` heuristics), so on the same weights both give the same tokens:
 tests/test_generate.py checks it token for token. Rows are independent, so a batch
