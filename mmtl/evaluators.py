@@ -21,7 +21,7 @@ Types (metrics are logged as `<name>/<metric>`):
   vqa:            exact match and VQA accuracy of generated answers (generative VQA)
 
 Generating evaluators write what they generated beside the metrics, one JSON line
-per example ({"prediction", "references"}), to
+per example ({"id", "hypothesis", "references"}), to
 `<workdir>/captions_step<N>-<evaluator>.jsonl`.
 
 Each type is one `Evaluator` subclass that declares its config keys, the head it
@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import dataclasses
 import functools
 import json
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
@@ -425,21 +426,34 @@ class Captioning(Evaluator):
       max_new_tokens=int(self.option("max_new_tokens")),
       length_penalty=float(self.option("length_penalty")),
     )
-    self._write(predictions, references)
+    empty = sum(not p.strip() for p in predictions)
+    if empty:
+      logging.warning(
+        "config.evals.%s: %d of %d generated texts are empty (EOS first); they score 0.",
+        self.name,
+        empty,
+        len(predictions),
+      )
+    self._write(caption_rows(predictions, references))
     return self.score(predictions, references)
 
-  def _write(self, predictions: list[str], references: list[list[str]]) -> None:
+  def _write(self, rows: list[dict[str, Any]]) -> None:
     if self.workdir is None or not self.context.is_main:
       return
     from mmtl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
     step = "final" if self.step is None else self.step
-    lines = (
-      json.dumps({"prediction": p, "references": r}, ensure_ascii=False)
-      for p, r in zip(predictions, references)
-    )
     file = workdir_lib.path(self.workdir, f"captions_step{step}-{self.name}.jsonl")
-    workdir_lib.write_text(file, "\n".join(lines) + "\n")
+    workdir_lib.write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def caption_rows(hypotheses: list[str], references: list[list[str]]) -> list[dict[str, Any]]:
+  """One captions-file line per example: `id` (its position in the eval input),
+  `hypothesis` (the generated text) and `references`."""
+  return [
+    {"id": i, "hypothesis": h, "references": r}
+    for i, (h, r) in enumerate(zip(hypotheses, references))
+  ]
 
 
 class Vqa(Captioning):

@@ -270,14 +270,15 @@ def test_captioning_run_trains_scores_and_writes_captions(caption_run):
 
   lines = read_jsonl(workdir / f"captions_step{STEPS}-val.jsonl")
   assert len(lines) == 32
-  assert all(set(line) == {"prediction", "references"} for line in lines)
-  assert all(isinstance(line["prediction"], str) for line in lines)
+  assert [line["id"] for line in lines] == list(range(32))
+  assert all(set(line) == {"id", "hypothesis", "references"} for line in lines)
+  assert all(isinstance(line["hypothesis"], str) for line in lines)
   # The references are validation_iid's captions, one per image.
   assert all(len(line["references"]) == 1 for line in lines)
   assert all("left to right" in line["references"][0] for line in lines)
   # The file holds what was scored.
   scores = text_metrics.caption_scores(
-    [line["prediction"] for line in lines], [line["references"] for line in lines]
+    [line["hypothesis"] for line in lines], [line["references"] for line in lines]
   )
   assert {f"val/{k}": v for k, v in scores.items()} == pytest.approx(
     {k: v for k, v in final.items() if k != "step"}
@@ -313,7 +314,7 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
   out = workdir / f"captions_step{STEPS}-validation_iid_8_-beams2.jsonl"
   assert f"Wrote 8 captions to {out}" in result.stdout
   lines = read_jsonl(out)
-  assert len(lines) == 8 and all(set(line) == {"prediction", "references"} for line in lines)
+  assert len(lines) == 8 and all(set(line) == {"id", "hypothesis", "references"} for line in lines)
   assert "bleu_4" in result.stdout and "cider" in result.stdout
   assert json.loads(result.stdout.splitlines()[0]) == lines[0]
 
@@ -323,7 +324,7 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
     Image.new("RGB", (16, 16), colour).save(images[-1])
   rows, scores = generate_script.caption_run(str(workdir), images=tuple(images), max_new_tokens=4)
   assert scores == {} and [row["image"] for row in rows] == images
-  assert all(isinstance(row["prediction"], str) for row in rows)
+  assert all(isinstance(row["hypothesis"], str) for row in rows)
 
   bad = subprocess.run(
     [sys.executable, "-m", "mmtl.generate", "--workdir", str(tmp_path / "none")],
@@ -533,7 +534,7 @@ def test_generative_vqa_run(tiny_bert_dir, data_dir, tmp_path):
   # The ClassLabel's names are the answers.
   assert {tuple(line["references"]) for line in lines} == {("no",), ("yes",)}
   # One answer per question: VQA accuracy is exact match.
-  exact = np.mean([line["prediction"] == line["references"][0] for line in lines])
+  exact = np.mean([line["hypothesis"] == line["references"][0] for line in lines])
   assert final["val/exact_match"] == pytest.approx(exact)
   assert final["val/vqa_accuracy"] == pytest.approx(exact)
 

@@ -1,5 +1,9 @@
 """Evaluator metrics on hand-made inputs; the evaluator kinds, their table and plumbing."""
 
+import dataclasses
+import json
+import logging
+
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
@@ -482,3 +486,24 @@ def test_eval_reads_text_eval_text_of_a_sequence(tiny_bert_dir):
   cfg.eval_text = 3
   with pytest.raises(ValueError, match="has 3 texts; config.input.eval_text=3 needs at least 4"):
     transforms.Preprocess(cfg, None, train=False).decode(example)
+
+
+def test_captioning_writes_rows_and_warns_about_empty_texts(tmp_path, caplog):
+  """The captions file holds id, hypothesis and references per example; empty generated
+  texts are scored (0 for BLEU) and counted in one warning line."""
+  context = dataclasses.replace(
+    _kind_context(ev.Captioning),
+    generate_texts=lambda variables, cfg, **kw: (["", "a red circle"], [["a cat"], ["x"]]),
+  )
+  e = ev.make("val", {"type": "captioning"}, context)
+  with caplog.at_level(logging.WARNING):
+    out = e.run(variables=None, step=7, workdir=str(tmp_path))
+  assert "config.evals.val: 1 of 2 generated texts are empty (EOS first); they score 0." in (
+    caplog.text
+  )
+  lines = [json.loads(x) for x in (tmp_path / "captions_step7-val.jsonl").read_text().splitlines()]
+  assert lines == [
+    {"id": 0, "hypothesis": "", "references": ["a cat"]},
+    {"id": 1, "hypothesis": "a red circle", "references": ["x"]},
+  ]
+  assert out["val/bleu_1"] == pytest.approx(0.0, abs=1e-9)

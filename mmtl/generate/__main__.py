@@ -30,8 +30,9 @@ def caption_run(
   step: int | None = None,
   **generate_kw: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-  """(one {"prediction", "references" | "image"} per example, metrics) of the captioning run
-  in `workdir` on its eval input with `split` (default: config.input's), or on image files."""
+  """(one {"id", "hypothesis", "references"} or {"image", "hypothesis"} per example, metrics)
+  of the captioning run in `workdir` on its eval input with `split` (default: config.input's),
+  or on image files."""
   config = config_lib.with_defaults(
     config_lib.load_json(f"{workdir.rstrip('/')}/{config_lib.CONFIG_FILE}")
   )
@@ -62,7 +63,7 @@ def caption_run(
       **generate_kw,
     )
     texts = target.texts(np.asarray(ids))
-    return [{"image": f, "prediction": t} for f, t in zip(images, texts)], {}
+    return [{"image": f, "hypothesis": t} for f, t in zip(images, texts)], {}
   # The run's first generating evaluator says how it is scored and what it reads.
   eval_cfg = next(
     (dict(c) for c in config.evals.values() if c.get("type") in ("captioning", "vqa")),
@@ -78,7 +79,7 @@ def caption_run(
   )
   generate_texts = evaluators.make_generate_texts(config, model, mesh, host_batches)
   predictions, references = generate_texts(variables, eval_cfg, **generate_kw)
-  rows = [{"prediction": p, "references": r} for p, r in zip(predictions, references)]
+  rows = evaluators.caption_rows(predictions, references)
   score = text_metrics.vqa_accuracy if eval_cfg["type"] == "vqa" else text_metrics.caption_scores
   return rows, score(predictions, references)
 
