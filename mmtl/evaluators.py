@@ -555,7 +555,7 @@ def make_generate_texts(
 
   def generate_texts(variables, eval_cfg, *, max_new_tokens=0, **kw):
     input_cfg = data.input_config({**config.input.to_dict(), **dict(eval_cfg.get("input", {}))})
-    target = transforms.TargetTokens.load(input_cfg.target.tokenizer, input_cfg.target.prompt)
+    target = transforms.TargetTokens.from_config(input_cfg.target)
     merged = {**variables, "params": lora.merge(variables["params"])}
     predictions, references = [], []
     for host in host_batches(eval_cfg):

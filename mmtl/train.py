@@ -188,8 +188,7 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   # creates its params sharded and loads its pretrained towers now.
   model = fusion.build(config.model)
   if model.head_type == "captioning":
-    target_cfg = data.input_config(config.input).target
-    target = transforms.TargetTokens.load(target_cfg.tokenizer, target_cfg.prompt)
+    target = transforms.TargetTokens.from_config(data.input_config(config.input).target)
     target.check_vocab(model.vocab_size)
   layout = train_state.param_layout(model, config, mesh)
   initial_variables = (

@@ -224,12 +224,17 @@ def test_gpt2_tokenizer_without_pad_token(tmp_path):
   no_pad = write_gpt2_tokenizer(tmp_path / "gpt2")
   with pytest.raises(
     config_lib.ConfigError,
-    match=r"no pad token.*GPT-2.*tokenizer\.pad_token = tokenizer\.eos_token",
+    match=r"no pad token.*GPT-2.*config\.input\.target\.pad_token='<\|endoftext\|>'",
   ):
     transforms.TargetTokens.load(no_pad)
-  # The fix the message gives works: BOS = EOS = PAD = <|endoftext|>.
-  fixed = transforms.TargetTokens.load(write_gpt2_tokenizer(tmp_path / "gpt2_pad", pad=True))
+  # The fix the message gives works: BOS = EOS = PAD = <|endoftext|>; so does a tokenizer
+  # saved with a pad token.
+  fixed = transforms.TargetTokens.load(no_pad, pad_token="<|endoftext|>")
   assert (fixed.bos, fixed.eos, fixed.pad) == (0, 0, 0)
+  saved = transforms.TargetTokens.load(write_gpt2_tokenizer(tmp_path / "gpt2_pad", pad=True))
+  assert (saved.bos, saved.eos, saved.pad) == (0, 0, 0)
+  with pytest.raises(config_lib.ConfigError, match=r"pad_token='<pad>' is not a token of"):
+    transforms.TargetTokens.load(no_pad, pad_token="<pad>")
 
 
 # --- The trainer ------------------------------------------------------------------------
@@ -560,6 +565,18 @@ def test_target_tokenizer_larger_than_the_decoder_vocabulary(tiny_bert_dir, data
   with pytest.raises(
     config_lib.ConfigError,
     match=rf"has {vocab} tokens but the decoder's embeddings have 40 rows.*own tokenizer",
+  ):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_missing_references_field_names_the_fix(tiny_bert_dir, data_dir, tmp_path):
+  config = caption_config(tiny_bert_dir, data_dir)
+  config.input.fields.target = "captions"  # mmtl_shapes has `caption`
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"Feature 'captions' not in the dataset \(available here: \[.*'caption'.*\]\)\. "
+    r"Fix config\.input\.fields",
   ):
     train.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "config.json").exists()

@@ -41,7 +41,8 @@ def defaults() -> ml_collections.ConfigDict:
       text=dict(tokenizer=None, max_length=32),  # tokenizer: HF name or local path.
       # The decoder's text (fields.target): tokenizer (the decoder checkpoint's), decoder
       # length (BOS + prompt + target + EOS, shifted), a fixed prompt every target follows.
-      target=dict(tokenizer=None, max_length=32, prompt=""),
+      # pad_token: a vocabulary token to pad with when the tokenizer has none (GPT-2's).
+      target=dict(tokenizer=None, max_length=32, prompt="", pad_token=None),
       augment=dict(  # Training only; never applied by make_eval_iterator.
         crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
         flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).

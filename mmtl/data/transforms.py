@@ -51,17 +51,33 @@ class TargetTokens:
   prompt: tuple[int, ...]  # BOS + the prompt's tokens
 
   @classmethod
-  def load(cls, name_or_path: str, prompt: str = "") -> TargetTokens:
+  def from_config(cls, target_cfg: Mapping[str, Any]) -> TargetTokens:
+    """From `config.input.target` (tokenizer, prompt, pad_token)."""
+    return cls.load(target_cfg["tokenizer"], target_cfg["prompt"], target_cfg["pad_token"])
+
+  @classmethod
+  def load(cls, name_or_path: str, prompt: str = "", pad_token: str | None = None) -> TargetTokens:
+    """`pad_token`: a token of the vocabulary to pad with, for a tokenizer without a pad
+    token (GPT-2: "<|endoftext|>", as GPT-2 captioning models pad)."""
     tok = _tokenizer(name_or_path)
     ids = {}
+    if pad_token is not None:
+      ids["pad"] = tok.convert_tokens_to_ids(pad_token)
+      if ids["pad"] is None or (ids["pad"] == tok.unk_token_id and pad_token != tok.unk_token):
+        raise config_keys.ConfigError(
+          f"config.input.target.pad_token={pad_token!r} is not a token of {name_or_path!r}: "
+          "give one of its tokens (e.g. its eos token)."
+        )
     for what, names in (("bos", ("bos", "cls")), ("eos", ("eos", "sep")), ("pad", ("pad",))):
+      if what in ids:
+        continue
       ids[what] = next(
         (getattr(tok, f"{n}_token_id") for n in names if getattr(tok, f"{n}_token_id") is not None),
         None,
       )
       if ids[what] is None:
         fix = (
-          " (GPT-2's has none: save the tokenizer with tokenizer.pad_token = tokenizer.eos_token)"
+          " (GPT-2's has none: set config.input.target.pad_token='<|endoftext|>')"
           if what == "pad"
           else ""
         )
@@ -271,7 +287,7 @@ class Preprocess:
           "config.input.fields.target is set: set config.input.target.tokenizer (the decoder "
           "checkpoint's tokenizer, HF name or path)."
         )
-      self.target = TargetTokens.load(cfg.target.tokenizer, cfg.target.prompt)
+      self.target = TargetTokens.from_config(cfg.target)
       feature = source.feature_at(info.features, cfg.fields.target) if info else None
       self.target_names = (
         list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None

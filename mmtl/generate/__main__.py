@@ -44,7 +44,7 @@ def caption_run(
       "config.model.head is 'captioning'."
     )
   input_cfg = data.input_config(config.input)
-  target = transforms.TargetTokens.load(input_cfg.target.tokenizer, input_cfg.target.prompt)
+  target = transforms.TargetTokens.from_config(input_cfg.target)
   if images:
     fields = dict(image="image", text=None, label=None, audio=None, target=None)
     cfg = data.input_config({**input_cfg.to_dict(), "fields": fields})
