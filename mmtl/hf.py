@@ -513,9 +513,8 @@ def build_decoder(
       f"({sorted(registry.DECODERS)}): point the decoder at a GPT-2 or BERT checkpoint, or add "
       "the family to mmtl.models.registry.DECODERS."
     )
-  cls = registry.DECODERS[model_type]
   d = {**d, "is_decoder": True, "add_cross_attention": cross_attention}
-  return cls(cls.config_class.from_hf(d), dtype=dtype, param_dtype=param_dtype, **module_kw)
+  return build_module(d, dtype=dtype, param_dtype=param_dtype, **module_kw)
 
 
 # Decoder params a checkpoint without cross-attention (an encoder, a plain LM) cannot hold.

@@ -48,7 +48,9 @@ from mmtl.data import transforms
 from mmtl.generate import __main__ as generate_script
 from mmtl.models import fusion
 from tests.hf_fixtures import export_and_reload
-from tests.test_train import TINY_VIT
+
+# compilation_cache (autouse): runs that share a step or a generation loop compile it once.
+from tests.test_train import TINY_VIT, compilation_cache  # noqa: F401
 
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu")
 # configs/captioning.py's train_only=cross_attention + a frozen image tower.
@@ -58,17 +60,6 @@ CROSS_ATTENTION_ONLY = (
   r"decoder/.*/(attn|attn_norm|mlp|mlp_norm)/.*",
 )
 STEPS = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """As in tests/test_train.py: runs that share a step or a generation loop compile it once."""
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def caption_config(bert_dir, data_dir, **overrides):

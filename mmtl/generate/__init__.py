@@ -192,6 +192,7 @@ def _generate(
   max_length = t + max_new_tokens
   positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)  # transformers' rule for left padding
   prefix = cond["prefix_embeds"].shape[1] if "prefix_embeds" in cond else 0
+  warp = lambda lg: _warp(lg, temperature, top_k, top_p) if do_sample else lg  # noqa: E731
   if num_beams == 1:
     return _sample_loop(
       module,
@@ -204,7 +205,7 @@ def _generate(
       max_length=max_length,
       prefix=prefix,
       sample=do_sample,
-      warp=lambda lg: _warp(lg, temperature, top_k, top_p) if do_sample else lg,
+      warp=warp,
       eos=eos_token_id,
       pad=pad_token_id,
     )
@@ -223,7 +224,7 @@ def _generate(
     length_penalty=length_penalty,
     early_stopping=early_stopping,
     sample=do_sample,
-    warp=lambda lg: _warp(lg, temperature, top_k, top_p) if do_sample else lg,
+    warp=warp,
     eos=eos_token_id,
     pad=pad_token_id,
   )

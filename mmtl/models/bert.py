@@ -237,11 +237,7 @@ class BertLMHeadModel(nn.Module):
     return self.config.max_position_embeddings
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
-    ids = jnp.zeros((1, 1), jnp.int32)
-    out = dict(input_ids=ids, attention_mask=jnp.ones_like(ids))
-    if self.cross_attention:
-      out["encoder_hidden_states"] = jnp.zeros((1, 1, self.config.hidden_size), jnp.float32)
-    return out
+    return decoder.dummy_inputs(self)
 
   def setup(self) -> None:
     c = self.config
@@ -280,18 +276,9 @@ class BertLMHeadModel(nn.Module):
     deterministic: bool = True,
   ) -> dict[str, Any]:
     """`logits` (B, P + T, vocab) float32, `last_hidden_state` and the updated `cache`."""
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    mask = attention_mask.astype(bool)
-    if prefix_embeds is not None:
-      mask = jnp.concatenate([jnp.ones(prefix_embeds.shape[:2], bool), mask], axis=1)
-      if position_ids is not None:
-        p = prefix_embeds.shape[1]
-        position_ids = jnp.concatenate(
-          [jnp.broadcast_to(jnp.arange(p), (mask.shape[0], p)), position_ids + p], axis=1
-        )
-    if position_ids is None:
-      position_ids = decoder.default_position_ids(mask, cache)
+    mask, position_ids = decoder.token_mask_and_positions(
+      input_ids, attention_mask, position_ids, prefix_embeds, cache
+    )
     x = self.embeddings(
       input_ids, jnp.zeros_like(input_ids), deterministic, position_ids, prefix_embeds
     )

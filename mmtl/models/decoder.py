@@ -322,7 +322,35 @@ class DecoderStack(nn.Module):
     return x, new_cache
 
 
-def default_position_ids(mask: jax.Array, cache: Cache | None) -> jax.Array:
-  """Position of each of the T new tokens: 0.. T-1, after the cache's `index` positions."""
-  start = 0 if cache is None else cache["index"]
-  return jnp.broadcast_to(start + jnp.arange(mask.shape[1]), mask.shape)
+def token_mask_and_positions(
+  input_ids: jax.Array,
+  attention_mask: jax.Array | None,
+  position_ids: jax.Array | None,
+  prefix_embeds: jax.Array | None,
+  cache: Cache | None,
+) -> tuple[jax.Array, jax.Array]:
+  """The (B, P + T) attention mask and positions of a decoder's inputs: `prefix_embeds`
+  (B, P, D) stand first at positions 0..P-1, always attended to, and shift explicit token
+  `position_ids` by P; without them the T new tokens take the positions after the cache's
+  `index` (0..T-1 without a cache)."""
+  mask = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask).astype(bool)
+  if prefix_embeds is not None:
+    p = prefix_embeds.shape[1]
+    mask = jnp.concatenate([jnp.ones(prefix_embeds.shape[:2], bool), mask], axis=1)
+    if position_ids is not None:
+      prefix_positions = jnp.broadcast_to(jnp.arange(p), (mask.shape[0], p))
+      position_ids = jnp.concatenate([prefix_positions, position_ids + p], axis=1)
+  if position_ids is None:
+    start = 0 if cache is None else cache["index"]
+    position_ids = jnp.broadcast_to(start + jnp.arange(mask.shape[1]), mask.shape)
+  return mask, position_ids
+
+
+def dummy_inputs(module: TextDecoder) -> dict[str, jax.Array]:
+  """One token (and one encoder token of the decoder's width, with cross-attention): what
+  initializes a decoder's params."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  out = dict(input_ids=ids, attention_mask=jnp.ones_like(ids))
+  if module.cross_attention:
+    out["encoder_hidden_states"] = jnp.zeros((1, 1, module.hidden_size), jnp.float32)
+  return out

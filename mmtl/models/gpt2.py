@@ -114,11 +114,7 @@ class GPT2LMHeadModel(nn.Module):
     return self.config.n_positions
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
-    ids = jnp.zeros((1, 1), jnp.int32)
-    out = dict(input_ids=ids, attention_mask=jnp.ones_like(ids))
-    if self.cross_attention:
-      out["encoder_hidden_states"] = jnp.zeros((1, 1, self.config.n_embd), jnp.float32)
-    return out
+    return decoder.dummy_inputs(self)
 
   def setup(self) -> None:
     c = self.config
@@ -175,20 +171,12 @@ class GPT2LMHeadModel(nn.Module):
     conditioning); they take positions 0..P-1 and are always attended to.
     """
     c = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
+    mask, position_ids = decoder.token_mask_and_positions(
+      input_ids, attention_mask, position_ids, prefix_embeds, cache
+    )
     x = self.word_embeddings(input_ids)
-    mask = attention_mask.astype(bool)
     if prefix_embeds is not None:
       x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)
-      mask = jnp.concatenate([jnp.ones(prefix_embeds.shape[:2], bool), mask], axis=1)
-      if position_ids is not None:
-        p = prefix_embeds.shape[1]
-        position_ids = jnp.concatenate(
-          [jnp.broadcast_to(jnp.arange(p), (x.shape[0], p)), position_ids + p], axis=1
-        )
-    if position_ids is None:
-      position_ids = decoder.default_position_ids(mask, cache)
     if x.shape[1] > c.n_positions and cache is None:
       raise ValueError(
         f"Sequence length {x.shape[1]} > n_positions {c.n_positions}: truncate the inputs."
