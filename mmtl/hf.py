@@ -468,19 +468,19 @@ def load_pretrained(
   folder = resolve(name_or_path, revision)
   config = read_config(folder)
   module = build_module(config, tower=tower, dtype=dtype, param_dtype=param_dtype, **module_kw)
-  return module, _load_variables(module, read_weights(folder), folder, dont_load, rng), config
+  loaded = from_hf_state(read_weights(folder), module)
+  return module, _load_variables(module, loaded, folder, dont_load, rng), config
 
 
 def _load_variables(
   module: nn.Module,
-  state: dict[str, np.ndarray],
+  loaded: dict[str, dict[str, np.ndarray]],
   folder: Path,
   dont_load: Iterable[str],
   rng: jax.Array | None,
 ) -> dict[str, Any]:
-  """`module`'s variables from the checkpoint `state` (read from `folder`); `dont_load`
-  ones initialized."""
-  loaded = from_hf_state(state, module)
+  """`module`'s variables from the checkpoint values `loaded` (`from_hf_state` of the
+  weights in `folder`); `dont_load` ones initialized."""
   dont_load = list(dont_load)
   target = {c: rules.flatten(t) for c, t in variable_shapes(module).items()}
   if any(
@@ -546,36 +546,37 @@ def load_decoder(
   module = build_decoder(
     config, cross_attention=cross_attention, dtype=dtype, param_dtype=param_dtype, **module_kw
   )
-  state = read_weights(folder)
-  dont_load = _decoder_dont_load(module, state, config, folder, dont_load)
-  return module, _load_variables(module, state, folder, dont_load, rng), config
+  loaded = from_hf_state(read_weights(folder), module)
+  dont_load = _decoder_dont_load(module, loaded, config, folder, dont_load)
+  return module, _load_variables(module, loaded, folder, dont_load, rng), config
 
 
 def _decoder_dont_load(
   module: nn.Module,
-  state: dict[str, np.ndarray],
+  loaded: dict[str, dict[str, np.ndarray]],
   config: Mapping[str, Any],
   folder: Path,
   dont_load: Iterable[str],
   report: Callable[[str], None] = logging.warning,
 ) -> list[str]:
   """`dont_load` + the cross-attention params a checkpoint without cross-attention cannot
-  hold. `report`s every param that will be initialized; a missing LM head is an error."""
+  hold (`loaded`: the checkpoint's values, `from_hf_state`). `report`s every param that
+  will be initialized; a missing LM head is an error."""
   dont_load = list(dont_load)
   if module.cross_attention and not config.get("add_cross_attention"):
     dont_load.append(CROSS_ATTENTION)
-  loaded = set(from_hf_state(state, module)["params"])
+  have = set(loaded["params"])
   params = sorted(rules.flatten(variable_shapes(module)["params"]))
   keep = rules.assign(params, dont_load, default=False, require_match=False)
   head = [p for p in params if p.startswith("lm_head/")]
-  if head and not loaded.intersection(head) and not any(keep[p] for p in head):
+  if head and not have.intersection(head) and not any(keep[p] for p in head):
     raise CheckpointError(
       f"{str(folder)!r} has no LM head (the {module.hf_architecture} weights {head[:3]} are not "
       "in it: an encoder checkpoint such as a BertModel or sentence-transformers model). Pass "
       "dont_load=['lm_head/.*'] to train a new head (the output embedding stays tied to the "
       "word embeddings), or use a checkpoint with its LM head (BertForMaskedLM, BertLMHeadModel)."
     )
-  fresh = [p for p in params if keep[p] and p not in loaded]
+  fresh = [p for p in params if keep[p] and p not in have]
   if fresh:
     report(
       f"{type(module).__name__} from {folder}: {len(fresh)} param(s) not in the checkpoint "
@@ -628,11 +629,12 @@ def load_into(
     target = rules.flatten(_subtree(variables["params"], keys, "params"))
     cross = any("/cross_attn/" in f"/{p}" for p in target)
     module = build_decoder(config, cross_attention=cross)
-    dont_load = _decoder_dont_load(module, state, config, folder, dont_load, report)
   else:
     module = build_module(config, tower=tower)
   names, fix = _head_names(module, tower) if head else (variable_names(module), "")
   loaded = from_hf_state(state, module, names)
+  if decoder:
+    dont_load = _decoder_dont_load(module, loaded, config, folder, dont_load, report)
   out = dict(variables)
   for c in names:  # "params" first: a checkpoint of another family fails on its params
     node = rules.flatten(_subtree(variables.get(c, {}), keys, c))
