@@ -111,23 +111,29 @@ def test_gpt2_matches_transformers(num_beams, length_penalty, early_stopping, lm
   _assert_same_tokens(got, ref, PROMPT_LEN, eos)
 
 
+def images_and_eos(torch_model) -> tuple[np.ndarray, int]:
+  """NHWC pixels of 3 images, and as EOS the most frequent token of `torch_model`'s free
+  greedy run on them (so that rows finish at different steps)."""
+  pixels = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype(np.float32)
+  free = _torch_generate(torch_model, dict(pixel_values=pixels), eos_token_id=None)
+  return pixels, _most_frequent(free[:, 1:])
+
+
 @pytest.fixture(scope="module")
 def ved(tmp_path_factory):
   """(torch VisionEncoderDecoderModel, mmtl module, variables, NHWC pixels, EOS id)."""
   folder = tmp_path_factory.mktemp("ved_generate")
   torch_model = save_tiny_ved(folder, scale=0.3)
-  module, variables, _ = hf.load_pretrained(folder)
-  pixels = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype(np.float32)
-  free = _torch_generate(torch_model, dict(pixel_values=pixels), eos_token_id=None)
-  return torch_model, module, variables, pixels, _most_frequent(free[:, 1:])
+  return (torch_model, *hf.load_pretrained(folder)[:2], *images_and_eos(torch_model))
 
 
-@pytest.mark.parametrize("num_beams", [1, 3, 4])
-def test_vision_encoder_decoder_matches_transformers(num_beams, ved):
-  torch_model, module, variables, pixels, eos = ved
+def assert_generates_transformers_tokens(
+  torch_model, module, variables, pixels, eos, num_beams, start
+):
+  """Images in, tokens out: mmtl's tokens are transformers' `generate()`'s."""
   inputs = dict(pixel_values=pixels)
   ref = _torch_generate(torch_model, inputs, num_beams=num_beams, eos_token_id=eos)
-  assert (ref[:, 0] == BOS).all() and (ref[:, 1:] == eos).any()
+  assert (ref[:, 0] == start).all() and (ref[:, 1:] == eos).any()
   got = gen.generate(
     module,
     variables,
@@ -138,6 +144,11 @@ def test_vision_encoder_decoder_matches_transformers(num_beams, ved):
     pad_token_id=PAD,
   )
   _assert_same_tokens(got, ref, 1, eos)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3, 4])
+def test_vision_encoder_decoder_matches_transformers(num_beams, ved):
+  assert_generates_transformers_tokens(*ved, num_beams, start=BOS)
 
 
 # --- Sampling (no EOS: every row runs MAX_NEW steps) ------------------------------

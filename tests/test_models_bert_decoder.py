@@ -21,10 +21,10 @@ import pytest
 import torch
 import transformers
 
-from mmtl import generate, hf, rules
+from mmtl import hf, rules
 from mmtl.models import bert, decoder, encoder_decoder
 from tests.hf_fixtures import export_and_reload
-from tests.test_generate import MAX_NEW, _assert_same_tokens, _most_frequent, _torch_generate
+from tests.test_generate import assert_generates_transformers_tokens, images_and_eos
 from tests.test_models_gpt2 import (
   _assert_close_where,
   _encoder_tokens,
@@ -191,21 +191,9 @@ def test_vision_encoder_decoder_with_a_bert_decoder_generates_transformers_token
   num_beams, bert_ved
 ):
   _, torch_model, module, variables = bert_ved
-  pixels = dict(pixel_values=np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype("f4"))
-  free = _torch_generate(torch_model, pixels, eos_token_id=None)
-  eos = _most_frequent(free[:, 1:])
-  ref = _torch_generate(torch_model, pixels, num_beams=num_beams, eos_token_id=eos)
-  assert (ref[:, 0] == 2).all() and (ref[:, 1:] == eos).any()
-  got = generate.generate(
-    module,
-    variables,
-    pixels,
-    max_new_tokens=MAX_NEW,
-    num_beams=num_beams,
-    eos_token_id=eos,
-    pad_token_id=PAD,
+  assert_generates_transformers_tokens(
+    torch_model, module, variables, *images_and_eos(torch_model), num_beams, start=2
   )
-  _assert_same_tokens(got, ref, 1, eos)
 
 
 def test_misused_decoders_name_the_fix(checkpoints):
