@@ -55,6 +55,7 @@ import sweep  # Also puts the checkout on sys.path, for mmtl.
 from mmtl import config as config_lib
 from mmtl import evaluators as evaluators_lib
 from mmtl import metrics as metrics_lib
+from mmtl import process
 from mmtl import workdir as workdir_lib
 
 JOURNAL = "study.journal"  # Optuna's journal storage in STUDY_DIR, unless --storage is given.
@@ -86,6 +87,7 @@ class Options:
   keep_going: bool
   train_module: str
   python: str
+  run_timeout: float | None
   train_flags: list[str]
 
 
@@ -327,14 +329,10 @@ def die_with_worker() -> None:
 
 
 def stop(proc: subprocess.Popen, workdir: str) -> None:
-  """Ends the trainer, and removes the workdir lock it could not release (a retry on
-  another host could not tell that its holder is gone)."""
-  proc.terminate()
-  try:
-    proc.wait(timeout=60)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
+  """Ends the trainer and its process group (SIGTERM, SIGKILL a minute later), and removes
+  the workdir lock it could not release (a retry on another host could not tell that its
+  holder is gone)."""
+  process.kill_group(proc, grace_s=60)
   lock = workdir_lib.path(workdir, workdir_lib.LOCK_FILE)
   try:
     holder = workdir_lib.read_json(lock)
@@ -382,9 +380,9 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
   print(f"{prefix} {shown}: running, log {log}\n  {shlex.join(cmd)}", flush=True)
   for key, value in dict(workdir=name, host=socket.gethostname(), heartbeat=time.time()).items():
     trial.set_user_attr(key, value)
-  start, beat, reported = time.time(), time.time(), set()
+  start, beat, reported, timed_out = time.time(), time.time(), set(), False
   with log.open("a") as out:
-    proc = subprocess.Popen(
+    proc = process.start(
       cmd,
       stdout=out,
       stderr=subprocess.STDOUT,
@@ -408,6 +406,10 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
           return True
       if exited:
         break
+      if args.run_timeout is not None and time.time() - start > args.run_timeout:
+        stop(proc, workdir)
+        timed_out = True
+        break
       if time.time() - beat > HEARTBEAT_S:
         beat = time.time()
         trial.set_user_attr("heartbeat", beat)
@@ -418,11 +420,16 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
     print(f"{prefix} interrupted: re-queued; rerun to resume it from its checkpoint", flush=True)
     raise
   final = sweep.final_metrics(workdir) or {}
-  if proc.returncode == 0 and args.metric in final:
+  if not timed_out and proc.returncode == 0 and args.metric in final:
     finish(study, trial, workdir, start, TrialState.COMPLETE, value=final[args.metric])
     print(f"{prefix} done: {args.metric} {final[args.metric]:.4g}", flush=True)
     return True
-  why = f"exit code {proc.returncode}" if proc.returncode else f"no {args.metric} in final metrics"
+  if timed_out:
+    why = sweep.timed_out(args.run_timeout)
+  elif proc.returncode:
+    why = f"exit code {proc.returncode}"
+  else:
+    why = f"no {args.metric} in final metrics"
   finish(study, trial, workdir, start, TrialState.FAIL, error=f"{why}: see logs/{name}.log")
   print(f"{prefix} FAILED ({why}); last lines of {log}:\n{sweep.log_tail(log)}", file=sys.stderr)
   return False

@@ -51,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs.* in config files.
   sys.path.insert(0, str(REPO_ROOT))
 from mmtl import config as config_lib  # noqa: E402
+from mmtl import process  # noqa: E402
 from mmtl import workdir as workdir_lib  # noqa: E402
 
 METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported: it loads JAX.
@@ -71,6 +72,7 @@ class Options:
   keep_going: bool
   train_module: str
   python: str
+  run_timeout: float | None
   train_flags: list[str]
 
 
@@ -247,6 +249,11 @@ def trainer_env() -> dict[str, str]:
   return env
 
 
+def timed_out(seconds: float) -> str:
+  """Why a run that hit its deadline failed."""
+  return f"timed out: still running after --run_timeout={seconds:g}s; its processes were stopped"
+
+
 def log_tail(log: Path, lines: int = 15) -> str:
   """The last lines of a run's log: what a failure message shows."""
   return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
@@ -268,11 +275,21 @@ def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Pat
     print(f"{prefix}: running, log {log}\n  {shlex.join(cmd)}", flush=True)
     start = time.time()
     with log.open("a") as f:
-      returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+      try:
+        returncode = process.run(
+          cmd, timeout=args.run_timeout, stdout=f, stderr=subprocess.STDOUT, env=env
+        ).returncode
+      except subprocess.TimeoutExpired:
+        returncode = None
     if returncode == 0 and is_done(workdir):
       print(f"{prefix}: done in {time.time() - start:.0f}s", flush=True)
       continue
-    why = f"exit code {returncode}" if returncode else f"exited 0 without writing {METRICS_FILE}"
+    if returncode is None:
+      why = timed_out(args.run_timeout)
+    elif returncode:
+      why = f"exit code {returncode}"
+    else:
+      why = f"exited 0 without writing {METRICS_FILE}"
     print(
       f"{prefix}: FAILED ({why}); last lines of {log}:\n{log_tail(log)}",
       file=sys.stderr,
@@ -350,7 +367,16 @@ def define_trainer_flags(flag_values: flags.FlagValues) -> None:
     **fv,
   )
   flags.DEFINE_string("python", sys.executable, "Interpreter for local runs.", **fv)
+  flags.DEFINE_float(
+    "run_timeout",
+    None,
+    "Seconds a run may take: a run still going then is stopped (its whole process group, "
+    "SIGTERM then SIGKILL) and counts as failed. Default: no limit.",
+    lower_bound=0,
+    **fv,
+  )
   flags.DEFINE_alias("train-module", "train_module", **fv)
+  flags.DEFINE_alias("run-timeout", "run_timeout", **fv)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

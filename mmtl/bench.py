@@ -46,7 +46,7 @@ from typing import Any
 from absl import flags
 import numpy as np
 
-from mmtl import bench_generation, workdir  # etils only: importing mmtl.bench loads no JAX
+from mmtl import bench_generation, process, workdir  # etils only: importing mmtl.bench loads no JAX
 
 # --- What is benchmarked ------------------------------------------------------
 
@@ -112,6 +112,7 @@ FUSED_DEFAULT = dict(width=512, num_heads=8, fusion_depth=2, num_classes=1000)
 MMTL_VARIANTS = ("full", "locked", "fused")
 TORCH_VARIANTS = ("full", "locked")
 TORCH_MODES = ("eager", "compile")
+XLA_FLAG_CHECK_TIMEOUT_S = 120  # One `import jax` with candidate XLA flags.
 LOCKED_RULE = "image_encoder/.*"  # mmtl.optim `frozen` rule of the locked-image (LiT) variant
 
 # Recommended XLA flags for the GPU step (docs/benchmark.md, "Fast path on GPU", says why);
@@ -550,9 +551,10 @@ def _measure(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_measurement(
-  spec: dict[str, Any], *, isolate: bool, env: Mapping[str, str]
+  spec: dict[str, Any], *, isolate: bool, env: Mapping[str, str], timeout: float
 ) -> dict[str, Any]:
-  """Result of one measurement, or {"error": ...} (a failing peer must not stop the others)."""
+  """Result of one measurement, or {"error": ...} (a failing or hung peer must not stop the
+  others; an isolated one gets `timeout` seconds)."""
   if not isolate:
     try:
       return _measure(spec)
@@ -560,12 +562,18 @@ def run_measurement(
       return {"error": traceback.format_exc()[-2000:]}
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
-    proc = subprocess.run(
-      [sys.executable, "-m", "mmtl.bench", "--worker", json.dumps(spec), "--worker_out", out],
-      env={**os.environ, **env},
-      capture_output=True,
-      text=True,
-    )
+    try:
+      proc = process.run(
+        [sys.executable, "-m", "mmtl.bench", "--worker", json.dumps(spec), "--worker_out", out],
+        timeout=timeout,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+      )
+    except subprocess.TimeoutExpired as e:
+      printed = e.stderr or e.stdout or ""
+      printed = printed if isinstance(printed, str) else printed.decode(errors="replace")
+      return {"error": f"worker timed out after --worker_timeout={timeout:g}s: {printed[-2000:]}"}
     if proc.returncode != 0 or not os.path.exists(out):
       return {"error": f"worker exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
     with open(out) as f:
@@ -583,8 +591,11 @@ def supported_xla_flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
   def parses(candidate: list[str]) -> bool:
     env = {**os.environ, "XLA_FLAGS": " ".join(candidate), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-      [sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], env=env, capture_output=True
+    proc = process.run(
+      [sys.executable, "-c", "import jax; jax.numpy.zeros(1)"],
+      timeout=XLA_FLAG_CHECK_TIMEOUT_S,
+      env=env,
+      capture_output=True,
     )
     return proc.returncode == 0
 
@@ -808,6 +819,14 @@ def _define_flags() -> flags.FlagValues:
     "One process per measurement (clean peak memory; one framework on the GPU at a time).",
     **kw,
   )
+  flags.DEFINE_float(
+    "worker_timeout",
+    1800,
+    "Seconds one isolated measurement may take; a hung one is killed (its process group) and "
+    "reported as an error, and the others go on.",
+    lower_bound=1,
+    **kw,
+  )
   flags.DEFINE_string("worker", None, "Internal: run one measurement spec (JSON).", **kw)
   flags.DEFINE_string("worker_out", None, "Internal: where the worker writes its result.", **kw)
   return fv
@@ -897,14 +916,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for spec in specs:
     print(f"[mmtl.bench] {spec['name']} ...", flush=True)
     env = torch_env if spec["kind"] == "torch" else jax_env
-    result = run_measurement(spec, isolate=args.isolate, env=env)
+    result = run_measurement(spec, isolate=args.isolate, env=env, timeout=args.worker_timeout)
     if "cudnn" in result.get("error", "").lower() and spec["kind"] != "torch":
       print(
         f"[mmtl.bench] {spec['name']} failed with cuDNN attention; retrying with XLA's.\n"
         f"{result['error'][-600:]}",
         flush=True,
       )
-      retry = run_measurement(dict(spec, attention="xla"), isolate=args.isolate, env=env)
+      retry = run_measurement(
+        dict(spec, attention="xla"), isolate=args.isolate, env=env, timeout=args.worker_timeout
+      )
       result = dict(retry, cudnn_error=result["error"][-600:])
     results[spec["name"]] = result
     if "device" in result:

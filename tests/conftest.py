@@ -1,14 +1,25 @@
 """Test setup shared by the whole suite.
 
-8 simulated CPU devices so sharding tests run anywhere; this must happen before
-jax is imported anywhere in the test process.
+8 simulated CPU devices so sharding tests run anywhere, and a compilation cache; this must
+happen before jax is imported anywhere in the test process.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA's persistent compilation cache, one per test session, shared by the tests and the
+# trainer subprocesses they start (they inherit the environment), and by pytest-xdist's
+# workers (started after this runs in the main process): a program compiled once is read
+# back wherever it is compiled again. Programs that compile in under 0.2 s are not stored.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmtl-tests-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tiny_siglip_dir): see
 # tests/hf_fixtures.py.

@@ -22,7 +22,6 @@ import json
 import os
 from pathlib import Path
 import re
-import subprocess
 import sys
 
 import jax
@@ -37,6 +36,7 @@ from mmtl import (
   generate,
   hf,
   metrics,
+  process,
   rules,
   sharding,
   text_metrics,
@@ -48,9 +48,7 @@ from mmtl.data import transforms
 from mmtl.generate import __main__ as generate_script
 from mmtl.models import fusion
 from tests.hf_fixtures import export_and_reload
-
-# compilation_cache (autouse): runs that share a step or a generation loop compile it once.
-from tests.test_train import TINY_VIT, compilation_cache  # noqa: F401
+from tests.test_train import TINY_VIT
 
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu")
 # configs/captioning.py's train_only=cross_attention + a frozen image tower.
@@ -299,7 +297,7 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
   workdir, _, _ = caption_run
   repo = Path(__file__).resolve().parents[1]
   args = ["--workdir", str(workdir), "--split", "validation_iid[:8]", "--num_beams", "2"]
-  result = subprocess.run(
+  result = process.run(
     [sys.executable, "-m", "mmtl.generate", *args, "--max_new_tokens", "4"],
     capture_output=True,
     text=True,
@@ -322,7 +320,7 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
   assert scores == {} and [row["image"] for row in rows] == images
   assert all(isinstance(row["hypothesis"], str) for row in rows)
 
-  bad = subprocess.run(
+  bad = process.run(
     [sys.executable, "-m", "mmtl.generate", "--workdir", str(tmp_path / "none")],
     capture_output=True,
     text=True,

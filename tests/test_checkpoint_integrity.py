@@ -5,7 +5,6 @@ import errno
 import hashlib
 import json
 import re
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 import pytest
 
-from mmtl import checkpoint
+from mmtl import checkpoint, process
 
 TARGET = {"step": np.int32(0), "params": {"w": np.zeros(4, np.float32)}}
 
@@ -221,8 +220,11 @@ def _wait_committed_or_failed(manager, step):
 def test_disk_full_stops_with_one_line(tmp_path):
   disk = tmp_path / "disk"
   disk.mkdir()
-  mount = subprocess.run(
-    ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
+  mount = process.run(
+    ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+    capture_output=True,
+    text=True,
+    timeout=60,
   )
   if mount.returncode != 0:
     pytest.skip(
@@ -258,7 +260,7 @@ def test_disk_full_stops_with_one_line(tmp_path):
         manager.save(last + 1, _state(last + 1))
         manager.wait()
   finally:
-    subprocess.run(["umount", str(disk)], check=True)
+    process.run(["umount", str(disk)], check=True, timeout=60)
 
 
 def test_failed_async_save_is_reported(tmp_path, monkeypatch):

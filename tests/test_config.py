@@ -1,7 +1,6 @@
 """Config loading: unknown keys fail naming the key; workdir config pinning; args."""
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -9,6 +8,7 @@ import ml_collections as mlc
 import pytest
 
 from mmtl import config as config_lib
+from mmtl import process
 
 
 def test_unknown_top_level_key_names_it_and_suggests():
@@ -58,7 +58,7 @@ def test_unknown_override_flag_fails_with_its_name(tmp_path):
     "--config.optim.lrr=0.2",
   ]
   repo = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo)
+  result = process.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo)
   assert result.returncode != 0
   assert "Traceback" not in result.stderr
   assert (

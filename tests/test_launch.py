@@ -11,12 +11,13 @@ from pathlib import Path
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+
+from mmtl import process
 
 ROOT = Path(__file__).resolve().parent.parent
 TPU_VM = str(ROOT / "launch/tpu_vm.sh")
@@ -98,7 +99,7 @@ def printed_commands(stdout):
 def tpu_vm(*args, env=None, check=True):
   """Runs tpu_vm.sh with the TPU_* defaults of `env` only (none of the caller's shell)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")} | (env or {})
-  result = subprocess.run(
+  result = process.run(
     [TPU_VM, *args], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT
   )
   if check:
@@ -438,7 +439,7 @@ def test_tpu_vm_refuses_a_vm_that_is_not_ready(fake_tpu_vm, tmp_path):
 
 
 def test_gpu_sh_dry_run():
-  result = subprocess.run(
+  result = process.run(
     [
       ROOT / "launch/gpu.sh",
       "--config",
@@ -456,6 +457,7 @@ def test_gpu_sh_dry_run():
     capture_output=True,
     text=True,
     env={**os.environ, "XLA_FLAGS": "--xla_dump_to=/tmp/d"},
+    timeout=120,
   )
   assert result.returncode == 0, result.stderr
   assert printed_commands(result.stdout) == [
@@ -475,10 +477,11 @@ def test_gpu_sh_dry_run():
       "--config.seed=1",
     ]
   ]
-  bad = subprocess.run(
+  bad = process.run(
     [ROOT / "launch/gpu.sh", "--config", "c", "--workdir", "w", "--gpus", "all"],
     capture_output=True,
     text=True,
+    timeout=120,
   )
   assert bad.returncode == 2 and "--gpus expects comma-separated GPU indices" in bad.stderr
 
@@ -535,7 +538,7 @@ def test_slurm_sbatch_joins_one_jax_job(tmp_path):
     "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
     "JAX_PLATFORMS": "cpu",
   }
-  result = subprocess.run(
+  result = process.run(
     ["bash", ROOT / "launch/slurm.sbatch", "configs/quickstart.py", "/shared/w", "--config.seed=3"],
     capture_output=True,
     text=True,
@@ -553,22 +556,24 @@ def test_slurm_sbatch_joins_one_jax_job(tmp_path):
 
 
 def test_slurm_sbatch_needs_slurm(tmp_path):
-  result = subprocess.run(
+  result = process.run(
     ["bash", ROOT / "launch/slurm.sbatch", "c.py", "w"],
     capture_output=True,
     text=True,
     env={**os.environ, "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": ""},
+    timeout=120,
   )
   assert result.returncode == 2 and "submit this script with sbatch" in result.stderr
-  elsewhere = subprocess.run(
+  elsewhere = process.run(
     ["bash", ROOT / "launch/slurm.sbatch", "c.py", "w"],
     capture_output=True,
     text=True,
     env={**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)},
+    timeout=120,
   )
   assert elsewhere.returncode == 2 and "set MMTL_ROOT" in elsewhere.stderr
-  usage = subprocess.run(
-    ["bash", ROOT / "launch/slurm.sbatch", "--help"], capture_output=True, text=True
+  usage = process.run(
+    ["bash", ROOT / "launch/slurm.sbatch", "--help"], capture_output=True, text=True, timeout=120
   )
   assert (
     usage.returncode == 0 and "sbatch --nodes=4 launch/slurm.sbatch CONFIG WORKDIR" in usage.stdout

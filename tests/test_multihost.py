@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmtl import checkpoint, data, distributed, metrics, rules, sharding
+from mmtl import checkpoint, data, distributed, metrics, process, rules, sharding
 from tests import multihost_worker as worker
 from tests import sharding_toy as toy
 from tests import test_train
@@ -27,47 +27,58 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, *args, num_processes=2, devices=4):
+# What process 0 logs when its coordinator port was taken between _free_port() and the bind.
+PORT_TAKEN = "Failed to add port to server"
+
+
+def _launch(workdir, *args, num_processes=2, devices=4, attempts=3):
   """Runs `multihost_worker.py WORKDIR *ARGS` as `num_processes` processes with `devices` CPU
-  devices each; fails fast if one fails."""
+  devices each; fails fast if one fails. A coordinator port taken by another program in the
+  meantime is retried with a new one."""
   workdir.mkdir(parents=True, exist_ok=True)
-  port = _free_port()
-  procs, logs = [], []
-  for i in range(num_processes):
-    env = dict(
-      os.environ,
-      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-      JAX_NUM_PROCESSES=str(num_processes),
-      JAX_PROCESS_ID=str(i),
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      PYTHONPATH=REPO,
-    )
-    logs.append(open(workdir / f"log_{i}.txt", "w"))
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(workdir), *args],
-        env=env,
-        cwd=REPO,
-        stdout=logs[-1],
-        stderr=subprocess.STDOUT,
-      )
-    )
-  deadline = time.monotonic() + TIMEOUT_S
+  for attempt in range(attempts):
+    codes = _run_processes(workdir, args, num_processes, devices, _free_port())
+    logs = [(workdir / f"log_{i}.txt").read_text() for i in range(num_processes)]
+    if not (codes[0] and PORT_TAKEN in logs[0] and attempt + 1 < attempts):
+      break
+  for i, (code, log) in enumerate(zip(codes, logs)):
+    assert code == 0, f"process {i} exited with {code}:\n{log[-4000:]}"
+
+
+def _run_processes(workdir, args, num_processes, devices, port) -> list[int | None]:
+  """Exit codes of the processes (None: still running at the deadline, then killed)."""
+  procs = []
   try:
+    for i in range(num_processes):
+      env = dict(
+        os.environ,
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES=str(num_processes),
+        JAX_PROCESS_ID=str(i),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=REPO,
+      )
+      with open(workdir / f"log_{i}.txt", "w") as log:
+        worker_py = os.path.join(REPO, "tests", "multihost_worker.py")
+        procs.append(
+          process.start(
+            [sys.executable, worker_py, str(workdir), *args],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+          )
+        )
+    deadline = time.monotonic() + TIMEOUT_S
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
       if any(p.poll() not in (None, 0) for p in procs):
         break  # the other process would wait for its peer until JAX's own timeout
       time.sleep(0.2)
+    return [p.poll() for p in procs]
   finally:
-    for p, log in zip(procs, logs):
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-      log.close()
-  for i, p in enumerate(procs):
-    log = (workdir / f"log_{i}.txt").read_text()
-    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    for p in procs:
+      process.kill_group(p)
 
 
 @pytest.fixture(scope="module")

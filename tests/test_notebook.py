@@ -3,13 +3,13 @@ its install cell installs mmtl from a git URL where there is no checkout (Colab)
 
 import os
 from pathlib import Path
-import subprocess
 import sys
 import textwrap
 
 from nbclient import NotebookClient
 import nbformat
 
+from mmtl import process
 from test_package import copy_sources
 from test_sweep import TINY_FLAGS, tiny_runs_env  # noqa: F401 (a fixture)
 
@@ -38,7 +38,7 @@ def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
   )
   # The kernel (and the runs it starts) inherits tiny_runs_env's environment; a failing cell raises.
   NotebookClient(
-    nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
   ).execute()
 
   outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
@@ -74,11 +74,11 @@ INSTALL_HARNESS = textwrap.dedent("""\
 def test_install_cell_installs_mmtl_from_the_git_url_where_there_is_no_checkout(tmp_path):
   git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
   repo = copy_sources(tmp_path / "repo")
-  subprocess.run([*git, "init", "-q", repo], check=True)
-  subprocess.run([*git, "-C", repo, "add", "-A"], check=True)
-  subprocess.run([*git, "-C", repo, "commit", "-q", "-m", "mmtl"], check=True)
-  commit = subprocess.run(
-    ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+  process.run([*git, "init", "-q", repo], check=True, timeout=60)
+  process.run([*git, "-C", repo, "add", "-A"], check=True, timeout=60)
+  process.run([*git, "-C", repo, "commit", "-q", "-m", "mmtl"], check=True, timeout=60)
+  commit = process.run(
+    ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=60
   ).stdout.strip()
   install = cell_tagged(nbformat.read(ROOT / "colab/quickstart.ipynb", as_version=4), "install")
   script = tmp_path / "install_cell.py"
@@ -89,7 +89,7 @@ def test_install_cell_installs_mmtl_from_the_git_url_where_there_is_no_checkout(
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"JAX_PLATFORMS": "cpu"}
 
   def run_cell(repo_url, repo_ref=""):
-    return subprocess.run(
+    return process.run(
       [sys.executable, script, repo_url, repo_ref, site],
       capture_output=True,
       text=True,

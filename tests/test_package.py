@@ -5,13 +5,14 @@ import email.parser
 import os
 from pathlib import Path
 import shutil
-import subprocess
 import sys
 import zipfile
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 import pytest
+
+from mmtl import process
 
 ROOT = Path(__file__).resolve().parent.parent
 # A build's inputs; the wheel leaves out tests/, configs/ and launch/ (they stay in the checkout).
@@ -59,7 +60,7 @@ def built(tmp_path_factory):
   setuptools (requirements-test.txt), as a `pip install .` or `pip install git+URL` builds it."""
   src = copy_sources(tmp_path_factory.mktemp("src"))
   out = tmp_path_factory.mktemp("wheel")
-  result = subprocess.run(
+  result = process.run(
     [*PIP, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", out, src],
     capture_output=True,
     text=True,
@@ -110,7 +111,7 @@ def test_installed_wheel_imports_and_runs_the_trainer_from_any_directory(built, 
   _, wheel = built
   site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
   elsewhere.mkdir()
-  result = subprocess.run(
+  result = process.run(
     [*PIP, "install", "-q", "--no-deps", "--no-index", "--target", site, wheel],
     capture_output=True,
     text=True,
@@ -120,7 +121,7 @@ def test_installed_wheel_imports_and_runs_the_trainer_from_any_directory(built, 
   env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
 
   def python(*args):
-    return subprocess.run(
+    return process.run(
       [sys.executable, *args], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300
     )
 

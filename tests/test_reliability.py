@@ -13,12 +13,11 @@ import time
 import ml_collections as mlc
 import pytest
 
-from mmtl import checkpoint, data, evaluate, metrics, rules, train
+from mmtl import checkpoint, data, evaluate, metrics, process, rules, train
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 from tests.test_train import (  # noqa: F401
   TINY_VIT,
-  compilation_cache,
   losses,
   patch_train_batches,
   tiny_config,
@@ -189,15 +188,18 @@ def small_disk(tmp_path):
   """A 16 MiB tmpfs (CI runs as root, as here); skipped where mounting is not allowed."""
   mount = tmp_path / "disk"
   mount.mkdir()
-  result = subprocess.run(
-    ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
+  result = process.run(
+    ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+    capture_output=True,
+    text=True,
+    timeout=60,
   )
   if result.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
   try:
     yield mount
   finally:
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    process.run(["umount", "-l", str(mount)], check=False, timeout=60)
 
 
 def test_a_full_disk_stops_at_the_first_failed_save(short_run, small_disk, monkeypatch):
@@ -255,7 +257,7 @@ def test_the_summary_names_unused_towers(short_run):
 
 
 def run_cli(*args, cwd=REPO, timeout=300):
-  return subprocess.run(
+  return process.run(
     [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
   )
 
@@ -310,13 +312,17 @@ def test_two_runs_started_together_one_trains(short_run, tmp_path):
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [
-    subprocess.Popen(
-      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    for _ in range(2)
-  ]
-  results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+  stderrs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]  # Files: no pipe fills up unread.
+  procs = []
+  try:
+    for stderr in stderrs:
+      with stderr.open("w") as err:
+        procs.append(process.start(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
+    codes = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      process.kill_group(p)
+  results = list(zip(codes, (stderr.read_text() for stderr in stderrs)))
   codes = sorted(code for code, _ in results)
   assert codes == [0, 1], results
   refused = next(err for code, err in results if code == 1)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 import shlex
 import sys
@@ -15,15 +16,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 import search  # noqa: E402
-from test_sweep import TINY_FLAGS, TINY_QUICKSTART, tiny_runs_env  # noqa: E402, F401
+from test_sweep import (  # noqa: E402, F401
+  HANG,
+  TINY_FLAGS,
+  TINY_QUICKSTART,
+  assert_gone,
+  tiny_runs_env,
+)
 
 # Stands in for mmtl.train where the search's mechanics are under test. Its "checkpoint" is
 # metrics.jsonl: a rerun continues after the last step there. At each step it logs
 # val/accuracy = lr * step (a higher lr is better at every step), 0.1 s apart; its
 # calls (workdir, first step, lr) go to FAKE_TRAIN_CALLS. With FAKE_TRAIN_INTERRUPT=S, the
-# first run to reach step S sends SIGTERM to the search worker (its parent).
-FAKE_TRAIN = textwrap.dedent("""\
-    import json, os, signal, sys, time
+# first run to reach step S sends SIGTERM to the search worker (its parent); with
+# FAKE_TRAIN_HANG=1, the first run hangs (test_sweep.HANG).
+FAKE_TRAIN = HANG + textwrap.dedent("""\
+    import json, signal
     args = sys.argv[1:]
     workdir = args[args.index("--workdir") + 1]
     flags = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
@@ -35,6 +43,9 @@ FAKE_TRAIN = textwrap.dedent("""\
     done = len(open(log).readlines()) if os.path.exists(log) else 0
     with open(os.environ["FAKE_TRAIN_CALLS"], "a") as f:
       f.write(json.dumps([os.path.basename(workdir), done + 1, lr]) + "\\n")
+    hung = os.path.exists(os.environ["FAKE_TRAIN_CALLS"] + ".pids")
+    if os.environ.get("FAKE_TRAIN_HANG") and not hung:
+      hang()
     interrupt = int(os.environ.get("FAKE_TRAIN_INTERRUPT", 0))
     for step in range(done + 1, total + 1):
       time.sleep(0.1)
@@ -127,6 +138,23 @@ def test_asha_prunes_bad_trials_and_the_study_continues(fake, capsys):
   assert run("--trials", "8", "--sampler", "random") == 0
   assert [c[0] for c in calls()[6:]] == ["trial_0006", "trial_0007"]
   assert len(table(study_dir)) == 8
+
+
+def test_a_hung_trial_fails_at_its_deadline_and_the_study_goes_on(fake, monkeypatch, capsys):
+  run, calls, study_dir = fake
+  monkeypatch.setenv("FAKE_TRAIN_HANG", "1")
+  start = time.monotonic()
+  assert run("--trials", "3", "--pruner", "none", "--run_timeout", "3", "--keep_going") == 1
+  assert time.monotonic() - start < 30
+  assert_gone(Path(os.environ["FAKE_TRAIN_CALLS"] + ".pids"))
+  rows = table(study_dir)
+  assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "COMPLETE"]
+  assert rows[0]["note"] == (
+    "timed out: still running after --run_timeout=3s; its processes were stopped: "
+    "see logs/trial_0000.log"
+  )
+  assert [c[0] for c in calls()] == ["trial_0000", "trial_0001", "trial_0002"]
+  assert "[trial 0] FAILED (timed out" in capsys.readouterr().err
 
 
 def test_median_pruner(fake):

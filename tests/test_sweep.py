@@ -5,20 +5,53 @@ import json
 import os
 from pathlib import Path
 import shlex
-import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
+from mmtl import process  # noqa: E402
 import sweep  # noqa: E402
 
+# A trainer that hangs: hang() starts a child that ignores SIGTERM (as a stuck data worker
+# might), writes both pids to $FAKE_TRAIN_CALLS.pids and sleeps; `assert_gone` checks that
+# the runner's deadline ended both.
+HANG = textwrap.dedent("""\
+    import os, subprocess, sys, time
+    def hang():
+      child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+      with open(os.environ["FAKE_TRAIN_CALLS"] + ".pids", "a") as f:
+        f.write(f"{os.getpid()} {child.pid}\\n")
+      time.sleep(600)
+    """)
+
+
+def assert_gone(pids_file: Path, wait_s: float = 10.0) -> None:
+  """Every pid listed in `pids_file` has exited (a zombie awaiting its reaper counts as gone)."""
+  pids = [int(p) for p in pids_file.read_text().split()]
+  assert pids
+
+  def alive(pid):
+    try:
+      return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+      return False
+
+  deadline = time.monotonic() + wait_s
+  while (running := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not running, f"processes {running} outlived their deadline"
+
+
 # Stands in for mmtl.train where only the runner's mechanics are under test: logs
-# its call, and writes metrics that depend on the overrides it was given.
-FAKE_TRAIN = textwrap.dedent("""\
-    import json, os, sys
+# its call, and writes metrics that depend on the overrides it was given (fail=yes: exits
+# with an error; hang=yes: hangs).
+FAKE_TRAIN = HANG + textwrap.dedent("""\
+    import json
     args = sys.argv[1:]
     workdir = args[args.index("--workdir") + 1]
     overrides = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
@@ -27,6 +60,8 @@ FAKE_TRAIN = textwrap.dedent("""\
     if overrides.get("fail") == "yes":
       sys.exit("boom: failing as asked")
     os.makedirs(workdir, exist_ok=True)
+    if overrides.get("hang") == "yes":
+      hang()
     score = float(overrides.get("lr", 0)) * 100 + len(overrides.get("fusion", ""))
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"val/accuracy": score, "val/loss": 1 / (1 + score)}, f)
@@ -115,6 +150,30 @@ def test_a_failed_run_stops_the_sweep_and_shows_in_the_table(fake_trainer, tmp_p
   table = (sweep_dir / "results.md").read_text()
   assert "| fail | val/accuracy | val/loss | status |" in table
   assert "| yes |  |  | not started |" in table  # It died before making its workdir.
+
+
+def test_a_hung_run_is_stopped_at_its_deadline_and_the_sweep_goes_on(
+  fake_trainer, tmp_path, capsys
+):
+  run, workdirs_run, _ = fake_trainer
+  sweep_dir = tmp_path / "sweep"
+  start = time.monotonic()
+  code = run(
+    "--sweep_dir", str(sweep_dir), "--grid", "hang=no,yes,no2", "--run_timeout=3", "--keep_going"
+  )
+  assert code == 1 and time.monotonic() - start < 30
+  assert workdirs_run() == ["hang=no", "hang=yes", "hang=no2"]
+  err = capsys.readouterr().err
+  assert "[2/3] hang=yes: FAILED (timed out: still running after --run_timeout=3s; its " in err
+  assert f"last lines of {sweep_dir / 'logs/hang=yes.log'}" in err
+  assert_gone(Path(os.environ["FAKE_TRAIN_CALLS"] + ".pids"))
+  with (sweep_dir / "results.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["run"], r["status"]) for r in rows] == [
+    ("hang=no", "done"),
+    ("hang=yes", "running or failed"),
+    ("hang=no2", "done"),
+  ]
 
 
 def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path, capsys):
@@ -217,7 +276,7 @@ def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path
   (sweep_dir / "fusion=concat__lr=0.2/final_metrics.json").write_text('{"val/accuracy": 1.0}')
 
   def cli(*args):
-    return subprocess.run(
+    return process.run(
       [
         sys.executable,
         ROOT / "launch/sweep.py",
@@ -339,11 +398,9 @@ TINY_FLAGS = [
 
 @pytest.fixture
 def tiny_runs_env(tmp_path, monkeypatch):
-  """For trainer subprocesses: the small dataset generated once in tmp, and XLA's
-  persistent cache, so runs that compile the same programs compile them once."""
+  """For trainer subprocesses: the small dataset generated once in tmp (XLA's persistent
+  cache, which conftest.py sets up, is in their environment)."""
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   monkeypatch.chdir(ROOT)
 
 

@@ -39,18 +39,6 @@ TINY_VIT = dict(
 TINY_AUDIO_VIT = dict(TINY_VIT, image_size=32, num_channels=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Every test trains the same tiny model: compile its step once (XLA CPU
-  compiles dominate these tests), the other runs hit the persistent cache."""
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def tiny_config(text_dir, data_dir, **overrides):
   """Tiny ViT from scratch + the tiny pretrained BERT fixture, on 32 examples."""
   config = mlc.ConfigDict(

@@ -25,7 +25,6 @@ from mmtl import workdir as workdir_lib
 # The tiny trainer setup of test_train (its fixtures are registered here by the import).
 from tests.test_train import (  # noqa: F401
   Preempted,
-  compilation_cache,
   patch_train_batches,
   tiny_config,
 )

@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ from etils import epath
 from etils.epath import testing as epath_testing
 import pytest
 
+from mmtl import process
 from mmtl import workdir as workdir_lib
 from mmtl.workdir import RunLock, WorkdirLocked
 
@@ -59,11 +59,12 @@ def gcs(request, tmp_path, monkeypatch):
 def dead_pid():
   """The pid of a process of this host that has exited."""
   return int(
-    subprocess.run(
+    process.run(
       [sys.executable, "-c", "import os; print(os.getpid())"],
       check=True,
       capture_output=True,
       text=True,
+      timeout=60,
     ).stdout
   )
 
@@ -119,7 +120,7 @@ def test_release_leaves_another_runs_lock(tmp_path):
 
 def test_a_dead_runs_lock_on_this_host_is_taken_over(tmp_path, caplog):
   run = str(tmp_path / "run")
-  subprocess.run(
+  process.run(
     [
       sys.executable,
       "-c",
@@ -128,6 +129,7 @@ def test_a_dead_runs_lock_on_this_host_is_taken_over(tmp_path, caplog):
     ],
     cwd=REPO,
     check=True,
+    timeout=60,
   )  # Exits holding the lock.
   dead = holder(run)
   assert dead["run_id"] == "crashed" and dead["pid"] != os.getpid()
@@ -238,7 +240,7 @@ def test_racing_processes_one_wins(tmp_path, dead_pid, stale):
     rewrite(tmp_path / "run", pid=dead_pid)
   names = [str(i) for i in range(4)]
   racers = [
-    subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), name], cwd=REPO) for name in names
+    process.start([sys.executable, "-c", RACER, str(tmp_path), name], cwd=REPO) for name in names
   ]
   try:
     wait_for([tmp_path / f"ready{name}" for name in names])
@@ -248,7 +250,10 @@ def test_racing_processes_one_wins(tmp_path, dead_pid, stale):
   finally:
     (tmp_path / "done").touch()
     for racer in racers:
-      racer.wait(timeout=60)
+      try:
+        racer.wait(timeout=60)
+      finally:
+        process.kill_group(racer)
   winners = [name for name, result in results.items() if result == "won"]
   assert len(winners) == 1, results
   assert holder(tmp_path / "run")["run_id"] == winners[0]
