@@ -62,6 +62,7 @@ def flat_stats(variables, subtree="image_encoder"):
   return rules.flatten(jax.device_get(variables["batch_stats"][subtree]))
 
 
+@pytest.mark.slow
 def test_frozen_layers_keep_their_statistics_through_training(
   resnet_dir, tiny_bert_dir, data_dir, tmp_path
 ):

@@ -46,6 +46,7 @@ def tiny_report(tmp_path_factory):
   return out, report
 
 
+@pytest.mark.slow
 def test_report_files_and_rows(tiny_report):
   out, report = tiny_report
   assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
@@ -83,6 +84,7 @@ def test_report_files_and_rows(tiny_report):
   assert table.count("\n|") == 2 + len(runs)  # header, separator, one line per run
 
 
+@pytest.mark.slow
 def test_frozen_tower_is_cheaper(tiny_report):
   _, report = tiny_report
   runs = {r["name"]: r for r in report["runs"]}
@@ -194,6 +196,7 @@ def test_synthetic_batch_captions_end_with_eos():
   assert batch["pixel_values"].shape == (6, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_isolated_worker_and_xla_flags(tmp_path):
   kept, dropped = bench.supported_xla_flags(
     (*bench.XLA_FLAGS["recommended"], "--xla_no_such_flag_mmtl=1")
@@ -214,6 +217,7 @@ def test_bad_variant_is_a_clear_error():
     bench.trainer_config("tiny", "lockd", batch=8, attention=None)
 
 
+@pytest.mark.slow
 def test_generation_preset_measures_both_frameworks_on_the_same_weights(tmp_path):
   """`--preset tiny_generation`: every cell of the grid has both frameworks' tokens/s,
   mmtl's compile time, and mmtl's tokens equal to transformers' (greedy and beam)."""

@@ -249,6 +249,7 @@ def warm_start(tiny_bert_dir, data_dir):
   return rules.flatten(jax.device_get(variables["params"]))
 
 
+@pytest.mark.slow
 def test_captioning_run_trains_scores_and_writes_captions(caption_run):
   workdir, final, _ = caption_run
   loss = metrics.read(str(workdir))["train/loss"]
@@ -279,6 +280,7 @@ def test_captioning_run_trains_scores_and_writes_captions(caption_run):
   )
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_captioning_metrics(caption_run):
   workdir, final, _ = caption_run
   captions = workdir / f"captions_step{STEPS}-val.jsonl"
@@ -291,6 +293,7 @@ def test_evaluate_reproduces_captioning_metrics(caption_run):
   assert (workdir / f"eval_step{STEPS}.json").exists()
 
 
+@pytest.mark.slow
 def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path):
   """`python -m mmtl.generate` on a split (metrics printed, every caption written), and
   `caption_run` on image files."""
@@ -332,6 +335,7 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
   ]
 
 
+@pytest.mark.slow
 def test_fine_tuned_decoder_exports_to_transformers(caption_run, tiny_bert_dir, tmp_path):
   """The trained decoder of a captioning run, cross-attention included, is a folder that
   transformers loads as BertLMHeadModel (no missing or unexpected keys), same logits."""
@@ -423,6 +427,7 @@ def test_bert_model_decoder_without_dont_load_names_the_fix(tiny_bert_dir, data_
   assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_cross_attention_only_preset_trains_only_cross_attention(
   warm_start, tiny_bert_dir, data_dir, tmp_path
 ):
@@ -508,6 +513,7 @@ def test_cross_attention_conditioning_needs_cross_attention_layers(tiny_bert_dir
 # --- Generative VQA and config errors -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generative_vqa_run(tiny_bert_dir, data_dir, tmp_path):
   config = caption_config(
     tiny_bert_dir,

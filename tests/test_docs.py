@@ -287,12 +287,19 @@ def grid_values(spec: str) -> tuple[str, list[str]]:
   return key, values.split(",")
 
 
+PYTEST_OPTIONS_WITH_VALUES = ("-m", "-k", "-n", "-p")
+
+
 def check_command(cmd: Command) -> None:
   """Raises (AssertionError, ConfigError) for the first thing of `cmd` that is not real."""
   flags = parse_flags(cmd.args)
   if cmd.program == "pytest":
-    for path in flags.positional:
-      assert (REPO / path.split("::")[0]).exists(), f"{cmd.where}: no test path {path}"
+    args = iter(cmd.args)
+    for arg in args:
+      if arg in PYTEST_OPTIONS_WITH_VALUES:
+        next(args, None)  # -m "not slow", -n 0: not a test path.
+      elif not arg.startswith("-"):
+        assert (REPO / arg.split("::")[0]).exists(), f"{cmd.where}: no test path {arg}"
     return
   if cmd.module:
     assert importlib.util.find_spec(cmd.program) is not None, (

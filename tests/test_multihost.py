@@ -88,6 +88,7 @@ def two_process_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(two_process_run):
   # The same global mesh, in one process.
   state, losses = toy.reference_run(tuple(worker.MESH.items()), worker.RULES, worker.STEPS)
@@ -104,6 +105,7 @@ def test_two_processes_match_one_process(two_process_run):
       np.testing.assert_allclose(result[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_each_process_keeps_its_own_data_state(two_process_run):
   for i in range(2):
     assert json.loads((two_process_run / f"data_state_{i}.json").read_text()) == {"slice": [i, 2]}
@@ -112,6 +114,7 @@ def test_each_process_keeps_its_own_data_state(two_process_run):
   assert names == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(two_process_run):
   mesh = sharding.make_mesh(dict(data=4), devices=jax.devices()[:4])
   shapes, shardings = toy.state_shardings(mesh, "fsdp_tp")
@@ -160,6 +163,7 @@ def _assert_same_params(workdir, other):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
+@pytest.mark.slow
 def test_real_trainer_on_two_processes_matches_one_process(trainer_runs):
   for name, files in (
     ("two", ["process_0-of-2.json", "process_1-of-2.json"]),
@@ -175,6 +179,7 @@ def test_real_trainer_on_two_processes_matches_one_process(trainer_runs):
   _assert_same_params(trainer_runs["two"], trainer_runs["one"])
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_on_one_process_with_the_same_data(trainer_runs):
   """The input state saved by 2 processes (the global step) continues on 1: same batches."""
   resumed = metrics.read(str(trainer_runs["resumed"]))["train/loss"]

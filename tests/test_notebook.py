@@ -8,6 +8,7 @@ import textwrap
 
 from nbclient import NotebookClient
 import nbformat
+import pytest
 
 from mmtl import process
 from test_package import copy_sources
@@ -21,6 +22,7 @@ def cell_tagged(nb, tag):
   return cell
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
   nb = nbformat.read(ROOT / "colab/quickstart.ipynb", as_version=4)
   params = cell_tagged(nb, "parameters")

@@ -107,6 +107,7 @@ def test_wheel_metadata_has_the_requirements_files_dependencies_and_extras(built
   assert {("ruff", (), "==0.17.6"), ("torch", (), "==2.13.0")} <= by_extra["test"]
 
 
+@pytest.mark.slow
 def test_installed_wheel_imports_and_runs_the_trainer_from_any_directory(built, tmp_path):
   _, wheel = built
   site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"

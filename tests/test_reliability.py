@@ -24,6 +24,8 @@ from tests.test_train import (  # noqa: F401
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# Every test here starts from short_run, a trained run: end to end.
+pytestmark = pytest.mark.slow
 
 
 def written(workdir: Path) -> list[str]:

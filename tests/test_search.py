@@ -298,6 +298,7 @@ def test_emit_prints_worker_commands(fake, capsys):
   assert calls() == [] and not study_dir.exists()
 
 
+@pytest.mark.slow
 def test_real_trainer_trials_report_and_prune(tmp_path, tiny_runs_env):  # noqa: F811
   """Two trials of the tiny quickstart through mmtl.train, evaluated at every step: a
   sane learning rate, then one so large that its first evaluation's loss is far worse,

@@ -404,6 +404,7 @@ def tiny_runs_env(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
 
 
+@pytest.mark.slow
 def test_real_trainer_grid_resume_and_table(tmp_path, tiny_runs_env):
   sweep_dir = tmp_path / "sweep"
   # Training-set size x seed: a data-efficiency ablation whose 4 runs share one compiled step.

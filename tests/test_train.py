@@ -89,6 +89,7 @@ def finished_run(tiny_bert_dir, data_dir, tmp_path_factory):
   return workdir, train.train(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_training_decreases_loss_and_writes_outputs(finished_run):
   workdir, final = finished_run
   loss = losses(workdir)
@@ -101,6 +102,7 @@ def test_training_decreases_loss_and_writes_outputs(finished_run):
   assert os.listdir(workdir / "tb")
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_final_metrics(finished_run):
   workdir, final = finished_run
   config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -134,6 +136,7 @@ def patch_train_batches(monkeypatch, change):
   return real
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(
   tiny_bert_dir, data_dir, tmp_path, monkeypatch
 ):
@@ -166,6 +169,7 @@ def test_resume_after_interruption_matches_uninterrupted(
   )
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
   tiny_bert_dir, data_dir, tmp_path, monkeypatch
 ):
@@ -186,6 +190,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(workdir)))
 
 
+@pytest.mark.slow
 def test_contrastive_run_with_retrieval_zeroshot_and_probe(tiny_bert_dir, data_dir, tmp_path):
   config = tiny_config(
     tiny_bert_dir,
@@ -223,6 +228,7 @@ def test_contrastive_run_with_retrieval_zeroshot_and_probe(tiny_bert_dir, data_d
   assert "image_proj" in final_params(tmp_path / "lit")["head"]
 
 
+@pytest.mark.slow
 def test_distillation_from_a_finished_run(finished_run, tiny_bert_dir, data_dir, tmp_path):
   teacher, _ = finished_run
   student = tiny_config(
@@ -246,6 +252,7 @@ def test_distillation_from_a_finished_run(finished_run, tiny_bert_dir, data_dir,
   assert losses(tmp_path / "student")[1] == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, data_dir, tmp_path):
   from mmtl import hf
 
@@ -275,6 +282,7 @@ def test_gradual_unfreezing_changes_trainable_set_at_boundary(tiny_bert_dir, dat
   assert not np.allclose(kernel(after), kernel(before))  # trained from step 3 on
 
 
+@pytest.mark.slow
 def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_path):
   config = tiny_config(
     tiny_bert_dir,
@@ -331,6 +339,7 @@ def test_three_tower_run_trains_the_audio_tower(tiny_bert_dir, data_dir, tmp_pat
     assert jax.eval_shape(model.apply, {"params": params}, batch)["logits"].shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_lora_bf16_run_with_early_stopping(tiny_bert_dir, data_dir, tmp_path):
   """LoRA on the text tower's attention, bf16 compute, early stopping on val/accuracy."""
   from mmtl import hf

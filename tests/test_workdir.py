@@ -114,6 +114,7 @@ def test_metric_writer_on_an_object_store_rewrites_and_keeps_history(fake_gcs):
   assert workdir_lib.path(RUN, "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_in_a_gs_workdir(fake_gcs, tiny_bert_dir, data_dir, monkeypatch):
   # orbax reaches gs:// through tensorstore's own GCS driver, which the epath mock does
   # not cover: checkpoints go to the fake bucket's local folder directly.
