@@ -38,4 +38,3 @@ def data_dir(tmp_path_factory):
   """The suite's TFDS data dir: each built-in dataset config is generated into it once,
   offline, by the first test that reads it."""
   return str(tmp_path_factory.mktemp("tfds"))
-

@@ -365,6 +365,7 @@ def test_fine_tuned_decoder_exports_to_transformers(caption_run, tiny_bert_dir, 
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_decoder_warm_start_loads_self_attention_and_logs_cross_attention(
   caption_run, warm_start, tiny_bert_dir
 ):
