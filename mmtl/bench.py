@@ -570,10 +570,9 @@ def run_measurement(
         capture_output=True,
         text=True,
       )
-    except subprocess.TimeoutExpired as e:
-      printed = e.stderr or e.stdout or ""
-      printed = printed if isinstance(printed, str) else printed.decode(errors="replace")
-      return {"error": f"worker timed out after --worker_timeout={timeout:g}s: {printed[-2000:]}"}
+    except subprocess.TimeoutExpired as e:  # Its output is text (text=True), drained.
+      printed = (e.stderr or e.stdout or "")[-2000:]
+      return {"error": f"worker timed out after --worker_timeout={timeout:g}s: {printed}"}
     if proc.returncode != 0 or not os.path.exists(out):
       return {"error": f"worker exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
     with open(out) as f:

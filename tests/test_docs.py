@@ -292,7 +292,6 @@ PYTEST_OPTIONS_WITH_VALUES = ("-m", "-k", "-n", "-p")
 
 def check_command(cmd: Command) -> None:
   """Raises (AssertionError, ConfigError) for the first thing of `cmd` that is not real."""
-  flags = parse_flags(cmd.args)
   if cmd.program == "pytest":
     args = iter(cmd.args)
     for arg in args:
@@ -301,6 +300,7 @@ def check_command(cmd: Command) -> None:
       elif not arg.startswith("-"):
         assert (REPO / arg.split("::")[0]).exists(), f"{cmd.where}: no test path {arg}"
     return
+  flags = parse_flags(cmd.args)
   if cmd.module:
     assert importlib.util.find_spec(cmd.program) is not None, (
       f"{cmd.where}: `python -m {cmd.program}`: no module {cmd.program}"
