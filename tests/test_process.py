@@ -13,6 +13,7 @@ from test_sweep import HANG, assert_gone
 HANGING = HANG + 'print("started", flush=True)\nhang()\n'
 
 
+@pytest.mark.timeout(60)  # Seconds when the deadline works; a hang otherwise.
 def test_a_deadline_kills_the_group_and_keeps_the_output(tmp_path, monkeypatch):
   monkeypatch.setenv("FAKE_TRAIN_CALLS", str(tmp_path / "calls"))
   with pytest.raises(subprocess.TimeoutExpired) as e:
@@ -24,6 +25,7 @@ def test_a_deadline_kills_the_group_and_keeps_the_output(tmp_path, monkeypatch):
   assert_gone(tmp_path / "calls.pids")
 
 
+@pytest.mark.timeout(60)  # Seconds when the deadline works; a hang otherwise.
 def test_children_left_behind_are_killed_and_check_raises(tmp_path):
   pid_file = tmp_path / "pid"
   leave_child = textwrap.dedent(f"""\
@@ -41,6 +43,7 @@ def test_children_left_behind_are_killed_and_check_raises(tmp_path):
   assert echoed.stdout == "abc"
 
 
+@pytest.mark.timeout(60)  # Seconds when the deadline works; a hang otherwise.
 def test_a_hung_benchmark_worker_is_an_error_row(tmp_path, monkeypatch):
   """mmtl.bench's isolated worker (here a stand-in interpreter that hangs) gets
   --worker_timeout seconds; the measurement becomes an error, the benchmark goes on."""

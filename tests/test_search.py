@@ -140,6 +140,7 @@ def test_asha_prunes_bad_trials_and_the_study_continues(fake, capsys):
   assert len(table(study_dir)) == 8
 
 
+@pytest.mark.timeout(60)  # Seconds when the deadline works; a hang otherwise.
 def test_a_hung_trial_fails_at_its_deadline_and_the_study_goes_on(fake, monkeypatch, capsys):
   run, calls, study_dir = fake
   monkeypatch.setenv("FAKE_TRAIN_HANG", "1")

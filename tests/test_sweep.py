@@ -152,6 +152,7 @@ def test_a_failed_run_stops_the_sweep_and_shows_in_the_table(fake_trainer, tmp_p
   assert "| yes |  |  | not started |" in table  # It died before making its workdir.
 
 
+@pytest.mark.timeout(60)  # Seconds when the deadline works; a hang otherwise.
 def test_a_hung_run_is_stopped_at_its_deadline_and_the_sweep_goes_on(
   fake_trainer, tmp_path, capsys
 ):
