@@ -2,12 +2,14 @@
 
 One builder for the trainer, the benchmark and evaluation: `param_layout` gives
 the params' shapes and shardings (from `config.sharding_rules`) without
-computing anything; `init_variables` initializes them with
-`jax.jit(init, out_shardings=...)`, so every device computes only its own
-shard (as big_vision's train.py), then loads the pretrained towers of
-`config.model_init` and places each loaded array shard by shard, so a tower
-larger than one device's memory never exists whole on one device; `init_state`
-adds the step counter and the optimizer state, sharded like the params.
+computing anything; `init_variables` first reads the pretrained towers of
+`config.model_init` on the host and checks them against those shapes (a checkpoint
+that does not fit fails before anything is computed), then initializes only the
+variables no checkpoint gave, with `jax.jit(init, out_shardings=...)` (every device
+computes only its own shard, as big_vision's train.py; XLA drops the initializers of
+the loaded ones), and places each loaded array shard by shard, so a tower larger than
+one device's memory never exists whole on one device; `init_state` adds the step
+counter and the optimizer state, sharded like the params.
 `load_run` gives the variables of a finished run, restored into the same layout.
 
 Variables are Flax's: {"params": ...} and, for models with BatchNorm towers (ResNet),
@@ -109,7 +111,6 @@ def place(tree: Any, shardings: Any) -> Any:
 def load_pretrained_towers(
   variables: dict[str, Any],
   model_init: Mapping[str, Any],
-  shardings: Any,
   note: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
@@ -118,9 +119,11 @@ def load_pretrained_towers(
   checkpoint's projections and logit_scale (zero-shot from step 0), and in a captioning
   model `decoder`: a decoder or encoder checkpoint (BERT warm-start, new cross-attention).
 
-  Each checkpoint is read on the host, checked against the initialized subtree
-  (mmtl.hf: every name and shape, BatchNorm statistics included) and placed with
-  `shardings` (of the variables), shard by shard.
+  `variables` may be ShapeDtypeStructs (as `init_variables` passes them): each checkpoint
+  is read on the host and checked against the subtree's shapes (mmtl.hf: every name and
+  shape, BatchNorm statistics included); its values replace those leaves as host arrays
+  cast to their dtypes, and the leaves it does not give (`dont_load`, a decoder's new
+  cross-attention) are left as they were.
   An empty name keeps the random init (a from-scratch baseline is one override
   away: `--config.model_init.text_encoder=`). Towers left out by
   `config.model.modalities` are skipped; any other subtree must exist.
@@ -135,7 +138,7 @@ def load_pretrained_towers(
       note(f"model_init: {subtree} is not in this model (config.model.modalities); skipped.")
       continue
     note(f"model_init: {subtree} <- {spec['name']}")
-    loaded = hf.load_into(
+    variables = hf.load_into(
       variables,
       subtree,
       spec["name"],
@@ -145,8 +148,29 @@ def load_pretrained_towers(
       decoder=subtree == "decoder",  # CaptioningModel's text decoder (warm-start allowed)
       report=note,  # the decoder's newly initialized params, in the start-up summary
     )
-    variables = place(loaded, shardings)
   return variables
+
+
+def _initialize_missing(
+  init: Callable[[jax.Array], dict[str, Any]], rng: jax.Array, variables: Any, shardings: Any
+) -> Any:
+  """`variables` with each ShapeDtypeStruct leaf given its value of `init(rng)` and each
+  host leaf placed, all in `shardings`. One jitted init returns only the missing leaves,
+  so XLA computes (and compiles) no initializer of a loaded one; the values are those
+  of a whole init."""
+  leaves, treedef = jax.tree.flatten(variables)
+  leaf_shardings = treedef.flatten_up_to(shardings)
+  missing = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct)]
+  if missing:
+
+    def pick(rng):
+      every = treedef.flatten_up_to(init(rng))
+      return [every[i] for i in missing]
+
+    fresh = jax.jit(pick, out_shardings=[leaf_shardings[i] for i in missing])(rng)
+    for i, x in zip(missing, fresh, strict=True):
+      leaves[i] = x
+  return place(jax.tree.unflatten(treedef, leaves), shardings)
 
 
 def init_variables(
@@ -157,18 +181,19 @@ def init_variables(
   pretrained: bool = True,
   note: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-  """Random init (+ `config.model_init`'s pretrained towers when `pretrained`) + LoRA
-  leaves, every array created in its final sharding: {"params": ..., "batch_stats": ...}."""
+  """`config.model_init`'s pretrained towers (when `pretrained`) + random init of the rest
+  + LoRA leaves, every array created in its final sharding: {"params": ...,
+  "batch_stats": ...}."""
   rng_init, rng_lora = _rngs(config)
   init = _init_fn(model)
-  shardings = layout.variables("shardings")
-  base = {
-    **shardings,
-    "params": _subtree(layout.shardings, jax.eval_shape(init, rng_init)["params"]),
+  shapes = jax.eval_shape(init, rng_init)
+  shardings = {
+    **layout.variables("shardings"),
+    "params": _subtree(layout.shardings, shapes["params"]),
   }
-  variables = jax.jit(init, out_shardings=base)(rng_init)
   if pretrained:
-    variables = load_pretrained_towers(variables, config.model_init, base, note)
+    shapes = load_pretrained_towers(shapes, config.model_init, note)
+  variables = _initialize_missing(init, rng_init, shapes, shardings)
   if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
     variables["params"] = jax.jit(
       _add_lora(config, rng_lora), out_shardings=layout.shardings, donate_argnums=0

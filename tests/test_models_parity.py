@@ -335,25 +335,28 @@ def test_cudnn_attention_wiring_matches_mask_path(tiny_clip_dir, monkeypatch):
     module = hf.build_module(tiny_clip_dir, dtype=jnp.bfloat16, attention_impl=attention_impl)
 
     def loss(p):
+      calls.clear()
       out = module.apply({"params": p}, ids, pixels, mask)
-      return jnp.sum(out["text_embeds"] * out["image_embeds"].mean(0)), out
+      # The lengths the first causal (text) layer was given, read back from the program.
+      lengths = [
+        (c["query_seq_lengths"], c["key_value_seq_lengths"]) for c in calls if c["is_causal"]
+      ][:1]
+      return jnp.sum(out["text_embeds"] * out["image_embeds"].mean(0)), (out, lengths)
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    return out, grads
+    (_, (out, lengths)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      variables["params"]
+    )
+    return out, grads, lengths
 
-  out, grads = run("cudnn")
-  ref, ref_grads = run(None)
-  calls.clear()  # Once more outside jit, to read the lengths passed.
-  hf.build_module(tiny_clip_dir, dtype=jnp.bfloat16, attention_impl="cudnn").apply(
-    variables, ids, pixels, mask
-  )
+  out, grads, [(query_lengths, key_value_lengths)] = run("cudnn")
+  causal = [c["is_causal"] for c in calls]  # one call per layer, recorded while tracing
+  ref, ref_grads, _ = run(None)
   real = np.asarray(mask, bool)
   layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["num_hidden_layers"]
-  assert len(calls) == layers
-  text_calls = [c for c in calls if c["is_causal"]]
-  assert len(text_calls) == config["text_config"]["num_hidden_layers"]
-  np.testing.assert_array_equal(text_calls[0]["query_seq_lengths"], real.sum(1))
-  np.testing.assert_array_equal(text_calls[0]["key_value_seq_lengths"], real.sum(1))
+  assert len(causal) == layers
+  assert sum(causal) == config["text_config"]["num_hidden_layers"]
+  np.testing.assert_array_equal(query_lengths, real.sum(1))
+  np.testing.assert_array_equal(key_value_lengths, real.sum(1))
   for key in ("text_embeds", "image_embeds", "logits_per_image"):
     np.testing.assert_allclose(np.float32(out[key]), np.float32(ref[key]), atol=2e-2)
   np.testing.assert_allclose(
