@@ -62,7 +62,7 @@ def test_no_param_ever_exists_whole_on_one_device(setup, monkeypatch):
   load = hf.load_into
   before = jax.live_arrays()  # Held, so that no new array can take one of their ids.
 
-  def watching_load(*args, **kwargs):  # The random init is live here, the loaded tower next.
+  def watching_load(*args, **kwargs):  # Read and checked on the host, before the init.
     seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
     out = load(*args, **kwargs)
     seen.extend(whole_on_one_device(jax.live_arrays(), sharded, before))
@@ -100,6 +100,40 @@ def test_loaded_values_and_random_init_are_the_unsharded_ones(setup, tiny_vit_di
   reference = jax.device_get(model.init(rng_init, model.dummy_batch())["params"])
   for part in ("fusion", "head"):
     jax.tree.map(np.testing.assert_array_equal, params[part], reference[part])
+
+
+def test_only_what_no_checkpoint_gives_is_initialized(setup, monkeypatch):
+  """The jitted init returns (so XLA computes) only the fusion and head params: the towers
+  come from their checkpoints."""
+  config, mesh, model, layout, _ = setup
+  computed = []
+  jit = jax.jit
+
+  def counting_jit(fun, **kw):
+    compiled = jit(fun, **kw)
+
+    def call(*args):
+      out = compiled(*args)
+      computed.append(len(jax.tree.leaves(out)))
+      return out
+
+    return call
+
+  monkeypatch.setattr(jax, "jit", counting_jit)
+  params = train_state.init_variables(model, config, layout, note=lambda _: None)["params"]
+  new = [p for p in rules.flatten(params) if not p.startswith(("image_encoder/", "text_encoder/"))]
+  assert len(new) < len(rules.flatten(params)) // 4
+  assert computed == [len(new)]
+
+
+def test_a_checkpoint_that_does_not_fit_fails_before_anything_is_computed(
+  setup, tiny_bert_dir, monkeypatch
+):
+  config, mesh, model, layout, _ = setup
+  config.model_init.image_encoder = tiny_bert_dir
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("jitted before the check"))
+  with pytest.raises(hf.CheckpointError, match="image_encoder"):
+    train_state.init_variables(model, config, layout, note=lambda _: None)
 
 
 def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir):
