@@ -15,11 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA's persistent compilation cache, one per test session, shared by the tests and the
 # trainer subprocesses they start (they inherit the environment), and by pytest-xdist's
 # workers (started after this runs in the main process): a program compiled once is read
-# back wherever it is compiled again. Programs that compile in under 0.2 s are not stored.
+# back wherever it is compiled again, however small (the many one-op programs of code run
+# outside jit, too).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmtl-tests-xla-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tiny_siglip_dir): see
 # tests/hf_fixtures.py.

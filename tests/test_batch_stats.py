@@ -52,6 +52,7 @@ def resnet_dir(tmp_path_factory):
 def resnet_config(resnet_dir, text_dir, data_dir, *, frozen=(FROZEN,), **model_overrides):
   config = tiny_config(text_dir, data_dir, total_steps=2, ckpt_every=2)
   config.model.towers.image = dict(name=resnet_dir, pool="pooler")
+  config.model.modalities = "image"  # the ResNet alone: a text tower would add nothing here
   config.model.update(model_overrides)
   config.model_init.image_encoder = resnet_dir
   config.optim.frozen = list(frozen)

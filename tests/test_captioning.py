@@ -477,9 +477,10 @@ def test_prefix_conditioning_with_a_decoder_without_cross_attention(tiny_bert_di
   pixels = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
   ids = np.tile(rng.integers(5, vocab, size=(1, T)).astype(np.int32), (B, 1))
   batch = dict(pixel_values=pixels, decoder_input_ids=ids, decoder_attention_mask=np.ones_like(ids))
-  variables = model.init(jax.random.PRNGKey(0), batch)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   assert not any("cross_attn" in p for p in rules.flatten(variables["params"]))
-  logits = np.asarray(model.apply(variables, batch)["logits"])
+  apply = jax.jit(model.apply)
+  logits = np.asarray(apply(variables, batch)["logits"])
   assert logits.shape == (B, T, vocab)
   # The prefix is the images' tokens: same text, different images, different predictions.
   assert np.abs(logits[0] - logits[1]).max() > 1e-4
@@ -501,7 +502,7 @@ def test_prefix_conditioning_with_a_decoder_without_cross_attention(tiny_bert_di
     decoder_attention_mask=np.ones_like(out[:, :-1]),
   )
   np.testing.assert_array_equal(
-    np.asarray(model.apply(variables, forced)["logits"]).argmax(-1), out[:, 1:]
+    np.asarray(apply(variables, forced)["logits"]).argmax(-1), out[:, 1:]
   )
 
 

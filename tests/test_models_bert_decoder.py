@@ -12,9 +12,11 @@ and the one-line errors for misused decoders.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,11 +104,14 @@ def test_cached_decoding_matches_full_forward(variant, checkpoints):
   inputs = _inputs(variant)
   full = _ours(module, variables, inputs)
   cond = {k: jnp.asarray(v) for k, v in inputs.items() if k.startswith("encoder_")}
-  cache = module.apply(variables, 3, 10, **cond, method=module.init_cache)
+  cache = jax.jit(functools.partial(module.apply, method=module.init_cache), static_argnums=(1, 2))(
+    variables, 3, 10, **cond
+  )
+  step = jax.jit(lambda variables, piece, cache: module.apply(variables, **piece, cache=cache))
   logits = []
   for start, stop in [(0, 3), *((t, t + 1) for t in range(3, 9))]:
     piece = {k: jnp.asarray(inputs[k][:, start:stop]) for k in ("input_ids", "attention_mask")}
-    out = module.apply(variables, **piece, cache=cache)
+    out = step(variables, piece, cache)
     cache = out["cache"]
     logits.append(np.asarray(out["logits"]))
   assert cache["index"] == 9

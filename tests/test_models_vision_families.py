@@ -215,6 +215,6 @@ def test_fusion_with_image_tower(image):
   )
   model = fusion.build({**config_lib.MODEL_DEFAULTS, "towers": towers, "width": 8})
   batch = model.dummy_batch()
-  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
   assert "image_encoder/encoder/layer_0/attn/query/kernel" in rules.flatten(params)
-  assert model.apply({"params": params}, batch)["logits"].shape == (1, 2)
+  assert jax.eval_shape(model.apply, {"params": params}, batch)["logits"].shape == (1, 2)

@@ -399,7 +399,7 @@ def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
   )
   model = fusion.build(config.model)
   batch = next(data.make_train_iterator(config.input, batch_size=4, seed=0))
-  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
   mask = optim.freeze_mask(params, config.optim)
   assert train_step.locked_towers(model, mask) == ("text",)
   assert train_step.locked_towers(model, optim.freeze_mask(params, {})) == ()
@@ -408,7 +408,8 @@ def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
     cfg = mlc.ConfigDict(config.to_dict())
     cfg.model.frozen_tower_mode = mode
     objective = train_step.make_objective(model, cfg, None, mask)
-    outputs, _ = objective.forward(*optim.split(params, mask), {}, batch, jax.random.PRNGKey(seed))
+    forward = jax.jit(objective.forward)
+    outputs, _ = forward(*optim.split(params, mask), {}, batch, jax.random.PRNGKey(seed))
     return np.asarray(outputs["features"])
 
   np.testing.assert_array_equal(features("inference", 1), features("inference", 2))

@@ -97,7 +97,7 @@ def test_loaded_values_and_random_init_are_the_unsharded_ones(setup, tiny_vit_di
       np.testing.assert_array_equal(rules.flatten(params[subtree])[path], value, err_msg=path)
   # The new layers: the same values as one unsharded init of the same seed.
   rng_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  reference = jax.device_get(model.init(rng_init, model.dummy_batch())["params"])
+  reference = jax.device_get(jax.jit(model.init)(rng_init, model.dummy_batch())["params"])
   for part in ("fusion", "head"):
     jax.tree.map(np.testing.assert_array_equal, params[part], reference[part])
 
