@@ -98,7 +98,7 @@ def batch(b=4):
 
 def init(model, b=None):
   b = b or batch()
-  return jax.jit(model.init)(jax.random.PRNGKey(0), b)["params"]
+  return model.init(jax.random.PRNGKey(0), b)["params"]
 
 
 def fused_classifier(model_towers, fusion_type, *, fusion_layer, **kw):
@@ -121,7 +121,7 @@ def fused_classifier(model_towers, fusion_type, *, fusion_layer, **kw):
 def test_fused_classifier_shapes_and_param_names(fusion_type):
   model = fused_classifier(towers(), fusion_type, fusion_layer=1)
   params = init(model)
-  out = jax.jit(model.apply)({"params": params}, batch())
+  out = model.apply({"params": params}, batch())
   assert out["logits"].shape == (4, 3) and out["features"].shape == (4, 8)
   top = set(params)
   assert top == {"image_encoder", "text_encoder", "fusion", "head"}
@@ -140,11 +140,11 @@ def test_contrastive_two_tower():
   params = init(model)
   assert set(params["head"]) == {"image_proj", "text_proj", "logit_scale"}
   np.testing.assert_allclose(params["head"]["logit_scale"], np.log(10.0), rtol=1e-6)
-  out = jax.jit(model.apply)({"params": params}, batch())
+  out = model.apply({"params": params}, batch())
   np.testing.assert_allclose(np.linalg.norm(out["image_embeds"], axis=-1), 1.0, rtol=1e-5)
   # Text alone (zero-shot prompts) embeds without the image tower.
   text_only = {k: v for k, v in batch().items() if k != "pixel_values"}
-  out_t = jax.jit(model.apply)({"params": params}, text_only)
+  out_t = model.apply({"params": params}, text_only)
   assert "image_embeds" not in out_t
   np.testing.assert_allclose(out_t["text_embeds"], out["text_embeds"], rtol=1e-5, atol=1e-6)
 
@@ -155,7 +155,7 @@ def test_regression_head_and_single_tower():
   )
   params = init(model)
   assert set(params) == {"text_encoder", "fusion", "head"}
-  assert jax.jit(model.apply)({"params": params}, batch())["predictions"].shape == (4, 1)
+  assert model.apply({"params": params}, batch())["predictions"].shape == (4, 1)
 
 
 @pytest.mark.parametrize(
@@ -172,12 +172,11 @@ def test_absent_image_equals_missing_image(fusion_type):
   b = batch()
   absent = dict(b, image_present=np.zeros(4, np.float32))
   missing = {k: v for k, v in b.items() if k != "pixel_values"}
-  apply = jax.jit(model.apply)
-  out_absent = apply({"params": params}, absent)["logits"]
-  out_missing = apply({"params": params}, missing)["logits"]
+  out_absent = model.apply({"params": params}, absent)["logits"]
+  out_missing = model.apply({"params": params}, missing)["logits"]
   np.testing.assert_allclose(out_absent, out_missing, rtol=1e-5, atol=1e-5)
   # ...and differs from the image being present.
-  assert not np.allclose(out_absent, apply({"params": params}, b)["logits"])
+  assert not np.allclose(out_absent, model.apply({"params": params}, b)["logits"])
 
 
 def test_bottleneck_unequal_depths():
