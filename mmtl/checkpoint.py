@@ -56,6 +56,16 @@ CHECKPOINT_DIR = "checkpoints"  # A run's checkpoints: WORKDIR/checkpoints/<step
 CORRUPT_DIR = "checkpoints_corrupt"  # Next to the checkpoint directory.
 _PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 _READ_CHUNK = 1 << 22
+# orbax's replica-parallel saving (its default off GPU) splits each replicated array across
+# its replicas: one device slice (an XLA program per shape and device) and one host transfer
+# per replica. For small arrays (biases, norms, heads) that costs more than the write it
+# spreads; below this many bytes per replica, one replica writes the array whole.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+  jax.Array,
+  ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+  override=True,
+)
 
 
 class CheckpointError(RuntimeError):

@@ -139,3 +139,33 @@ def test_async_save_then_donated_step(tmp_path):
     manager.wait()
     shapes, shardings = toy.state_shardings(mesh, "fsdp")
     _assert_identical(manager.restore(checkpoint.abstract(shapes, shardings), 0), expected)
+
+
+def test_small_replicated_arrays_are_saved_without_slicing(tmp_path):
+  """Below checkpoint.MIN_REPLICA_SLICE_BYTES per replica, one replica writes a replicated
+  array whole: saving compiles no per-device slice (orbax's replica-parallel split would,
+  one program per replica)."""
+  mesh = sharding.make_mesh(dict(data=8))
+  state = {
+    "step": 0,
+    "params": jax.device_put(
+      {"bias": np.arange(64, dtype=np.float32), "kernel": np.ones((8, 16), np.float32)},
+      sharding.replicated(mesh),
+    ),
+  }
+  compiles = []
+
+  def count(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    with checkpoint.CheckpointManager(tmp_path / "checkpoints") as manager:
+      manager.save(1, state)
+      manager.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert compiles == []
+  restored = checkpoint.restore_variables(tmp_path / "checkpoints")
+  _assert_identical(restored["params"], state["params"])
