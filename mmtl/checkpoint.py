@@ -35,6 +35,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging as std_logging
 import os
 import re
 import sys
@@ -61,11 +62,25 @@ _READ_CHUNK = 1 << 22
 # per replica. For small arrays (biases, norms, heads) that costs more than the write it
 # spreads; below this many bytes per replica, one replica writes the array whole.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-  jax.Array,
-  ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-  override=True,
-)
+
+
+def _register_array_handler() -> None:
+  """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES; the warning orbax logs on
+  replacing a handler is held back (it would precede every one-line error)."""
+  absl_logger = std_logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+      jax.Array,
+      ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+      override=True,
+    )
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class CheckpointError(RuntimeError):
