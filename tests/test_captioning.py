@@ -48,6 +48,7 @@ from mmtl.data import transforms
 from mmtl.generate import __main__ as generate_script
 from mmtl.models import fusion
 from tests.hf_fixtures import export_and_reload
+from tests.test_models_parity import jitted_apply
 from tests.test_train import TINY_VIT
 
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu")
@@ -479,8 +480,7 @@ def test_prefix_conditioning_with_a_decoder_without_cross_attention(tiny_bert_di
   batch = dict(pixel_values=pixels, decoder_input_ids=ids, decoder_attention_mask=np.ones_like(ids))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   assert not any("cross_attn" in p for p in rules.flatten(variables["params"]))
-  apply = jax.jit(model.apply)
-  logits = np.asarray(apply(variables, batch)["logits"])
+  logits = np.asarray(jitted_apply(model, variables, batch)["logits"])
   assert logits.shape == (B, T, vocab)
   # The prefix is the images' tokens: same text, different images, different predictions.
   assert np.abs(logits[0] - logits[1]).max() > 1e-4
@@ -502,7 +502,7 @@ def test_prefix_conditioning_with_a_decoder_without_cross_attention(tiny_bert_di
     decoder_attention_mask=np.ones_like(out[:, :-1]),
   )
   np.testing.assert_array_equal(
-    np.asarray(apply(variables, forced)["logits"]).argmax(-1), out[:, 1:]
+    np.asarray(jitted_apply(model, variables, forced)["logits"]).argmax(-1), out[:, 1:]
   )
 
 

@@ -36,6 +36,7 @@ from tests.test_models_gpt2 import (
   _ved_inputs,
   _ved_torch_logits,
 )
+from tests.test_models_parity import jitted_apply
 
 VOCAB, HIDDEN, PAD = 67, 36, 0  # HIDDEN: test_models_gpt2's encoder tokens are 36 wide
 BERT_SHAPES = dict(
@@ -107,11 +108,10 @@ def test_cached_decoding_matches_full_forward(variant, checkpoints):
   cache = jax.jit(functools.partial(module.apply, method=module.init_cache), static_argnums=(1, 2))(
     variables, 3, 10, **cond
   )
-  step = jax.jit(lambda variables, piece, cache: module.apply(variables, **piece, cache=cache))
   logits = []
   for start, stop in [(0, 3), *((t, t + 1) for t in range(3, 9))]:
     piece = {k: jnp.asarray(inputs[k][:, start:stop]) for k in ("input_ids", "attention_mask")}
-    out = step(variables, piece, cache)
+    out = jitted_apply(module, variables, **piece, cache=cache)
     cache = out["cache"]
     logits.append(np.asarray(out["logits"]))
   assert cache["index"] == 9

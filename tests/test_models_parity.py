@@ -25,7 +25,7 @@ def _jitted_apply(module, method, static_kw, variables, args, kw):
   return module.apply(variables, *args, method=method, **dict(static_kw), **kw)
 
 
-def _apply(module, variables, *args, method=None, deterministic=None, **kw):
+def jitted_apply(module, variables, *args, method=None, deterministic=None, **kw):
   """Jitted module.apply (compiles are cached per module): much cheaper than op-by-op dispatch."""
   static_kw = () if deterministic is None else (("deterministic", deterministic),)
   return _jitted_apply(module, method, static_kw, variables, args, kw)
@@ -66,7 +66,7 @@ def _bert_parity(path):
   module, variables, config = hf.load_pretrained(path)
   ids, mask = _text_inputs(config["vocab_size"])
   types = np.random.default_rng(1).integers(0, 2, ids.shape)
-  out = _apply(module, variables, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+  out = jitted_apply(module, variables, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
   with torch.no_grad():
     ref = _torch_model(path)(
       input_ids=torch.tensor(ids),
@@ -93,7 +93,7 @@ def test_bert_gelu_new_parity(tmp_path):
 def _vit_parity(path, size=16, channels=3):
   module, variables, _ = hf.load_pretrained(path)
   pixels = _pixels(size=size, channels=channels)
-  out = _apply(module, variables, _nhwc(pixels))
+  out = jitted_apply(module, variables, _nhwc(pixels))
   with torch.no_grad():
     ref = _torch_model(path)(pixel_values=torch.tensor(pixels))
   _close(out["last_hidden_state"], ref.last_hidden_state)
@@ -123,7 +123,7 @@ def _clip_parity(path):
   text = config["text_config"]
   ids, mask = _text_inputs(text["vocab_size"], eos=text["eos_token_id"])
   pixels = _pixels()
-  out = _apply(module, variables, jnp.asarray(ids), _nhwc(pixels), jnp.asarray(mask))
+  out = jitted_apply(module, variables, jnp.asarray(ids), _nhwc(pixels), jnp.asarray(mask))
   with torch.no_grad():
     ref = _torch_model(path)(
       input_ids=torch.tensor(ids),
@@ -163,8 +163,8 @@ def test_clip_towers_match_hf_towers(tiny_clip_dir):
     tref = _torch_model(tiny_clip_dir, transformers.CLIPTextModel)(
       input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
     )
-  vout = _apply(vision, vision_vars, _nhwc(pixels))
-  tout = _apply(text, text_vars, jnp.asarray(ids), jnp.asarray(mask))
+  vout = jitted_apply(vision, vision_vars, _nhwc(pixels))
+  tout = jitted_apply(text, text_vars, jnp.asarray(ids), jnp.asarray(mask))
   for key in ("last_hidden_state", "pooler_output"):
     _close(vout[key], vref[key])
     _close(tout[key], tref[key])
@@ -212,12 +212,12 @@ def test_encoder_protocol_runs_layer_ranges(family, tiny_bert_dir, tiny_vit_dir,
       x = m.run_layers(x, mask, start, start + 1)
     return m.finalize(x, mask)
 
-  whole = _apply(module, variables, **inputs)
-  split = _apply(module, variables, method=pieces)
+  whole = jitted_apply(module, variables, **inputs)
+  split = jitted_apply(module, variables, method=pieces)
   for key in ("last_hidden_state", "pooler_output"):
     np.testing.assert_allclose(split[key], whole[key], atol=1e-6)
   with pytest.raises(ValueError, match="outside the encoder's 2 layers"):
-    _apply(module, variables, method=lambda m: m.run_layers(*m.embed(**inputs), 1, 3))
+    jitted_apply(module, variables, method=lambda m: m.run_layers(*m.embed(**inputs), 1, 3))
 
 
 def test_remat_wraps_each_layer(tiny_vit_dir):
@@ -236,8 +236,8 @@ def test_remat_wraps_each_layer(tiny_vit_dir):
   dots = remat_policies(module.clone(remat="dots"))
   assert len(dots) == module.num_layers and dots[0] is not None
   np.testing.assert_allclose(
-    _apply(module.clone(remat="dots"), variables, pixels)["pooler_output"],
-    _apply(module, variables, pixels)["pooler_output"],
+    jitted_apply(module.clone(remat="dots"), variables, pixels)["pooler_output"],
+    jitted_apply(module, variables, pixels)["pooler_output"],
     atol=1e-6,
   )
   with pytest.raises(ValueError, match="remat='most'"):
@@ -251,8 +251,8 @@ def test_bfloat16_loading(tiny_bert_dir):
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
   _, variables32, _ = hf.load_pretrained(tiny_bert_dir)
   ids, mask = map(jnp.asarray, _text_inputs(config["vocab_size"]))
-  out = _apply(module, variables, ids, mask)["last_hidden_state"]
-  ref = _apply(module.clone(dtype=jnp.float32), variables32, ids, mask)["last_hidden_state"]
+  out = jitted_apply(module, variables, ids, mask)["last_hidden_state"]
+  ref = jitted_apply(module.clone(dtype=jnp.float32), variables32, ids, mask)["last_hidden_state"]
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1)
 
@@ -260,8 +260,8 @@ def test_bfloat16_loading(tiny_bert_dir):
 def test_dropout_only_when_not_deterministic(tiny_bert_dir):
   module, variables, config = hf.load_pretrained(tiny_bert_dir)  # hidden/attention dropout 0.1
   ids, mask = map(jnp.asarray, _text_inputs(config["vocab_size"]))
-  ref = _apply(module, variables, ids, mask)["last_hidden_state"]
-  train = lambda seed: _apply(
+  ref = jitted_apply(module, variables, ids, mask)["last_hidden_state"]
+  train = lambda seed: jitted_apply(
     module, variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
   )["last_hidden_state"]
   assert not np.allclose(train(0), ref, atol=1e-3)
@@ -279,8 +279,8 @@ def test_clip_text_pooling_without_input_ids(tiny_clip_dir):
     return m.finalize(m.run_layers(x, m_, 0, m.num_layers), m_)
 
   np.testing.assert_allclose(
-    _apply(module, variables, method=no_ids)["pooler_output"],
-    _apply(module, variables, ids, mask)["pooler_output"],
+    jitted_apply(module, variables, method=no_ids)["pooler_output"],
+    jitted_apply(module, variables, ids, mask)["pooler_output"],
     atol=1e-6,
   )
 
@@ -288,7 +288,7 @@ def test_clip_text_pooling_without_input_ids(tiny_clip_dir):
 def test_pixel_layout_error_names_the_fix(tiny_vit_dir):
   module, variables, _ = hf.load_pretrained(tiny_vit_dir)
   with pytest.raises(ValueError, match=r"expects NHWC \(B, 16, 16, 3\).*transpose"):
-    _apply(module, variables, jnp.asarray(_pixels()))  # NCHW
+    jitted_apply(module, variables, jnp.asarray(_pixels()))  # NCHW
 
 
 def test_attention_dropout_path_keeps_causal_and_padding_masks(tiny_clip_dir):
@@ -299,11 +299,13 @@ def test_attention_dropout_path_keeps_causal_and_padding_masks(tiny_clip_dir):
     {**config["text_config"], "model_type": "clip_text_model", "attention_dropout": 1e-9}
   )
   ids, mask = map(jnp.asarray, _text_inputs(80, eos=config["text_config"]["eos_token_id"]))
-  train = _apply(
+  train = jitted_apply(
     module, variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
   )
   np.testing.assert_allclose(
-    train["last_hidden_state"], _apply(module, variables, ids, mask)["last_hidden_state"], atol=1e-5
+    train["last_hidden_state"],
+    jitted_apply(module, variables, ids, mask)["last_hidden_state"],
+    atol=1e-5,
   )
 
 

@@ -1,8 +1,6 @@
 """mmtl's SigLIP computes what transformers' SiglipModel computes: towers, logits with the
 learned bias, the sigmoid loss; checkpoints round-trip; the fusion head's sigmoid option."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +12,7 @@ from mmtl import hf, losses, optim, rules, train_step
 from mmtl.models import fusion, siglip
 from tests.hf_fixtures import SIGLIP_VOCAB, export_and_reload
 from tests.test_accumulation import run_steps, stateless
+from tests.test_models_parity import jitted_apply
 
 ATOL = 1e-5
 
@@ -88,7 +87,7 @@ def test_siglip_towers_alone(tiny_siglip_dir, tmp_path):
     for path, kw in ((tiny_siglip_dir, dict(tower=tower)), (alone, {})):
       module, variables, _ = hf.load_pretrained(path, **kw)
       jax.tree.map(np.testing.assert_array_equal, variables["params"], full["params"][tower])
-      out = jax.jit(module.apply)(variables, *args[tower])
+      out = jitted_apply(module, variables, *args[tower])
       for key in ("last_hidden_state", "pooler_output"):
         close(out[key], ref[key])
 
@@ -96,7 +95,7 @@ def test_siglip_towers_alone(tiny_siglip_dir, tmp_path):
       x, m_ = m.embed(*a)
       return m.finalize(m.run_layers(x, m_, 0, m.num_layers), m_)
 
-    split = jax.jit(functools.partial(module.apply, method=pieces))(variables, *args[tower])
+    split = jitted_apply(module, variables, *args[tower], method=pieces)  # the lone tower
     close(split["pooler_output"], ref.pooler_output)
 
 
@@ -143,7 +142,7 @@ def test_fusion_sigmoid_head(tiny_siglip_dir):
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
   assert float(params["head"]["logit_bias"]) == -10.0
   assert float(params["head"]["logit_scale"]) == pytest.approx(np.log(10.0))
-  out = jax.jit(model.apply)({"params": params}, batch)
+  out = jitted_apply(model, {"params": params}, batch)
   got = losses.task_loss("contrastive", out, batch, {})
   want = losses.sigmoid_per_example(
     out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"]

@@ -1,7 +1,6 @@
 """A contrastive FusionModel loaded whole from a CLIP (or SigLIP) checkpoint, towers and
 head, is transformers' CLIPModel (SiglipModel): same logits and retrieval at step 0."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
@@ -13,6 +12,7 @@ from mmtl import config as config_lib
 from mmtl import evaluators, hf, sharding, train_state
 from mmtl.models import fusion
 from tests.hf_fixtures import make_tiny_checkpoint
+from tests.test_models_parity import jitted_apply
 from tests.test_models_siglip import inputs as siglip_inputs
 
 ATOL = 1e-5
@@ -91,7 +91,7 @@ def test_clip_dual_encoder_matches_transformers_at_step_0(clip_dir):
     input_ids=jnp.asarray(ids, jnp.int32),
     attention_mask=jnp.asarray(mask, jnp.int32),
   )
-  out = jax.jit(model.apply)({"params": params}, batch)
+  out = jitted_apply(model, {"params": params}, batch)
   logits = np.exp(out["logit_scale"]) * np.asarray(out["image_embeds"] @ out["text_embeds"].T)
   with torch.no_grad():
     ref = transformers.CLIPModel.from_pretrained(clip_dir).eval()(
@@ -149,7 +149,7 @@ def test_siglip_dual_encoder_matches_transformers_at_step_0(tiny_siglip_dir):
     input_ids=jnp.asarray(ids, jnp.int32),
     attention_mask=jnp.asarray(mask, jnp.int32),
   )
-  out = jax.jit(model.apply)({"params": params}, batch)
+  out = jitted_apply(model, {"params": params}, batch)
   logits = np.exp(out["logit_scale"]) * np.asarray(out["image_embeds"] @ out["text_embeds"].T)
   logits = logits + np.asarray(out["logit_bias"])
   with torch.no_grad():
