@@ -6,8 +6,11 @@ file, or both (every sweep-file entry combined with every grid point). Each run
 gets a workdir under SWEEP_DIR named after its overrides, so rerunning the same
 command skips finished runs (their workdir holds `final_metrics.json`) and
 resumes an interrupted one (the trainer restores its workdir's last checkpoint).
-When runs end, every `final_metrics.json` becomes one row of SWEEP_DIR/results.md
-and results.csv: the swept keys, then the metrics.
+SWEEP_DIR/sweep.json records the command each run was given; a finished run is
+reused only when it is the command the sweep would run now (else the sweep refuses,
+naming the differing flags; `--reuse_finished` keeps such results). When runs end,
+every `final_metrics.json` becomes one row of SWEEP_DIR/results.md and results.csv:
+the swept keys, the metrics, and the command that produced them.
 
   # 3 fusions x pretrained/scratch text encoder, one run after another on this machine:
   python launch/sweep.py --config configs/quickstart.py --sweep_dir runs/fusion \
@@ -55,6 +58,7 @@ from mmtl import process  # noqa: E402
 from mmtl import workdir as workdir_lib  # noqa: E402
 
 METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported: it loads JAX.
+RECORD_FILE = "sweep.json"  # The command each run was given: what makes a result reusable.
 ARG_PREFIX = "arg."  # Swept keys that are config-file arguments, not config keys.
 Overrides = dict[str, Any]
 
@@ -70,6 +74,7 @@ class Options:
   emit: str | None
   collect: bool
   keep_going: bool
+  reuse_finished: bool
   train_module: str
   python: str
   run_timeout: float | None
@@ -219,6 +224,50 @@ def train_command(args: Launch, workdir: str, overrides: Overrides) -> list[str]
   return [args.python, "-m", args.train_module, "--config", config, "--workdir", workdir, *flags]
 
 
+def run_command(args: Launch, overrides: Overrides) -> list[str]:
+  """What decides a run's result: its trainer module, config and flags (not the
+  interpreter, the launcher or the workdir). A finished run is reused only for this."""
+  return [
+    args.train_module,
+    "--config",
+    config_spec(args.config, overrides),
+    *config_flags(overrides),
+    *args.train_flags,
+  ]
+
+
+def shown_command(command: list[str] | None) -> str:
+  """A recorded run command as the table shows it."""
+  return f"python -m {shlex.join(command)}" if command else "unknown (no record in sweep.json)"
+
+
+def flag_words(command: list[str]) -> list[str]:
+  """The command's words with each `--flag value` pair joined, so two commands can be
+  compared flag by flag."""
+  words, i = [], 0
+  while i < len(command):
+    word = command[i]
+    if word.startswith("--") and "=" not in word and i + 1 < len(command):
+      if not command[i + 1].startswith("--"):
+        word, i = f"{word} {command[i + 1]}", i + 1
+    words.append(word)
+    i += 1
+  return words
+
+
+def command_difference(ran: list[str] | None, now: list[str]) -> str:
+  """`ran A, this sweep gives B`: the flags in which a run's recorded command differs."""
+  if ran is None:
+    return "its command is not recorded"
+  ran_words, now_words = flag_words(ran), flag_words(now)
+  gone = [w for w in ran_words if w not in now_words]
+  new = [w for w in now_words if w not in ran_words]
+  if not gone and not new:
+    return "its flags came in another order"
+  ran_only, now_only = " ".join(gone) or "(nothing else)", " ".join(new) or "(nothing)"
+  return f"ran {ran_only}, this sweep gives {now_only}"
+
+
 def workdir_of(sweep_dir: str, name: str) -> str:
   """String join: pathlib would turn gs://bucket into gs:/bucket."""
   return f"{sweep_dir.rstrip('/')}/{name}"
@@ -236,6 +285,64 @@ def final_metrics(workdir: str) -> dict[str, Any] | None:
 
 def is_done(workdir: str) -> bool:
   return final_metrics(workdir) is not None
+
+
+# ---- The record of commands ----------------------------------------------------------
+
+
+def read_record(sweep_dir: str) -> dict[str, dict[str, Any]]:
+  """SWEEP_DIR/sweep.json's runs by name ({} if there is none): each run's overrides and
+  the command it was last given."""
+  file = workdir_lib.path(sweep_dir, RECORD_FILE)
+  try:
+    saved = workdir_lib.read_json(file)
+  except FileNotFoundError:
+    return {}
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file} is not JSON ({e}); move it away to start the record afresh") from None
+  return {run["name"]: run for run in saved.get("runs", [])}
+
+
+def stale_results(
+  args: Options, runs: list[tuple[str, Overrides]], done: set[str], record: dict[str, Any]
+) -> str | None:
+  """Why the finished runs whose recorded command is not the one this sweep would give
+  them cannot be reused (None: there are none), naming the differing flags."""
+  groups: dict[str, list[str]] = {}
+  for name, overrides in runs:
+    ran, now = record.get(name, {}).get("command"), run_command(args, overrides)
+    if name in done and ran != now:
+      groups.setdefault(command_difference(ran, now), []).append(name)
+  if not groups:
+    return None
+  detail = "; ".join(
+    f"{', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}: {why}"
+    for why, names in groups.items()
+  )
+  return (
+    f"{sum(map(len, groups.values()))} finished run(s) in {args.sweep_dir} came from another "
+    f"command than this sweep's ({detail}); give a new --sweep_dir to run this sweep afresh, "
+    "or pass --reuse_finished to keep their results (the table shows each run's command)"
+  )
+
+
+def write_record(
+  args: Options, runs: list[tuple[str, Overrides]], done: set[str], record: dict[str, Any]
+) -> dict[str, Any]:
+  """Writes SWEEP_DIR/sweep.json: every unfinished run of this sweep with the command it is
+  now given; finished runs (and runs of earlier sweeps into the same directory) keep the
+  command that produced their results. Returns the new record."""
+  record = dict(record)
+  for name, overrides in runs:
+    if name not in done or name not in record:
+      command = run_command(args, overrides) if name not in done else None
+      record[name] = dict(name=name, overrides=overrides, command=command)
+  saved = dict(config=args.config, train_flags=args.train_flags, runs=list(record.values()))
+  workdir_lib.makedirs(args.sweep_dir)
+  workdir_lib.write_text(
+    workdir_lib.path(args.sweep_dir, RECORD_FILE), json.dumps(saved, indent=2, default=repr)
+  )
+  return record
 
 
 # ---- Running ---------------------------------------------------------------------
@@ -305,15 +412,17 @@ def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Pat
 
 
 def collect(
-  runs: list[tuple[str, Overrides]], sweep_dir: Path
+  runs: list[tuple[str, Overrides]], sweep_dir: Path, record: dict[str, Any]
 ) -> tuple[list[str], list[dict[str, Any]]]:
-  """One row per run: its overrides, then its final metrics (blank when unfinished)."""
+  """One row per run: its overrides, then its final metrics (blank when unfinished), and
+  (not a column of results.md, which lists it under the table) the recorded command."""
   keys = list(dict.fromkeys(column(key) for _, overrides in runs for key in overrides))
   metric_names: dict[str, None] = {}
   rows = []
   for name, overrides in runs:
     shown = {column(key): cli_value(value) for key, value in overrides.items()}
     row = {"run": name, **{key: shown.get(key, "") for key in keys}}
+    row["command"] = shown_command(record.get(name, {}).get("command"))
     metrics = final_metrics(str(sweep_dir / name))
     if metrics is not None:
       metric_names.update(dict.fromkeys(metrics))
@@ -337,15 +446,20 @@ def markdown_cell(value: Any) -> str:
 
 
 def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path) -> str:
-  """Writes results.md (for papers and READMEs) and results.csv (for code); returns the Markdown."""
+  """Writes results.md (for papers and READMEs: the table, then each row's command) and
+  results.csv (for code: the command a column); returns the Markdown."""
   lines = ["| " + " | ".join(map(markdown_cell, columns)) + " |", "|" + "---|" * len(columns)]
   lines += [
     "| " + " | ".join(markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows
   ]
+  commands = ["command"] if any("command" in row for row in rows) else []
+  if commands:
+    lines += ["", "Commands (each run's workdir is SWEEP_DIR/RUN):", ""]
+    lines += [f"- {row['run']}: `{row['command']}`" for row in rows if "command" in row]
   markdown = "\n".join(lines) + "\n"
   (sweep_dir / "results.md").write_text(markdown)
   with (sweep_dir / "results.csv").open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["run", *columns], extrasaction="ignore")
+    writer = csv.DictWriter(f, fieldnames=["run", *columns, *commands], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   return markdown
@@ -411,7 +525,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool(
     "keep_going", False, "Go on with the next run after a failed one, instead of stopping.", **fv
   )
-  for alias, name in [("sweep-dir", "sweep_dir"), ("keep-going", "keep_going")]:
+  flags.DEFINE_bool(
+    "reuse_finished",
+    False,
+    "Keep the results of finished runs that were given another command than this sweep "
+    "would give them (by default the sweep refuses them); the table shows each run's command.",
+    **fv,
+  )
+  for alias, name in [
+    ("sweep-dir", "sweep_dir"),
+    ("keep-going", "keep_going"),
+    ("reuse-finished", "reuse_finished"),
+  ]:
     flags.DEFINE_alias(alias, name, **fv)
 
 
@@ -518,43 +643,45 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
     )
     return 2
 
-  if args.emit:
-    # Commands only, so the output can be piped to a shell or a job queue.
-    try:
-      done = {name for name, _ in runs if is_done(workdir_of(args.sweep_dir, name))}
-    except ImportError as e:  # gs:// without gcsfs here: finished runs cannot be told apart.
-      print(
-        f"sweep.py: cannot check {args.sweep_dir} for finished runs ({e}); printing every run",
-        file=sys.stderr,
-      )
-      done = set()
-    for name, overrides in runs:
-      if name not in done:
-        print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
-    return 0
-
-  if "://" in args.sweep_dir:
+  local = "://" not in args.sweep_dir
+  if not args.emit and not local:
     print(
       f"sweep.py: error: local runs and tables need a local --sweep_dir, not {args.sweep_dir}; "
       "copy the workdirs down (e.g. gsutil -m rsync -r) and point --sweep_dir there",
       file=sys.stderr,
     )
     return 2
+  try:
+    record = read_record(args.sweep_dir)
+    done = {name for name, _ in runs if is_done(workdir_of(args.sweep_dir, name))}
+  except ImportError as e:  # --emit to gs:// without gcsfs here: nothing can be read there.
+    print(
+      f"sweep.py: cannot read {args.sweep_dir} ({e}): printing every run, recording none",
+      file=sys.stderr,
+    )
+    for name, overrides in runs:
+      print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
+    return 0
+  except ValueError as e:
+    print(f"sweep.py: error: {e}", file=sys.stderr)
+    return 2
+  if not args.collect:
+    if not args.reuse_finished and (why := stale_results(args, runs, done, record)):
+      print(f"sweep.py: error: {why}", file=sys.stderr)
+      return 2
+    record = write_record(args, runs, done, record)
+
+  if args.emit:
+    # Commands only, so the output can be piped to a shell or a job queue.
+    for name, overrides in runs:
+      if name not in done:
+        print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
+    return 0
+
   sweep_dir = Path(args.sweep_dir)
   sweep_dir.mkdir(parents=True, exist_ok=True)
-  (sweep_dir / "sweep.json").write_text(
-    json.dumps(
-      dict(
-        config=args.config,
-        train_flags=args.train_flags,
-        runs=[dict(name=name, overrides=overrides) for name, overrides in runs],
-      ),
-      indent=2,
-      default=repr,
-    )
-  )
   failed = [] if args.collect else run_locally(args, runs, sweep_dir)
-  print(write_tables(*collect(runs, sweep_dir), sweep_dir), end="")
+  print(write_tables(*collect(runs, sweep_dir, record), sweep_dir), end="")
   print(f"Wrote {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
   if failed:
     print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

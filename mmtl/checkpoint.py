@@ -64,20 +64,28 @@ _READ_CHUNK = 1 << 22
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
-def _register_array_handler() -> None:
-  """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES; the warning orbax logs on
-  replacing a handler is held back (it would precede every one-line error)."""
+@contextlib.contextmanager
+def _orbax_warnings_held():
+  """Holds back warnings orbax logs about what mmtl does on purpose (replacing a type
+  handler, opening a checkpoint directory read-only): they would precede every one-line
+  error and every evaluation."""
   absl_logger = std_logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(std_logging.ERROR)
   try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _register_array_handler() -> None:
+  """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES."""
+  with _orbax_warnings_held():
     ocp.type_handlers.register_type_handler(
       jax.Array,
       ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
       override=True,
     )
-  finally:
-    absl_logger.setLevel(level)
 
 
 _register_array_handler()
@@ -216,7 +224,8 @@ class CheckpointManager:
       cleanup_tmp_directories=not read_only,
       save_interval_steps=0 if read_only else 1,
     )
-    self._manager = ocp.CheckpointManager(epath.Path(directory), options=options)
+    with _orbax_warnings_held() if read_only else contextlib.nullcontext():
+      self._manager = ocp.CheckpointManager(epath.Path(directory), options=options)
     # The step handed to orbax whose commit has not been seen yet, and the
     # checksums being computed (one thread: hashing never competes with itself).
     self._pending: int | None = None

@@ -62,6 +62,7 @@ MODEL_DEFAULTS = dict(
   #                  pool="cls"|"mean"|"pooler", kwargs={...module attrs...})
   towers={},
   modalities="",  # comma-separated subset of `towers` to use ("" = all): ablations
+  unused_towers=(),  # tower keys kept in `towers` that are no modality's (else a typo error)
   fusion="concat",
   head="classification",
   num_classes=2,

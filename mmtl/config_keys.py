@@ -1,4 +1,5 @@
-"""How a component declares the config keys of its section, and the error for a bad one.
+"""How a component declares the config keys of its section, and the error for a bad one
+(with the one line a command-line tool prints for it).
 
 Components (the input pipeline, optimizer, evaluators, distillation, LoRA) state
 their keys with defaults or types in these terms and check them with
@@ -25,6 +26,12 @@ RULES = (str, list, tuple)  # A regex or a list of regexes / (regex, value) pair
 
 class ConfigError(ValueError):
   """A config key is unknown or a value is unusable."""
+
+
+def error_line(error: BaseException) -> str:
+  """What a command-line tool prints for an error the user can fix: its kind once, then
+  its message on one line (line breaks folded), so the last line of a log says it all."""
+  return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def check_keys(cfg: Any, known: Sequence[str], where: str) -> None:

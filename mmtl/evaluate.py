@@ -20,19 +20,10 @@ import sys
 from absl import app, flags
 import ml_collections as mlc
 
-from mmtl import checkpoint, distributed, evaluators, hf, rules, sharding, train_state
 from mmtl import config as config_lib
+from mmtl import config_keys, distributed, evaluators, sharding, train_state
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
-
-# The one-line errors of an evaluation that cannot run.
-USER_ERRORS = (
-  config_lib.ConfigError,
-  rules.RuleError,
-  checkpoint.CheckpointError,
-  hf.CheckpointError,
-  FileNotFoundError,
-)
 
 
 def results_file(workdir: str, step: int, config: mlc.ConfigDict, name: str | None = None) -> str:
@@ -94,8 +85,8 @@ def main(argv: list[str]) -> None:
   try:
     config = config_lib.from_flags(base=config_lib.load_json(path))
     evaluate(config, workdir, flags.FLAGS.step, flags.FLAGS.name)
-  except USER_ERRORS as e:
-    sys.exit(f"{type(e).__name__}: {e}")
+  except train_state.LOAD_RUN_ERRORS as e:
+    sys.exit(config_keys.error_line(e))
 
 
 if __name__ == "__main__":

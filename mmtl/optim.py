@@ -231,7 +231,7 @@ def schedule(sched_cfg: Mapping[str, Any] | None, total_steps: int) -> optax.Sch
   warmup = int(sched_cfg["warmup_steps"])
   decay = sched_cfg["decay"]
   end = float(sched_cfg["end_mult"])
-  if not 0 <= warmup <= total_steps:
+  if warmup < 0 or (total_steps and warmup > total_steps):  # 0 steps: the schedule never runs.
     raise ValueError(
       f"config.optim.schedule.warmup_steps={warmup} must be in [0, total_steps={total_steps}]."
     )

@@ -13,11 +13,13 @@ from typing import Any
 from mmtl import hf
 
 # When a checkpoint has no preprocessor_config.json: the defaults of the HF image
-# processor of its family (CLIPImageProcessor: OpenAI CLIP stats; ViTImageProcessor: 0.5).
-DEFAULT_STATS = {
-  "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
-  "default": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-}
+# processor of its model_type (CLIPImageProcessor, and BitImageProcessor for DINOv2: the
+# OpenAI CLIP stats; ViT, DeiT, BEiT, SigLIP, and ConvNext for ConvNeXt and ResNet: 0.5).
+OPENAI_CLIP_STATS = dict(
+  mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)
+)
+STANDARD_STATS = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+PROCESSOR_STATS = {"clip": OPENAI_CLIP_STATS, "dinov2": OPENAI_CLIP_STATS}
 
 
 def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, **kw: Any):
@@ -41,26 +43,31 @@ def _size(processor: dict[str, Any]) -> int | None:
 
 
 def image_stats(name_or_path: str | Path, *, revision: str | None = None) -> dict[str, Any]:
-  """dict(mean=(r, g, b), std=(r, g, b), size=int) for pixels scaled to [0, 1]: (x - mean) / std.
+  """dict(mean=(r, g, b), std=(r, g, b), size=int|None) for pixels scaled to [0, 1]:
+  (x - mean) / std.
 
   Read from preprocessor_config.json (`image_mean`, `image_std`, and `crop_size`
-  or `size`). Absent entries: DEFAULT_STATS of the family, and the config's
-  `image_size` (a CLIP config's vision_config.image_size).
+  or `size`). Absent entries: the family's PROCESSOR_STATS, and the config's
+  `image_size` (a CLIP config's vision_config.image_size); CNN configs (ResNet,
+  ConvNeXt) have none, so their size is None: the caller's to set.
   """
   folder = hf.resolve(name_or_path, revision)
   config = hf.read_config(folder)
-  family = "clip" if str(config.get("model_type", "")).startswith("clip") else "default"
+  family = str(config.get("model_type", ""))
+  family = "clip" if family.startswith("clip") else family
   file = folder / "preprocessor_config.json"
   processor = json.loads(file.read_text()) if file.exists() else {}
-  size = _size(processor) or (config.get("vision_config") or config).get("image_size")
-  if size is None:
+  vision = config.get("vision_config") or config
+  if not processor and not {"image_size", "num_channels"} & set(vision):
     raise hf.CheckpointError(
-      f"{str(folder)!r} has no image size in preprocessor_config.json or config.json: "
-      "is it an image checkpoint?"
+      f"{str(folder)!r} is no image checkpoint: no preprocessor_config.json, and its "
+      f"config.json ({config.get('model_type')}) has no image_size or num_channels; give "
+      "the image tower's checkpoint."
     )
-  defaults = DEFAULT_STATS[family]
+  size = _size(processor) or vision.get("image_size")
+  defaults = PROCESSOR_STATS.get(family, STANDARD_STATS)
   return dict(
     mean=tuple(processor.get("image_mean", defaults["mean"])),
     std=tuple(processor.get("image_std", defaults["std"])),
-    size=size if isinstance(size, int) else tuple(size),
+    size=size if size is None or isinstance(size, int) else tuple(size),
   )  # (H, W) only for non-square configs

@@ -32,9 +32,11 @@ import numpy as np
 
 from mmtl import (
   checkpoint,
+  config_keys,
   data,
   distill,
   distributed,
+  hf,
   memory,
   optim,
   rules,
@@ -115,12 +117,15 @@ def describe_towers(model_cfg: Mapping[str, Any], model_init: Mapping[str, Any])
     decoder = model_cfg["decoder"]
     cross = " with cross-attention" if decoder.get("cross_attention", True) else ""
     lines.append(line("decoder", decoder.get("name"), model_init.get("decoder"), cross))
-  unused = [m for m in model_cfg["towers"] if m not in used]
+  spare = model_cfg.get("unused_towers") or ()
+  unused = [m for m in model_cfg["towers"] if m not in used and m not in spare]
   if unused:
     lines.append(
       f"  configured but unused (config.model.modalities={model_cfg['modalities']!r}): "
       + ", ".join(unused)
     )
+  if spare:
+    lines.append(f"  kept unused (config.model.unused_towers): {', '.join(spare)}")
   return "Towers:\n" + "\n".join(lines)
 
 
@@ -149,11 +154,11 @@ def validate(config: mlc.ConfigDict, *, fresh: bool) -> Validated:
   """
   try:
     return _validate(config, fresh)
-  except (ValueError, KeyError, FileNotFoundError, rules.RuleError) as e:
-    if isinstance(e, (config_lib.ConfigError, rules.RuleError)):
-      raise
-    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    raise config_lib.ConfigError(f"{type(e).__name__}: {message}") from e
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    if isinstance(e, (config_lib.ConfigError, rules.RuleError, hf.CheckpointError)):
+      raise  # mmtl's own errors, already one line for the user.
+    message = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else str(e)
+    raise config_lib.ConfigError(message) from e
 
 
 def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
@@ -245,9 +250,8 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
       teacher_variables=teacher_variables,
     )
 
-  for boundary in [0] + boundaries:
-    if boundary < total_steps:
-      build_phase(boundary)
+  for boundary in [0] + [b for b in boundaries if b < total_steps]:
+    build_phase(boundary)  # Phase 0 even of a 0-step run: it holds the initial model's state.
 
   # Evaluators, each with its input opened (dataset, split, fields, tokenizer).
   evaluators = evaluators_lib.make_evaluators(config, model, mesh, batch_size)
@@ -485,6 +489,11 @@ def _train_loop(
         break
   finally:
     ckpt.wait()  # However the loop ended, the last checkpoint started gets committed.
+  if total_steps == 0 and ckpt.latest_step() is None:
+    # The initial model (model_init weights: zero-shot, a probe's start) is the run's
+    # step 0, so mmtl.evaluate and mmtl.export read it like any trained run.
+    ckpt.save(0, state, data_state=device_batches.get_state())
+    ckpt.wait()
 
   ##############################################################################
   # Final metrics: of the best checkpoint when config.best_metric is tracked.
@@ -522,6 +531,7 @@ USER_ERRORS = (
   rules.RuleError,
   workdir_lib.WorkdirLocked,
   checkpoint.CheckpointError,
+  hf.CheckpointError,
 )
 
 
@@ -539,7 +549,7 @@ def main(argv: list[str]) -> None:
       allow_config_change=flags.FLAGS.allow_config_change,
     )
   except USER_ERRORS as e:
-    sys.exit(f"{type(e).__name__}: {e}")
+    sys.exit(config_keys.error_line(e))
 
 
 if __name__ == "__main__":

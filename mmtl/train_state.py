@@ -151,6 +151,29 @@ def load_pretrained_towers(
   return variables
 
 
+def _note_head_pools(
+  model: fusion.FusionModel, model_init: Mapping[str, Any], note: Callable[[str], None]
+) -> None:
+  """A dual encoder's head (`model_init.head`) was trained on its towers' pooler outputs:
+  towers pooled otherwise feed its projections other features, so the model at step 0 is
+  not the checkpoint's zero-shot model. Said at start-up, as it is easy to miss."""
+  head = model_init.get("head")
+  name = head.get("name") if isinstance(head, Mapping) else head
+  if not name:
+    return
+  others = [
+    f"config.model.towers.{m}.pool={getattr(model, f'{m}_pool')!r}"
+    for m in MODALITIES
+    if getattr(model, f"{m}_encoder", None) is not None and getattr(model, f"{m}_pool") != "pooler"
+  ]
+  if others:
+    note(
+      f"Note: model_init.head <- {name} holds projections trained on its towers' pooler "
+      f"outputs, but {', '.join(others)}: the model at step 0 is not {name}'s own zero-shot "
+      "model (pool='pooler' makes it so)."
+    )
+
+
 def _initialize_missing(
   init: Callable[[jax.Array], dict[str, Any]], rng: jax.Array, variables: Any, shardings: Any
 ) -> Any:
@@ -192,6 +215,7 @@ def init_variables(
     "params": _subtree(layout.shardings, shapes["params"]),
   }
   if pretrained:
+    _note_head_pools(model, config.model_init, note)
     shapes = load_pretrained_towers(shapes, config.model_init, note)
   variables = _initialize_missing(init, rng_init, shapes, shardings)
   if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
@@ -229,6 +253,17 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
   if best is None:
     raise FileNotFoundError(f"No checkpoint in {directory}: train the run first.")
   return best
+
+
+# What restoring a saved run can fail with, each error one line for the user (the
+# command-line tools that read runs, mmtl.evaluate and mmtl.export, print these).
+LOAD_RUN_ERRORS = (
+  config_lib.ConfigError,
+  rules.RuleError,
+  checkpoint.CheckpointError,
+  hf.CheckpointError,
+  FileNotFoundError,
+)
 
 
 def load_run(

@@ -149,6 +149,7 @@ class RunLock:
     self.workdir = workdir
     self.file = path(workdir, LOCK_FILE)
     self.run_id = run_id or uuid.uuid4().hex
+    self._made_workdir = False  # Set by acquire: this lock created the (local) workdir.
 
   def __enter__(self) -> RunLock:
     self.acquire()
@@ -159,6 +160,7 @@ class RunLock:
 
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirLocked naming its holder."""
+    self._made_workdir = not is_remote(self.workdir) and not path(self.workdir).exists()
     makedirs(self.workdir)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = dict(run_id=self.run_id, **_this_process(), started=started)
@@ -189,6 +191,8 @@ class RunLock:
     holder = current[1]
     if holder is not None and self._is_ours(holder):
       self.file.unlink(missing_ok=True)
+      if self._made_workdir and not any(path(self.workdir).iterdir()):
+        path(self.workdir).rmdir()  # A run refused before writing anything leaves no folder.
     else:
       logging.warning(
         "Leaving workdir lock %s in place: it is not ours (%s).", self.file, current[0][:200]

@@ -15,6 +15,7 @@ from mmtl import (
   checkpoint,
   data,
   evaluate,
+  export,
   hf,
   optim,
   rules,
@@ -91,13 +92,14 @@ def test_frozen_layers_keep_their_statistics_through_training(
   again = evaluate.evaluate(config_lib.with_defaults(config), workdir)
   assert again["val/accuracy"] == pytest.approx(final["val/accuracy"])
 
-  # The trained tower exports with its statistics; transformers computes what mmtl does.
+  # The trained tower exports with its statistics (mmtl.export); transformers computes what
+  # mmtl does.
   module = hf.build_module(resnet_dir)
   tower = {
     "params": saved["params"]["image_encoder"],
     "batch_stats": saved["batch_stats"]["image_encoder"],
   }
-  out = hf.save_pretrained(module, jax.device_get(tower), tmp_path / "export")
+  out = export.export_tower(workdir, "image", tmp_path / "export")
   torch_model = transformers.ResNetModel.from_pretrained(out).eval()
   pixels = np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32)
   ours = module.apply(jax.device_get(tower), pixels.transpose(0, 2, 3, 1))["pooler_output"]

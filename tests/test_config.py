@@ -138,6 +138,28 @@ def test_shipped_configs_and_sweep_cells_are_valid():
       assert not config.optim.frozen and not config.optim.lr_mults  # rules would match nothing
 
 
+def test_a_tower_key_that_is_no_modality_is_a_typo():
+  from mmtl.models import fusion
+
+  model = config_lib.with_defaults(
+    mlc.ConfigDict(dict(model=dict(towers=dict(image=dict(name="vit"), text=dict(name="bert")))))
+  ).model
+  model.modalities = "image,text"
+  model.towers.imgae = dict(name="convnext")
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"config\.model\.towers\.imgae: no modality is named 'imgae'; did you mean "
+    r"config\.model\.towers\.image\? .* listed in config\.model\.unused_towers",
+  ):
+    fusion.selected_towers(model)
+  model.unused_towers = ("imgae",)  # Kept on purpose: left out, as `modalities` leaves text out.
+  model.modalities = "image"
+  assert list(fusion.selected_towers(model)) == ["image"]
+  model.unused_towers = ("imgae", "vidoe")
+  with pytest.raises(config_lib.ConfigError, match=r"unused_towers lists \['vidoe'\]"):
+    fusion.selected_towers(model)
+
+
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 # Keys every config takes whether its file sets them or not (each has a default).
 OVERRIDES = [

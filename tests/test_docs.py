@@ -383,7 +383,7 @@ def config_keys_in(text: str, name: str) -> list[tuple[str, str, str | None]]:
   return [
     (f"{name}:{n}", m.group(1), m.group(2)[1:] if m.group(2) else None)
     for n, line in enumerate(text.splitlines(), 1)
-    if "Error" not in line
+    if "Error" not in line and "error:" not in line
     for m in CONFIG_KEY.finditer(line)
   ]
 

@@ -425,6 +425,6 @@ def test_tokenizer_and_image_stats(tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, t
   assert clip_stats["size"] == 16 and clip_stats["mean"][0] == pytest.approx(0.48145466)
   d = _copy(tiny_clip_dir, tmp_path / "no_processor")
   (d / "preprocessor_config.json").unlink()
-  assert preprocess.image_stats(d) == dict(size=16, **preprocess.DEFAULT_STATS["clip"])
-  with pytest.raises(hf.CheckpointError, match="no image size"):
+  assert preprocess.image_stats(d) == dict(size=16, **preprocess.OPENAI_CLIP_STATS)
+  with pytest.raises(hf.CheckpointError, match="is no image checkpoint"):
     preprocess.image_stats(tiny_bert_dir)

@@ -52,8 +52,9 @@ def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
   assert len(markdown) == 2
   assert "val/accuracy" in markdown[0]  # Final metrics of the frozen-tower run.
   table = markdown[1].strip().splitlines()
-  assert table[0].startswith("| text | val/accuracy |") and len(table) == 4  # Header, rule, 2 runs.
-  assert [row.split(" | ")[0] for row in table[2:]] == ["| frozen", "| partial"]
+  assert table[0].startswith("| text | val/accuracy |")  # Header, rule, 2 runs, their commands.
+  assert [row.split(" | ")[0] for row in table[2:4]] == ["| frozen", "| partial"]
+  assert table[7].startswith("- text=frozen: `python -m mmtl.train --config ") and len(table) == 9
   assert (tmp_path / "work/frozen_text_tower/final_metrics.json").is_file()
   assert "22.7M params" in "".join(out.get("text", "") for out in outputs)  # MiniLM was loaded.
 

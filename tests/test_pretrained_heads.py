@@ -50,11 +50,13 @@ def clip_config(path, width=24, head=None):
   )
 
 
-def init(config):
+def init(config, notes=None):
+  """(model, mesh, params) of `config`'s initial model; the start-up notes go to `notes`."""
   mesh = sharding.make_mesh(config.mesh)
   model = fusion.build(config.model)
   layout = train_state.param_layout(model, config, mesh)
-  variables = train_state.init_variables(model, config, layout, note=lambda _: None)
+  note = (lambda _: None) if notes is None else notes.append
+  variables = train_state.init_variables(model, config, layout, note=note)
   return model, mesh, variables["params"]
 
 
@@ -82,7 +84,9 @@ def recall_from_logits(logits, ks):
 
 
 def test_clip_dual_encoder_matches_transformers_at_step_0(clip_dir):
-  model, mesh, params = init(clip_config(clip_dir))
+  notes = []
+  model, mesh, params = init(clip_config(clip_dir), notes)
+  assert not [n for n in notes if "zero-shot" in n]  # Pooled as the checkpoint's head expects.
   assert float(params["head"]["logit_scale"]) == pytest.approx(3.1)
   ids, mask, pixels = padded_batch(clip_dir)
   assert (mask == 0).any()
@@ -114,6 +118,18 @@ def test_clip_dual_encoder_matches_transformers_at_step_0(clip_dir):
   assert retrieval.run({"params": params}) == {
     f"val/{k}": v for k, v in recall_from_logits(ref_logits, ks).items()
   }
+
+
+def test_towers_pooled_otherwise_than_the_head_expects_are_noted(clip_dir):
+  config = clip_config(clip_dir)
+  config.model.towers.image.pool = "mean"
+  notes = []
+  init(config, notes)
+  assert [n for n in notes if "zero-shot" in n] == [
+    f"Note: model_init.head <- {clip_dir} holds projections trained on its towers' pooler "
+    "outputs, but config.model.towers.image.pool='mean': the model at step 0 is not "
+    f"{clip_dir}'s own zero-shot model (pool='pooler' makes it so)."
+  ]
 
 
 def test_head_width_must_be_the_projection_dim(clip_dir):

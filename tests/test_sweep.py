@@ -91,7 +91,7 @@ def fake_trainer(tmp_path, monkeypatch):
 
 
 def test_grid_runs_resumes_and_writes_the_table(fake_trainer, tmp_path, capsys):
-  run, workdirs_run, _ = fake_trainer
+  run, workdirs_run, config = fake_trainer
   sweep_dir = tmp_path / "sweep"
   args = [
     "--sweep_dir",
@@ -122,14 +122,20 @@ def test_grid_runs_resumes_and_writes_the_table(fake_trainer, tmp_path, capsys):
   table = (sweep_dir / "results.md").read_text().splitlines()
   assert table[0] == "| fusion | lr | val/accuracy | val/loss |"
   assert table[2] == "| concat | 0.1 | 16 | 0.05882 |"
-  assert len(table) == 6
+  # Under the table, the command of each row.
+  assert table[6:9] == ["", "Commands (each run's workdir is SWEEP_DIR/RUN):", ""]
+  command = "python -m fake_train --config {} --config.fusion={} --config.lr={} " + (
+    "--config.total_steps=3"
+  )
+  assert table[9] == f"- fusion=concat__lr=0.1: `{command.format(config, 'concat', 0.1)}`"
+  assert len(table) == 13
   with (sweep_dir / "results.csv").open() as f:
     rows = list(csv.DictReader(f))
-  assert [(r["run"], r["fusion"], r["lr"], float(r["val/accuracy"])) for r in rows] == [
-    ("fusion=concat__lr=0.1", "concat", "0.1", 16.0),
-    ("fusion=concat__lr=0.2", "concat", "0.2", 26.0),
-    ("fusion=gated__lr=0.1", "gated", "0.1", 15.0),
-    ("fusion=gated__lr=0.2", "gated", "0.2", 25.0),
+  cells = [("concat", 0.1, 16.0), ("concat", 0.2, 26.0), ("gated", 0.1, 15.0), ("gated", 0.2, 25.0)]
+  assert [
+    (r["run"], r["fusion"], r["lr"], float(r["val/accuracy"]), r["command"]) for r in rows
+  ] == [
+    (f"fusion={f}__lr={lr}", f, str(lr), acc, command.format(config, f, lr)) for f, lr, acc in cells
   ]
   # Every run got the shared flags; the sweep's own record lists the runs.
   calls = [
@@ -137,6 +143,45 @@ def test_grid_runs_resumes_and_writes_the_table(fake_trainer, tmp_path, capsys):
   ]
   assert all(call[-1] == "--config.total_steps=3" for call in calls)
   assert [r["name"] for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]] == names
+
+
+def test_finished_runs_are_reused_only_for_the_command_they_ran(fake_trainer, tmp_path, capsys):
+  run, workdirs_run, config = fake_trainer
+  sweep_dir = tmp_path / "sweep"
+  grid = ["--sweep_dir", str(sweep_dir), "--grid", "fusion=concat,gated"]
+  assert run(*grid, "--", "--config.total_steps=30") == 0
+  record = (sweep_dir / "sweep.json").read_text()
+  capsys.readouterr()
+
+  # Other flags: refused in one line naming them; nothing runs, nothing is rewritten.
+  assert run(*grid, "--", "--config.total_steps=500") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("sweep.py: error: 2 finished run(s) in ")
+  assert (
+    "(fusion=concat, fusion=gated: ran --config.total_steps=30, this sweep gives "
+    "--config.total_steps=500); give a new --sweep_dir to run this sweep afresh, or pass "
+    "--reuse_finished" in err
+  )
+  assert workdirs_run() == ["fusion=concat", "fusion=gated"]
+  assert (sweep_dir / "sweep.json").read_text() == record
+  # Another base config (a config-file argument) differs too; the same command is reused.
+  assert run("--config", f"{config}:steps=9", *grid, "--", "--config.total_steps=30") == 2
+  assert f"ran --config {config}, this sweep gives --config {config}:steps=9" in (
+    capsys.readouterr().err
+  )
+  assert run(*grid, "--", "--config.total_steps=30") == 0
+  assert workdirs_run() == ["fusion=concat", "fusion=gated"]
+
+  # Forced reuse: the new run gets the new flags, and the table says which command made each row.
+  grid[-1] += ",sum"
+  assert run(*grid, "--reuse_finished", "--", "--config.total_steps=500") == 0
+  assert workdirs_run() == ["fusion=concat", "fusion=gated", "fusion=sum"]
+  with (sweep_dir / "results.csv").open() as f:
+    commands = {r["run"]: r["command"] for r in csv.DictReader(f)}
+  assert commands["fusion=gated"].endswith("--config.fusion=gated --config.total_steps=30")
+  assert commands["fusion=sum"].endswith("--config.fusion=sum --config.total_steps=500")
+  # A reused result keeps the command that made it: refused again without --reuse_finished.
+  assert run(*grid, "--", "--config.total_steps=500") == 2
 
 
 def test_a_failed_run_stops_the_sweep_and_shows_in_the_table(fake_trainer, tmp_path, capsys):
@@ -318,25 +363,34 @@ def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path
 
   unfinished = [command("concat", "0.1"), command("gated", "0.1"), command("gated", "0.2")]
 
-  emitted = cli("--emit", "local")
+  # A finished run the sweep has no record of is not reused unless asked.
+  refused = cli("--emit", "local")
+  assert refused.returncode == 2 and refused.stdout == ""
+  assert "fusion=concat__lr=0.2: its command is not recorded" in refused.stderr
+  emitted = cli("--emit", "local", "--reuse-finished")
   assert emitted.returncode == 0, emitted.stderr
   assert emitted.stdout.splitlines() == [shlex.join(c) for c in unfinished]
   assert workdirs_run() == []
 
-  ran = cli("--keep-going")
+  ran = cli("--keep-going", "--reuse-finished")
   assert ran.returncode == 0, ran.stderr
   calls = Path(os.environ["FAKE_TRAIN_CALLS"]).read_text().splitlines()
   assert [json.loads(call) for call in calls] == [c[3:] for c in unfinished]  # In order.
   assert "[2/4] fusion=concat__lr=0.2: done already, skipped" in ran.stdout.splitlines()
+
+  def shown(fusion, lr):  # The command without interpreter and workdir, as the table shows it.
+    words = command(fusion, lr)
+    return "python -m " + shlex.join(words[2:5] + words[7:])
+
   with (sweep_dir / "results.csv").open() as f:
-    assert [(r["run"], r["val/accuracy"]) for r in csv.DictReader(f)] == [
-      ("fusion=concat__lr=0.1", "16.0"),
-      ("fusion=concat__lr=0.2", "1.0"),
-      ("fusion=gated__lr=0.1", "15.0"),
-      ("fusion=gated__lr=0.2", "25.0"),
+    assert [(r["run"], r["val/accuracy"], r["command"]) for r in csv.DictReader(f)] == [
+      ("fusion=concat__lr=0.1", "16.0", shown("concat", "0.1")),
+      ("fusion=concat__lr=0.2", "1.0", "unknown (no record in sweep.json)"),
+      ("fusion=gated__lr=0.1", "15.0", shown("gated", "0.1")),
+      ("fusion=gated__lr=0.2", "25.0", shown("gated", "0.2")),
     ]
 
-  assert cli("--emit", "local").stdout == ""  # Nothing left to run.
+  assert cli("--emit", "local", "--reuse-finished").stdout == ""  # Nothing left to run.
   bad = cli("--emit", "gpu")
   assert bad.returncode == 1
   assert "--emit=gpu: value should be one of <local|tpu|slurm>" in bad.stderr
@@ -449,4 +503,8 @@ def test_real_trainer_grid_resume_and_table(tmp_path, tiny_runs_env):
   ]
   assert all(0.0 <= float(r["val/accuracy"]) <= 1.0 for r in rows)
   table = (sweep_dir / "results.md").read_text().splitlines()
-  assert table[0].startswith("| train | seed | val/accuracy |") and len(table) == 6
+  assert table[0].startswith("| train | seed | val/accuracy |") and len(table) == 13
+  assert table[9].startswith(  # The commands, under the table.
+    f"- train=32__seed=0: `python -m mmtl.train --config {TINY_QUICKSTART},train=32 "
+    "--config.seed=0 "
+  )

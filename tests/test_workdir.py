@@ -169,24 +169,19 @@ def test_sweep_skips_finished_runs_of_a_gs_sweep_dir(fake_gcs, tmp_path, capsys,
 
   config = tmp_path / "base.py"
   config.write_text("def get_config(arg=None):\n  return {}\n")
+  argv = ["--config", str(config), "--sweep_dir", "gs://bucket/s", "--grid", "lr=1,2"]
+  assert sweep.main([*argv, "--emit", "local"]) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 2
+  # The record of the commands given is in the bucket, beside the runs.
+  recorded = workdir_lib.read_json(workdir_lib.path("gs://bucket/s", "sweep.json"))
+  assert [r["command"][-1] for r in recorded["runs"]] == ["--config.lr=1", "--config.lr=2"]
   workdir_lib.write_text(workdir_lib.path("gs://bucket/s/lr=1", "final_metrics.json"), "{}")
-  assert (
-    sweep.main(
-      [
-        "--config",
-        str(config),
-        "--sweep_dir",
-        "gs://bucket/s",
-        "--grid",
-        "lr=1,2",
-        "--emit",
-        "local",
-      ]
-    )
-    == 0
-  )
+  assert sweep.main([*argv, "--emit", "local"]) == 0
   printed = capsys.readouterr().out.splitlines()  # lr=1 has finished.
   assert len(printed) == 1 and printed[0].endswith(" --workdir gs://bucket/s/lr=2 --config.lr=2")
+  # Emitted with other flags, the finished run is refused, as in a local sweep.
+  assert sweep.main([*argv, "--emit", "local", "--", "--config.seed=3"]) == 2
+  assert "lr=1: ran (nothing else), this sweep gives --config.seed=3" in capsys.readouterr().err
 
 
 def test_write_final_is_atomic(tmp_path, monkeypatch):

@@ -154,8 +154,15 @@ def _image_spec(
   if size is None:
     shape = source.feature_at(info.features, cfg.fields.image).shape
     if shape[0] is None or shape[0] != shape[1]:
+      why = (
+        f"{image.stats_from!r} (config.input.image.stats_from) gives no image size (no "
+        "preprocessor_config.json, no image_size in config.json, as with CNN checkpoints)"
+        if image.stats_from
+        else "config.input.image.size is not set"
+      )
       raise config_keys.ConfigError(
-        f"Images of {info.full_name} have shape {shape}: set config.input.image.size."
+        f"Images of {info.full_name} have shape {shape} and {why}: set "
+        "config.input.image.size (e.g. --config.input.image.size=224)."
       )
     size = shape[0]
   mean = np.asarray(image.mean or stats.get("mean") or (0.5, 0.5, 0.5), np.float32)

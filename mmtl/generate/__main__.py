@@ -14,7 +14,7 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
-from mmtl import checkpoint, data, evaluators, sharding, text_metrics, train_state
+from mmtl import checkpoint, config_keys, data, evaluators, sharding, text_metrics, train_state
 from mmtl import config as config_lib
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
       length_penalty=f.length_penalty,
     )
   except (GenerationError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"{type(e).__name__}: {e}")
+    sys.exit(config_keys.error_line(e))
   for row in rows[:10]:
     print(json.dumps(row, ensure_ascii=False))
   if scores:

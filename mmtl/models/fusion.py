@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
+import difflib
 from typing import Any
 
 import flax.linen as nn
@@ -754,8 +755,28 @@ class CaptioningModel(FusionModel):
 
 
 def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-  """The towers `model_cfg.modalities` selects (all when empty), in config order."""
-  towers = dict(model_cfg["towers"])
+  """The towers `model_cfg.modalities` selects (all when empty), in config order.
+
+  Towers are keyed by modality: any other key is a typo (`towers.imgae`, which would
+  otherwise leave the image tower as it was) and a ConfigError, unless
+  `model_cfg.unused_towers` lists it as a tower kept in the config on purpose.
+  """
+  spare = list(model_cfg.get("unused_towers") or ())
+  if missing := [key for key in spare if key not in model_cfg["towers"]]:
+    raise config_keys.ConfigError(
+      f"config.model.unused_towers lists {missing}, which config.model.towers does not have "
+      f"(its towers: {sorted(model_cfg['towers'])})."
+    )
+  towers = {key: t for key, t in model_cfg["towers"].items() if key not in spare}
+  for key in towers:
+    if key not in MODALITIES:
+      close = difflib.get_close_matches(key, MODALITIES, n=1)
+      raise config_keys.ConfigError(
+        f"config.model.towers.{key}: no modality is named {key!r}"
+        + (f"; did you mean config.model.towers.{close[0]}?" if close else ".")
+        + f" Towers are named by modality ({', '.join(MODALITIES)}); a tower kept in the "
+        f"config unused must be listed in config.model.unused_towers."
+      )
   if not model_cfg.get("modalities"):
     return towers
   wanted = [m.strip() for m in model_cfg["modalities"].split(",") if m.strip()]
@@ -801,10 +822,6 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
   dtype, param_dtype = jnp.dtype(model_cfg["dtype"]), jnp.dtype(model_cfg["param_dtype"])
   towers, pools = {}, {}
   for m, t in selected_towers(model_cfg).items():
-    if m not in MODALITIES:
-      raise ValueError(
-        f"config.model.towers.{m}: towers are named by modality, one of {MODALITIES}."
-      )
     name = t["name"]
     name = name.to_dict() if hasattr(name, "to_dict") else name
     kwargs = dict(t.get("kwargs") or {})

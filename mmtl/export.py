@@ -1,0 +1,91 @@
+r"""Exports one tower (or the decoder) of a trained run as a Hugging Face checkpoint folder.
+
+  python -m mmtl.export --workdir DIR --tower image --out exported/image [--step N]
+
+The folder holds `config.json` + `model.safetensors` that
+`transformers.AutoModel.from_pretrained` loads with no missing or unexpected keys and
+that computes what the tower computed in the run: LoRA adapters are merged into their
+kernels and BatchNorm running statistics (ResNet) are written with the weights. The
+step is the run's best checkpoint (its latest when no best_metric was tracked) unless
+`--step` is given; a run of `total_steps=0` exports its initial (`model_init`) weights.
+`--out` must be new or empty: nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import sys
+
+from absl import app, flags
+import jax
+
+from mmtl import config as config_lib
+from mmtl import config_keys, hf, lora, sharding, train_state
+from mmtl import metrics as metrics_lib
+from mmtl import workdir as workdir_lib
+
+
+def subtree_name(tower: str) -> str:
+  """The params subtree of a tower named by modality (`image` -> `image_encoder`), or
+  `decoder`."""
+  return tower if tower == "decoder" else f"{tower}_encoder"
+
+
+def export_tower(workdir: str, tower: str, out: str | Path, step: int | None = None) -> Path:
+  """Writes `tower` of the run in `workdir` at `step` (default: best, else latest) to `out`
+  as a transformers checkpoint folder; returns `out`."""
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise FileExistsError(f"{out} exists and is not an empty folder: give a new --out.")
+  config = config_lib.with_defaults(
+    config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
+  )
+  step = train_state.checkpoint_step(workdir, step)
+  model, variables = train_state.load_run(workdir, sharding.make_mesh(config.mesh), step, config)
+  name = subtree_name(tower)
+  module = getattr(model, name, None)
+  if module is None:
+    towers = [t.removesuffix("_encoder") for t in variables["params"] if t.endswith("_encoder")]
+    towers += ["decoder"] if "decoder" in variables["params"] else []
+    raise config_lib.ConfigError(
+      f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(towers)}."
+    )
+  exported = {"params": lora.merge(variables["params"])[name]}
+  if name in variables.get("batch_stats", {}):
+    exported["batch_stats"] = variables["batch_stats"][name]
+  return hf.save_pretrained(module, jax.device_get(exported), out)
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
+  flags.DEFINE_string(
+    "tower", None, "Which tower: a modality of the run (image, text, audio) or decoder."
+  )
+  flags.DEFINE_string("out", None, "New (or empty) folder for config.json + model.safetensors.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: best (or latest).")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  metrics_lib.quiet_library_logs()
+  f = flags.FLAGS
+  for flag, what in [
+    ("workdir", "a run written by mmtl.train"),
+    ("tower", "e.g. image"),
+    ("out", "the folder to write"),
+  ]:
+    if not f[flag].value:
+      sys.exit(f"--{flag} is required ({what}).")
+  try:
+    out = export_tower(f.workdir, f.tower, f.out, f.step)
+  except (*train_state.LOAD_RUN_ERRORS, FileExistsError) as e:
+    sys.exit(config_keys.error_line(e))
+  print(
+    f"Wrote {out} ({subtree_name(f.tower)} of {f.workdir}); load it with "
+    f"transformers.AutoModel.from_pretrained({str(out)!r})."
+  )
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
