@@ -310,6 +310,25 @@ def test_a_cnn_checkpoint_gives_stats_and_the_config_the_size(cfg, tmp_path):
     np.testing.assert_allclose(batch["pixel_values"][0], (raw / 255.0 - 0.5) / 0.5, atol=1e-5)
 
 
+def test_images_of_no_fixed_size_name_the_size_key(cfg, tmp_path, monkeypatch):
+  """A dataset of images of any size, a CNN checkpoint that gives no size: the error says
+  which key to set."""
+  import types
+
+  import transformers
+
+  transformers.ResNetConfig().save_pretrained(tmp_path / "resnet")
+  monkeypatch.setattr(source, "feature_at", lambda *_: types.SimpleNamespace(shape=(None, None, 3)))
+  image = dict(stats_from=str(tmp_path / "resnet"))
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"have shape \(None, None, 3\) and .*resnet' \(config\.input\.image\.stats_from\) "
+    r"gives no image size .*: set config\.input\.image\.size \(e\.g\. "
+    r"--config\.input\.image\.size=224\)\.",
+  ):
+    data.make_eval_iterator(dict(cfg, split="validation", image=image), batch_size=2)
+
+
 def test_class_weights_become_example_weights(cfg, data_dir):
   batch = next(data.make_train_iterator(dict(cfg, class_weights=[1.0, 3.0]), batch_size=32, seed=0))
   np.testing.assert_array_equal(batch["example_weight"], np.where(batch["labels"] == 1, 3.0, 1.0))

@@ -144,6 +144,15 @@ def test_a_compatible_config_change_keeps_the_previous_config(short_run, tmp_pat
   assert config_lib.load_json(workdir / "config.json").total_steps == 6
 
 
+def test_a_tower_typo_is_refused_even_with_allow_config_change(short_run, tmp_path):
+  workdir = copy_run(short_run, tmp_path)
+  before = {p: (workdir / p).read_bytes() for p in written(workdir)}
+  typo = bad(short_run[1], **{"model.towers.imgae": {"name": "x"}})
+  with pytest.raises(config_lib.ConfigError, match=r"no modality is named 'imgae'"):
+    train.train(typo, str(workdir), allow_config_change=True)
+  assert {p: (workdir / p).read_bytes() for p in written(workdir)} == before  # config.json too
+
+
 def test_a_held_workdir_is_refused_at_once(short_run, tmp_path):
   workdir = copy_run(short_run, tmp_path)
   before = {p: (workdir / p).read_bytes() for p in written(workdir)}
