@@ -158,7 +158,7 @@ def _note_head_pools(
   towers pooled otherwise feed its projections other features, so the model at step 0 is
   not the checkpoint's zero-shot model. Said at start-up, as it is easy to miss."""
   head = model_init.get("head")
-  name = head.get("name") if isinstance(head, Mapping) else head
+  name = head.get("name") if hasattr(head, "get") else head  # a ConfigDict or a str
   if not name:
     return
   others = [
