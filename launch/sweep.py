@@ -262,10 +262,13 @@ def command_difference(ran: list[str] | None, now: list[str]) -> str:
   ran_words, now_words = flag_words(ran), flag_words(now)
   gone = [w for w in ran_words if w not in now_words]
   new = [w for w in now_words if w not in ran_words]
-  if not gone and not new:
-    return "its flags came in another order"
-  ran_only, now_only = " ".join(gone) or "(nothing else)", " ".join(new) or "(nothing)"
-  return f"ran {ran_only}, this sweep gives {now_only}"
+  if gone and new:
+    return f"ran {' '.join(gone)}, this sweep gives {' '.join(new)}"
+  if new:
+    return f"this sweep adds {' '.join(new)}"
+  if gone:
+    return f"ran {' '.join(gone)}, which this sweep drops"
+  return "its flags came in another order"
 
 
 def workdir_of(sweep_dir: str, name: str) -> str:

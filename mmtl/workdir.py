@@ -149,7 +149,7 @@ class RunLock:
     self.workdir = workdir
     self.file = path(workdir, LOCK_FILE)
     self.run_id = run_id or uuid.uuid4().hex
-    self._made_workdir = False  # Set by acquire: this lock created the (local) workdir.
+    self._made_dirs: list[epath.Path] = []  # The local folders acquire created, deepest first.
 
   def __enter__(self) -> RunLock:
     self.acquire()
@@ -160,7 +160,12 @@ class RunLock:
 
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirLocked naming its holder."""
-    self._made_workdir = not is_remote(self.workdir) and not path(self.workdir).exists()
+    self._made_dirs = []
+    if not is_remote(self.workdir):
+      folder = path(self.workdir).absolute()
+      while not folder.exists():
+        self._made_dirs.append(folder)
+        folder = folder.parent
     makedirs(self.workdir)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = dict(run_id=self.run_id, **_this_process(), started=started)
@@ -191,8 +196,10 @@ class RunLock:
     holder = current[1]
     if holder is not None and self._is_ours(holder):
       self.file.unlink(missing_ok=True)
-      if self._made_workdir and not any(path(self.workdir).iterdir()):
-        path(self.workdir).rmdir()  # A run refused before writing anything leaves no folder.
+      for folder in self._made_dirs:  # A run refused before writing anything leaves no folder.
+        if any(folder.iterdir()):
+          break
+        folder.rmdir()
     else:
       logging.warning(
         "Leaving workdir lock %s in place: it is not ours (%s).", self.file, current[0][:200]

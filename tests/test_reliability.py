@@ -316,11 +316,11 @@ def test_command_line_errors_are_one_line(short_run, tmp_path):
     ),
   ]
   for args, line in cases:
-    result = run_cli("mmtl.train", f"--workdir={tmp_path / 'w'}", *args)
+    result = run_cli("mmtl.train", f"--workdir={tmp_path / 'runs/w'}", *args)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == line
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "runs").exists()  # Nor the folder above it that it created.
 
 
 def test_two_runs_started_together_one_trains(short_run, tmp_path):

@@ -169,6 +169,8 @@ def test_finished_runs_are_reused_only_for_the_command_they_ran(fake_trainer, tm
   assert f"ran --config {config}, this sweep gives --config {config}:steps=9" in (
     capsys.readouterr().err
   )
+  assert run(*grid) == 2  # A flag dropped.
+  assert "ran --config.total_steps=30, which this sweep drops" in capsys.readouterr().err
   assert run(*grid, "--", "--config.total_steps=30") == 0
   assert workdirs_run() == ["fusion=concat", "fusion=gated"]
 

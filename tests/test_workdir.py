@@ -181,7 +181,7 @@ def test_sweep_skips_finished_runs_of_a_gs_sweep_dir(fake_gcs, tmp_path, capsys,
   assert len(printed) == 1 and printed[0].endswith(" --workdir gs://bucket/s/lr=2 --config.lr=2")
   # Emitted with other flags, the finished run is refused, as in a local sweep.
   assert sweep.main([*argv, "--emit", "local", "--", "--config.seed=3"]) == 2
-  assert "lr=1: ran (nothing else), this sweep gives --config.seed=3" in capsys.readouterr().err
+  assert "lr=1: this sweep adds --config.seed=3" in capsys.readouterr().err
 
 
 def test_write_final_is_atomic(tmp_path, monkeypatch):
