@@ -518,7 +518,8 @@ def test_slurm_sbatch_joins_one_jax_job(tmp_path):
   bin_dir.mkdir()
   for name, text in [
     ("srun", FAKE_SRUN),
-    ("scontrol", "#!/bin/sh\necho localhost\necho node2\n"),
+    # A long node list: more names than a pipe holds once the first one is read.
+    ("scontrol", "#!/bin/sh\necho localhost\nseq -f 'node%g' 2 200000\n"),
     ("python", FAKE_PYTHON),
   ]:
     (bin_dir / name).write_text(text)
