@@ -40,20 +40,19 @@ def export_tower(workdir: str, tower: str, out: str | Path, step: int | None = N
   config = config_lib.with_defaults(
     config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
   )
-  step = train_state.checkpoint_step(workdir, step)
   model, variables = train_state.load_run(workdir, sharding.make_mesh(config.mesh), step, config)
+  modules = {m: model.tower(m) for m in model.modalities}
+  if getattr(model, "decoder", None) is not None:  # A captioning model's text decoder.
+    modules["decoder"] = model.decoder
   name = subtree_name(tower)
-  module = getattr(model, name, None)
-  if module is None:
-    towers = [t.removesuffix("_encoder") for t in variables["params"] if t.endswith("_encoder")]
-    towers += ["decoder"] if "decoder" in variables["params"] else []
+  if tower not in modules:
     raise config_lib.ConfigError(
-      f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(towers)}."
+      f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(modules)}."
     )
   exported = {"params": lora.merge(variables["params"])[name]}
   if name in variables.get("batch_stats", {}):
     exported["batch_stats"] = variables["batch_stats"][name]
-  return hf.save_pretrained(module, jax.device_get(exported), out)
+  return hf.save_pretrained(modules[tower], jax.device_get(exported), out)
 
 
 def _define_flags() -> None:

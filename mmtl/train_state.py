@@ -163,8 +163,8 @@ def _note_head_pools(
     return
   others = [
     f"config.model.towers.{m}.pool={getattr(model, f'{m}_pool')!r}"
-    for m in MODALITIES
-    if getattr(model, f"{m}_encoder", None) is not None and getattr(model, f"{m}_pool") != "pooler"
+    for m in model.modalities
+    if getattr(model, f"{m}_pool") != "pooler"
   ]
   if others:
     note(
