@@ -337,9 +337,10 @@ def write_record(
   command that produced their results. Returns the new record."""
   record = dict(record)
   for name, overrides in runs:
-    if name not in done or name not in record:
-      command = run_command(args, overrides) if name not in done else None
-      record[name] = dict(name=name, overrides=overrides, command=command)
+    if name not in done:
+      record[name] = dict(name=name, overrides=overrides, command=run_command(args, overrides))
+    elif name not in record:  # Finished with no record, kept by --reuse_finished.
+      record[name] = dict(name=name, overrides=overrides, command=None)
   saved = dict(config=args.config, train_flags=args.train_flags, runs=list(record.values()))
   workdir_lib.makedirs(args.sweep_dir)
   workdir_lib.write_text(
@@ -630,6 +631,13 @@ def _app_main(argv: list[str]) -> int:
   return run(flags.FLAGS, argv[1:])
 
 
+def print_commands(args: Options, runs: list[tuple[str, Overrides]]) -> None:
+  """The runs' launch commands (`--emit`), nothing else, so the output can be piped to a
+  shell or a job queue."""
+  for name, overrides in runs:
+    print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
+
+
 def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
   """Runs, emits or collects the sweep of parsed flags; returns the exit code (2: a bad sweep)."""
   try:
@@ -646,8 +654,7 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
     )
     return 2
 
-  local = "://" not in args.sweep_dir
-  if not args.emit and not local:
+  if not args.emit and "://" in args.sweep_dir:
     print(
       f"sweep.py: error: local runs and tables need a local --sweep_dir, not {args.sweep_dir}; "
       "copy the workdirs down (e.g. gsutil -m rsync -r) and point --sweep_dir there",
@@ -662,8 +669,7 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
       f"sweep.py: cannot read {args.sweep_dir} ({e}): printing every run, recording none",
       file=sys.stderr,
     )
-    for name, overrides in runs:
-      print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
+    print_commands(args, runs)
     return 0
   except ValueError as e:
     print(f"sweep.py: error: {e}", file=sys.stderr)
@@ -675,10 +681,7 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
     record = write_record(args, runs, done, record)
 
   if args.emit:
-    # Commands only, so the output can be piped to a shell or a job queue.
-    for name, overrides in runs:
-      if name not in done:
-        print(shlex.join(train_command(args, workdir_of(args.sweep_dir, name), overrides)))
+    print_commands(args, [(name, overrides) for name, overrides in runs if name not in done])
     return 0
 
   sweep_dir = Path(args.sweep_dir)
