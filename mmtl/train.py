@@ -7,7 +7,9 @@ The workdir gets `config.json`, `metrics.jsonl`, TensorBoard events (`tb/`),
 `checkpoints/`, `curves.png` and, once the run is complete,
 `final_metrics.json`, and `lock.json` while it runs. Rerunning the same command
 resumes from the newest intact checkpoint (params, optimizer state, step and
-input-iterator state), so a killed run continues exactly where it left off.
+input-iterator state), so a killed run continues exactly where it left off. SIGTERM or
+SIGINT (a preemption, `scancel`, Ctrl-C) saves the step in flight on every host and
+exits with status 75 (`mmtl.preemption`); the same command continues from that step.
 
 Order: the workdir lock; `validate` (mesh, input, model + pretrained init,
 sharding and optimizer rules, evaluators: everything that can fail on a bad
@@ -27,6 +29,7 @@ from typing import Any
 
 from absl import app, flags
 import jax
+from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
 
@@ -39,6 +42,7 @@ from mmtl import (
   hf,
   memory,
   optim,
+  preemption,
   rules,
   sharding,
   train_state,
@@ -57,6 +61,11 @@ FINAL_METRICS_FILE = "final_metrics.json"
 
 class Diverged(RuntimeError):
   """The loss or the params became NaN/Inf; the run stopped at its last good checkpoint."""
+
+
+class Stopped(RuntimeError):
+  """A signal stopped the run after saving its current step; `main` exits with
+  preemption.EXIT_CODE."""
 
 
 def note(msg: str) -> None:
@@ -310,6 +319,7 @@ def train(
 
   Returns the final metrics (also written to `DIR/final_metrics.json`).
   Raises `Diverged` if the loss became NaN/Inf (the last good checkpoint stays),
+  `Stopped` after saving the current step on SIGTERM/SIGINT,
   `workdir.WorkdirLocked` if another run holds the workdir, ConfigError before
   anything is written if the config cannot run.
   """
@@ -421,72 +431,90 @@ def _train_loop(
   last_eval: dict[str, tuple[int, dict[str, float]]] = {}  # evaluator -> (step, metrics)
   stop = False
   try:
-    for step in range(first_step, total_steps):
-      if train_step.phase_start(step, boundaries) != phase.start:
-        old_opt_state = state["opt_state"]
-        phase = build_phase(step)
-        note(
-          f"Step {step}: gradual unfreezing, new trainable set:\n"
-          + optim.summary(layout.shapes, config.optim, step=step)
-        )
-        state["opt_state"] = jax.jit(
-          functools.partial(optim.migrate_state, new_tx=phase.tx),
-          out_shardings=phase.state_shardings["opt_state"],
-        )(old_opt_state, params=state["params"])
-      state, measurements = phase.step_fn(state, next(device_batches), teacher_variables)
-      done = step + 1
-      ckpt.check_for_errors()  # A failed background save stops the run at once.
+    with preemption.StopSignals() as stop_signals:
+      for step in range(first_step, total_steps):
+        if train_step.phase_start(step, boundaries) != phase.start:
+          old_opt_state = state["opt_state"]
+          phase = build_phase(step)
+          note(
+            f"Step {step}: gradual unfreezing, new trainable set:\n"
+            + optim.summary(layout.shapes, config.optim, step=step)
+          )
+          state["opt_state"] = jax.jit(
+            functools.partial(optim.migrate_state, new_tx=phase.tx),
+            out_shardings=phase.state_shardings["opt_state"],
+          )(old_opt_state, params=state["params"])
+        state, measurements = phase.step_fn(state, next(device_batches), teacher_variables)
+        done = step + 1
+        ckpt.check_for_errors()  # A failed background save stops the run at once.
+        # A signal: save this step (the same on every host) now, skipping its evaluations, so
+        # the save completes within a preemption's grace period.
+        signalled = stop_signals.reached(done)
 
-      due = [e for e in evaluators if e.due(done, total_steps)]
-      save_now = (
-        done % config.ckpt_every == 0 or done == total_steps or bool(due and config.best_metric)
-      )
-      if done % config.log_every == 0 or done == first_step + 1 or save_now or due:
-        measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
-        if not all(np.isfinite(v) for v in measurements.values()):
+        due = [] if signalled else [e for e in evaluators if e.due(done, total_steps)]
+        save_now = (
+          signalled
+          or done % config.ckpt_every == 0
+          or done == total_steps
+          or bool(due and config.best_metric)
+        )
+        if done % config.log_every == 0 or done == first_step + 1 or save_now or due:
+          measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
+          if not all(np.isfinite(v) for v in measurements.values()):
+            ckpt.wait()
+            writer.close()
+            last = ckpt.latest_step()
+            raise Diverged(
+              f"NaN/Inf by step {done}: {measurements}. Stopped without saving this state; the "
+              "last good checkpoint is "
+              + (
+                f"step {last} in {ckpt.directory}"
+                if last is not None
+                else "none (nothing saved yet)"
+              )
+              + ". Lower config.optim.lr, set config.optim.grad_clip_norm or check the inputs; "
+              "rerunning the same command resumes from that checkpoint."
+            )
+          speed = writer.progress(done, {k: measurements[k] for k in ("train/loss", "train/lr")})
+          writer.write(done, {**measurements, **{f"speed/{k}": v for k, v in speed.items()}})
+
+        eval_metrics = {}
+        for evaluator in due:
+          result = evaluator.run(train_state.variables_of(state), step=done, workdir=workdir)
+          last_eval[evaluator.name] = (done, result)
+          eval_metrics.update(result)
+        if eval_metrics:
+          writer.write(done, eval_metrics)
+          note(" | ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if config.best_metric in eval_metrics:
+          value = eval_metrics[config.best_metric]
+          if best_value is None or sign * (value - best_value) > config.early_stopping.min_delta:
+            best_value, evals_since_best = value, 0
+          else:
+            evals_since_best += 1
+          stop = 0 < config.early_stopping.patience <= evals_since_best
+        if save_now or stop:
+          ckpt.save(
+            done,
+            state,
+            data_state=device_batches.get_state(),
+            metrics=eval_metrics if config.best_metric in eval_metrics else None,
+          )
+        if stop:
+          note(
+            f"Early stopping at step {done}: {config.best_metric} did not improve by more than "
+            f"{config.early_stopping.min_delta} in the last {evals_since_best} evaluations."
+          )
+          break
+        if signalled:
           ckpt.wait()
           writer.close()
-          last = ckpt.latest_step()
-          raise Diverged(
-            f"NaN/Inf by step {done}: {measurements}. Stopped without saving this state; the "
-            "last good checkpoint is "
-            + (
-              f"step {last} in {ckpt.directory}" if last is not None else "none (nothing saved yet)"
-            )
-            + ". Lower config.optim.lr, set config.optim.grad_clip_norm or check the inputs; "
-            "rerunning the same command resumes from that checkpoint."
+          if jax.process_count() > 1:  # No host exits before process 0 recorded the checksum.
+            multihost_utils.sync_global_devices("mmtl.train.stopped")
+          raise Stopped(
+            f"{stop_signals.describe()} after step {done} of {total_steps}: saved checkpoint "
+            f"step {done} in {ckpt.directory}; rerun the same command to continue from it."
           )
-        speed = writer.progress(done, {k: measurements[k] for k in ("train/loss", "train/lr")})
-        writer.write(done, {**measurements, **{f"speed/{k}": v for k, v in speed.items()}})
-
-      eval_metrics = {}
-      for evaluator in due:
-        result = evaluator.run(train_state.variables_of(state), step=done, workdir=workdir)
-        last_eval[evaluator.name] = (done, result)
-        eval_metrics.update(result)
-      if eval_metrics:
-        writer.write(done, eval_metrics)
-        note(" | ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-      if config.best_metric in eval_metrics:
-        value = eval_metrics[config.best_metric]
-        if best_value is None or sign * (value - best_value) > config.early_stopping.min_delta:
-          best_value, evals_since_best = value, 0
-        else:
-          evals_since_best += 1
-        stop = 0 < config.early_stopping.patience <= evals_since_best
-      if save_now or stop:
-        ckpt.save(
-          done,
-          state,
-          data_state=device_batches.get_state(),
-          metrics=eval_metrics if config.best_metric in eval_metrics else None,
-        )
-      if stop:
-        note(
-          f"Early stopping at step {done}: {config.best_metric} did not improve by more than "
-          f"{config.early_stopping.min_delta} in the last {evals_since_best} evaluations."
-        )
-        break
   finally:
     ckpt.wait()  # However the loop ended, the last checkpoint started gets committed.
   if total_steps == 0 and ckpt.latest_step() is None:
@@ -550,6 +578,9 @@ def main(argv: list[str]) -> None:
     )
   except USER_ERRORS as e:
     sys.exit(config_keys.error_line(e))
+  except Stopped as e:
+    print(config_keys.error_line(e), file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

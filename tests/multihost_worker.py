@@ -10,7 +10,8 @@ checkpoint fully replicated and writes what it got to WORKDIR/result_<i>.npz.
     ... python tests/multihost_worker.py WORKDIR CONFIG.json
 
 runs the real trainer, `mmtl.train.train(CONFIG, WORKDIR)`, on any number of
-processes (JAX_NUM_PROCESSES=1 or unset: one process).
+processes (JAX_NUM_PROCESSES=1 or unset: one process); `... CONFIG.json preempt`
+sends process 1 a SIGTERM during the run.
 """
 
 import json
@@ -78,17 +79,41 @@ def main(workdir: str) -> None:
   print(f"process {jax.process_index()} is_main={distributed.is_main_process()} done")
 
 
-def run_trainer(workdir: str, config_path: str) -> None:
+def run_trainer(workdir: str, config_path: str, preempt: str = "") -> None:
+  """The trainer; `preempt`="preempt": process 1 gets SIGTERM at its first batch, as a
+  preempted host would, and each later batch takes a second (time for the notice to reach
+  process 0 before the run ends). Exits with the trainer's status."""
+  import signal
+  import time
+
+  import jax
   import ml_collections as mlc
+  import pytest
 
-  from mmtl import train
+  from mmtl import preemption, train
+  from tests import test_train
 
+  distributed.maybe_initialize()
+  if preempt and jax.process_index() == 1:
+
+    def preempted_host(n, batch):  # n = 1 is the trainer's shape probe.
+      if n == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      elif n > 2:
+        time.sleep(1)
+      return batch
+
+    test_train.patch_train_batches(pytest.MonkeyPatch(), preempted_host)
   with open(config_path) as f:
-    train.train(mlc.ConfigDict(json.load(f)), workdir)
+    try:
+      train.train(mlc.ConfigDict(json.load(f)), workdir)
+    except train.Stopped as e:
+      print(f"Stopped: {e}", flush=True)
+      sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":
-  if len(sys.argv) == 3:
+  if len(sys.argv) >= 3:
     run_trainer(*sys.argv[1:])
   else:
     main(sys.argv[1])

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmtl import checkpoint, data, distributed, metrics, process, rules, sharding
+from mmtl import checkpoint, data, distributed, metrics, preemption, process, rules, sharding
 from tests import multihost_worker as worker
 from tests import sharding_toy as toy
 from tests import test_train
@@ -31,10 +31,10 @@ def _free_port() -> int:
 PORT_TAKEN = "Failed to add port to server"
 
 
-def _launch(workdir, *args, num_processes=2, devices=4, attempts=3):
+def _launch(workdir, *args, num_processes=2, devices=4, attempts=3, expect=0):
   """Runs `multihost_worker.py WORKDIR *ARGS` as `num_processes` processes with `devices` CPU
-  devices each; fails fast if one fails. A coordinator port taken by another program in the
-  meantime is retried with a new one."""
+  devices each, which must all exit with `expect`; fails fast if one fails. A coordinator
+  port taken by another program in the meantime is retried with a new one."""
   workdir.mkdir(parents=True, exist_ok=True)
   for attempt in range(attempts):
     codes = _run_processes(workdir, args, num_processes, devices, _free_port())
@@ -42,7 +42,7 @@ def _launch(workdir, *args, num_processes=2, devices=4, attempts=3):
     if not (codes[0] and PORT_TAKEN in logs[0] and attempt + 1 < attempts):
       break
   for i, (code, log) in enumerate(zip(codes, logs)):
-    assert code == 0, f"process {i} exited with {code}:\n{log[-4000:]}"
+    assert code == expect, f"process {i} exited with {code}:\n{log[-4000:]}"
 
 
 def _run_processes(workdir, args, num_processes, devices, port) -> list[int | None]:
@@ -72,7 +72,7 @@ def _run_processes(workdir, args, num_processes, devices, port) -> list[int | No
         )
     deadline = time.monotonic() + TIMEOUT_S
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-      if any(p.poll() not in (None, 0) for p in procs):
+      if any(p.poll() not in (None, 0, preemption.EXIT_CODE) for p in procs):
         break  # the other process would wait for its peer until JAX's own timeout
       time.sleep(0.2)
     return [p.poll() for p in procs]
@@ -129,7 +129,8 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory, tiny_bert_dir):
   """Workdirs of the real trainer, 4 steps (2 epochs) on 4 CPU devices: "two" as 2 processes x 2
-  devices, "one" as 1 process x 4, "resumed" on 1 process from the 2-process run's step 2."""
+  devices, "one" as 1 process x 4, "resumed" on 1 process from the 2-process run's step 2,
+  "preempted" as "two" with a SIGTERM to process 1, then the same command again."""
   root = tmp_path_factory.mktemp("trainer")
   data_dir = str(root / "tfds")
   data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
@@ -144,13 +145,16 @@ def trainer_runs(tmp_path_factory, tiny_bert_dir):
     optim=dict(name="sgd", lr=0.3, schedule=dict(decay="constant")),
   )
   (root / "config.json").write_text(config.to_json())
-  runs = {name: root / name for name in ("two", "one", "resumed")}
+  runs = {name: root / name for name in ("two", "one", "resumed", "preempted")}
   _launch(runs["two"], str(root / "config.json"), num_processes=2, devices=2)
   _launch(runs["one"], str(root / "config.json"), num_processes=1, devices=4)
   shutil.copytree(
     runs["two"] / "checkpoints", runs["resumed"] / "checkpoints", ignore=shutil.ignore_patterns("4")
   )  # As if stopped after step 2's checkpoint.
   _launch(runs["resumed"], str(root / "config.json"), num_processes=1, devices=4)
+  _launch(runs["preempted"], str(root / "config.json"), "preempt", devices=2, expect=75)
+  shutil.copytree(runs["preempted"], root / "stopped")  # As the signal left it.
+  _launch(runs["preempted"], str(root / "config.json"), devices=2)
   return runs
 
 
@@ -219,3 +223,24 @@ def test_when_maybe_initialize_initializes(monkeypatch):
   monkeypatch.setenv("SLURM_NTASKS", "4")  # a cluster JAX detects: no arguments needed
   distributed.maybe_initialize()
   assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(trainer_runs):
+  stopped = trainer_runs["preempted"].parent / "stopped"
+  with checkpoint.CheckpointManager(stopped / "checkpoints", read_only=True) as saved:
+    step = saved.latest_step()
+    assert saved.verify(step)
+  logs = [(stopped / f"log_{i}.txt").read_text() for i in range(2)]
+  # Both processes stopped after the same step, though only process 1 was signalled.
+  for log in logs:
+    assert f"to one of the 2 processes after step {step} of 4: saved checkpoint step {step}" in log
+  assert step < 4 and sorted(metrics.read(str(stopped))["train/loss"]) == list(range(1, step + 1))
+  # The same command again: every step once, and the params of the uninterrupted run, bit for bit.
+  assert sorted(metrics.read(str(trainer_runs["preempted"]))["train/loss"]) == [1, 2, 3, 4]
+  params = [
+    jax.device_get(checkpoint.restore_variables(trainer_runs[k] / "checkpoints")["params"])
+    for k in ("two", "preempted")
+  ]
+  for (path, a), b in zip(rules.flatten(params[0]).items(), rules.flatten(params[1]).values()):
+    np.testing.assert_array_equal(a, b, err_msg=path)

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import time
 import ml_collections as mlc
 import pytest
 
-from mmtl import checkpoint, data, evaluate, metrics, process, train
+from mmtl import checkpoint, data, evaluate, metrics, preemption, process, train
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 from tests.test_train import (  # noqa: F401
@@ -349,4 +350,36 @@ def test_two_runs_started_together_one_trains(short_run, tmp_path):
     if "train/loss" in r
   ]
   assert steps == [1, 2, 3]  # One run's lines, once each.
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+
+
+def test_sigterm_saves_the_current_step_and_exits_75(short_run, tmp_path):
+  """The command line under a preemption notice: the step in flight saved, status 75, one
+  line; a second SIGTERM right after changes nothing."""
+  config = config_file(tmp_path, bad(short_run[1], evals={}, total_steps=500, ckpt_every=1000))
+  workdir = tmp_path / "w"
+  cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  with (tmp_path / "stderr.txt").open("w") as err:
+    proc = process.start(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    deadline = time.monotonic() + 240
+    while not metrics.read(str(workdir)).get("train/loss") and time.monotonic() < deadline:
+      assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+  finally:
+    process.kill_group(proc)
+  stderr = (tmp_path / "stderr.txt").read_text()
+  assert code == preemption.EXIT_CODE, stderr
+  with checkpoint.CheckpointManager(workdir / "checkpoints") as saved:
+    (step,) = saved.all_steps()
+    assert saved.verify(step)
+  assert 1 <= step < 500
+  assert stderr.strip().splitlines()[-1] == (
+    f"Stopped: SIGTERM after step {step} of 500: saved checkpoint step {step} in "
+    f"{workdir / 'checkpoints'}; rerun the same command to continue from it."
+  )
   assert not (workdir / workdir_lib.LOCK_FILE).exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import jax
 import ml_collections as mlc
@@ -136,13 +137,28 @@ def patch_train_batches(monkeypatch, change):
   return real
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_bert_dir, data_dir, tmp_path_factory):
+  """The workdir of 6 steps without evaluations, run in one go: what a resumed run must equal.
+  The tiny BERT has dropout 0.1, so a resume must also restore the dropout RNG stream."""
+  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+  train.train(tiny_config(tiny_bert_dir, data_dir, evals={}), str(workdir))
+  return workdir
+
+
+def assert_same_run(workdir, resumed):
+  """`resumed` logged every step once and ended with `workdir`'s params, bit for bit."""
+  assert sorted(losses(resumed)) == sorted(losses(workdir))
+  expected, got = final_params(workdir), final_params(resumed)
+  for (path, a), b in zip(rules.flatten(expected).items(), rules.flatten(got).values()):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(
-  tiny_bert_dir, data_dir, tmp_path, monkeypatch
+  uninterrupted_run, tiny_bert_dir, data_dir, tmp_path, monkeypatch
 ):
-  # The tiny BERT has dropout 0.1: resuming must also restore the dropout RNG stream.
   config = tiny_config(tiny_bert_dir, data_dir, evals={})
-  train.train(config, str(tmp_path / "straight"))
 
   def dies_at_step_5(n, batch):
     # The trainer's shape probe, then batches 1..7: with 2 batches prefetched to the
@@ -159,14 +175,53 @@ def test_resume_after_interruption_matches_uninterrupted(
   train.train(config, str(tmp_path / "resumed"))  # Same command again: resumes at step 4.
 
   assert sorted(losses(tmp_path / "resumed")) == list(range(1, 7))
-  straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(
-    [losses(tmp_path / "straight")[s] for s in (5, 6)],
+  assert_same_run(uninterrupted_run, tmp_path / "resumed")
+  np.testing.assert_array_equal(
+    [losses(uninterrupted_run)[s] for s in (5, 6)],
     [losses(tmp_path / "resumed")[s] for s in (5, 6)],
-    rtol=1e-6,
   )
+
+
+@pytest.mark.slow
+def test_a_signal_saves_the_step_in_flight_and_the_same_command_continues(
+  uninterrupted_run, tiny_bert_dir, data_dir, tmp_path, monkeypatch, capfd
+):
+  # No periodic checkpoint before the end: without the signal's save, nothing would be kept.
+  config = tiny_config(tiny_bert_dir, data_dir, evals={}, ckpt_every=100)
+  workdir = tmp_path / "signalled"
+
+  def sigterm_at_batch_3(n, batch):
+    if n == 1 + 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  real_save = checkpoint.CheckpointManager.save
+
+  def save_signalled_again(self, *args, **kwargs):  # A second signal while the step saves.
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_save(self, *args, **kwargs)
+
+  handler = signal.getsignal(signal.SIGTERM)
+  real = patch_train_batches(monkeypatch, sigterm_at_batch_3)
+  monkeypatch.setattr(checkpoint.CheckpointManager, "save", save_signalled_again)
+  with pytest.raises(train.Stopped) as stopped:
+    train.train(config, str(workdir))
+  assert signal.getsignal(signal.SIGTERM) is handler  # Put back once the loop ends.
+  with checkpoint.CheckpointManager(workdir / "checkpoints") as saved:
+    (step,) = saved.all_steps()
+    assert saved.verify(step)  # Committed and checksummed despite the second signal.
+  assert 1 <= step < 6 and sorted(losses(workdir)) == list(range(1, step + 1))
+  assert str(stopped.value) == (
+    f"SIGTERM after step {step} of 6: saved checkpoint step {step} in "
+    f"{workdir / 'checkpoints'}; rerun the same command to continue from it."
+  )
+  assert not (workdir / "final_metrics.json").exists()
+  assert "SIGTERM again: still stopping after saving" in capfd.readouterr().err
+
+  monkeypatch.setattr(data, "make_train_iterator", real)
+  monkeypatch.setattr(checkpoint.CheckpointManager, "save", real_save)
+  train.train(config, str(workdir))
+  assert_same_run(uninterrupted_run, workdir)
 
 
 @pytest.mark.slow
