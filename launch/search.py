@@ -55,7 +55,7 @@ import sweep  # Also puts the checkout on sys.path, for mmtl.
 from mmtl import config as config_lib
 from mmtl import evaluators as evaluators_lib
 from mmtl import metrics as metrics_lib
-from mmtl import process
+from mmtl import preemption, process
 from mmtl import workdir as workdir_lib
 
 JOURNAL = "study.journal"  # Optuna's journal storage in STUDY_DIR, unless --storage is given.
@@ -367,7 +367,8 @@ def total_steps(workdir: str) -> int | None:
 
 def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path) -> bool:
   """Asks Optuna for a trial (a queued retry first), trains it and tells the outcome;
-  returns False if it failed. KeyboardInterrupt: the trial is re-queued, then re-raised."""
+  returns False if it failed. Interrupted, or its trainer stopped by a signal (after saving):
+  the trial is re-queued, and KeyboardInterrupt raised."""
   trial = study.ask(space)
   name = trial_dir(study.get_trials(deepcopy=False)[trial.number])
   workdir = sweep.workdir_of(str(study_dir), name)
@@ -419,6 +420,10 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
     requeue(study, trial.number)
     print(f"{prefix} interrupted: re-queued; rerun to resume it from its checkpoint", flush=True)
     raise
+  if proc.returncode == preemption.EXIT_CODE:  # The trainer saved its step on a signal.
+    requeue(study, trial.number)
+    print(f"{prefix} stopped by a signal after saving: re-queued; rerun to resume it", flush=True)
+    raise KeyboardInterrupt
   final = sweep.final_metrics(workdir) or {}
   if not timed_out and proc.returncode == 0 and args.metric in final:
     finish(study, trial, workdir, start, TrialState.COMPLETE, value=final[args.metric])

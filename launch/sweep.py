@@ -54,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs.* in config files.
   sys.path.insert(0, str(REPO_ROOT))
 from mmtl import config as config_lib  # noqa: E402
-from mmtl import process  # noqa: E402
+from mmtl import preemption, process  # noqa: E402
 from mmtl import workdir as workdir_lib  # noqa: E402
 
 METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported: it loads JAX.
@@ -395,6 +395,14 @@ def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Pat
     if returncode == 0 and is_done(workdir):
       print(f"{prefix}: done in {time.time() - start:.0f}s", flush=True)
       continue
+    if returncode == preemption.EXIT_CODE:  # Not a failure, but no reason to start the next run.
+      print(
+        f"{prefix}: stopped by a signal after saving its step; rerun this sweep to continue it",
+        file=sys.stderr,
+        flush=True,
+      )
+      failed.append(name)
+      break
     if returncode is None:
       why = timed_out(args.run_timeout)
     elif returncode:

@@ -28,8 +28,9 @@ from test_sweep import (  # noqa: E402, F401
 # metrics.jsonl: a rerun continues after the last step there. At each step it logs
 # val/accuracy = lr * step (a higher lr is better at every step), 0.1 s apart; its
 # calls (workdir, first step, lr) go to FAKE_TRAIN_CALLS. With FAKE_TRAIN_INTERRUPT=S, the
-# first run to reach step S sends SIGTERM to the search worker (its parent); with
-# FAKE_TRAIN_HANG=1, the first run hangs (test_sweep.HANG).
+# first run to reach step S sends SIGTERM to the search worker (its parent), or, with
+# FAKE_TRAIN_SIGNALLED=1 too, exits as mmtl.train does on a signal; with FAKE_TRAIN_HANG=1,
+# the first run hangs (test_sweep.HANG).
 FAKE_TRAIN = HANG + textwrap.dedent("""\
     import json, signal
     args = sys.argv[1:]
@@ -53,6 +54,8 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
         f.write(json.dumps({"step": step, "val/accuracy": lr * step}) + "\\n")
       if step == interrupt and not os.path.exists(os.environ["FAKE_TRAIN_CALLS"] + ".stop"):
         open(os.environ["FAKE_TRAIN_CALLS"] + ".stop", "w").close()
+        if os.environ.get("FAKE_TRAIN_SIGNALLED"):
+          sys.exit(75)  # As mmtl.train, signalled itself, after saving the step.
         os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(60)
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
@@ -174,11 +177,20 @@ def test_median_pruner(fake):
     assert (trial.state.name == "PRUNED") == (trial.intermediate_values[step] < median)
 
 
-def test_interrupted_worker_requeues_and_the_rerun_resumes_the_workdir(fake, monkeypatch, capsys):
+@pytest.mark.parametrize("signalled", ["worker", "trainer"])
+def test_interrupted_worker_requeues_and_the_rerun_resumes_the_workdir(
+  fake, monkeypatch, capsys, signalled
+):
   run, calls, study_dir = fake
   monkeypatch.setenv("FAKE_TRAIN_INTERRUPT", "3")
+  if signalled == "trainer":
+    monkeypatch.setenv("FAKE_TRAIN_SIGNALLED", "1")
   assert run("--trials", "2", "--pruner", "none") == 130  # SIGTERM at step 3 of trial 0.
-  assert "[trial 0] interrupted: re-queued" in capsys.readouterr().out
+  assert (
+    "[trial 0] interrupted: re-queued"
+    if signalled == "worker"
+    else "[trial 0] stopped by a signal after saving: re-queued; rerun to resume it"
+  ) in capsys.readouterr().out
   assert calls() == [("trial_0000", 1, calls()[0][2])]
   # The rerun runs the queued retry first, in trial 0's workdir, from where it stopped.
   assert run("--trials", "2", "--pruner", "none") == 0

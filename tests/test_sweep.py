@@ -49,7 +49,7 @@ def assert_gone(pids_file: Path, wait_s: float = 10.0) -> None:
 
 # Stands in for mmtl.train where only the runner's mechanics are under test: logs
 # its call, and writes metrics that depend on the overrides it was given (fail=yes: exits
-# with an error; hang=yes: hangs).
+# with an error; stop=yes: exits as stopped by a signal; hang=yes: hangs).
 FAKE_TRAIN = HANG + textwrap.dedent("""\
     import json
     args = sys.argv[1:]
@@ -59,6 +59,8 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
       f.write(json.dumps(args) + "\\n")
     if overrides.get("fail") == "yes":
       sys.exit("boom: failing as asked")
+    if overrides.get("stop") == "yes":
+      sys.exit(75)  # As mmtl.train after saving its step on a signal.
     os.makedirs(workdir, exist_ok=True)
     if overrides.get("hang") == "yes":
       hang()
@@ -197,6 +199,16 @@ def test_a_failed_run_stops_the_sweep_and_shows_in_the_table(fake_trainer, tmp_p
   table = (sweep_dir / "results.md").read_text()
   assert "| fail | val/accuracy | val/loss | status |" in table
   assert "| yes |  |  | not started |" in table  # It died before making its workdir.
+
+
+def test_a_run_stopped_by_a_signal_stops_the_sweep(fake_trainer, tmp_path, capsys):
+  run, workdirs_run, _ = fake_trainer
+  grid = ("--sweep_dir", str(tmp_path / "sweep"), "--grid", "stop=no,yes,no2", "--keep_going")
+  assert run(*grid) == 1
+  assert workdirs_run() == ["stop=no", "stop=yes"]  # --keep_going or not: a stop is a stop.
+  assert "[2/3] stop=yes: stopped by a signal after saving its step; rerun this sweep to " in (
+    capsys.readouterr().err
+  )
 
 
 @pytest.mark.timeout(60)  # Seconds when the deadline works; a hang otherwise.
