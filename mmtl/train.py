@@ -95,8 +95,6 @@ def hold_workdir(workdir: str):
     except workdir_lib.WorkdirLocked as e:
       error = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not held and error is None:
       error = workdir_lib.WorkdirLocked(
@@ -106,6 +104,16 @@ def hold_workdir(workdir: str):
     raise error
   try:
     yield
+  except Stopped:
+    if lock is not None:
+      lock.release()
+      lock = None
+    if jax.process_count() > 1:
+      # Every host stops at the same step; none exits before all saved and the lock is
+      # released (a launcher such as `srun --kill-on-bad-exit` ends the others at the first
+      # exit, and a requeued job on other nodes could not take over a left lock).
+      multihost_utils.sync_global_devices("mmtl.train.stopped")
+    raise
   finally:
     if lock is not None:
       lock.release()
@@ -509,8 +517,6 @@ def _train_loop(
         if signalled:
           ckpt.wait()
           writer.close()
-          if jax.process_count() > 1:  # No host exits before process 0 recorded the checksum.
-            multihost_utils.sync_global_devices("mmtl.train.stopped")
           raise Stopped(
             f"{stop_signals.describe()} after step {done} of {total_steps}: saved checkpoint "
             f"step {done} in {ckpt.directory}; rerun the same command to continue from it."

@@ -14,6 +14,7 @@ import socket
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 
@@ -492,9 +493,18 @@ FAKE_SRUN = textwrap.dedent("""\
     [ "$1" = --kill-on-bad-exit=1 ] && shift
     pids=()
     for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" & pids+=($!); done
-    status=0
-    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    status=0  # The highest exit code of the tasks, as srun's.
+    for pid in "${pids[@]}"; do
+      wait "$pid" || { code=$?; (( code > status )) && status=$code; }
+    done
     exit $status
+    """)
+# `scontrol show hostnames`: a long node list, more names than a pipe holds once the first
+# one is read; `scontrol requeue ID`: noted in $REQUEUED.
+FAKE_SCONTROL = textwrap.dedent("""    #!/bin/sh
+    if [ "$1" = requeue ]; then echo "$@" >> "$REQUEUED"; exit 0; fi
+    echo localhost
+    seq -f 'node%g' 2 200000
     """)
 
 # Stands in for `python -m mmtl.train`: joins the job with mmtl.distributed.
@@ -513,15 +523,12 @@ FAKE_PYTHON = textwrap.dedent(f"""\
     """)
 
 
-def test_slurm_sbatch_joins_one_jax_job(tmp_path):
+def run_sbatch(tmp_path, python: str, *args: str) -> tuple[Any, int]:
+  """launch/slurm.sbatch as a 2-node job of the fake srun, scontrol and `python`; the
+  coordinator port it was given."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  for name, text in [
-    ("srun", FAKE_SRUN),
-    # A long node list: more names than a pipe holds once the first one is read.
-    ("scontrol", "#!/bin/sh\necho localhost\nseq -f 'node%g' 2 200000\n"),
-    ("python", FAKE_PYTHON),
-  ]:
+  for name, text in [("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", python)]:
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   with socket.socket() as s:
@@ -531,6 +538,7 @@ def test_slurm_sbatch_joins_one_jax_job(tmp_path):
     **os.environ,
     "PATH": f"{bin_dir}:{os.environ['PATH']}",
     "PYTHON": str(bin_dir / "python"),
+    "REQUEUED": str(tmp_path / "requeued.txt"),
     "SLURM_JOB_NODELIST": "localhost,node2",
     "SLURM_NTASKS": "2",
     "SLURM_JOB_ID": "7",
@@ -540,11 +548,18 @@ def test_slurm_sbatch_joins_one_jax_job(tmp_path):
     "JAX_PLATFORMS": "cpu",
   }
   result = process.run(
-    ["bash", ROOT / "launch/slurm.sbatch", "configs/quickstart.py", "/shared/w", "--config.seed=3"],
+    ["bash", ROOT / "launch/slurm.sbatch", *args],
     capture_output=True,
     text=True,
     env=env,
     timeout=180,
+  )
+  return result, port
+
+
+def test_slurm_sbatch_joins_one_jax_job(tmp_path):
+  result, port = run_sbatch(
+    tmp_path, FAKE_PYTHON, "configs/quickstart.py", "/shared/w", "--config.seed=3"
   )
   assert result.returncode == 0, result.stdout + result.stderr
   assert f"coordinator localhost:{port}, 2 processes" in result.stdout
@@ -554,6 +569,22 @@ def test_slurm_sbatch_joins_one_jax_job(tmp_path):
       "/shared/w "
       "--config.seed=3"
     ) in result.stdout
+
+
+@pytest.mark.parametrize("task_exit", [75, 1])
+def test_slurm_sbatch_requeues_a_job_stopped_by_a_signal(tmp_path, task_exit):
+  """Exit 75 (mmtl.train saved its step on SIGTERM): the job is requeued; a failure is not."""
+  result, _ = run_sbatch(tmp_path, f"#!/bin/sh\nexit {task_exit}\n", "c.py", "/shared/w")
+  assert result.returncode == task_exit, result.stdout + result.stderr
+  requeued = tmp_path / "requeued.txt"
+  if task_exit == 75:
+    assert requeued.read_text() == "requeue 7\n"
+    assert "requeueing job 7 to continue" in result.stdout
+  else:
+    assert not requeued.exists()
+  header = (ROOT / "launch/slurm.sbatch").read_text()
+  for line in ("#SBATCH --signal=TERM@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+    assert line in header
 
 
 def test_slurm_sbatch_needs_slurm(tmp_path):

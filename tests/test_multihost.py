@@ -236,6 +236,7 @@ def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(traine
   for log in logs:
     assert f"to one of the 2 processes after step {step} of 4: saved checkpoint step {step}" in log
   assert step < 4 and sorted(metrics.read(str(stopped))["train/loss"]) == list(range(1, step + 1))
+  assert not (stopped / "lock.json").exists()  # Released before either process exited.
   # The same command again: every step once, and the params of the uninterrupted run, bit for bit.
   assert sorted(metrics.read(str(trainer_runs["preempted"]))["train/loss"]) == [1, 2, 3, 4]
   params = [
