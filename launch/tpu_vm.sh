@@ -27,7 +27,8 @@ Commands:
   run      `up`, then start `python -m mmtl.train` on all workers (detached, so a
            dropped ssh does not kill training) and stream worker 0's log
   logs     stream the log of the current or last run (Ctrl-C stops streaming only)
-  stop     stop the training processes on all workers
+  stop     stop training on all workers: SIGTERM, so the trainers save the step they
+           reached and exit (status 75); `run` again continues from that step
   delete   delete the TPU VM
 
 Options:
@@ -37,9 +38,10 @@ Options:
   --accelerator-type TYPE  e.g. v4-8 (one host), v4-32 (4 hosts)
                            (default: $TPU_ACCELERATOR_TYPE, else v4-8)
   --version VERSION        TPU runtime image (default: tpu-ubuntu2204-base)
-  --spot                   create a spot VM (cheaper; when preempted: `delete`, then
-                           `run` again, which resumes from the last checkpoint of a
-                           gs:// workdir)
+  --spot                   create a spot VM (cheaper). A preemption sends SIGTERM: the
+                           trainers save the step they reached and exit; then `delete`
+                           and `run` again with the same flags, which resumes from that
+                           step (use a gs:// workdir: the VM's disk goes with it)
   --repo URL               git clone/fetch URL on the workers instead of copying
                            this working tree (tracked + untracked, not ignored)
   --ref REF                branch, tag or commit to check out with --repo (default: HEAD)
@@ -58,6 +60,13 @@ Options:
   -h, --help               this message
 
 Everything after `--` is passed to mmtl.train, e.g. -- --config.total_steps=1000
+
+Queued resources: a VM made by `gcloud compute tpus queued-resources create QR
+--node-id NAME --spot ...` is a TPU VM named NAME to this script. When it is preempted
+its queued resource goes to SUSPENDED or FAILED; delete it (`gcloud compute tpus
+queued-resources delete QR --force --zone ZONE`), create it again, and once NAME is
+READY give the same `run` command: it reuses the READY VM, and the trainer resumes from
+the step it saved when the preemption's SIGTERM came.
 
 Example (4-host v4-32 pod slice):
   launch/tpu_vm.sh run --name mmtl-v4-32 --zone us-central2-b --accelerator-type v4-32 \

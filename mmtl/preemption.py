@@ -4,7 +4,7 @@ Machines announce that they go away with SIGTERM: a spot or preemptible VM's pre
 a TPU maintenance event, SLURM's `--signal` ahead of the time limit, `scancel`,
 `launch/tpu_vm.sh stop`; Ctrl-C (a notebook's "interrupt") sends SIGINT. Killed at once,
 a run loses every step since its last checkpoint. Inside `StopSignals` a signal only asks
-the run to stop: the train loop calls `reached(step)` after every step and, once it is
+the run to stop: the train loop calls `reached()` after every step and, once it is
 True, saves that step and exits with EXIT_CODE, so the same command continues from it.
 
 Several processes (jax.distributed) must all save the same step. JAX's preemption
@@ -44,8 +44,8 @@ def _write_stderr(message: str) -> None:
 class StopSignals:
   """Within `with StopSignals():`, SIGTERM and SIGINT ask the run to stop after a step.
 
-  `reached(step)`, called after every step with increasing steps, is True at the step to
-  save and stop at, the same one on every process. Outside the block (setup, the final
+  `reached()`, called once after every step, is True after the step to save and stop at,
+  the same one on every process. Outside the block (setup, the final
   evaluation) one process keeps Python's handlers: a signal stops it at once, with
   nothing unsaved to lose. JAX's preemption service keeps catching SIGTERM for the
   whole life of a jax.distributed process, so there a SIGTERM outside the block is
@@ -55,6 +55,10 @@ class StopSignals:
   def __init__(self) -> None:
     self.received: str | None = None  # The first signal's name (one process only).
     self._synced = False
+    # Steps run inside the block: the counter JAX's preemption service agrees on. Not the
+    # train step: a notice that arrives before the first call is placed after counter 0,
+    # which a resumed run's step numbers would never meet again.
+    self._steps = 0
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> StopSignals:
@@ -79,10 +83,12 @@ class StopSignals:
       signal.signal(signum, handler)
     self._previous.clear()
 
-  def reached(self, step: int) -> bool:
-    """Whether to save `step` and stop: the same answer at the same step on every process."""
+  def reached(self) -> bool:
+    """Whether to save the step just run and stop: the same answer at the same step on
+    every process."""
+    self._steps += 1
     if self._synced:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(self._steps)
     return self.received is not None
 
   def describe(self) -> str:

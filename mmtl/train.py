@@ -457,7 +457,7 @@ def _train_loop(
         ckpt.check_for_errors()  # A failed background save stops the run at once.
         # A signal: save this step (the same on every host) now, skipping its evaluations, so
         # the save completes within a preemption's grace period.
-        signalled = stop_signals.reached(done)
+        signalled = stop_signals.reached()
 
         due = [] if signalled else [e for e in evaluators if e.due(done, total_steps)]
         save_now = (

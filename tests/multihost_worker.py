@@ -82,7 +82,8 @@ def main(workdir: str) -> None:
 def run_trainer(workdir: str, config_path: str, preempt: str = "") -> None:
   """The trainer; `preempt`="preempt": process 1 gets SIGTERM at its first batch, as a
   preempted host would, and each later batch takes a second (time for the notice to reach
-  process 0 before the run ends). Exits with the trainer's status."""
+  process 0 before the run ends); "preempt_at_start": SIGTERM while the trainer starts,
+  before its first step. Exits with the trainer's status."""
   import signal
   import time
 
@@ -96,8 +97,8 @@ def run_trainer(workdir: str, config_path: str, preempt: str = "") -> None:
   distributed.maybe_initialize()
   if preempt and jax.process_index() == 1:
 
-    def preempted_host(n, batch):  # n = 1 is the trainer's shape probe.
-      if n == 2:
+    def preempted_host(n, batch):  # n = 1 is the trainer's shape probe, before the loop.
+      if n == (1 if preempt == "preempt_at_start" else 2):
         os.kill(os.getpid(), signal.SIGTERM)
       elif n > 2:
         time.sleep(1)

@@ -130,7 +130,8 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
 def trainer_runs(tmp_path_factory, tiny_bert_dir):
   """Workdirs of the real trainer, 4 steps (2 epochs) on 4 CPU devices: "two" as 2 processes x 2
   devices, "one" as 1 process x 4, "resumed" on 1 process from the 2-process run's step 2,
-  "preempted" as "two" with a SIGTERM to process 1, then the same command again."""
+  "preempted" as "two" with a SIGTERM to process 1, then the same command again with a SIGTERM
+  before its first step, then once more to the end."""
   root = tmp_path_factory.mktemp("trainer")
   data_dir = str(root / "tfds")
   data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
@@ -154,6 +155,8 @@ def trainer_runs(tmp_path_factory, tiny_bert_dir):
   _launch(runs["resumed"], str(root / "config.json"), num_processes=1, devices=4)
   _launch(runs["preempted"], str(root / "config.json"), "preempt", devices=2, expect=75)
   shutil.copytree(runs["preempted"], root / "stopped")  # As the signal left it.
+  _launch(runs["preempted"], str(root / "config.json"), "preempt_at_start", devices=2, expect=75)
+  shutil.copytree(runs["preempted"], root / "stopped_again")
   _launch(runs["preempted"], str(root / "config.json"), devices=2)
   return runs
 
@@ -237,6 +240,11 @@ def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(traine
     assert f"to one of the 2 processes after step {step} of 4: saved checkpoint step {step}" in log
   assert step < 4 and sorted(metrics.read(str(stopped))["train/loss"]) == list(range(1, step + 1))
   assert not (stopped / "lock.json").exists()  # Released before either process exited.
+  # Resumed, and signalled before its first step: it stops after that step.
+  again = trainer_runs["preempted"].parent / "stopped_again"
+  with checkpoint.CheckpointManager(again / "checkpoints", read_only=True) as saved:
+    assert saved.latest_step() == step + 1 and saved.verify(step + 1)
+  assert f"after step {step + 1} of 4: saved" in (again / "log_0.txt").read_text()
   # The same command again: every step once, and the params of the uninterrupted run, bit for bit.
   assert sorted(metrics.read(str(trainer_runs["preempted"]))["train/loss"]) == [1, 2, 3, 4]
   params = [

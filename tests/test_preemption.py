@@ -16,9 +16,9 @@ from mmtl import preemption
 def test_one_process_stops_at_the_next_step_and_puts_the_handlers_back(capfd):
   before = {s: signal.getsignal(s) for s in preemption.SIGNALS}
   with preemption.StopSignals() as stop:
-    assert not stop.reached(1)
+    assert not stop.reached()
     os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt: a request to stop.
-    assert stop.reached(2) and stop.received == "SIGINT" and stop.describe() == "SIGINT"
+    assert stop.reached() and stop.received == "SIGINT" and stop.describe() == "SIGINT"
     os.kill(os.getpid(), signal.SIGTERM)  # A second signal (during the save) is only noted.
     assert stop.received == "SIGINT"
   assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == before
@@ -33,7 +33,8 @@ def test_one_process_stops_at_the_next_step_and_puts_the_handlers_back(capfd):
 
 def test_jax_distributed_processes_agree_through_jax_preemption_service(monkeypatch):
   """SIGTERM is left to JAX's preemption service, SIGINT passed on to it as SIGTERM, and the
-  step to stop at is the service's."""
+  step to stop at is the service's, counted in steps run since the start (a resumed run's
+  first step is 1 too)."""
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
   monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 3)
   kills = []
@@ -43,7 +44,7 @@ def test_jax_distributed_processes_agree_through_jax_preemption_service(monkeypa
     assert signal.getsignal(signal.SIGTERM) is sigterm
     signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     assert kills == [(os.getpid(), signal.SIGTERM)]
-    assert [stop.reached(step) for step in (1, 2, 3)] == [False, False, True]
+    assert [stop.reached() for _ in range(4)] == [False, False, True, False]
     assert stop.received is None and "SIGTERM or SIGINT to one of the" in stop.describe()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -54,7 +55,7 @@ def test_outside_the_main_thread_signals_are_left_alone():
   def run():
     with preemption.StopSignals() as stop:
       handlers.append(signal.getsignal(signal.SIGTERM))
-      reached.append(stop.reached(1))
+      reached.append(stop.reached())
 
   thread = threading.Thread(target=run)
   thread.start()
