@@ -45,11 +45,11 @@ class StopSignals:
   """Within `with StopSignals():`, SIGTERM and SIGINT ask the run to stop after a step.
 
   `reached()`, called once after every step, is True after the step to save and stop at,
-  the same one on every process. Outside the block (setup, the final
-  evaluation) one process keeps Python's handlers: a signal stops it at once, with
-  nothing unsaved to lose. JAX's preemption service keeps catching SIGTERM for the
-  whole life of a jax.distributed process, so there a SIGTERM outside the block is
-  logged and has no effect.
+  the same one on every process. Outside the block (setup, the final evaluation) one
+  process keeps Python's handlers: a signal stops it at once, with nothing unsaved to
+  lose. JAX's preemption service catches SIGTERM for the whole life of a jax.distributed
+  process: there a SIGTERM before the block stops the run after its first step, and one
+  after it is logged and has no effect.
   """
 
   def __init__(self) -> None:

@@ -80,10 +80,9 @@ def main(workdir: str) -> None:
 
 
 def run_trainer(workdir: str, config_path: str, preempt: str = "") -> None:
-  """The trainer; `preempt`="preempt": process 1 gets SIGTERM at its first batch, as a
-  preempted host would, and each later batch takes a second (time for the notice to reach
-  process 0 before the run ends); "preempt_at_start": SIGTERM while the trainer starts,
-  before its first step. Exits with the trainer's status."""
+  """The trainer; `preempt`="preempt": process 1 gets SIGTERM while the trainer starts, as a
+  preempted host would, and each batch after takes a second (time for the notice to reach
+  process 0 before the run ends). Exits with the trainer's status."""
   import signal
   import time
 
@@ -98,9 +97,9 @@ def run_trainer(workdir: str, config_path: str, preempt: str = "") -> None:
   if preempt and jax.process_index() == 1:
 
     def preempted_host(n, batch):  # n = 1 is the trainer's shape probe, before the loop.
-      if n == (1 if preempt == "preempt_at_start" else 2):
+      if n == 1:
         os.kill(os.getpid(), signal.SIGTERM)
-      elif n > 2:
+      else:
         time.sleep(1)
       return batch
 
