@@ -230,14 +230,17 @@ def test_when_maybe_initialize_initializes(monkeypatch):
 @pytest.mark.slow
 def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(trainer_runs):
   """A resumed run whose process 1 is signalled before the first step: both processes save
-  that step (3) and exit 75; the same command then ends with the uninterrupted run's params."""
+  the same step and exit 75; the same command then ends with the uninterrupted run's params.
+  The step is 3 (the first) unless process 0 ran a step before the notice reached it (JAX's
+  service polls for SIGTERM every second): then 4."""
   stopped = trainer_runs["preempted"].parent / "stopped"
   with checkpoint.CheckpointManager(stopped / "checkpoints", read_only=True) as saved:
-    assert saved.all_steps() == [2, 3] and saved.verify(3)
-  for i in range(2):  # Both processes stopped after step 3, though only process 1 was signalled.
+    step = saved.latest_step()
+    assert step in (3, 4) and saved.verify(step)
+  for i in range(2):  # Both processes stopped after that step; only process 1 was signalled.
     log = (stopped / f"log_{i}.txt").read_text()
-    assert "to one of the 2 processes after step 3 of 4: saved checkpoint step 3" in log, log
-  assert sorted(metrics.read(str(stopped))["train/loss"]) == [3]
+    assert f"to one of the 2 processes after step {step} of 4: saved checkpoint step" in log, log
+  assert sorted(metrics.read(str(stopped))["train/loss"]) == list(range(3, step + 1))
   assert not (stopped / "lock.json").exists()  # Released before either process exited.
   # The same command again: step 4, and the params of the uninterrupted run, bit for bit.
   assert sorted(metrics.read(str(trainer_runs["preempted"]))["train/loss"]) == [3, 4]
