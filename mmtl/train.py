@@ -102,21 +102,20 @@ def hold_workdir(workdir: str):
       )
   if error is not None:
     raise error
+  stopped = False
   try:
     yield
   except Stopped:
-    if lock is not None:
-      lock.release()
-      lock = None
-    if jax.process_count() > 1:
-      # Every host stops at the same step; none exits before all saved and the lock is
-      # released (a launcher such as `srun --kill-on-bad-exit` ends the others at the first
-      # exit, and a requeued job on other nodes could not take over a left lock).
-      multihost_utils.sync_global_devices("mmtl.train.stopped")
+    stopped = True
     raise
   finally:
     if lock is not None:
       lock.release()
+    if stopped and jax.process_count() > 1:
+      # Every host stops at the same step; none exits before all saved and the lock is
+      # released (a launcher such as `srun --kill-on-bad-exit` ends the others at the first
+      # exit, and a requeued job on other nodes could not take over a left lock).
+      multihost_utils.sync_global_devices("mmtl.train.stopped")
 
 
 def describe_towers(model_cfg: Mapping[str, Any], model_init: Mapping[str, Any]) -> str:
@@ -514,8 +513,7 @@ def _train_loop(
             f"{config.early_stopping.min_delta} in the last {evals_since_best} evaluations."
           )
           break
-        if signalled:
-          ckpt.wait()
+        if signalled:  # The `finally` below commits the save before Stopped leaves.
           writer.close()
           raise Stopped(
             f"{stop_signals.describe()} after step {done} of {total_steps}: saved checkpoint "
