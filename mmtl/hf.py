@@ -131,9 +131,25 @@ def build_module(
   The class is `mmtl.models.registry.MODELS[config["model_type"]]`. `tower` picks
   one tower of a multi-tower family (CLIP: "vision" or "text"); `module_kw` sets
   module attributes such as `remat`, `attention_impl`, `add_pooling_layer` (BERT, RoBERTa,
-  XLM-R, ViT, DeiT).
+  XLM-R, ViT, DeiT, BEiT). A checkpoint (not a config dict) shapes the module: optional
+  parts it does not hold (the pooler of a ViTForImageClassification or a
+  RobertaForMaskedLM) are left out unless `module_kw` asks for them (`left_out` says which).
   """
-  d = _hf_config(name_or_path_or_config, revision)
+  if isinstance(name_or_path_or_config, Mapping):
+    return _build(dict(name_or_path_or_config), tower, dtype, param_dtype, module_kw)
+  folder = resolve(name_or_path_or_config, revision)
+  module = _build(read_config(folder), tower, dtype, param_dtype, module_kw)
+  return fit_to_checkpoint(module, checkpoint_keys(folder), module_kw)
+
+
+def _build(
+  d: dict[str, Any],
+  tower: str | None,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  module_kw: Mapping[str, Any],
+) -> nn.Module:
+  """The module of config.json `d` with every optional part (see `build_module`)."""
   model_type = d.get("model_type")
   if model_type not in registry.MODELS:
     raise CheckpointError(
@@ -149,6 +165,40 @@ def build_module(
   return module_cls(
     module_cls.config_class.from_hf(d), dtype=dtype, param_dtype=param_dtype, **module_kw
   )
+
+
+def fit_to_checkpoint(
+  module: nn.Module, keys: Iterable[str], chosen: Iterable[str] = ()
+) -> nn.Module:
+  """`module` without the optional parts (its class's `optional_parts`: {attribute: param
+  subtree}) of which the checkpoint, whose state-dict `keys` are given, holds no weight.
+  Attributes in `chosen` (set by the user) are kept as they are: a part asked for that the
+  checkpoint lacks is then reported missing when loading."""
+  if not getattr(module, "optional_parts", None):
+    return module
+  names = variable_names(module)
+  hf_keys = {key for per_collection in names.values() for key in per_collection.values()}
+  present = set(_match_names(dict.fromkeys(keys), module, hf_keys))
+  off = {}
+  for attr, part in getattr(module, "optional_parts", {}).items():
+    if attr in chosen or not getattr(module, attr):
+      continue
+    part_keys = {
+      key for per in names.values() for path, key in per.items() if path.startswith(f"{part}/")
+    }
+    if part_keys and not part_keys & present:
+      off[attr] = False
+  return module.clone(**off) if off else module
+
+
+def left_out(module: nn.Module, chosen: Iterable[str] = ()) -> dict[str, str]:
+  """{attribute: part} of the optional parts `module` was built without that `chosen` did not
+  ask to leave out: those `fit_to_checkpoint` left out."""
+  return {
+    attr: part
+    for attr, part in getattr(module, "optional_parts", {}).items()
+    if attr not in chosen and not getattr(module, attr)
+  }
 
 
 def _towers(module_cls: type[nn.Module]) -> dict[str, tuple[str, type[nn.Module]]]:
@@ -264,6 +314,19 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
   )
 
 
+def checkpoint_keys(folder: Path) -> set[str]:
+  """The state-dict keys of the checkpoint's weights: from the safetensors header or the
+  index (no tensor read); a Flax msgpack is read whole."""
+  for name in WEIGHT_FILES[:2]:
+    file = folder / name
+    if file.exists() and name.endswith(".index.json"):
+      return set(json.loads(file.read_text())["weight_map"])
+    if file.exists():
+      with safetensors.safe_open(file, "numpy") as f:
+        return set(f.keys())
+  return set(read_weights(folder))
+
+
 # --- Name and layout mapping -----------------------------------------------------
 
 
@@ -298,6 +361,14 @@ def _align_prefix(
   return max(candidates, key=lambda s: len(hf_keys.intersection(s)))
 
 
+def _match_names(state: dict[str, Any], module: nn.Module, hf_keys: set[str]) -> dict[str, Any]:
+  """`state` under the names `hf_keys` uses: HF Flax aliases renamed, the encoder's prefix
+  stripped or added."""
+  for pattern, replacement in getattr(module, "hf_flax_aliases", ()):
+    state = {k if k in hf_keys else re.sub(pattern, replacement, k): v for k, v in state.items()}
+  return _align_prefix(state, hf_keys, module.hf_base_prefix)
+
+
 def from_hf_state(
   state: dict[str, np.ndarray],
   module: nn.Module,
@@ -308,11 +379,9 @@ def from_hf_state(
   `variable_names(module)`, e.g. its head's)."""
   names = variable_names(module) if names is None else names
   keys = {key for per_collection in names.values() for key in per_collection.values()}
-  for pattern, replacement in getattr(module, "hf_flax_aliases", ()):
-    state = {k if k in keys else re.sub(pattern, replacement, k): v for k, v in state.items()}
   if hasattr(module, "from_hf_layout"):  # GPT-2: Conv1D weights, fused c_attn
     state = module.from_hf_layout(state)
-  state = _align_prefix(state, keys, module.hf_base_prefix)
+  state = _match_names(state, module, keys)
   skipped = sorted(set(state) - keys)
   if skipped:
     logging.info("Checkpoint entries outside %s, not loaded: %s", type(module).__name__, skipped)
@@ -399,9 +468,11 @@ def merge_checkpoint(
     )
   if problems:
     fix = fix or (
-      "Build the module from the checkpoint's config.json (mmtl.hf.build_module), or list the "
-      "params to leave out in dont_load (regexes on the encoder's param paths, e.g. "
-      "dont_load=['pooler/.*']): those keep their initialized values."
+      "Build the module from the checkpoint's config.json (mmtl.hf.build_module of the folder, "
+      "which leaves out optional parts the checkpoint does not hold unless an option such as "
+      "add_pooling_layer=True asks for them), or list the params to leave out in dont_load "
+      "(regexes on the encoder's param paths, e.g. dont_load=['pooler/.*']): those keep their "
+      "initialized values."
     )
     raise CheckpointError(
       f"Checkpoint {source} does not fit the model: {'. '.join(problems)}. {fix}"
@@ -466,9 +537,9 @@ def load_pretrained(
   Variables matched by `dont_load` are initialized with `rng` (default PRNGKey(0)).
   """
   folder = resolve(name_or_path, revision)
-  config = read_config(folder)
-  module = build_module(config, tower=tower, dtype=dtype, param_dtype=param_dtype, **module_kw)
-  loaded = from_hf_state(read_weights(folder), module)
+  config, state = read_config(folder), read_weights(folder)
+  module = fit_to_checkpoint(_build(config, tower, dtype, param_dtype, module_kw), state, module_kw)
+  loaded = from_hf_state(state, module)
   return module, _load_variables(module, loaded, folder, dont_load, rng), config
 
 

@@ -118,17 +118,30 @@ def hold_workdir(workdir: str):
       multihost_utils.sync_global_devices("mmtl.train.stopped")
 
 
-def describe_towers(model_cfg: Mapping[str, Any], model_init: Mapping[str, Any]) -> str:
-  """Which towers (and decoder) run, from which weights, and which are configured but left
-  out."""
+def describe_towers(
+  model_cfg: Mapping[str, Any], model_init: Mapping[str, Any], model: fusion.FusionModel
+) -> str:
+  """Which towers (and decoder) run, from which weights, built without which optional parts
+  (those their checkpoint does not hold, mmtl.hf.left_out), and which are configured but
+  left out."""
 
-  def line(what: str, name: Any, init: Any, extra: str = "") -> str:
+  def line(what: str, name: Any, init: Any, extra: str = "", without: Any = ()) -> str:
     arch = name.get("model_type", "config dict") if hasattr(name, "get") else name
     init = init.get("name") if hasattr(init, "get") else init
-    return f"  {what}: {arch}{extra} ({f'weights from {init}' if init else 'random init'})"
+    weights = f"weights from {init}" if init else "random init"
+    left_out = "".join(f"; no {part}: the checkpoint holds none" for part in without)
+    return f"  {what}: {arch}{extra} ({weights}{left_out})"
 
   used = fusion.selected_towers(model_cfg)
-  lines = [line(m, t["name"], model_init.get(f"{m}_encoder")) for m, t in used.items()]
+  lines = [
+    line(
+      m,
+      t["name"],
+      model_init.get(f"{m}_encoder"),
+      without=hf.left_out(model.tower(m), chosen=t.get("kwargs") or {}).values(),
+    )
+    for m, t in used.items()
+  ]
   if model_cfg["head"] == "captioning":
     decoder = model_cfg["decoder"]
     cross = " with cross-attention" if decoder.get("cross_attention", True) else ""
@@ -350,7 +363,11 @@ def _train(config: mlc.ConfigDict, workdir: str, allow_config_change: bool) -> d
   if changes and saved_steps and not allow_config_change:
     raise config_lib.refuse_change(workdir, changes)
   v = validate(config, fresh=not saved_steps)
-  note(describe_towers(config.model, config.model_init))
+  note(describe_towers(config.model, config.model_init, v.model))
+  if saved_steps:
+    train_state.check_tower_parts(
+      v.model, config.model, train_state.saved_params(ckpt_dir, saved_steps[-1]), ckpt_dir
+    )
   if changes and saved_steps:
     latest = saved_steps[-1]
     phase = v.build_phase(max(latest - 1, 0))

@@ -279,9 +279,40 @@ def load_run(
   )
   model = fusion.build(config.model)
   layout = param_layout(model, config, mesh)
+  directory = workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR)
+  step = checkpoint_step(workdir, step)
+  check_tower_parts(model, config.model, saved_params(directory, step), directory)
   variables = checkpoint.restore_variables(
-    workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR),
-    step=checkpoint_step(workdir, step),
-    shardings=layout.variables("shardings"),
+    directory, step=step, shardings=layout.variables("shardings")
   )
   return model, variables
+
+
+def saved_params(directory: str, step: int) -> list[str]:
+  """The param paths of checkpoint `step` in `directory` (from its metadata; none if that
+  cannot be read: restoring it then says why)."""
+  try:
+    with checkpoint.CheckpointManager(directory, read_only=True) as manager:
+      return list(rules.flatten(manager.item_metadata(step, "params")))
+  except Exception:  # noqa: BLE001 - a missing or corrupt step is for the restore to report
+    return []
+
+
+def check_tower_parts(
+  model: fusion.FusionModel, model_cfg: Mapping[str, Any], saved: list[str], source: str
+) -> None:
+  """A run's checkpoint that holds a tower part the tower is now built without (its HF
+  checkpoint holds none, so mmtl.hf leaves it out; a run whose pooler was kept with
+  dont_load has one) restores only once the tower builds it again: one line naming the
+  option that does."""
+  for m in model.modalities:
+    tower = model_cfg["towers"][m]
+    for attr, part in hf.left_out(model.tower(m), tower.get("kwargs") or {}).items():
+      if any(p.startswith(f"{m}_encoder/{part}/") for p in saved):
+        option = f"config.model.towers.{m}.kwargs.{attr}=True"
+        raise config_lib.ConfigError(
+          f"The checkpoint in {source} holds {m}_encoder/{part}, but the {m} tower is built "
+          f"without its {part}, as {tower['name']} holds none: set {option} to build it "
+          f"(mmtl.train --{option} --allow_config_change saves it in the run's config.json, "
+          "which mmtl.evaluate and mmtl.export read; or edit config.json)."
+        )

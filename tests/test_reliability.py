@@ -17,6 +17,7 @@ import pytest
 from mmtl import checkpoint, data, evaluate, metrics, preemption, process, train
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
+from mmtl.models import fusion
 from tests.test_train import (  # noqa: F401
   TINY_VIT,
   losses,
@@ -262,10 +263,32 @@ def test_evaluation_with_changed_settings_writes_its_own_file(short_run, tmp_pat
 
 
 def test_the_summary_names_unused_towers(short_run):
-  model = config_lib.with_defaults(bad(short_run[1], **{"model.modalities": "image"})).model
-  text = train.describe_towers(model, short_run[1].model_init)
+  model_cfg = config_lib.with_defaults(bad(short_run[1], **{"model.modalities": "image"})).model
+  text = train.describe_towers(model_cfg, short_run[1].model_init, fusion.build(model_cfg))
   assert "image: vit (random init)" in text
   assert "configured but unused (config.model.modalities='image'): text" in text
+
+
+def test_a_run_saved_with_a_part_its_tower_now_leaves_out(short_run, tmp_path):
+  """A run whose tower had a pooler (kept with dont_load) while its checkpoint now builds the
+  tower without one: resuming or evaluating it is one line naming the option that builds it,
+  and nothing is written."""
+  import torch
+  import transformers
+
+  folder = tmp_path / "vit_classifier"  # short_run's image tower, saved without a pooler
+  torch.manual_seed(0)
+  vit = {k: v for k, v in TINY_VIT.items() if k != "model_type"}
+  transformers.ViTForImageClassification(transformers.ViTConfig(**vit)).save_pretrained(folder)
+  workdir = copy_run(short_run, tmp_path)
+  before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+  config = bad(short_run[1], **{"model.towers.image.name": str(folder)})
+  fix = "set config.model.towers.image.kwargs.add_pooling_layer=True to build it"
+  with pytest.raises(config_lib.ConfigError, match=f"holds image_encoder/pooler.*{fix}"):
+    train.train(config, str(workdir), allow_config_change=True)
+  with pytest.raises(config_lib.ConfigError, match=fix):
+    evaluate.evaluate(config, str(workdir))
+  assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
 
 
 def run_cli(*args, cwd=REPO, timeout=300):

@@ -324,6 +324,8 @@ class BeitModel(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
   hf_architecture: ClassVar[str] = "BeitModel"
   hf_base_prefix: ClassVar[str] = "beit"  # BeitForImageClassification nests the encoder here
+  # Built only if the checkpoint holds it (mmtl.hf): {module attribute: param subtree}.
+  optional_parts: ClassVar[dict[str, str]] = {"add_pooling_layer": "pooler"}
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     return layers.image_dummy_inputs(self.config)

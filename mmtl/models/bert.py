@@ -123,6 +123,8 @@ class BertModel(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
   hf_architecture: ClassVar[str] = "BertModel"
   hf_base_prefix: ClassVar[str] = "bert"  # task checkpoints (BertForX) nest the encoder here
+  # Built only if the checkpoint holds it (mmtl.hf): {module attribute: param subtree}.
+  optional_parts: ClassVar[dict[str, str]] = {"add_pooling_layer": "pooler"}
   embeddings_class: ClassVar[type[BertEmbeddings]] = BertEmbeddings  # RoBERTa: its position ids
 
   def dummy_inputs(self) -> dict[str, jax.Array]:

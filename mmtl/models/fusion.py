@@ -111,7 +111,8 @@ def pool(out: Mapping[str, jax.Array], mask: jax.Array, how: str) -> jax.Array:
   if how == "pooler":
     if out.get("pooler_output") is None:
       raise ValueError(
-        "pool='pooler' on a tower without a pooler (e.g. DistilBERT, or add_pooling_layer=False): "
+        "pool='pooler' on a tower without a pooler (DistilBERT; a checkpoint that holds none, "
+        "such as a ViTForImageClassification or RobertaForMaskedLM; add_pooling_layer=False): "
         "set config.model.towers.<modality>.pool='cls' or 'mean'."
       )
     return out["pooler_output"]

@@ -126,6 +126,8 @@ class ViTModel(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
   hf_architecture: ClassVar[str] = "ViTModel"
   hf_base_prefix: ClassVar[str] = "vit"  # ViTForImageClassification nests the encoder here
+  # Built only if the checkpoint holds it (mmtl.hf): {module attribute: param subtree}.
+  optional_parts: ClassVar[dict[str, str]] = {"add_pooling_layer": "pooler"}
   embeddings_class: ClassVar[type[ViTEmbeddings]] = ViTEmbeddings
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
