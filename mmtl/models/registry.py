@@ -1,7 +1,8 @@
 """The model families mmtl implements: HF `model_type` -> module class.
 
 A family is its own file in mmtl/models/ (a module class with `config_class`,
-`hf_names()`, `hf_architecture`, `hf_base_prefix`, `dummy_inputs()`; towers
+`hf_names()`, `hf_architecture`, `hf_base_prefix`, `dummy_inputs()`, and
+`optional_parts` where a checkpoint may lack a part such as the pooler; towers
 implement mmtl.models.encoder.Encoder) plus one line here. mmtl.hf builds any
 checkpoint's module from this table; a class with `towers` (CLIP) also gives
 its towers alone (`tower=`).
