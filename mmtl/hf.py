@@ -36,7 +36,7 @@ import numpy as np
 import safetensors.numpy
 
 from mmtl import rules
-from mmtl.models import registry
+from mmtl.models import registry, weights
 
 Dtype = Any
 
@@ -177,14 +177,14 @@ def fit_to_checkpoint(
   if not getattr(module, "optional_parts", None):
     return module
   names = variable_names(module)
-  hf_keys = {key for per_collection in names.values() for key in per_collection.values()}
+  hf_keys = _keys(names)
   present = set(_match_names(dict.fromkeys(keys), module, hf_keys))
   off = {}
   for attr, part in getattr(module, "optional_parts", {}).items():
     if attr in chosen or not getattr(module, attr):
       continue
     part_keys = {
-      key for per in names.values() for path, key in per.items() if path.startswith(f"{part}/")
+      n.key for per in names.values() for path, n in per.items() if path.startswith(f"{part}/")
     }
     if part_keys and not part_keys & present:
       off[attr] = False
@@ -247,8 +247,8 @@ def variable_shapes(module: nn.Module) -> dict[str, Any]:
   return jax.eval_shape(lambda r: _init(module, r), jax.random.PRNGKey(0))
 
 
-def variable_names(module: nn.Module) -> dict[str, dict[str, str]]:
-  """{collection: {path: HF state-dict key}}: `hf_names()` under "params", and a BatchNorm
+def variable_names(module: nn.Module) -> dict[str, dict[str, weights.HFName]]:
+  """{collection: {path: HF name}}: `hf_names()` under "params", and a BatchNorm
   family's `hf_batch_stats_names()` (its running statistics, torch buffers) under
   "batch_stats"."""
   names = {"params": module.hf_names()}
@@ -277,7 +277,9 @@ def _from_flax_layout(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for path, x in rules.flatten(subtree).items():
       *module, leaf = path.split("/")
       # HF Flax kernels are laid out as mmtl's: the same transposes give torch's.
-      state[".".join([*module, leaves.get(leaf, leaf)])] = _to_torch(path, np.asarray(x))
+      transform = weights.by_rank(np.ndim(x)) if leaf == "kernel" else weights.Transform.IDENTITY
+      key = ".".join([*module, leaves.get(leaf, leaf)])
+      state[key] = weights.to_torch([np.asarray(x)], weights.HFName(key, transform))
   return state
 
 
@@ -330,18 +332,9 @@ def checkpoint_keys(folder: Path) -> set[str]:
 # --- Name and layout mapping -----------------------------------------------------
 
 
-def _to_flax(path: str, x: np.ndarray) -> np.ndarray:
-  if path.endswith("/kernel"):
-    return (
-      x.T if x.ndim == 2 else x.transpose(2, 3, 1, 0)
-    )  # torch (out, in, kh, kw) -> (kh, kw, in, out)
-  return x
-
-
-def _to_torch(path: str, x: np.ndarray) -> np.ndarray:
-  if path.endswith("/kernel"):
-    x = x.T if x.ndim == 2 else x.transpose(3, 2, 0, 1)
-  return np.ascontiguousarray(x).reshape(x.shape)  # safetensors wants C order; keep 0-d as 0-d
+def _keys(names: Mapping[str, Mapping[str, weights.HFName]]) -> set[str]:
+  """The state-dict keys of {collection: {path: HF name}}."""
+  return {n.key for per_collection in names.values() for n in per_collection.values()}
 
 
 def _align_prefix(
@@ -372,25 +365,35 @@ def _match_names(state: dict[str, Any], module: nn.Module, hf_keys: set[str]) ->
 def from_hf_state(
   state: dict[str, np.ndarray],
   module: nn.Module,
-  names: Mapping[str, Mapping[str, str]] | None = None,
+  names: Mapping[str, Mapping[str, weights.HFName]] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
   """{collection: {mmtl path: array}} for every variable of `module`'s family found in a
-  torch-style state dict (`names`: {collection: {path: HF key}} to read instead of
-  `variable_names(module)`, e.g. its head's)."""
+  torch-style state dict, each read by its name's transform (`names`: {collection: {path:
+  HF name}} to read instead of `variable_names(module)`, e.g. its head's)."""
   names = variable_names(module) if names is None else names
-  keys = {key for per_collection in names.values() for key in per_collection.values()}
-  if hasattr(module, "from_hf_layout"):  # GPT-2: Conv1D weights, fused c_attn
-    state = module.from_hf_layout(state)
+  keys = _keys(names)
   state = _match_names(state, module, keys)
   skipped = sorted(set(state) - keys)
   if skipped:
     logging.info("Checkpoint entries outside %s, not loaded: %s", type(module).__name__, skipped)
   return {
     collection: {
-      path: _to_flax(path, np.asarray(state[key])) for path, key in paths.items() if key in state
+      path: _read(path, np.asarray(state[name.key]), name)
+      for path, name in paths.items()
+      if name.key in state
     }
     for collection, paths in names.items()
   }
+
+
+def _read(path: str, x: np.ndarray, name: weights.HFName) -> np.ndarray:
+  try:
+    return weights.to_flax(x, name)
+  except ValueError as e:
+    raise CheckpointError(
+      f"{e} ({path}): the checkpoint is not of the family its config.json names, or its "
+      "weights were re-saved in another layout. Re-save it with transformers."
+    ) from None
 
 
 def to_hf_state(module: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -408,7 +411,7 @@ def to_hf_state(module: nn.Module, variables: Mapping[str, Any]) -> dict[str, np
       f"{type(module).__name__} variables lack the {missing} collection(s): pass them "
       "with the params (the train state's batch_stats), or transformers gets no statistics."
     )
-  state = {}
+  tensors: dict[weights.HFName, dict[tuple[int, int], np.ndarray]] = {}  # {name: {part: x}}
   for collection, tree in variables.items():
     flat = rules.flatten(tree)
     unknown = [p for p in flat if p not in names.get(collection, {})]
@@ -417,9 +420,18 @@ def to_hf_state(module: nn.Module, variables: Mapping[str, Any]) -> dict[str, np
         f"{collection} with no HF name in {type(module).__name__}: {unknown[:10]}. Export "
         "the encoder's own variables (e.g. params['image_encoder']), with LoRA merged."
       )
-    state.update({names[collection][p]: _to_torch(p, np.asarray(x)) for p, x in flat.items()})
-  if hasattr(module, "to_hf_layout"):
-    state = module.to_hf_layout(state)
+    for p, x in flat.items():
+      name = names[collection][p]
+      tensors.setdefault(name._replace(part=None), {})[(name.part or (0, 1))] = np.asarray(x)
+  state = {}
+  for name, parts in tensors.items():
+    n = next(iter(parts))[1]
+    if sorted(parts) != [(i, n) for i in range(n)]:
+      raise CheckpointError(
+        f"{name.key} is fused from {n} params, but the variables give slices "
+        f"{sorted(i for i, _ in parts)}: export every param of the encoder."
+      )
+    state[name.key] = weights.to_torch([parts[i, n] for i in range(n)], name)
   # torch's BatchNorm also saves a step counter (unused with its momentum set): write one,
   # so transformers finds every buffer it expects.
   for key in [k for k in state if k.endswith(".running_mean")]:

@@ -148,7 +148,7 @@ def test_parity_training(name, checkpoints):
   updated = rules.flatten(updates["batch_stats"])
   assert set(updated) == set(names)
   for p, x in updated.items():
-    np.testing.assert_allclose(x, state[names[p]], **TOL, err_msg=p)
+    np.testing.assert_allclose(x, state[names[p].key], **TOL, err_msg=p)
     assert not np.allclose(x, rules.flatten(variables["batch_stats"])[p])
 
 

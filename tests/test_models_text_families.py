@@ -215,7 +215,7 @@ def test_reads_hf_flax_msgpack(family, checkpoints, tmp_path):
   initialization of the table is transformers' table."""
   path, _ = checkpoints[family]
   module, variables, config = hf.load_pretrained(path)
-  to_mmtl = {key: p for p, key in module.hf_names().items()}
+  to_mmtl = {name.key: p for p, name in module.hf_names().items()}
   flat = {}
   for key, x in hf.read_weights(Path(path)).items():
     *parents, _ = key.split(".")

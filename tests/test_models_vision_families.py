@@ -183,7 +183,7 @@ def test_dinov2_reads_hf_flax_msgpack(checkpoints, tmp_path):
   module, variables, config = hf.load_pretrained(path)
   flat = {}
   for p, x in rules.flatten(variables["params"]).items():
-    *parents, leaf = module.hf_names()[p].split(".")
+    *parents, leaf = module.hf_names()[p].key.split(".")
     flat["/".join([*parents, p.rsplit("/", 1)[1] if leaf == "weight" else leaf])] = np.asarray(x)
   (tmp_path / "flax_model.msgpack").write_bytes(
     flax.serialization.msgpack_serialize(rules.unflatten(flat))

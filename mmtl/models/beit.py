@@ -414,15 +414,15 @@ class BeitModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic, grid=grid)
     return self.finalize(x, mask)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (the names transformers saves and the hub has)."""
     c = self.config
     tokens = ("cls_token",)
     tokens += ("mask_token",) if c.use_mask_token else ()
     tokens += ("position_embeddings",) if c.use_absolute_position_embeddings else ()
-    names = {f"embeddings/{name}": f"embeddings.{name}" for name in tokens}
+    names = layers.hf_params({f"embeddings/{name}": f"embeddings.{name}" for name in tokens})
     names.update(
-      layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
+      layers.hf_conv("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
     )
     names.update(
       layers.hf_layers(
@@ -447,11 +447,11 @@ class BeitModel(layers.EncoderTower):
     for i in range(c.num_hidden_layers):
       del names[f"encoder/layer_{i}/attn/key/bias"]  # BEiT's key has no bias
       if c.use_relative_position_bias:
-        names[f"encoder/layer_{i}/attn/relative_position_bias"] = (
+        names[f"encoder/layer_{i}/attn/relative_position_bias"] = layers.HFName(
           f"encoder.layer.{i}.attention.attention.{table}"
         )
     if c.use_shared_relative_position_bias:
-      names["encoder/relative_position_bias"] = f"encoder.{table}"
+      names["encoder/relative_position_bias"] = layers.HFName(f"encoder.{table}")
     if c.use_mean_pooling:
       names.update(layers.hf_norm("pooler/layernorm", "pooler.layernorm"))
     else:

@@ -175,7 +175,7 @@ class BertModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key}, pooler included (see mmtl.hf)."""
     c = self.config
     names = _embedding_names("")
@@ -199,7 +199,7 @@ HF_LAYER_PARTS = dict(
 )
 
 
-def _embedding_names(prefix: str) -> dict[str, str]:
+def _embedding_names(prefix: str) -> dict[str, layers.HFName]:
   names = {}
   for table in ("word_embeddings", "token_type_embeddings", "position_embeddings"):
     names.update(layers.hf_embed(f"embeddings/{table}", f"{prefix}embeddings.{table}"))
@@ -295,7 +295,7 @@ class BertLMHeadModel(nn.Module):
     logits = self.lm_head(x, self.embeddings.variables["params"]["word_embeddings"]["embedding"])
     return dict(logits=logits, last_hidden_state=x, cache=cache)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     c = self.config
     names = _embedding_names("bert.")
     parts = dict(HF_LAYER_PARTS)
@@ -321,7 +321,7 @@ class BertLMHeadModel(nn.Module):
       names.update(layers.hf_norm(f"{at}/mlp_norm", f"{hf}.{parts['mlp_norm']}"))
     names.update(layers.hf_dense("lm_head/transform", "cls.predictions.transform.dense"))
     names.update(layers.hf_norm("lm_head/transform_norm", "cls.predictions.transform.LayerNorm"))
-    names["lm_head/bias"] = "cls.predictions.bias"
+    names["lm_head/bias"] = layers.HFName("cls.predictions.bias")
     if not c.tie_word_embeddings:
       names.update(layers.hf_dense("lm_head/decoder", "cls.predictions.decoder", bias=False))
     return names

@@ -105,8 +105,8 @@ class CLIPConfig(DualEncoderConfig):
 
 
 def encoder_layer_names(
-  tower: layers.EncoderTower, hf_prefix: str, embeddings: dict[str, str]
-) -> dict[str, str]:
+  tower: layers.EncoderTower, hf_prefix: str, embeddings: dict[str, layers.HFName]
+) -> dict[str, layers.HFName]:
   """`embeddings` + the encoder-layer names of a CLIP-style tower (HF `CLIPEncoderLayer`,
   which SigLIP's copies)."""
   names = dict(embeddings)
@@ -211,12 +211,12 @@ class CLIPVisionModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     p = self.hf_base_prefix
-    emb = {"embeddings/class_embedding": f"{p}.embeddings.class_embedding"}
+    emb = {"embeddings/class_embedding": layers.HFName(f"{p}.embeddings.class_embedding")}
     emb.update(
-      layers.hf_dense("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding", bias=False)
+      layers.hf_conv("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding", bias=False)
     )
     emb.update(
       layers.hf_embed("embeddings/position_embedding", f"{p}.embeddings.position_embedding")
@@ -303,7 +303,7 @@ class CLIPTextModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask, input_ids)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     p = self.hf_base_prefix
     emb = {}
@@ -357,7 +357,7 @@ class DualEncoder(nn.Module):
       k: x for tower in self._unbound_towers().values() for k, x in tower.dummy_inputs().items()
     }
 
-  def tower_hf_names(self) -> dict[str, str]:
+  def tower_hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} of both towers (see mmtl.hf)."""
     return {
       f"{path}/{k}": v
@@ -429,20 +429,20 @@ class CLIPModel(DualEncoder):
       text_model_output=text_out,
     )
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key}, both towers included (see mmtl.hf)."""
-    names = {"logit_scale": "logit_scale"}
+    names = {"logit_scale": layers.HFName("logit_scale")}
     for hf_name in HEAD_PROJECTIONS.values():
       names.update(layers.hf_dense(hf_name, hf_name, bias=False))
     return {**names, **self.tower_hf_names()}
 
-  def head_hf_names(self) -> dict[str, str]:
+  def head_hf_names(self) -> dict[str, layers.HFName]:
     """{param path in a contrastive FusionModel's `head`: HF key}: the projections and the
     temperature, so a CLIP checkpoint gives the whole dual encoder (zero-shot at step 0).
 
     Both store `logit_scale` = log(1 / temperature); logits are exp(logit_scale) * cosine.
     """
-    names = {"logit_scale": "logit_scale"}
+    names = {"logit_scale": layers.HFName("logit_scale")}
     for ours, hf_name in HEAD_PROJECTIONS.items():
       names.update(layers.hf_dense(ours, hf_name, bias=False))
     return names

@@ -261,26 +261,26 @@ class ConvNextModel(layers.ConvTower):
   def pool_features(self, mean: jax.Array) -> jax.Array:
     return self.layernorm(mean)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (the names transformers saves and the hub has)."""
     c = self.config
-    names = dict(layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings"))
+    names = dict(layers.hf_conv("embeddings/patch_embeddings", "embeddings.patch_embeddings"))
     names.update(layers.hf_norm("embeddings/norm", "embeddings.layernorm"))
     for s, j, k in c.blocks():
       path, stage = f"encoder/stage_{s}/layer_{k}", f"encoder.stages.{s}"
       if s > 0 and j == 0:
         names.update(layers.hf_norm(f"{path}/downsample/norm", f"{stage}.downsampling_layer.0"))
-        names.update(layers.hf_dense(f"{path}/downsample/conv", f"{stage}.downsampling_layer.1"))
+        names.update(layers.hf_conv(f"{path}/downsample/conv", f"{stage}.downsampling_layer.1"))
       hf = f"{stage}.layers.{j}"
-      names.update(layers.hf_dense(f"{path}/dwconv", f"{hf}.dwconv"))
+      names.update(layers.hf_conv(f"{path}/dwconv", f"{hf}.dwconv"))
       names.update(layers.hf_norm(f"{path}/norm", f"{hf}.layernorm"))
       names.update(layers.hf_dense(f"{path}/fc1", f"{hf}.pwconv1"))
       names.update(layers.hf_dense(f"{path}/fc2", f"{hf}.pwconv2"))
       if c.layer_scale_init_value > 0:
-        names[f"{path}/layer_scale"] = f"{hf}.layer_scale_parameter"
+        names[f"{path}/layer_scale"] = layers.HFName(f"{hf}.layer_scale_parameter")
       if c.grn:
-        names[f"{path}/grn/gamma"] = f"{hf}.grn.weight"
-        names[f"{path}/grn/beta"] = f"{hf}.grn.bias"
+        names[f"{path}/grn/gamma"] = layers.HFName(f"{hf}.grn.weight")
+        names[f"{path}/grn/beta"] = layers.HFName(f"{hf}.grn.bias")
     names.update(layers.hf_norm("layernorm", "layernorm"))
     return names
 

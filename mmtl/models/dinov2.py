@@ -253,13 +253,13 @@ class Dinov2Model(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (the names transformers saves and the hub has)."""
     c = self.config
     tokens = ("cls_token", "position_embeddings") + (("mask_token",) if c.use_mask_token else ())
-    names = {f"embeddings/{name}": f"embeddings.{name}" for name in tokens}
+    names = layers.hf_params({f"embeddings/{name}": f"embeddings.{name}" for name in tokens})
     names.update(
-      layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
+      layers.hf_conv("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
     )
     # The SwiGLU MLP saves gate and up fused in one Linear, [gate; up]: mmtl's fc1 as is.
     mlp_in, mlp_out = ("weights_in", "weights_out") if c.use_swiglu_ffn else ("fc1", "fc2")

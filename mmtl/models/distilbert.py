@@ -155,7 +155,7 @@ class DistilBertModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     c = self.config
     names = {}

@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Self
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmtl.models import decoder as decoder_lib
 from mmtl.models import layers
@@ -167,27 +166,10 @@ class VisionEncoderDecoderModel(nn.Module):
       decoder_input_ids, decoder_attention_mask, **cond, deterministic=deterministic
     )
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     enc, dec = self._modules()
-    names = {f"encoder/{p}": f"encoder.{k}" for p, k in enc.hf_names().items()}
-    names.update({f"decoder/{p}": f"decoder.{k}" for p, k in dec.hf_names().items()})
+    names = {f"encoder/{p}": n.prefixed("encoder.") for p, n in enc.hf_names().items()}
+    names.update({f"decoder/{p}": n.prefixed("decoder.") for p, n in dec.hf_names().items()})
     if self.needs_projection:
       names.update(layers.hf_dense("enc_to_dec_proj", "enc_to_dec_proj"))
     return names
-
-  def _layouts(self, state: dict[str, np.ndarray], direction: str) -> dict[str, np.ndarray]:
-    """Apply each part's `from_hf_layout` / `to_hf_layout` to its `encoder.` / `decoder.` keys."""
-    out = dict(state)
-    for prefix, part in zip(("encoder.", "decoder."), self._modules()):
-      convert = getattr(part, direction, None)
-      if convert is None:
-        continue
-      mine = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
-      out.update({prefix + k: v for k, v in convert(mine).items()})
-    return out
-
-  def from_hf_layout(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return self._layouts(state, "from_hf_layout")
-
-  def to_hf_layout(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return self._layouts(state, "to_hf_layout")

@@ -7,20 +7,19 @@ embeddings unless `tie_word_embeddings` is false. Inputs: `input_ids`,
 
 HF stores GPT-2's projections as `Conv1D` weights (in, out) and fuses query, key
 and value into one `c_attn`; mmtl keeps the uniform separate `query`/`key`/`value`
-Dense params of every family (one LoRA regex for all), and `from_hf_layout` /
-`to_hf_layout` split and re-fuse them when reading and writing checkpoints.
+Dense params of every family (one LoRA regex for all), and its name map reads each as a
+slice of `c_attn` (mmtl.models.weights: exported fused again).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmtl.models import decoder, layers
 
@@ -198,78 +197,41 @@ class GPT2LMHeadModel(nn.Module):
       logits = self.lm_head(x)
     return dict(logits=logits.astype(jnp.float32), last_hidden_state=x, cache=cache)
 
-  def hf_names(self) -> dict[str, str]:
-    """{mmtl param path: HF key} in `from_hf_layout`'s split, Linear-layout names."""
+  def hf_names(self) -> dict[str, layers.HFName]:
+    """{mmtl param path: HF name}: Conv1D weights are already (in, out) (`IN_OUT`); the
+    fused `c_attn` gives query, key and value as its three slices along the outputs."""
     c = self.config
     p = self.hf_base_prefix
+    conv1d = functools.partial(layers.hf_dense, transform=layers.Transform.IN_OUT)
     names = {}
     names.update(layers.hf_embed("word_embeddings", f"{p}.wte"))
     names.update(layers.hf_embed("position_embeddings", f"{p}.wpe"))
     for i in range(c.n_layer):
       at, hf = f"decoder/layer_{i}", f"{p}.h.{i}"
       names.update(layers.hf_norm(f"{at}/attn_norm", f"{hf}.ln_1"))
-      for part in ("query", "key", "value"):
-        names.update(layers.hf_dense(f"{at}/attn/{part}", f"{hf}.attn.c_attn.{part}"))
-      names.update(layers.hf_dense(f"{at}/attn/out", f"{hf}.attn.c_proj"))
+      names.update(_fused(f"{at}/attn", f"{hf}.attn.c_attn", ("query", "key", "value")))
+      names.update(conv1d(f"{at}/attn/out", f"{hf}.attn.c_proj"))
       if c.add_cross_attention:
         names.update(layers.hf_norm(f"{at}/cross_attn_norm", f"{hf}.ln_cross_attn"))
-        names.update(layers.hf_dense(f"{at}/cross_attn/query", f"{hf}.crossattention.q_attn"))
-        for part in ("key", "value"):
-          names.update(
-            layers.hf_dense(f"{at}/cross_attn/{part}", f"{hf}.crossattention.c_attn.{part}")
-          )
-        names.update(layers.hf_dense(f"{at}/cross_attn/out", f"{hf}.crossattention.c_proj"))
+        names.update(conv1d(f"{at}/cross_attn/query", f"{hf}.crossattention.q_attn"))
+        names.update(_fused(f"{at}/cross_attn", f"{hf}.crossattention.c_attn", ("key", "value")))
+        names.update(conv1d(f"{at}/cross_attn/out", f"{hf}.crossattention.c_proj"))
       names.update(layers.hf_norm(f"{at}/mlp_norm", f"{hf}.ln_2"))
-      names.update(layers.hf_dense(f"{at}/mlp/fc1", f"{hf}.mlp.c_fc"))
-      names.update(layers.hf_dense(f"{at}/mlp/fc2", f"{hf}.mlp.c_proj"))
+      names.update(conv1d(f"{at}/mlp/fc1", f"{hf}.mlp.c_fc"))
+      names.update(conv1d(f"{at}/mlp/fc2", f"{hf}.mlp.c_proj"))
     names.update(layers.hf_norm("final_norm", f"{p}.ln_f"))
     if not c.tie_word_embeddings:
       names.update(layers.hf_dense("lm_head", "lm_head", bias=False))
     return names
 
-  # HF Conv1D modules of a block, and the parts a fused one splits into (along its outputs).
-  _CONV1D = re.compile(
-    r"(.*\bh\.\d+\.)(attn\.c_attn|attn\.c_proj|crossattention\.c_attn|crossattention\.q_attn|"
-    r"crossattention\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)$"
-  )
-  _FUSED = {"attn.c_attn": ("query", "key", "value"), "crossattention.c_attn": ("key", "value")}
 
-  @classmethod
-  def from_hf_layout(cls, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF GPT-2 state dict -> torch Linear layouts (out, in), fused projections split."""
-    out = {}
-    for key, x in state.items():
-      m = cls._CONV1D.match(key)
-      if m is None:
-        out[key] = x
-        continue
-      head, module, leaf = m.groups()
-      x = np.asarray(x)
-      x = x.T if leaf == "weight" else x  # Conv1D (in, out) -> Linear (out, in)
-      parts = cls._FUSED.get(module)
-      if parts is None:
-        out[key] = x
-        continue
-      for part, piece in zip(parts, np.split(x, len(parts), axis=0)):
-        out[f"{head}{module}.{part}.{leaf}"] = piece
-    return out
-
-  @classmethod
-  def to_hf_layout(cls, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of `from_hf_layout`: Conv1D layouts and fused `c_attn`, as transformers saves."""
-    out, fused = {}, {}
-    split = re.compile(
-      r"(.*\.)((?:attn|crossattention)\.c_attn)\.(query|key|value)\.(weight|bias)$"
-    )
-    for key, x in state.items():
-      m = split.match(key)
-      if m is not None:
-        head, module, part, leaf = m.groups()
-        fused.setdefault((head, module, leaf), {})[part] = x
-        continue
-      m = cls._CONV1D.match(key)
-      out[key] = np.ascontiguousarray(x.T) if m is not None and m.group(3) == "weight" else x
-    for (head, module, leaf), parts in fused.items():
-      x = np.concatenate([parts[n] for n in cls._FUSED[module]], axis=0)
-      out[f"{head}{module}.{leaf}"] = np.ascontiguousarray(x.T) if leaf == "weight" else x
-    return out
+def _fused(path: str, hf: str, parts: tuple[str, ...]) -> dict[str, layers.HFName]:
+  """Dense params `path/{part}` read from the slices of one fused Conv1D at `hf`."""
+  names = {}
+  for i, part in enumerate(parts):
+    for leaf, key, transform in (
+      ("kernel", "weight", layers.Transform.IN_OUT),
+      ("bias", "bias", layers.Transform.IDENTITY),
+    ):
+      names[f"{path}/{part}/{leaf}"] = layers.HFName(f"{hf}.{key}", transform, (i, len(parts)))
+  return names

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmtl.models.weights import HFName, Transform
+
 Dtype = Any
 
 
@@ -552,34 +554,49 @@ def resize_grid(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 # --- HF name mapping helpers -------------------------------------------------
-# Model files list their params as {mmtl leaf path: HF state-dict key}; the
-# layout change (kernel transposes) follows from the mmtl leaf name in mmtl.hf.
+# Model files list their params as {mmtl leaf path: HFName(HF state-dict key, transform)};
+# mmtl.hf applies each transform (mmtl.models.weights) when loading and exporting.
 
 
-def hf_dense(path: str, hf: str, bias: bool = True) -> Iterator[tuple[str, str]]:
-  yield f"{path}/kernel", f"{hf}.weight"
+def hf_dense(
+  path: str, hf: str, bias: bool = True, transform: Transform = Transform.LINEAR
+) -> Iterator[tuple[str, HFName]]:
+  """A torch Linear (or, with `transform=IN_OUT`, GPT-2's Conv1D) at `hf`."""
+  yield f"{path}/kernel", HFName(f"{hf}.weight", transform)
   if bias:
-    yield f"{path}/bias", f"{hf}.bias"
+    yield f"{path}/bias", HFName(f"{hf}.bias")
 
 
-def hf_norm(path: str, hf: str) -> Iterator[tuple[str, str]]:
-  yield f"{path}/scale", f"{hf}.weight"
-  yield f"{path}/bias", f"{hf}.bias"
+def hf_conv(
+  path: str, hf: str, bias: bool = True, transform: Transform = Transform.CONV2D
+) -> Iterator[tuple[str, HFName]]:
+  """A torch Conv2d (or, with `transform=CONV1D`, a Conv1d) at `hf`."""
+  yield from hf_dense(path, hf, bias, transform)
 
 
-def hf_batch_norm(path: str, hf: str) -> tuple[dict[str, str], dict[str, str]]:
-  """({param path: HF key}, {batch_stats path: HF key}) of a `BatchNorm` at `path` for the
+def hf_norm(path: str, hf: str) -> Iterator[tuple[str, HFName]]:
+  yield f"{path}/scale", HFName(f"{hf}.weight")
+  yield f"{path}/bias", HFName(f"{hf}.bias")
+
+
+def hf_batch_norm(path: str, hf: str) -> tuple[dict[str, HFName], dict[str, HFName]]:
+  """({param path: HF name}, {batch_stats path: HF name}) of a `BatchNorm` at `path` for the
   torch BatchNorm at `hf`."""
-  params = {f"{path}/scale": f"{hf}.weight", f"{path}/bias": f"{hf}.bias"}
-  stats = {f"{path}/mean": f"{hf}.running_mean", f"{path}/var": f"{hf}.running_var"}
+  params = dict(hf_norm(path, hf))
+  stats = {f"{path}/mean": HFName(f"{hf}.running_mean"), f"{path}/var": HFName(f"{hf}.running_var")}
   return params, stats
 
 
-def hf_embed(path: str, hf: str) -> Iterator[tuple[str, str]]:
-  yield f"{path}/embedding", f"{hf}.weight"
+def hf_embed(path: str, hf: str) -> Iterator[tuple[str, HFName]]:
+  yield f"{path}/embedding", HFName(f"{hf}.weight")
 
 
-def _hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[str, str]]:
+def hf_params(names: dict[str, str]) -> dict[str, HFName]:
+  """{path: HF key} of params read as they are (tokens, tables, scales) as HF names."""
+  return {path: HFName(key) for path, key in names.items()}
+
+
+def _hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[str, HFName]]:
   """Names of one `EncoderLayer`; `hf` gives the HF module prefix of each part."""
   for name in ("query", "key", "value"):
     yield from hf_dense(f"{path}/attn/{name}", hf[name], spec.qkv_bias)
@@ -589,13 +606,13 @@ def _hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[
   yield from hf_dense(f"{path}/mlp/fc2", hf["fc2"])
   yield from hf_norm(f"{path}/mlp_norm", hf["mlp_norm"])
   if spec.layer_scale is not None:  # `hf` gives the full keys of these leaves
-    yield f"{path}/attn_scale", hf["attn_scale"]
-    yield f"{path}/mlp_scale", hf["mlp_scale"]
+    yield f"{path}/attn_scale", HFName(hf["attn_scale"])
+    yield f"{path}/mlp_scale", HFName(hf["mlp_scale"])
 
 
 def hf_layers(
   spec: LayerSpec, num_layers: int, hf_prefix: str, parts: dict[str, str]
-) -> dict[str, str]:
+) -> dict[str, HFName]:
   """Names of every `encoder/layer_{i}`: the HF key of part `p` of layer i is
   `{hf_prefix}.{i}.{parts[p]}` (BERT: "encoder.layer", fc1 "intermediate.dense")."""
   names = {}

@@ -280,19 +280,19 @@ class ResNetModel(layers.ConvTower):
       for i in range(len(c.convs(b))):
         yield f"{path}/conv_{i}", f"{path}/norm_{i}", f"{hf}.layer.{i}"
 
-  def _hf_names(self) -> tuple[dict[str, str], dict[str, str]]:
+  def _hf_names(self) -> tuple[dict[str, layers.HFName], dict[str, layers.HFName]]:
     params, stats = {}, {}
     for conv, norm, hf in self._conv_norms():
-      params.update(layers.hf_dense(conv, f"{hf}.convolution", bias=False))
+      params.update(layers.hf_conv(conv, f"{hf}.convolution", bias=False))
       norm_params, norm_stats = layers.hf_batch_norm(norm, f"{hf}.normalization")
       params.update(norm_params)
       stats.update(norm_stats)
     return params, stats
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     return self._hf_names()[0]
 
-  def hf_batch_stats_names(self) -> dict[str, str]:
+  def hf_batch_stats_names(self) -> dict[str, layers.HFName]:
     """{batch_stats path: HF key} of the BatchNorm running statistics (torch buffers)."""
     return self._hf_names()[1]

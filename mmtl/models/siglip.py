@@ -172,19 +172,21 @@ class SiglipVisionModel(clip.CLIPVisionModel):
       last_hidden_state=x, pooler_output=self.head(x) if self.config.vision_use_head else None
     )
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     p = self.hf_base_prefix
-    names = dict(layers.hf_dense("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding"))
+    names = dict(layers.hf_conv("embeddings/patch_embedding", f"{p}.embeddings.patch_embedding"))
     names.update(
       layers.hf_embed("embeddings/position_embedding", f"{p}.embeddings.position_embedding")
     )
     names.update(layers.hf_norm("post_layernorm", f"{p}.post_layernorm"))
     if self.config.vision_use_head:
       h = f"{p}.head"
-      names["head/probe"] = f"{h}.probe"
-      names["head/attention/in_proj/kernel"] = f"{h}.attention.in_proj_weight"
-      names["head/attention/in_proj/bias"] = f"{h}.attention.in_proj_bias"
+      names["head/probe"] = layers.HFName(f"{h}.probe")
+      names["head/attention/in_proj/kernel"] = layers.HFName(
+        f"{h}.attention.in_proj_weight", layers.Transform.LINEAR
+      )
+      names["head/attention/in_proj/bias"] = layers.HFName(f"{h}.attention.in_proj_bias")
       names.update(layers.hf_dense("head/attention/out_proj", f"{h}.attention.out_proj"))
       names.update(layers.hf_norm("head/layernorm", f"{h}.layernorm"))
       names.update(layers.hf_dense("head/mlp/fc1", f"{h}.mlp.fc1"))
@@ -215,7 +217,7 @@ class SiglipTextModel(clip.CLIPTextModel):
     x = self.final_layer_norm(x)
     return dict(last_hidden_state=x, pooler_output=self.head(x[:, -1]))
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""
     return {**super().hf_names(), **dict(layers.hf_dense("head", f"{self.hf_base_prefix}.head"))}
 
@@ -263,11 +265,11 @@ class SiglipModel(clip.DualEncoder):
       text_model_output=text_out,
     )
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key}, both towers included (see mmtl.hf)."""
     return {**self.head_hf_names(), **self.tower_hf_names()}
 
-  def head_hf_names(self) -> dict[str, str]:
+  def head_hf_names(self) -> dict[str, layers.HFName]:
     """{param path in a contrastive FusionModel's `head`: HF key}: the temperature and bias
     (SigLIP has no projections: the head takes `config.model.width=0`)."""
-    return {"logit_scale": "logit_scale", "logit_bias": "logit_bias"}
+    return layers.hf_params({"logit_scale": "logit_scale", "logit_bias": "logit_bias"})

@@ -163,15 +163,17 @@ class ViTModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
-  def hf_names(self) -> dict[str, str]:
+  def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key}, pooler included (see mmtl.hf)."""
     c = self.config
-    names = {
-      f"embeddings/{name}": f"embeddings.{name}"
-      for name in (*self.embeddings_class.prefix_tokens, "position_embeddings")
-    }
+    names = layers.hf_params(
+      {
+        f"embeddings/{name}": f"embeddings.{name}"
+        for name in (*self.embeddings_class.prefix_tokens, "position_embeddings")
+      }
+    )
     names.update(
-      layers.hf_dense("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
+      layers.hf_conv("embeddings/patch_embeddings", "embeddings.patch_embeddings.projection")
     )
     spec = c.layer_spec()
     names.update(
