@@ -2,12 +2,13 @@
 
 transformers 5 has no Flax classes, so mmtl owns the modules (mmtl/models/):
 `mmtl.models.registry.MODELS` maps config.json's `model_type` to a module class,
-which lists its params' HF names (`hf_names()`). This file does the rest: find
-the checkpoint (local folder or hub id through the HF cache, with
-HF_HUB_OFFLINE honoured), read `config.json` + weights (`model.safetensors`,
-`flax_model.msgpack`, or their sharded `*.index.json`), convert layouts (torch
-Linear/Conv weights are transposed Flax kernels), check every name and shape,
-and write checkpoints that `transformers.AutoModel.from_pretrained` loads.
+which lists its params' HF names and layout transforms (`hf_names()`,
+mmtl.models.weights). This file does the rest: find the checkpoint (local folder or hub
+id through the HF cache, with HF_HUB_OFFLINE honoured), read `config.json` + weights
+(`model.safetensors`, `flax_model.msgpack`, or their sharded `*.index.json`), shape
+the module to the checkpoint (optional parts it lacks are not built), apply each
+transform, check every name and shape, and write checkpoints that
+`transformers.AutoModel.from_pretrained` loads.
 
 Loading never initializes a weight silently: a param missing from the
 checkpoint, an extra encoder weight in it, or a shape mismatch is a

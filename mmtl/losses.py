@@ -79,38 +79,3 @@ def token_loss(
   if "example_weight" in batch:
     weights = weights * batch["example_weight"].astype(jnp.float32)[:, None]
   return weighted_sum(per_token, weights)
-
-
-# Heads whose loss is a sum over examples, so microbatches' sums add up to the batch's;
-# the contrastive losses (softmax and sigmoid) compare every example with the whole batch.
-SEPARABLE_HEADS = ("classification", "regression", "captioning")
-
-
-def task_loss(
-  head_type: str,
-  outputs: Mapping[str, jax.Array],
-  batch: Mapping[str, Any],
-  loss_cfg: Mapping[str, Any],
-) -> tuple[jax.Array, jax.Array]:
-  """`(loss sum, weight sum)` of a FusionModel head (see mmtl.models.fusion) on a batch."""
-  weights = batch.get("example_weight")
-  if head_type == "captioning":
-    return token_loss(outputs["logits"], batch, loss_cfg.get("label_smoothing", 0.0))
-  if head_type == "classification":
-    per_example = softmax_xent_per_example(
-      outputs["logits"], batch["labels"], loss_cfg.get("label_smoothing", 0.0)
-    )
-  elif head_type == "regression":
-    targets = jnp.asarray(batch["labels"], jnp.float32).reshape(outputs["predictions"].shape)
-    per_example = ((outputs["predictions"] - targets) ** 2).mean(-1)
-  elif head_type == "contrastive" and "logit_bias" in outputs:  # contrastive_loss="sigmoid"
-    per_example = sigmoid_per_example(
-      outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], outputs["logit_bias"]
-    )
-  elif head_type == "contrastive":
-    per_example = contrastive_per_example(
-      outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"]
-    )
-  else:
-    raise ValueError(f"No loss for head_type={head_type!r}.")
-  return weighted_sum(per_example, weights)

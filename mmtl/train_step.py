@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from mmtl import config_keys, distill, lora, losses, memory, optim, rules, sharding
+from mmtl import config_keys, distill, heads, lora, memory, optim, rules, sharding
 from mmtl.models import fusion, layers
 
 # config.model.batch_stats: which BatchNorm layers normalize with batch statistics and
@@ -118,6 +118,7 @@ def make_objective(
       f"config.model.frozen_tower_mode={mode!r}: use 'inference' "
       "(locked towers without dropout) or 'train'."
     )
+  head = heads.get(model.head_type)
   inference_towers = locked_towers(model, mask) if mode == "inference" else ()
   stats_frozen = frozen_batch_stats(batch_stats_shape or {}, mask, config.model.batch_stats)
 
@@ -135,7 +136,7 @@ def make_objective(
     )
 
   def loss(outputs, batch, teacher_variables):
-    total = losses.task_loss(model.head_type, outputs, batch, config.loss)
+    total = head.loss(outputs, batch, config.loss)
     if teacher_logits is not None:
       total = distill.student_loss(
         total,
@@ -146,7 +147,7 @@ def make_objective(
       )
     return total
 
-  return Objective(forward, loss, separable=model.head_type in losses.SEPARABLE_HEADS)
+  return Objective(forward, loss, separable=head.separable)
 
 
 def _split(batch: Any, k: int) -> Any:

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmtl import losses, optim, train_step
+from mmtl import heads, losses, optim, train_step
 
 
 def stateless(forward):
@@ -40,7 +40,7 @@ def linear_objective(loss_kind="classification"):
 
   def loss(outputs, batch, teacher_params):
     del teacher_params
-    return losses.task_loss(loss_kind, outputs, batch, {})
+    return heads.get(loss_kind).loss(outputs, batch, {})
 
   return train_step.Objective(stateless(forward), loss, separable=True)
 
@@ -60,9 +60,7 @@ def test_weighted_loss_is_the_same_objective_under_accumulation():
   out = {k: run_steps(linear_objective(), params, batch, mask, k) for k in (1, 2, 4)}
   full = out[1]
   expected = losses.mean_of(
-    *losses.task_loss(
-      "classification", {"logits": batch["x"] @ params["w"] + params["b"]}, batch, {}
-    )
+    *heads.get("classification").loss({"logits": batch["x"] @ params["w"] + params["b"]}, batch, {})
   )
   assert full[1] == pytest.approx(float(expected), rel=1e-6)
   for k in (2, 4):
@@ -85,7 +83,7 @@ def test_unweighted_accumulation_still_matches():
     return {"predictions": batch["x"] @ w["w"] + w["b"]}
 
   objective = train_step.Objective(
-    stateless(forward), lambda o, b, t: losses.task_loss("regression", o, b, {}), separable=True
+    stateless(forward), lambda o, b, t: heads.get("regression").loss(o, b, {}), separable=True
   )
   mask = {"w": False, "b": False}
   out = {k: run_steps(objective, params, batch, mask, k, lr=0.1) for k in (1, 2, 4)}
@@ -110,7 +108,7 @@ def contrastive_objective(dropout=0.0):
     }
 
   def loss(outputs, batch, teacher_params):
-    return losses.task_loss("contrastive", outputs, batch, {})
+    return heads.get("contrastive").loss(outputs, batch, {})
 
   return train_step.Objective(stateless(forward), loss, separable=False)
 
@@ -193,7 +191,7 @@ def test_gradient_cache_keeps_one_microbatchs_activations():
     }
 
   objective = train_step.Objective(
-    stateless(forward), lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
+    stateless(forward), lambda o, b, t: heads.get("contrastive").loss(o, b, {}), separable=False
   )
   params = {
     "up": jax.ShapeDtypeStruct((8, width), jnp.float32),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from mmtl import hf, losses, optim, rules, train_step
+from mmtl import heads, hf, losses, optim, rules, train_step
 from mmtl.models import fusion, siglip
 from tests.hf_fixtures import SIGLIP_VOCAB, export_and_reload
 from tests.test_accumulation import run_steps, stateless
@@ -53,8 +53,7 @@ def test_siglip_parity_logits_and_loss(tiny_siglip_dir):
     for key in ("last_hidden_state", "pooler_output"):
       close(out[f"{tower}_model_output"][key], ref_out[key])
   # The head's sigmoid loss, as the trainer computes it (sum, weight), is SiglipModel's.
-  loss_sum, weight = losses.task_loss(
-    "contrastive",
+  loss_sum, weight = heads.get("contrastive").loss(
     dict(
       image_embeds=out["image_embeds"],
       text_embeds=out["text_embeds"],
@@ -143,7 +142,7 @@ def test_fusion_sigmoid_head(tiny_siglip_dir):
   assert float(params["head"]["logit_bias"]) == -10.0
   assert float(params["head"]["logit_scale"]) == pytest.approx(np.log(10.0))
   out = jitted_apply(model, {"params": params}, batch)
-  got = losses.task_loss("contrastive", out, batch, {})
+  got = heads.get("contrastive").loss(out, batch, {})
   want = losses.sigmoid_per_example(
     out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"]
   ).sum()
@@ -170,7 +169,7 @@ def test_sigmoid_loss_accumulates_over_the_full_batch():
     }
 
   objective = train_step.Objective(
-    stateless(forward), lambda o, b, t: losses.task_loss("contrastive", o, b, {}), separable=False
+    stateless(forward), lambda o, b, t: heads.get("contrastive").loss(o, b, {}), separable=False
   )
   rng = np.random.default_rng(2)
   params = {

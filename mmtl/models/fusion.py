@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmtl import config_keys
+from mmtl import config_keys, heads
 from mmtl.modalities import MODALITIES, PRIMARY_INPUT
 from mmtl.models.encoder import Encoder
 
@@ -67,7 +67,6 @@ TOWER_INPUTS: dict[str, dict[str, str]] = {
   # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
   "audio": {"audio_values": "pixel_values"},
 }
-HEAD_TYPES = ("classification", "regression", "contrastive", "captioning")
 # How a captioning head's decoder reads the towers' tokens.
 CONDITIONINGS = ("cross_attention", "prefix")
 POOL_TYPES = ("mean", "cls", "pooler")
@@ -451,8 +450,7 @@ class FusionModel(nn.Module):
   def __post_init__(self) -> None:
     if self.fusion_type not in FUSIONS:
       raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {tuple(FUSIONS)}.")
-    if self.head_type not in HEAD_TYPES:
-      raise ValueError(f"Unknown head_type {self.head_type!r}; use one of {HEAD_TYPES}.")
+    heads.get(self.head_type)  # a registered head (mmtl.heads)
     if self.contrastive_loss not in CONTRASTIVE_LOSSES:
       raise ValueError(
         f"Unknown contrastive_loss {self.contrastive_loss!r}; use one of {CONTRASTIVE_LOSSES}."
@@ -623,12 +621,8 @@ class FusionModel(nn.Module):
       return fusion(towers, train=train)
     features = fusion(self._fill_absent(towers), train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(features)
-    # Zero-init head (big_vision transfer): the first steps don't fight random logits.
-    out = nn.Dense(
-      self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="head"
-    )(x).astype(jnp.float32)
-    key = "logits" if self.head_type == "classification" else "predictions"
-    return {key: out, "features": features.astype(jnp.float32)}
+    outputs = heads.get(self.head_type).outputs(self, x)
+    return {**outputs, "features": features.astype(jnp.float32)}
 
   def _fill_absent(self, towers: dict[str, TowerOutput]) -> dict[str, TowerOutput]:
     """Zero stand-ins for towers whose inputs were not given (keeps param shapes)."""

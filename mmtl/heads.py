@@ -1,0 +1,156 @@
+"""Task heads: what a fused model predicts and how it is trained, one registry entry each.
+
+`config.model.head` names a `Head` in `HEADS`. A head owns
+- `outputs(model, features)`: its params (under `head/`) and outputs on the fused features
+  (B, width), called inside the model's forward pass (heads that replace the fusion or the
+  model, contrastive and captioning, are built by mmtl.models.fusion and say so with
+  `on_features = False`);
+- `loss(outputs, batch, loss_cfg)`: `(sum, weight)` over the batch (mmtl.losses), which
+  the trainer adds up over microbatches and devices before dividing once;
+- `separable`: whether that sum over a microbatch is the microbatch's share (a loss over
+  examples), or each example needs the whole batch (contrastive losses): then gradient
+  accumulation is refused;
+- `fields`: the batch fields its loss reads.
+Adding a head is one class with `@register("name")`, in mmtl or in the user's own module
+imported before training (tests/test_heads.py trains and evaluates a toy head that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmtl import losses
+
+Outputs = Mapping[str, jax.Array]
+
+
+class Head:
+  """A task head (see the module docstring); subclasses are registered, never instantiated."""
+
+  separable: ClassVar[bool] = True
+  fields: ClassVar[tuple[str, ...]] = ("labels",)
+  on_features: ClassVar[bool] = True  # applied to the fused features by FusionModel
+
+  @classmethod
+  def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
+    """The head's outputs on `features` (B, width); called in `model`'s compact forward
+    pass, so the modules it creates are `model`'s (name the outermost one "head")."""
+    raise NotImplementedError(f"{cls.__name__} is not applied to fused features.")
+
+  @classmethod
+  def loss(
+    cls, outputs: Outputs, batch: Mapping[str, Any], loss_cfg: Mapping[str, Any]
+  ) -> tuple[jax.Array, jax.Array]:
+    raise NotImplementedError
+
+
+HEADS: dict[str, type[Head]] = {}
+
+
+def register(name: str) -> Callable[[type[Head]], type[Head]]:
+  """Class decorator: `config.model.head=name` trains with this head."""
+
+  def add(cls: type[Head]) -> type[Head]:
+    if name in HEADS and HEADS[name] is not cls:
+      raise ValueError(f"A head named {name!r} is registered already ({HEADS[name].__name__}).")
+    HEADS[name] = cls
+    return cls
+
+  return add
+
+
+def get(name: str) -> type[Head]:
+  if name not in HEADS:
+    raise ValueError(
+      f"Unknown head {name!r}; registered heads: {sorted(HEADS)} (a head of your own is a "
+      "class decorated with mmtl.heads.register, imported before the model is built)."
+    )
+  return HEADS[name]
+
+
+def linear(model: Any, features: jax.Array) -> jax.Array:
+  """`model.num_classes` outputs of a zero-initialized Dense named "head" (big_vision's
+  transfer head: the first steps don't fight random logits), in float32."""
+  dense = nn.Dense(
+    model.num_classes, dtype=model.dtype, kernel_init=nn.initializers.zeros, name="head"
+  )
+  return dense(features).astype(jnp.float32)
+
+
+@register("classification")
+class Classification(Head):
+  """Softmax over `num_classes`; cross-entropy with optional label smoothing."""
+
+  @classmethod
+  def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
+    return {"logits": linear(model, features)}
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    per_example = losses.softmax_xent_per_example(
+      outputs["logits"], batch["labels"], loss_cfg.get("label_smoothing", 0.0)
+    )
+    return losses.weighted_sum(per_example, batch.get("example_weight"))
+
+
+@register("regression")
+class Regression(Head):
+  """`num_classes` real values; mean squared error."""
+
+  @classmethod
+  def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
+    return {"predictions": linear(model, features)}
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    del loss_cfg
+    predictions = outputs["predictions"]
+    targets = jnp.asarray(batch["labels"], jnp.float32).reshape(predictions.shape)
+    per_example = ((predictions - targets) ** 2).mean(-1)
+    return losses.weighted_sum(per_example, batch.get("example_weight"))
+
+
+@register("contrastive")
+class Contrastive(Head):
+  """CLIP / LiT / SigLIP (mmtl.models.fusion.ContrastiveHead, which takes the place of the
+  fusion): InfoNCE over the batch, or SigLIP's sigmoid loss when the model outputs a
+  `logit_bias` (contrastive_loss="sigmoid"). Each example is compared with the whole
+  batch, so the loss does not split over microbatches."""
+
+  separable = False
+  fields = ()
+  on_features = False
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    del loss_cfg
+    if "logit_bias" in outputs:
+      per_example = losses.sigmoid_per_example(
+        outputs["image_embeds"],
+        outputs["text_embeds"],
+        outputs["logit_scale"],
+        outputs["logit_bias"],
+      )
+    else:
+      per_example = losses.contrastive_per_example(
+        outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"]
+      )
+    return losses.weighted_sum(per_example, batch.get("example_weight"))
+
+
+@register("captioning")
+class Captioning(Head):
+  """A text decoder over the towers' tokens (mmtl.models.fusion.CaptioningModel):
+  teacher-forced next-token cross-entropy, a mean over target tokens."""
+
+  fields = ("decoder_target_ids", "decoder_loss_mask")
+  on_features = False
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    return losses.token_loss(outputs["logits"], batch, loss_cfg.get("label_smoothing", 0.0))
