@@ -2,15 +2,16 @@
 
 `config.model.head` names a `Head` in `HEADS`. A head owns
 - `outputs(model, features)`: its params (under `head/`) and outputs on the fused features
-  (B, width), called inside the model's forward pass (heads that replace the fusion or the
-  model, contrastive and captioning, are built by mmtl.models.fusion and say so with
-  `on_features = False`);
+  (B, width), called inside the model's forward pass (the heads that replace the fusion or
+  the model, contrastive and captioning, are modules of mmtl.models.fusion instead);
 - `loss(outputs, batch, loss_cfg)`: `(sum, weight)` over the batch (mmtl.losses), which
   the trainer adds up over microbatches and devices before dividing once;
 - `separable`: whether that sum over a microbatch is the microbatch's share (a loss over
   examples), or each example needs the whole batch (contrastive losses): then gradient
-  accumulation is refused;
-- `fields`: the batch fields its loss reads.
+  accumulation takes the gradient cache (mmtl.train_step), computing the loss on the whole
+  batch of the head's outputs;
+- `fields`: the batch fields its loss reads (the trainer checks the input gives them before
+  anything is written).
 Adding a head is one class with `@register("name")`, in mmtl or in the user's own module
 imported before training (tests/test_heads.py trains and evaluates a toy head that way).
 """
@@ -34,13 +35,12 @@ class Head:
 
   separable: ClassVar[bool] = True
   fields: ClassVar[tuple[str, ...]] = ("labels",)
-  on_features: ClassVar[bool] = True  # applied to the fused features by FusionModel
 
   @classmethod
   def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
     """The head's outputs on `features` (B, width); called in `model`'s compact forward
     pass, so the modules it creates are `model`'s (name the outermost one "head")."""
-    raise NotImplementedError(f"{cls.__name__} is not applied to fused features.")
+    raise NotImplementedError(f"{cls.__name__} is a module of mmtl.models.fusion.")
 
   @classmethod
   def loss(
@@ -124,7 +124,6 @@ class Contrastive(Head):
 
   separable = False
   fields = ()
-  on_features = False
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
@@ -149,7 +148,6 @@ class Captioning(Head):
   teacher-forced next-token cross-entropy, a mean over target tokens."""
 
   fields = ("decoder_target_ids", "decoder_loss_mask")
-  on_features = False
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):

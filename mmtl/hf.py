@@ -181,7 +181,7 @@ def fit_to_checkpoint(
   hf_keys = _keys(names)
   present = set(_match_names(dict.fromkeys(keys), module, hf_keys))
   off = {}
-  for attr, part in getattr(module, "optional_parts", {}).items():
+  for attr, part in module.optional_parts.items():
     if attr in chosen or not getattr(module, attr):
       continue
     part_keys = {
@@ -277,7 +277,7 @@ def _from_flax_layout(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     leaves = _FLAX_STATS if collection == "batch_stats" else _FLAX_LEAVES
     for path, x in rules.flatten(subtree).items():
       *module, leaf = path.split("/")
-      # HF Flax kernels are laid out as mmtl's: the same transposes give torch's.
+      # HF Flax kernels are laid out as Flax's: their rank says which torch layout they had.
       transform = weights.by_rank(np.ndim(x)) if leaf == "kernel" else weights.Transform.IDENTITY
       key = ".".join([*module, leaves.get(leaf, leaf)])
       state[key] = weights.to_torch([np.asarray(x)], weights.HFName(key, transform))

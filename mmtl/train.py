@@ -39,6 +39,7 @@ from mmtl import (
   data,
   distill,
   distributed,
+  heads,
   hf,
   memory,
   optim,
@@ -217,6 +218,13 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   start_state = train_iter.get_state()
   example_batch = next(train_iter)  # Shapes for init; the iterator is rewound below.
   train_iter.set_state(start_state)
+  absent = [f for f in heads.get(config.model.head).fields if f not in example_batch]
+  if absent:
+    raise config_lib.ConfigError(
+      f"config.model.head={config.model.head!r} learns from the batch field(s) {absent}, which "
+      f"config.input does not give (its batches hold {sorted(example_batch)}): name the dataset "
+      "feature in config.input.fields (label=..., or target=... for captioning)."
+    )
 
   # Model and its params' layout (every sharding rule matched here); a fresh run
   # creates its params sharded and loads its pretrained towers now.

@@ -63,6 +63,17 @@ def test_a_head_registered_outside_mmtl_trains_and_evaluates(
   assert abs(by_step[1] - 2 * np.log(2)) < 0.1
 
 
+def test_a_head_without_its_batch_fields_is_a_config_error(tiny_bert_dir, data_dir, tmp_path):
+  config = tiny_config(tiny_bert_dir, data_dir)
+  config.input.fields.label = None
+  with pytest.raises(
+    train.config_lib.ConfigError,
+    match=r"config.model.head='classification' learns from the batch field\(s\) \['labels'\]",
+  ):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_unknown_head_names_the_registered_ones():
   with pytest.raises(ValueError, match=r"Unknown head 'clasification'; registered heads: \["):
     heads.get("clasification")
