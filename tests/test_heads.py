@@ -48,6 +48,7 @@ def one_vs_rest(monkeypatch):
   del heads.HEADS["one_vs_rest"]
 
 
+@pytest.mark.slow
 def test_a_head_registered_outside_mmtl_trains_and_evaluates(
   one_vs_rest, tiny_bert_dir, data_dir, tmp_path
 ):
