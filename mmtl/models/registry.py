@@ -6,6 +6,11 @@ A family is its own file in mmtl/models/ (a module class with `config_class`,
 implement mmtl.models.encoder.Encoder) plus one line here. mmtl.hf builds any
 checkpoint's module from this table; a class with `towers` (CLIP) also gives
 its towers alone (`tower=`).
+
+One `model_type` serves several roles, a table each: `MODELS` (the model a config.json
+describes: an encoder, GPT-2's LM, an encoder-decoder) and `DECODERS` (a text decoder
+with an LM head: a BERT checkpoint becomes the causal `BertLMHeadModel`). A new role is
+one more table here and the builder that reads it in mmtl.hf (`build_decoder`).
 """
 
 from __future__ import annotations
