@@ -229,9 +229,7 @@ def _fused(path: str, hf: str, parts: tuple[str, ...]) -> dict[str, layers.HFNam
   """Dense params `path/{part}` read from the slices of one fused Conv1D at `hf`."""
   names = {}
   for i, part in enumerate(parts):
-    for leaf, key, transform in (
-      ("kernel", "weight", layers.Transform.IN_OUT),
-      ("bias", "bias", layers.Transform.IDENTITY),
-    ):
-      names[f"{path}/{part}/{leaf}"] = layers.HFName(f"{hf}.{key}", transform, (i, len(parts)))
+    names.update(
+      layers.hf_dense(f"{path}/{part}", hf, transform=layers.Transform.IN_OUT, part=(i, len(parts)))
+    )
   return names

@@ -559,12 +559,17 @@ def resize_grid(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def hf_dense(
-  path: str, hf: str, bias: bool = True, transform: Transform = Transform.LINEAR
+  path: str,
+  hf: str,
+  bias: bool = True,
+  transform: Transform = Transform.LINEAR,
+  part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[str, HFName]]:
-  """A torch Linear (or, with `transform=IN_OUT`, GPT-2's Conv1D) at `hf`."""
-  yield f"{path}/kernel", HFName(f"{hf}.weight", transform)
+  """A torch Linear (or, with `transform=IN_OUT`, GPT-2's Conv1D) at `hf`; with `part=(i,
+  n)`, the i-th of n slices of a fused one along its outputs (`HFName.part`)."""
+  yield f"{path}/kernel", HFName(f"{hf}.weight", transform, part)
   if bias:
-    yield f"{path}/bias", HFName(f"{hf}.bias")
+    yield f"{path}/bias", HFName(f"{hf}.bias", part=part)
 
 
 def hf_conv(
