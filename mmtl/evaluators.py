@@ -64,7 +64,7 @@ import ml_collections as mlc
 import numpy as np
 from sklearn import metrics as sk_metrics
 
-from mmtl import config_keys, data, lora, losses, sharding
+from mmtl import config_keys, data, lora, losses, modalities, sharding
 from mmtl.data import device
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ class Retrieval(Evaluator):
     only: the rows come in the same order in every pass, so they line up."""
     input_cfg = dict(self.cfg.get("input", {}), eval_text=index)
     if index:
-      input_cfg["fields"] = {**input_cfg.get("fields", {}), "image": None, "audio": None}
+      input_cfg["fields"] = {**input_cfg.get("fields", {}), **modalities.blank_fields(["text"])}
     return dict(self.cfg, input=input_cfg)
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:

@@ -162,9 +162,9 @@ def _note_head_pools(
   if not name:
     return
   others = [
-    f"config.model.towers.{m}.pool={getattr(model, f'{m}_pool')!r}"
+    f"config.model.towers.{m}.pool={model.pool_of(m)!r}"
     for m in model.modalities
-    if getattr(model, f"{m}_pool") != "pooler"
+    if model.pool_of(m) != "pooler"
   ]
   if others:
     note(

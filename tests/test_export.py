@@ -56,7 +56,7 @@ def test_a_tower_exports_as_the_run_computed_it_with_lora_merged(lora_run, tiny_
   rng = np.random.default_rng(0)
   input_ids = rng.integers(1, 50, size=(2, 7))
   mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
-  ours = model.text_encoder.apply(
+  ours = model.tower("text").apply(
     {"params": lora.merge(params)["text_encoder"]}, input_ids, mask, np.zeros_like(input_ids)
   )["last_hidden_state"]
   theirs = bert_outputs(out, input_ids, mask)

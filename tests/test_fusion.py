@@ -78,9 +78,7 @@ class TinyText(TinyEncoder):
 
 
 def towers(depth_image=2, depth_text=2):
-  return dict(
-    image_encoder=TinyImage(depth=depth_image), text_encoder=TinyText(hidden=24, depth=depth_text)
-  )
+  return dict(image=TinyImage(depth=depth_image), text=TinyText(hidden=24, depth=depth_text))
 
 
 def batch(b=4):
@@ -104,7 +102,7 @@ def init(model, b=None):
 def fused_classifier(model_towers, fusion_type, *, fusion_layer, **kw):
   """A 3-class, width-8 fused model of `model_towers` (2 heads, 2 bottleneck tokens)."""
   return fusion.FusionModel(
-    **model_towers,
+    towers=model_towers,
     fusion_type=fusion_type,
     num_classes=3,
     width=8,
@@ -135,7 +133,11 @@ def test_fused_classifier_shapes_and_param_names(fusion_type):
 
 def test_contrastive_two_tower():
   model = fusion.FusionModel(
-    **towers(), fusion_type="contrastive", head_type="contrastive", width=8, temperature_init=0.1
+    towers=towers(),
+    fusion_type="contrastive",
+    head_type="contrastive",
+    width=8,
+    temperature_init=0.1,
   )
   params = init(model)
   assert set(params["head"]) == {"image_proj", "text_proj", "logit_scale"}
@@ -151,7 +153,7 @@ def test_contrastive_two_tower():
 
 def test_regression_head_and_single_tower():
   model = fusion.FusionModel(
-    text_encoder=TinyText(), head_type="regression", num_classes=1, width=8
+    towers=dict(text=TinyText()), head_type="regression", num_classes=1, width=8
   )
   params = init(model)
   assert set(params) == {"text_encoder", "fusion", "head"}
@@ -181,11 +183,11 @@ def test_absent_image_equals_missing_image(fusion_type):
 
 def test_bottleneck_unequal_depths():
   model = fusion.FusionModel(
-    **towers(depth_image=3, depth_text=2), fusion_type="bottleneck", width=8, fusion_layer=-1
+    towers=towers(depth_image=3, depth_text=2), fusion_type="bottleneck", width=8, fusion_layer=-1
   )
   assert init(model)["fusion"]["tokens"].shape == (4, 8)
   bad = fusion.FusionModel(
-    **towers(depth_image=3, depth_text=2), fusion_type="bottleneck", width=8, fusion_layer=1
+    towers=towers(depth_image=3, depth_text=2), fusion_type="bottleneck", width=8, fusion_layer=1
   )
   with pytest.raises(ValueError, match="negative fusion_layer"):
     init(bad)
@@ -196,7 +198,7 @@ def test_bottleneck_with_a_tower_without_layers():
   each fusion layer the bottleneck tokens read its feature map by cross-attention, so
   the image reaches the text tower only through them."""
   model = fusion.FusionModel(
-    **towers(depth_image=0, depth_text=2),
+    towers=towers(depth_image=0, depth_text=2),
     fusion_type="bottleneck",
     width=8,
     num_heads=2,
@@ -217,7 +219,7 @@ def test_bottleneck_with_a_tower_without_layers():
   pixels = batch()["pixel_values"]
   assert not np.allclose(text_tokens(pixels), text_tokens(pixels + 1.0))
   all_cnn = fusion.FusionModel(
-    image_encoder=TinyImage(depth=0), audio_encoder=TinyImage(depth=0), fusion_type="bottleneck"
+    towers=dict(image=TinyImage(depth=0), audio=TinyImage(depth=0)), fusion_type="bottleneck"
   )
   with pytest.raises(ValueError, match="needs a tower with token layers"):
     init(all_cnn)
@@ -225,9 +227,9 @@ def test_bottleneck_with_a_tower_without_layers():
 
 def test_bad_fusion_type_names_choices():
   with pytest.raises(ValueError, match="Unknown fusion_type 'late'.*concat"):
-    fusion.FusionModel(**towers(), fusion_type="late")
+    fusion.FusionModel(towers=towers(), fusion_type="late")
   with pytest.raises(ValueError, match="needs at least two towers"):
-    fusion.FusionModel(text_encoder=TinyText(), fusion_type="cross_attention")
+    fusion.FusionModel(towers=dict(text=TinyText()), fusion_type="cross_attention")
 
 
 def test_bottleneck_refuses_cudnn_attention():
@@ -243,7 +245,7 @@ def test_bottleneck_refuses_cudnn_attention():
     attention_impl="cudnn",
   )
   with pytest.raises(ValueError, match="attention_impl='xla'"):
-    fusion.FusionModel(image_encoder=TinyImage(), text_encoder=bert, fusion_type="bottleneck")
+    fusion.FusionModel(towers=dict(image=TinyImage(), text=bert), fusion_type="bottleneck")
 
 
 # --- dummy_batch and the encoder protocol ---------------------------------------------
@@ -270,9 +272,9 @@ def hf_towers():
     max_position_embeddings=16,
   )
   return dict(
-    image_encoder=hf.build_module(vit),
-    text_encoder=hf.build_module(bert),
-    audio_encoder=hf.build_module({**vit, "num_channels": 1, "image_size": [8, 12]}),
+    image=hf.build_module(vit),
+    text=hf.build_module(bert),
+    audio=hf.build_module({**vit, "num_channels": 1, "image_size": [8, 12]}),
   )
 
 
@@ -313,18 +315,18 @@ def test_dummy_batch_inits_the_params_of_a_real_batch(fusion_type, tower_set):
 
 
 def test_tower_inputs_are_the_declared_ones():
-  text = hf_towers()["text_encoder"]
+  text = hf_towers()["text"]
   b = dict(hf_batch(), labels=np.zeros(3))
   got = fusion.tower_inputs("text", text, b, train=True)
   assert set(got) == {"input_ids", "attention_mask", "token_type_ids", "deterministic"}
   assert not got["deterministic"]
-  audio = fusion.tower_inputs("audio", hf_towers()["audio_encoder"], b, train=False)
+  audio = fusion.tower_inputs("audio", hf_towers()["audio"], b, train=False)
   assert set(audio) == {"pixel_values", "deterministic"}
   assert audio["pixel_values"] is b["audio_values"]  # The batch field renamed to the input name.
 
 
 def test_tower_of_the_wrong_modality_names_both():
-  bert = hf_towers()["text_encoder"]
+  bert = hf_towers()["text"]
   with pytest.raises(
     config_lib.ConfigError,
     match=r"towers\.image: 'bert' builds a BertModel, whose inputs are "
@@ -337,4 +339,4 @@ def test_tower_of_the_wrong_modality_names_both():
     config_lib.ConfigError, match=r"CLIPModel, which is not a tower.*tower='vision'"
   ):
     fusion._check_tower_inputs("image", clip, "openai/clip")
-  fusion._check_tower_inputs("audio", hf_towers()["audio_encoder"], "vit")
+  fusion._check_tower_inputs("audio", hf_towers()["audio"], "vit")

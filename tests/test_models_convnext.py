@@ -288,10 +288,9 @@ def test_fusion_tower(fusion_type, checkpoints):
     )
   )
   model = fusion.FusionModel(
-    image_encoder=hf.build_module(path),
-    text_encoder=text,
+    towers=dict(image=hf.build_module(path), text=text),
     fusion_type=fusion_type,
-    image_pool="pooler",
+    pools=dict(image="pooler"),
     width=8,
   )
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), model.dummy_batch())

@@ -353,21 +353,23 @@ def test_fusion_tower(fusion_type, small_checkpoint, tiny_bert_dir):
   path = small_checkpoint
   resnet, resnet_variables, _ = hf.load_pretrained(path)
   model = fusion.FusionModel(
-    image_encoder=resnet,
-    # One layer, no dropout (random masks take XLA long to compile on CPU); random params.
-    text_encoder=hf.build_module(
-      {
-        **hf.read_config(tiny_bert_dir),
-        "num_hidden_layers": 1,
-        "hidden_dropout_prob": 0,
-        "attention_probs_dropout_prob": 0,
-      }
+    towers=dict(
+      image=resnet,
+      # One layer, no dropout (random masks take XLA long to compile on CPU); random params.
+      text=hf.build_module(
+        {
+          **hf.read_config(tiny_bert_dir),
+          "num_hidden_layers": 1,
+          "hidden_dropout_prob": 0,
+          "attention_probs_dropout_prob": 0,
+        }
+      ),
     ),
     fusion_type=fusion_type,
     num_classes=3,
     width=8,
     num_heads=2,
-    image_pool="pooler",
+    pools=dict(image="pooler"),
   )
   rng = np.random.default_rng(0)
   batch = {

@@ -121,16 +121,14 @@ def test_fusion_sigmoid_head(tiny_siglip_dir):
   """contrastive_loss="sigmoid" gives the head a logit_bias (SigLIP's init) and the loss the
   sigmoid one; SigLIP towers drive it through the encoder protocol."""
   towers = {
-    f"{m}_encoder": hf.build_module(tiny_siglip_dir, tower=t)
-    for m, t in (("image", "vision"), ("text", "text"))
+    m: hf.build_module(tiny_siglip_dir, tower=t) for m, t in (("image", "vision"), ("text", "text"))
   }
   model = fusion.FusionModel(
-    **towers,
+    towers=towers,
     fusion_type="contrastive",
     head_type="contrastive",
     width=16,
-    image_pool="pooler",
-    text_pool="pooler",
+    pools=dict(image="pooler", text="pooler"),
     temperature_init=0.1,
     contrastive_loss="sigmoid",
   )

@@ -298,7 +298,7 @@ def test_fusion_with_text_tower(family, checkpoints):
   assert "text_encoder/encoder/layer_1/attn/query/kernel" in rules.flatten(variables["params"])
   assert jax.eval_shape(model.apply, variables, batch)["logits"].shape == (1, 2)
   variables = hf.load_into(variables, "text_encoder", checkpoints[family][0])
-  module, torch_model = model.text_encoder, checkpoints[family][1]
+  module, torch_model = model.tower("text"), checkpoints[family][1]
   real = dict(
     _inputs(module, torch_model, "right"), pixel_values=np.zeros((3, 8, 8, 3), np.float32)
   )

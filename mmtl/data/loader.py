@@ -125,7 +125,7 @@ def make_train_iterator(
   ds = ds.seed(_grain_seed(seed)).shuffle().repeat(None).random_map(pre.example)
   # Local-size batches; global batch k is local batches k*P..k*P+P-1: this process takes the p-th.
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=pre.stack)[process_index::process_count]
-  return _to_iterator(ds.map(pre.images), cfg, pre)
+  return _to_iterator(ds.map(pre.arrays), cfg, pre)
 
 
 def eval_num_batches(num: int, *, batch_size: int, process_count: int) -> int:
@@ -173,5 +173,5 @@ def make_eval_iterator(
     return out
 
   ds = grain.MapDataset.range(num_batches * batch_size).map(padded).seed(0).random_map(example)
-  ds = ds.batch(batch_size, batch_fn=pre.stack).map(pre.images)
+  ds = ds.batch(batch_size, batch_fn=pre.stack).map(pre.arrays)
   return _to_iterator(ds, cfg, pre)

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from mmtl import config_keys
+from mmtl.modalities import MODALITIES
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -29,16 +30,11 @@ def defaults() -> ml_collections.ConfigDict:
       # a sequence of texts gives a random one in training, text `eval_text` at eval.
       # target: text a decoder learns to generate (captioning head; a ClassLabel gives its
       # class names, e.g. generative VQA answers).
-      fields=dict(image="image", text="question", label="label", audio=None, target=None),
+      fields={
+        **dict.fromkeys(MODALITIES),
+        **dict(image="image", text="question", label="label", target=None),
+      },
       eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
-      image=dict(
-        size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
-        resize=None,  # Eval: shorter side resized to this, then center crop; None: = size.
-        mean=None,
-        std=None,  # None: from stats_from, else (0.5, 0.5, 0.5).
-        stats_from=None,  # Checkpoint whose preprocessor_config.json gives mean/std/size.
-      ),
-      text=dict(tokenizer=None, max_length=32),  # tokenizer: HF name or local path.
       # The decoder's text (fields.target): tokenizer (the decoder checkpoint's), decoder
       # length (BOS + prompt + target + EOS, shifted), a fixed prompt every target follows.
       # pad_token: a vocabulary token to pad with when the tokenizer has none (GPT-2's).
@@ -51,12 +47,15 @@ def defaults() -> ml_collections.ConfigDict:
       class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
       # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
       # `blank` must sum to at most their number - 1 (one such modality: rate 0).
-      modality_dropout=dict(image=0.0, text=0.0, audio=0.0),
+      modality_dropout={m: 0.0 for m in MODALITIES},
       blank=(),  # Modalities always blanked (train and eval), e.g. ("text",) = image-only.
       cache=False,  # Hold this process's decoded examples in memory (small datasets).
       num_threads=2,  # Threads producing batches in this process.
       prefetch=4,  # Batches buffered ahead.
       num_workers=0,  # >0: grain worker processes (mp_prefetch) instead of threads.
+      # Each modality's own section (mmtl.modalities): image (size, resize, mean, std,
+      # stats_from), text (tokenizer, max_length), ...
+      **{m: dict(spec.config) for m, spec in MODALITIES.items() if spec.config},
     )
   )
 
@@ -78,5 +77,5 @@ def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigD
 
 
 def used_fields(cfg: ml_collections.ConfigDict) -> dict[str, str]:
-  """Used fields: {"image"|"text"|"audio"|"label"|"target": feature path}."""
+  """Used fields: {modality | "label" | "target": feature path}."""
   return {k: v for k, v in cfg.fields.items() if v}

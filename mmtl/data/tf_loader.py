@@ -104,7 +104,7 @@ class TfIterator:
         ex["example_weight"] = weight
       rows.append(ex)
     self.batches += 1
-    return self.pre.tokenize(self.pre.images(self.pre.stack(rows)))
+    return self.pre.tokenize(self.pre.arrays(self.pre.stack(rows)))
 
   def get_state(self) -> dict[str, Any]:
     return {"batches": self.batches, "process": [self.process_index, self.process_count]}

@@ -1,9 +1,11 @@
 """How a decoded example becomes a row of a model batch: numpy preprocessing shared by both loaders.
 
-Per example (`Preprocess.example`, with the element's own RNG): crop/resize, and
-the draws of augmentation and modality dropout. Per batch: flip, colour jitter,
-normalization and blanking (`Preprocess.images`), then tokenization
-(`Preprocess.tokenize`), under the field names the models take.
+Each modality's steps are its `mmtl.modalities.Modality`'s: `decode`, then per example
+(`Preprocess.example`, with the element's own RNG: crop/resize, the draws of augmentation)
+and per batch (flip, colour jitter, normalization and blanking in `Preprocess.arrays`,
+then tokenization in `Preprocess.tokenize`), under the field names the models take.
+Preprocess adds what is no modality's: labels, example weights, modality dropout's draws
+(`<m>_present`) and the decoder's target.
 
 A decoder's target text (`fields.target`, captioning) becomes, with BOS, the
 fixed `target.prompt`, the target and EOS in one sequence s (padded):
@@ -18,21 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-import functools
 import math
 from typing import Any
 
 import ml_collections
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
-from mmtl import config_keys
+from mmtl import config_keys, modalities
 from mmtl.data import options, source
-from mmtl.modalities import MODALITIES
+from mmtl.modalities import MODALITIES, as_texts
 
 Batch = dict[str, np.ndarray]
-TOKEN_CACHE_SIZE = 200_000  # Distinct texts a Preprocess keeps tokenized (then cleared).
 HOST_FIELDS = ("target_texts",)  # Batch fields of Python objects: read on the host only.
 
 
@@ -59,7 +58,7 @@ class TargetTokens:
   def load(cls, name_or_path: str, prompt: str = "", pad_token: str | None = None) -> TargetTokens:
     """`pad_token`: a token of the vocabulary to pad with, for a tokenizer without a pad
     token (GPT-2: "<|endoftext|>", as GPT-2 captioning models pad)."""
-    tok = _tokenizer(name_or_path)
+    tok = modalities.tokenizer(name_or_path)
     ids = {}
     if pad_token is not None:
       ids["pad"] = tok.convert_tokens_to_ids(pad_token)
@@ -133,68 +132,6 @@ class TargetTokens:
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer(name_or_path: str):
-  from mmtl import preprocess  # pylint: disable=g-import-not-at-top
-
-  return preprocess.load_tokenizer(name_or_path)
-
-
-def _image_spec(
-  cfg: ml_collections.ConfigDict, info: tfds.core.DatasetInfo
-) -> tuple[int, int, np.ndarray, np.ndarray]:
-  """(size, resize, mean, std) with mean/std in [0, 1] pixel units."""
-  image = cfg.image
-  stats = {}
-  if image.stats_from:
-    from mmtl import preprocess  # pylint: disable=g-import-not-at-top
-
-    stats = preprocess.image_stats(image.stats_from)
-  size = image.size or stats.get("size")
-  if size is None:
-    shape = source.feature_at(info.features, cfg.fields.image).shape
-    if shape[0] is None or shape[0] != shape[1]:
-      why = (
-        f"{image.stats_from!r} (config.input.image.stats_from) gives no image size (no "
-        "preprocessor_config.json, no image_size in config.json, as with CNN checkpoints)"
-        if image.stats_from
-        else "config.input.image.size is not set"
-      )
-      raise config_keys.ConfigError(
-        f"Images of {info.full_name} have shape {shape} and {why}: set "
-        "config.input.image.size (e.g. --config.input.image.size=224)."
-      )
-    size = shape[0]
-  mean = np.asarray(image.mean or stats.get("mean") or (0.5, 0.5, 0.5), np.float32)
-  std = np.asarray(image.std or stats.get("std") or (0.5, 0.5, 0.5), np.float32)
-  return int(size), int(image.resize or size), mean, std
-
-
-def _center_crop(img: np.ndarray, size: int, resize: int) -> np.ndarray:
-  """Shorter side -> `resize`, then the central size x size (no-op when already size x size)."""
-  h, w = img.shape[:2]
-  if h == w == size:
-    return img
-  scale = resize / min(h, w)
-  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-  img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
-  top, left = (nh - size) // 2, (nw - size) // 2
-  return img[top : top + size, left : left + size]
-
-
-def _random_resized_crop(
-  img: np.ndarray, size: int, scale: Sequence[float], rng: np.random.Generator
-) -> np.ndarray:
-  """Inception-style crop: area fraction in `scale`, aspect ratio in [3/4, 4/3]."""
-  h, w = img.shape[:2]
-  area = h * w * rng.uniform(*scale)
-  ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-  ch, cw = min(h, round(math.sqrt(area / ratio))), min(w, round(math.sqrt(area * ratio)))
-  top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-  crop = Image.fromarray(img[top : top + ch, left : left + cw])
-  return np.asarray(crop.resize((size, size), Image.BILINEAR))
-
-
 class _ModalityDropout:
   """Draws which modalities an example keeps: each blanked at exactly its rate, never all at once.
 
@@ -253,7 +190,9 @@ class _ModalityDropout:
 
 
 class Preprocess:
-  """The numpy preprocessing shared by both loaders: per example, then per batch."""
+  """The numpy preprocessing shared by both loaders: per example, then per batch. Each
+  modality's own steps are its `mmtl.modalities.Modality`'s; this class adds the label,
+  the decoder target, example weights and modality dropout."""
 
   def __init__(
     self,
@@ -265,29 +204,24 @@ class Preprocess:
   ):
     self.cfg, self.train, self.class_weights = cfg, train, class_weights
     self.fields = options.used_fields(cfg)
-    self.modalities = [m for m in MODALITIES if m in self.fields]
-    if not self.modalities:
-      raise config_keys.ConfigError(
-        "config.input.fields uses no modality: set fields.image/text/audio."
-      )
     if unknown := set(cfg.blank) - set(MODALITIES):
       raise config_keys.ConfigError(
-        f"config.input.blank has {sorted(unknown)}; choose from {MODALITIES}."
+        f"config.input.blank has {sorted(unknown)}; choose from {list(MODALITIES)}."
+      )
+    self.specs = {
+      m: spec(cfg, source.feature_at(info.features, path) if info else None, train=train)
+      for m, spec in MODALITIES.items()
+      if (path := self.fields.get(m))
+    }
+    self.modalities = list(self.specs)
+    if not self.modalities:
+      raise config_keys.ConfigError(
+        f"config.input.fields uses no modality: set fields.<m> for some of {list(MODALITIES)}."
       )
     if set(self.modalities) <= set(cfg.blank):
       raise config_keys.ConfigError(
         f"config.input.blank={tuple(cfg.blank)} blanks every used modality."
       )
-    if "image" in self.fields:
-      self.size, self.resize, self.mean, self.std = _image_spec(cfg, info)
-    if "text" in self.fields:
-      if not cfg.text.tokenizer:
-        raise config_keys.ConfigError(
-          "config.input.fields.text is set: set config.input.text.tokenizer "
-          "(HF name or path, e.g. the text checkpoint)."
-        )
-      self.tokenizer = _tokenizer(cfg.text.tokenizer)
-      self._token_cache: dict[str, np.ndarray] = {}
     if "target" in self.fields:
       if not cfg.target.tokenizer:
         raise config_keys.ConfigError(
@@ -299,10 +233,6 @@ class Preprocess:
       self.target_names = (
         list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
       )
-    aug = cfg.augment
-    self.crop_scale = aug.crop_scale if train else None
-    self.flip = aug.flip and train
-    self.jitter = aug.color_jitter if train else 0.0
     self.dropout = (
       _ModalityDropout({m: cfg.modality_dropout[m] for m in self.modalities if m not in cfg.blank})
       if train
@@ -314,12 +244,10 @@ class Preprocess:
     out = {}
     for name, path in self.fields.items():
       value = source.value_at(ex, path)
-      if name == "text":
-        value = _texts(value)
-        if not self.train:
-          value = self._eval_text(value)
+      if name in self.specs:
+        value = self.specs[name].decode(value)
       if name == "target":
-        value = [self.target_names[int(value)]] if self.target_names else _texts(value)
+        value = [self.target_names[int(value)]] if self.target_names else as_texts(value)
         if not value:
           raise config_keys.ConfigError(
             f"An example has no {self.cfg.fields.target!r} text: every example needs a target."
@@ -327,36 +255,13 @@ class Preprocess:
       out[name] = value
     return out
 
-  def _eval_text(self, texts: list[str]) -> list[str]:
-    """Text `eval_text` alone: eval uses one fixed text (multi-caption retrieval reads
-    each caption in its own pass)."""
-    i = self.cfg.eval_text
-    if not 0 <= i < len(texts):
-      raise config_keys.ConfigError(
-        f"An eval example has {len(texts)} texts; config.input.eval_text={i} needs at least "
-        f"{i + 1} (retrieval: lower config.evals.<name>.captions)."
-      )
-    return texts[i : i + 1]
-
   def example(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """Crop/resize, and draw this element's random decisions (applied batched in `images`)."""
+    """Each modality's per-example step, and this element's random decisions (applied
+    batched in `arrays` and `tokenize`)."""
     out = {}
-    if "image" in ex:
-      img = np.asarray(ex["image"])
-      if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-      if self.crop_scale:
-        img = _random_resized_crop(img, self.size, self.crop_scale, rng)
-      else:
-        img = _center_crop(img, self.size, self.resize)
-      out["image"] = img
-      out["flip"] = np.bool_(self.flip and rng.random() < 0.5)
-      out["jitter"] = rng.uniform(1 - self.jitter, 1 + self.jitter, size=3).astype(np.float32)
-    if "text" in ex:
-      texts = ex["text"]
-      out["text"] = texts[rng.integers(len(texts))] if self.train else texts[0]
-    if "audio" in ex:
-      out["audio"] = np.asarray(ex["audio"], np.float32)
+    for m, spec in self.specs.items():
+      if m in ex:
+        out.update(spec.example(ex[m], rng))
     if "target" in ex:
       refs = ex["target"]
       out["target"] = refs[rng.integers(len(refs))] if self.train else refs[0]
@@ -375,73 +280,32 @@ class Preprocess:
 
   @staticmethod
   def stack(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Arrays stacked; strings and lists (texts, references) kept as lists."""
     return {
       k: (
         [e[k] for e in examples]
-        if k in ("text", "target", *HOST_FIELDS)
+        if isinstance(examples[0][k], (str, list))
         else np.stack([e[k] for e in examples])
       )
       for k in examples[0]
     }
 
-  def images(self, batch: dict[str, Any]) -> dict[str, Any]:
-    """Batched flip, colour jitter, normalization and blanking of images."""
-    if "image" not in batch:
-      return batch
-    batch = dict(batch)
-    x = batch.pop("image").astype(np.float32)  # [0, 255]
-    flip, jitter = batch.pop("flip"), batch.pop("jitter")
-    if flip.any():
-      x[flip] = x[flip, :, ::-1]
-    if self.jitter:
-      brightness, contrast, saturation = (f[:, None, None, None] for f in jitter.T)
-      x = x * brightness
-      mean = x.mean(axis=(1, 2, 3), keepdims=True)
-      x = (x - mean) * contrast + mean
-      gray = x.mean(axis=-1, keepdims=True)
-      x = np.clip((x - gray) * saturation + gray, 0.0, 255.0)
-    x = x * (1.0 / (255.0 * self.std)) - self.mean / self.std  # (x / 255 - mean) / std
-    present = batch["image_present"]
-    # Blanked: the mean colour.
-    batch["pixel_values"] = x if present.all() else x * present[:, None, None, None]
-    return batch
-
-  def _token_rows(self, texts: list[str]) -> np.ndarray:
-    """(B, 3, L) int32 ids/mask/type ids. Texts repeat (templates, epochs): each string is
-    tokenized once, in one batched call for a batch's new strings."""
-    new = [t for t in dict.fromkeys(texts) if t not in self._token_cache]
-    if new:
-      tokens = self.tokenizer(
-        new,
-        padding="max_length",
-        truncation=True,
-        max_length=self.cfg.text.max_length,
-        return_tensors="np",
-      )
-      ids = tokens["input_ids"]
-      type_ids = tokens.get("token_type_ids", np.zeros_like(ids))
-      rows = np.stack([ids, tokens["attention_mask"], type_ids], 1)
-      if len(self._token_cache) + len(new) > TOKEN_CACHE_SIZE:
-        self._token_cache.clear()
-      self._token_cache.update(zip(new, rows.astype(np.int32)))
-    return np.stack([self._token_cache[t] for t in texts])
+  def arrays(self, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch step of every modality that needs no tokenizer (in the loader's threads):
+    normalization and blanking, under the field names the models take."""
+    return self._batch(batch, tokenizes=False)
 
   def tokenize(self, batch: dict[str, Any]) -> Batch:
-    """Batched tokenization (blanked texts become empty), audio blanking; final names."""
-    batch = dict(batch)
-    if "text" in batch:
-      texts = [t if p else "" for t, p in zip(batch.pop("text"), batch["text_present"])]
-      rows = self._token_rows(texts)
-      ids, mask, type_ids = rows[:, 0], rows[:, 1], rows[:, 2]
-      batch.update(input_ids=ids, attention_mask=mask, token_type_ids=type_ids)
-    if "audio" in batch:
-      batch["audio_values"] = batch.pop("audio") * batch["audio_present"][:, None, None, None]
+    """The batch step of the modalities that tokenize, and the decoder's target sequences
+    (in the one thread consuming batches: HF fast tokenizers are not thread-safe)."""
+    batch = self._batch(batch, tokenizes=True)
     if "target" in batch:
       batch.update(self.target.sequences(batch.pop("target"), self.cfg.target.max_length))
     return batch
 
-
-def _texts(value: Any) -> list[str]:
-  """A text feature's value (one string or a sequence of them) as a list of str."""
-  texts = [value] if isinstance(value, (bytes, str)) else list(value)
-  return [t.decode() if isinstance(t, bytes) else t for t in texts]
+  def _batch(self, batch: dict[str, Any], *, tokenizes: bool) -> dict[str, Any]:
+    batch = dict(batch)
+    for m, spec in self.specs.items():
+      if spec.tokenizes == tokenizes and m in batch:
+        batch = spec.batch(batch, batch[f"{m}_present"])
+    return batch

@@ -14,7 +14,16 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
-from mmtl import checkpoint, config_keys, data, evaluators, sharding, text_metrics, train_state
+from mmtl import (
+  checkpoint,
+  config_keys,
+  data,
+  evaluators,
+  modalities,
+  sharding,
+  text_metrics,
+  train_state,
+)
 from mmtl import config as config_lib
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
@@ -46,12 +55,12 @@ def caption_run(
   input_cfg = data.input_config(config.input)
   target = transforms.TargetTokens.from_config(input_cfg.target)
   if images:
-    fields = dict(image="image", text=None, label=None, audio=None, target=None)
+    fields = {**modalities.blank_fields(), "image": "image", "label": None, "target": None}
     cfg = data.input_config({**input_cfg.to_dict(), "fields": fields})
     pre = transforms.Preprocess(cfg, source.builder(cfg).info, train=False)
     rng = np.random.default_rng(0)  # eval preprocessing draws nothing that changes the image
     rows = [pre.example({"image": np.asarray(Image.open(f).convert("RGB"))}, rng) for f in images]
-    batch = pre.tokenize(pre.images(pre.stack(rows)))
+    batch = pre.tokenize(pre.arrays(pre.stack(rows)))
     batch["decoder_input_ids"] = np.tile(np.asarray(target.prompt, np.int32), (len(images), 1))
     ids = generate(
       model,

@@ -1,11 +1,11 @@
-"""Fusion models: two or three encoders combined into one multimodal model.
+"""Fusion models: encoders of any number of modalities combined into one model.
 
 Any module that implements the encoder protocol (mmtl.models.encoder.Encoder:
-BERT, ViT, the CLIP towers) can be a tower. Towers are named `image_encoder`,
-`text_encoder`, `audio_encoder`, so pretrained checkpoints load into them by
-name and regex rules address them as
-`text_encoder/encoder/layer_3/...`; fusion params live under `fusion/...` and
-the task head under `head/...`.
+BERT, ViT, the CLIP towers) can be a tower. `FusionModel.towers` maps each modality
+(mmtl.modalities) to its tower, whose params are `<modality>_encoder/...`
+(`image_encoder`, `text_encoder`, ...), so pretrained checkpoints load into them by
+name and regex rules address them as `text_encoder/encoder/layer_3/...`; fusion
+params live under `fusion/...` and the task head under `head/...`.
 
 Fusion types (`fusion_type`, the keys of `FUSIONS`):
   concat:          pooled tower features projected to `width`, concatenated,
@@ -34,10 +34,10 @@ embeddings (ClipCap-style, `conditioning="prefix"`, for decoders without
 cross-attention). Image tokens give captions; image + question tokens give
 generative VQA.
 
-Missing modalities: a tower runs only when its inputs are in the batch, and
-`image_present` / `text_present` / `audio_present` (B,) floats (1 = present)
-zero a modality per example, so a fused model can be trained with modality
-dropout and evaluated with a modality missing.
+Missing modalities: a tower runs only when its modality's primary batch field is in
+the batch, and `<modality>_present` (B,) floats (1 = present) zero a modality per example,
+so a fused model can be trained with modality dropout and evaluated with a modality
+missing.
 """
 
 from __future__ import annotations
@@ -47,26 +47,16 @@ import dataclasses
 import difflib
 from typing import Any
 
+from flax.core import FrozenDict
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmtl import config_keys, heads
-from mmtl.modalities import MODALITIES, PRIMARY_INPUT
+from mmtl import config_keys, heads, modalities
+from mmtl.modalities import MODALITIES
 from mmtl.models.encoder import Encoder
 
-# Per modality, batch field -> the encoder input (`Encoder.inputs` name) it feeds.
-TOWER_INPUTS: dict[str, dict[str, str]] = {
-  "image": {"pixel_values": "pixel_values"},
-  "text": {
-    "input_ids": "input_ids",
-    "attention_mask": "attention_mask",
-    "token_type_ids": "token_type_ids",
-  },
-  # The audio tower is a ViT over a spectrogram: it takes it as pixel_values.
-  "audio": {"audio_values": "pixel_values"},
-}
 # How a captioning head's decoder reads the towers' tokens.
 CONDITIONINGS = ("cross_attention", "prefix")
 POOL_TYPES = ("mean", "cls", "pooler")
@@ -77,11 +67,8 @@ def tower_inputs(
 ) -> dict[str, Any]:
   """Keyword arguments of `encoder.embed`: the batch fields of `modality` among its
   declared `inputs` (under their input names) and `deterministic`."""
-  out = {
-    arg: batch[field]
-    for field, arg in TOWER_INPUTS[modality].items()
-    if field in batch and arg in encoder.inputs
-  }
+  fields = modalities.tower_fields(modality, encoder.inputs)
+  out = {arg: batch[field] for field, arg in fields.items() if field in batch}
   return {**out, "deterministic": not train}
 
 
@@ -419,8 +406,11 @@ FUSIONS: dict[str, type[Fusion]] = {
 
 
 class FusionModel(nn.Module):
-  """Two or three encoder towers, a fusion module and a head.
+  """Encoder towers keyed by modality, a fusion module and a head.
 
+  `towers`: {modality: encoder}, any registered modalities (mmtl.modalities), each
+  tower's params under `<modality>_encoder/`; `pools`: {modality: "mean" | "cls" |
+  "pooler"}, where a modality's own default (`Modality.pool`) is not wanted.
   Call with a batch dict (the data pipeline's field names). Returns a dict:
   classification `logits` (B, C); regression `predictions` (B, C); contrastive
   `image_embeds`, `text_embeds` (B, width, L2-normalized), `logit_scale` (and `logit_bias`
@@ -428,9 +418,8 @@ class FusionModel(nn.Module):
   `features` is the representation the head sees (the linear-probe input).
   """
 
-  image_encoder: nn.Module | None = None
-  text_encoder: nn.Module | None = None
-  audio_encoder: nn.Module | None = None
+  towers: Mapping[str, nn.Module] = FrozenDict()
+  pools: Mapping[str, str] = FrozenDict()
   fusion_type: str = "concat"
   head_type: str = "classification"
   num_classes: int = 2
@@ -440,14 +429,26 @@ class FusionModel(nn.Module):
   fusion_depth: int = 1
   fusion_layer: int = -2
   bottleneck_tokens: int = 4
-  image_pool: str = "cls"
-  text_pool: str = "mean"
-  audio_pool: str = "mean"
   temperature_init: float = 0.07
   contrastive_loss: str = "softmax"
   dtype: Any = jnp.float32
+  # Towers keep the names given them here (`<modality>_encoder`), not their field's.
+  preserve_adopted_names = True
 
   def __post_init__(self) -> None:
+    if unknown := [m for m in (*self.towers, *self.pools) if m not in MODALITIES]:
+      raise ValueError(
+        f"FusionModel: no modality is named {unknown}; registered: {list(MODALITIES)}."
+      )
+    if missing := [m for m in self.pools if m not in self.towers]:
+      raise ValueError(f"FusionModel: pools for {missing}, which have no tower.")
+    # In registry order, named by modality: param paths do not depend on the caller.
+    towers = {m: self.towers[m] for m in MODALITIES if m in self.towers}
+    towers = {
+      m: t if t.name == f"{m}_encoder" else t.clone(name=f"{m}_encoder") for m, t in towers.items()
+    }
+    object.__setattr__(self, "towers", FrozenDict(towers))  # hashable: jit takes models
+    object.__setattr__(self, "pools", FrozenDict(self.pools))
     if self.fusion_type not in FUSIONS:
       raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {tuple(FUSIONS)}.")
     heads.get(self.head_type)  # a registered head (mmtl.heads)
@@ -457,9 +458,7 @@ class FusionModel(nn.Module):
       )
     names = list(self.modalities)
     if not names:
-      raise ValueError(
-        "FusionModel needs at least one tower (image_encoder, text_encoder, audio_encoder)."
-      )
+      raise ValueError("FusionModel needs at least one tower (towers={modality: encoder}).")
     if (self.fusion_type == "contrastive") != (self.head_type == "contrastive"):
       raise ValueError(
         "fusion_type='contrastive' goes with head_type='contrastive' and "
@@ -490,23 +489,28 @@ class FusionModel(nn.Module):
 
   @property
   def modalities(self) -> tuple[str, ...]:
-    return tuple(m for m in MODALITIES if getattr(self, f"{m}_encoder") is not None)
+    """The modalities with a tower, in registry order."""
+    return tuple(m for m in MODALITIES if m in self.towers)
 
   def tower(self, m: str) -> Encoder:
     """The encoder of modality `m`."""
-    return getattr(self, f"{m}_encoder")
+    return self.towers[m]
+
+  def pool_of(self, m: str) -> str:
+    """How the tower of modality `m` is pooled (`pools`, else the modality's default)."""
+    return self.pools.get(m, MODALITIES[m].pool)
 
   def dummy_batch(self) -> dict[str, jax.Array]:
     """The smallest batch (batch size 1) with every tower's inputs under their batch fields:
     `init` on it gives the params `init` on a real batch gives, without an example."""
     batch = {}
     for m in self.modalities:
-      field = {arg: f for f, arg in TOWER_INPUTS[m].items()}
+      field = {arg: f for f, arg in MODALITIES[m].inputs.items()}
       batch.update({field[name]: x for name, x in self.tower(m).dummy_inputs().items()})
     return batch
 
   def _present(self, m: str, batch: Mapping[str, Any], batch_size: int) -> jax.Array:
-    if PRIMARY_INPUT[m] not in batch:
+    if MODALITIES[m].primary() not in batch:
       return jnp.zeros((batch_size,), jnp.float32)
     return jnp.asarray(batch.get(f"{m}_present", jnp.ones((batch_size,), jnp.float32)), jnp.float32)
 
@@ -515,11 +519,11 @@ class FusionModel(nn.Module):
   ) -> dict[str, TowerOutput]:
     """Run every tower whose inputs are in the batch (`train`: per modality, whether
     in training mode); bottleneck towers exchange tokens."""
-    given = [m for m in self.modalities if PRIMARY_INPUT[m] in batch]
+    given = [m for m in self.modalities if MODALITIES[m].primary() in batch]
     if not given:
       raise ValueError(
         f"The batch has none of the model's inputs "
-        f"{[PRIMARY_INPUT[m] for m in self.modalities]}; got {sorted(batch)}."
+        f"{[MODALITIES[m].primary() for m in self.modalities]}; got {sorted(batch)}."
       )
     embedded = {
       m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m])) for m in given
@@ -542,7 +546,7 @@ class FusionModel(nn.Module):
       out[m] = TowerOutput(
         tokens=final["last_hidden_state"],
         mask=mask,
-        pooled=pool(final, mask, getattr(self, f"{m}_pool")),
+        pooled=pool(final, mask, self.pool_of(m)),
         present=present[m],
       )
     return out
@@ -787,7 +791,8 @@ def selected_towers(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]
 def _check_tower_inputs(modality: str, encoder: nn.Module, name: Any) -> None:
   """A tower must take its modality's input: an image tower pointed at a BERT
   checkpoint fails here, naming both, not deep inside `embed`."""
-  wanted = TOWER_INPUTS[modality][PRIMARY_INPUT[modality]]
+  spec = MODALITIES[modality]
+  wanted = spec.inputs[spec.primary()]
   is_encoder = isinstance(encoder, Encoder)
   if is_encoder and wanted in encoder.inputs:
     return
@@ -800,7 +805,7 @@ def _check_tower_inputs(modality: str, encoder: nn.Module, name: Any) -> None:
   a = "an" if modality[0] in "aeiou" else "a"
   raise config_keys.ConfigError(
     f"config.model.towers.{modality}: {what!r} builds a {type(encoder).__name__}, {takes}; "
-    f"{a} {modality} tower takes {wanted} (batch field {PRIMARY_INPUT[modality]!r}). "
+    f"{a} {modality} tower takes {wanted} (batch field {spec.primary()!r}). "
     f"Point towers.{modality}.name at {a} {modality} encoder, or move this checkpoint to the tower "
     f"of the modality it encodes (for CLIP, pick its half with tower='vision' or 'text')."
   )
@@ -820,7 +825,7 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
     name = t["name"]
     name = name.to_dict() if hasattr(name, "to_dict") else name
     kwargs = dict(t.get("kwargs") or {})
-    towers[f"{m}_encoder"] = hf.build_module(
+    towers[m] = hf.build_module(
       name,
       tower=t.get("tower"),
       dtype=dtype,
@@ -828,9 +833,9 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
       remat=model_cfg.get("remat", "none"),
       **kwargs,
     )
-    _check_tower_inputs(m, towers[f"{m}_encoder"], name)
+    _check_tower_inputs(m, towers[m], name)
     pool = t.get("pool")
-    if not towers[f"{m}_encoder"].num_layers:  # a CNN: its first position is no [CLS] token
+    if not towers[m].num_layers:  # a CNN: its first position is no [CLS] token
       if pool == "cls":
         raise config_keys.ConfigError(
           f"config.model.towers.{m}.pool='cls' takes the first token, but this tower is a CNN "
@@ -838,7 +843,7 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
         )
       pool = pool or "pooler"
     if pool:
-      pools[f"{m}_pool"] = pool
+      pools[m] = pool
   extra, cls = {}, FusionModel
   if model_cfg["head"] == "captioning":
     dec = dict(model_cfg.get("decoder") or {})
@@ -861,8 +866,8 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
     )
     cls = CaptioningModel
   return cls(
-    **towers,
-    **pools,
+    towers=towers,
+    pools=pools,
     **extra,
     fusion_type=model_cfg["fusion"],
     head_type=model_cfg["head"],
