@@ -11,7 +11,7 @@ the type expected.
 What mmtl knows is `schema()`: the trainer's keys and defaults (`DEFAULTS`),
 `MODEL_DEFAULTS`, and the keys each module declares for its own section
 (`input`: mmtl.data, `optim`: mmtl.optim, `distill`: mmtl.distill,
-`evals.<name>`: mmtl.evaluators).
+`evals.<name>`: mmtl.evaluators, the heads' keys of `model` and `loss`: mmtl.heads).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ DEFAULTS = dict(
   batch_size=32,  # global; each process loads batch_size / processes
   input={},  # mmtl.data: dataset, split, batch_size, preprocessing
   evals={},  # name -> evaluator config (mmtl.evaluators)
-  model={},  # MODEL_DEFAULTS
+  model={},  # model_defaults()
   model_init={},  # tower name -> HF name/path, or dict(name=..., dont_load=[...])
   optim={},  # mmtl.optim
-  loss=dict(label_smoothing=0.0),
+  loss={},  # the heads' loss keys (mmtl.heads: Head.loss_config), e.g. label_smoothing
   grad_accum_steps=1,  # microbatches per step (lax.scan), same objective as the full
   # batch (contrastive: gradient cache; see mmtl.train_step)
   prefetch_to_device=2,  # batches copied to the devices ahead of the step using them
@@ -64,17 +64,14 @@ MODEL_DEFAULTS = dict(
   modalities="",  # comma-separated subset of `towers` to use ("" = all): ablations
   unused_towers=(),  # tower keys kept in `towers` that are no modality's (else a typo error)
   fusion="concat",
-  head="classification",
-  num_classes=2,
+  head="classification",  # and the keys the heads declare (mmtl.heads: Head.config):
+  # num_classes (classification, regression); temperature_init, contrastive_loss (contrastive)
   width=256,
   dropout=0.0,
   num_heads=4,
   fusion_depth=1,
   fusion_layer=-2,
   bottleneck_tokens=4,
-  temperature_init=0.07,
-  contrastive_loss="softmax",  # contrastive head: "softmax" (CLIP's InfoNCE) or "sigmoid"
-  # (SigLIP's pairwise loss; adds a learned logit_bias)
   dtype="float32",  # compute dtype; "bfloat16" for mixed precision
   param_dtype="float32",
   remat="none",  # per-layer activation checkpointing of the towers
@@ -92,6 +89,23 @@ TOWER_KEYS = dict(name=(str, dict), tower=str, pool=str, kwargs={})
 DECODER_KEYS = dict(name=(str, dict), cross_attention=True, kwargs={})
 
 
+def trainer_defaults() -> dict[str, Any]:
+  """`DEFAULTS`, with `loss` holding every registered head's loss keys (mmtl.heads)."""
+  from mmtl import heads  # JAX: imported when a config is checked, not on import.
+
+  return {**DEFAULTS, "loss": heads.config_keys("loss_config")}
+
+
+def model_defaults() -> dict[str, Any]:
+  """`MODEL_DEFAULTS` and every registered head's `config.model` keys (mmtl.heads)."""
+  from mmtl import heads
+
+  keys = heads.config_keys("config")
+  if clash := sorted(set(keys) & set(MODEL_DEFAULTS)):
+    raise ValueError(f"Heads declare config.model keys that the model has already: {clash}.")
+  return {**MODEL_DEFAULTS, **keys}
+
+
 def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
   from mmtl import data, distill, evaluators, optim  # Their sections; imported late (JAX).
@@ -106,12 +120,12 @@ def schema() -> dict[str, Any]:
       return {k: resolve(v) for k, v in section.items()}
     return section
 
-  out = dict(DEFAULTS)
+  out = trainer_defaults()
   out.update(
     input=input_keys,
     evals={ANY_NAME: resolve(evaluators.CONFIG_KEYS)},
     model={
-      **MODEL_DEFAULTS,
+      **model_defaults(),
       "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE}},
       "decoder": {**DECODER_KEYS, "kwargs": FREE},
     },
@@ -223,11 +237,12 @@ def with_defaults(config: mlc.ConfigDict) -> mlc.ConfigDict:
   """A copy of `config`, checked (`check`), with missing trainer/model keys filled
   from the defaults (sections owned by other modules are filled by them)."""
   check(config)
-  out = mlc.ConfigDict(DEFAULTS)
-  model = {**MODEL_DEFAULTS, **config.get("model", {})}
+  defaults = trainer_defaults()
+  out = mlc.ConfigDict(defaults)
+  model = {**model_defaults(), **config.get("model", {})}
   with out.unlocked():
     for key, value in config.items():
-      if key != "model" and isinstance(DEFAULTS[key], dict) and DEFAULTS[key]:
+      if key != "model" and isinstance(defaults[key], dict) and defaults[key]:
         out[key].update(value)  # Partial sections keep the other defaults.
       elif key != "model":
         out[key] = value

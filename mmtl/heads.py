@@ -11,7 +11,10 @@
   accumulation takes the gradient cache (mmtl.train_step), computing the loss on the whole
   batch of the head's outputs;
 - `fields`: the batch fields its loss reads (the trainer checks the input gives them before
-  anything is written).
+  anything is written);
+- `config` / `loss_config`: its keys of `config.model` (the model carries their values as
+  `model.head_config`) and of `config.loss` (its loss gets them in `loss_cfg`), with their
+  defaults: they join the config schema, so overrides and type checks cover them;
 Adding a head is one class with `@register("name")`, in mmtl or in the user's own module
 imported before training (tests/test_heads.py trains and evaluates a toy head that way).
 """
@@ -35,6 +38,8 @@ class Head:
 
   separable: ClassVar[bool] = True
   fields: ClassVar[tuple[str, ...]] = ("labels",)
+  config: ClassVar[dict[str, Any]] = {}
+  loss_config: ClassVar[dict[str, Any]] = {}
 
   @classmethod
   def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
@@ -58,10 +63,23 @@ def register(name: str) -> Callable[[type[Head]], type[Head]]:
   def add(cls: type[Head]) -> type[Head]:
     if name in HEADS and HEADS[name] is not cls:
       raise ValueError(f"A head named {name!r} is registered already ({HEADS[name].__name__}).")
+    for section in ("config", "loss_config"):
+      known = config_keys(section)
+      if clash := {k for k, v in getattr(cls, section).items() if known.get(k, v) != v}:
+        raise ValueError(
+          f"Head {name!r} declares {sorted(clash)} in its {section} with other defaults than "
+          "a registered head: a key shared by heads has one default."
+        )
     HEADS[name] = cls
     return cls
 
   return add
+
+
+def config_keys(section: str = "config") -> dict[str, Any]:
+  """The keys every registered head declares in `section` ("config": `config.model`,
+  "loss_config": `config.loss`), with their defaults."""
+  return {k: v for head in HEADS.values() for k, v in getattr(head, section).items()}
 
 
 def get(name: str) -> type[Head]:
@@ -74,10 +92,13 @@ def get(name: str) -> type[Head]:
 
 
 def linear(model: Any, features: jax.Array) -> jax.Array:
-  """`model.num_classes` outputs of a zero-initialized Dense named "head" (big_vision's
+  """`num_classes` outputs of a zero-initialized Dense named "head" (big_vision's
   transfer head: the first steps don't fight random logits), in float32."""
   dense = nn.Dense(
-    model.num_classes, dtype=model.dtype, kernel_init=nn.initializers.zeros, name="head"
+    model.head_config["num_classes"],
+    dtype=model.dtype,
+    kernel_init=nn.initializers.zeros,
+    name="head",
   )
   return dense(features).astype(jnp.float32)
 
@@ -86,6 +107,9 @@ def linear(model: Any, features: jax.Array) -> jax.Array:
 class Classification(Head):
   """Softmax over `num_classes`; cross-entropy with optional label smoothing."""
 
+  config = dict(num_classes=2)
+  loss_config = dict(label_smoothing=0.0)
+
   @classmethod
   def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
     return {"logits": linear(model, features)}
@@ -93,7 +117,7 @@ class Classification(Head):
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
     per_example = losses.softmax_xent_per_example(
-      outputs["logits"], batch["labels"], loss_cfg.get("label_smoothing", 0.0)
+      outputs["logits"], batch["labels"], loss_cfg["label_smoothing"]
     )
     return losses.weighted_sum(per_example, batch.get("example_weight"))
 
@@ -101,6 +125,8 @@ class Classification(Head):
 @register("regression")
 class Regression(Head):
   """`num_classes` real values; mean squared error."""
+
+  config = dict(num_classes=2)
 
   @classmethod
   def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
@@ -124,6 +150,10 @@ class Contrastive(Head):
 
   separable = False
   fields = ()
+  # temperature_init: the initial temperature (CLIP 0.07, SigLIP 0.1); contrastive_loss:
+  # "softmax" (CLIP's InfoNCE) or "sigmoid" (SigLIP's pairwise loss; adds a learned
+  # logit_bias).
+  config = dict(temperature_init=0.07, contrastive_loss="softmax")
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
@@ -148,7 +178,8 @@ class Captioning(Head):
   teacher-forced next-token cross-entropy, a mean over target tokens."""
 
   fields = ("decoder_target_ids", "decoder_loss_mask")
+  loss_config = dict(label_smoothing=0.0)
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
-    return losses.token_loss(outputs["logits"], batch, loss_cfg.get("label_smoothing", 0.0))
+    return losses.token_loss(outputs["logits"], batch, loss_cfg["label_smoothing"])

@@ -32,6 +32,9 @@ def run_steps(objective, params, batch, mask, accum, lr=1.0, steps=1):
   return state["params"], float(measured["train/loss"])
 
 
+NO_SMOOTHING = {"label_smoothing": 0.0}  # config.loss as the classification head reads it
+
+
 def linear_objective(loss_kind="classification"):
   def forward(trainable, frozen, batch, rng):
     del rng
@@ -40,7 +43,7 @@ def linear_objective(loss_kind="classification"):
 
   def loss(outputs, batch, teacher_params):
     del teacher_params
-    return heads.get(loss_kind).loss(outputs, batch, {})
+    return heads.get(loss_kind).loss(outputs, batch, NO_SMOOTHING)
 
   return train_step.Objective(stateless(forward), loss, separable=True)
 
@@ -59,8 +62,9 @@ def test_weighted_loss_is_the_same_objective_under_accumulation():
   mask = {"w": False, "b": True}  # b frozen: must stay bit-identical.
   out = {k: run_steps(linear_objective(), params, batch, mask, k) for k in (1, 2, 4)}
   full = out[1]
+  logits = batch["x"] @ params["w"] + params["b"]
   expected = losses.mean_of(
-    *heads.get("classification").loss({"logits": batch["x"] @ params["w"] + params["b"]}, batch, {})
+    *heads.get("classification").loss({"logits": logits}, batch, NO_SMOOTHING)
   )
   assert full[1] == pytest.approx(float(expected), rel=1e-6)
   for k in (2, 4):

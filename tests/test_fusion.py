@@ -104,7 +104,7 @@ def fused_classifier(model_towers, fusion_type, *, fusion_layer, **kw):
   return fusion.FusionModel(
     towers=model_towers,
     fusion_type=fusion_type,
-    num_classes=3,
+    head_config=dict(num_classes=3) if kw.get("head_type") != "contrastive" else {},
     width=8,
     num_heads=2,
     bottleneck_tokens=2,
@@ -137,7 +137,7 @@ def test_contrastive_two_tower():
     fusion_type="contrastive",
     head_type="contrastive",
     width=8,
-    temperature_init=0.1,
+    head_config=dict(temperature_init=0.1),
   )
   params = init(model)
   assert set(params["head"]) == {"image_proj", "text_proj", "logit_scale"}
@@ -153,7 +153,7 @@ def test_contrastive_two_tower():
 
 def test_regression_head_and_single_tower():
   model = fusion.FusionModel(
-    towers=dict(text=TinyText()), head_type="regression", num_classes=1, width=8
+    towers=dict(text=TinyText()), head_type="regression", head_config=dict(num_classes=1), width=8
   )
   params = init(model)
   assert set(params) == {"text_encoder", "fusion", "head"}

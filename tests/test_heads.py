@@ -12,21 +12,31 @@ import optax
 import pytest
 
 from mmtl import evaluators, heads, losses, train
+from mmtl.models import fusion
 from tests.test_train import losses as train_losses
 from tests.test_train import tiny_config
 
 
 class OneVsRest(heads.Head):
-  """`num_classes` sigmoid scores; binary cross-entropy against the one-hot label."""
+  """`num_classes` sigmoid scores; binary cross-entropy against the one-hot label, its
+  positive terms weighted by `config.loss.positive_weight` (a key of this head's own)."""
+
+  config = dict(num_classes=2)  # shared with the classification head, same default
+  loss_config = dict(positive_weight=1.0)
 
   @classmethod
   def outputs(cls, model, features):
-    return {"scores": nn.Dense(model.num_classes, name="head")(features).astype(jnp.float32)}
+    dense = nn.Dense(
+      model.head_config["num_classes"], kernel_init=nn.initializers.zeros, name="head"
+    )
+    scores = dense(features)
+    return {"scores": scores.astype(jnp.float32)}
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
     targets = jax.nn.one_hot(batch["labels"], outputs["scores"].shape[-1])
-    per_example = optax.sigmoid_binary_cross_entropy(outputs["scores"], targets).sum(-1)
+    terms = optax.sigmoid_binary_cross_entropy(outputs["scores"], targets)
+    per_example = (terms * jnp.where(targets > 0, loss_cfg["positive_weight"], 1.0)).sum(-1)
     return losses.weighted_sum(per_example, batch.get("example_weight"))
 
 
@@ -36,7 +46,7 @@ class OneVsRestAccuracy(evaluators.Evaluator):
 
   def compute(self, variables, predict):
     out = evaluators.collect(predict, self.batches(), ["scores", "labels"])
-    loss, weight = OneVsRest.loss(out, {"labels": out["labels"]}, {})
+    loss, weight = OneVsRest.loss(out, {"labels": out["labels"]}, OneVsRest.loss_config)
     accuracy = (out["scores"].argmax(-1) == out["labels"]).mean()
     return {"accuracy": float(accuracy), "loss": float(loss / weight)}
 
@@ -54,14 +64,38 @@ def test_a_head_registered_outside_mmtl_trains_and_evaluates(
 ):
   config = tiny_config(tiny_bert_dir, data_dir, total_steps=4, ckpt_every=4)
   config.model.head = "one_vs_rest"
+  config.loss = dict(positive_weight=2.0)
   config.evals.val.type = "one_vs_rest"
   final = train.train(config, str(tmp_path / "run"))
   assert set(final) >= {"val/accuracy", "val/loss"}
-  # Trained by its own loss: the BCE of 2 classes from a random head starts near 2 ln 2
-  # (the classification head's zero-initialized cross-entropy would be ln 2).
+  # Trained by its own loss with its own key: the BCE of 2 classes from a zero-initialized
+  # head, the positive term weighted 2, starts at 3 ln 2 (the classification head's
+  # cross-entropy would be ln 2, this loss unweighted 2 ln 2).
   by_step = train_losses(tmp_path / "run")
   assert sorted(by_step) == [1, 2, 3, 4] and np.isfinite(list(by_step.values())).all()
-  assert abs(by_step[1] - 2 * np.log(2)) < 0.1
+  assert by_step[1] == pytest.approx(3 * np.log(2), abs=1e-4)
+
+
+def test_a_head_declares_its_config_keys(one_vs_rest, tiny_bert_dir, data_dir):
+  config = tiny_config(tiny_bert_dir, data_dir)
+  config.model.head = "one_vs_rest"
+  filled = train.config_lib.with_defaults(config)
+  assert filled.loss.positive_weight == 1.0 and filled.model.num_classes == 2
+  config.loss = dict(positive_weight="2")
+  with pytest.raises(
+    train.config_lib.ConfigError, match=r"config\.loss\.positive_weight='2' is a string"
+  ):
+    train.config_lib.with_defaults(config)
+  model = fusion.build(filled.model)
+  assert model.head_config == {"num_classes": 2}
+  with pytest.raises(ValueError, match=r"head_config has \['width'\], which the 'one_vs_rest'"):
+    model.clone(head_config=dict(width=3))
+
+  class Clashing(OneVsRest):
+    config = dict(num_classes=3)
+
+  with pytest.raises(ValueError, match=r"declares \['num_classes'\] .* other defaults"):
+    heads.register("clashing")(Clashing)
 
 
 def test_a_head_without_its_batch_fields_is_a_config_error(tiny_bert_dir, data_dir, tmp_path):

@@ -269,7 +269,7 @@ def test_fusion_with_beit_tower():
   image.update(use_relative_position_bias=True, use_shared_relative_position_bias=True)
   text = dict(model_type="bert", vocab_size=50, **small)
   towers = dict(image=dict(name=image, pool="pooler"), text=dict(name=text))
-  cfg = {**config_lib.MODEL_DEFAULTS, "towers": towers, "width": 8, "fusion": "bottleneck"}
+  cfg = {**config_lib.model_defaults(), "towers": towers, "width": 8, "fusion": "bottleneck"}
   model = fusion.build({**cfg, "fusion_layer": -1})
   batch = model.dummy_batch()
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)

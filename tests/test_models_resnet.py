@@ -366,7 +366,7 @@ def test_fusion_tower(fusion_type, small_checkpoint, tiny_bert_dir):
       ),
     ),
     fusion_type=fusion_type,
-    num_classes=3,
+    head_config=dict(num_classes=3),
     width=8,
     num_heads=2,
     pools=dict(image="pooler"),

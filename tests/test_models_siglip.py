@@ -129,8 +129,7 @@ def test_fusion_sigmoid_head(tiny_siglip_dir):
     head_type="contrastive",
     width=16,
     pools=dict(image="pooler", text="pooler"),
-    temperature_init=0.1,
-    contrastive_loss="sigmoid",
+    head_config=dict(temperature_init=0.1, contrastive_loss="sigmoid"),
   )
   ids, mask, pixels = inputs()
   batch = dict(
@@ -140,7 +139,7 @@ def test_fusion_sigmoid_head(tiny_siglip_dir):
   assert float(params["head"]["logit_bias"]) == -10.0
   assert float(params["head"]["logit_scale"]) == pytest.approx(np.log(10.0))
   out = jitted_apply(model, {"params": params}, batch)
-  got = heads.get("contrastive").loss(out, batch, {})
+  got = heads.get("contrastive").loss(out, batch, heads.get("contrastive").loss_config)
   want = losses.sigmoid_per_example(
     out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"]
   ).sum()
@@ -148,7 +147,7 @@ def test_fusion_sigmoid_head(tiny_siglip_dir):
   assert float(got[1]) == len(ids)
   assert "head/logit_bias" in rules.flatten(params)
   with pytest.raises(ValueError, match="contrastive_loss 'hinge'"):
-    model.clone(contrastive_loss="hinge")
+    model.clone(head_config=dict(contrastive_loss="hinge"))
 
 
 def test_sigmoid_loss_accumulates_over_the_full_batch():

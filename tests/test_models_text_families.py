@@ -292,7 +292,7 @@ def test_fusion_with_text_tower(family, checkpoints):
   # No pooler in DistilBERT: its tower pools the first token, as DistilBertForX do.
   text = dict(name=checkpoints[family][0], **({"pool": "cls"} if family == "distilbert" else {}))
   towers = dict(image=dict(name=small_vit), text=text)
-  model = fusion.build({**config_lib.MODEL_DEFAULTS, "towers": towers, "width": 8})
+  model = fusion.build({**config_lib.model_defaults(), "towers": towers, "width": 8})
   batch = model.dummy_batch()
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   assert "text_encoder/encoder/layer_1/attn/query/kernel" in rules.flatten(variables["params"])

@@ -213,7 +213,7 @@ def test_fusion_with_image_tower(image):
       )
     ),
   )
-  model = fusion.build({**config_lib.MODEL_DEFAULTS, "towers": towers, "width": 8})
+  model = fusion.build({**config_lib.model_defaults(), "towers": towers, "width": 8})
   batch = model.dummy_batch()
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
   assert "image_encoder/encoder/layer_0/attn/query/kernel" in rules.flatten(params)

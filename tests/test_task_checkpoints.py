@@ -193,7 +193,7 @@ def test_part_asked_for_but_not_held_is_an_error(vit_classifier):
 def test_fusion_tower_from_a_task_checkpoint(vit_classifier):
   """The start-up summary says what was left out; pool='pooler' on it names the reason."""
   model_cfg = {
-    **config_lib.MODEL_DEFAULTS,
+    **config_lib.model_defaults(),
     "towers": dict(image=dict(name=vit_classifier, pool="cls")),
   }
   model = fusion.build(model_cfg)

@@ -362,8 +362,8 @@ class ContrastiveHead(Fusion):
   def from_model(cls, model: FusionModel, name: str) -> ContrastiveHead:
     return cls(
       width=model.width,
-      temperature_init=model.temperature_init,
-      loss=model.contrastive_loss,
+      temperature_init=model.head_config["temperature_init"],
+      loss=model.head_config["contrastive_loss"],
       dtype=model.dtype,
       name=name,
     )
@@ -410,7 +410,9 @@ class FusionModel(nn.Module):
 
   `towers`: {modality: encoder}, any registered modalities (mmtl.modalities), each
   tower's params under `<modality>_encoder/`; `pools`: {modality: "mean" | "cls" |
-  "pooler"}, where a modality's own default (`Modality.pool`) is not wanted.
+  "pooler"}, where a modality's own default (`Modality.pool`) is not wanted;
+  `head_config`: values of the head's own keys (`Head.config` of mmtl.heads, e.g.
+  num_classes), its defaults where not given.
   Call with a batch dict (the data pipeline's field names). Returns a dict:
   classification `logits` (B, C); regression `predictions` (B, C); contrastive
   `image_embeds`, `text_embeds` (B, width, L2-normalized), `logit_scale` (and `logit_bias`
@@ -422,15 +424,13 @@ class FusionModel(nn.Module):
   pools: Mapping[str, str] = FrozenDict()
   fusion_type: str = "concat"
   head_type: str = "classification"
-  num_classes: int = 2
+  head_config: Mapping[str, Any] = FrozenDict()
   width: int = 256
   dropout: float = 0.0
   num_heads: int = 4
   fusion_depth: int = 1
   fusion_layer: int = -2
   bottleneck_tokens: int = 4
-  temperature_init: float = 0.07
-  contrastive_loss: str = "softmax"
   dtype: Any = jnp.float32
   # Towers keep the names given them here (`<modality>_encoder`), not their field's.
   preserve_adopted_names = True
@@ -451,11 +451,16 @@ class FusionModel(nn.Module):
     object.__setattr__(self, "pools", FrozenDict(self.pools))
     if self.fusion_type not in FUSIONS:
       raise ValueError(f"Unknown fusion_type {self.fusion_type!r}; use one of {tuple(FUSIONS)}.")
-    heads.get(self.head_type)  # a registered head (mmtl.heads)
-    if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+    head = heads.get(self.head_type)  # a registered head (mmtl.heads)
+    if unknown := sorted(set(self.head_config) - set(head.config)):
       raise ValueError(
-        f"Unknown contrastive_loss {self.contrastive_loss!r}; use one of {CONTRASTIVE_LOSSES}."
+        f"head_config has {unknown}, which the {self.head_type!r} head does not declare "
+        f"(its keys: {sorted(head.config)})."
       )
+    object.__setattr__(self, "head_config", FrozenDict({**head.config, **self.head_config}))
+    loss = self.head_config.get("contrastive_loss", CONTRASTIVE_LOSSES[0])
+    if loss not in CONTRASTIVE_LOSSES:
+      raise ValueError(f"Unknown contrastive_loss {loss!r}; use one of {CONTRASTIVE_LOSSES}.")
     names = list(self.modalities)
     if not names:
       raise ValueError("FusionModel needs at least one tower (towers={modality: encoder}).")
@@ -871,14 +876,12 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
     **extra,
     fusion_type=model_cfg["fusion"],
     head_type=model_cfg["head"],
-    num_classes=model_cfg["num_classes"],
+    head_config={k: model_cfg[k] for k in heads.get(model_cfg["head"]).config},
     width=model_cfg["width"],
     dropout=model_cfg["dropout"],
     num_heads=model_cfg["num_heads"],
     fusion_depth=model_cfg["fusion_depth"],
     fusion_layer=model_cfg["fusion_layer"],
     bottleneck_tokens=model_cfg["bottleneck_tokens"],
-    temperature_init=model_cfg["temperature_init"],
-    contrastive_loss=model_cfg["contrastive_loss"],
     dtype=dtype,
   )
