@@ -1,5 +1,5 @@
 """Evaluators: metric functions on numpy arrays, the evaluator kinds that feed them,
-and the model-facing plumbing (`make_predict_fn`, `make_evaluators`).
+and the model-facing plumbing (`make_evaluators`).
 
   config.evals.val = dict(type="classification", every=100,
                           input=dict(split="validation"))  # overrides of config.input
@@ -25,7 +25,9 @@ per example ({"id", "hypothesis", "references"}), to
 `<workdir>/captions_step<N>-<evaluator>.jsonl`.
 
 Each type is one `Evaluator` subclass that declares its config keys, the head it
-needs, its metric names, the inputs it reads and how it computes its metrics;
+needs, the head's predict function it calls (`PREDICT`: "predict", or "generate"; the
+head's `predict_fns`, mmtl.heads), its metric names, the inputs it reads and how it
+computes its metrics;
 `EVALUATORS` maps `type` to it, and every other table (`CONFIG_KEYS`, the type
 list of errors) derives from that one. Adding an evaluator is one class and one
 line of `EVALUATORS`. The model side, `EvalContext`, is how an evaluator reads
@@ -59,12 +61,11 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from sklearn import metrics as sk_metrics
 
-from mmtl import config_keys, data, lora, losses, modalities, sharding
+from mmtl import config_keys, data, heads, losses, modalities, sharding
 from mmtl.data import device
 
 if TYPE_CHECKING:
@@ -184,17 +185,19 @@ class EvalContext:
 
   `make_batches(eval_cfg)` yields batches of the eval input; `open_input(eval_cfg)`
   opens it without reading (dataset, split and fields: `Evaluator.check`);
+  `predict_fns` are the head's (mmtl.heads: `predict_fns`), by name:
   `predict(variables, batch)` returns model outputs + labels + example_weight;
   `text_embedder(tokenizer, max_len)` gives `embed(variables, texts)`, normalized text
-  embeddings (zeroshot).
+  embeddings (zeroshot); `generate_texts(generate, eval_cfg, **generate kwargs)` runs a
+  head's `generate(batch, **kw)` (variables bound) over the eval input: (generated,
+  references) texts.
   """
 
   head_type: str
   make_batches: Callable[[Mapping[str, Any]], Iterable[Any]]
-  predict: Callable[[Any, Any], Mapping[str, Any]]
+  predict_fns: Mapping[str, Callable[..., Any]]
   open_input: Callable[[Mapping[str, Any]], Any] | None = None
   text_embedder: Callable[[str, int], Callable[[Any, list[str]], np.ndarray]] | None = None
-  # generate_texts(variables, eval_cfg, **generate kwargs) -> (generated, references) texts.
   generate_texts: Callable[..., tuple[list[str], list[list[str]]]] | None = None
   is_main: bool = True  # the process that writes files
 
@@ -203,12 +206,14 @@ class Evaluator:
   """One entry of `config.evals`: which batches, how often, which metrics.
 
   A kind declares `KEYS` (its config keys beyond `COMMON_KEYS`, with defaults or
-  types), `HEAD` (the head_type it needs; None: any), `METRICS` and `compute`, and
-  overrides `inputs` when it reads more than its own input.
+  types), `HEAD` (the head_type it needs; None: any), `PREDICT` (the head's predict
+  function `compute` gets), `METRICS` and `compute`, and overrides `inputs` when it reads
+  more than its own input.
   """
 
   KEYS: ClassVar[dict[str, Any]] = {}
   HEAD: ClassVar[str | None] = None
+  PREDICT: ClassVar[str] = "predict"
   METRICS: ClassVar[tuple[str, ...]] = ()
 
   def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
@@ -217,6 +222,12 @@ class Evaluator:
       raise config_keys.ConfigError(
         f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which needs a {self.HEAD!r} "
         f"head; the model has head_type={context.head_type!r}."
+      )
+    if self.PREDICT not in context.predict_fns:
+      raise config_keys.ConfigError(
+        f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which calls the head's "
+        f"{self.PREDICT!r} function; the {context.head_type!r} head gives "
+        f"{sorted(context.predict_fns)} (mmtl.heads: Head.predict_fns)."
       )
     self.name, self.cfg, self.context = name, cfg, context
     self.every = int(self.option("every"))
@@ -262,13 +273,14 @@ class Evaluator:
     """`<evaluator>/<metric>` of the model with `variables`; generating evaluators write
     their texts to `workdir`, named by the training `step`."""
     self.step, self.workdir = step, workdir
-    metrics = self.compute(variables, functools.partial(self.context.predict, variables))
+    predict = functools.partial(self.context.predict_fns[self.PREDICT], variables)
+    metrics = self.compute(variables, predict)
     return {f"{self.name}/{k}": v for k, v in metrics.items()}
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
-    """The metrics, by name, of the model `predict` runs; `variables` ({"params", and
-    "batch_stats" with BatchNorm}) are its variables, for other calls of the model
-    (zeroshot's text embeddings)."""
+    """The metrics, by name, of the model `predict` (the head's `PREDICT` function,
+    variables bound) runs; `variables` ({"params", and "batch_stats" with BatchNorm}) are
+    its variables, for other calls of the model (zeroshot's text embeddings)."""
     raise NotImplementedError
 
 
@@ -409,6 +421,7 @@ class Captioning(Evaluator):
   """Caption metrics of generated texts against the references (mmtl.text_metrics)."""
 
   HEAD = "captioning"
+  PREDICT = "generate"
   KEYS = dict(num_beams=1, max_new_tokens=0, length_penalty=1.0)  # max_new_tokens 0: target max
   METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu")
 
@@ -418,9 +431,9 @@ class Captioning(Evaluator):
     return text_metrics.caption_scores(predictions, references)
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
-    del predict  # generation runs the decoder step by step
+    del variables  # bound in `predict`, the head's generate
     predictions, references = self.context.generate_texts(
-      variables,
+      predict,
       self.cfg,
       num_beams=int(self.option("num_beams")),
       max_new_tokens=int(self.option("max_new_tokens")),
@@ -504,24 +517,6 @@ def make(name: str, cfg: Mapping[str, Any], context: EvalContext) -> Evaluator:
 # The model side.
 
 
-def make_predict_fn(
-  model: fusion.FusionModel, mesh: jax.sharding.Mesh
-) -> Callable[[Any, Any], dict[str, Any]]:
-  """Jitted eval forward pass: outputs + labels + example_weight, replicated on every host."""
-
-  def predict(variables, batch):
-    out = model.apply({**variables, "params": lora.merge(variables["params"])}, batch)
-    out = {k: v for k, v in out.items() if k not in ("logit_scale", "logit_bias")}  # Scalars.
-    out["example_weight"] = batch.get(
-      "example_weight", jnp.ones(next(iter(out.values())).shape[:1], jnp.float32)
-    )
-    if "labels" in batch:
-      out["labels"] = batch["labels"]
-    return out
-
-  return jax.jit(predict, out_shardings=sharding.replicated(mesh))
-
-
 def _local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in order."""
   shards = {s.index[0].start or 0: s for s in x.addressable_shards}
@@ -544,19 +539,17 @@ def _allgather(items: list[Any]) -> list[Any]:
 
 def make_generate_texts(
   config: mlc.ConfigDict,
-  model: fusion.CaptioningModel,
   mesh: jax.sharding.Mesh,
   host_batches: Callable[[Mapping[str, Any]], Iterable[Mapping[str, Any]]],
 ) -> Callable[..., tuple[list[str], list[list[str]]]]:
-  """`generate_texts(variables, eval_cfg, **generate kwargs)`: (generated texts, their
-  references) over the eval input, every process's examples, padding rows dropped."""
-  from mmtl import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  """`generate_texts(generate, eval_cfg, **generate kwargs)`: (generated texts, their
+  references) over the eval input, every process's examples, padding rows dropped;
+  `generate(batch, **kw)` is a head's "generate" predict function, variables bound."""
   from mmtl.data import transforms  # pylint: disable=g-import-not-at-top
 
-  def generate_texts(variables, eval_cfg, *, max_new_tokens=0, **kw):
+  def generate_texts(generate, eval_cfg, *, max_new_tokens=0, **kw):
     input_cfg = data.input_config({**config.input.to_dict(), **dict(eval_cfg.get("input", {}))})
     target = transforms.TargetTokens.from_config(input_cfg.target)
-    merged = {**variables, "params": lora.merge(variables["params"])}
     predictions, references = [], []
     for host in host_batches(eval_cfg):
       host = dict(host)
@@ -564,9 +557,7 @@ def make_generate_texts(
       real = np.asarray(host["example_weight"]) > 0
       inputs = {k: v for k, v in host.items() if not k.startswith("decoder_")}
       inputs["decoder_input_ids"] = host["decoder_prompt_ids"]
-      ids = generate_lib.generate(
-        model,
-        merged,
+      ids = generate(
         device.put_batch(inputs, mesh),
         max_new_tokens=max_new_tokens or int(input_cfg.target.max_length),
         eos_token_id=target.eos,
@@ -589,7 +580,7 @@ def make_evaluators(
   """One evaluator per `config.evals` entry; eval inputs are `config.input` + overrides.
   Training and mmtl.evaluate both build theirs here, so they evaluate the same way."""
   process_index, process_count = sharding.process_data_shard(mesh)
-  predict = make_predict_fn(model, mesh)
+  predict_fns = heads.get(model.head_type).predict_fns(model, mesh)
 
   def host_batches(eval_cfg):
     input_cfg = mlc.ConfigDict(config.input.to_dict())
@@ -614,21 +605,17 @@ def make_evaluators(
       }
       if "token_type_ids" in tokens:
         batch["token_type_ids"] = tokens["token_type_ids"].astype(np.int32)
-      return np.asarray(predict(variables, batch)["text_embeds"])
+      return np.asarray(predict_fns["predict"](variables, batch)["text_embeds"])
 
     return embed
 
   context = EvalContext(
     head_type=model.head_type,
-    predict=predict,
+    predict_fns=predict_fns,
     open_input=host_batches,
     make_batches=lambda cfg: device.to_devices(host_batches(cfg), config, mesh),
     text_embedder=text_embedder,
-    generate_texts=(
-      make_generate_texts(config, model, mesh, host_batches)
-      if model.head_type == "captioning"
-      else None
-    ),
+    generate_texts=make_generate_texts(config, mesh, host_batches),
     is_main=jax.process_index() == 0,
   )
   return [make(name, cfg, context) for name, cfg in config.evals.items()]

@@ -15,6 +15,10 @@
 - `config` / `loss_config`: its keys of `config.model` (the model carries their values as
   `model.head_config`) and of `config.loss` (its loss gets them in `loss_cfg`), with their
   defaults: they join the config schema, so overrides and type checks cover them;
+- `predict_fns(model, mesh)`: the functions of (variables, batch) evaluators call by name
+  (big_vision's `get_predict_fns`): "predict" (every head: outputs, labels, example
+  weights), "generate" (captioning: generated token ids); an evaluator names the one it
+  needs (`Evaluator.PREDICT`).
 Adding a head is one class with `@register("name")`, in mmtl or in the user's own module
 imported before training (tests/test_heads.py trains and evaluates a toy head that way).
 """
@@ -22,15 +26,17 @@ imported before training (tests/test_heads.py trains and evaluates a toy head th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmtl import losses
+from mmtl import lora, losses, sharding
 
 Outputs = Mapping[str, jax.Array]
+PredictFn = Callable[..., Any]
 
 
 class Head:
@@ -52,6 +58,27 @@ class Head:
     cls, outputs: Outputs, batch: Mapping[str, Any], loss_cfg: Mapping[str, Any]
   ) -> tuple[jax.Array, jax.Array]:
     raise NotImplementedError
+
+  @classmethod
+  def predict_fns(cls, model: Any, mesh: jax.sharding.Mesh) -> dict[str, PredictFn]:
+    """{name: fn(variables, batch, **kw)} on batches placed on `mesh`: "predict", the
+    jitted eval forward pass (`predict`), its outputs replicated on every host."""
+    return {
+      "predict": jax.jit(functools.partial(predict, model), out_shardings=sharding.replicated(mesh))
+    }
+
+
+def predict(model: Any, variables: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The model's outputs on `batch` (LoRA merged; scalar outputs such as logit_scale
+  dropped), with the batch's `labels` and `example_weight` (1 where it has none)."""
+  out = model.apply({**variables, "params": lora.merge(variables["params"])}, batch)
+  out = {k: v for k, v in out.items() if jnp.ndim(v)}
+  out["example_weight"] = batch.get(
+    "example_weight", jnp.ones(next(iter(out.values())).shape[:1], jnp.float32)
+  )
+  if "labels" in batch:
+    out["labels"] = batch["labels"]
+  return out
 
 
 HEADS: dict[str, type[Head]] = {}
@@ -183,3 +210,16 @@ class Captioning(Head):
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
     return losses.token_loss(outputs["logits"], batch, loss_cfg["label_smoothing"])
+
+  @classmethod
+  def predict_fns(cls, model: Any, mesh: jax.sharding.Mesh) -> dict[str, PredictFn]:
+    """And "generate": token ids (B, prompt + max_new_tokens) that `mmtl.generate.generate`
+    decodes after each row's `decoder_input_ids` prompt, with its keyword arguments."""
+
+    def generate(variables, batch, **generate_kw):
+      from mmtl.generate import generate as decode  # The decoding loop: only to generate.
+
+      merged = {**variables, "params": lora.merge(variables["params"])}
+      return decode(model, merged, batch, **generate_kw)
+
+    return {**super().predict_fns(model, mesh), "generate": generate}

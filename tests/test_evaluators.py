@@ -141,9 +141,13 @@ def test_collect_drops_padding_rows():
 
 
 def _context(batches=(), head_type="classification", **kw):
-  """An EvalContext whose predict returns each batch as the model output."""
+  """An EvalContext whose predict returns each batch as the model output (and a captioning
+  head's generate, too: generate_texts fakes the generation)."""
+  fns = {"predict": lambda params, b: b}
+  if head_type == "captioning":
+    fns["generate"] = fns["predict"]
   return ev.EvalContext(
-    head_type=head_type, make_batches=lambda cfg: batches, predict=lambda params, b: b, **kw
+    head_type=head_type, make_batches=lambda cfg: batches, predict_fns=fns, **kw
   )
 
 
@@ -154,6 +158,15 @@ def test_evaluator_config_errors():
     ev.make("val", {"type": "classification", "splt": "x"}, _context())
   with pytest.raises(config_lib.ConfigError, match="needs a 'contrastive' head"):
     ev.make("ret", {"type": "retrieval"}, _context())
+
+  class Decoding(ev.Evaluator):  # an evaluator that calls a predict function by name
+    PREDICT = "decode"
+
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"calls the head's 'decode' function; the 'classification' head gives \['predict'\]",
+  ):
+    Decoding("val", {"type": "decoding"}, _context())
 
 
 def test_an_unknown_type_lists_every_kind():
@@ -183,7 +196,7 @@ def _fake_text_embedder(tokenizer, max_len):
   return lambda params, texts: np.stack([np.eye(4)[len(t) % 4] for t in texts])
 
 
-def _fake_generate_texts(variables, cfg, **generate_kw):
+def _fake_generate_texts(generate, cfg, **generate_kw):
   """What a captioning model would generate for two examples, and their references."""
   return ["a red circle", "yes"], [["a red circle", "one red circle"], ["yes", "no"]]
 
@@ -341,7 +354,7 @@ def _fake_retrieval_input(images, captions):
     return [{k: v[:2] for k, v in rows.items()}, {k: v[2:] for k, v in rows.items()}]
 
   return calls, ev.EvalContext(
-    head_type="contrastive", make_batches=make_batches, predict=lambda params, b: b
+    head_type="contrastive", make_batches=make_batches, predict_fns={"predict": lambda p, b: b}
   )
 
 
@@ -493,7 +506,7 @@ def test_captioning_writes_rows_and_warns_about_empty_texts(tmp_path, caplog):
   texts are scored (0 for BLEU) and counted in one warning line."""
   context = dataclasses.replace(
     _kind_context(ev.Captioning),
-    generate_texts=lambda variables, cfg, **kw: (["", "a red circle"], [["a cat"], ["x"]]),
+    generate_texts=lambda generate, cfg, **kw: (["", "a red circle"], [["a cat"], ["x"]]),
   )
   e = ev.make("val", {"type": "captioning"}, context)
   with caplog.at_level(logging.WARNING):

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from mmtl import config as config_lib
-from mmtl import evaluators, hf, sharding, train_state
+from mmtl import evaluators, heads, hf, sharding, train_state
 from mmtl.models import fusion
 from tests.hf_fixtures import make_tiny_checkpoint
 from tests.test_models_parity import jitted_apply
@@ -112,7 +112,7 @@ def test_clip_dual_encoder_matches_transformers_at_step_0(clip_dir):
   context = evaluators.EvalContext(
     head_type="contrastive",
     make_batches=lambda cfg: [batch],
-    predict=evaluators.make_predict_fn(model, mesh),
+    predict_fns=heads.get("contrastive").predict_fns(model, mesh),
   )
   retrieval = evaluators.make("val", dict(type="retrieval", ks=ks), context)
   assert retrieval.run({"params": params}) == {

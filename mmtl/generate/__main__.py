@@ -6,6 +6,7 @@ every caption to `<workdir>/captions_step<N>-<split or images>-beams<k>.jsonl`.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any
@@ -19,6 +20,7 @@ from mmtl import (
   config_keys,
   data,
   evaluators,
+  heads,
   modalities,
   sharding,
   text_metrics,
@@ -86,8 +88,11 @@ def caption_run(
     process_index=process_index,
     process_count=process_count,
   )
-  generate_texts = evaluators.make_generate_texts(config, model, mesh, host_batches)
-  predictions, references = generate_texts(variables, eval_cfg, **generate_kw)
+  generate_texts = evaluators.make_generate_texts(config, mesh, host_batches)
+  head_generate = heads.get(model.head_type).predict_fns(model, mesh)["generate"]
+  predictions, references = generate_texts(
+    functools.partial(head_generate, variables), eval_cfg, **generate_kw
+  )
   rows = evaluators.caption_rows(predictions, references)
   score = text_metrics.vqa_accuracy if eval_cfg["type"] == "vqa" else text_metrics.caption_scores
   return rows, score(predictions, references)
