@@ -219,8 +219,9 @@ try:
   result = "won"
 except workdir.WorkdirLocked:
   result = "locked"
-with open(os.path.join(control, "result" + me), "w") as f:
+with open(os.path.join(control, "partial" + me), "w") as f:  # renamed whole: never read empty
   f.write(result)
+os.replace(os.path.join(control, "partial" + me), os.path.join(control, "result" + me))
 while not os.path.exists(os.path.join(control, "done")):  # Holds the lock until all have tried.
   time.sleep(0.01)
 """
