@@ -20,8 +20,9 @@ import pytest
 from mmtl import config as config_lib
 from mmtl import data, modalities, train
 from mmtl.data import options, transforms
+from mmtl.modalities import MODALITIES
 from mmtl.models import fusion, registry
-from tests.test_train import TINY_VIT, final_params, tiny_config
+from tests.test_train import TINY_AUDIO_VIT, TINY_VIT, final_params, tiny_config
 from tests.test_train import losses as train_losses
 
 
@@ -164,3 +165,28 @@ def test_a_modality_registered_outside_mmtl_trains_with_dropout_and_evaluates_mi
   params = final_params(tmp_path / "run")
   assert set(params) == {"image_encoder", "sensor_encoder", "fusion", "head"}
   assert set(params["fusion"]) == {"proj_image", "proj_sensor", "hidden"}
+
+
+@pytest.mark.parametrize("fusion_type", ["gated", "bilinear", "cross_attention", "bottleneck"])
+def test_every_fusion_takes_a_registered_modality_beside_two_others(sensor, fusion_type):
+  """Image (ViT, 1 layer), audio (ViT, 1 layer) and sensor (MLP, 2 layers) towers: each
+  fusion builds for the three and runs with any of them absent."""
+  model = fusion.build(
+    config_lib.model_defaults()
+    | dict(
+      towers=dict(
+        image=dict(name=TINY_VIT), audio=dict(name=TINY_AUDIO_VIT), sensor=dict(name=SENSOR_MLP)
+      ),
+      fusion=fusion_type,
+      fusion_layer=-1,
+      width=8,
+      num_heads=2,
+    )
+  )
+  assert model.modalities == ("image", "audio", "sensor")
+  batch = model.dummy_batch()
+  params = model.init(jax.random.key(0), batch)["params"]
+  assert {"image_encoder", "audio_encoder", "sensor_encoder"} <= set(params)
+  for absent in (None, "sensor"):
+    given = {k: v for k, v in batch.items() if k != (absent and MODALITIES[absent].primary())}
+    assert model.apply({"params": params}, given)["logits"].shape == (1, 2)
