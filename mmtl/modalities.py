@@ -90,7 +90,7 @@ def register(name: str) -> Callable[[type[Modality]], type[Modality]]:
       )
     if name in NOT_MODALITIES:
       raise ValueError(f"{name!r} is a batch field of every task, not a modality name.")
-    if not cls.inputs:
+    if not getattr(cls, "inputs", None):
       raise ValueError(f"Modality {name!r} declares no inputs (batch field -> encoder input).")
     cls.name = name
     MODALITIES[name] = cls

@@ -17,47 +17,48 @@ from mmtl.modalities import MODALITIES
 
 def defaults() -> ml_collections.ConfigDict:
   """`config.input` keys and their defaults (see docs/data.md)."""
-  return ml_collections.ConfigDict(
-    dict(
-      dataset="mmtl_shapes",  # TFDS name[/config][:version]
-      split="train",  # Any TFDS split spec: "train", "train[:2000]", "train+validation".
-      data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
-      builder_config=None,  # dict of BuilderConfig fields (incl. name) for a custom config.
-      download=False,  # download_and_prepare a missing (non-offline) dataset.
-      loader="grain",  # "grain" (array_record) or "tf" (tf.data; needs TensorFlow).
-      # Dataset feature read for each modality / the label; None = not used.
-      # "a/b" reads feature b of a Sequence feature a (e.g. "captions/text");
-      # a sequence of texts gives a random one in training, text `eval_text` at eval.
-      # target: text a decoder learns to generate (captioning head; a ClassLabel gives its
-      # class names, e.g. generative VQA answers).
-      fields={
-        **dict.fromkeys(MODALITIES),
-        **dict(image="image", text="question", label="label", target=None),
-      },
-      eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
-      # The decoder's text (fields.target): tokenizer (the decoder checkpoint's), decoder
-      # length (BOS + prompt + target + EOS, shifted), a fixed prompt every target follows.
-      # pad_token: a vocabulary token to pad with when the tokenizer has none (GPT-2's).
-      target=dict(tokenizer=None, max_length=32, prompt="", pad_token=None),
-      augment=dict(  # Training only; never applied by make_eval_iterator.
-        crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
-        flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
-        color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
-      ),
-      class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
-      # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
-      # `blank` must sum to at most their number - 1 (one such modality: rate 0).
-      modality_dropout={m: 0.0 for m in MODALITIES},
-      blank=(),  # Modalities always blanked (train and eval), e.g. ("text",) = image-only.
-      cache=False,  # Hold this process's decoded examples in memory (small datasets).
-      num_threads=2,  # Threads producing batches in this process.
-      prefetch=4,  # Batches buffered ahead.
-      num_workers=0,  # >0: grain worker processes (mp_prefetch) instead of threads.
-      # Each modality's own section (mmtl.modalities): image (size, resize, mean, std,
-      # stats_from), text (tokenizer, max_length), ...
-      **{m: dict(spec.config) for m, spec in MODALITIES.items() if spec.config},
-    )
+  keys = dict(
+    dataset="mmtl_shapes",  # TFDS name[/config][:version]
+    split="train",  # Any TFDS split spec: "train", "train[:2000]", "train+validation".
+    data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    builder_config=None,  # dict of BuilderConfig fields (incl. name) for a custom config.
+    download=False,  # download_and_prepare a missing (non-offline) dataset.
+    loader="grain",  # "grain" (array_record) or "tf" (tf.data; needs TensorFlow).
+    # Dataset feature read for each modality / the label; None = not used.
+    # "a/b" reads feature b of a Sequence feature a (e.g. "captions/text");
+    # a sequence of texts gives a random one in training, text `eval_text` at eval.
+    # target: text a decoder learns to generate (captioning head; a ClassLabel gives its
+    # class names, e.g. generative VQA answers).
+    fields={
+      **dict.fromkeys(MODALITIES),
+      **dict(image="image", text="question", label="label", target=None),
+    },
+    eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
+    # The decoder's text (fields.target): tokenizer (the decoder checkpoint's), decoder
+    # length (BOS + prompt + target + EOS, shifted), a fixed prompt every target follows.
+    # pad_token: a vocabulary token to pad with when the tokenizer has none (GPT-2's).
+    target=dict(tokenizer=None, max_length=32, prompt="", pad_token=None),
+    augment=dict(  # Training only; never applied by make_eval_iterator.
+      crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
+      flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
+      color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
+    ),
+    class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
+    # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
+    # `blank` must sum to at most their number - 1 (one such modality: rate 0).
+    modality_dropout={m: 0.0 for m in MODALITIES},
+    blank=(),  # Modalities always blanked (train and eval), e.g. ("text",) = image-only.
+    cache=False,  # Hold this process's decoded examples in memory (small datasets).
+    num_threads=2,  # Threads producing batches in this process.
+    prefetch=4,  # Batches buffered ahead.
+    num_workers=0,  # >0: grain worker processes (mp_prefetch) instead of threads.
   )
+  # Each modality's own section (mmtl.modalities): image (size, resize, mean, std,
+  # stats_from), text (tokenizer, max_length), ...
+  sections = {m: dict(spec.config) for m, spec in MODALITIES.items() if spec.config}
+  if clash := sorted(set(sections) & set(keys)):
+    raise ValueError(f"Modalities {clash} have config sections named as config.input keys.")
+  return ml_collections.ConfigDict({**keys, **sections})
 
 
 def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
