@@ -1,8 +1,10 @@
 """Task heads: what a fused model predicts and how it is trained, one registry entry each.
 
 `config.model.head` names a `Head` in `HEADS`. A head owns
-- `outputs(model, features)`: its params (under `head/`) and outputs on the fused features
-  (B, width), called inside the model's forward pass (the heads that replace the fusion or
+- `outputs(model, features, towers)`: its params (under `head/`) and outputs on the fused
+  features (B, width), or on the towers' own outputs (tokens, mask, pooled, presence of
+  each given modality: a per-token head such as CTC over an audio tower's frames), called
+  inside the model's forward pass (the heads that replace the fusion or
   the model, contrastive and captioning, are modules of mmtl.models.fusion instead);
 - `loss(outputs, batch, loss_cfg)`: `(sum, weight)` over the batch (mmtl.losses), which
   the trainer adds up over microbatches and devices before dividing once;
@@ -48,9 +50,12 @@ class Head:
   loss_config: ClassVar[dict[str, Any]] = {}
 
   @classmethod
-  def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
-    """The head's outputs on `features` (B, width); called in `model`'s compact forward
-    pass, so the modules it creates are `model`'s (name the outermost one "head")."""
+  def outputs(
+    cls, model: Any, features: jax.Array, towers: Mapping[str, Any]
+  ) -> dict[str, jax.Array]:
+    """The head's outputs on `features` (B, width) or `towers` ({modality:
+    mmtl.models.fusion.TowerOutput} of the modalities given); called in `model`'s compact
+    forward pass, so the modules it creates are `model`'s (name the outermost one "head")."""
     raise NotImplementedError(f"{cls.__name__} is a module of mmtl.models.fusion.")
 
   @classmethod
@@ -138,7 +143,8 @@ class Classification(Head):
   loss_config = dict(label_smoothing=0.0)
 
   @classmethod
-  def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
+  def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
+    del towers
     return {"logits": linear(model, features)}
 
   @classmethod
@@ -156,7 +162,8 @@ class Regression(Head):
   config = dict(num_classes=2)
 
   @classmethod
-  def outputs(cls, model: Any, features: jax.Array) -> dict[str, jax.Array]:
+  def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
+    del towers
     return {"predictions": linear(model, features)}
 
   @classmethod

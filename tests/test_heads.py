@@ -25,7 +25,7 @@ class OneVsRest(heads.Head):
   loss_config = dict(positive_weight=1.0)
 
   @classmethod
-  def outputs(cls, model, features):
+  def outputs(cls, model, features, towers):
     dense = nn.Dense(
       model.head_config["num_classes"], kernel_init=nn.initializers.zeros, name="head"
     )
@@ -114,3 +114,44 @@ def test_unknown_head_names_the_registered_ones():
     heads.get("clasification")
   with pytest.raises(ValueError, match="registered already"):
     heads.register("classification")(OneVsRest)
+
+
+class TokenTagging(heads.Head):
+  """Per-token scores over the text tower's tokens (not the fused features), as a CTC head
+  reads an audio tower's frames; trained where the text is real."""
+
+  config = dict(num_classes=2)
+  fields = ("token_labels",)
+
+  @classmethod
+  def outputs(cls, model, features, towers):
+    text = towers["text"]
+    scores = nn.Dense(model.head_config["num_classes"], name="head")(text.tokens)
+    return {"token_logits": scores.astype(jnp.float32), "token_mask": text.mask}
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    per_token = optax.softmax_cross_entropy_with_integer_labels(
+      outputs["token_logits"], batch["token_labels"]
+    )
+    mask = outputs["token_mask"].astype(jnp.float32)
+    return (per_token * mask).sum(), mask.sum()
+
+
+def test_a_head_reads_the_towers_tokens(monkeypatch, tiny_bert_dir, data_dir):
+  monkeypatch.setitem(heads.HEADS, "token_tagging", TokenTagging)
+  config = tiny_config(tiny_bert_dir, data_dir)
+  config.model.head = "token_tagging"
+  model = fusion.build(train.config_lib.with_defaults(config).model)
+  batch = dict(
+    model.dummy_batch(),
+    input_ids=np.array([[2, 7, 9, 0]], np.int32),
+    attention_mask=np.array([[1, 1, 1, 0]], np.int32),  # 3 real tokens, 1 of padding
+    token_type_ids=np.zeros((1, 4), np.int32),
+  )
+  params = model.init(jax.random.key(0), batch)["params"]
+  assert params["head"]["kernel"].shape == (model.tower("text").hidden_size, 2)
+  out = model.apply({"params": params}, batch)
+  assert out["token_logits"].shape == (1, 4, 2)
+  loss, weight = TokenTagging.loss(out, {"token_labels": np.zeros((1, 4), np.int32)}, {})
+  assert float(weight) == 3.0 and np.isfinite(float(loss))

@@ -630,7 +630,7 @@ class FusionModel(nn.Module):
       return fusion(towers, train=train)
     features = fusion(self._fill_absent(towers), train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(features)
-    outputs = heads.get(self.head_type).outputs(self, x)
+    outputs = heads.get(self.head_type).outputs(self, x, towers)
     return {**outputs, "features": features.astype(jnp.float32)}
 
   def _fill_absent(self, towers: dict[str, TowerOutput]) -> dict[str, TowerOutput]:
