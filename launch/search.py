@@ -163,7 +163,7 @@ def metric_names(config: Any) -> list[str]:
   context = evaluators_lib.EvalContext(
     head_type=config.model.head,
     make_batches=None,
-    predict=None,
+    predict_fns={},
     text_embedder=lambda tokenizer, max_len: None,
   )
   return [

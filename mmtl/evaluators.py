@@ -223,11 +223,12 @@ class Evaluator:
         f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which needs a {self.HEAD!r} "
         f"head; the model has head_type={context.head_type!r}."
       )
-    if self.PREDICT not in context.predict_fns:
+    offered = heads.get(context.head_type).predict_names
+    if self.PREDICT not in offered:
       raise config_keys.ConfigError(
         f"config.evals.{name} is a {cfg.get('type')!r} evaluator, which calls the head's "
-        f"{self.PREDICT!r} function; the {context.head_type!r} head gives "
-        f"{sorted(context.predict_fns)} (mmtl.heads: Head.predict_fns)."
+        f"{self.PREDICT!r} function; the {context.head_type!r} head gives {sorted(offered)} "
+        "(mmtl.heads: Head.predict_fns)."
       )
     self.name, self.cfg, self.context = name, cfg, context
     self.every = int(self.option("every"))
@@ -580,7 +581,13 @@ def make_evaluators(
   """One evaluator per `config.evals` entry; eval inputs are `config.input` + overrides.
   Training and mmtl.evaluate both build theirs here, so they evaluate the same way."""
   process_index, process_count = sharding.process_data_shard(mesh)
-  predict_fns = heads.get(model.head_type).predict_fns(model, mesh)
+  head = heads.get(model.head_type)
+  predict_fns = head.predict_fns(model, mesh)
+  if set(predict_fns) != set(head.predict_names):
+    raise ValueError(
+      f"Head {model.head_type!r}: predict_fns gives {sorted(predict_fns)} but predict_names "
+      f"declares {sorted(head.predict_names)}."
+    )
 
   def host_batches(eval_cfg):
     input_cfg = mlc.ConfigDict(config.input.to_dict())

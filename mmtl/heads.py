@@ -18,9 +18,10 @@
   `model.head_config`) and of `config.loss` (its loss gets them in `loss_cfg`), with their
   defaults: they join the config schema, so overrides and type checks cover them;
 - `predict_fns(model, mesh)`: the functions of (variables, batch) evaluators call by name
-  (big_vision's `get_predict_fns`): "predict" (every head: outputs, labels, example
-  weights), "generate" (captioning: generated token ids); an evaluator names the one it
-  needs (`Evaluator.PREDICT`).
+  (big_vision's `get_predict_fns`), one per name of `predict_names`: "predict" (every
+  head: outputs, labels, example weights), "generate" (captioning: generated token ids);
+  an evaluator names the one it needs (`Evaluator.PREDICT`), checked against
+  `predict_names` when the config is read.
 Adding a head is one class with `@register("name")`, in mmtl or in the user's own module
 imported before training (tests/test_heads.py trains and evaluates a toy head that way).
 """
@@ -48,6 +49,7 @@ class Head:
   fields: ClassVar[tuple[str, ...]] = ("labels",)
   config: ClassVar[dict[str, Any]] = {}
   loss_config: ClassVar[dict[str, Any]] = {}
+  predict_names: ClassVar[tuple[str, ...]] = ("predict",)  # the keys of `predict_fns`
 
   @classmethod
   def outputs(
@@ -213,6 +215,7 @@ class Captioning(Head):
 
   fields = ("decoder_target_ids", "decoder_loss_mask")
   loss_config = dict(label_smoothing=0.0)
+  predict_names = ("predict", "generate")
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):

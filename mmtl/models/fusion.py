@@ -458,8 +458,9 @@ class FusionModel(nn.Module):
         f"(its keys: {sorted(head.config)})."
       )
     object.__setattr__(self, "head_config", FrozenDict({**head.config, **self.head_config}))
-    loss = self.head_config.get("contrastive_loss", CONTRASTIVE_LOSSES[0])
-    if loss not in CONTRASTIVE_LOSSES:
+    if self.head_type == "contrastive" and (
+      (loss := self.head_config["contrastive_loss"]) not in CONTRASTIVE_LOSSES
+    ):
       raise ValueError(f"Unknown contrastive_loss {loss!r}; use one of {CONTRASTIVE_LOSSES}.")
     names = list(self.modalities)
     if not names:
