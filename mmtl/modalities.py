@@ -3,8 +3,8 @@
 A modality says everything the data pipeline and the fusion model need to know of it:
 - `inputs`: the batch fields it produces and the encoder input (`Encoder.inputs` name)
   each one feeds; the first is its primary field, whose presence in a batch means "this
-  modality was given" (a tower runs only then). Init's dummy batch is the tower's
-  `dummy_inputs()` under these fields.
+  modality was given" (a tower runs only then). `dummy_batch(encoder)`: its part of the
+  batch `init` runs on (by default the tower's `dummy_inputs()` under these fields).
 - `pool`: how its tower's tokens become one vector unless `config.model.towers.<m>.pool`
   says otherwise.
 - `config`: its own `config.input.<name>` section (keys and defaults).
@@ -56,6 +56,13 @@ class Modality:
   def primary(cls) -> str:
     """The batch field whose presence means the modality was given."""
     return next(iter(cls.inputs))
+
+  @classmethod
+  def dummy_batch(cls, encoder: Any) -> dict[str, Any]:
+    """Its smallest batch (batch size 1) for `init` of its tower: by default the tower's
+    `dummy_inputs()` under this modality's batch fields."""
+    field = {arg: f for f, arg in cls.inputs.items()}
+    return {field[name]: x for name, x in encoder.dummy_inputs().items()}
 
   def decode(self, value: Any) -> Any:
     """The dataset feature's value, in numpy; deterministic."""

@@ -167,7 +167,15 @@ def test_a_modality_registered_outside_mmtl_trains_with_dropout_and_evaluates_mi
   assert set(params["fusion"]) == {"proj_image", "proj_sensor", "hidden"}
 
 
-@pytest.mark.parametrize("fusion_type", ["gated", "bilinear", "cross_attention", "bottleneck"])
+@pytest.mark.parametrize(
+  "fusion_type",
+  [
+    pytest.param("gated", marks=pytest.mark.slow),  # eager cross-attention: 10-16 s each
+    "bilinear",
+    pytest.param("cross_attention", marks=pytest.mark.slow),
+    "bottleneck",
+  ],
+)
 def test_every_fusion_takes_a_registered_modality_beside_two_others(sensor, fusion_type):
   """Image (ViT, 1 layer), audio (ViT, 1 layer) and sensor (MLP, 2 layers) towers: each
   fusion builds for the three and runs with any of them absent."""

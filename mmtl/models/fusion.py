@@ -511,8 +511,7 @@ class FusionModel(nn.Module):
     `init` on it gives the params `init` on a real batch gives, without an example."""
     batch = {}
     for m in self.modalities:
-      field = {arg: f for f, arg in MODALITIES[m].inputs.items()}
-      batch.update({field[name]: x for name, x in self.tower(m).dummy_inputs().items()})
+      batch.update(MODALITIES[m].dummy_batch(self.tower(m)))
     return batch
 
   def _present(self, m: str, batch: Mapping[str, Any], batch_size: int) -> jax.Array:
