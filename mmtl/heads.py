@@ -75,10 +75,15 @@ class Head:
     }
 
 
+def merged(variables: Any) -> Any:
+  """`variables` with LoRA's updates merged into the params they adapt (mmtl.lora)."""
+  return {**variables, "params": lora.merge(variables["params"])}
+
+
 def predict(model: Any, variables: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
   """The model's outputs on `batch` (LoRA merged; scalar outputs such as logit_scale
   dropped), with the batch's `labels` and `example_weight` (1 where it has none)."""
-  out = model.apply({**variables, "params": lora.merge(variables["params"])}, batch)
+  out = model.apply(merged(variables), batch)
   out = {k: v for k, v in out.items() if jnp.ndim(v)}
   out["example_weight"] = batch.get(
     "example_weight", jnp.ones(next(iter(out.values())).shape[:1], jnp.float32)
@@ -229,7 +234,6 @@ class Captioning(Head):
     def generate(variables, batch, **generate_kw):
       from mmtl.generate import generate as decode  # The decoding loop: only to generate.
 
-      merged = {**variables, "params": lora.merge(variables["params"])}
-      return decode(model, merged, batch, **generate_kw)
+      return decode(model, merged(variables), batch, **generate_kw)
 
     return {**super().predict_fns(model, mesh), "generate": generate}

@@ -30,7 +30,7 @@ from mmtl import config as config_lib
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import source, transforms
-from mmtl.generate import GenerationError, generate
+from mmtl.generate import GenerationError
 
 
 def caption_run(
@@ -56,6 +56,10 @@ def caption_run(
     )
   input_cfg = data.input_config(config.input)
   target = transforms.TargetTokens.from_config(input_cfg.target)
+  # The head's generate, as evaluation runs it (LoRA merged), with the run's variables.
+  run_generate = functools.partial(
+    heads.get(model.head_type).predict_fns(model, mesh)["generate"], variables
+  )
   if images:
     fields = {**modalities.blank_fields(), "image": "image", "label": None, "target": None}
     cfg = data.input_config({**input_cfg.to_dict(), "fields": fields})
@@ -64,9 +68,7 @@ def caption_run(
     rows = [pre.example({"image": np.asarray(Image.open(f).convert("RGB"))}, rng) for f in images]
     batch = pre.tokenize(pre.arrays(pre.stack(rows)))
     batch["decoder_input_ids"] = np.tile(np.asarray(target.prompt, np.int32), (len(images), 1))
-    ids = generate(
-      model,
-      variables,
+    ids = run_generate(
       batch,
       max_new_tokens=generate_kw.pop("max_new_tokens", 0) or int(input_cfg.target.max_length),
       eos_token_id=target.eos,
@@ -89,10 +91,7 @@ def caption_run(
     process_count=process_count,
   )
   generate_texts = evaluators.make_generate_texts(config, mesh, host_batches)
-  head_generate = heads.get(model.head_type).predict_fns(model, mesh)["generate"]
-  predictions, references = generate_texts(
-    functools.partial(head_generate, variables), eval_cfg, **generate_kw
-  )
+  predictions, references = generate_texts(run_generate, eval_cfg, **generate_kw)
   rows = evaluators.caption_rows(predictions, references)
   score = text_metrics.vqa_accuracy if eval_cfg["type"] == "vqa" else text_metrics.caption_scores
   return rows, score(predictions, references)
