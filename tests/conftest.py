@@ -1,7 +1,8 @@
 """Test setup shared by the whole suite.
 
-8 simulated CPU devices so sharding tests run anywhere, and a compilation cache; this must
-happen before jax is imported anywhere in the test process.
+8 simulated CPU devices so sharding tests run anywhere, programs compiled for compile speed
+(tests/xla_settings.py), and a compilation cache; this must happen before JAX's backend
+starts in the test process.
 """
 
 import atexit
@@ -9,7 +10,10 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import xla_settings
+
+# XLA_FLAGS as the environment gives them, plus 8 devices and fast compiles where not given.
+os.environ["XLA_FLAGS"] = xla_settings.xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA's persistent compilation cache, one per test session, shared by the tests and the

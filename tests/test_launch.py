@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from mmtl import process
+from tests import xla_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TPU_VM = str(ROOT / "launch/tpu_vm.sh")
@@ -544,7 +545,7 @@ def run_sbatch(tmp_path, python: str, *args: str) -> tuple[Any, int]:
     "SLURM_JOB_ID": "7",
     "SLURM_SUBMIT_DIR": str(ROOT),
     "MMTL_COORDINATOR_PORT": str(port),
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "XLA_FLAGS": xla_settings.xla_flags(2),
     "JAX_PLATFORMS": "cpu",
   }
   result = process.run(

@@ -23,6 +23,7 @@ import transformers
 from mmtl import config as config_lib
 from mmtl import hf, rules
 from mmtl.models import beit, encoder, fusion, layers
+from tests import xla_settings
 from tests.hf_fixtures import export_and_reload
 
 ATOL = 1e-5
@@ -77,7 +78,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, torch.nn.Module]]:
   return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _apply(module, variables, pixels, bool_masked_pos):
   kw = {} if bool_masked_pos is None else dict(bool_masked_pos=bool_masked_pos)
   return module.apply(variables, pixels, **kw)
@@ -302,7 +303,7 @@ def test_beit_drop_path_rates_are_transformers():
   assert ours[0] == 0.0 and ours[-1] == pytest.approx(0.3)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)  # as _apply: compared bit for bit
 def _train(module, variables, pixels, rng):
   out = module.apply(variables, pixels, deterministic=False, rngs={"dropout": rng})
   return out["last_hidden_state"]

@@ -19,6 +19,7 @@ import transformers
 
 from mmtl import hf, optim, rules
 from mmtl.models import encoder, fusion
+from tests import xla_settings
 from tests.hf_fixtures import export_and_reload
 
 ATOL = 1e-5
@@ -62,7 +63,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, transformers.PreTraine
   return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _apply(module, variables, pixels):
   return module.apply(variables, pixels)
 

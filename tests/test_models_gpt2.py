@@ -25,6 +25,7 @@ import transformers
 
 from mmtl import hf, rules
 from mmtl.models import decoder, encoder_decoder, gpt2
+from tests import xla_settings
 from tests.hf_fixtures import export_and_reload
 
 ATOL = 1e-5
@@ -102,7 +103,7 @@ def loaded(checkpoints):
   return {name: hf.load_pretrained(path)[:2] for name, (path, _) in checkpoints.items()}
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _apply(module, variables, inputs):
   return module.apply(variables, **inputs)
 

@@ -15,12 +15,13 @@ import transformers
 
 from mmtl import hf, rules
 from mmtl.models import encoder
+from tests import xla_settings
 from tests.hf_fixtures import make_tiny_checkpoint
 
 ATOL = 1e-5
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(xla_settings.production_jit, static_argnums=(0, 1, 2))
 def _jitted_apply(module, method, static_kw, variables, args, kw):
   return module.apply(variables, *args, method=method, **dict(static_kw), **kw)
 

@@ -25,6 +25,7 @@ import transformers
 
 from mmtl import hf, optim, rules, train_step
 from mmtl.models import encoder, fusion, layers
+from tests import xla_settings
 from tests.hf_fixtures import export_and_reload
 
 # 1e-5, relative for the larger values: 13 convs deep, float32 noise reaches ~1e-5 at outputs of
@@ -82,12 +83,12 @@ def small_checkpoint(tmp_path_factory) -> str:
   return str(folder)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _eval(module, variables, pixels):
   return module.apply(variables, pixels)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _train(module, variables, pixels):
   return module.apply(variables, pixels, deterministic=False, mutable=["batch_stats"])
 

@@ -10,6 +10,7 @@ import transformers
 
 from mmtl import heads, hf, losses, optim, rules, train_step
 from mmtl.models import fusion, siglip
+from tests import xla_settings
 from tests.hf_fixtures import SIGLIP_VOCAB, export_and_reload
 from tests.test_accumulation import run_steps, stateless
 from tests.test_models_parity import jitted_apply
@@ -39,7 +40,9 @@ def test_siglip_parity_logits_and_loss(tiny_siglip_dir):
   module, variables, _ = hf.load_pretrained(tiny_siglip_dir)
   assert isinstance(module, siglip.SiglipModel)
   ids, mask, pixels = inputs()
-  out = jax.jit(module.apply)(variables, jnp.asarray(ids), nhwc(pixels), jnp.asarray(mask))
+  out = xla_settings.production_jit(module.apply)(
+    variables, jnp.asarray(ids), nhwc(pixels), jnp.asarray(mask)
+  )
   with torch.no_grad():
     ref = transformers.SiglipModel.from_pretrained(tiny_siglip_dir).eval()(
       input_ids=torch.tensor(ids),

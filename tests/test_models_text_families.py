@@ -23,6 +23,7 @@ import transformers
 from mmtl import config as config_lib
 from mmtl import hf, rules
 from mmtl.models import encoder, fusion
+from tests import xla_settings
 from tests.hf_fixtures import export_and_reload
 
 ATOL = 1e-5
@@ -68,7 +69,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, transformers.PreTraine
   return {f: (str(d := tmp_path_factory.mktemp(f)), _save_tiny(f, d)) for f in FAMILIES}
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _apply(module, variables, inputs):
   return module.apply(variables, **inputs)
 

@@ -20,6 +20,7 @@ import transformers
 from mmtl import config as config_lib
 from mmtl import hf, rules
 from mmtl.models import encoder, fusion, layers
+from tests import xla_settings
 from tests.hf_fixtures import export_and_reload
 
 ATOL = 1e-5
@@ -52,7 +53,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, transformers.PreTraine
   return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_settings.production_jit, static_argnums=0)
 def _apply(module, variables, pixels, bool_masked_pos=None):
   kw = {} if bool_masked_pos is None else dict(bool_masked_pos=bool_masked_pos)
   return module.apply(variables, pixels, **kw)

@@ -15,7 +15,7 @@ import pytest
 from mmtl import checkpoint, data, distributed, metrics, preemption, process, rules, sharding
 from tests import multihost_worker as worker
 from tests import sharding_toy as toy
-from tests import test_train
+from tests import test_train, xla_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -56,7 +56,7 @@ def _run_processes(workdir, args, num_processes, devices, port) -> list[int | No
         JAX_NUM_PROCESSES=str(num_processes),
         JAX_PROCESS_ID=str(i),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_settings.xla_flags(devices),
         PYTHONPATH=REPO,
       )
       with open(workdir / f"log_{i}.txt", "w") as log:

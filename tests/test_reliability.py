@@ -2,7 +2,6 @@
 changes that do not fit, a held workdir, corrupt checkpoints, a full disk, one-line errors."""
 
 import json
-import os
 from pathlib import Path
 import shutil
 import signal
@@ -18,6 +17,7 @@ from mmtl import checkpoint, data, evaluate, metrics, preemption, process, train
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 from mmtl.models import fusion
+from tests import xla_settings
 from tests.test_train import (  # noqa: F401
   TINY_VIT,
   losses,
@@ -351,7 +351,7 @@ def test_two_runs_started_together_one_trains(short_run, tmp_path):
   config = config_file(tmp_path, bad(short_run[1], evals={}, total_steps=3))
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_settings.subprocess_env(devices=1)
   stderrs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]  # Files: no pipe fills up unread.
   procs = []
   try:
@@ -382,7 +382,7 @@ def test_sigterm_saves_the_current_step_and_exits_75(short_run, tmp_path):
   config = config_file(tmp_path, bad(short_run[1], evals={}, total_steps=500, ckpt_every=1000))
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_settings.subprocess_env(devices=1)
   with (tmp_path / "stderr.txt").open("w") as err:
     proc = process.start(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
   try:

@@ -1,0 +1,45 @@
+"""How the tests compile: XLA's CPU backend at its fastest-compiling settings, except where a
+test checks numbers against transformers.
+
+On CPU a tiny model's program spends nearly all its compile time in LLVM's optimization
+passes and the new fusion emitters, and tests run each program a few times at most: with
+LLVM at -O0 and the classic emitters, the suite takes about a third less CPU time
+(docs/testing.md). Those programs
+round differently (no fused multiply-adds), by about a float32 ulp per operation, so the
+parity tests, whose tolerance (1e-5) is close to what a few layers of rounding add up to,
+compile their models as every real run does (`production_jit`): what they check is the
+numbers users get.
+"""
+
+import functools
+import os
+
+# Given to every test process and to the processes the tests start (through XLA_FLAGS).
+FAST_COMPILE_FLAGS = (
+  "--xla_backend_optimization_level=0",
+  "--xla_cpu_use_fusion_emitters=false",
+)
+# JAX's defaults for the same two options, per program (`jax.jit(compiler_options=...)`).
+PRODUCTION_OPTIONS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+def xla_flags(devices: int, flags: str = "") -> str:
+  """XLA_FLAGS for a test process with `devices` simulated CPU devices: `flags` (e.g. the
+  environment's own) and then each of ours that `flags` does not set already."""
+  ours = (f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE_FLAGS)
+  given = {f.split("=")[0] for f in flags.split()}
+  return " ".join([*flags.split(), *(f for f in ours if f.split("=")[0] not in given)])
+
+
+def subprocess_env(devices: int, **env: str) -> dict[str, str]:
+  """This process's environment for a child with `devices` CPU devices (and `env` on top)."""
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices), **env}
+
+
+def production_jit(fun=None, **kwargs):
+  """`jax.jit`, compiled with JAX's default optimization (the numbers of a real run)."""
+  import jax  # Here: conftest.py imports this module before JAX reads its environment.
+
+  if fun is None:
+    return functools.partial(production_jit, **kwargs)
+  return jax.jit(fun, compiler_options=PRODUCTION_OPTIONS, **kwargs)
