@@ -127,11 +127,8 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
 
 
 @pytest.fixture(scope="module")
-def trainer_runs(tmp_path_factory, tiny_bert_dir):
-  """Workdirs of the real trainer, 4 steps (2 epochs) on 4 CPU devices: "two" as 2 processes x 2
-  devices, "one" as 1 process x 4, "resumed" on 1 process from the 2-process run's step 2,
-  "preempted" resumed on 2 processes from the same step 2 with a SIGTERM to process 1, then
-  the same command again."""
+def trainer_config(tmp_path_factory, tiny_bert_dir):
+  """The real trainer's config file for these runs: 4 steps (2 epochs) on 4 CPU devices."""
   root = tmp_path_factory.mktemp("trainer")
   data_dir = str(root / "tfds")
   data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
@@ -146,18 +143,51 @@ def trainer_runs(tmp_path_factory, tiny_bert_dir):
     optim=dict(name="sgd", lr=0.3, schedule=dict(decay="constant")),
   )
   (root / "config.json").write_text(config.to_json())
-  runs = {name: root / name for name in ("two", "one", "resumed", "preempted")}
-  _launch(runs["two"], str(root / "config.json"), num_processes=2, devices=2)
-  _launch(runs["one"], str(root / "config.json"), num_processes=1, devices=4)
-  for name in ("resumed", "preempted"):  # As if stopped after step 2's checkpoint.
-    shutil.copytree(
-      runs["two"] / "checkpoints", runs[name] / "checkpoints", ignore=shutil.ignore_patterns("4")
-    )
-  _launch(runs["resumed"], str(root / "config.json"), num_processes=1, devices=4)
-  _launch(runs["preempted"], str(root / "config.json"), "preempt", devices=2, expect=75)
-  shutil.copytree(runs["preempted"], root / "stopped")  # As the signal left it.
-  _launch(runs["preempted"], str(root / "config.json"), devices=2)
-  return runs
+  return root / "config.json"
+
+
+# The runs, one fixture each (a test waits only for those it reads): "two" as 2 processes x 2
+# devices, "one" as 1 process x 4, "resumed" on 1 process from the 2-process run's step 2,
+# "preempted" resumed on 2 processes from the same step 2 with a SIGTERM to process 1, then
+# the same command again.
+@pytest.fixture(scope="module")
+def two_process_trainer_run(trainer_config):
+  workdir = trainer_config.parent / "two"
+  _launch(workdir, str(trainer_config), num_processes=2, devices=2)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def one_process_trainer_run(trainer_config):
+  workdir = trainer_config.parent / "one"
+  _launch(workdir, str(trainer_config), num_processes=1, devices=4)
+  return workdir
+
+
+def _from_step_2(two_process_run, workdir):
+  """`workdir` as if the 2-process run had stopped after step 2's checkpoint."""
+  shutil.copytree(
+    two_process_run / "checkpoints", workdir / "checkpoints", ignore=shutil.ignore_patterns("4")
+  )
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def resumed_trainer_run(trainer_config, two_process_trainer_run):
+  workdir = _from_step_2(two_process_trainer_run, trainer_config.parent / "resumed")
+  _launch(workdir, str(trainer_config), num_processes=1, devices=4)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def preempted_trainer_run(trainer_config, two_process_trainer_run):
+  """(the workdir as the signal left it, the workdir after the same command again)."""
+  workdir = _from_step_2(two_process_trainer_run, trainer_config.parent / "preempted")
+  _launch(workdir, str(trainer_config), "preempt", devices=2, expect=75)
+  stopped = workdir.parent / "stopped"
+  shutil.copytree(workdir, stopped)
+  _launch(workdir, str(trainer_config), devices=2)
+  return stopped, workdir
 
 
 def _assert_same_params(workdir, other):
@@ -170,7 +200,10 @@ def _assert_same_params(workdir, other):
 
 
 @pytest.mark.slow
-def test_real_trainer_on_two_processes_matches_one_process(trainer_runs):
+def test_real_trainer_on_two_processes_matches_one_process(
+  two_process_trainer_run, one_process_trainer_run
+):
+  trainer_runs = dict(two=two_process_trainer_run, one=one_process_trainer_run)
   for name, files in (
     ("two", ["process_0-of-2.json", "process_1-of-2.json"]),
     ("one", ["process_0-of-1.json"]),
@@ -186,8 +219,13 @@ def test_real_trainer_on_two_processes_matches_one_process(trainer_runs):
 
 
 @pytest.mark.slow
-def test_two_process_run_resumes_on_one_process_with_the_same_data(trainer_runs):
+def test_two_process_run_resumes_on_one_process_with_the_same_data(
+  two_process_trainer_run, one_process_trainer_run, resumed_trainer_run
+):
   """The input state saved by 2 processes (the global step) continues on 1: same batches."""
+  trainer_runs = dict(
+    two=two_process_trainer_run, one=one_process_trainer_run, resumed=resumed_trainer_run
+  )
   resumed = metrics.read(str(trainer_runs["resumed"]))["train/loss"]
   one = metrics.read(str(trainer_runs["one"]))["train/loss"]
   assert sorted(resumed) == [3, 4]  # Epoch 2: a restart from step 0's data would differ.
@@ -228,12 +266,14 @@ def test_when_maybe_initialize_initializes(monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(trainer_runs):
+def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(
+  two_process_trainer_run, preempted_trainer_run
+):
   """A resumed run whose process 1 is signalled before the first step: both processes save
   the same step and exit 75; the same command then ends with the uninterrupted run's params.
   The step is 3 (the first) unless process 0 ran a step before the notice reached it (JAX's
   service polls for SIGTERM every second): then 4."""
-  stopped = trainer_runs["preempted"].parent / "stopped"
+  stopped, preempted = preempted_trainer_run
   with checkpoint.CheckpointManager(stopped / "checkpoints", read_only=True) as saved:
     step = saved.latest_step()
     assert step in (3, 4) and saved.verify(step)
@@ -243,10 +283,10 @@ def test_sigterm_on_one_host_saves_one_step_on_both_and_the_rerun_matches(traine
   assert sorted(metrics.read(str(stopped))["train/loss"]) == list(range(3, step + 1))
   assert not (stopped / "lock.json").exists()  # Released before either process exited.
   # The same command again: step 4, and the params of the uninterrupted run, bit for bit.
-  assert sorted(metrics.read(str(trainer_runs["preempted"]))["train/loss"]) == [3, 4]
+  assert sorted(metrics.read(str(preempted))["train/loss"]) == [3, 4]
   params = [
-    jax.device_get(checkpoint.restore_variables(trainer_runs[k] / "checkpoints")["params"])
-    for k in ("two", "preempted")
+    jax.device_get(checkpoint.restore_variables(w / "checkpoints")["params"])
+    for w in (two_process_trainer_run, preempted)
   ]
   for (path, a), b in zip(rules.flatten(params[0]).items(), rules.flatten(params[1]).values()):
     np.testing.assert_array_equal(a, b, err_msg=path)
