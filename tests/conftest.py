@@ -43,3 +43,13 @@ def data_dir(tmp_path_factory):
   """The suite's TFDS data dir: each built-in dataset config is generated into it once,
   offline, by the first test that reads it."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+def pytest_collection_modifyitems(items):
+  """Modules with end-to-end (`slow`) tests first, each module's tests in their order.
+
+  pytest-xdist gives each idle worker the next module in this order, so the long modules
+  (a notebook, two-process runs, sweeps) start first and the short ones fill in at the end,
+  instead of one worker finishing a long module alone while the other is idle."""
+  slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: modules stay whole
