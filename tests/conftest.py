@@ -1,8 +1,8 @@
 """Test setup shared by the whole suite.
 
 8 simulated CPU devices so sharding tests run anywhere, programs compiled for compile speed
-(tests/xla_settings.py), and a compilation cache; this must happen before JAX's backend
-starts in the test process.
+(tests/xla_settings.py), and a compilation cache; this must happen before jax is imported
+anywhere in the test process.
 """
 
 import atexit

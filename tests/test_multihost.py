@@ -203,19 +203,20 @@ def _assert_same_params(workdir, other):
 def test_real_trainer_on_two_processes_matches_one_process(
   two_process_trainer_run, one_process_trainer_run
 ):
-  trainer_runs = dict(two=two_process_trainer_run, one=one_process_trainer_run)
-  for name, files in (
-    ("two", ["process_0-of-2.json", "process_1-of-2.json"]),
-    ("one", ["process_0-of-1.json"]),
+  for workdir, files in (
+    (two_process_trainer_run, ["process_0-of-2.json", "process_1-of-2.json"]),
+    (one_process_trainer_run, ["process_0-of-1.json"]),
   ):
-    data_dir = trainer_runs[name] / "checkpoints/4/data"
+    data_dir = workdir / "checkpoints/4/data"
     assert sorted(p.name for p in data_dir.glob("*.json")) == files
-  two, one = (metrics.read(str(trainer_runs[k]))["train/loss"] for k in ("two", "one"))
+  two, one = (
+    metrics.read(str(w))["train/loss"] for w in (two_process_trainer_run, one_process_trainer_run)
+  )
   assert sorted(two) == sorted(one) == [1, 2, 3, 4]
   np.testing.assert_allclose(
     [two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5
   )
-  _assert_same_params(trainer_runs["two"], trainer_runs["one"])
+  _assert_same_params(two_process_trainer_run, one_process_trainer_run)
 
 
 @pytest.mark.slow
@@ -223,20 +224,17 @@ def test_two_process_run_resumes_on_one_process_with_the_same_data(
   two_process_trainer_run, one_process_trainer_run, resumed_trainer_run
 ):
   """The input state saved by 2 processes (the global step) continues on 1: same batches."""
-  trainer_runs = dict(
-    two=two_process_trainer_run, one=one_process_trainer_run, resumed=resumed_trainer_run
-  )
-  resumed = metrics.read(str(trainer_runs["resumed"]))["train/loss"]
-  one = metrics.read(str(trainer_runs["one"]))["train/loss"]
+  resumed = metrics.read(str(resumed_trainer_run))["train/loss"]
+  one = metrics.read(str(one_process_trainer_run))["train/loss"]
   assert sorted(resumed) == [3, 4]  # Epoch 2: a restart from step 0's data would differ.
   saved = [
     json.loads(p.read_text())
-    for name in ("two", "one", "resumed")
-    for p in (trainer_runs[name] / "checkpoints/4/data").glob("*.json")
+    for workdir in (two_process_trainer_run, one_process_trainer_run, resumed_trainer_run)
+    for p in (workdir / "checkpoints/4/data").glob("*.json")
   ]
   assert len(saved) == 4 and all(state == saved[0] for state in saved)  # Global step 4 in all.
   np.testing.assert_allclose([resumed[3], resumed[4]], [one[3], one[4]], rtol=1e-5)
-  _assert_same_params(trainer_runs["resumed"], trainer_runs["one"])
+  _assert_same_params(resumed_trainer_run, one_process_trainer_run)
 
 
 def test_when_maybe_initialize_initializes(monkeypatch):

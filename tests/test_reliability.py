@@ -2,6 +2,7 @@
 changes that do not fit, a held workdir, corrupt checkpoints, a full disk, one-line errors."""
 
 import json
+import os
 from pathlib import Path
 import shutil
 import signal
@@ -351,7 +352,7 @@ def test_two_runs_started_together_one_trains(short_run, tmp_path):
   config = config_file(tmp_path, bad(short_run[1], evals={}, total_steps=3))
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
-  env = xla_settings.subprocess_env(devices=1)
+  env = dict(os.environ, XLA_FLAGS=xla_settings.xla_flags(1))
   stderrs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]  # Files: no pipe fills up unread.
   procs = []
   try:
@@ -382,7 +383,7 @@ def test_sigterm_saves_the_current_step_and_exits_75(short_run, tmp_path):
   config = config_file(tmp_path, bad(short_run[1], evals={}, total_steps=500, ckpt_every=1000))
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mmtl.train", f"--config={config}", f"--workdir={workdir}"]
-  env = xla_settings.subprocess_env(devices=1)
+  env = dict(os.environ, XLA_FLAGS=xla_settings.xla_flags(1))
   with (tmp_path / "stderr.txt").open("w") as err:
     proc = process.start(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
   try:

@@ -4,6 +4,7 @@ import os
 import sys
 import textwrap
 
+import jax
 import numpy as np
 
 from mmtl import process
@@ -43,7 +44,7 @@ def test_production_jit_computes_what_jax_defaults_compile(tmp_path):
   scope: dict = {}
   exec(PROGRAM, scope)
   ours = np.asarray(xla_settings.production_jit(scope["f"])(scope["x"], scope["w"]))
-  fast = np.asarray(scope["jax"].jit(scope["f"])(scope["x"], scope["w"]))
+  fast = np.asarray(jax.jit(scope["f"])(scope["x"], scope["w"]))
   out = tmp_path / "y.npy"
   script = PROGRAM + f"np.save({str(out)!r}, np.asarray(jax.jit(f)(x, w)))\n"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}

@@ -11,7 +11,6 @@ numbers users get.
 """
 
 from collections.abc import Callable
-import os
 
 # Given to every test process and to the processes the tests start (through XLA_FLAGS).
 FAST_COMPILE_FLAGS = (
@@ -28,11 +27,6 @@ def xla_flags(devices: int, flags: str = "") -> str:
   ours = (f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE_FLAGS)
   given = {f.split("=")[0] for f in flags.split()}
   return " ".join([*flags.split(), *(f for f in ours if f.split("=")[0] not in given)])
-
-
-def subprocess_env(devices: int) -> dict[str, str]:
-  """This process's environment for a child with `devices` CPU devices."""
-  return {**os.environ, "XLA_FLAGS": xla_flags(devices)}
 
 
 def production_jit(fun: Callable, **kwargs) -> Callable:
