@@ -5,10 +5,7 @@
 anywhere in the test process.
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 from tests import xla_settings
 
@@ -16,14 +13,11 @@ from tests import xla_settings
 os.environ["XLA_FLAGS"] = xla_settings.xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# XLA's persistent compilation cache, one per test session, shared by the tests and the
-# trainer subprocesses they start (they inherit the environment), and by pytest-xdist's
-# workers (started after this runs in the main process): a program compiled once is read
-# back wherever it is compiled again, however small (the many one-op programs of code run
-# outside jit, too).
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmtl-tests-xla-cache-")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# XLA's persistent compilation cache, kept between sessions (xla_settings), shared by the
+# tests, pytest-xdist's workers and the trainer subprocesses they start (all inherit this
+# environment): a program compiled once is read back wherever and whenever it is compiled
+# again, however small (the many one-op programs of code run outside jit, too).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = xla_settings.compilation_cache_dir(os.environ)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tiny_siglip_dir): see

@@ -51,3 +51,19 @@ def test_production_jit_computes_what_jax_defaults_compile(tmp_path):
   process.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
   np.testing.assert_array_equal(ours, np.load(out))
   assert not np.array_equal(fast, ours)
+
+
+def test_the_compilation_cache_is_kept_between_sessions_up_to_its_limit(tmp_path):
+  env = {"HOME": str(tmp_path / "home")}
+  assert xla_settings.compilation_cache_dir(env) == str(tmp_path / "home/.cache/mmtl/tests-xla")
+  folder = tmp_path / "cache/mmtl/tests-xla"
+  folder.mkdir(parents=True)
+  (folder / "a-cache").write_bytes(bytes(600))
+  env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+  assert xla_settings.compilation_cache_dir(env, limit=1000) == str(folder)
+  assert (folder / "a-cache").exists()  # Under its limit: kept.
+  (folder / "b-cache").write_bytes(bytes(600))
+  xla_settings.compilation_cache_dir(env, limit=1000)
+  assert not folder.exists()  # Over it: emptied.
+  env["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"  # The environment's own wins.
+  assert xla_settings.compilation_cache_dir(env) == "/elsewhere"
