@@ -82,7 +82,8 @@ def get_config(arg=None):
   if arg.text not in TEXT_FROZEN:
     raise ValueError(f"text={arg.text!r}: use one of {sorted(TEXT_FROZEN)}.")
   text_path = minilm_path()
-  use_text = "text" in arg.modalities.split(",")
+  modalities = arg.modalities.split(",")
+  use_text = "text" in modalities
   config = mlc.ConfigDict()
   config.seed = 0
   config.total_steps = arg.steps
@@ -93,7 +94,12 @@ def get_config(arg=None):
     # while shape and relation questions stay near chance for thousands.
     dataset="mmtl_shapes/colour",
     split=f"train[:{arg.train}]",
-    fields=dict(image="image", text="question", label="label"),
+    # A baseline reads only its own modality's field (image-only runs load no tokenizer).
+    fields=dict(
+      image="image" if "image" in modalities else None,
+      text="question" if use_text else None,
+      label="label",
+    ),
     text=dict(tokenizer=text_path, max_length=10),  # colour questions have <= 8 tokens
     cache=True,
   )

@@ -9,12 +9,14 @@ or on an object store (`gs://`; see `MetricWriter`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+import importlib
 import io
 import json
 import math
 import os
 from pathlib import Path
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -99,14 +101,29 @@ class MetricWriter:
       self._log.close()
 
 
+def tensorboardx(module: str = "tensorboardX") -> Any:
+  """A tensorboardX module, imported without torch where torch is not imported already.
+
+  tensorboardX imports torch whenever it is installed (to accept torch tensors), which
+  costs a trainer process about 2 s; mmtl logs Python floats. A `None` entry in
+  sys.modules makes that one optional import fail as if torch were absent, and is removed
+  again, so torch stays importable for everything else."""
+  if "torch" in sys.modules:
+    return importlib.import_module(module)
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    return importlib.import_module(module)
+  finally:
+    del sys.modules["torch"]
+
+
 class _LocalLog:
   """metrics.jsonl appended to (and flushed) at every write; tensorboardX events."""
 
   def __init__(self, workdir: str):
-    from tensorboardX import SummaryWriter
-
     self._file = workdir_lib.path(workdir, METRICS_FILE).open("a")
-    self._tb = SummaryWriter(os.fspath(workdir_lib.path(workdir, TB_DIR)))
+    writer = tensorboardx().SummaryWriter
+    self._tb = writer(os.fspath(workdir_lib.path(workdir, TB_DIR)))
 
   def write(self, step: int, values: Mapping[str, float], line: str) -> None:
     self._file.write(line)
@@ -133,13 +150,12 @@ class _ObjectStoreLog:
   """
 
   def __init__(self, workdir: str):
-    from tensorboardX.event_file_writer import EventsWriter
-
+    events_writer = tensorboardx("tensorboardX.event_file_writer").EventsWriter
     self._path = workdir_lib.path(workdir, METRICS_FILE)
     self._lines = [self._path.read_text()] if self._path.exists() else []
     self._tb_dir = workdir_lib.path(workdir, TB_DIR)
     self._tmp = tempfile.mkdtemp(prefix="mmtl_tb_")
-    self._events = EventsWriter(os.path.join(self._tmp, "events"))
+    self._events = events_writer(os.path.join(self._tmp, "events"))
 
   def write(self, step: int, values: Mapping[str, float], line: str) -> None:
     from tensorboardX.proto import event_pb2

@@ -12,13 +12,15 @@ import json
 import os
 from pathlib import Path
 import struct
+import sys
+import textwrap
 import time
 
 from etils.epath import testing as epath_testing
 import ml_collections as mlc
 import pytest
 
-from mmtl import checkpoint, data, distributed, evaluate, metrics, train
+from mmtl import checkpoint, data, distributed, evaluate, metrics, process, train
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 
@@ -226,3 +228,19 @@ def test_only_process_0_writes_config(tmp_path, monkeypatch):
   config = config_lib.with_defaults(mlc.ConfigDict(dict(total_steps=10)))
   config_lib.pin(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # Process 0 writes it.
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch wherever it is installed (about 2 s per trainer process);
+  mmtl's writer keeps it out, and torch stays importable afterwards."""
+  script = textwrap.dedent(f"""\
+      import sys
+      from mmtl import metrics
+      writer = metrics.MetricWriter({str(tmp_path)!r}, total_steps=1, batch_size=1)
+      writer.write(1, {{"train/loss": 0.5}})
+      writer.close()
+      assert "torch" not in sys.modules, "tensorboardX imported torch"
+      import torch
+      """)
+  process.run([sys.executable, "-c", script], check=True, timeout=120)
+  assert tb_scalars(tmp_path / metrics.TB_DIR) == {"train/loss": [1]}
