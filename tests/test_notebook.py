@@ -27,7 +27,8 @@ def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
   nb = nbformat.read(ROOT / "colab/quickstart.ipynb", as_version=4)
   params = cell_tagged(nb, "parameters")
   # The notebook's own parameters at tiny size: 2 steps, a 1-layer ViT, the small
-  # mmtl_shapes, a 2-run ablation (MiniLM stays full size: it is the pretrained tower).
+  # mmtl_shapes, an ablation of one setting (tests/test_sweep.py checks tables of several
+  # runs); MiniLM stays full size: it is the pretrained tower.
   params.source = "\n".join(
     [
       'REPO_URL = ""',
@@ -35,7 +36,7 @@ def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
       'CONFIG = "configs/quickstart.py:steps=2,train=64"',
       f"FLAGS = {[*TINY_FLAGS, '--config.model.width=16']!r}",
       f"WORKDIR = {str(tmp_path / 'work')!r}",
-      'TEXT_SETTINGS = ["frozen", "partial"]',
+      'TEXT_SETTINGS = ["partial"]',
     ]
   )
   # The kernel (and the runs it starts) inherits tiny_runs_env's environment; a failing cell raises.
@@ -52,9 +53,9 @@ def test_quickstart_notebook_executes(tmp_path, tiny_runs_env):  # noqa: F811
   assert len(markdown) == 2
   assert "val/accuracy" in markdown[0]  # Final metrics of the frozen-tower run.
   table = markdown[1].strip().splitlines()
-  assert table[0].startswith("| text | val/accuracy |")  # Header, rule, 2 runs, their commands.
-  assert [row.split(" | ")[0] for row in table[2:4]] == ["| frozen", "| partial"]
-  assert table[7].startswith("- text=frozen: `python -m mmtl.train --config ") and len(table) == 9
+  assert table[0].startswith("| text | val/accuracy |")  # Header, rule, the run, its command.
+  assert table[2].split(" | ")[0] == "| partial"
+  assert table[6].startswith("- text=partial: `python -m mmtl.train --config ") and len(table) == 7
   assert (tmp_path / "work/frozen_text_tower/final_metrics.json").is_file()
   assert "22.7M params" in "".join(out.get("text", "") for out in outputs)  # MiniLM was loaded.
 
