@@ -466,10 +466,14 @@ TINY_FLAGS = [
 
 
 @pytest.fixture
-def tiny_runs_env(tmp_path, monkeypatch):
-  """For trainer subprocesses: the small dataset generated once in tmp (XLA's persistent
-  cache, which conftest.py sets up, is in their environment)."""
-  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+def tiny_runs_env(data_dir, monkeypatch):
+  """For trainer subprocesses: the session's data dir, where the small dataset is generated
+  before any of them starts, once a session (XLA's persistent cache, which conftest.py sets
+  up, is in their environment)."""
+  from mmtl import data
+
+  data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   monkeypatch.chdir(ROOT)
 
 
