@@ -127,10 +127,9 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
 
 
 @pytest.fixture(scope="module")
-def trainer_config(tmp_path_factory, tiny_bert_dir):
+def trainer_config(tmp_path_factory, tiny_bert_dir, data_dir):
   """The real trainer's config file for these runs: 4 steps (2 epochs) on 4 CPU devices."""
   root = tmp_path_factory.mktemp("trainer")
-  data_dir = str(root / "tfds")
   data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
   # SGD: params whose gradient is only rounding noise (attention key biases) stay put; Adam
   # would scale that noise up to lr-sized steps that differ between the runs.
