@@ -39,6 +39,16 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="session")
+def small_data_dir(data_dir):
+  """`data_dir` with `mmtl_shapes/small` generated in it before a test starts the trainer
+  processes that read it (once here, not in each of them)."""
+  from mmtl import data  # Here: importing mmtl imports JAX, after the settings above.
+
+  data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))
+  return data_dir
+
+
 def pytest_collection_modifyitems(items):
   """Modules with end-to-end (`slow`) tests first, each module's tests in their order.
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmtl import checkpoint, data, distributed, metrics, preemption, process, rules, sharding
+from mmtl import checkpoint, distributed, metrics, preemption, process, rules, sharding
 from tests import multihost_worker as worker
 from tests import sharding_toy as toy
 from tests import test_train, xla_settings
@@ -127,15 +127,14 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
 
 
 @pytest.fixture(scope="module")
-def trainer_config(tmp_path_factory, tiny_bert_dir, data_dir):
+def trainer_config(tmp_path_factory, tiny_bert_dir, small_data_dir):
   """The real trainer's config file for these runs: 4 steps (2 epochs) on 4 CPU devices."""
   root = tmp_path_factory.mktemp("trainer")
-  data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))  # Once, not in each process.
   # SGD: params whose gradient is only rounding noise (attention key biases) stay put; Adam
   # would scale that noise up to lr-sized steps that differ between the runs.
   config = test_train.tiny_config(
     tiny_bert_dir,
-    data_dir,
+    small_data_dir,
     evals={},
     total_steps=4,
     keep_ckpts=2,

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
-from mmtl import data, process  # noqa: E402
+from mmtl import process  # noqa: E402
 import sweep  # noqa: E402
 
 # A trainer that hangs: hang() starts a child that ignores SIGTERM (as a stuck data worker
@@ -466,12 +466,10 @@ TINY_FLAGS = [
 
 
 @pytest.fixture
-def tiny_runs_env(data_dir, monkeypatch):
-  """For trainer subprocesses: the session's data dir, where the small dataset is generated
-  before any of them starts, once a session (XLA's persistent cache, which conftest.py sets
-  up, is in their environment)."""
-  data.builder(dict(dataset="mmtl_shapes/small", data_dir=data_dir))
-  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+def tiny_runs_env(small_data_dir, monkeypatch):
+  """For trainer subprocesses: the session's data dir, the small dataset in it (XLA's
+  persistent cache, which conftest.py sets up, is in their environment)."""
+  monkeypatch.setenv("TFDS_DATA_DIR", small_data_dir)
   monkeypatch.chdir(ROOT)
 
 
