@@ -19,7 +19,8 @@
   defaults: they join the config schema, so overrides and type checks cover them;
 - `predict_fns(model, mesh)`: the functions of (variables, batch) evaluators call by name
   (big_vision's `get_predict_fns`), one per name of `predict_names`: "predict" (every
-  head: outputs, labels, example weights), "generate" (captioning: generated token ids);
+  head: outputs, labels, example weights), "generate" and "token_loss" (captioning:
+  generated token ids; teacher-forced loss sums);
   an evaluator names the one it needs (`Evaluator.PREDICT`), checked against
   `predict_names` when the config is read.
 Adding a head is one class with `@register("name")`, in mmtl or in the user's own module
@@ -220,7 +221,7 @@ class Captioning(Head):
 
   fields = ("decoder_target_ids", "decoder_loss_mask")
   loss_config = dict(label_smoothing=0.0)
-  predict_names = ("predict", "generate")
+  predict_names = ("predict", "generate", "token_loss")
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
@@ -229,11 +230,21 @@ class Captioning(Head):
   @classmethod
   def predict_fns(cls, model: Any, mesh: jax.sharding.Mesh) -> dict[str, PredictFn]:
     """And "generate": token ids (B, prompt + max_new_tokens) that `mmtl.generate.generate`
-    decodes after each row's `decoder_input_ids` prompt, with its keyword arguments."""
+    decodes after each row's `decoder_input_ids` prompt, with its keyword arguments;
+    "token_loss": the batch's teacher-forced cross-entropy (the training loss without label
+    smoothing) as (sum, weight) over its target tokens, reduced on device so that no
+    full-vocabulary logits leave it."""
 
     def generate(variables, batch, **generate_kw):
       from mmtl.generate import generate as decode  # The decoding loop: only to generate.
 
       return decode(model, merged(variables), batch, **generate_kw)
 
-    return {**super().predict_fns(model, mesh), "generate": generate}
+    def token_loss(variables, batch):
+      return losses.token_loss(predict(model, variables, batch)["logits"], batch)
+
+    return {
+      **super().predict_fns(model, mesh),
+      "generate": generate,
+      "token_loss": jax.jit(token_loss, out_shardings=sharding.replicated(mesh)),
+    }

@@ -7,7 +7,8 @@ Checked here:
 - The trainer with head="captioning": a tiny ViT from scratch + the tiny BERT checkpoint
   warm-started as a decoder (cross-attention initialized and logged, self-attention and
   embeddings exactly the checkpoint's), loss going down, the `captioning` evaluator's
-  metrics and its captions file, `mmtl.evaluate` reproducing them; a BertModel without
+  metrics (the validation loss recomputed) and its captions file on five references per
+  image, `mmtl.evaluate` reproducing them; a BertModel without
   `dont_load=['lm_head/.*']` refused.
 - The "cross-attention only" freezing preset: frozen params bit-identical to init.
 - Prefix conditioning with a scratch GPT-2 without cross-attention: forward logits of the
@@ -32,6 +33,7 @@ import pytest
 
 from mmtl import (
   checkpoint,
+  data,
   evaluate,
   generate,
   hf,
@@ -51,7 +53,7 @@ from tests.hf_fixtures import export_and_reload
 from tests.test_models_parity import jitted_apply
 from tests.test_train import TINY_VIT
 
-CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu")
+CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu", "loss")
 # configs/captioning.py's train_only=cross_attention + a frozen image tower.
 CROSS_ATTENTION_ONLY = (
   r"image_encoder/.*",
@@ -74,7 +76,7 @@ def caption_config(bert_dir, data_dir, **overrides):
         dataset="mmtl_shapes/small",
         data_dir=data_dir,
         split="train[:32]",
-        fields=dict(image="image", text=None, label=None, target="caption"),
+        fields=dict(image="image", text=None, label=None, target="captions"),
         image=dict(size=16),
         target=dict(tokenizer=bert_dir, max_length=24),
       ),
@@ -269,16 +271,41 @@ def test_captioning_run_trains_scores_and_writes_captions(caption_run):
   assert [line["id"] for line in lines] == list(range(32))
   assert all(set(line) == {"id", "hypothesis", "references"} for line in lines)
   assert all(isinstance(line["hypothesis"], str) for line in lines)
-  # The references are validation_iid's captions, one per image.
-  assert all(len(line["references"]) == 1 for line in lines)
+  # The references are validation_iid's five captions per image.
+  assert all(len(line["references"]) == 5 for line in lines)
   assert all("left to right" in line["references"][0] for line in lines)
+  assert all(line["references"][4].startswith("from top to bottom: ") for line in lines)
   # The file holds what was scored.
   scores = text_metrics.caption_scores(
     [line["hypothesis"] for line in lines], [line["references"] for line in lines]
   )
   assert {f"val/{k}": v for k, v in scores.items()} == pytest.approx(
-    {k: v for k, v in final.items() if k != "step"}
+    {k: v for k, v in final.items() if k not in ("step", "val/loss")}
   )
+
+
+@pytest.mark.slow
+def test_validation_loss_is_the_cross_entropy_per_target_token(caption_run):
+  """`val/loss`: the teacher-forced cross-entropy of each example's first reference, a mean
+  over the split's target tokens, here recomputed in numpy from the final params."""
+  workdir, final, _ = caption_run
+  config = config_lib.with_defaults(
+    mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  )
+  model = fusion.build(config.model)
+  variables = {"params": rules.unflatten(final_params(workdir))}
+  eval_input = {**config.input.to_dict(), **config.evals.val.input.to_dict()}
+  total = tokens = 0.0
+  for batch in data.make_eval_iterator(eval_input, batch_size=16):
+    batch = {k: v for k, v in batch.items() if k not in transforms.HOST_FIELDS}
+    logits = np.asarray(jitted_apply(model, variables, batch)["logits"], np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, batch["decoder_target_ids"][..., None], -1)[..., 0]
+    weights = batch["decoder_loss_mask"] * batch["example_weight"][:, None]
+    total, tokens = total + (nll * weights).sum(), tokens + weights.sum()
+  assert tokens > 32 * 5
+  assert final["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -529,7 +556,7 @@ def test_generative_vqa_run(tiny_bert_dir, data_dir, tmp_path):
   config.input.target.max_length = 6  # [CLS] y ##e ##s [SEP]
   config.model.towers = dict(image=dict(name=TINY_VIT, pool="cls"), text=dict(name=tiny_bert_dir))
   final = train.train(config, str(tmp_path / "run"))
-  assert set(final) == {"val/exact_match", "val/vqa_accuracy", "step"}
+  assert set(final) == {"val/exact_match", "val/vqa_accuracy", "val/loss", "step"}
   assert 0.0 <= final["val/exact_match"] <= 1.0 and 0.0 <= final["val/vqa_accuracy"] <= 1.0
   lines = read_jsonl(tmp_path / "run" / "captions_step3-val.jsonl")
   assert len(lines) == 32
@@ -569,10 +596,10 @@ def test_target_tokenizer_larger_than_the_decoder_vocabulary(tiny_bert_dir, data
 
 def test_missing_references_field_names_the_fix(tiny_bert_dir, data_dir, tmp_path):
   config = caption_config(tiny_bert_dir, data_dir)
-  config.input.fields.target = "captions"  # mmtl_shapes has `caption`
+  config.input.fields.target = "descriptions"  # mmtl_shapes has `caption`, `captions`
   with pytest.raises(
     config_lib.ConfigError,
-    match=r"Feature 'captions' not in the dataset \(available here: \[.*'caption'.*\]\)\. "
+    match=r"Feature 'descriptions' not in the dataset \(available here: \[.*'captions'.*\]\)\. "
     r"Fix config\.input\.fields",
   ):
     train.train(config, str(tmp_path / "run"))

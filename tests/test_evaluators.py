@@ -146,6 +146,11 @@ def _context(batches=(), head_type="classification", **kw):
   fns = {"predict": lambda params, b: b}
   if head_type == "captioning":
     fns["generate"] = fns["predict"]
+    # (sum, weight) of a batch's token losses: the real rows' `loss_sum` and `target_tokens`.
+    fns["token_loss"] = lambda params, b: (
+      (b["loss_sum"] * b["example_weight"]).sum(),
+      (b["target_tokens"] * b["example_weight"]).sum(),
+    )
   return ev.EvalContext(
     head_type=head_type, make_batches=lambda cfg: batches, predict_fns=fns, **kw
   )
@@ -186,6 +191,8 @@ _OUTPUT = {
   "image_embeds": _RNG.normal(size=(8, 4)),
   "text_embeds": _RNG.normal(size=(8, 4)),
   "features": _RNG.normal(size=(8, 3)),
+  "loss_sum": _RNG.uniform(size=8),
+  "target_tokens": np.full(8, 3.0),
   "example_weight": np.array([1.0] * 6 + [0.0] * 2),
 }
 _BATCHES = [{k: v[:4] for k, v in _OUTPUT.items()}, {k: v[4:] for k, v in _OUTPUT.items()}]
@@ -520,3 +527,5 @@ def test_captioning_writes_rows_and_warns_about_empty_texts(tmp_path, caplog):
     {"id": 1, "hypothesis": "a red circle", "references": ["x"]},
   ]
   assert out["val/bleu_1"] == pytest.approx(0.0, abs=1e-9)
+  # Per target token over the real rows (the 2 padding rows dropped): 6 rows of 3 tokens.
+  assert out["val/loss"] == pytest.approx(_OUTPUT["loss_sum"][:6].sum() / 18)

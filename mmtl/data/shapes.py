@@ -21,7 +21,12 @@ the same encoder trained from scratch cannot. `validation_iid` uses the training
 rate, to separate "learned the task" from "transferred the language".
 
 A `caption` lists the objects from left to right (contrastive training,
-retrieval). With `audio=True` a noisy tone whose pitch encodes the number of
+retrieval). `captions` are five reference descriptions for captioning, as COCO has:
+`caption` and four that state the count, where each object is (left / middle /
+right, top / bottom of the image, relative to one another), and their order from
+top to bottom; these four are a pure function of the objects (seen words only, no
+random draws), so a caption model is scored on colours, shapes, counts and positions.
+With `audio=True` a noisy tone whose pitch encodes the number of
 objects is stored as a log-mel spectrogram (F, T, 1) float32, exercising the
 three-modality path.
 
@@ -129,8 +134,11 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class MmtlShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes + questions that need both image and text (see module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "`captions`: five reference descriptions per image; other fields unchanged.",
+  }
   BUILDER_CONFIGS = [
     ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
     ShapesConfig(name="audio", audio=True, description="`default` plus the audio field."),
@@ -158,6 +166,7 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
       "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
       "question": tfds.features.Text(),
       "caption": tfds.features.Text(),
+      "captions": tfds.features.Sequence(tfds.features.Text()),
       "label": tfds.features.ClassLabel(names=["no", "yes"]),
       "question_type": tfds.features.ClassLabel(names=list(QUESTION_TYPES)),
       "novel_words": tfds.features.Scalar(np.int32, doc="Held-out words in the question."),
@@ -214,6 +223,7 @@ def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
     "image": _render(rng, cfg.image_size, objects),
     "question": question,
     "caption": caption,
+    "captions": [caption, *descriptions(objects)],
     "label": int(answer),
     "question_type": qtype,
     "novel_words": words.novel,
@@ -306,8 +316,40 @@ def _relation_question(rng, words: _Lexicon, objects: list, answer: bool) -> str
 
 def _caption(words: _Lexicon, objects: list) -> str:
   phrases = [_article(words.obj(c, s)) for c, s, _, _ in sorted(objects, key=lambda o: o[2][0])]
-  objs = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-  return words.pick(*TEMPLATES["caption"]).format(objs=objs)
+  return words.pick(*TEMPLATES["caption"]).format(objs=_join(phrases))
+
+
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
+def descriptions(objects: list) -> list[str]:
+  """Four reference captions of `objects` ([(colour, shape, (x, y), radius)]), seen words only:
+  the count; each object's place in the image; its place among the others; top to bottom."""
+  by_x = sorted(objects, key=lambda o: o[2][0])
+  by_y = sorted(objects, key=lambda o: o[2][1])
+  name = lambda o: _article(f"{COLOURS[o[0]][1][0]} {SHAPES[o[1]][0][0]}")
+  count = f"{NUMBERS[len(objects)]} {'shape' if len(objects) == 1 else 'shapes'}"
+  among = ("on the left", "in the middle", "on the right")
+  ranks = (among[0], among[2]) if len(by_x) == 2 else among[: len(by_x)]
+  return [
+    f"{count}: {_join([name(o) for o in by_x])}.",
+    f"{_join([f'{name(o)} {_place(o[2])}' for o in by_x])}.",
+    f"there are {count}: {_join([f'{name(o)} {r}' for o, r in zip(by_x, ranks)])}.",
+    f"from top to bottom: {_join([name(o) for o in by_y])}.",
+  ]
+
+
+def _place(xy: tuple[float, float]) -> str:
+  """Where a centre (x, y in [0, 1], y down) is in the image, by thirds."""
+  column = ("left", "", "right")[min(int(xy[0] * 3), 2)]
+  row = ("top", "", "bottom")[min(int(xy[1] * 3), 2)]
+  if row:
+    return f"at the {row} {column}".rstrip()
+  return f"on the {column}" if column else "in the centre"
+
+
+def _join(phrases: list[str]) -> str:
+  return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
 def _render(rng: np.random.Generator, size: int, objects: list) -> Image.Image:

@@ -94,10 +94,13 @@ def value_at(example: Mapping[str, Any], path: str) -> Any:
 
 
 def _skip_decoding(features: tfds.features.FeaturesDict, keep: set[str]) -> dict[str, Any]:
-  """Decoders that leave unused top-level features as raw bytes (TFDS cannot skip nested dicts)."""
-  nested = lambda f: isinstance(getattr(f, "feature", f), tfds.features.FeaturesDict)
+  """Decoders that leave unused top-level features as raw bytes (TFDS cannot skip nested
+  dicts or sequences)."""
+  nested = (tfds.features.FeaturesDict, tfds.features.Sequence)
   return {
-    k: tfds.decode.SkipDecoding() for k, f in features.items() if k not in keep and not nested(f)
+    k: tfds.decode.SkipDecoding()
+    for k, f in features.items()
+    if k not in keep and not isinstance(f, nested)
   }
 
 
