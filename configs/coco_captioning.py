@@ -5,9 +5,10 @@ Compared with: transformers 4.x `examples/flax/image-captioning/run_image_captio
 1 epoch): validation loss 2.0153, ROUGE-2 14.64. This config reads TFDS `coco_captions`
 (the Karpathy splits of COCO 2014: 113k training images with restval, 5k val) and
 reports BLEU-1..4, CIDEr-D and ROUGE-L of beam-4 captions on val (pycocoevalcap has
-ROUGE-L, not the example's ROUGE-2); a teacher-forced validation loss, the example's other
-number, is not an mmtl metric yet. This recipe has not been run (no COCO, no accelerator
-here): tests/test_config.py builds it.
+ROUGE-L, not the example's ROUGE-2) and `val/loss`, the teacher-forced cross-entropy per
+caption token that the example reports (here on each image's first caption). This recipe
+has not been run in full (no COCO, no accelerator here): tests/test_captioning.py trains it
+with tiny checkpoints for 4 steps and evaluates it on mock `coco_captions` examples.
 
 Not offline: prepare the dataset once (configs/data/coco_captions.py says how), and the
 two checkpoints download from the hub on first use. Command:
