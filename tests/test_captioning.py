@@ -197,8 +197,9 @@ def test_target_tokens_with_a_prompt(tiny_bert_dir):
   assert target.texts(np.array([ended, open_ended])) == ["a red circle", "blue blue blue blue blue"]
 
 
-def write_gpt2_tokenizer(out, pad=False):
-  """A tiny byte-level BPE GPT-2 tokenizer (letters, a few merges), saved to `out`."""
+def write_gpt2_tokenizer(out, pad=False, **special_tokens):
+  """A tiny byte-level BPE GPT-2 tokenizer (letters, a few merges), saved to `out`;
+  `special_tokens` (e.g. `eos_token=None`) replace GPT2Tokenizer's."""
   import transformers
 
   letters = "abcdefghijklmnopqrstuvwxyz"
@@ -206,7 +207,9 @@ def write_gpt2_tokenizer(out, pad=False):
   vocab = ["<|endoftext|>", "\u0120", *letters, *(f"\u0120{c}" for c in letters)]
   (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
   (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"\u0120 {c}\n" for c in letters))
-  tok = transformers.GPT2Tokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+  tok = transformers.GPT2Tokenizer(
+    vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), **special_tokens
+  )
   assert tok("a red")["input_ids"] == [2, vocab.index("\u0120r"), 6, 5]
   if pad:
     tok.pad_token = tok.eos_token
@@ -229,6 +232,18 @@ def test_gpt2_tokenizer_without_pad_token(tmp_path):
   assert (saved.bos, saved.eos, saved.pad) == (0, 0, 0)
   with pytest.raises(config_lib.ConfigError, match=r"pad_token='<pad>' is not a token of"):
     transforms.TargetTokens.load(no_pad, pad_token="<pad>")
+
+
+@pytest.mark.parametrize("missing", ["bos", "eos"])
+def test_tokenizer_without_bos_or_eos_names_the_fix(missing, tmp_path):
+  folder = write_gpt2_tokenizer(tmp_path / "tok", pad=True, **{f"{missing}_token": None})
+  other = {"bos": "cls", "eos": "sep"}[missing]
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=rf"^Tokenizer '.*' has no {missing} token \({missing}_token or {other}_token\): the "
+    rf"decoder needs BOS, EOS and PAD\. Set its {missing}_token in the tokenizer's",
+  ):
+    transforms.TargetTokens.load(folder)
 
 
 # --- The trainer ------------------------------------------------------------------------

@@ -81,7 +81,8 @@ class TargetTokens:
           else ""
         )
         raise config_keys.ConfigError(
-          f"Tokenizer {name_or_path!r} has no {what} token ({' or '.join(names)}_token): the "
+          f"Tokenizer {name_or_path!r} has no {what} token "
+          f"({' or '.join(f'{n}_token' for n in names)}): the "
           f"decoder needs BOS, EOS and PAD. Set its {names[0]}_token in the tokenizer's "
           f"special_tokens_map.json / tokenizer_config.json{fix}, or use another tokenizer."
         )
