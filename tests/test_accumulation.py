@@ -1,5 +1,6 @@
 """Gradient accumulation optimizes the full batch's objective: weighted losses (class
-weights, distillation) and the contrastive loss (full-batch negatives, gradient cache)."""
+weights, distillation), the captioning loss (a mean over the whole batch's target tokens)
+and the contrastive loss (full-batch negatives, gradient cache)."""
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,34 @@ def test_unweighted_accumulation_still_matches():
   mask = {"w": False, "b": False}
   out = {k: run_steps(objective, params, batch, mask, k, lr=0.1) for k in (1, 2, 4)}
   for k in (2, 4):
+    for name in ("w", "b"):
+      np.testing.assert_allclose(out[k][0][name], out[1][0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_captioning_loss_is_the_full_batch_mean_over_tokens_under_accumulation():
+  """Targets of uneven lengths: each microbatch holds another number of target tokens, so
+  a mean of microbatch means would weight them unequally; the step's loss is the whole
+  batch's mean over its target tokens for every accumulation, and so is its gradient."""
+  rng = np.random.default_rng(3)
+  params = {"w": rng.normal(size=(3, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+  lengths = np.array([1, 6, 2, 6, 1, 5, 3, 6])  # Microbatch j of k: rows j, j + k, ...
+  batch = {
+    "x": rng.normal(size=(8, 6, 3)).astype(np.float32),
+    "decoder_target_ids": rng.integers(0, 5, (8, 6)).astype(np.int32),
+    "decoder_loss_mask": (np.arange(6) < lengths[:, None]).astype(np.int32),
+    "example_weight": np.array([1, 1, 1, 1, 1, 1, 0, 1], np.float32),  # a padding row
+  }
+  mask = {"w": False, "b": False}
+  out = {
+    k: run_steps(linear_objective("captioning"), params, batch, mask, k, lr=0.5)
+    for k in (1, 2, 4)
+  }
+  logits = batch["x"] @ params["w"] + params["b"]
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_probs, batch["decoder_target_ids"][..., None], -1)[..., 0]
+  weights = batch["decoder_loss_mask"] * batch["example_weight"][:, None]
+  for k in (1, 2, 4):
+    assert out[k][1] == pytest.approx(float((nll * weights).sum() / weights.sum()), rel=1e-5)
     for name in ("w", "b"):
       np.testing.assert_allclose(out[k][0][name], out[1][0][name], rtol=1e-5, atol=1e-6)
 

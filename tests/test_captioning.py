@@ -559,6 +559,29 @@ def test_cross_attention_conditioning_needs_cross_attention_layers(tiny_bert_dir
 # --- Generative VQA and config errors -----------------------------------------------------
 
 
+@pytest.mark.slow
+def test_recipe_config_runs_short(tiny_bert_dir, data_dir, tmp_path):
+  """configs/captioning.py as its table runs it (MiniLM warm start, frozen image tower, the
+  five references, LR multipliers), on the small dataset with the tiny BERT in MiniLM's
+  place: 3 steps and its evaluation."""
+  from configs import captioning  # pylint: disable=g-import-not-at-top
+
+  assert {"arg.decoder": "minilm", "arg.image": "frozen", "seed": 2} in captioning.get_sweep()
+  config = captioning.get_config("decoder=minilm,image=frozen,steps=3,train=48")
+  config.batch_size = 16
+  config.input.update(dataset="mmtl_shapes/small", data_dir=data_dir)
+  config.input.target.tokenizer = tiny_bert_dir
+  config.model.decoder.name = config.model_init.decoder.name = tiny_bert_dir
+  config.evals.val.update(batch_size=16, max_new_tokens=6)
+  config.evals.val.input.split = "validation_iid[:16]"
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    final = train.train(config, str(tmp_path / "run"))
+  assert set(final) == {f"val/{m}" for m in CAPTION_METRICS} | {"step"}
+  assert re.search(r"image_encoder +0 \(0 B\) +[\d,]+ ", printed.getvalue())  # frozen
+  lines = read_jsonl(tmp_path / "run" / "captions_step3-val.jsonl")
+  assert len(lines) == 16 and all(len(line["references"]) == 5 for line in lines)
+
+
 COCO_SPLITS = ("train", "restval", "val", "test")  # Karpathy's, as TFDS coco_captions has them
 
 
