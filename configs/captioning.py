@@ -19,7 +19,7 @@ Command (offline, minutes on 2 CPU cores):
 
   python -m mmtl.train --config configs/captioning.py --workdir workdirs/captioning
 
-The table of docs/captioning.md (`get_sweep()`: 3 settings x 3 seeds, about 1 h 20 min):
+The table of docs/captioning.md (`get_sweep()`: 3 settings x 3 seeds, 6 min a run):
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache python launch/sweep.py \
       --config configs/captioning.py --sweep_dir runs/captioning
@@ -33,8 +33,9 @@ Arguments (`--config configs/captioning.py:key=value,...`):
   conditioning=cross_attention | prefix
   steps=N, train=N                    train steps, training examples used
 
-Expected results: docs/captioning.md (BLEU-4, CIDEr-D, ROUGE-L on validation_iid[:300]
-against five references per image, greedy decoding).
+Expected results (docs/captioning.md; validation_iid[:300], greedy, five references; mean ±
+std over seeds 0-2): the default BLEU-4 0.443 ± 0.005, CIDEr-D 2.08 ± 0.08, ROUGE-L
+0.689 ± 0.011; decoder=scratch BLEU-4 0.178 ± 0.212; image=frozen BLEU-4 0.335 ± 0.155.
 """
 
 import ml_collections as mlc
@@ -106,8 +107,8 @@ def get_config(arg=None):
       if arg.decoder == "minilm"
       else ()
     ),
-    # A short warmup or lr 1e-3 leaves some seeds captioning from the language alone (the
-    # decoder ignores the image tokens; train loss stuck near 3.5) for hundreds of steps.
+    # At lr 1e-3, half the seeds caption from the language alone (the decoder ignores the
+    # image tokens; train loss stuck near 3.5) for hundreds of steps: docs/captioning.md.
     schedule=dict(warmup_steps=min(100, arg.steps // 4), decay="cosine"),
     grad_clip_norm=1.0,
     frozen=frozen,
