@@ -28,8 +28,8 @@ per example ({"id", "hypothesis", "references"}), to
 
 Each type is one `Evaluator` subclass that declares its config keys, the head it
 needs, the head's predict function it calls (`PREDICT`: "predict", or "generate"; the
-head's `predict_fns`, mmtl.heads), its metric names, the inputs it reads and how it
-computes its metrics;
+head's `predict_fns`, mmtl.heads; the generating kinds also call "token_loss"), its
+metric names, the inputs it reads and how it computes its metrics;
 `EVALUATORS` maps `type` to it, and every other table (`CONFIG_KEYS`, the type
 list of errors) derives from that one. Adding an evaluator is one class and one
 line of `EVALUATORS`. The model side, `EvalContext`, is how an evaluator reads

@@ -223,7 +223,7 @@ def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
     "image": _render(rng, cfg.image_size, objects),
     "question": question,
     "caption": caption,
-    "captions": [caption, *descriptions(objects)],
+    "captions": [caption, *_descriptions(objects)],
     "label": int(answer),
     "question_type": qtype,
     "novel_words": words.novel,
@@ -322,7 +322,7 @@ def _caption(words: _Lexicon, objects: list) -> str:
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
-def descriptions(objects: list) -> list[str]:
+def _descriptions(objects: list) -> list[str]:
   """Four reference captions of `objects` ([(colour, shape, (x, y), radius)]), seen words only:
   the count; each object's place in the image; its place among the others; top to bottom."""
   by_x = sorted(objects, key=lambda o: o[2][0])
