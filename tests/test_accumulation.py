@@ -112,8 +112,7 @@ def test_captioning_loss_is_the_full_batch_mean_over_tokens_under_accumulation()
   }
   mask = {"w": False, "b": False}
   out = {
-    k: run_steps(linear_objective("captioning"), params, batch, mask, k, lr=0.5)
-    for k in (1, 2, 4)
+    k: run_steps(linear_objective("captioning"), params, batch, mask, k, lr=0.5) for k in (1, 2, 4)
   }
   logits = batch["x"] @ params["w"] + params["b"]
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
