@@ -35,7 +35,8 @@ Arguments (`--config configs/captioning.py:key=value,...`):
 
 Expected results (docs/captioning.md; validation_iid[:300], greedy, five references; mean ±
 std over seeds 0-2): the default BLEU-4 0.443 ± 0.005, CIDEr-D 2.08 ± 0.08, ROUGE-L
-0.689 ± 0.011; decoder=scratch BLEU-4 0.178 ± 0.212; image=frozen BLEU-4 0.335 ± 0.155.
+0.689 ± 0.011; decoder=scratch BLEU-4 0.178 ± 0.212; image=frozen BLEU-4 0.335 ± 0.155;
+both BLEU-4 0.000 ± 0.000.
 """
 
 import ml_collections as mlc
