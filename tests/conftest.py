@@ -49,6 +49,18 @@ def small_data_dir(data_dir):
   return data_dir
 
 
+@pytest.fixture
+def coco_without_tensorflow(monkeypatch):
+  """TFDS's `coco` / `coco_captions` builders constructible without TensorFlow: their
+  feature spec names one TensorFlow dtype (`tf.int64`), given here as numpy's."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.object_detection import coco  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(coco, "tf", types.SimpleNamespace(int64=np.int64))
+
+
 def pytest_collection_modifyitems(items):
   """Modules with end-to-end (`slow`) tests first, each module's tests in their order.
 

@@ -97,6 +97,18 @@ def test_unweighted_accumulation_still_matches():
       np.testing.assert_allclose(out[k][0][name], out[1][0][name], rtol=1e-5, atol=1e-6)
 
 
+def token_nll_sums(logits: np.ndarray, batch: dict) -> tuple[float, float]:
+  """The captioning loss recomputed in numpy (float64) as (sum, weight): the next-token
+  negative log-likelihood of `decoder_target_ids`, weighted by `decoder_loss_mask` times
+  each row's `example_weight`."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_probs, batch["decoder_target_ids"][..., None], -1)[..., 0]
+  weights = batch["decoder_loss_mask"] * batch["example_weight"][:, None]
+  return float((nll * weights).sum()), float(weights.sum())
+
+
 def test_captioning_loss_is_the_full_batch_mean_over_tokens_under_accumulation():
   """Targets of uneven lengths: each microbatch holds another number of target tokens, so
   a mean of microbatch means would weight them unequally; the step's loss is the whole
@@ -114,12 +126,9 @@ def test_captioning_loss_is_the_full_batch_mean_over_tokens_under_accumulation()
   out = {
     k: run_steps(linear_objective("captioning"), params, batch, mask, k, lr=0.5) for k in (1, 2, 4)
   }
-  logits = batch["x"] @ params["w"] + params["b"]
-  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  nll = -np.take_along_axis(log_probs, batch["decoder_target_ids"][..., None], -1)[..., 0]
-  weights = batch["decoder_loss_mask"] * batch["example_weight"][:, None]
+  total, tokens = token_nll_sums(batch["x"] @ params["w"] + params["b"], batch)
   for k in (1, 2, 4):
-    assert out[k][1] == pytest.approx(float((nll * weights).sum() / weights.sum()), rel=1e-5)
+    assert out[k][1] == pytest.approx(total / tokens, rel=1e-5)
     for name in ("w", "b"):
       np.testing.assert_allclose(out[k][0][name], out[1][0][name], rtol=1e-5, atol=1e-6)
 

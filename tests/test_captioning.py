@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 import re
 import sys
-import types
 
 import jax
 import ml_collections as mlc
@@ -52,6 +51,7 @@ from mmtl.data import transforms
 from mmtl.generate import __main__ as generate_script
 from mmtl.models import fusion
 from tests.hf_fixtures import export_and_reload
+from tests.test_accumulation import token_nll_sums
 from tests.test_models_parity import jitted_apply
 from tests.test_train import TINY_VIT
 
@@ -315,12 +315,8 @@ def test_validation_loss_is_the_cross_entropy_per_target_token(caption_run):
   total = tokens = 0.0
   for batch in data.make_eval_iterator(eval_input, batch_size=16):
     batch = {k: v for k, v in batch.items() if k not in transforms.HOST_FIELDS}
-    logits = np.asarray(jitted_apply(model, variables, batch)["logits"], np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(log_probs, batch["decoder_target_ids"][..., None], -1)[..., 0]
-    weights = batch["decoder_loss_mask"] * batch["example_weight"][:, None]
-    total, tokens = total + (nll * weights).sum(), tokens + weights.sum()
+    batch_sum, batch_tokens = token_nll_sums(jitted_apply(model, variables, batch)["logits"], batch)
+    total, tokens = total + batch_sum, tokens + batch_tokens
   assert tokens > 32 * 5
   assert final["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
 
@@ -611,13 +607,10 @@ def coco_captions_example(rng: np.random.Generator, index: int) -> dict:
 
 
 @pytest.fixture
-def mock_coco_captions(monkeypatch):
-  """TFDS `coco_captions` with no data and no TensorFlow: the real builder (its feature spec;
-  its one TensorFlow dtype given as numpy's), the Karpathy splits of 24 examples each, and
-  `tfds.testing.mock_data` serving `coco_captions_example`s as its data source."""
-  from tensorflow_datasets.object_detection import coco  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.setattr(coco, "tf", types.SimpleNamespace(int64=np.int64))
+def mock_coco_captions(coco_without_tensorflow, monkeypatch):
+  """TFDS `coco_captions` with no data and no TensorFlow: the real builder (its feature
+  spec), the Karpathy splits of 24 examples each, and `tfds.testing.mock_data` serving
+  `coco_captions_example`s as its data source."""
   splits = tfds.core.SplitDict(
     [
       tfds.core.SplitInfo(

