@@ -34,7 +34,7 @@ weight_decay=0.05 at lr=1e-4 is wd=5e-6 here).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import re
 from typing import Any
 
@@ -65,14 +65,17 @@ CONFIG_KEYS = dict(
   grad_clip_norm=float,
 )
 
-# New layers (fusion, head) always train in the parameter-efficient presets: they start random.
-_NEW_LAYERS = "(fusion|head)/.*"
+# A model's new layers: params no checkpoint gives, so they start random. A preset with
+# `trainable` rules (bitfit, lora) always trains them too. The trainer passes the model's own
+# list (`train_state.ParamLayout.new_layers`: e.g. a captioning model's projections and
+# decoder cross-attention, a tower's `dont_load`); this is a fused model's.
+NEW_LAYERS = ("fusion/.*", "head/.*")
 PRESETS: dict[str, dict[str, list[str]]] = {
   "full": {},
   "lit": dict(frozen=["image_encoder/.*"]),  # locked image, tuned text
   "linear_probe": dict(frozen=[".*_encoder/.*"]),  # every encoder locked
-  "bitfit": dict(trainable=[".*/bias", _NEW_LAYERS]),  # biases + new layers
-  "lora": dict(trainable=[lora.TRAINABLE, _NEW_LAYERS]),  # LoRA A/B + new layers
+  "bitfit": dict(trainable=[".*/bias"]),  # biases + new layers
+  "lora": dict(trainable=[lora.TRAINABLE]),  # LoRA A/B + new layers
 }
 
 # optax scalings by config name; anything else resolves to optax.scale_by_<name>.
@@ -114,13 +117,21 @@ def _unfreeze_phases(cfg: Mapping[str, Any]) -> list[tuple[int, list[str]]]:
   return phases
 
 
-def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any:
+def freeze_mask(
+  params: Any,
+  optim_cfg: Mapping[str, Any],
+  step: int = 0,
+  *,
+  new_layers: Sequence[str] = NEW_LAYERS,
+) -> Any:
   """Bool tree, True where a param is frozen for the update at `step` (0-based).
 
   Frozen = matched by `frozen` (config + preset), or not matched by `trainable`
-  when that is given; then every `unfreeze` entry with `entry_step <= step`
-  makes its matches trainable again. LoRA's constant `lora_scale` is always
-  frozen. Every rule must match some param (a typo raises `rules.RuleError`).
+  when that is given (a preset's `trainable` also keeps `new_layers`, the
+  model's randomly initialized layers, trainable); then every `unfreeze` entry
+  with `entry_step <= step` makes its matches trainable again. LoRA's constant
+  `lora_scale` is always frozen. Every config and preset rule must match some
+  param (a typo raises `rules.RuleError`); `new_layers` need not.
   """
   config_keys.check_keys(optim_cfg, CONFIG_KEYS, "config.optim")
   preset = _preset(optim_cfg)
@@ -134,13 +145,17 @@ def freeze_mask(params: Any, optim_cfg: Mapping[str, Any], step: int = 0) -> Any
   ):
     for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
       frozen[path] |= hit
-  for rule_list, what in (
-    (preset.get("trainable", []), f"config.optim.preset={name!r}{hint}"),
-    (_as_list(optim_cfg.get("trainable")), "config.optim.trainable"),
-  ):
-    if rule_list:
-      for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
-        frozen[path] |= not hit
+  if preset.get("trainable"):
+    hits = rules.assign(
+      flat, preset["trainable"], default=False, what=f"config.optim.preset={name!r}{hint}"
+    )
+    new = rules.assign(flat, list(new_layers), default=False, require_match=False)
+    frozen = {path: f or not (hits[path] or new[path]) for path, f in frozen.items()}
+  if optim_cfg.get("trainable"):
+    hits = rules.assign(
+      flat, _as_list(optim_cfg["trainable"]), default=False, what="config.optim.trainable"
+    )
+    frozen = {path: f or not hits[path] for path, f in frozen.items()}
   for i, (at, rule_list) in enumerate(_unfreeze_phases(optim_cfg)):
     hits = rules.assign(flat, rule_list, default=False, what=f"config.optim.unfreeze[{i}]")
     if at <= step:
@@ -281,14 +296,14 @@ def _scale_and_decay(lr: Any, wd: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _labels(params: Any, optim_cfg: Mapping[str, Any], step: int) -> Any:
+def _labels(params: Any, optim_cfg: Mapping[str, Any], step: int, new_layers: Sequence[str]) -> Any:
   """Per param: "frozen", "trainable" (from step 0) or "unfrozen_at_<b>" (phase boundary b).
 
   Each group gets its own optimizer state, so Adam's bias correction restarts
   for params unfrozen later instead of inflating their first updates.
   """
   starts = [0] + [b for b in phase_boundaries(optim_cfg) if b <= step]
-  masks = [rules.flatten(freeze_mask(params, optim_cfg, b)) for b in starts]
+  masks = [rules.flatten(freeze_mask(params, optim_cfg, b, new_layers=new_layers)) for b in starts]
   labels = []
   for path in masks[0]:
     first = next((b for b, mask in zip(starts, masks) if not mask[path]), None)
@@ -299,9 +314,14 @@ def _labels(params: Any, optim_cfg: Mapping[str, Any], step: int) -> Any:
 
 
 def make(
-  optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int, step: int = 0
+  optim_cfg: Mapping[str, Any],
+  params: Any,
+  *,
+  total_steps: int,
+  step: int = 0,
+  new_layers: Sequence[str] = NEW_LAYERS,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns `(tx, lr_fn)` for the trainable set at `step`.
+  """Returns `(tx, lr_fn)` for the trainable set at `step` (`freeze_mask`'s).
 
   `tx` updates the full params tree (frozen leaves: zero update, no state);
   `lr_fn(step)` is the base LR (`lr * schedule`) for logging. `params` may be
@@ -310,15 +330,20 @@ def make(
   from a checkpoint) continues it.
   """
   sched = schedule(optim_cfg.get("schedule"), total_steps)
-  return _build(optim_cfg, params, step, sched), lambda s: float(optim_cfg["lr"]) * sched(s)
+  tx = _build(optim_cfg, params, step, sched, new_layers)
+  return tx, lambda s: float(optim_cfg["lr"]) * sched(s)
 
 
 def _build(
-  optim_cfg: Mapping[str, Any], params: Any, step: int, sched: optax.Schedule
+  optim_cfg: Mapping[str, Any],
+  params: Any,
+  step: int,
+  sched: optax.Schedule,
+  new_layers: Sequence[str],
 ) -> optax.GradientTransformation:
   if "lr" not in optim_cfg:
     raise ValueError("config.optim.lr is missing: set the peak learning rate, e.g. 1e-3.")
-  labels = _labels(params, optim_cfg, step)
+  labels = _labels(params, optim_cfg, step, new_layers)
   groups = sorted(set(jax.tree.leaves(labels)) - {"frozen"})
   if not groups:
     raise ValueError(
@@ -399,17 +424,22 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
 
 def summary(
-  params: Any, optim_cfg: Mapping[str, Any], opt_state: Any = None, *, step: int = 0
+  params: Any,
+  optim_cfg: Mapping[str, Any],
+  opt_state: Any = None,
+  *,
+  step: int = 0,
+  new_layers: Sequence[str] = NEW_LAYERS,
 ) -> str:
   """Table of trainable/frozen params (count, bytes) and LR mult range per tower.
 
   Towers are first path segments. Optimizer-state bytes come from `opt_state`,
   else from `jax.eval_shape` of a fresh state (nothing is allocated).
   """
-  mask = rules.flatten(freeze_mask(params, optim_cfg, step))
+  mask = rules.flatten(freeze_mask(params, optim_cfg, step, new_layers=new_layers))
   mults = rules.flatten(lr_mults(params, optim_cfg))
   if opt_state is None:
-    tx = _build(optim_cfg, params, step, optax.constant_schedule(1.0))
+    tx = _build(optim_cfg, params, step, optax.constant_schedule(1.0), new_layers)
     opt_state = jax.eval_shape(tx.init, params)
   rows: dict[str, list[Any]] = {}
   for path, leaf in rules.flatten(params).items():

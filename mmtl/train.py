@@ -277,7 +277,7 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
 
   def activations(step: int) -> int:
     phase = build_phase(step)
-    mask = optim.freeze_mask(layout.shapes, config.optim, phase.start)
+    mask = optim.freeze_mask(layout.shapes, config.optim, phase.start, new_layers=layout.new_layers)
     return train_step.activation_bytes(
       objective_for(mask),
       mask,
@@ -428,7 +428,13 @@ def _train_loop(
   phase = build_phase(max(resume_step - 1, 0))
   first_step = int(jax.device_get(state["step"]))
   note(
-    optim.summary(layout.shapes, config.optim, phase.state_shapes["opt_state"], step=phase.start)
+    optim.summary(
+      layout.shapes,
+      config.optim,
+      phase.state_shapes["opt_state"],
+      step=phase.start,
+      new_layers=layout.new_layers,
+    )
   )
   note(
     memory.format_memory(
@@ -470,7 +476,7 @@ def _train_loop(
           phase = build_phase(step)
           note(
             f"Step {step}: gradual unfreezing, new trainable set:\n"
-            + optim.summary(layout.shapes, config.optim, step=step)
+            + optim.summary(layout.shapes, config.optim, step=step, new_layers=layout.new_layers)
           )
           state["opt_state"] = jax.jit(
             functools.partial(optim.migrate_state, new_tx=phase.tx),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import checkpoint, hf, lora, rules, sharding
+from mmtl import checkpoint, hf, lora, optim, rules, sharding
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 from mmtl.modalities import MODALITIES
@@ -38,12 +38,13 @@ from mmtl.models import fusion
 @dataclasses.dataclass(frozen=True)
 class ParamLayout:
   """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included,
-  and of its BatchNorm statistics ({} without BatchNorm)."""
+  of its BatchNorm statistics ({} without BatchNorm), and its `new_layers` (`new_layers`)."""
 
   shapes: Any
   shardings: Any
   batch_stats: Any = dataclasses.field(default_factory=dict)
   batch_stats_shardings: Any = dataclasses.field(default_factory=dict)
+  new_layers: tuple[str, ...] = optim.NEW_LAYERS
 
   def variables(self, of: str = "shapes") -> dict[str, Any]:
     """{"params": ..., "batch_stats": ...} of the shapes (`of="shapes"`) or shardings."""
@@ -86,7 +87,29 @@ def param_layout(
     sharding.param_shardings(mesh, shapes, config.sharding_rules),
     stats,
     jax.tree.map(lambda _: sharding.replicated(mesh), stats),
+    new_layers(model, config.model_init),
   )
+
+
+def new_layers(model: fusion.FusionModel, model_init: Mapping[str, Any]) -> tuple[str, ...]:
+  """Regexes of the params that start random: the model's own (`FusionModel.new_layers`),
+  towers (and a decoder) that `model_init` gives no checkpoint, and each checkpoint's
+  `dont_load`. mmtl.optim's parameter-efficient presets (bitfit, lora) train them in full."""
+  specs = {
+    subtree: dict(name=spec) if isinstance(spec, str) else dict(spec)
+    for subtree, spec in model_init.items()
+  }
+  subtrees = [f"{m}_encoder" for m in model.modalities]
+  if getattr(model, "decoder", None) is not None:
+    subtrees.append("decoder")
+  scratch = [f"{s}/.*" for s in subtrees if not specs.get(s, {}).get("name")]
+  skipped = [
+    f"{subtree}/{rule}"
+    for subtree, spec in specs.items()
+    if spec.get("name")
+    for rule in spec.get("dont_load") or ()
+  ]
+  return (*model.new_layers, *scratch, *skipped)
 
 
 def _subtree(tree: Any, like: Any) -> Any:

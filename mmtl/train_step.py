@@ -314,9 +314,13 @@ def make_phase(
   sharded over ("data", "fsdp"); mmtl.bench times exactly this function's step.
   """
   start = phase_start(step, optim.phase_boundaries(config.optim))
-  mask = optim.freeze_mask(layout.shapes, config.optim, start)
+  mask = optim.freeze_mask(layout.shapes, config.optim, start, new_layers=layout.new_layers)
   tx, lr_fn = optim.make(
-    config.optim, layout.shapes, total_steps=int(config.total_steps), step=start
+    config.optim,
+    layout.shapes,
+    total_steps=int(config.total_steps),
+    step=start,
+    new_layers=layout.new_layers,
   )
   state_shapes = {
     "step": jax.ShapeDtypeStruct((), jnp.int32),

@@ -36,8 +36,10 @@ from mmtl import (
   checkpoint,
   data,
   evaluate,
+  export,
   generate,
   hf,
+  lora,
   metrics,
   process,
   rules,
@@ -495,6 +497,86 @@ def test_cross_attention_only_preset_trains_only_cross_attention(
   assert len(trained) == 2 * 4 + 1
   for p in trained:
     assert not np.allclose(after[p], warm_start[p]), p
+
+
+@pytest.mark.slow
+def test_lora_preset_trains_adapters_and_new_layers_and_exports_merged(
+  warm_start, tiny_bert_dir, data_dir, tmp_path
+):
+  """preset='lora' on a captioning model: LoRA on the decoder's self-attention, and the
+  layers that start random (the scratch ViT, projections, cross-attention, the dont_load
+  LM head) train in full; every checkpoint weight stays bit-identical; the exported decoder
+  (LoRA merged) loads in transformers and computes what the run's decoder computes."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  targets = [r"decoder/.*/attn/(query|value)/kernel"]
+  config = caption_config(
+    tiny_bert_dir,
+    data_dir,
+    total_steps=3,
+    evals={},
+    optim=dict(
+      name="adam",
+      lr=3e-3,
+      schedule=dict(decay="constant"),
+      preset="lora",
+      lora=dict(targets=targets, rank=2, alpha=4),
+    ),
+  )
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    train.train(config, str(tmp_path / "run"))
+  after = final_params(tmp_path / "run")
+  # The run's initial params: warm_start's values, plus the LoRA leaves.
+  full = config_lib.with_defaults(config)
+  model = fusion.build(full.model)
+  layout = train_state.param_layout(model, full, sharding.make_mesh(full.mesh))
+  init = train_state.init_variables(model, full, layout, note=lambda _: None)["params"]
+  init = rules.flatten(jax.device_get(init))
+  adapters = sorted(set(init) - set(warm_start))
+  assert len(adapters) == 2 * 2 * 3 and all("/lora_" in p for p in adapters)
+  assert set(after) == set(init)
+  # New: the ViT (no checkpoint), the projections, cross-attention, the dont_load LM head.
+  assert layout.new_layers == (
+    "enc_to_dec_proj/.*",
+    "decoder/.*/cross_attn(_norm)?/.*",
+    "image_encoder/.*",
+    "decoder/lm_head/.*",
+  )
+  new = r"(image_encoder|enc_to_dec_proj)/.*|decoder/(.*/cross_attn(_norm)?|lm_head)/.*"
+  trained = [
+    p
+    for p in init
+    if re.fullmatch(new + r"|.*/lora_(a|b)", p) and "/pooler/" not in p  # no gradient: unused
+  ]
+  assert len(trained) > 40
+  for p, before in init.items():
+    if p in trained:
+      assert not np.allclose(after[p], before), p
+    else:  # the decoder checkpoint's weights, lora_scale, the unused pooler
+      np.testing.assert_array_equal(after[p], before, err_msg=p)
+      if p in warm_start:
+        np.testing.assert_array_equal(after[p], warm_start[p], err_msg=p)
+  assert any("preset=lora" in line for line in printed.getvalue().splitlines())
+
+  out = export.export_tower(str(tmp_path / "run"), "decoder", tmp_path / "decoder")
+  torch_model = transformers.BertLMHeadModel.from_pretrained(out).eval()
+  merged = lora.merge(rules.unflatten(after))["decoder"]
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, model.vocab_size, (2, 6))
+  states = rng.normal(size=(2, 4, model.decoder.hidden_size)).astype(np.float32)
+  ours = model.decoder.apply({"params": merged}, ids, encoder_hidden_states=states)["logits"]
+  base = model.decoder.apply(
+    {"params": rules.unflatten({p: x for p, x in after.items() if "lora_" not in p})["decoder"]},
+    ids,
+    encoder_hidden_states=states,
+  )["logits"]
+  assert not np.allclose(ours, base, atol=1e-4)  # the adapters matter
+  with torch.no_grad():
+    ref = torch_model(
+      input_ids=torch.tensor(ids), encoder_hidden_states=torch.tensor(states)
+    ).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
 
 
 # --- Prefix conditioning ------------------------------------------------------------------

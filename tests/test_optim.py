@@ -317,6 +317,26 @@ def test_presets(preset, trainable):
     assert frozen != rules.matches(trainable, path), path
 
 
+def test_a_preset_trains_the_new_layers_it_is_given():
+  """A preset with `trainable` rules keeps the model's new layers trainable (the trainer's
+  `ParamLayout.new_layers`) with their optimizer state; new layers that match nothing are
+  no error, and they do not loosen `frozen` or the config's own `trainable`."""
+  _, params, _ = setup_model()
+  new = ("text_encoder/encoder/layer_1/.*", "decoder/.*")  # the second matches nothing here
+  cfg = dict(lr=0.1, preset="bitfit")
+  mask = rules.flatten(optim.freeze_mask(params, cfg, new_layers=new))
+  for path, frozen in mask.items():
+    assert frozen != rules.matches(r".*/bias|text_encoder/encoder/layer_1/.*", path), path
+  tx, _ = optim.make(cfg, params, total_steps=10, new_layers=new)
+  moments = [p for p in rules.flatten(tx.init(params)) if "/mu/" in p]
+  assert len(moments) == sum(not f for f in mask.values())
+  assert any("text_encoder/encoder/layer_1/attn/query/kernel" in p for p in moments)
+  assert "\ntext_encoder " in optim.summary(params, cfg, new_layers=new)
+  for extra in (dict(frozen=["text_encoder/.*"]), dict(trainable=[".*/bias"])):
+    mask = rules.flatten(optim.freeze_mask(params, dict(cfg, **extra), new_layers=new))
+    assert mask["text_encoder/encoder/layer_1/attn/query/kernel"], extra
+
+
 def test_rules_that_match_nothing_are_errors():
   _, params, _ = setup_model()
   cases = [

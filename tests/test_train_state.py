@@ -161,3 +161,25 @@ def test_lora_leaves_and_optimizer_state_are_sharded(tiny_vit_dir, tiny_bert_dir
   state = train_state.init_state(variables, tx, shardings)
   assert int(state["step"]) == 0
   assert jax.tree.map(lambda x: x.sharding, state["opt_state"]) == shardings["opt_state"]
+
+
+def test_new_layers_are_what_no_checkpoint_gives(setup, tiny_bert_dir):
+  """The layout's new layers (trained in full by the bitfit and lora presets): the fusion
+  and head, a tower without a checkpoint, and a checkpoint's dont_load."""
+  _, _, model, layout, _ = setup
+  assert layout.new_layers == ("fusion/.*", "head/.*")
+  model_init = dict(
+    image_encoder="", text_encoder=dict(name=tiny_bert_dir, dont_load=["pooler/.*"])
+  )
+  assert train_state.new_layers(model, model_init) == (
+    "fusion/.*",
+    "head/.*",
+    "image_encoder/.*",
+    "text_encoder/pooler/.*",
+  )
+  assert train_state.new_layers(model, {}) == (
+    "fusion/.*",
+    "head/.*",
+    "image_encoder/.*",
+    "text_encoder/.*",
+  )

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmtl import config_keys, heads, modalities
+from mmtl import config_keys, heads, modalities, optim
 from mmtl.modalities import MODALITIES
 from mmtl.models.encoder import Encoder
 
@@ -494,6 +494,12 @@ class FusionModel(nn.Module):
     super().__post_init__()
 
   @property
+  def new_layers(self) -> tuple[str, ...]:
+    """Regexes of the params no tower checkpoint gives (they start random), which
+    mmtl.optim's parameter-efficient presets always train: the fusion and the head."""
+    return optim.NEW_LAYERS
+
+  @property
   def modalities(self) -> tuple[str, ...]:
     """The modalities with a tower, in registry order."""
     return tuple(m for m in MODALITIES if m in self.towers)
@@ -697,6 +703,14 @@ class CaptioningModel(FusionModel):
         "config.model.conditioning='prefix'."
       )
     super().__post_init__()
+
+  @property
+  def new_layers(self) -> tuple[str, ...]:
+    """The projections to the decoder, and with cross-attention conditioning the decoder's
+    cross-attention: new to an encoder checkpoint, and reading new projections' tokens
+    when a decoder checkpoint has it."""
+    cross = ("decoder/.*/cross_attn(_norm)?/.*",) if self.conditioning == "cross_attention" else ()
+    return ("enc_to_dec_proj/.*", *cross)
 
   @property
   def vocab_size(self) -> int:
