@@ -434,9 +434,12 @@ class Captioning(Evaluator):
     return text_metrics.caption_scores(predictions, references)
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    token_loss = functools.partial(self.context.predict_fns["token_loss"], variables)
+    loss_sums = []  # (sum, tokens) per batch, fetched once at the end
     predictions, references = self.context.generate_texts(
       predict,
       self.cfg,
+      each_batch=lambda batch: loss_sums.append(token_loss(batch)),
       num_beams=int(self.option("num_beams")),
       max_new_tokens=int(self.option("max_new_tokens")),
       length_penalty=float(self.option("length_penalty")),
@@ -450,18 +453,10 @@ class Captioning(Evaluator):
         len(predictions),
       )
     self._write(caption_rows(predictions, references))
-    return {**self.score(predictions, references), "loss": self.token_loss(variables)}
-
-  def token_loss(self, variables: Any) -> float:
-    """Teacher-forced cross-entropy per target token over the split, on each example's
-    `input.eval_text` reference (the loss transformers' captioning examples report)."""
-    total = tokens = 0.0
-    for batch in self.batches():
-      batch_sum, batch_tokens = jax.device_get(
-        self.context.predict_fns["token_loss"](variables, batch)
-      )
-      total, tokens = total + float(batch_sum), tokens + float(batch_tokens)
-    return total / max(tokens, 1.0)
+    # The teacher-forced cross-entropy per target token, on each example's
+    # `input.eval_text` reference (the loss transformers' captioning examples report).
+    total, tokens = np.sum(np.asarray(jax.device_get(loss_sums), np.float64), axis=0)
+    return {**self.score(predictions, references), "loss": float(total / max(tokens, 1.0))}
 
   def _write(self, rows: list[dict[str, Any]]) -> None:
     if self.workdir is None or not self.context.is_main:
@@ -555,17 +550,21 @@ def make_generate_texts(
   mesh: jax.sharding.Mesh,
   host_batches: Callable[[Mapping[str, Any]], Iterable[Mapping[str, Any]]],
 ) -> Callable[..., tuple[list[str], list[list[str]]]]:
-  """`generate_texts(generate, eval_cfg, **generate kwargs)`: (generated texts, their
-  references) over the eval input, every process's examples, padding rows dropped;
-  `generate(batch, **kw)` is a head's "generate" predict function, variables bound."""
+  """`generate_texts(generate, eval_cfg, *, each_batch=None, **generate kwargs)`: (generated
+  texts, their references) over the eval input, every process's examples, padding rows
+  dropped; `generate(batch, **kw)` is a head's "generate" predict function, variables
+  bound. `each_batch(batch)`, if given, also sees every whole batch on the devices
+  (teacher-forcing fields included), so one read of the split serves both."""
   from mmtl.data import transforms  # pylint: disable=g-import-not-at-top
 
-  def generate_texts(generate, eval_cfg, *, max_new_tokens=0, **kw):
+  def generate_texts(generate, eval_cfg, *, each_batch=None, max_new_tokens=0, **kw):
     input_cfg = data.input_config({**config.input.to_dict(), **dict(eval_cfg.get("input", {}))})
     target = transforms.TargetTokens.from_config(input_cfg.target)
     predictions, references = [], []
     for host in host_batches(eval_cfg):
       host = dict(host)
+      if each_batch is not None:
+        each_batch(device.put_batch(host, mesh))
       refs = host.pop("target_texts")
       real = np.asarray(host["example_weight"]) > 0
       inputs = {k: v for k, v in host.items() if not k.startswith("decoder_")}

@@ -324,12 +324,18 @@ def test_validation_loss_is_the_cross_entropy_per_target_token(caption_run):
 
 
 @pytest.mark.slow
-def test_evaluate_reproduces_captioning_metrics(caption_run):
+def test_evaluate_reproduces_captioning_metrics(caption_run, monkeypatch):
   workdir, final, _ = caption_run
   captions = workdir / f"captions_step{STEPS}-val.jsonl"
   before = captions.read_text()
   config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  reads = []  # each opening of an eval split
+  make_eval_iterator = data.make_eval_iterator
+  monkeypatch.setattr(
+    data, "make_eval_iterator", lambda *a, **k: reads.append(1) or make_eval_iterator(*a, **k)
+  )
   again = evaluate.evaluate(config, str(workdir))
+  assert len(reads) == 1  # one pass gives the captions and the loss
   assert set(again) == {f"val/{m}" for m in CAPTION_METRICS}
   assert again == pytest.approx({k: v for k, v in final.items() if k != "step"})
   assert captions.read_text() == before  # rewritten with the same greedy captions

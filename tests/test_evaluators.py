@@ -203,9 +203,19 @@ def _fake_text_embedder(tokenizer, max_len):
   return lambda params, texts: np.stack([np.eye(4)[len(t) % 4] for t in texts])
 
 
-def _fake_generate_texts(generate, cfg, **generate_kw):
-  """What a captioning model would generate for two examples, and their references."""
-  return ["a red circle", "yes"], [["a red circle", "one red circle"], ["yes", "no"]]
+def _fake_generate_texts(
+  predictions=("a red circle", "yes"),
+  references=(("a red circle", "one red circle"), ("yes", "no")),
+):
+  """A context's `generate_texts`: what a captioning model would generate, with references,
+  after handing each of `_BATCHES` to `each_batch` as the real one does."""
+
+  def generate_texts(generate, cfg, *, each_batch=None, **generate_kw):
+    for batch in _BATCHES if each_batch else ():
+      each_batch(batch)
+    return list(predictions), [list(r) for r in references]
+
+  return generate_texts
 
 
 def _kind_context(kind_cls):
@@ -213,7 +223,7 @@ def _kind_context(kind_cls):
     _BATCHES,
     head_type=kind_cls.HEAD or "classification",
     text_embedder=_fake_text_embedder,
-    generate_texts=_fake_generate_texts,
+    generate_texts=_fake_generate_texts(),
   )
 
 
@@ -513,7 +523,7 @@ def test_captioning_writes_rows_and_warns_about_empty_texts(tmp_path, caplog):
   texts are scored (0 for BLEU) and counted in one warning line."""
   context = dataclasses.replace(
     _kind_context(ev.Captioning),
-    generate_texts=lambda generate, cfg, **kw: (["", "a red circle"], [["a cat"], ["x"]]),
+    generate_texts=_fake_generate_texts(["", "a red circle"], [["a cat"], ["x"]]),
   )
   e = ev.make("val", {"type": "captioning"}, context)
   with caplog.at_level(logging.WARNING):
