@@ -36,8 +36,8 @@ from mmtl import rules as rules_lib
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
-_ATTN_IN = r".*/attn/(query|key|value)"
-_ATTN_OUT = r".*/attn/out"
+_ATTN_IN = r".*/(cross_)?attn/(query|key|value)"  # a decoder's cross-attention too
+_ATTN_OUT = r".*/(cross_)?attn/out"
 _MLP_IN = r".*/mlp/fc1"
 _MLP_OUT = r".*/mlp/fc2"
 

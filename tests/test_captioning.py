@@ -107,6 +107,10 @@ def final_params(workdir):
   return rules.flatten(jax.device_get(checkpoint.restore_variables(ckpts)["params"]))
 
 
+def train_losses(workdir):
+  return metrics.read(str(workdir))["train/loss"]
+
+
 def read_jsonl(file):
   return [json.loads(line) for line in file.read_text().splitlines()]
 
@@ -583,6 +587,40 @@ def test_lora_preset_trains_adapters_and_new_layers_and_exports_merged(
       input_ids=torch.tensor(ids), encoder_hidden_states=torch.tensor(states)
     ).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sharded_captioning_matches_data_parallel(tiny_bert_dir, data_dir, tmp_path):
+  """The captioning model under FSDP + Megatron tensor parallelism (data=2, fsdp=2,
+  model=2): the decoder's self- and cross-attention kernels are split over `model` (its
+  odd-sized MLP falls back to fsdp), and the run's losses and params are the
+  data-parallel run's."""
+  runs = {}
+  for name, mesh, rule_set in (
+    ("dp", dict(data=8), "replicate"),
+    ("tp", dict(data=2, fsdp=2, model=2), "fsdp_tp"),
+  ):
+    config = caption_config(
+      tiny_bert_dir, data_dir, total_steps=3, evals={}, mesh=mesh, sharding_rules=rule_set
+    )
+    train.train(config, str(tmp_path / name))
+    runs[name] = (train_losses(tmp_path / name), final_params(tmp_path / name))
+  config = config_lib.with_defaults(config)
+  layout = train_state.param_layout(
+    fusion.build(config.model), config, sharding.make_mesh(config.mesh)
+  )
+  specs = {p: s.spec for p, s in rules.flatten(layout.shardings).items()}
+  layer = "decoder/decoder/layer_0"
+  assert specs[f"{layer}/cross_attn/query/kernel"] == jax.sharding.PartitionSpec("fsdp", "model")
+  assert specs[f"{layer}/cross_attn/out/kernel"] == jax.sharding.PartitionSpec("model", "fsdp")
+  assert specs[f"{layer}/attn/value/kernel"] == jax.sharding.PartitionSpec("fsdp", "model")
+  assert specs[f"{layer}/attn/out/kernel"] == jax.sharding.PartitionSpec("model", "fsdp")
+  (dp_losses, dp_params), (tp_losses, tp_params) = runs["dp"], runs["tp"]
+  assert sorted(dp_losses) == sorted(tp_losses) == [1, 2, 3]
+  np.testing.assert_allclose(list(tp_losses.values()), list(dp_losses.values()), rtol=1e-5)
+  for p, x in dp_params.items():
+    if not p.endswith("/key/bias"):  # its exact gradient is 0: Adam scales up rounding noise
+      np.testing.assert_allclose(tp_params[p], x, rtol=1e-4, atol=1e-6, err_msg=p)
 
 
 # --- Prefix conditioning ------------------------------------------------------------------
