@@ -55,7 +55,7 @@ from mmtl.models import fusion
 from tests.hf_fixtures import export_and_reload
 from tests.test_accumulation import token_nll_sums
 from tests.test_models_parity import jitted_apply
-from tests.test_train import TINY_VIT
+from tests.test_train import TINY_VIT, Preempted, patch_train_batches
 
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "sacrebleu", "loss")
 # configs/captioning.py's train_only=cross_attention + a frozen image tower.
@@ -621,6 +621,35 @@ def test_sharded_captioning_matches_data_parallel(tiny_bert_dir, data_dir, tmp_p
   for p, x in dp_params.items():
     if not p.endswith("/key/bias"):  # its exact gradient is 0: Adam scales up rounding noise
       np.testing.assert_allclose(tp_params[p], x, rtol=1e-4, atol=1e-6, err_msg=p)
+
+
+@pytest.mark.slow
+def test_an_interrupted_captioning_run_resumes_bit_for_bit(
+  tiny_bert_dir, data_dir, tmp_path, monkeypatch
+):
+  """Killed after its step-2 checkpoint, the same command resumes: the same losses and
+  final params as the run that was never stopped (the random reference each example
+  trains on is drawn again the same way)."""
+  config = caption_config(tiny_bert_dir, data_dir, total_steps=4, ckpt_every=2, evals={})
+  train.train(config, str(tmp_path / "whole"))
+
+  def dies_at_step_3(n, batch):  # n = 1 is the shape probe; 2 batches are prefetched
+    if n == 1 + 5:
+      raise Preempted()
+    return batch
+
+  real = patch_train_batches(monkeypatch, dies_at_step_3)
+  with pytest.raises(Preempted):
+    train.train(config, str(tmp_path / "resumed"))
+  assert sorted(train_losses(tmp_path / "resumed")) == [1, 2]
+  assert checkpoint.saved_steps(str(tmp_path / "resumed" / "checkpoints")) == [2]
+  monkeypatch.setattr(data, "make_train_iterator", real)
+  train.train(config, str(tmp_path / "resumed"))
+  assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "whole")
+  whole, resumed = final_params(tmp_path / "whole"), final_params(tmp_path / "resumed")
+  assert set(whole) == set(resumed)
+  for p, x in whole.items():
+    np.testing.assert_array_equal(resumed[p], x, err_msg=p)
 
 
 # --- Prefix conditioning ------------------------------------------------------------------
