@@ -97,16 +97,40 @@ def test_unweighted_accumulation_still_matches():
       np.testing.assert_allclose(out[k][0][name], out[1][0][name], rtol=1e-5, atol=1e-6)
 
 
-def token_nll_sums(logits: np.ndarray, batch: dict) -> tuple[float, float]:
+def token_nll_sums(
+  logits: np.ndarray, batch: dict, label_smoothing: float = 0.0
+) -> tuple[float, float]:
   """The captioning loss recomputed in numpy (float64) as (sum, weight): the next-token
-  negative log-likelihood of `decoder_target_ids`, weighted by `decoder_loss_mask` times
-  each row's `example_weight`."""
+  negative log-likelihood of `decoder_target_ids` (with label smoothing e: (1 - e) times it
+  plus e times the mean over the vocabulary of -log p), weighted by `decoder_loss_mask`
+  times each row's `example_weight`."""
   logits = np.asarray(logits, np.float64)
   shifted = logits - logits.max(-1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   nll = -np.take_along_axis(log_probs, batch["decoder_target_ids"][..., None], -1)[..., 0]
+  nll = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)
   weights = batch["decoder_loss_mask"] * batch["example_weight"][:, None]
   return float((nll * weights).sum()), float(weights.sum())
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_captioning_loss_masks_padding_and_prompt_and_smooths_labels(label_smoothing):
+  """The captioning head's loss (config.loss.label_smoothing): the oracle's per-token mean,
+  over the target tokens of the real rows only."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+  batch = {
+    "decoder_target_ids": rng.integers(0, 7, (3, 5)).astype(np.int32),
+    # row 0: a prompt token and padding masked out; row 2 is a padding row
+    "decoder_loss_mask": np.array([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], np.int32),
+    "example_weight": np.array([1.0, 1.0, 0.0], np.float32),
+  }
+  loss_sum, weight = heads.get("captioning").loss(
+    {"logits": jnp.asarray(logits)}, batch, {"label_smoothing": label_smoothing}
+  )
+  total, tokens = token_nll_sums(logits, batch, label_smoothing)
+  assert float(weight) == tokens == 7
+  assert float(loss_sum) == pytest.approx(total, rel=1e-6)
 
 
 def test_captioning_loss_is_the_full_batch_mean_over_tokens_under_accumulation():
