@@ -111,6 +111,28 @@ def train_losses(workdir):
   return metrics.read(str(workdir))["train/loss"]
 
 
+def decoder_inputs(model):
+  """Token ids (2, 6) and encoder states (2, 4, width) for the decoder of `model`."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, model.vocab_size, (2, 6))
+  return ids, rng.normal(size=(2, 4, model.decoder.hidden_size)).astype(np.float32)
+
+
+def assert_same_decoder_logits(model, params, torch_model):
+  """The decoder of `model` with `params` and the transformers `torch_model` give the same
+  logits on `decoder_inputs`; returns ours."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  ids, states = decoder_inputs(model)
+  ours = model.decoder.apply({"params": params}, ids, encoder_hidden_states=states)["logits"]
+  with torch.no_grad():
+    ref = torch_model(
+      input_ids=torch.tensor(ids), encoder_hidden_states=torch.tensor(states)
+    ).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
+  return np.asarray(ours)
+
+
 def read_jsonl(file):
   return [json.loads(line) for line in file.read_text().splitlines()]
 
@@ -392,7 +414,6 @@ def test_generate_script_captions_a_split_and_image_files(caption_run, tmp_path)
 def test_fine_tuned_decoder_exports_to_transformers(caption_run, tiny_bert_dir, tmp_path):
   """The trained decoder of a captioning run, cross-attention included, is a folder that
   transformers loads as BertLMHeadModel (no missing or unexpected keys), same logits."""
-  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   workdir, _, _ = caption_run
@@ -407,15 +428,7 @@ def test_fine_tuned_decoder_exports_to_transformers(caption_run, tiny_bert_dir, 
     model.decoder, {"params": params}, tmp_path, transformers.BertLMHeadModel
   )
   assert torch_model.config.is_decoder and torch_model.config.add_cross_attention
-  rng = np.random.default_rng(0)
-  ids = rng.integers(5, model.vocab_size, (2, 6))
-  states = rng.normal(size=(2, 4, model.decoder.hidden_size)).astype(np.float32)
-  ours = model.decoder.apply({"params": params}, ids, encoder_hidden_states=states)["logits"]
-  with torch.no_grad():
-    ref = torch_model(
-      input_ids=torch.tensor(ids), encoder_hidden_states=torch.tensor(states)
-    ).logits.numpy()
-  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
+  assert_same_decoder_logits(model, params, torch_model)
 
 
 @pytest.mark.slow
@@ -517,7 +530,6 @@ def test_lora_preset_trains_adapters_and_new_layers_and_exports_merged(
   layers that start random (the scratch ViT, projections, cross-attention, the dont_load
   LM head) train in full; every checkpoint weight stays bit-identical; the exported decoder
   (LoRA merged) loads in transformers and computes what the run's decoder computes."""
-  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   targets = [r"decoder/.*/attn/(query|value)/kernel"]
@@ -572,21 +584,11 @@ def test_lora_preset_trains_adapters_and_new_layers_and_exports_merged(
   out = export.export_tower(str(tmp_path / "run"), "decoder", tmp_path / "decoder")
   torch_model = transformers.BertLMHeadModel.from_pretrained(out).eval()
   merged = lora.merge(rules.unflatten(after))["decoder"]
-  rng = np.random.default_rng(0)
-  ids = rng.integers(5, model.vocab_size, (2, 6))
-  states = rng.normal(size=(2, 4, model.decoder.hidden_size)).astype(np.float32)
-  ours = model.decoder.apply({"params": merged}, ids, encoder_hidden_states=states)["logits"]
-  base = model.decoder.apply(
-    {"params": rules.unflatten({p: x for p, x in after.items() if "lora_" not in p})["decoder"]},
-    ids,
-    encoder_hidden_states=states,
-  )["logits"]
+  ours = assert_same_decoder_logits(model, merged, torch_model)
+  unmerged = rules.unflatten({p: x for p, x in after.items() if "lora_" not in p})["decoder"]
+  ids, states = decoder_inputs(model)
+  base = model.decoder.apply({"params": unmerged}, ids, encoder_hidden_states=states)["logits"]
   assert not np.allclose(ours, base, atol=1e-4)  # the adapters matter
-  with torch.no_grad():
-    ref = torch_model(
-      input_ids=torch.tensor(ids), encoder_hidden_states=torch.tensor(states)
-    ).logits.numpy()
-  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
