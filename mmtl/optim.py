@@ -464,4 +464,6 @@ def summary(
     )
   state_bytes = sum(memory.nbytes(x) for x in jax.tree.leaves(opt_state))
   lines.append(f"optimizer state: {memory.human_bytes(state_bytes)}")
+  if _preset(optim_cfg).get("trainable"):
+    lines.append(f"new layers (the preset trains them in full): {', '.join(new_layers)}")
   return "\n".join(lines)

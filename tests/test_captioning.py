@@ -580,6 +580,10 @@ def test_lora_preset_trains_adapters_and_new_layers_and_exports_merged(
       if p in warm_start:
         np.testing.assert_array_equal(after[p], warm_start[p], err_msg=p)
   assert any("preset=lora" in line for line in printed.getvalue().splitlines())
+  assert (
+    "new layers (the preset trains them in full): enc_to_dec_proj/.*, "
+    "decoder/.*/cross_attn(_norm)?/.*, image_encoder/.*, decoder/lm_head/.*"
+  ) in printed.getvalue().splitlines()
 
   out = export.export_tower(str(tmp_path / "run"), "decoder", tmp_path / "decoder")
   torch_model = transformers.BertLMHeadModel.from_pretrained(out).eval()

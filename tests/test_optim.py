@@ -331,7 +331,12 @@ def test_a_preset_trains_the_new_layers_it_is_given():
   moments = [p for p in rules.flatten(tx.init(params)) if "/mu/" in p]
   assert len(moments) == sum(not f for f in mask.values())
   assert any("text_encoder/encoder/layer_1/attn/query/kernel" in p for p in moments)
-  assert "\ntext_encoder " in optim.summary(params, cfg, new_layers=new)
+  table = optim.summary(params, cfg, new_layers=new)
+  assert "\ntext_encoder " in table
+  assert table.endswith(
+    "\nnew layers (the preset trains them in full): text_encoder/encoder/layer_1/.*, decoder/.*"
+  )
+  assert "new layers" not in optim.summary(params, dict(lr=0.1), new_layers=new)
   for extra in (dict(frozen=["text_encoder/.*"]), dict(trainable=[".*/bias"])):
     mask = rules.flatten(optim.freeze_mask(params, dict(cfg, **extra), new_layers=new))
     assert mask["text_encoder/encoder/layer_1/attn/query/kernel"], extra
