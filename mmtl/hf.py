@@ -356,9 +356,10 @@ def _align_prefix(
 
 
 def _match_names(state: dict[str, Any], module: nn.Module, hf_keys: set[str]) -> dict[str, Any]:
-  """`state` under the names `hf_keys` uses: HF Flax aliases renamed, the encoder's prefix
+  """`state` under the names `hf_keys` uses: the family's `hf_aliases` (regex, replacement:
+  names HF Flax checkpoints or older transformers used) renamed, the encoder's prefix
   stripped or added."""
-  for pattern, replacement in getattr(module, "hf_flax_aliases", ()):
+  for pattern, replacement in getattr(module, "hf_aliases", ()):
     state = {k if k in hf_keys else re.sub(pattern, replacement, k): v for k, v in state.items()}
   return _align_prefix(state, hf_keys, module.hf_base_prefix)
 

@@ -100,6 +100,7 @@ class LayerSpec:
   qkv_bias: bool = True
   dropout: float = 0.0  # on each sublayer's output, before the residual add
   attention_dropout: float = 0.0  # on the attention probabilities
+  activation_dropout: float = 0.0  # inside the MLP, after its activation (wav2vec2)
   attn_output_dropout: bool = True  # False: `dropout` on the MLP's output only (DistilBERT)
   causal: bool = False  # CLIP text
   # Per-channel learned scales `attn_scale`, `mlp_scale` on each sublayer's output, initialized
@@ -255,7 +256,7 @@ class Mlp(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     s = self.spec
     features = 2 * s.mlp_dim if s.gated_mlp else s.mlp_dim
     x = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
@@ -264,6 +265,8 @@ class Mlp(nn.Module):
       x = activation(s.activation)(gate) * up
     else:
       x = activation(s.activation)(x)
+    if s.activation_dropout:
+      x = nn.Dropout(s.activation_dropout)(x, deterministic=deterministic)
     return nn.Dense(s.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
 
@@ -300,7 +303,7 @@ class EncoderLayer(nn.Module):
       x = attn_norm(x)
 
     h = mlp_norm(x) if s.pre_norm else x
-    h = Mlp(s, self.dtype, self.param_dtype, name="mlp")(h)
+    h = Mlp(s, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
     x = x + drop(self._scaled("mlp_scale", h), deterministic=deterministic)
     if not s.pre_norm:
       x = mlp_norm(x)
@@ -320,6 +323,9 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  # LayerDrop (Fan et al. 2019; wav2vec2's `layerdrop`): in training each layer is skipped
+  # with this probability (one draw of the "dropout" rng per layer and step).
+  layerdrop: float = 0.0
 
   def setup(self) -> None:
     check_remat(self.remat)
@@ -341,7 +347,10 @@ class Encoder(nn.Module):
         f"{self.num_layers} layers; need 0 <= start <= stop <= {self.num_layers}."
       )
     for i in range(start, stop):
-      x = getattr(self, f"layer_{i}")(x, mask, deterministic)
+      y = getattr(self, f"layer_{i}")(x, mask, deterministic)
+      if self.layerdrop and not deterministic:
+        y = jnp.where(jax.random.uniform(self.make_rng("dropout")) < self.layerdrop, x, y)
+      x = y
     return x
 
 

@@ -27,10 +27,12 @@ from mmtl.models import (
   distilbert,
   encoder_decoder,
   gpt2,
+  hubert,
   resnet,
   roberta,
   siglip,
   vit,
+  wav2vec2,
 )
 
 # Keyed by `config_class.model_type` ("bert", "vit", "clip", "clip_vision_model",
@@ -55,6 +57,8 @@ MODELS: dict[str, type[nn.Module]] = {
     convnext.ConvNextModel,
     convnext.ConvNextV2Model,
     resnet.ResNetModel,
+    wav2vec2.Wav2Vec2Model,
+    hubert.HubertModel,
     gpt2.GPT2LMHeadModel,
     encoder_decoder.VisionEncoderDecoderModel,
   )

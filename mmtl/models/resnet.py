@@ -249,9 +249,7 @@ class ResNetModel(layers.ConvTower):
   hf_base_prefix: ClassVar[str] = "resnet"  # ResNetForImageClassification nests the model here
   # transformers 4.x's Flax basic block listed its convs as `layer.layer_{i}` (torch:
   # `layer.{i}`): its flax_model.msgpack names, renamed to torch's (see mmtl.hf).
-  hf_flax_aliases: ClassVar[tuple[tuple[str, str], ...]] = (
-    (r"\.layer\.layer_(\d+)\.", r".layer.\1."),
-  )
+  hf_aliases: ClassVar[tuple[tuple[str, str], ...]] = ((r"\.layer\.layer_(\d+)\.", r".layer.\1."),)
 
   def setup(self) -> None:
     layers.check_remat(self.remat)
