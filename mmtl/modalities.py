@@ -292,6 +292,100 @@ class Audio(Modality):
     return np.asarray(value, np.float32)
 
 
+@register("waveform")
+class Waveform(Modality):
+  """Raw mono waveforms for a speech tower (wav2vec2, HuBERT) that reads samples, not a
+  spectrogram. Per clip: converted to the tower's sampling rate (`resample`, with
+  scipy.signal.resample_poly) or refused, cropped to `max_seconds` (a random window in
+  training, the start at evaluation), normalized to zero mean and unit variance over its
+  real samples (the checkpoint feature extractor's `do_normalize`), then zero-padded to
+  one fixed length with a `waveform_mask` of its real samples. Blanked: silence."""
+
+  inputs = {"waveform": "input_values", "waveform_mask": "attention_mask"}
+  config = dict(
+    rate=None,  # The dataset's sampling rate; None: its feature's `sample_rate` (tfds Audio).
+    stats_from=None,  # Checkpoint whose preprocessor_config.json gives sampling_rate, do_normalize.
+    sampling_rate=None,  # The tower's rate; None: stats_from's, else the dataset's.
+    normalize=None,  # Zero mean, unit variance per clip; None: stats_from's do_normalize, else True.
+    resample=False,  # Convert other rates to sampling_rate (else they are an error).
+    downmix=False,  # Average the channels of multi-channel clips (else they are an error).
+    max_seconds=None,  # Crop longer clips; None: the feature's fixed length.
+  )
+
+  def __init__(self, cfg: Any, feature: Any, *, train: bool):
+    super().__init__(cfg, feature, train=train)
+    w = cfg.waveform
+    stats = {}
+    if w.stats_from:
+      from mmtl import preprocess  # Reads the checkpoint folder: only when asked.
+
+      stats = preprocess.audio_stats(w.stats_from)
+    self.rate = w.rate or getattr(feature, "sample_rate", None)
+    if not self.rate:
+      raise config_keys.ConfigError(
+        f"The waveform feature of {cfg.dataset} does not say its sampling rate: set "
+        "config.input.waveform.rate (mmtl_shapes: 16000)."
+      )
+    self.sampling_rate = int(w.sampling_rate or stats.get("sampling_rate") or self.rate)
+    if self.sampling_rate != self.rate and not w.resample:
+      raise config_keys.ConfigError(
+        f"The waveforms of {cfg.dataset} are at {self.rate} Hz, the tower takes "
+        f"{self.sampling_rate} Hz: set config.input.waveform.resample=True to resample them "
+        "(scipy.signal.resample_poly), or use a tower trained at the data's rate."
+      )
+    self.normalize = w.normalize if w.normalize is not None else stats.get("do_normalize", True)
+    if w.max_seconds:
+      self.length = round(w.max_seconds * self.sampling_rate)
+    else:
+      samples = feature.shape[0] if feature is not None and feature.shape else None
+      if not samples:
+        raise config_keys.ConfigError(
+          f"The waveforms of {cfg.dataset} vary in length: set config.input.waveform.max_seconds "
+          "(clips are cropped to it and padded to it, so every batch has one shape)."
+        )
+      self.length = self._resampled_length(samples)
+
+  def _resampled_length(self, samples: int) -> int:
+    g = math.gcd(self.sampling_rate, int(self.rate))
+    return -(-samples * (self.sampling_rate // g) // (int(self.rate) // g))
+
+  def decode(self, value: Any) -> np.ndarray:
+    x = np.asarray(value, np.float32)
+    if x.ndim == 2 and x.shape[1] == 1:
+      x = x[:, 0]
+    elif x.ndim == 2 and self.cfg.waveform.downmix:
+      x = x.mean(axis=1)
+    elif x.ndim != 1:
+      raise config_keys.ConfigError(
+        f"A waveform of {self.cfg.dataset} has shape {x.shape} (samples, channels); the "
+        "tower takes mono: set config.input.waveform.downmix=True to average the channels."
+      )
+    if self.sampling_rate != self.rate:
+      from scipy import signal  # pylint: disable=g-import-not-at-top
+
+      g = math.gcd(self.sampling_rate, int(self.rate))
+      x = signal.resample_poly(x, self.sampling_rate // g, int(self.rate) // g).astype(np.float32)
+    return x
+
+  def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
+    x = np.asarray(value, np.float32)
+    if len(x) > self.length:
+      start = rng.integers(len(x) - self.length + 1) if self.train else 0
+      x = x[start : start + self.length]
+    if self.normalize:  # transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+      x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    out = np.zeros(self.length, np.float32)
+    out[: len(x)] = x
+    return {"waveform": out, "waveform_length": np.int32(len(x))}
+
+  def batch(self, batch: dict[str, Any], present: np.ndarray) -> dict[str, Any]:
+    x, lengths = batch.pop("waveform"), batch.pop("waveform_length")
+    lengths = np.where(present > 0, lengths, self.length)  # blanked: silence, full length
+    batch["waveform"] = x * present[:, None].astype(np.float32)
+    batch["waveform_mask"] = (np.arange(self.length)[None] < lengths[:, None]).astype(np.int32)
+    return batch
+
+
 @functools.lru_cache(maxsize=8)
 def tokenizer(name_or_path: str) -> Any:
   """The HF tokenizer of a checkpoint, loaded once per process."""

@@ -71,3 +71,16 @@ def image_stats(name_or_path: str | Path, *, revision: str | None = None) -> dic
     std=tuple(processor.get("image_std", defaults["std"])),
     size=size if size is None or isinstance(size, int) else tuple(size),
   )  # (H, W) only for non-square configs
+
+
+def audio_stats(name_or_path: str | Path, *, revision: str | None = None) -> dict[str, Any]:
+  """dict(sampling_rate=int, do_normalize=bool) of a speech checkpoint's feature extractor
+  (preprocessor_config.json; transformers' Wav2Vec2FeatureExtractor defaults, 16 kHz and
+  normalization, where it has none)."""
+  folder = hf.resolve(name_or_path, revision)
+  file = folder / "preprocessor_config.json"
+  processor = json.loads(file.read_text()) if file.exists() else {}
+  return dict(
+    sampling_rate=int(processor.get("sampling_rate", 16_000)),
+    do_normalize=bool(processor.get("do_normalize", True)),
+  )

@@ -86,7 +86,8 @@ def _preprocessor(out: Path, processor: str, mean, std, size: dict, crop: dict |
 def make_tiny_checkpoint(
   family: str, out_dir: str | Path, seed: int = 0, **config_overrides
 ) -> str:
-  """Save a tiny random transformers `family` ("bert", "vit", "clip") model to `out_dir`.
+  """Save a tiny random transformers `family` ("bert", "vit", "clip", "wav2vec2") model to
+  `out_dir`.
 
   For "clip", `config_overrides` may hold `text_config` / `vision_config` dicts
   that update the tiny defaults.
@@ -134,8 +135,36 @@ def make_tiny_checkpoint(
       text_config=text, vision_config=vision, projection_dim=24, **config_overrides
     )
     model = tr.CLIPModel(cfg)
+  elif family == "wav2vec2":
+    # 16 kHz, normalized input, as facebook/wav2vec2-base's feature extractor; a 3-conv
+    # feature encoder with 320 samples per frame (as the base model), 400-sample field.
+    (out / "preprocessor_config.json").write_text(
+      json.dumps(
+        dict(
+          feature_extractor_type="Wav2Vec2FeatureExtractor",
+          sampling_rate=16_000,
+          do_normalize=True,
+          feature_size=1,
+          padding_value=0.0,
+          return_attention_mask=True,
+        )
+      )
+    )
+    cfg = tr.Wav2Vec2Config(
+      **{
+        **common,
+        "conv_dim": (16, 16, 24),
+        "conv_stride": (5, 8, 8),
+        "conv_kernel": (10, 8, 8),
+        "num_conv_pos_embeddings": 8,
+        "num_conv_pos_embedding_groups": 4,
+        "mask_time_length": 2,
+        **config_overrides,
+      }
+    )
+    model = tr.Wav2Vec2Model(cfg)
   else:
-    raise ValueError(f"family={family!r}: use 'bert', 'vit' or 'clip'.")
+    raise ValueError(f"family={family!r}: use 'bert', 'vit', 'clip' or 'wav2vec2'.")
   model.eval().save_pretrained(out)
   return str(out)
 
@@ -153,6 +182,11 @@ def tiny_vit_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> str:
   return make_tiny_checkpoint("clip", tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2_dir(tmp_path_factory) -> str:
+  return make_tiny_checkpoint("wav2vec2", tmp_path_factory.mktemp("tiny_wav2vec2"))
 
 
 def export_and_reload(module, variables, out_dir, torch_cls=None):

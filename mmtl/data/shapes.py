@@ -27,8 +27,10 @@ right, top / bottom of the image, relative to one another), and their order from
 top to bottom; these four are a pure function of the objects (seen words only, no
 random draws), so a caption model is scored on colours, shapes, counts and positions.
 With `audio=True` a noisy tone whose pitch encodes the number of
-objects is stored as a log-mel spectrogram (F, T, 1) float32, exercising the
-three-modality path.
+objects is stored as a log-mel spectrogram (F, T, 1) float32 (`audio`), exercising the
+three-modality path, and as its raw samples at 16 kHz (`waveform`, 8000 float32: the
+0.5 s tone, made at 8 kHz and resampled with scipy.signal.resample_poly), for speech
+towers that read waveforms.
 
 Generation is deterministic (one numpy Generator per (seed, split, index)) and
 offline. Images are PNG-encoded with PIL, not TensorFlow, so
@@ -97,6 +99,9 @@ AUDIO_RATE, AUDIO_SAMPLES, AUDIO_FFT, AUDIO_HOP, AUDIO_MELS, AUDIO_FRAMES = (
   32,
 )
 COUNT_PITCH_HZ = {1: 330.0, 2: 660.0, 3: 1320.0}
+# The same tone as raw samples at 16 kHz (the rate speech encoders take): `waveform`.
+WAVEFORM_RATE = 16_000
+WAVEFORM_SAMPLES = AUDIO_SAMPLES * WAVEFORM_RATE // AUDIO_RATE
 
 
 @dataclasses.dataclass
@@ -134,10 +139,11 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class MmtlShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes + questions that need both image and text (see module docstring)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "1.1.0": "`captions`: five reference descriptions per image; other fields unchanged.",
+    "1.2.0": "`waveform` (configs with audio): the tone as 16 kHz samples; others unchanged.",
   }
   BUILDER_CONFIGS = [
     ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
@@ -181,6 +187,11 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
     if cfg.audio:
       features["audio"] = tfds.features.Tensor(
         shape=(AUDIO_MELS, AUDIO_FRAMES, 1), dtype=np.float32
+      )
+      features["waveform"] = tfds.features.Tensor(
+        shape=(WAVEFORM_SAMPLES,),
+        dtype=np.float32,
+        doc=f"The tone of `audio` as mono samples at {WAVEFORM_RATE} Hz.",
       )
     return tfds.core.DatasetInfo(
       builder=self,
@@ -232,7 +243,9 @@ def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
     ],
   }
   if cfg.audio:
-    example["audio"] = _tone_spectrogram(rng, len(objects))
+    tone = _tone(rng, len(objects))
+    example["audio"] = _log_mel(tone)
+    example["waveform"] = _at_waveform_rate(tone)
   return example
 
 
@@ -389,13 +402,17 @@ def _mel_filterbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
 _MEL = _mel_filterbank(AUDIO_RATE, AUDIO_FFT, AUDIO_MELS)
 
 
-def _tone_spectrogram(rng: np.random.Generator, count: int) -> np.ndarray:
-  """Log-mel (F, T, 1) of a noisy tone at COUNT_PITCH_HZ[count] (+-3%), roughly in [-1, 1]."""
+def _tone(rng: np.random.Generator, count: int) -> np.ndarray:
+  """AUDIO_SAMPLES at AUDIO_RATE of a noisy tone at COUNT_PITCH_HZ[count] (+-3%)."""
   t = np.arange(AUDIO_SAMPLES) / AUDIO_RATE
   pitch = COUNT_PITCH_HZ[count] * rng.uniform(0.97, 1.03)
-  wave = np.sin(2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)) + rng.normal(
+  return np.sin(2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)) + rng.normal(
     0, 0.3, AUDIO_SAMPLES
   )
+
+
+def _log_mel(wave: np.ndarray) -> np.ndarray:
+  """Log-mel (F, T, 1) of `_tone`'s samples, roughly in [-1, 1]."""
   starts = np.arange(AUDIO_FRAMES) * AUDIO_HOP
   frames = wave[np.minimum(starts[:, None] + np.arange(AUDIO_FFT), AUDIO_SAMPLES - 1)] * np.hanning(
     AUDIO_FFT
@@ -403,3 +420,11 @@ def _tone_spectrogram(rng: np.random.Generator, count: int) -> np.ndarray:
   power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2  # (T, n_fft // 2 + 1)
   log_mel = np.log(power @ _MEL + 1e-3)  # (T, F)
   return ((log_mel.T - 2.0) / 4.0).astype(np.float32)[..., None]
+
+
+def _at_waveform_rate(wave: np.ndarray) -> np.ndarray:
+  """`_tone`'s samples resampled to WAVEFORM_RATE (polyphase, scipy), float32."""
+  from scipy import signal  # pylint: disable=g-import-not-at-top
+
+  up = WAVEFORM_RATE // AUDIO_RATE
+  return signal.resample_poly(wave, up, 1).astype(np.float32)
