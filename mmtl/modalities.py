@@ -306,7 +306,7 @@ class Waveform(Modality):
     rate=None,  # The dataset's sampling rate; None: its feature's `sample_rate` (tfds Audio).
     stats_from=None,  # Checkpoint whose preprocessor_config.json gives sampling_rate, do_normalize.
     sampling_rate=None,  # The tower's rate; None: stats_from's, else the dataset's.
-    normalize=None,  # Zero mean, unit variance per clip; None: stats_from's do_normalize, else True.
+    normalize=None,  # Zero mean, unit variance per clip; None: stats_from's, else True.
     resample=False,  # Convert other rates to sampling_rate (else they are an error).
     downmix=False,  # Average the channels of multi-channel clips (else they are an error).
     max_seconds=None,  # Crop longer clips; None: the feature's fixed length.
