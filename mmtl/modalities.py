@@ -310,6 +310,7 @@ class Waveform(Modality):
     resample=False,  # Convert other rates to sampling_rate (else they are an error).
     downmix=False,  # Average the channels of multi-channel clips (else they are an error).
     max_seconds=None,  # Crop longer clips; None: the feature's fixed length.
+    min_seconds=None,  # Zero-pad shorter clips to this (the padding counts as signal).
   )
 
   def __init__(self, cfg: Any, feature: Any, *, train: bool):
@@ -334,6 +335,8 @@ class Waveform(Modality):
         "(scipy.signal.resample_poly), or use a tower trained at the data's rate."
       )
     self.normalize = w.normalize if w.normalize is not None else stats.get("do_normalize", True)
+    self.min_length = round((w.min_seconds or 0) * self.sampling_rate)
+    self.min_samples = stats.get("min_samples", 1)  # the tower's receptive field
     if w.max_seconds:
       self.length = round(w.max_seconds * self.sampling_rate)
     else:
@@ -374,9 +377,17 @@ class Waveform(Modality):
       x = x[start : start + self.length]
     if self.normalize:  # transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
       x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    n = min(max(len(x), self.min_length), self.length)
+    if n < self.min_samples:
+      raise config_keys.ConfigError(
+        f"A clip of {self.cfg.dataset} has {len(x)} samples, fewer than the tower's receptive "
+        f"field ({self.min_samples} samples at {self.sampling_rate} Hz), so it gives no frame: "
+        f"drop such clips from the split, or zero-pad them with config.input.waveform."
+        f"min_seconds={self.min_samples / self.sampling_rate:g}."
+      )
     out = np.zeros(self.length, np.float32)
     out[: len(x)] = x
-    return {"waveform": out, "waveform_length": np.int32(len(x))}
+    return {"waveform": out, "waveform_length": np.int32(n)}
 
   def batch(self, batch: dict[str, Any], present: np.ndarray) -> dict[str, Any]:
     x, lengths = batch.pop("waveform"), batch.pop("waveform_length")

@@ -74,13 +74,17 @@ def image_stats(name_or_path: str | Path, *, revision: str | None = None) -> dic
 
 
 def audio_stats(name_or_path: str | Path, *, revision: str | None = None) -> dict[str, Any]:
-  """dict(sampling_rate=int, do_normalize=bool) of a speech checkpoint's feature extractor
-  (preprocessor_config.json; transformers' Wav2Vec2FeatureExtractor defaults, 16 kHz and
-  normalization, where it has none)."""
+  """dict(sampling_rate=int, do_normalize=bool, min_samples=int) of a speech checkpoint:
+  its feature extractor's rate and normalization (preprocessor_config.json; transformers'
+  Wav2Vec2FeatureExtractor defaults, 16 kHz and normalization, where it has none), and the
+  fewest samples its model turns into a frame (its config's `receptive_field`; 1 for
+  families without one)."""
   folder = hf.resolve(name_or_path, revision)
   file = folder / "preprocessor_config.json"
   processor = json.loads(file.read_text()) if file.exists() else {}
+  module = hf.build_module(hf.read_config(folder))
   return dict(
     sampling_rate=int(processor.get("sampling_rate", 16_000)),
     do_normalize=bool(processor.get("do_normalize", True)),
+    min_samples=int(getattr(module.config, "receptive_field", 1)),
   )

@@ -81,6 +81,20 @@ def test_rates_channels_and_lengths():
     waveform(dict(rate=16000), feature=tfds.features.Tensor(shape=(None,), dtype=np.float32))
 
 
+def test_a_clip_shorter_than_the_receptive_field_names_the_fix(tiny_wav2vec2_dir):
+  """The tiny tower needs 325 samples for one frame (the base models: 400)."""
+  modality = waveform(dict(rate=16000, stats_from=tiny_wav2vec2_dir))
+  assert modality.min_samples == 325
+  short = np.ones(300, np.float32)
+  with pytest.raises(
+    ConfigError, match=r"has 300 samples, fewer than .* \(325 samples at 16000 Hz\).*min_seconds"
+  ):
+    modality.example(short, np.random.default_rng(0))
+  padded = waveform(dict(rate=16000, stats_from=tiny_wav2vec2_dir, min_seconds=325 / 16000))
+  out = padded.example(short, np.random.default_rng(0))
+  assert out["waveform_length"] == 325 and not out["waveform"][300:].any()
+
+
 def speech_config(wav2vec2_dir, data_dir, **overrides):
   """A tiny ViT from scratch + the tiny wav2vec2 fixture over mmtl_shapes' 16 kHz waveforms."""
   config = mlc.ConfigDict(
