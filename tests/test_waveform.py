@@ -172,3 +172,19 @@ def test_lora_on_the_wav2vec2_tower(tiny_wav2vec2_dir, data_dir, tmp_path):
     np.testing.assert_array_equal(after[f"waveform_encoder/{p}"], x, err_msg=p)
   adapters = [p for p in after if p.startswith("waveform_encoder/") and p.endswith("lora_b")]
   assert len(adapters) == 2 * 2 and all(np.abs(after[p]).max() > 0 for p in adapters)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["waveform", "spectrogram"])
+def test_recipe_config_runs_short(source, data_dir, tmp_path):
+  """configs/speech.py as its table runs it, on the small dataset: 3 steps, evaluated."""
+  from configs import speech  # pylint: disable=g-import-not-at-top
+
+  config = speech.get_config(f"input={source},steps=3,train=48")
+  config.batch_size = 16
+  config.input.update(dataset="mmtl_shapes/small", data_dir=data_dir)
+  config.evals.val.input.split = "validation[:32]"
+  final = train.train(config, str(tmp_path / "run"))
+  assert set(final) == {"val/accuracy", "val/macro_f1", "val/loss", "step"}
+  tower = "waveform_encoder" if source == "waveform" else "audio_encoder"
+  assert any(p.startswith(tower) for p in final_params(tmp_path / "run"))

@@ -99,6 +99,7 @@ AUDIO_RATE, AUDIO_SAMPLES, AUDIO_FFT, AUDIO_HOP, AUDIO_MELS, AUDIO_FRAMES = (
   32,
 )
 COUNT_PITCH_HZ = {1: 330.0, 2: 660.0, 3: 1320.0}
+COUNTS = ("1", "2", "3")  # `count`: how many objects (what the audio's pitch says)
 # The same tone as raw samples at 16 kHz (the rate speech encoders take): `waveform`.
 WAVEFORM_RATE = 16_000
 WAVEFORM_SAMPLES = AUDIO_SAMPLES * WAVEFORM_RATE // AUDIO_RATE
@@ -143,7 +144,8 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "1.1.0": "`captions`: five reference descriptions per image; other fields unchanged.",
-    "1.2.0": "`waveform` (configs with audio): the tone as 16 kHz samples; others unchanged.",
+    "1.2.0": "`count` of objects; `waveform` (configs with audio): the tone at 16 kHz. Others "
+    "unchanged.",
   }
   BUILDER_CONFIGS = [
     ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
@@ -175,6 +177,7 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
       "captions": tfds.features.Sequence(tfds.features.Text()),
       "label": tfds.features.ClassLabel(names=["no", "yes"]),
       "question_type": tfds.features.ClassLabel(names=list(QUESTION_TYPES)),
+      "count": tfds.features.ClassLabel(names=list(COUNTS)),
       "novel_words": tfds.features.Scalar(np.int32, doc="Held-out words in the question."),
       "objects": tfds.features.Sequence(
         {
@@ -237,6 +240,7 @@ def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
     "captions": [caption, *_descriptions(objects)],
     "label": int(answer),
     "question_type": qtype,
+    "count": COUNTS.index(str(len(objects))),
     "novel_words": words.novel,
     "objects": [
       {"colour": c, "shape": s, "center": np.asarray(xy, np.float32)} for c, s, xy, _ in objects
