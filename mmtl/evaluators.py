@@ -562,15 +562,14 @@ def make_generate_texts(
     target = transforms.TargetTokens.from_config(input_cfg.target)
     predictions, references = [], []
     for host in host_batches(eval_cfg):
-      host = dict(host)
+      refs, real = host["target_texts"], np.asarray(host["example_weight"]) > 0
+      batch = device.put_batch(host, mesh)  # reference texts stay on the host
       if each_batch is not None:
-        each_batch(device.put_batch(host, mesh))
-      refs = host.pop("target_texts")
-      real = np.asarray(host["example_weight"]) > 0
-      inputs = {k: v for k, v in host.items() if not k.startswith("decoder_")}
-      inputs["decoder_input_ids"] = host["decoder_prompt_ids"]
+        each_batch(batch)
+      inputs = {k: v for k, v in batch.items() if not k.startswith("decoder_")}
+      inputs["decoder_input_ids"] = batch["decoder_prompt_ids"]
       ids = generate(
-        device.put_batch(inputs, mesh),
+        inputs,
         max_new_tokens=max_new_tokens or int(input_cfg.target.max_length),
         eos_token_id=target.eos,
         pad_token_id=target.pad,
