@@ -334,6 +334,8 @@ class Waveform(Modality):
         f"{self.sampling_rate} Hz: set config.input.waveform.resample=True to resample them "
         "(scipy.signal.resample_poly), or use a tower trained at the data's rate."
       )
+    g = math.gcd(self.sampling_rate, int(self.rate))  # resampling: up / down, lowest terms
+    self.up, self.down = self.sampling_rate // g, int(self.rate) // g
     self.normalize = w.normalize if w.normalize is not None else stats.get("do_normalize", True)
     self.min_length = round((w.min_seconds or 0) * self.sampling_rate)
     self.min_samples = stats.get("min_samples", 1)  # the tower's receptive field
@@ -346,11 +348,7 @@ class Waveform(Modality):
           f"The waveforms of {cfg.dataset} vary in length: set config.input.waveform.max_seconds "
           "(clips are cropped to it and padded to it, so every batch has one shape)."
         )
-      self.length = self._resampled_length(samples)
-
-  def _resampled_length(self, samples: int) -> int:
-    g = math.gcd(self.sampling_rate, int(self.rate))
-    return -(-samples * (self.sampling_rate // g) // (int(self.rate) // g))
+      self.length = -(-samples * self.up // self.down)  # resample_poly's output length
 
   def decode(self, value: Any) -> np.ndarray:
     x = np.asarray(value, np.float32)
@@ -363,11 +361,10 @@ class Waveform(Modality):
         f"A waveform of {self.cfg.dataset} has shape {x.shape} (samples, channels); the "
         "tower takes mono: set config.input.waveform.downmix=True to average the channels."
       )
-    if self.sampling_rate != self.rate:
+    if self.up != self.down:
       from scipy import signal  # pylint: disable=g-import-not-at-top
 
-      g = math.gcd(self.sampling_rate, int(self.rate))
-      x = signal.resample_poly(x, self.sampling_rate // g, int(self.rate) // g).astype(np.float32)
+      x = signal.resample_poly(x, self.up, self.down).astype(np.float32)
     return x
 
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:

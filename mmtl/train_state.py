@@ -38,7 +38,8 @@ from mmtl.models import fusion
 @dataclasses.dataclass(frozen=True)
 class ParamLayout:
   """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included,
-  of its BatchNorm statistics ({} without BatchNorm), and its `new_layers` (`new_layers`)."""
+  of its BatchNorm statistics ({} without BatchNorm), and the regexes of its params that start
+  random (`new_layers` below)."""
 
   shapes: Any
   shardings: Any
@@ -91,14 +92,16 @@ def param_layout(
   )
 
 
+def _init_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+  """A `config.model_init` entry as dict(name=..., tower=..., dont_load=[...])."""
+  return dict(name=spec) if isinstance(spec, str) else dict(spec)
+
+
 def new_layers(model: fusion.FusionModel, model_init: Mapping[str, Any]) -> tuple[str, ...]:
   """Regexes of the params that start random: the model's own (`FusionModel.new_layers`),
   towers (and a decoder) that `model_init` gives no checkpoint, and each checkpoint's
   `dont_load`. mmtl.optim's parameter-efficient presets (bitfit, lora) train them in full."""
-  specs = {
-    subtree: dict(name=spec) if isinstance(spec, str) else dict(spec)
-    for subtree, spec in model_init.items()
-  }
+  specs = {subtree: _init_spec(spec) for subtree, spec in model_init.items()}
   subtrees = [f"{m}_encoder" for m in model.modalities]
   if getattr(model, "decoder", None) is not None:
     subtrees.append("decoder")
@@ -152,7 +155,7 @@ def load_pretrained_towers(
   `config.model.modalities` are skipped; any other subtree must exist.
   """
   for subtree, spec in model_init.items():
-    spec = dict(name=spec) if isinstance(spec, str) else dict(spec)
+    spec = _init_spec(spec)
     if not spec.get("name"):
       note(f"model_init: {subtree} from scratch (no checkpoint given).")
       continue

@@ -379,7 +379,9 @@ class EncoderTower(nn.Module):
   def hidden_size(self) -> int:
     return self.config.hidden_size
 
-  def make_encoder(self) -> Encoder:
+  def make_encoder(self, **encoder_kw: Any) -> Encoder:
+    """The layer stack of `config.layer_spec()`; `encoder_kw` sets other `Encoder` fields
+    (wav2vec2's `layerdrop`)."""
     c = self.config
     return Encoder(
       c.layer_spec(),
@@ -388,6 +390,7 @@ class EncoderTower(nn.Module):
       self.dtype,
       self.param_dtype,
       self.attention_impl,
+      **encoder_kw,
     )
 
   def run_layers(

@@ -143,13 +143,7 @@ class FeatureEncoderLayer(nn.Module):
       name="conv",
     )(x)
     if c.feat_extract_norm == "layer":
-      x = nn.LayerNorm(
-        epsilon=1e-5,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        use_fast_variance=False,
-        name="layer_norm",
-      )(x)
+      x = layers.layer_norm(1e-5, self.dtype, self.param_dtype, name="layer_norm")(x)
     elif i == 0:  # group norm with one group per channel: each channel normalized over time
       x = nn.GroupNorm(
         num_groups=c.conv_dim[0],
@@ -276,18 +270,6 @@ class Wav2Vec2Model(layers.EncoderTower):
     n = self.config.receptive_field
     return dict(input_values=jnp.zeros((1, n), jnp.float32), attention_mask=jnp.ones((1, n), bool))
 
-  def make_encoder(self) -> layers.Encoder:
-    c = self.config
-    return layers.Encoder(
-      c.layer_spec(),
-      c.num_hidden_layers,
-      self.remat,
-      self.dtype,
-      self.param_dtype,
-      self.attention_impl,
-      layerdrop=c.layerdrop,
-    )
-
   def setup(self) -> None:
     c = self.config
     norm = lambda eps: layers.layer_norm(eps, self.dtype, self.param_dtype)
@@ -310,7 +292,7 @@ class Wav2Vec2Model(layers.EncoderTower):
     self.encoder_norm = norm(c.layer_norm_eps)
     self.feature_dropout = nn.Dropout(c.feat_proj_dropout)
     self.encoder_dropout = nn.Dropout(c.hidden_dropout)
-    self.encoder = self.make_encoder()
+    self.encoder = self.make_encoder(layerdrop=c.layerdrop)
 
   @property
   def feature_projection_norm(self) -> bool:
