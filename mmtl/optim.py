@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from mmtl import config_keys, lora, memory, rules
+from mmtl.models import whisper
 
 # Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
 SCHEDULE_KEYS = dict(warmup_steps=0, decay="cosine", end_mult=0.0)
@@ -70,6 +71,9 @@ CONFIG_KEYS = dict(
 # list (`train_state.ParamLayout.new_layers`: e.g. a captioning model's projections and
 # decoder cross-attention, a tower's `dont_load`); this is a fused model's.
 NEW_LAYERS = ("fusion/.*", "head/.*")
+# Params that are never trained, whatever the rules: LoRA's scale, and what a family reads
+# from its checkpoint but keeps fixed (torch `requires_grad_(False)`: Whisper's positions).
+CONSTANTS = (lora.CONSTANT, whisper.FIXED_POSITIONS)
 PRESETS: dict[str, dict[str, list[str]]] = {
   "full": {},
   "lit": dict(frozen=["image_encoder/.*"]),  # locked image, tuned text
@@ -129,9 +133,9 @@ def freeze_mask(
   Frozen = matched by `frozen` (config + preset), or not matched by `trainable`
   when that is given (a preset's `trainable` also keeps `new_layers`, the
   model's randomly initialized layers, trainable); then every `unfreeze` entry
-  with `entry_step <= step` makes its matches trainable again. LoRA's constant
-  `lora_scale` is always frozen. Every config and preset rule must match some
-  param (a typo raises `rules.RuleError`); `new_layers` need not.
+  with `entry_step <= step` makes its matches trainable again. `CONSTANTS` (LoRA's
+  scale, Whisper's sinusoidal positions) are always frozen. Every config and preset rule
+  must match some param (a typo raises `rules.RuleError`); `new_layers` need not.
   """
   config_keys.check_keys(optim_cfg, CONFIG_KEYS, "config.optim")
   preset = _preset(optim_cfg)
@@ -160,7 +164,7 @@ def freeze_mask(
     hits = rules.assign(flat, rule_list, default=False, what=f"config.optim.unfreeze[{i}]")
     if at <= step:
       frozen = {path: f and not hits[path] for path, f in frozen.items()}
-  constant = rules.assign(flat, [lora.CONSTANT], default=False, require_match=False)
+  constant = rules.assign(flat, list(CONSTANTS), default=False, require_match=False)
   frozen = {path: f or constant[path] for path, f in frozen.items()}
   return jax.tree.unflatten(jax.tree.structure(params), list(frozen.values()))
 

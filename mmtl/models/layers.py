@@ -98,6 +98,7 @@ class LayerSpec:
   layer_norm_eps: float
   pre_norm: bool  # ViT/CLIP: LN -> sublayer -> residual. BERT: sublayer -> residual -> LN.
   qkv_bias: bool = True
+  key_bias: bool = True  # False: no bias on the key projection alone (Whisper's k_proj)
   dropout: float = 0.0  # on each sublayer's output, before the residual add
   attention_dropout: float = 0.0  # on the attention probabilities
   activation_dropout: float = 0.0  # inside the MLP, after its activation (wav2vec2)
@@ -108,6 +109,10 @@ class LayerSpec:
   layer_scale: float | None = None
   # fc1 gives 2 * mlp_dim features, [gate, up]: activation(gate) * up goes to fc2 (SwiGLU).
   gated_mlp: bool = False
+
+  def has_bias(self, projection: str) -> bool:
+    """Whether the attention's "query", "key" or "value" projection has a bias."""
+    return self.qkv_bias and (projection != "key" or self.key_bias)
 
 
 def layer_norm(
@@ -206,7 +211,7 @@ class Attention(nn.Module):
       s.hidden_size, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
     split = lambda y: y.reshape(*y.shape[:-1], s.num_heads, head_dim)
-    q, k, v = (split(dense(n, s.qkv_bias)(x)) for n in ("query", "key", "value"))
+    q, k, v = (split(dense(n, s.has_bias(n))(x)) for n in ("query", "key", "value"))
     if s.attention_dropout and not deterministic:
       # jax.nn.dot_product_attention has no dropout on the probabilities.
       mask = mask[:, None, None, :]  # (B, heads, queries, keys)
@@ -616,7 +621,7 @@ def hf_params(names: dict[str, str]) -> dict[str, HFName]:
 def _hf_layer(path: str, spec: LayerSpec, hf: dict[str, str]) -> Iterator[tuple[str, HFName]]:
   """Names of one `EncoderLayer`; `hf` gives the HF module prefix of each part."""
   for name in ("query", "key", "value"):
-    yield from hf_dense(f"{path}/attn/{name}", hf[name], spec.qkv_bias)
+    yield from hf_dense(f"{path}/attn/{name}", hf[name], spec.has_bias(name))
   yield from hf_dense(f"{path}/attn/out", hf["out"])
   yield from hf_norm(f"{path}/attn_norm", hf["attn_norm"])
   yield from hf_dense(f"{path}/mlp/fc1", hf["fc1"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from mmtl.models import (
+  audio_spectrogram_transformer,
   beit,
   bert,
   clip,
@@ -33,6 +34,7 @@ from mmtl.models import (
   siglip,
   vit,
   wav2vec2,
+  whisper,
 )
 
 # Keyed by `config_class.model_type` ("bert", "vit", "clip", "clip_vision_model",
@@ -59,6 +61,8 @@ MODELS: dict[str, type[nn.Module]] = {
     resnet.ResNetModel,
     wav2vec2.Wav2Vec2Model,
     hubert.HubertModel,
+    whisper.WhisperEncoder,
+    audio_spectrogram_transformer.ASTModel,
     gpt2.GPT2LMHeadModel,
     encoder_decoder.VisionEncoderDecoderModel,
   )
