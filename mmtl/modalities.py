@@ -25,6 +25,7 @@ read (tests/test_modalities.py trains image + a sensor vector that way).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 import functools
 import math
 from typing import Any, ClassVar
@@ -292,74 +293,80 @@ class Audio(Modality):
     return np.asarray(value, np.float32)
 
 
-@register("waveform")
-class Waveform(Modality):
-  """Raw mono waveforms for a speech tower (wav2vec2, HuBERT) that reads samples, not a
-  spectrogram. Per clip: converted to the tower's sampling rate (`resample`, with
-  scipy.signal.resample_poly) or refused, cropped to `max_seconds` (a random window in
-  training, the start at evaluation), normalized to zero mean and unit variance over its
-  real samples (the checkpoint feature extractor's `do_normalize`), then zero-padded to
-  one fixed length with a `waveform_mask` of its real samples. Blanked: silence."""
+class Clip(Modality):
+  """What the audio modalities read from raw clips share: a mono clip at the tower's
+  sampling rate (converted with scipy.signal.resample_poly when `resample`, else refused),
+  cropped to one fixed length (a random window in training, the start at evaluation) and,
+  where asked, normalized to zero mean and unit variance over its real samples
+  (`(x - mean) / sqrt(var + 1e-7)`, transformers' `zero_mean_unit_var_norm`). Subclasses
+  say what the checkpoint gives (`checkpoint_stats`), how long a clip is when
+  `max_seconds` is not set (`default_length`) and what the tower reads of it."""
 
-  inputs = {"waveform": "input_values", "waveform_mask": "attention_mask"}
   config = dict(
     rate=None,  # The dataset's sampling rate; None: its feature's `sample_rate` (tfds Audio).
-    stats_from=None,  # Checkpoint whose preprocessor_config.json gives sampling_rate, do_normalize.
+    stats_from=None,  # Checkpoint whose preprocessor_config.json gives the settings below.
     sampling_rate=None,  # The tower's rate; None: stats_from's, else the dataset's.
-    normalize=None,  # Zero mean, unit variance per clip; None: stats_from's, else True.
+    normalize=None,  # Zero mean, unit variance per clip; None: stats_from's, else the default.
     resample=False,  # Convert other rates to sampling_rate (else they are an error).
     downmix=False,  # Average the channels of multi-channel clips (else they are an error).
-    max_seconds=None,  # Crop longer clips; None: the feature's fixed length.
-    min_seconds=None,  # Zero-pad shorter clips to this (the padding counts as signal).
+    max_seconds=None,  # Crop longer clips; None: the modality's default length.
   )
+  default_normalize: ClassVar[bool] = True
 
   def __init__(self, cfg: Any, feature: Any, *, train: bool):
     super().__init__(cfg, feature, train=train)
-    w = cfg.waveform
-    stats = {}
-    if w.stats_from:
-      from mmtl import preprocess  # Reads the checkpoint folder: only when asked.
-
-      stats = preprocess.audio_stats(w.stats_from)
+    self.section = w = cfg[self.name]
+    self.stats = self.checkpoint_stats(w.stats_from) if w.stats_from else {}
     self.rate = w.rate or getattr(feature, "sample_rate", None)
     if not self.rate:
       raise config_keys.ConfigError(
-        f"The waveform feature of {cfg.dataset} does not say its sampling rate: set "
-        "config.input.waveform.rate (mmtl_shapes: 16000)."
+        f"The {self.name} feature of {cfg.dataset} does not say its sampling rate: set "
+        f"config.input.{self.name}.rate (mmtl_shapes: 16000)."
       )
-    self.sampling_rate = int(w.sampling_rate or stats.get("sampling_rate") or self.rate)
+    self.sampling_rate = int(w.sampling_rate or self.stats.get("sampling_rate") or self.rate)
     if self.sampling_rate != self.rate and not w.resample:
       raise config_keys.ConfigError(
-        f"The waveforms of {cfg.dataset} are at {self.rate} Hz, the tower takes "
-        f"{self.sampling_rate} Hz: set config.input.waveform.resample=True to resample them "
+        f"The clips of {cfg.dataset} are at {self.rate} Hz, the tower takes "
+        f"{self.sampling_rate} Hz: set config.input.{self.name}.resample=True to resample them "
         "(scipy.signal.resample_poly), or use a tower trained at the data's rate."
       )
     g = math.gcd(self.sampling_rate, int(self.rate))  # resampling: up / down, lowest terms
     self.up, self.down = self.sampling_rate // g, int(self.rate) // g
-    self.normalize = w.normalize if w.normalize is not None else stats.get("do_normalize", True)
-    self.min_length = round((w.min_seconds or 0) * self.sampling_rate)
-    self.min_samples = stats.get("min_samples", 1)  # the tower's receptive field
+    self.normalize = (
+      w.normalize
+      if w.normalize is not None
+      else self.stats.get("do_normalize", self.default_normalize)
+    )
     if w.max_seconds:
       self.length = round(w.max_seconds * self.sampling_rate)
     else:
-      samples = feature.shape[0] if feature is not None and feature.shape else None
-      if not samples:
-        raise config_keys.ConfigError(
-          f"The waveforms of {cfg.dataset} vary in length: set config.input.waveform.max_seconds "
-          "(clips are cropped to it and padded to it, so every batch has one shape)."
-        )
-      self.length = -(-samples * self.up // self.down)  # resample_poly's output length
+      self.length = self.default_length(feature)
+
+  def checkpoint_stats(self, name_or_path: str) -> dict[str, Any]:
+    """The settings `stats_from`'s checkpoint gives (sampling_rate, do_normalize, ...)."""
+    raise NotImplementedError
+
+  def default_length(self, feature: Any) -> int:
+    """Samples per clip when `max_seconds` is not set: by default the feature's fixed
+    length (at the tower's rate)."""
+    samples = feature.shape[0] if feature is not None and feature.shape else None
+    if not samples:
+      raise config_keys.ConfigError(
+        f"The clips of {self.cfg.dataset} vary in length: set config.input.{self.name}."
+        "max_seconds (clips are cropped to it and padded to it, so every batch has one shape)."
+      )
+    return -(-samples * self.up // self.down)  # resample_poly's output length
 
   def decode(self, value: Any) -> np.ndarray:
     x = np.asarray(value, np.float32)
     if x.ndim == 2 and x.shape[1] == 1:
       x = x[:, 0]
-    elif x.ndim == 2 and self.cfg.waveform.downmix:
+    elif x.ndim == 2 and self.section.downmix:
       x = x.mean(axis=1)
     elif x.ndim != 1:
       raise config_keys.ConfigError(
-        f"A waveform of {self.cfg.dataset} has shape {x.shape} (samples, channels); the "
-        "tower takes mono: set config.input.waveform.downmix=True to average the channels."
+        f"A clip of {self.cfg.dataset} has shape {x.shape} (samples, channels); the "
+        f"tower takes mono: set config.input.{self.name}.downmix=True to average the channels."
       )
     if self.up != self.down:
       from scipy import signal  # pylint: disable=g-import-not-at-top
@@ -367,13 +374,42 @@ class Waveform(Modality):
       x = signal.resample_poly(x, self.up, self.down).astype(np.float32)
     return x
 
-  def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
+  def crop(self, value: Any, rng: np.random.Generator) -> np.ndarray:
+    """The clip cropped to `length` samples and normalized (where asked)."""
     x = np.asarray(value, np.float32)
     if len(x) > self.length:
       start = rng.integers(len(x) - self.length + 1) if self.train else 0
       x = x[start : start + self.length]
-    if self.normalize:  # transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+    if self.normalize:  # transformers' zero_mean_unit_var_norm
       x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    return x
+
+
+@register("waveform")
+class Waveform(Clip):
+  """Raw mono waveforms for a speech tower (wav2vec2, HuBERT) that reads samples, not a
+  spectrogram: each clip prepared as `Clip` says, normalized by default (the checkpoint
+  feature extractor's `do_normalize`), then zero-padded to one fixed length with a
+  `waveform_mask` of its real samples. Blanked: silence."""
+
+  inputs = {"waveform": "input_values", "waveform_mask": "attention_mask"}
+  config = dict(
+    Clip.config,
+    min_seconds=None,  # Zero-pad shorter clips to this (the padding counts as signal).
+  )
+
+  def __init__(self, cfg: Any, feature: Any, *, train: bool):
+    super().__init__(cfg, feature, train=train)
+    self.min_length = round((self.section.min_seconds or 0) * self.sampling_rate)
+    self.min_samples = self.stats.get("min_samples", 1)  # the tower's receptive field
+
+  def checkpoint_stats(self, name_or_path: str) -> dict[str, Any]:
+    from mmtl import preprocess  # Reads the checkpoint folder: only when asked.
+
+    return preprocess.audio_stats(name_or_path)
+
+  def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
+    x = self.crop(value, rng)
     n = min(max(len(x), self.min_length), self.length)
     if n < self.min_samples:
       raise config_keys.ConfigError(
@@ -391,6 +427,98 @@ class Waveform(Modality):
     lengths = np.where(present > 0, lengths, self.length)  # blanked: silence, full length
     batch["waveform"] = x * present[:, None].astype(np.float32)
     batch["waveform_mask"] = (np.arange(self.length)[None] < lengths[:, None]).astype(np.int32)
+    return batch
+
+
+@register("log_mel")
+class LogMel(Clip):
+  """Log-mel spectrograms for a tower that reads them (the Whisper encoder, AST), computed
+  from raw clips in the pipeline exactly as the checkpoint's feature extractor computes
+  them (mmtl.log_mel: `whisper` = `WhisperFeatureExtractor`, `kaldi` = `ASTFeatureExtractor`).
+  Each clip is prepared as `Clip` says (not normalized unless the extractor does:
+  Whisper's `do_normalize`), then turned into (frames, mel bins) features: Whisper's pad
+  the clip to `max_seconds` (default the extractor's 30 s chunk), Kaldi's pad or cut the
+  frames to `frames` (AST's `max_length`). Blanked: the features of silence."""
+
+  inputs = {"log_mel": "input_features"}
+  config = dict(
+    Clip.config,
+    front_end=None,  # "whisper" or "kaldi"; None: stats_from's feature extractor.
+    num_mel_bins=None,  # None: stats_from's, else the front end's default (80, 128).
+    frames=None,  # kaldi: frames per clip (AST's max_length); None: stats_from's, else 1024.
+  )
+  default_normalize = False
+
+  def __init__(self, cfg: Any, feature: Any, *, train: bool):
+    from mmtl import log_mel  # pylint: disable=g-import-not-at-top
+
+    section = cfg[self.name]
+    self.spec = self._spec(section, log_mel)
+    super().__init__(cfg, feature, train=train)
+    if self.sampling_rate != self.spec.sampling_rate:
+      self.spec = dataclasses.replace(self.spec, sampling_rate=self.sampling_rate)
+    if self.spec.front_end == "whisper" and section.max_seconds:
+      # Whisper's features cover the padded clip: max_seconds sets it instead of 30 s.
+      self.spec = dataclasses.replace(self.spec, chunk_length=section.max_seconds)
+    self.check_tower_limits()
+    self.silence = log_mel.log_mel(np.zeros(self.length, np.float32), self.spec)
+    self.features = functools.partial(log_mel.log_mel, spec=self.spec)
+
+  def _spec(self, section: Any, log_mel: Any) -> Any:
+    """The front end's spec: stats_from's feature extractor, with the section's overrides."""
+    spec = None
+    if section.stats_from:
+      from mmtl import preprocess  # Reads the checkpoint folder: only when asked.
+
+      spec = preprocess.log_mel_spec(section.stats_from)
+    front_end = section.front_end or (spec.front_end if spec else None)
+    if front_end not in log_mel.FRONT_ENDS:
+      raise config_keys.ConfigError(
+        f"config.input.log_mel.front_end={front_end!r}: set it to one of "
+        f"{log_mel.FRONT_ENDS} (Whisper's or AST's feature extractor), or set "
+        "config.input.log_mel.stats_from to the tower's checkpoint to read it from there."
+      )
+    if spec is None or spec.front_end != front_end:
+      spec = log_mel.LogMelSpec(front_end, 80 if front_end == "whisper" else 128)
+    overrides = dict(num_mel_bins=section.num_mel_bins, max_length=section.frames)
+    return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v})
+
+  def checkpoint_stats(self, name_or_path: str) -> dict[str, Any]:
+    return dict(sampling_rate=self.spec.sampling_rate)
+
+  def default_length(self, feature: Any) -> int:
+    return self.spec.samples  # the samples the front end's features cover
+
+  def check_tower_limits(self) -> None:
+    """With `stats_from`, what the tower takes: its mel bins and the frames its positions
+    cover (Whisper: 2 * max_source_positions; AST: max_length)."""
+    if not self.section.stats_from:
+      return
+    from mmtl import hf  # pylint: disable=g-import-not-at-top
+
+    tower = hf.read_config(self.section.stats_from)
+    bins = tower.get("num_mel_bins")
+    if bins is not None and bins != self.spec.num_mel_bins:
+      raise config_keys.ConfigError(
+        f"config.input.log_mel gives {self.spec.num_mel_bins} mel bins, the tower "
+        f"{self.section.stats_from!r} takes {bins}: drop config.input.log_mel.num_mel_bins "
+        "(stats_from gives the tower's) or point stats_from at the tower's checkpoint."
+      )
+    most = tower.get("max_length") or 2 * tower.get("max_source_positions", 0) or None
+    if most is not None and self.spec.frames > most:
+      raise config_keys.ConfigError(
+        f"config.input.log_mel gives {self.spec.frames} frames per clip "
+        f"({self.spec.frames * self.spec.hop_length / self.sampling_rate:g} s), more than "
+        f"the tower's positions cover ({most} frames): lower config.input.log_mel."
+        "max_seconds (or frames)."
+      )
+
+  def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
+    return {"log_mel": self.features(self.crop(value, rng))}
+
+  def batch(self, batch: dict[str, Any], present: np.ndarray) -> dict[str, Any]:
+    x = batch.pop("log_mel")
+    batch["log_mel"] = np.where(present[:, None, None] > 0, x, self.silence[None])
     return batch
 
 

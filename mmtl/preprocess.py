@@ -1,7 +1,8 @@
-"""Inputs that match a pretrained encoder: its tokenizer and its image statistics.
+"""Inputs that match a pretrained encoder: its tokenizer, its image statistics, its audio
+settings and log-mel front end.
 
-Both come from the same checkpoint folder (or hub id) as the weights, so text
-and pixels are prepared exactly as the encoder saw them in pretraining.
+All come from the same checkpoint folder (or hub id) as the weights, so text, pixels and
+audio are prepared exactly as the encoder saw them in pretraining.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmtl import hf
+from absl import logging
+
+from mmtl import hf, log_mel
 
 # When a checkpoint has no preprocessor_config.json: the defaults of the HF image
 # processor of its model_type (CLIPImageProcessor, and BitImageProcessor for DINOv2: the
@@ -88,3 +91,43 @@ def audio_stats(name_or_path: str | Path, *, revision: str | None = None) -> dic
     do_normalize=bool(processor.get("do_normalize", True)),
     min_samples=int(getattr(module.config, "receptive_field", 1)),
   )
+
+
+# The front end of each log-mel family's feature extractor, for a checkpoint without
+# preprocessor_config.json: its defaults, with the mel bins (and AST's frames) of config.json.
+LOG_MEL_FAMILIES = {"whisper": "whisper", "audio-spectrogram-transformer": "kaldi"}
+
+
+def log_mel_spec(name_or_path: str | Path, *, revision: str | None = None) -> log_mel.LogMelSpec:
+  """How a Whisper or AST checkpoint's feature extractor computes its log-mel features: read
+  from its preprocessor_config.json (`WhisperFeatureExtractor`, `ASTFeatureExtractor`);
+  without one, the family's extractor defaults with config.json's `num_mel_bins` (and AST's
+  `max_length`), logged."""
+  folder = hf.resolve(name_or_path, revision)
+  file = folder / "preprocessor_config.json"
+  if file.exists():
+    try:
+      return log_mel.LogMelSpec.from_preprocessor_config(json.loads(file.read_text()))
+    except ValueError as e:
+      raise hf.CheckpointError(f"{file}: {e}") from None
+  config = hf.read_config(folder)
+  family = config.get("model_type")
+  if family not in LOG_MEL_FAMILIES:
+    raise hf.CheckpointError(
+      f"{str(folder)!r} has no preprocessor_config.json and its config.json is a "
+      f"{family!r} model, which reads no log-mel features: give a Whisper or AST checkpoint "
+      "(or its feature extractor's preprocessor_config.json), or set "
+      "config.input.log_mel.front_end without stats_from."
+    )
+  front_end = LOG_MEL_FAMILIES[family]
+  spec = log_mel.LogMelSpec(front_end, int(config.get("num_mel_bins", 80)))
+  if "max_length" in config and front_end == "kaldi":
+    spec = log_mel.LogMelSpec(front_end, spec.num_mel_bins, max_length=int(config["max_length"]))
+  logging.warning(
+    "%s has no preprocessor_config.json: computing %s log-mel features with the defaults of "
+    "its feature extractor (%d mel bins, 16 kHz).",
+    folder,
+    front_end,
+    spec.num_mel_bins,
+  )
+  return spec

@@ -21,15 +21,17 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = xla_settings.compilation_cache_dir(os.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Tiny random HF checkpoints (tiny_bert_dir, tiny_vit_dir, tiny_clip_dir, tiny_siglip_dir,
-# tiny_wav2vec2_dir): see tests/hf_fixtures.py.
+# tiny_wav2vec2_dir, tiny_whisper_dir, tiny_ast_dir): see tests/hf_fixtures.py.
 import pytest  # noqa: E402
 
 from tests.hf_fixtures import (  # noqa: E402,F401
+  tiny_ast_dir,
   tiny_bert_dir,
   tiny_clip_dir,
   tiny_siglip_dir,
   tiny_vit_dir,
   tiny_wav2vec2_dir,
+  tiny_whisper_dir,
 )
 
 

@@ -86,8 +86,8 @@ def _preprocessor(out: Path, processor: str, mean, std, size: dict, crop: dict |
 def make_tiny_checkpoint(
   family: str, out_dir: str | Path, seed: int = 0, **config_overrides
 ) -> str:
-  """Save a tiny random transformers `family` ("bert", "vit", "clip", "wav2vec2") model to
-  `out_dir`.
+  """Save a tiny random transformers `family` ("bert", "vit", "clip", "wav2vec2", "whisper",
+  "ast") model, with its tokenizer or feature extractor config, to `out_dir`.
 
   For "clip", `config_overrides` may hold `text_config` / `vision_config` dicts
   that update the tiny defaults.
@@ -163,8 +163,51 @@ def make_tiny_checkpoint(
       }
     )
     model = tr.Wav2Vec2Model(cfg)
+  elif family == "whisper":
+    # 13 mel bins; the feature extractor pads clips to 1 s (100 frames, 50 positions).
+    tr.WhisperFeatureExtractor(feature_size=13, chunk_length=1).save_pretrained(out)
+    cfg = tr.WhisperConfig(
+      **{
+        "d_model": 32,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "encoder_ffn_dim": 37,
+        "decoder_layers": 1,
+        "decoder_attention_heads": 4,
+        "decoder_ffn_dim": 37,
+        "num_mel_bins": 13,
+        "max_source_positions": 50,
+        "max_target_positions": 16,
+        "vocab_size": 40,
+        "pad_token_id": 1,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 1,
+        "begin_suppress_tokens": None,
+        **config_overrides,
+      }
+    )
+    model = tr.WhisperModel(cfg)
+  elif family == "ast":
+    # 16 mel bins, 64 frames (0.64 s) in 8 x 8 patches: 2 x 8 of them.
+    extractor = dict(num_mel_bins=16, max_length=64, mean=-5.1, std=3.3)
+    tr.ASTFeatureExtractor(**extractor).save_pretrained(out)
+    cfg = tr.ASTConfig(
+      **{
+        **common,
+        "num_mel_bins": 16,
+        "max_length": 64,
+        "patch_size": 8,
+        "frequency_stride": 8,
+        "time_stride": 8,
+        **config_overrides,
+      }
+    )
+    model = tr.ASTModel(cfg)
   else:
-    raise ValueError(f"family={family!r}: use 'bert', 'vit', 'clip' or 'wav2vec2'.")
+    raise ValueError(
+      f"family={family!r}: use 'bert', 'vit', 'clip', 'wav2vec2', 'whisper' or 'ast'."
+    )
   model.eval().save_pretrained(out)
   return str(out)
 
@@ -187,6 +230,16 @@ def tiny_clip_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_wav2vec2_dir(tmp_path_factory) -> str:
   return make_tiny_checkpoint("wav2vec2", tmp_path_factory.mktemp("tiny_wav2vec2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory) -> str:
+  return make_tiny_checkpoint("whisper", tmp_path_factory.mktemp("tiny_whisper"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ast_dir(tmp_path_factory) -> str:
+  return make_tiny_checkpoint("ast", tmp_path_factory.mktemp("tiny_ast"))
 
 
 def export_and_reload(module, variables, out_dir, torch_cls=None):
