@@ -3,6 +3,7 @@ r"""Training-step benchmark: mmtl's trainer step vs HF transformers PyTorch, sam
   python -m mmtl.bench --preset clip_b16 --batch 256 --out bench_out   # one GPU (docs/benchmark.md)
   python -m mmtl.bench --tiny --out /tmp/bench                         # CPU, tiny sizes, seconds
   python -m mmtl.bench --preset gpt2_generation --out bench_gen        # mmtl.bench_generation
+  python -m mmtl.bench --preset log_mel --out bench_log_mel            # mmtl.bench_log_mel
 
 Measured, each in its own process by default (clean peak memory, one
 framework on the GPU at a time), all on the first local device:
@@ -46,7 +47,12 @@ from typing import Any
 from absl import flags
 import numpy as np
 
-from mmtl import bench_generation, process, workdir  # etils only: importing mmtl.bench loads no JAX
+from mmtl import (  # etils only: importing mmtl.bench loads no JAX
+  bench_generation,
+  bench_log_mel,
+  process,
+  workdir,
+)
 
 # --- What is benchmarked ------------------------------------------------------
 
@@ -756,9 +762,10 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_enum(
     "preset",
     "clip_b16",
-    sorted(PRESETS) + sorted(bench_generation.PRESETS),
-    "Model size (PRESETS: the training step), or a generation grid "
-    "(mmtl.bench_generation.PRESETS: mmtl.generate vs transformers' generate()).",
+    sorted(PRESETS) + sorted(bench_generation.PRESETS) + sorted(bench_log_mel.PRESETS),
+    "Model size (PRESETS: the training step), a generation grid "
+    "(mmtl.bench_generation.PRESETS: mmtl.generate vs transformers' generate()), or log-mel "
+    "front ends vs their towers (mmtl.bench_log_mel.PRESETS).",
     **kw,
   )
   flags.DEFINE_integer("batch", 256, "Global batch (image-text pairs).", **kw)
@@ -865,8 +872,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.worker:
     _worker(args.worker, args.worker_out)
     return {}
-  if args.preset in bench_generation.PRESETS:
-    return bench_generation.run(
+  other = [m for m in (bench_generation, bench_log_mel) if args.preset in m.PRESETS]
+  if other:
+    return other[0].run(
       args.preset,
       args.out,
       repeats=args.repeats,

@@ -235,3 +235,17 @@ def test_generation_preset_measures_both_frameworks_on_the_same_weights(tmp_path
     )
   table = (tmp_path / "bench.md").read_text()
   assert "| vit_gpt2 | beam 2 | 2 | 4 |" in table and "transformers 5." in table
+
+
+def test_log_mel_preset_measures_front_ends_and_towers(tmp_path):
+  """`--preset tiny_log_mel`: each front end's clips/s on one and two threads, the
+  transformers extractor's on the same clips (equal features), and the tower's step."""
+  report = bench.main(["--preset", "tiny_log_mel", "--out", str(tmp_path), "--repeats", "1"])
+  assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
+  assert [r["name"] for r in report["runs"]] == ["whisper_tiny", "ast_tiny"]
+  for run in report["runs"]:
+    assert run["max_abs_diff"] < 1e-4, run["name"]
+    assert min(run["mmtl_clips_per_s"], run["transformers_clips_per_s"]) > 0
+    assert run["tower"]["tower_clips_per_s"] == pytest.approx(2 / run["tower"]["step_s"])
+  table = (tmp_path / "bench.md").read_text()
+  assert "| whisper_tiny | 13 | 0.5 | 50 |" in table and "| ast_tiny | 16 | 0.5 | 50 |" in table
