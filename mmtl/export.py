@@ -3,11 +3,13 @@ r"""Exports one tower (or the decoder) of a trained run as a Hugging Face checkp
   python -m mmtl.export --workdir DIR --tower image --out exported/image [--step N]
 
 The folder holds `config.json` + `model.safetensors` that
-`transformers.AutoModel.from_pretrained` loads with no missing or unexpected keys and
-that computes what the tower computed in the run: LoRA adapters are merged into their
-kernels and BatchNorm running statistics (ResNet) are written with the weights. The
-step is the run's best checkpoint (its latest when no best_metric was tracked) unless
-`--step` is given; a run of `total_steps=0` exports its initial (`model_init`) weights.
+`transformers.AutoModel.from_pretrained` loads with no missing or unexpected keys (a
+Whisper encoder's folder lacks the decoder it has no weights for: transformers lists those
+keys as missing) and that computes what the tower computed in the run: LoRA adapters are
+merged into their kernels and BatchNorm running statistics (ResNet) are written with the
+weights. The step is the run's best checkpoint (its latest when no best_metric was
+tracked) unless `--step` is given; a run of `total_steps=0` exports its initial
+(`model_init`) weights.
 `--out` must be new or empty: nothing is overwritten.
 """
 

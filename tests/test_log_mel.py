@@ -9,9 +9,10 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import torch
 import transformers
 
-from mmtl import data, hf, log_mel, modalities, preprocess, rules, train
+from mmtl import data, export, hf, log_mel, modalities, preprocess, rules, train
 from mmtl.config_keys import ConfigError
 from tests.test_train import TINY_VIT
 from tests.test_waveform import final_params, prepare
@@ -203,6 +204,16 @@ def test_a_whisper_tower_trains_with_its_stem_frozen(tiny_whisper_dir, data_dir,
       np.testing.assert_array_equal(after[f"log_mel_encoder/{p}"], x, err_msg=p)
     elif p.startswith("encoder/") and p.endswith("kernel"):
       assert not np.allclose(after[f"log_mel_encoder/{p}"], x), p
+  # The trained tower exports as a WhisperModel folder whose encoder computes what it did.
+  out = export.export_tower(str(tmp_path / "run"), "log_mel", tmp_path / "exported")
+  reloaded = transformers.WhisperModel.from_pretrained(out).eval()
+  module = hf.build_module(out)
+  tower = {p.split("/", 1)[1]: x for p, x in after.items() if p.startswith("log_mel_encoder/")}
+  x = np.random.default_rng(0).standard_normal((2, 100, 13)).astype(np.float32)
+  ours = module.apply({"params": rules.unflatten(tower)}, x)["last_hidden_state"]
+  with torch.no_grad():
+    theirs = reloaded.encoder(torch.tensor(x).transpose(1, 2)).last_hidden_state.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 @pytest.mark.slow
