@@ -100,7 +100,8 @@ def inputs_for(model: str, preset: Mapping[str, Any], batch: int) -> dict[str, n
   return dict(pixel_values=rng.normal(size=(batch, size, size, 3)).astype(np.float32))
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn: Any, repeats: int) -> float:
+  """Median seconds of `repeats` calls of `fn` (each one blocks on its result)."""
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -131,7 +132,7 @@ def measure(
   start = time.perf_counter()
   tokens = np.asarray(ours())
   compile_s = time.perf_counter() - start
-  mmtl_s = _median_time(ours, repeats)
+  mmtl_s = median_time(ours, repeats)
 
   torch_inputs = {k: torch.tensor(v) for k, v in inputs.items()}
   if "pixel_values" in torch_inputs:
@@ -142,7 +143,7 @@ def measure(
       return torch_model.generate(**torch_inputs, **kw, do_sample=False).numpy()
 
   reference = theirs()  # untimed warmup
-  torch_s = _median_time(theirs, repeats)
+  torch_s = median_time(theirs, repeats)
   batch = next(iter(inputs.values())).shape[0]
   generated = batch * new_tokens
   return dict(

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import concurrent.futures
-import statistics
 import time
 from typing import Any
 
 import numpy as np
+
+from mmtl import bench_generation
 
 _WHISPER_TINY = dict(  # openai/whisper-tiny's encoder (39M parameters with its decoder)
   model_type="whisper",
@@ -93,15 +94,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _extractor(front_end: str, bins: int, seconds: float) -> Any:
   import transformers  # pylint: disable=g-import-not-at-top
 
@@ -135,9 +127,9 @@ def front_end_row(
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     pooled = lambda: list(pool.map(lambda w: log_mel.log_mel(w, spec), waves))
     pooled()  # warm the pool and the filter cache
-    pooled_s = _median_time(pooled, repeats)
-  ours_s = _median_time(ours, repeats)
-  theirs_s = _median_time(lambda: [theirs(w) for w in waves], repeats)
+    pooled_s = bench_generation.median_time(pooled, repeats)
+  ours_s = bench_generation.median_time(ours, repeats)
+  theirs_s = bench_generation.median_time(lambda: [theirs(w) for w in waves], repeats)
   diff = max(float(np.abs(log_mel.log_mel(w, spec) - theirs(w)).max()) for w in waves[:2])
   return dict(
     name=name,
@@ -177,7 +169,7 @@ def tower_row(
   start = time.perf_counter()
   step()
   compile_s = time.perf_counter() - start
-  step_s = _median_time(step, repeats)
+  step_s = bench_generation.median_time(step, repeats)
   return dict(
     name=name, batch=batch, step_s=step_s, compile_s=compile_s, tower_clips_per_s=batch / step_s
   )

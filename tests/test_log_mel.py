@@ -5,7 +5,6 @@ image tower in training."""
 import json
 import shutil
 
-import ml_collections as mlc
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -14,8 +13,7 @@ import transformers
 
 from mmtl import data, export, hf, log_mel, modalities, preprocess, rules, train
 from mmtl.config_keys import ConfigError
-from tests.test_train import TINY_VIT
-from tests.test_waveform import final_params, prepare
+from tests.test_waveform import final_params, prepare, speech_config
 
 ATOL = 1e-4
 CLIP = tfds.features.Tensor(shape=(8000,), dtype=np.float32)  # mmtl_shapes: 0.5 s at 16 kHz
@@ -151,40 +149,9 @@ def test_bad_checkpoints_and_settings_name_the_fix(
 
 
 def log_mel_config(tower_dir, data_dir, **overrides):
-  """A tiny ViT from scratch + a log-mel tower fixture over mmtl_shapes' 16 kHz waveforms,
-  sharded over data, fsdp and model axes, with modality dropout of the audio."""
-  config = mlc.ConfigDict(
-    dict(
-      seed=0,
-      total_steps=4,
-      batch_size=16,
-      log_every=1,
-      ckpt_every=100,
-      mesh=dict(data=2, fsdp=2, model=2),
-      sharding_rules="fsdp_tp",
-      input=dict(
-        dataset="mmtl_shapes/small",
-        data_dir=data_dir,
-        split="train[:32]",
-        fields=dict(image="image", text=None, log_mel="waveform", label="label"),
-        image=dict(size=16),
-        log_mel=dict(rate=16000, stats_from=tower_dir, max_seconds=0.5),
-        modality_dropout=dict(log_mel=0.5),
-      ),
-      model=dict(
-        towers=dict(image=dict(name=TINY_VIT, pool="cls"), log_mel=dict(name=tower_dir)),
-        fusion="concat",
-        num_classes=2,
-        width=16,
-      ),
-      model_init=dict(log_mel_encoder=tower_dir),
-      optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant")),
-      evals=dict(val=dict(type="classification", input=dict(split="validation[:32]"))),
-    )
-  )
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  """The fused training config of tests/test_waveform.py with a log-mel tower."""
+  section = dict(rate=16000, stats_from=tower_dir, max_seconds=0.5)
+  return speech_config(tower_dir, data_dir, "log_mel", section, **overrides)
 
 
 @pytest.mark.slow

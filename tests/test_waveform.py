@@ -95,8 +95,11 @@ def test_a_clip_shorter_than_the_receptive_field_names_the_fix(tiny_wav2vec2_dir
   assert out["waveform_length"] == 325 and not out["waveform"][300:].any()
 
 
-def speech_config(wav2vec2_dir, data_dir, **overrides):
-  """A tiny ViT from scratch + the tiny wav2vec2 fixture over mmtl_shapes' 16 kHz waveforms."""
+def speech_config(tower_dir, data_dir, modality="waveform", section=None, **overrides):
+  """A tiny ViT from scratch + an audio tower fixture (`modality`'s, from `tower_dir`) over
+  mmtl_shapes' 16 kHz waveforms, sharded over data, fsdp and model axes, with modality
+  dropout of the audio; `section` is config.input.<modality> (default: the tower's rate
+  and settings)."""
   config = mlc.ConfigDict(
     dict(
       seed=0,
@@ -106,28 +109,23 @@ def speech_config(wav2vec2_dir, data_dir, **overrides):
       ckpt_every=100,
       mesh=dict(data=2, fsdp=2, model=2),
       sharding_rules="fsdp_tp",
-      input=dict(
-        dataset="mmtl_shapes/small",
-        data_dir=data_dir,
-        split="train[:32]",
-        fields=dict(image="image", text=None, waveform="waveform", label="label"),
-        image=dict(size=16),
-        waveform=dict(rate=16000, stats_from=wav2vec2_dir),
-        modality_dropout=dict(waveform=0.5),
-      ),
+      input={
+        "dataset": "mmtl_shapes/small",
+        "data_dir": data_dir,
+        "split": "train[:32]",
+        "fields": dict(image="image", text=None, label="label", **{modality: "waveform"}),
+        "image": dict(size=16),
+        modality: section or dict(rate=16000, stats_from=tower_dir),
+        "modality_dropout": {modality: 0.5},
+      },
       model=dict(
-        towers=dict(image=dict(name=TINY_VIT, pool="cls"), waveform=dict(name=wav2vec2_dir)),
+        towers={"image": dict(name=TINY_VIT, pool="cls"), modality: dict(name=tower_dir)},
         fusion="concat",
         num_classes=2,
         width=16,
       ),
-      model_init=dict(waveform_encoder=wav2vec2_dir),
-      optim=dict(
-        name="adam",
-        lr=3e-3,
-        schedule=dict(decay="constant"),
-        frozen=["waveform_encoder/feature_extractor/.*"],
-      ),
+      model_init={f"{modality}_encoder": tower_dir},
+      optim=dict(name="adam", lr=3e-3, schedule=dict(decay="constant")),
       evals=dict(val=dict(type="classification", input=dict(split="validation[:32]"))),
     )
   )
@@ -146,7 +144,14 @@ def test_a_wav2vec2_tower_trains_fused_with_an_image_tower(tiny_wav2vec2_dir, da
   """Sharded over data=2, fsdp=2, model=2 with SpecAugment, LayerDrop and modality dropout
   of the waveform: the frozen feature encoder keeps the checkpoint's weights bit for bit,
   the rest of the tower trains, and the run evaluates."""
-  final = train.train(speech_config(tiny_wav2vec2_dir, data_dir), str(tmp_path / "run"))
+  optim = dict(
+    name="adam",
+    lr=3e-3,
+    schedule=dict(decay="constant"),
+    frozen=["waveform_encoder/feature_extractor/.*"],
+  )
+  config = speech_config(tiny_wav2vec2_dir, data_dir, optim=optim)
+  final = train.train(config, str(tmp_path / "run"))
   assert np.isfinite(final["val/loss"]) and 0 <= final["val/accuracy"] <= 1
   assert sorted(metrics.read(str(tmp_path / "run"))["train/loss"]) == [1, 2, 3, 4]
   after = final_params(tmp_path / "run")
@@ -175,7 +180,7 @@ def test_lora_on_the_wav2vec2_tower(tiny_wav2vec2_dir, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["waveform", "spectrogram"])
+@pytest.mark.parametrize("source", ["waveform", "whisper", "ast", "spectrogram"])
 def test_recipe_config_runs_short(source, data_dir, tmp_path):
   """configs/speech.py as its table runs it, on the small dataset: 3 steps, evaluated."""
   from configs import speech  # pylint: disable=g-import-not-at-top
@@ -186,5 +191,6 @@ def test_recipe_config_runs_short(source, data_dir, tmp_path):
   config.evals.val.input.split = "validation[:32]"
   final = train.train(config, str(tmp_path / "run"))
   assert set(final) == {"val/accuracy", "val/macro_f1", "val/loss", "step"}
-  tower = "waveform_encoder" if source == "waveform" else "audio_encoder"
+  tower = dict(waveform="waveform", whisper="log_mel", ast="log_mel").get(source, "audio")
+  tower = f"{tower}_encoder"
   assert any(p.startswith(tower) for p in final_params(tmp_path / "run"))
