@@ -7,7 +7,10 @@ frames, 5 x 5 patches at strides 3 (frequency) and 4 (time).
 """
 
 import functools
+import json
+from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,3 +261,27 @@ def test_bad_ast_inputs_name_the_fix(checkpoints):
   module, variables, _ = hf.load_pretrained(checkpoints["ast"][0])
   with pytest.raises(ValueError, match=r"takes \(B, 23, 17\): 23 frames .*pad or cut"):
     module.apply(variables, jnp.zeros((1, 20, 17)))
+
+
+def test_whisper_reads_hf_flax_msgpack(checkpoints, tmp_path):
+  """flax_model.msgpack as transformers 4.x's FlaxWhisperModel wrote it (torch's module
+  paths, Flax leaves: conv and dense `kernel`s in Flax's layout, norms' `scale`, the
+  positions' `embedding`) loads to the params of the safetensors."""
+  path, _ = checkpoints["whisper_13_mels"]
+  module, variables, config = hf.load_pretrained(path)
+  flat = {}
+  for key, x in hf.read_weights(Path(path)).items():
+    *parents, leaf = key.split(".")
+    if leaf == "weight":
+      if "norm" in parents[-1]:
+        leaf = "scale"
+      elif parents[-1] == "embed_positions":
+        leaf = "embedding"
+      else:
+        leaf, x = "kernel", x.T  # (out, in[, k]) -> ([k,] in, out)
+    flat["/".join([*parents, leaf])] = x
+  (tmp_path / "flax_model.msgpack").write_bytes(
+    flax.serialization.msgpack_serialize(rules.unflatten(flat))
+  )
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  jax.tree.map(np.testing.assert_array_equal, hf.load_pretrained(tmp_path)[1], variables)
