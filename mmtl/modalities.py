@@ -504,7 +504,10 @@ class LogMel(Clip):
         f"{self.section.stats_from!r} takes {bins}: drop config.input.log_mel.num_mel_bins "
         "(stats_from gives the tower's) or point stats_from at the tower's checkpoint."
       )
-    most = tower.get("max_length") or 2 * tower.get("max_source_positions", 0) or None
+    if self.spec.front_end == "whisper":  # (a Whisper config's max_length is the decoder's)
+      most = 2 * tower["max_source_positions"] if "max_source_positions" in tower else None
+    else:
+      most = tower.get("max_length")
     if most is not None and self.spec.frames > most:
       raise config_keys.ConfigError(
         f"config.input.log_mel gives {self.spec.frames} frames per clip "

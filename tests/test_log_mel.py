@@ -144,6 +144,13 @@ def test_bad_checkpoints_and_settings_name_the_fix(
   file.write_text(json.dumps({**json.loads(file.read_text()), "dither": 1e-4}))
   with pytest.raises(hf.CheckpointError, match="dither=0.0001 .* set dither to 0.0"):
     preprocess.log_mel_spec(dithered)
+  # A Whisper config.json's `max_length` (Hub checkpoints carry 448) is the decoder's: the
+  # encoder's limit is 2 * max_source_positions.
+  decoder_length = tmp_path / "decoder_length"
+  shutil.copytree(tiny_whisper_dir, decoder_length)
+  file = decoder_length / "config.json"
+  file.write_text(json.dumps({**json.loads(file.read_text()), "max_length": 20}))
+  assert log_mel_modality(dict(rate=16000, stats_from=str(decoder_length))).spec.frames == 100
   without = log_mel_modality(dict(rate=16000, front_end="kaldi", num_mel_bins=20, frames=30))
   assert prepare(without, clips((8000,)))["log_mel"].shape == (1, 30, 20)
 
