@@ -59,6 +59,14 @@ class LogMelSpec:
       raise ValueError(f"Log-mel front end {self.front_end!r}: use one of {FRONT_ENDS}.")
 
   @classmethod
+  def default(cls, front_end: str, **settings: Any) -> LogMelSpec:
+    """The transformers extractor's defaults (Whisper: 80 mel bins; AST: 128), `settings`
+    (those not None) replacing them."""
+    bins = 80 if front_end == "whisper" else 128
+    settings = {k: v for k, v in settings.items() if v is not None}
+    return cls(front_end=front_end, **{"num_mel_bins": bins, **settings})
+
+  @classmethod
   def from_preprocessor_config(cls, processor: Mapping[str, Any]) -> LogMelSpec:
     """The spec of a `preprocessor_config.json` dict of a Whisper or AST feature extractor."""
     kind = processor.get("feature_extractor_type")

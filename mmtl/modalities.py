@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image as PILImage
 
-from mmtl import config_keys
+from mmtl import config_keys, log_mel
 
 
 class Modality:
@@ -450,10 +450,8 @@ class LogMel(Clip):
   default_normalize = False
 
   def __init__(self, cfg: Any, feature: Any, *, train: bool):
-    from mmtl import log_mel  # pylint: disable=g-import-not-at-top
-
     section = cfg[self.name]
-    self.spec = self._spec(section, log_mel)
+    self.spec = self._spec(section)
     super().__init__(cfg, feature, train=train)
     if self.sampling_rate != self.spec.sampling_rate:
       self.spec = dataclasses.replace(self.spec, sampling_rate=self.sampling_rate)
@@ -464,7 +462,7 @@ class LogMel(Clip):
     self.silence = log_mel.log_mel(np.zeros(self.length, np.float32), self.spec)
     self.features = functools.partial(log_mel.log_mel, spec=self.spec)
 
-  def _spec(self, section: Any, log_mel: Any) -> Any:
+  def _spec(self, section: Any) -> log_mel.LogMelSpec:
     """The front end's spec: stats_from's feature extractor, with the section's overrides."""
     spec = None
     if section.stats_from:
@@ -478,10 +476,10 @@ class LogMel(Clip):
         f"{log_mel.FRONT_ENDS} (Whisper's or AST's feature extractor), or set "
         "config.input.log_mel.stats_from to the tower's checkpoint to read it from there."
       )
-    if spec is None or spec.front_end != front_end:
-      spec = log_mel.LogMelSpec(front_end, 80 if front_end == "whisper" else 128)
     overrides = dict(num_mel_bins=section.num_mel_bins, max_length=section.frames)
-    return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v})
+    if spec is None or spec.front_end != front_end:
+      return log_mel.LogMelSpec.default(front_end, **overrides)
+    return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
 
   def checkpoint_stats(self, name_or_path: str) -> dict[str, Any]:
     return dict(sampling_rate=self.spec.sampling_rate)

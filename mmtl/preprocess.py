@@ -120,9 +120,10 @@ def log_mel_spec(name_or_path: str | Path, *, revision: str | None = None) -> lo
       "config.input.log_mel.front_end without stats_from."
     )
   front_end = LOG_MEL_FAMILIES[family]
-  spec = log_mel.LogMelSpec(front_end, int(config.get("num_mel_bins", 80)))
-  if "max_length" in config and front_end == "kaldi":
-    spec = log_mel.LogMelSpec(front_end, spec.num_mel_bins, max_length=int(config["max_length"]))
+  frames = config.get("max_length") if front_end == "kaldi" else None  # Whisper's: the decoder's
+  spec = log_mel.LogMelSpec.default(
+    front_end, num_mel_bins=config.get("num_mel_bins"), max_length=frames
+  )
   logging.warning(
     "%s has no preprocessor_config.json: computing %s log-mel features with the defaults of "
     "its feature extractor (%d mel bins, 16 kHz).",
