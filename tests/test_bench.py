@@ -237,6 +237,7 @@ def test_generation_preset_measures_both_frameworks_on_the_same_weights(tmp_path
   assert "| vit_gpt2 | beam 2 | 2 | 4 |" in table and "transformers 5." in table
 
 
+@pytest.mark.slow
 def test_log_mel_preset_measures_front_ends_and_towers(tmp_path):
   """`--preset tiny_log_mel`: each front end's clips/s on one and two threads, the
   transformers extractor's on the same clips (equal features), and the tower's step."""
