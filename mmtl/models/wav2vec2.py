@@ -33,7 +33,22 @@ from mmtl.models.weights import HFName, Transform
 
 
 @dataclasses.dataclass(frozen=True)
-class Wav2Vec2Config(layers.HFConfig):
+class SpecAugmentConfig:
+  """The SpecAugment keys of a speech config.json (wav2vec2, HuBERT, Whisper), transformers'
+  names and defaults: spans of `*_length` frames (time) or channels (feature), drawn by
+  `time_mask_spans`."""
+
+  apply_spec_augment: bool = True
+  mask_time_prob: float = 0.05
+  mask_time_length: int = 10
+  mask_time_min_masks: int = 2
+  mask_feature_prob: float = 0.0
+  mask_feature_length: int = 10
+  mask_feature_min_masks: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Wav2Vec2Config(SpecAugmentConfig, layers.HFConfig):
   model_type: ClassVar[str] = "wav2vec2"
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -56,13 +71,6 @@ class Wav2Vec2Config(layers.HFConfig):
   num_conv_pos_embeddings: int = 128
   num_conv_pos_embedding_groups: int = 16
   do_stable_layer_norm: bool = False
-  apply_spec_augment: bool = True
-  mask_time_prob: float = 0.05
-  mask_time_length: int = 10
-  mask_time_min_masks: int = 2
-  mask_feature_prob: float = 0.0
-  mask_feature_length: int = 10
-  mask_feature_min_masks: int = 0
   # Read to refuse what mmtl does not implement (an adapter on top of the encoder).
   add_adapter: bool = False
   adapter_attn_dim: int | None = None

@@ -40,7 +40,7 @@ FIXED_POSITIONS = r"(.*/)?position_sinusoids"
 
 
 @dataclasses.dataclass(frozen=True)
-class WhisperConfig(layers.HFConfig):
+class WhisperConfig(wav2vec2.SpecAugmentConfig, layers.HFConfig):
   model_type: ClassVar[str] = "whisper"
   d_model: int = 384
   encoder_layers: int = 4
@@ -53,13 +53,7 @@ class WhisperConfig(layers.HFConfig):
   attention_dropout: float = 0.0
   activation_dropout: float = 0.0
   encoder_layerdrop: float = 0.0
-  apply_spec_augment: bool = False
-  mask_time_prob: float = 0.05
-  mask_time_length: int = 10
-  mask_time_min_masks: int = 2
-  mask_feature_prob: float = 0.0
-  mask_feature_length: int = 10
-  mask_feature_min_masks: int = 0
+  apply_spec_augment: bool = False  # Whisper's default (SpecAugment's keys: the base's)
   # The decoder's shape: not built by mmtl, kept so an exported folder describes the model
   # the checkpoint came from.
   vocab_size: int = 51865
