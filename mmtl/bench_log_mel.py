@@ -94,12 +94,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _extractor(front_end: str, bins: int, seconds: float) -> Any:
+def _extractor(spec: Any) -> Any:
+  """The transformers feature extractor that `spec` (an mmtl.log_mel.LogMelSpec) equals."""
   import transformers  # pylint: disable=g-import-not-at-top
 
-  if front_end == "whisper":
-    return transformers.WhisperFeatureExtractor(feature_size=bins, chunk_length=seconds)
-  return transformers.ASTFeatureExtractor(num_mel_bins=bins, max_length=round(seconds * 100))
+  if spec.front_end == "whisper":
+    return transformers.WhisperFeatureExtractor(
+      feature_size=spec.num_mel_bins, chunk_length=spec.chunk_length
+    )
+  return transformers.ASTFeatureExtractor(
+    num_mel_bins=spec.num_mel_bins, max_length=spec.max_length
+  )
 
 
 def front_end_row(
@@ -108,15 +113,12 @@ def front_end_row(
   """clips/s of mmtl.log_mel (1 and `threads` threads) and of the transformers extractor."""
   from mmtl import log_mel  # pylint: disable=g-import-not-at-top
 
-  frames = round(seconds * 100)
-  spec = (
-    log_mel.LogMelSpec(front_end, bins, chunk_length=seconds)
-    if front_end == "whisper"
-    else log_mel.LogMelSpec(front_end, bins, max_length=frames)
-  )
+  spec = log_mel.LogMelSpec(front_end, bins, chunk_length=seconds)
+  if front_end == "kaldi":  # as many 10 ms frames as the seconds hold
+    spec = log_mel.LogMelSpec(front_end, bins, max_length=round(seconds * 100))
   rng = np.random.default_rng(0)
   waves = [(0.1 * rng.standard_normal(spec.samples)).astype(np.float32) for _ in range(clips)]
-  extractor = _extractor(front_end, bins, seconds)
+  extractor = _extractor(spec)
   key = "input_features" if front_end == "whisper" else "input_values"
 
   def theirs(w):

@@ -460,7 +460,6 @@ class LogMel(Clip):
       self.spec = dataclasses.replace(self.spec, chunk_length=section.max_seconds)
     self.check_tower_limits()
     self.silence = log_mel.log_mel(np.zeros(self.length, np.float32), self.spec)
-    self.features = functools.partial(log_mel.log_mel, spec=self.spec)
 
   def _spec(self, section: Any) -> log_mel.LogMelSpec:
     """The front end's spec: stats_from's feature extractor, with the section's overrides."""
@@ -515,7 +514,7 @@ class LogMel(Clip):
       )
 
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
-    return {"log_mel": self.features(self.crop(value, rng))}
+    return {"log_mel": log_mel.log_mel(self.crop(value, rng), self.spec)}
 
   def batch(self, batch: dict[str, Any], present: np.ndarray) -> dict[str, Any]:
     x = batch.pop("log_mel")
