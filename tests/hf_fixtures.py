@@ -242,6 +242,19 @@ def tiny_ast_dir(tmp_path_factory) -> str:
   return make_tiny_checkpoint("ast", tmp_path_factory.mktemp("tiny_ast"))
 
 
+def perturb_weights(model, scale=0.1):
+  """`model` in eval mode, every parameter moved by `scale` * N(0, 1) (torch's global RNG:
+  seed it first), so that parity tests see weights far from their initialization, where a
+  wrongly mapped or transposed tensor shows. `scale` may be a function of the parameter's
+  name (0 keeps a fixed table, such as sinusoidal positions, exact)."""
+  import torch
+
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.add_((scale(name) if callable(scale) else scale) * torch.randn_like(p))
+  return model.eval()
+
+
 def export_and_reload(module, variables, out_dir, torch_cls=None):
   """`hf.save_pretrained(module, variables, out_dir)`, checked both ways: mmtl reloads it
   exactly, and transformers (`torch_cls`, default AutoModel) loads it as the class

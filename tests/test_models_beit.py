@@ -24,7 +24,7 @@ from mmtl import config as config_lib
 from mmtl import hf, rules
 from mmtl.models import beit, encoder, fusion, layers
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 TINY = dict(
@@ -56,10 +56,7 @@ BEIT = {
 
 def _perturb(model: torch.nn.Module) -> torch.nn.Module:
   torch.manual_seed(0)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.add_((1.0 if "relative_position_bias_table" in name else 0.1) * torch.randn_like(p))
-  return model.eval()
+  return perturb_weights(model, lambda name: 1.0 if "relative_position_bias_table" in name else 0.1)
 
 
 def _beit_config(variant: str, **kw) -> transformers.BeitConfig:

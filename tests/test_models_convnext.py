@@ -20,7 +20,7 @@ import transformers
 from mmtl import hf, optim, rules
 from mmtl.models import encoder, fusion
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 TINY = dict(num_stages=3, hidden_sizes=[12, 20, 28])
@@ -45,10 +45,9 @@ def _save_tiny(family: str, out: Path, head: bool = False) -> transformers.PreTr
   config_cls, extra = CONFIGS[family]
   config = config_cls(**TINY, **extra, num_labels=3)
   torch.manual_seed(0)
-  model = (HEADS[family](config) if head else transformers.AutoModel.from_config(config)).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  model = perturb_weights(
+    HEADS[family](config) if head else transformers.AutoModel.from_config(config)
+  )
   model.save_pretrained(out)
   return model
 

@@ -26,7 +26,7 @@ import transformers
 from mmtl import hf, rules
 from mmtl.models import decoder, encoder_decoder, gpt2
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 VOCAB, N_POSITIONS, N_EMBD = 61, 40, 36
@@ -50,18 +50,12 @@ VARIANTS = {
 }
 
 
-def _perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(scale * torch.randn_like(p))
-
-
 def save_tiny_gpt2(out: Path, scale: float = 0.1, seed: int = 0, **overrides):
   """A tiny random transformers GPT2LMHeadModel (GPT2_SHAPES + `overrides`) saved to `out`."""
   torch.manual_seed(seed)
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**GPT2_SHAPES, **overrides}))
-  _perturb(model.eval(), scale, seed)
+  torch.manual_seed(seed)
+  perturb_weights(model, scale)
   model.save_pretrained(out)
   return model
 
@@ -82,7 +76,8 @@ def save_tiny_ved(out: Path, encoder_hidden: int = 32, scale: float = 0.1, seed:
   config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt)
   config.decoder_start_token_id, config.pad_token_id = BOS, PAD
   model = transformers.VisionEncoderDecoderModel(config)
-  _perturb(model.eval(), scale, seed)
+  torch.manual_seed(seed)
+  perturb_weights(model, scale)
   model.save_pretrained(out)
   return model
 

@@ -21,7 +21,7 @@ import transformers
 from mmtl import hf, optim, rules
 from mmtl.models import encoder, whisper
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 WHISPER = dict(
@@ -57,11 +57,8 @@ AST = dict(
 
 def _perturbed(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
   torch.manual_seed(0)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "embed_positions" not in name:  # Whisper's sinusoids stay as they are
-        p.add_(0.1 * torch.randn_like(p))
-  return model.eval()
+  # Whisper's sinusoids stay as they are.
+  return perturb_weights(model, lambda name: 0.0 if "embed_positions" in name else 0.1)
 
 
 def _whisper(mels: int, model_cls=transformers.WhisperModel, **extra):

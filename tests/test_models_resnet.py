@@ -26,7 +26,7 @@ import transformers
 from mmtl import hf, optim, rules, train_step
 from mmtl.models import encoder, fusion, layers
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 # 1e-5, relative for the larger values: 13 convs deep, float32 noise reaches ~1e-5 at outputs of
 # magnitude ~3 (torch's own float32 output is ~8e-6 off its float64 one); mix-ups are ~1e-1.
@@ -44,9 +44,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
   """Random weights and per-channel running statistics of the size of real activations."""
   torch.manual_seed(seed)
   norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  perturb_weights(model)
   with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
     for m in norms:
       m.weight.mul_(0.5)
       m.momentum = 1.0  # running statistics := this batch's

@@ -19,7 +19,7 @@ import transformers
 from mmtl import hf, rules
 from mmtl.models import encoder, layers, wav2vec2
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 TINY = dict(
@@ -60,11 +60,9 @@ def _tiny(family: str, model_cls=None) -> transformers.PreTrainedModel:
   config_cls, extra = CONFIGS[family]
   config = config_cls(**{**TINY, **extra})
   torch.manual_seed(0)
-  model = (model_cls(config) if model_cls else transformers.AutoModel.from_config(config)).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  return model
+  return perturb_weights(
+    model_cls(config) if model_cls else transformers.AutoModel.from_config(config)
+  )
 
 
 @pytest.fixture(scope="module")

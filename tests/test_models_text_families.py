@@ -24,7 +24,7 @@ from mmtl import config as config_lib
 from mmtl import hf, rules
 from mmtl.models import encoder, fusion
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 VOCAB, MAX_POSITIONS = 53, 20
@@ -54,11 +54,11 @@ def _save_tiny(family: str, out: Path) -> transformers.PreTrainedModel:
   config_cls, extra = CONFIGS[family]
   torch.manual_seed(0)
   config = config_cls(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, **extra)
-  model = transformers.AutoModel.from_config(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name != "embeddings.position_embeddings.weight" or family != "distilbert":
-        p.add_(0.1 * torch.randn_like(p))  # (DistilBERT's sinusoidal table stays exact)
+  fixed = "embeddings.position_embeddings.weight" if family == "distilbert" else None
+  # (DistilBERT's sinusoidal table stays exact.)
+  model = perturb_weights(
+    transformers.AutoModel.from_config(config), lambda name: 0.0 if name == fixed else 0.1
+  )
   model.save_pretrained(out)
   return model
 

@@ -21,7 +21,7 @@ from mmtl import config as config_lib
 from mmtl import hf, rules
 from mmtl.models import encoder, fusion, layers
 from tests import xla_settings
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 
 ATOL = 1e-5
 TINY = dict(hidden_size=36, num_hidden_layers=2, num_attention_heads=3, image_size=28, patch_size=7)
@@ -35,10 +35,7 @@ CONFIGS = {
 def _save_tiny(family: str, out: Path) -> transformers.PreTrainedModel:
   config_cls, extra = CONFIGS[family]
   torch.manual_seed(0)
-  model = transformers.AutoModel.from_config(config_cls(**TINY, **extra)).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  model = perturb_weights(transformers.AutoModel.from_config(config_cls(**TINY, **extra)))
   model.save_pretrained(out)
   return model
 

@@ -20,6 +20,7 @@ import transformers as tr
 from mmtl import config as config_lib
 from mmtl import hf, train
 from mmtl.models import fusion
+from tests.hf_fixtures import perturb_weights
 
 ATOL = 1e-5
 VIT = dict(hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=37)
@@ -137,10 +138,7 @@ def _inputs(family: str, config: tr.PretrainedConfig) -> dict[str, np.ndarray]:
 def test_task_layout_loads_with_no_flags(family, task_cls, tmp_path):
   config, _, tower = FAMILIES[family]
   torch.manual_seed(0)
-  task = task_cls(config).eval()
-  with torch.no_grad():
-    for p in task.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  task = perturb_weights(task_cls(config))
   task.save_pretrained(tmp_path)
 
   module, variables, _ = hf.load_pretrained(tmp_path, tower=tower)
