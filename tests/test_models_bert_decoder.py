@@ -25,13 +25,12 @@ import transformers
 
 from mmtl import hf, rules
 from mmtl.models import bert, decoder, encoder_decoder
-from tests.hf_fixtures import export_and_reload
+from tests.hf_fixtures import export_and_reload, perturb_weights
 from tests.test_generate import assert_generates_transformers_tokens, images_and_eos
 from tests.test_models_gpt2 import (
   _assert_close_where,
   _encoder_tokens,
   _ours,
-  _perturb,
   _torch_logits,
   _ved_inputs,
   _ved_torch_logits,
@@ -55,7 +54,8 @@ VARIANTS = {"plain": {}, "cross": dict(add_cross_attention=True)}
 def save_tiny_bert_lm(out: Path, cls=transformers.BertLMHeadModel, seed: int = 0, **overrides):
   torch.manual_seed(seed)
   model = cls(transformers.BertConfig(**{**BERT_SHAPES, **overrides}))
-  _perturb(model.eval(), 0.1, seed)
+  torch.manual_seed(seed)
+  perturb_weights(model, 0.1)
   model.save_pretrained(out)
   return model
 
@@ -173,7 +173,8 @@ def bert_ved(tmp_path_factory):
   config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, dec)
   config.decoder_start_token_id, config.pad_token_id = 2, PAD
   torch_model = transformers.VisionEncoderDecoderModel(config)
-  _perturb(torch_model.eval(), 0.3, 0)
+  torch.manual_seed(0)
+  perturb_weights(torch_model, 0.3)
   folder = tmp_path_factory.mktemp("bert_ved")
   torch_model.save_pretrained(folder)
   return (folder, torch_model, *hf.load_pretrained(folder)[:2])
