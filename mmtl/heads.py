@@ -15,8 +15,9 @@
 - `fields`: the batch fields its loss reads (the trainer checks the input gives them before
   anything is written);
 - `config` / `loss_config`: its keys of `config.model` (the model carries their values as
-  `model.head_config`) and of `config.loss` (its loss gets them in `loss_cfg`), with their
-  defaults: they join the config schema, so overrides and type checks cover them;
+  `model.head_config`) and of `config.loss`, with their defaults: they join the config
+  schema, so overrides and type checks cover them; its loss gets the values of both in
+  `loss_cfg` (a CTC loss needs the vocabulary's blank);
 - `predict_fns(model, mesh)`: the functions of (variables, batch) evaluators call by name
   (big_vision's `get_predict_fns`), one per name of `predict_names`: "predict" (every
   head: outputs, labels, example weights), "generate" and "token_loss" (captioning:
@@ -37,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmtl import lora, losses, sharding
+from mmtl import ctc, lora, losses, sharding
 
 Outputs = Mapping[str, jax.Array]
 PredictFn = Callable[..., Any]
@@ -247,4 +248,87 @@ class Captioning(Head):
       **super().predict_fns(model, mesh),
       "generate": generate,
       "token_loss": jax.jit(token_loss, out_shardings=sharding.replicated(mesh)),
+    }
+
+
+@register("ctc")
+class CTC(Head):
+  """Speech recognition: per-frame scores over a CTC vocabulary (mmtl.ctc) from the tokens
+  of the tower of `ctc_modality`, whose tokens must be frames in time order (wav2vec2,
+  HuBERT, the Whisper encoder: `time_frames`), through a Dense named "head" as
+  `Wav2Vec2ForCTC`'s `lm_head` (a *ForCTC checkpoint's loads with `model_init.head`).
+  Loss: CTC (optax.ctc_loss, blank `blank_id`) on `ctc_labels`, `ctc_loss_reduction` as
+  transformers': "mean" per label, "sum" per example; the trainer's loss is their mean
+  over examples (transformers' "sum" is summed over the batch: the same gradient direction,
+  divided by the batch size). Examples whose frames cannot hold their labels weigh 0 (the
+  `transcription` evaluator counts them). The fused features are computed but unused."""
+
+  fields = ("ctc_labels",)
+  config = dict(vocab_size=32, blank_id=0, ctc_modality="waveform")
+  loss_config = dict(ctc_loss_reduction="mean")
+  predict_names = ("predict", "transcribe")
+
+  @classmethod
+  def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
+    del features
+    m = model.head_config["ctc_modality"]
+    if m not in model.towers or not getattr(type(model.tower(m)), "time_frames", False):
+      kind = type(model.tower(m)).__name__ if m in model.towers else "no tower"
+      raise ValueError(
+        f"The ctc head reads the frames of the {m!r} tower (config.model.ctc_modality), which "
+        f"is {kind}: use a speech tower whose tokens are time frames (wav2vec2, HuBERT, "
+        "Whisper's encoder) for a modality the model has."
+      )
+    if m not in towers:  # another modality alone: no frames to score
+      batch_size = next(iter(towers.values())).pooled.shape[0]
+      tokens = jnp.zeros((batch_size, 1, model.tower(m).hidden_size), model.dtype)
+      mask = jnp.zeros((batch_size, 1), bool)
+    else:
+      tokens, mask = towers[m].tokens, towers[m].mask & (towers[m].present[:, None] > 0)
+    dense = nn.Dense(
+      model.head_config["vocab_size"],
+      dtype=model.dtype,
+      kernel_init=nn.initializers.zeros,
+      name="head",
+    )
+    return {"logits": dense(tokens).astype(jnp.float32), "frame_mask": mask}
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    per_example, feasible = losses.ctc_per_example(
+      outputs["logits"],
+      outputs["frame_mask"],
+      batch["ctc_labels"],
+      loss_cfg["blank_id"],
+      loss_cfg["ctc_loss_reduction"],
+    )
+    weights = batch.get("example_weight", jnp.ones(per_example.shape, jnp.float32))
+    return losses.weighted_sum(per_example, weights * feasible)
+
+  @classmethod
+  def predict_fns(cls, model: Any, mesh: jax.sharding.Mesh) -> dict[str, PredictFn]:
+    """And "transcribe" (`beam_size`: 1 greedy, more a prefix beam search; mmtl.ctc):
+    decoded label ids `ids` (B, T; -1 after), `frames` (B,) per example, and where the
+    batch has `ctc_labels`: them as `references`, the CTC loss per label `loss` and
+    `feasible` (B,)."""
+    blank = model.head_config["blank_id"]
+
+    def transcribe(variables, batch, beam_size=1):
+      out = predict(model, variables, batch)
+      logits, mask = out["logits"], out["frame_mask"]
+      if beam_size > 1:
+        ids = ctc.prefix_beam_search(logits, mask, blank, beam_size)[0]
+      else:
+        ids = ctc.greedy(logits, mask, blank)
+      result = {"ids": ids, "frames": mask.sum(1), "example_weight": out["example_weight"]}
+      if "ctc_labels" in batch:
+        loss, feasible = losses.ctc_per_example(logits, mask, batch["ctc_labels"], blank, "mean")
+        result.update(references=batch["ctc_labels"], loss=loss, feasible=feasible)
+      return result
+
+    return {
+      **super().predict_fns(model, mesh),
+      "transcribe": jax.jit(
+        transcribe, static_argnames="beam_size", out_shardings=sharding.replicated(mesh)
+      ),
     }

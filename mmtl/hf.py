@@ -731,31 +731,18 @@ def load_into(
 
 
 def _head_names(module: nn.Module, tower: str | None) -> tuple[dict[str, dict[str, str]], str]:
-  """{"params": {head path: HF key}} of a dual-encoder checkpoint's head, and the advice when
-  it does not fit."""
+  """{"params": {head path: HF key}} of a checkpoint's task head (`head_hf_names` of its
+  family), and the advice when it does not fit (`head_advice`)."""
   if tower is not None or not hasattr(module, "head_hf_names"):
     raise CheckpointError(
-      f"A contrastive head loads from a whole dual-encoder checkpoint (CLIP) without `tower`; "
-      f"got a {type(module).__name__} checkpoint"
+      "model_init.head loads a whole checkpoint's head without `tower`: a dual encoder's "
+      "projections (CLIP, SigLIP) or a *ForCTC checkpoint's lm_head (wav2vec2, HuBERT); got "
+      f"a {type(module).__name__} checkpoint"
       + (f" with tower={tower!r}" if tower is not None else "")
-      + ". Point model_init.head at the CLIP checkpoint, or leave the head out of model_init "
+      + ". Point model_init.head at such a checkpoint, or leave the head out of model_init "
       "to train it from scratch."
     )
-  dim = getattr(module.config, "projection_dim", None)
-  width = (
-    f"config.model.width must equal the checkpoint's projection_dim ({dim})"
-    if dim
-    else "config.model.width must be 0 (no projections: the towers' poolers are the embeddings)"
-  )
-  bias = (
-    " and config.model.contrastive_loss='sigmoid'" if "logit_bias" in module.head_hf_names() else ""
-  )
-  fix = (
-    f"{width}{bias}, and the towers must be this checkpoint's (tower='vision' / 'text'); or "
-    "leave the head out of model_init (or list its params in dont_load) to train it from "
-    "scratch."
-  )
-  return {"params": module.head_hf_names()}, fix
+  return {"params": module.head_hf_names()}, module.head_advice()
 
 
 def _replace(tree: Mapping[str, Any], keys: list[str], value: Any) -> dict[str, Any]:

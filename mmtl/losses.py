@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 # CLIP clips the learned temperature at 100 so logits cannot blow up.
 MAX_LOGIT_SCALE = math.log(100.0)  # a Python float: no JAX backend at import time
@@ -79,3 +80,30 @@ def token_loss(
   if "example_weight" in batch:
     weights = weights * batch["example_weight"].astype(jnp.float32)[:, None]
   return weighted_sum(per_token, weights)
+
+
+def ctc_per_example(
+  logits: jax.Array, frame_mask: jax.Array, labels: jax.Array, blank: int, reduction: str
+) -> tuple[jax.Array, jax.Array]:
+  """CTC loss per example (optax.ctc_loss: the negative log-likelihood of `labels` (B, L),
+  padded with ids < 0, over `logits` (B, T, V) where `frame_mask` (B, T)), and whether it is
+  feasible (B,): the frames can hold the labels, one each and one blank between repeats.
+  `reduction` as transformers' `ctc_loss_reduction`: "mean" divides each example's loss by
+  its label count (torch's `ctc_loss(reduction="mean")` before the batch mean), "sum" keeps
+  it. An infeasible example's loss is 0 (optax gives it ~1e5, torch inf)."""
+  label_padding = labels < 0
+  per_example = optax.ctc_loss(
+    logits.astype(jnp.float32),
+    1.0 - frame_mask.astype(jnp.float32),
+    jnp.maximum(labels, 0),
+    label_padding.astype(jnp.float32),
+    blank_id=blank,
+  )
+  num_labels = (~label_padding).sum(1)
+  repeats = ((labels[:, 1:] == labels[:, :-1]) & ~label_padding[:, 1:]).sum(1)
+  feasible = frame_mask.sum(1) >= num_labels + repeats
+  if reduction == "mean":
+    per_example = per_example / jnp.maximum(num_labels, 1)
+  elif reduction != "sum":
+    raise ValueError(f"Unknown ctc_loss_reduction {reduction!r}; use 'mean' or 'sum'.")
+  return jnp.where(feasible, per_example, 0.0), feasible

@@ -36,6 +36,7 @@ import numpy as np
 from mmtl import (
   checkpoint,
   config_keys,
+  ctc,
   data,
   distill,
   distributed,
@@ -229,9 +230,12 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   # Model and its params' layout (every sharding rule matched here); a fresh run
   # creates its params sharded and loads its pretrained towers now.
   model = fusion.build(config.model)
+  target_cfg = data.input_config(config.input).target
   if model.head_type == "captioning":
-    target = transforms.TargetTokens.from_config(data.input_config(config.input).target)
-    target.check_vocab(model.vocab_size)
+    transforms.TargetTokens.from_config(target_cfg).check_vocab(model.vocab_size)
+  if model.head_type == "ctc":
+    vocab = ctc.CTCVocab.from_config(target_cfg)
+    vocab.check_head(model.head_config["vocab_size"], model.head_config["blank_id"])
   layout = train_state.param_layout(model, config, mesh)
   initial_variables = (
     train_state.init_variables(model, config, layout, note=note) if fresh else None

@@ -136,7 +136,7 @@ def make_objective(
     )
 
   def loss(outputs, batch, teacher_variables):
-    total = head.loss(outputs, batch, config.loss)
+    total = head.loss(outputs, batch, {**config.loss, **model.head_config})
     if teacher_logits is not None:
       total = distill.student_loss(
         total,

@@ -34,10 +34,15 @@ def defaults() -> ml_collections.ConfigDict:
       **dict(image="image", text="question", label="label", target=None),
     },
     eval_text=0,  # Eval: which text of a sequence of texts each example uses (0: the first).
-    # The decoder's text (fields.target): tokenizer (the decoder checkpoint's), decoder
-    # length (BOS + prompt + target + EOS, shifted), a fixed prompt every target follows.
-    # pad_token: a vocabulary token to pad with when the tokenizer has none (GPT-2's).
-    target=dict(tokenizer=None, max_length=32, prompt="", pad_token=None),
+    # The target text (fields.target). format "decoder" (captioning): tokenizer (the
+    # decoder checkpoint's), decoder length (BOS + prompt + target + EOS, shifted), a fixed
+    # prompt every target follows; pad_token: a vocabulary token to pad with when the
+    # tokenizer has none (GPT-2's). format "ctc" (the ctc head): `ctc_labels` of at most
+    # max_length labels in a CTC vocabulary (mmtl.ctc): tokenizer (a Wav2Vec2ForCTC
+    # checkpoint's vocab.json), else `characters` (wav2vec 2.0's special tokens + these).
+    target=dict(
+      format="decoder", tokenizer=None, max_length=32, prompt="", pad_token=None, characters=None
+    ),
     augment=dict(  # Training only; never applied by make_eval_iterator.
       crop_scale=None,  # (min, max) area fraction of a random resized crop; None: off.
       flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).

@@ -7,7 +7,8 @@ then tokenization in `Preprocess.tokenize`), under the field names the models ta
 Preprocess adds what is no modality's: labels, example weights, modality dropout's draws
 (`<m>_present`) and the decoder's target.
 
-A decoder's target text (`fields.target`, captioning) becomes, with BOS, the
+A CTC head's target text (`fields.target` with `target.format="ctc"`) becomes its
+`ctc_labels` (mmtl.ctc). A decoder's target text (captioning) becomes, with BOS, the
 fixed `target.prompt`, the target and EOS in one sequence s (padded):
 `decoder_input_ids` = s[:-1] and `decoder_attention_mask`, `decoder_target_ids` =
 s[1:], `decoder_loss_mask` (1 on real targets after the prompt: padding and prompt
@@ -27,12 +28,14 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmtl import config_keys, modalities
+from mmtl import config_keys, ctc, modalities
 from mmtl.data import options, source
 from mmtl.modalities import MODALITIES, as_texts
 
 Batch = dict[str, np.ndarray]
 HOST_FIELDS = ("target_texts",)  # Batch fields of Python objects: read on the host only.
+# config.input.target.format: the decoder's teacher-forcing fields, or a CTC head's labels.
+TARGET_FORMATS = ("decoder", "ctc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,12 +227,19 @@ class Preprocess:
         f"config.input.blank={tuple(cfg.blank)} blanks every used modality."
       )
     if "target" in self.fields:
-      if not cfg.target.tokenizer:
+      if cfg.target.format not in TARGET_FORMATS:
+        raise config_keys.ConfigError(
+          f"config.input.target.format={cfg.target.format!r}; use one of {TARGET_FORMATS}."
+        )
+      if cfg.target.format == "ctc":
+        self.target = ctc.CTCVocab.from_config(cfg.target)
+      elif not cfg.target.tokenizer:
         raise config_keys.ConfigError(
           "config.input.fields.target is set: set config.input.target.tokenizer (the decoder "
           "checkpoint's tokenizer, HF name or path)."
         )
-      self.target = TargetTokens.from_config(cfg.target)
+      else:
+        self.target = TargetTokens.from_config(cfg.target)
       feature = source.feature_at(info.features, cfg.fields.target) if info else None
       self.target_names = (
         list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
@@ -301,7 +311,11 @@ class Preprocess:
     (in the one thread consuming batches: HF fast tokenizers are not thread-safe)."""
     batch = self._batch(batch, tokenizes=True)
     if "target" in batch:
-      batch.update(self.target.sequences(batch.pop("target"), self.cfg.target.max_length))
+      texts, max_length = batch.pop("target"), self.cfg.target.max_length
+      if self.cfg.target.format == "ctc":
+        batch["ctc_labels"] = self.target.labels(texts, max_length)
+      else:
+        batch.update(self.target.sequences(texts, max_length))
     return batch
 
   def _batch(self, batch: dict[str, Any], *, tokenizes: bool) -> dict[str, Any]:

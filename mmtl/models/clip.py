@@ -365,6 +365,23 @@ class DualEncoder(nn.Module):
       for k, v in tower.hf_names().items()
     }
 
+  def head_advice(self) -> str:
+    """What makes a dual encoder's head fit a contrastive FusionModel's (mmtl.hf.load_into)."""
+    dim = getattr(self.config, "projection_dim", None)
+    width = (
+      f"config.model.width must equal the checkpoint's projection_dim ({dim})"
+      if dim
+      else "config.model.width must be 0 (no projections: the towers' poolers are the embeddings)"
+    )
+    bias = (
+      " and config.model.contrastive_loss='sigmoid'" if "logit_bias" in self.head_hf_names() else ""
+    )
+    return (
+      f"{width}{bias}, and the towers must be this checkpoint's (tower='vision' / 'text'); or "
+      "leave the head out of model_init (or list its params in dont_load) to train it from "
+      "scratch."
+    )
+
 
 class CLIPModel(DualEncoder):
   """HF `CLIPModel`: both towers, projections and the learned `logit_scale`."""

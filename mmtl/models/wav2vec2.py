@@ -262,6 +262,7 @@ class Wav2Vec2Model(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("input_values", "attention_mask")
   hf_architecture: ClassVar[str] = "Wav2Vec2Model"
   hf_base_prefix: ClassVar[str] = "wav2vec2"  # Wav2Vec2ForCTC nests the model here
+  time_frames: ClassVar[bool] = True  # its tokens are frames in time order (a CTC head's input)
   # Checkpoints saved before torch's weight-norm parametrizations (and HF Flax ones) name the
   # position conv's g and v `weight_g`, `weight_v`.
   hf_aliases: ClassVar[tuple[tuple[str, str], ...]] = (
@@ -406,6 +407,19 @@ class Wav2Vec2Model(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     out = self.finalize(x, mask)
     return dict(last_hidden_state=out["last_hidden_state"], extract_features=extract)
+
+  def head_hf_names(self) -> dict[str, layers.HFName]:
+    """{param path in a FusionModel's CTC `head`: HF key}: `Wav2Vec2ForCTC`'s `lm_head`
+    (HuBERT's `HubertForCTC` names it the same)."""
+    return {"kernel": HFName("lm_head.weight", Transform.LINEAR), "bias": HFName("lm_head.bias")}
+
+  def head_advice(self) -> str:
+    """What makes a CTC checkpoint's `lm_head` fit the head (mmtl.hf.load_into)."""
+    return (
+      "A CTC head loads a *ForCTC checkpoint's lm_head over its own vocabulary: set "
+      "config.model.vocab_size to its vocab_size and config.input.target.tokenizer to its "
+      "folder; or leave the head out of model_init to train it from scratch."
+    )
 
   def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key} (see mmtl.hf)."""

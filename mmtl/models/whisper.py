@@ -116,6 +116,7 @@ class WhisperEncoder(layers.EncoderTower):
   inputs: ClassVar[tuple[str, ...]] = ("input_features",)
   hf_architecture: ClassVar[str] = "WhisperModel"
   hf_base_prefix: ClassVar[str] = "model"  # WhisperForConditionalGeneration nests it here
+  time_frames: ClassVar[bool] = True  # its tokens are frames in time order (a CTC head's input)
 
   def dummy_inputs(self) -> dict[str, jax.Array]:
     return dict(input_features=jnp.zeros((1, 2, self.config.num_mel_bins), jnp.float32))
