@@ -21,10 +21,15 @@ Types (metrics are logged as `<name>/<metric>`):
                   teacher-forced cross-entropy per target token
   vqa:            exact match and VQA accuracy of generated answers (generative VQA),
                   and `loss`
+  transcription:  WER and CER (jiwer) of a ctc head's transcripts (`beam_size` 1:
+                  greedy, more: prefix beam search) against `input.fields.target`,
+                  `loss` (CTC per label) and `infeasible` (clips too short for their
+                  transcript)
 
 Generating evaluators write what they generated beside the metrics, one JSON line
 per example ({"id", "hypothesis", "references"}), to
-`<workdir>/captions_step<N>-<evaluator>.jsonl`.
+`<workdir>/captions_step<N>-<evaluator>.jsonl`; transcription to
+`<workdir>/transcripts_step<N>-<evaluator>.jsonl` ({"id", "hypothesis", "reference"}).
 
 Each type is one `Evaluator` subclass that declares its config keys, the head it
 needs, the head's predict function it calls (`PREDICT`: "predict", or "generate"; the
@@ -187,6 +192,7 @@ class EvalContext:
 
   `make_batches(eval_cfg)` yields batches of the eval input; `open_input(eval_cfg)`
   opens it without reading (dataset, split and fields: `Evaluator.check`);
+  `input_config(eval_cfg)` is its `config.input` (with the evaluator's overrides);
   `predict_fns` are the head's (mmtl.heads: `predict_fns`), by name:
   `predict(variables, batch)` returns model outputs + labels + example_weight;
   `text_embedder(tokenizer, max_len)` gives `embed(variables, texts)`, normalized text
@@ -199,6 +205,7 @@ class EvalContext:
   make_batches: Callable[[Mapping[str, Any]], Iterable[Any]]
   predict_fns: Mapping[str, Callable[..., Any]]
   open_input: Callable[[Mapping[str, Any]], Any] | None = None
+  input_config: Callable[[Mapping[str, Any]], mlc.ConfigDict] | None = None
   text_embedder: Callable[[str, int], Callable[[Any, list[str]], np.ndarray]] | None = None
   generate_texts: Callable[..., tuple[list[str], list[list[str]]]] | None = None
   is_main: bool = True  # the process that writes files
@@ -279,6 +286,17 @@ class Evaluator:
     predict = functools.partial(self.context.predict_fns[self.PREDICT], variables)
     metrics = self.compute(variables, predict)
     return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+  def write_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
+    """`rows` as JSON lines in `<workdir>/<kind>_step<N>-<evaluator>.jsonl` (the main
+    process; nothing without a workdir)."""
+    if self.workdir is None or not self.context.is_main:
+      return
+    from mmtl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+    step = "final" if self.step is None else self.step
+    file = workdir_lib.path(self.workdir, f"{kind}_step{step}-{self.name}.jsonl")
+    workdir_lib.write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     """The metrics, by name, of the model `predict` (the head's `PREDICT` function,
@@ -452,20 +470,11 @@ class Captioning(Evaluator):
         empty,
         len(predictions),
       )
-    self._write(caption_rows(predictions, references))
+    self.write_rows("captions", caption_rows(predictions, references))
     # The teacher-forced cross-entropy per target token, on each example's
     # `input.eval_text` reference (the loss transformers' captioning examples report).
     total, tokens = np.sum(np.asarray(jax.device_get(loss_sums), np.float64), axis=0)
     return {**self.score(predictions, references), "loss": float(total / max(tokens, 1.0))}
-
-  def _write(self, rows: list[dict[str, Any]]) -> None:
-    if self.workdir is None or not self.context.is_main:
-      return
-    from mmtl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-
-    step = "final" if self.step is None else self.step
-    file = workdir_lib.path(self.workdir, f"captions_step{step}-{self.name}.jsonl")
-    workdir_lib.write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def caption_rows(hypotheses: list[str], references: list[list[str]]) -> list[dict[str, Any]]:
@@ -488,6 +497,62 @@ class Vqa(Captioning):
     return text_metrics.vqa_accuracy(predictions, references)
 
 
+class Transcription(Evaluator):
+  """Speech recognition: WER and CER (jiwer; mmtl.text_metrics) of the ctc head's
+  transcripts (`beam_size` 1: greedy, more: prefix beam search; mmtl.ctc) against the
+  transcripts of `input.fields.target`; `loss`: the CTC loss per label, averaged over the
+  feasible examples; `infeasible`: the examples whose frames cannot hold their labels
+  (they weigh 0 in training and are left out of `loss`, not of the error rates)."""
+
+  HEAD = "ctc"
+  PREDICT = "transcribe"
+  KEYS = dict(beam_size=1)
+  METRICS = ("wer", "cer", "loss", "infeasible")
+
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    from mmtl import ctc  # pylint: disable=g-import-not-at-top
+
+    vocab = ctc.CTCVocab.from_config(self.context.input_config(self.cfg).target)
+    beam_size = int(self.option("beam_size"))
+    rows, metrics = transcripts(
+      lambda batch: predict(batch, beam_size=beam_size), self.batches(), vocab, self.name
+    )
+    self.write_rows("transcripts", rows)
+    return metrics
+
+
+def transcripts(
+  transcribe: Predict, batches: Iterable[Any], vocab: Any, what: str
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+  """(one {"id", "hypothesis", "reference"} per example, the `transcription` metrics) of a
+  ctc head's `transcribe` (variables and beam size bound) over `batches` with references;
+  `vocab` (mmtl.ctc.CTCVocab) reads the label ids. `what` names the input in warnings."""
+  from mmtl import text_metrics  # pylint: disable=g-import-not-at-top
+
+  out = collect(transcribe, batches, ["ids", "references", "loss", "feasible"])
+  hypotheses, references = vocab.texts(out["ids"]), vocab.texts(out["references"])
+  rows = [
+    {"id": i, "hypothesis": h, "reference": r}
+    for i, (h, r) in enumerate(zip(hypotheses, references))
+  ]
+  feasible = out["feasible"].astype(bool)
+  if not feasible.all():
+    logging.warning(
+      "%s: %d of %d examples have fewer frames than their transcript needs (CTC cannot align "
+      "them): check the clips' lengths and transcripts.",
+      what,
+      int((~feasible).sum()),
+      len(feasible),
+    )
+  loss = float(out["loss"][feasible].mean()) if feasible.any() else float("nan")
+  metrics = {
+    **text_metrics.error_rates(hypotheses, references),
+    "loss": loss,
+    "infeasible": float((~feasible).sum()),
+  }
+  return rows, metrics
+
+
 def _take_examples(batches: Iterable[Mapping[str, Any]], num: int) -> Iterator[Mapping[str, Any]]:
   """Batches until `num` examples were seen (a train iterator never ends)."""
   seen = 0
@@ -507,6 +572,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
   "linear_probe": LinearProbe,
   "captioning": Captioning,
   "vqa": Vqa,
+  "transcription": Transcription,
 }
 # Every key any evaluator takes: config.evals.<name> (each kind checks its own).
 CONFIG_KEYS = {k: v for kind in EVALUATORS.values() for k, v in kind.keys().items()}
@@ -545,6 +611,11 @@ def _allgather(items: list[Any]) -> list[Any]:
   return [x for row in gathered for x in json.loads(bytes(row).rstrip(b"\0"))]
 
 
+def eval_input_config(config: mlc.ConfigDict, eval_cfg: Mapping[str, Any]) -> mlc.ConfigDict:
+  """`config.input` with an evaluator's `input` overrides, every key filled and checked."""
+  return data.input_config({**config.input.to_dict(), **dict(eval_cfg.get("input", {}))})
+
+
 def make_generate_texts(
   config: mlc.ConfigDict,
   mesh: jax.sharding.Mesh,
@@ -558,7 +629,7 @@ def make_generate_texts(
   from mmtl.data import transforms  # pylint: disable=g-import-not-at-top
 
   def generate_texts(generate, eval_cfg, *, each_batch=None, max_new_tokens=0, **kw):
-    input_cfg = data.input_config({**config.input.to_dict(), **dict(eval_cfg.get("input", {}))})
+    input_cfg = eval_input_config(config, eval_cfg)
     target = transforms.TargetTokens.from_config(input_cfg.target)
     predictions, references = [], []
     for host in host_batches(eval_cfg):
@@ -630,6 +701,7 @@ def make_evaluators(
     head_type=model.head_type,
     predict_fns=predict_fns,
     open_input=host_batches,
+    input_config=functools.partial(eval_input_config, config),
     make_batches=lambda cfg: device.to_devices(host_batches(cfg), config, mesh),
     text_embedder=text_embedder,
     generate_texts=make_generate_texts(config, mesh, host_batches),

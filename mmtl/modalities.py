@@ -358,7 +358,11 @@ class Clip(Modality):
     return -(-samples * self.up // self.down)  # resample_poly's output length
 
   def decode(self, value: Any) -> np.ndarray:
-    x = np.asarray(value, np.float32)
+    x = np.asarray(value)
+    # Integer samples (tfds Audio's int16, as LibriSpeech and mmtl_spoken_digits store
+    # them) in [-1, 1), as audio libraries read them and the feature extractors expect.
+    scale = 1.0 / -np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.signedinteger) else 1.0
+    x = x.astype(np.float32) * np.float32(scale)
     if x.ndim == 2 and x.shape[1] == 1:
       x = x[:, 0]
     elif x.ndim == 2 and self.section.downmix:

@@ -1,4 +1,5 @@
-"""Text-generation metrics: image captioning (BLEU, CIDEr-D, ROUGE-L) and generative VQA accuracy.
+"""Text-generation metrics: image captioning (BLEU, CIDEr-D, ROUGE-L), generative VQA accuracy and
+speech recognition error rates (WER, CER).
 
 Which library computes which number (all returned as Python floats):
 
@@ -13,6 +14,10 @@ Which library computes which number (all returned as Python floats):
 * `sacrebleu`: `sacrebleu.corpus_bleu` with its defaults (13a tokenization, exp smoothing) and
   lowercase=True, on the raw strings. Scale 0-100, as sacrebleu reports it. The standard,
   reproducible BLEU; it differs from `bleu_4` (tokenization, smoothing, brevity penalty).
+
+* `wer`, `cer`: `jiwer.wer` and `jiwer.cer` (jiwer 4) on the raw strings: corpus level, the edits
+  (substitutions + deletions + insertions) of all hypotheses over the words (characters, spaces
+  included) of all references. Scale 0-1; insertions can take it past 1.
 
 Only pycocoevalcap's pure-Python scorers are used: its `PTBTokenizer`, METEOR and SPICE run Java
 (and its `eval.py` needs pycocotools), so none of them is imported here. Instead of PTBTokenizer,
@@ -34,6 +39,7 @@ from collections import Counter
 from collections.abc import Sequence
 import re
 
+import jiwer
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
@@ -208,3 +214,21 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
       soft += sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
   n = len(predictions)
   return {"exact_match": exact / n, "vqa_accuracy": soft / n}
+
+
+def error_rates(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+  """`wer` and `cer` of `hypotheses` against one reference each (jiwer; module docstring).
+  An empty reference has no words to count errors over: it is an error."""
+  if len(hypotheses) != len(references) or not references:
+    raise ValueError(
+      f"got {len(hypotheses)} hypotheses and {len(references)} references: one each, not none"
+    )
+  if empty := [i for i, r in enumerate(references) if not r.strip()]:
+    raise ValueError(
+      f"{len(empty)} reference transcript(s) are empty (first: example {empty[0]}): WER and "
+      "CER count errors per reference word; drop such examples from the evaluation split."
+    )
+  return {
+    "wer": float(jiwer.wer(list(references), list(hypotheses))),
+    "cer": float(jiwer.cer(list(references), list(hypotheses))),
+  }

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mmtl import config as config_lib
+from mmtl import data, modalities, sharding
 from mmtl import evaluators as ev
-from mmtl import modalities, sharding
 from mmtl.data import options, transforms
 
 
@@ -151,6 +151,8 @@ def _context(batches=(), head_type="classification", **kw):
       (b["loss_sum"] * b["example_weight"]).sum(),
       (b["target_tokens"] * b["example_weight"]).sum(),
     )
+  if head_type == "ctc":
+    fns["transcribe"] = lambda params, b, beam_size=1: b
   return ev.EvalContext(
     head_type=head_type, make_batches=lambda cfg: batches, predict_fns=fns, **kw
   )
@@ -193,6 +195,11 @@ _OUTPUT = {
   "features": _RNG.normal(size=(8, 3)),
   "loss_sum": _RNG.uniform(size=8),
   "target_tokens": np.full(8, 3.0),
+  # A ctc head's transcripts and references: label ids of the characters "abc" (5, 6, 7).
+  "ids": _RNG.integers(4, 8, size=(8, 3)),
+  "references": np.tile([5, 4, 6], (8, 1)),
+  "loss": _RNG.uniform(size=8),
+  "feasible": np.ones(8, bool),
   "example_weight": np.array([1.0] * 6 + [0.0] * 2),
 }
 _BATCHES = [{k: v[:4] for k, v in _OUTPUT.items()}, {k: v[4:] for k, v in _OUTPUT.items()}]
@@ -224,6 +231,7 @@ def _kind_context(kind_cls):
     head_type=kind_cls.HEAD or "classification",
     text_embedder=_fake_text_embedder,
     generate_texts=_fake_generate_texts(),
+    input_config=lambda cfg: data.input_config(dict(target=dict(format="ctc", characters="abc"))),
   )
 
 

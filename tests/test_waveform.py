@@ -79,6 +79,9 @@ def test_rates_channels_and_lengths():
   assert len(windows) > 1
   with pytest.raises(ConfigError, match="vary in length: set config.input.waveform.max_seconds"):
     waveform(dict(rate=16000), feature=tfds.features.Tensor(shape=(None,), dtype=np.float32))
+  # Integer samples (int16, as speech datasets store them) are read in [-1, 1).
+  pcm = np.array([-32768, -16384, 0, 16384, 32767], np.int16)
+  np.testing.assert_array_equal(mono.decode(pcm), pcm.astype(np.float32) / 32768)
 
 
 def test_a_clip_shorter_than_the_receptive_field_names_the_fix(tiny_wav2vec2_dir):
