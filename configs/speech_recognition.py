@@ -92,8 +92,14 @@ def get_config(arg=None):
     grad_clip_norm=1.0,
     frozen=[FEATURE_ENCODER] if freeze else [],
   )
-  evaluation = dict(type="transcription") if ctc else dict(type="classification")
-  config.evals = dict(val=dict(**evaluation, input=dict(split="validation")))
+  if ctc:  # unseen voices: validation (greedy), test (greedy, and a prefix beam search)
+    config.evals = dict(
+      val=dict(type="transcription", input=dict(split="validation")),
+      test=dict(type="transcription", input=dict(split="test")),
+      test_beam=dict(type="transcription", beam_size=8, input=dict(split="test")),
+    )
+  else:
+    config.evals = dict(val=dict(type="classification", input=dict(split="validation")))
   config.best_metric = "val/wer" if ctc else "val/accuracy"
   config.best_mode = "min" if ctc else "max"
   config.log_every = 50

@@ -547,3 +547,29 @@ def test_captioning_writes_rows_and_warns_about_empty_texts(tmp_path, caplog):
   assert out["val/bleu_1"] == pytest.approx(0.0, abs=1e-9)
   # Per target token over the real rows (the 2 padding rows dropped): 6 rows of 3 tokens.
   assert out["val/loss"] == pytest.approx(_OUTPUT["loss_sum"][:6].sum() / 18)
+
+
+def test_transcripts_count_infeasible_examples_and_leave_them_out_of_the_loss(caplog):
+  from mmtl import ctc
+
+  vocab = ctc.CTCVocab.of_characters("abc")
+  batch = {
+    "ids": np.array([[5, 6, -1], [5, -1, -1], [7, 7, -1]]),  # "ab", "a", "cc"
+    "references": np.array([[5, 6, -1], [5, 4, 6], [7, -1, -1]]),  # "ab", "a b", "c"
+    "loss": np.array([0.5, 1.5, 0.0]),
+    "feasible": np.array([True, True, False]),
+    "example_weight": np.ones(3),
+  }
+  with caplog.at_level(logging.WARNING):
+    rows, metrics = ev.transcripts(lambda b: b, [batch], vocab, "val")
+  assert [(r["hypothesis"], r["reference"]) for r in rows] == [
+    ("ab", "ab"),
+    ("a", "a b"),
+    ("cc", "c"),
+  ]
+  assert metrics["infeasible"] == 1.0 and metrics["loss"] == 1.0
+  assert metrics["wer"] == pytest.approx(
+    2 / 4
+  )  # "a b": one deletion; "c" -> "cc": one substitution
+  assert metrics["cer"] == pytest.approx(3 / 6)  # " b" deleted; one "c" inserted
+  assert "1 of 3 examples have fewer frames than their transcript needs" in caplog.text

@@ -9,6 +9,7 @@ import pytest
 from scipy.io import wavfile
 
 from mmtl import data, espeak, export, hf, process, rules, train
+from mmtl.config_keys import ConfigError
 from mmtl.data import spoken_digits as sd
 from tests.test_waveform import final_params
 
@@ -68,9 +69,18 @@ def recipe(data_dir, arg=""):
   config = speech_recognition.get_config(f"steps=4,train=64{',' if arg else ''}{arg}")
   config.batch_size = 16
   config.input.update(dataset="mmtl_spoken_digits/small", data_dir=data_dir)
-  config.evals.val.input.split = "validation[:16]"
+  for name, evaluation in config.evals.items():
+    evaluation.input.split = f"{'test' if name.startswith('test') else 'validation'}[:16]"
   config.log_every = 1
   return config
+
+
+def test_a_vocabulary_the_head_does_not_score_fails_before_training(digits_data_dir, tmp_path):
+  config = recipe(digits_data_dir)
+  config.model.vocab_size = 19
+  with pytest.raises(ConfigError, match="has 20 tokens but the CTC head scores 19"):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -83,7 +93,10 @@ def test_recipe_pretrains_exports_fine_tunes_and_transcribes(digits_data_dir, tm
   tower = export.export_tower(str(pre), "waveform", tmp_path / "tower")
   run = tmp_path / "ctc"
   final = train.train(recipe(digits_data_dir, f"init={tower}"), str(run))
-  assert set(final) == {"val/wer", "val/cer", "val/loss", "val/infeasible", "step"}
+  metrics = ("wer", "cer", "loss", "infeasible")
+  assert set(final) == {f"{e}/{m}" for e in ("val", "test", "test_beam") for m in metrics} | {
+    "step"
+  }
   assert final["val/infeasible"] == 0 and np.isfinite(final["val/loss"])
   lines = (run / "transcripts_step4-val.jsonl").read_text().splitlines()
   rows = [json.loads(line) for line in lines]
