@@ -10,6 +10,7 @@ imports no other part of mmtl, so that helper starts in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -121,8 +122,13 @@ class Synthesiser:
 
   def say(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> np.ndarray:
     request = [text, voice, rate, pitch, seed]
-    self.process.stdin.write((json.dumps(request) + "\n").encode())
-    self.process.stdin.flush()
+    try:
+      self.process.stdin.write((json.dumps(request) + "\n").encode())
+      self.process.stdin.flush()
+    except BrokenPipeError:
+      raise RuntimeError(
+        f"The eSpeak NG process stopped ({self.process.poll()}); its error, if any, is above."
+      ) from None
     (size,) = struct.unpack("<i", self._read(4))
     if size < 0:
       raise RuntimeError(f"eSpeak NG failed to speak {request}.")
@@ -131,7 +137,8 @@ class Synthesiser:
   def __exit__(self, *exc: Any) -> None:
     from mmtl import process  # pylint: disable=g-import-not-at-top
 
-    self.process.stdin.close()
+    with contextlib.suppress(BrokenPipeError):  # a helper that stopped early
+      self.process.stdin.close()
     try:
       self.process.wait(timeout=10)
     except subprocess.TimeoutExpired:

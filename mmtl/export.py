@@ -1,6 +1,7 @@
 r"""Exports one tower (or the decoder) of a trained run as a Hugging Face checkpoint folder.
 
   python -m mmtl.export --workdir DIR --tower image --out exported/image [--step N]
+  python -m mmtl.export --workdir DIR --tower waveform --head --out exported/asr  # + CTC head
 
 The folder holds `config.json` + `model.safetensors` that
 `transformers.AutoModel.from_pretrained` loads with no missing or unexpected keys (a
@@ -10,6 +11,11 @@ merged into their kernels and BatchNorm running statistics (ResNet) are written 
 weights. The step is the run's best checkpoint (its latest when no best_metric was
 tracked) unless `--step` is given; a run of `total_steps=0` exports its initial
 (`model_init`) weights.
+With `--head`, a speech recognition run (ctc head) exports as transformers'
+`Wav2Vec2ForCTC` (`HubertForCTC`): the tower, the head as its `lm_head`, the CTC
+vocabulary (`vocab.json`, `Wav2Vec2CTCTokenizer`) and the feature extractor's settings
+(`preprocessor_config.json`), so `transformers.pipeline("automatic-speech-recognition",
+model=out)` transcribes with it.
 `--out` must be new or empty: nothing is overwritten.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import sys
+from typing import Any
 
 from absl import app, flags
 import jax
@@ -33,9 +40,12 @@ def subtree_name(tower: str) -> str:
   return tower if tower == "decoder" else f"{tower}_encoder"
 
 
-def export_tower(workdir: str, tower: str, out: str | Path, step: int | None = None) -> Path:
+def export_tower(
+  workdir: str, tower: str, out: str | Path, step: int | None = None, head: bool = False
+) -> Path:
   """Writes `tower` of the run in `workdir` at `step` (default: best, else latest) to `out`
-  as a transformers checkpoint folder; returns `out`."""
+  as a transformers checkpoint folder (with `head`, the ctc head with it: module
+  docstring); returns `out`."""
   out = Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise FileExistsError(f"{out} exists and is not an empty folder: give a new --out.")
@@ -51,10 +61,45 @@ def export_tower(workdir: str, tower: str, out: str | Path, step: int | None = N
     raise config_lib.ConfigError(
       f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(modules)}."
     )
-  exported = {"params": lora.merge(variables["params"])[name]}
+  params = jax.device_get(lora.merge(variables["params"]))
+  exported = {"params": params[name]}
   if name in variables.get("batch_stats", {}):
-    exported["batch_stats"] = variables["batch_stats"][name]
-  return hf.save_pretrained(modules[tower], jax.device_get(exported), out)
+    exported["batch_stats"] = jax.device_get(variables["batch_stats"][name])
+  if not head:
+    return hf.save_pretrained(modules[tower], exported, out)
+  if model.head_type != "ctc" or model.head_config["ctc_modality"] != tower:
+    raise config_lib.ConfigError(
+      f"--head exports a ctc head with the tower it reads; the run in {workdir} has a "
+      f"{model.head_type!r} head"
+      + (f" over {model.head_config['ctc_modality']!r}" if model.head_type == "ctc" else "")
+      + ": leave --head out to export the tower alone."
+    )
+  _save_ctc_processor(config, tower, out)
+  blank = model.head_config["blank_id"]
+  head_config = dict(
+    vocab_size=model.head_config["vocab_size"],
+    pad_token_id=blank,
+    ctc_loss_reduction=config.loss.ctc_loss_reduction,
+  )
+  return hf.save_pretrained(modules[tower], exported, out, params["head"], head_config)
+
+
+def _save_ctc_processor(config: Any, modality: str, out: Path) -> None:
+  """The run's CTC vocabulary and, for a waveform tower, its `Wav2Vec2FeatureExtractor`
+  settings (rate, normalization) in `out`, as a `Wav2Vec2ForCTC` folder holds them."""
+  from transformers import Wav2Vec2FeatureExtractor  # pylint: disable=g-import-not-at-top
+
+  from mmtl import ctc, data, modalities  # pylint: disable=g-import-not-at-top
+  from mmtl.data import source  # pylint: disable=g-import-not-at-top
+
+  input_cfg = data.input_config(config.input)
+  ctc.CTCVocab.from_config(input_cfg.target).tokenizer.save_pretrained(out)
+  if modality == "waveform":
+    feature = source.feature_at(data.builder(input_cfg).info.features, input_cfg.fields.waveform)
+    clip = modalities.Waveform(input_cfg, feature, train=False)
+    Wav2Vec2FeatureExtractor(
+      sampling_rate=clip.sampling_rate, do_normalize=clip.normalize, return_attention_mask=True
+    ).save_pretrained(out)
 
 
 def _define_flags() -> None:
@@ -64,6 +109,9 @@ def _define_flags() -> None:
   )
   flags.DEFINE_string("out", None, "New (or empty) folder for config.json + model.safetensors.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: best (or latest).")
+  flags.DEFINE_bool(
+    "head", False, "With a ctc run's tower: its head too, as transformers' Wav2Vec2ForCTC."
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -78,12 +126,13 @@ def main(argv: list[str]) -> None:
     if not f[flag].value:
       sys.exit(f"--{flag} is required ({what}).")
   try:
-    out = export_tower(f.workdir, f.tower, f.out, f.step)
+    out = export_tower(f.workdir, f.tower, f.out, f.step, head=f.head)
   except (*train_state.LOAD_RUN_ERRORS, FileExistsError) as e:
     sys.exit(config_keys.error_line(e))
+  auto = "AutoModelForCTC" if f.head else "AutoModel"
   print(
-    f"Wrote {out} ({subtree_name(f.tower)} of {f.workdir}); load it with "
-    f"transformers.AutoModel.from_pretrained({str(out)!r})."
+    f"Wrote {out} ({subtree_name(f.tower)}{' and head' if f.head else ''} of {f.workdir}); "
+    f"load it with transformers.{auto}.from_pretrained({str(out)!r})."
   )
 
 

@@ -256,7 +256,8 @@ class CTC(Head):
   """Speech recognition: per-frame scores over a CTC vocabulary (mmtl.ctc) from the tokens
   of the tower of `ctc_modality`, whose tokens must be frames in time order (wav2vec2,
   HuBERT, the Whisper encoder: `time_frames`), through a Dense named "head" as
-  `Wav2Vec2ForCTC`'s `lm_head` (a *ForCTC checkpoint's loads with `model_init.head`).
+  `Wav2Vec2ForCTC`'s `lm_head` (a *ForCTC checkpoint's loads with `model_init.head`; no
+  dropout before it, where transformers applies `final_dropout`).
   Loss: CTC (optax.ctc_loss, blank `blank_id`) on `ctc_labels`, `ctc_loss_reduction` as
   transformers': "mean" per label, "sum" per example; the trainer's loss is their mean
   over examples (transformers' "sum" is summed over the batch: the same gradient direction,

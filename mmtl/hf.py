@@ -752,13 +752,30 @@ def _replace(tree: Mapping[str, Any], keys: list[str], value: Any) -> dict[str, 
   return {**tree, keys[0]: _replace(tree[keys[0]], keys[1:], value)}
 
 
-def save_pretrained(module: nn.Module, variables: Mapping[str, Any], out_dir: str | Path) -> Path:
+def save_pretrained(
+  module: nn.Module,
+  variables: Mapping[str, Any],
+  out_dir: str | Path,
+  head_params: Mapping[str, Any] | None = None,
+  head_config: Mapping[str, Any] | None = None,
+) -> Path:
   """Write `config.json` + `model.safetensors` of the encoder's `variables` ({"params": ...},
-  + "batch_stats") that transformers (PyTorch) loads as-is."""
+  + "batch_stats") that transformers (PyTorch) loads as-is. With `head_params` (a
+  FusionModel's `head` subtree, of the names `head_hf_names` gives), the folder is the
+  family's task model (`hf_head_architecture`: a CTC head as `Wav2Vec2ForCTC`'s `lm_head`),
+  its config.json with `head_config`'s fields (e.g. vocab_size, pad_token_id) added."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   state = to_hf_state(module, variables)
   config = {"architectures": [module.hf_architecture], **module.config.to_hf()}
+  if head_params is not None:
+    if not hasattr(module, "hf_head_architecture"):
+      raise CheckpointError(f"{type(module).__name__} has no task model to export a head into.")
+    state = {f"{module.hf_base_prefix}.{k}": x for k, x in state.items()}
+    names = module.head_hf_names()
+    for path, x in rules.flatten(head_params).items():
+      state[names[path].key] = weights.to_torch([np.asarray(x)], names[path])
+    config = {**config, "architectures": [module.hf_head_architecture], **(head_config or {})}
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   safetensors.numpy.save_file(state, out / "model.safetensors", metadata={"format": "pt"})
   return out

@@ -2,15 +2,20 @@
 (configs/speech_recognition.py) on it: trained, evaluated with WER/CER, transcribing."""
 
 import json
+import os
+import signal
 import sys
 
 import numpy as np
 import pytest
 from scipy.io import wavfile
+import torch
+import transformers
 
-from mmtl import data, espeak, export, hf, process, rules, train
+from mmtl import data, espeak, export, hf, process, rules, sharding, train, train_state
 from mmtl.config_keys import ConfigError
 from mmtl.data import spoken_digits as sd
+from mmtl.generate.__main__ import transcribe_run
 from tests.test_waveform import final_params
 
 CONFIG = sd.SpokenDigitsConfig(name="test")
@@ -48,9 +53,10 @@ def test_noise_is_added_at_the_snr():
 def test_a_silent_synthesiser_process_fails_after_its_deadline(monkeypatch):
   monkeypatch.setattr(espeak.Synthesiser, "TIMEOUT_S", 0.5)
   with espeak.Synthesiser() as synth:
-    synth.process.kill()  # a helper that died (or hangs) never answers
+    os.kill(synth.process.pid, signal.SIGSTOP)  # a hung helper never answers
     with pytest.raises(RuntimeError, match="gave no samples in 0.5 s"):
       synth.say("one", "en+m1", 150, 50, 0)
+  assert synth.process.poll() is not None  # killed on leaving
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,8 @@ def test_a_vocabulary_the_head_does_not_score_fails_before_training(digits_data_
 def test_recipe_pretrains_exports_fine_tunes_and_transcribes(digits_data_dir, tmp_path):
   """The recipe's commands, short: first-digit pretraining, the tower exported, CTC
   fine-tuning from it with the feature encoder frozen (its weights unchanged), WER/CER and
-  transcripts, then `mmtl.generate` on the test split and on a WAV file."""
+  transcripts, `mmtl.generate` on the test split and on a WAV file, and the export as
+  transformers' Wav2Vec2ForCTC."""
   pre = tmp_path / "pretrain"
   assert "val/accuracy" in train.train(recipe(digits_data_dir, "stage=pretrain"), str(pre))
   tower = export.export_tower(str(pre), "waveform", tmp_path / "tower")
@@ -111,6 +118,23 @@ def test_recipe_pretrains_exports_fine_tunes_and_transcribes(digits_data_dir, tm
     clip = sd.make_example(CONFIG, "test", 0, synth)["waveform"]
   wav = tmp_path / "clip.wav"
   wavfile.write(wav, 8000, clip[::2])
+  # Exported with its head, the run is transformers' Wav2Vec2ForCTC, processor included:
+  # the same transcript of the same clip.
+  asr = export.export_tower(str(run), "waveform", tmp_path / "asr", head=True)
+  model, info = transformers.Wav2Vec2ForCTC.from_pretrained(asr, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  processor = transformers.Wav2Vec2Processor.from_pretrained(asr)
+  inputs = processor(clip / 32768, sampling_rate=16000, return_tensors="pt")
+  with torch.no_grad():
+    logits = model.eval()(**inputs).logits
+  ours, variables = train_state.load_run(str(run), sharding.make_mesh())
+  values = inputs["input_values"].numpy()
+  batch = {"waveform": values, "waveform_mask": np.ones(values.shape, np.int32)}
+  np.testing.assert_allclose(ours.apply(variables, batch)["logits"], logits.numpy(), atol=1e-4)
+  wav16 = tmp_path / "clip16.wav"
+  wavfile.write(wav16, 16000, clip)
+  rows, _ = transcribe_run(str(run), audio=(str(wav16),))
+  assert rows[0]["hypothesis"] == processor.batch_decode(logits.argmax(-1))[0]
   for args, out, printed in (
     (["--split=test[:8]", "--num_beams=3"], "transcripts_step4-test_8_-beams3.jsonl", "| wer"),
     ([f"--audio={wav}"], "transcripts_step4-audio-beams1.jsonl", '"audio"'),

@@ -4,7 +4,9 @@ Fusion runs a tower in three steps, `embed` -> `run_layers(start, stop)` (any
 contiguous range, so towers can be interleaved, as bottleneck fusion does) ->
 `finalize`, and feeds it the batch fields named by its declared `inputs`. Every
 mmtl encoder (`mmtl.models.layers.EncoderTower`: BERT, ViT, the CLIP towers)
-implements it; any other module with these members can be a tower too.
+implements it; any other module with these members can be a tower too. An encoder whose
+tokens are frames in time order (wav2vec2, HuBERT, the Whisper encoder) also sets the
+class attribute `time_frames = True`: a CTC head (mmtl.heads) reads only such towers.
 """
 
 from __future__ import annotations

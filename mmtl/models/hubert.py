@@ -36,6 +36,7 @@ class HubertModel(wav2vec2.Wav2Vec2Model):
 
   config_class: ClassVar[type[HubertConfig]] = HubertConfig
   hf_architecture: ClassVar[str] = "HubertModel"
+  hf_head_architecture: ClassVar[str] = "HubertForCTC"
   hf_base_prefix: ClassVar[str] = "hubert"  # HubertForCTC nests the model here
 
   @property

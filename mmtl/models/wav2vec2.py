@@ -87,6 +87,9 @@ class Wav2Vec2Config(SpecAugmentConfig, layers.HFConfig):
         f"{len(self.conv_dim)}, {len(self.conv_stride)}, {len(self.conv_kernel)}; one entry "
         "per feature-encoder layer each."
       )
+    # As transformers' config does: the count follows conv_dim (a config dict for a model
+    # from scratch need not give it), so an export's config.json is consistent.
+    object.__setattr__(self, "num_feat_extract_layers", len(self.conv_dim))
     if self.add_adapter or self.adapter_attn_dim is not None:
       raise ValueError(
         f"{self.model_type} config sets add_adapter or adapter_attn_dim (an adapter after the "
@@ -261,6 +264,7 @@ class Wav2Vec2Model(layers.EncoderTower):
   config_class: ClassVar[type[Wav2Vec2Config]] = Wav2Vec2Config
   inputs: ClassVar[tuple[str, ...]] = ("input_values", "attention_mask")
   hf_architecture: ClassVar[str] = "Wav2Vec2Model"
+  hf_head_architecture: ClassVar[str] = "Wav2Vec2ForCTC"  # the model `head_hf_names` is of
   hf_base_prefix: ClassVar[str] = "wav2vec2"  # Wav2Vec2ForCTC nests the model here
   time_frames: ClassVar[bool] = True  # its tokens are frames in time order (a CTC head's input)
   # Checkpoints saved before torch's weight-norm parametrizations (and HF Flax ones) name the
