@@ -18,11 +18,19 @@ import select
 import struct
 import subprocess
 import sys
+import traceback
 from typing import Any
 
 import numpy as np
 
 RATE = 22_050  # eSpeak NG's output rate
+# The helper process's program: this file run as a module of its own (not as a script,
+# which would put mmtl/ first on sys.path, nor through the mmtl package, which may not be
+# importable from where the caller runs).
+_SERVE = (
+  "import importlib.util as u; s = u.spec_from_file_location('mmtl_espeak', {path!r}); "
+  "m = u.module_from_spec(s); s.loader.exec_module(m); m.serve()"
+)
 
 
 class ESpeak:
@@ -77,10 +85,16 @@ def serve() -> None:
   for line in sys.stdin:
     read, write = os.pipe()
     if (pid := os.fork()) == 0:  # the child: speak once, send the samples, exit
-      os.close(read)
-      with os.fdopen(write, "wb") as pipe:
-        pipe.write(synth.say(*json.loads(line)).tobytes())
-      os._exit(0)
+      status = 1
+      try:
+        os.close(read)
+        with os.fdopen(write, "wb") as pipe:
+          pipe.write(synth.say(*json.loads(line)).tobytes())
+        status = 0
+      except BaseException:  # never back into the loop: its error, then exit
+        traceback.print_exc()
+      finally:
+        os._exit(status)
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
       samples = pipe.read()
@@ -103,7 +117,9 @@ class Synthesiser:
 
     # Its own process group: closing kills it and any child it forked.
     self.process = process.start(
-      [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+      [sys.executable, "-c", _SERVE.format(path=__file__)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
     )
     return self
 
@@ -145,7 +161,3 @@ class Synthesiser:
       pass
     process.kill_group(self.process, grace_s=1)
     self.process.stdout.close()
-
-
-if __name__ == "__main__":
-  serve()

@@ -50,13 +50,17 @@ def test_noise_is_added_at_the_snr():
   assert abs(snr - 10.0) < 0.2
 
 
-def test_a_silent_synthesiser_process_fails_after_its_deadline(monkeypatch):
+def test_a_hung_or_failing_synthesiser_fails_the_call_with_a_deadline(monkeypatch):
   monkeypatch.setattr(espeak.Synthesiser, "TIMEOUT_S", 0.5)
   with espeak.Synthesiser() as synth:
     os.kill(synth.process.pid, signal.SIGSTOP)  # a hung helper never answers
     with pytest.raises(RuntimeError, match="gave no samples in 0.5 s"):
       synth.say("one", "en+m1", 150, 50, 0)
   assert synth.process.poll() is not None  # killed on leaving
+  with espeak.Synthesiser() as synth:  # a failed utterance fails that call only
+    with pytest.raises(RuntimeError, match="failed to speak"):
+      synth.say("one", "xx+nobody", 150, 50, 0)
+    assert len(synth.say("one", "en+m1", 150, 50, 0)) > 1000
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,21 @@ from mmtl.data import device, source, transforms
 from mmtl.generate import GenerationError
 
 
+def _load_run(workdir: str, step: int | None, head: str, does: str) -> tuple[Any, ...]:
+  """(config, mesh, model, variables) of the run in `workdir`, whose head must be `head`."""
+  config = config_lib.with_defaults(
+    config_lib.load_json(f"{workdir.rstrip('/')}/{config_lib.CONFIG_FILE}")
+  )
+  mesh = sharding.make_mesh(config.mesh)
+  model, variables = train_state.load_run(workdir, mesh, step, config)
+  if model.head_type != head:
+    raise GenerationError(
+      f"{workdir} is a {model.head_type!r} run: mmtl.generate {does} runs whose "
+      f"config.model.head is {head!r}."
+    )
+  return config, mesh, model, variables
+
+
 def caption_run(
   workdir: str,
   *,
@@ -48,16 +63,7 @@ def caption_run(
   """(one {"id", "hypothesis", "references"} or {"image", "hypothesis"} per example, metrics)
   of the captioning run in `workdir` on its eval input with `split` (default: config.input's),
   or on image files."""
-  config = config_lib.with_defaults(
-    config_lib.load_json(f"{workdir.rstrip('/')}/{config_lib.CONFIG_FILE}")
-  )
-  mesh = sharding.make_mesh(config.mesh)
-  model, variables = train_state.load_run(workdir, mesh, step, config)
-  if model.head_type != "captioning":
-    raise GenerationError(
-      f"{workdir} is a {model.head_type!r} run: mmtl.generate captions runs whose "
-      "config.model.head is 'captioning'."
-    )
+  config, mesh, model, variables = _load_run(workdir, step, "captioning", "captions with")
   input_cfg = data.input_config(config.input)
   target = transforms.TargetTokens.from_config(input_cfg.target)
   # The head's generate, as evaluation runs it (LoRA merged), with the run's variables.
@@ -113,16 +119,7 @@ def transcribe_run(
   of the ctc run in `workdir` on its eval input with `split` (default: config.input's), or
   on WAV files (resampled to the run's rate); `num_beams` 1 decodes greedily, more with a
   prefix beam search of that width."""
-  config = config_lib.with_defaults(
-    config_lib.load_json(f"{workdir.rstrip('/')}/{config_lib.CONFIG_FILE}")
-  )
-  mesh = sharding.make_mesh(config.mesh)
-  model, variables = train_state.load_run(workdir, mesh, step, config)
-  if model.head_type != "ctc":
-    raise GenerationError(
-      f"{workdir} is a {model.head_type!r} run: mmtl.generate transcribes with runs whose "
-      "config.model.head is 'ctc'."
-    )
+  config, mesh, model, variables = _load_run(workdir, step, "ctc", "transcribes with")
   input_cfg = data.input_config(config.input)
   vocab = ctc.CTCVocab.from_config(input_cfg.target)
   run_transcribe = functools.partial(
