@@ -224,7 +224,8 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     raise config_lib.ConfigError(
       f"config.model.head={config.model.head!r} learns from the batch field(s) {absent}, which "
       f"config.input does not give (its batches hold {sorted(example_batch)}): name the dataset "
-      "feature in config.input.fields (label=..., or target=... for captioning)."
+      "feature in config.input.fields (label=...; target=... for captioning, and for the ctc "
+      "head with config.input.target.format='ctc')."
     )
 
   # Model and its params' layout (every sharding rule matched here); a fresh run

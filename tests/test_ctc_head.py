@@ -1,6 +1,7 @@
-"""The ctc head loaded whole from a Wav2Vec2ForCTC checkpoint is transformers' model: the
-same logits and the same CTC loss on a padded batch (both reductions), its vocabulary
-the checkpoint's; infeasible examples weigh nothing instead of making the loss inf."""
+"""The ctc head loaded whole from a Wav2Vec2ForCTC or HubertForCTC checkpoint is transformers'
+model: the same logits and the same CTC loss on a padded batch (both reductions), its
+vocabulary the checkpoint's; infeasible examples weigh nothing instead of making the loss
+inf."""
 
 import json
 
@@ -24,19 +25,24 @@ BLANK, VOCAB_SIZE = len(TOKENS) - 1, len(TOKENS) + 2
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def ctc_dir(tmp_path_factory):
-  """A tiny random Wav2Vec2ForCTC (the wav2vec2 fixture's tower, weights moved off their
-  init) with its Wav2Vec2CTCTokenizer."""
-  out = tmp_path_factory.mktemp("tiny_wav2vec2_ctc")
+@pytest.fixture(scope="module", params=["wav2vec2", "hubert"])
+def ctc_dir(request, tmp_path_factory):
+  """A tiny random Wav2Vec2ForCTC or HubertForCTC (the wav2vec2 fixture's tower, weights
+  moved off their init) with its Wav2Vec2CTCTokenizer."""
+  out = tmp_path_factory.mktemp(f"tiny_{request.param}_ctc")
   make_tiny_checkpoint("wav2vec2", out)
   (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(TOKENS)}))
   tokenizer = transformers.Wav2Vec2CTCTokenizer(out / "vocab.json")
   tokenizer.save_pretrained(out)
-  config = transformers.Wav2Vec2Config.from_pretrained(out)
-  config.update(dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+  config = transformers.Wav2Vec2Config.from_pretrained(out).to_dict()
+  config.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+  if request.param == "hubert":
+    config = transformers.HubertConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    model = transformers.HubertForCTC(config)
+  else:
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config))
   torch.manual_seed(1)
-  perturb_weights(transformers.Wav2Vec2ForCTC(config)).save_pretrained(out)
+  perturb_weights(model).save_pretrained(out)
   return str(out)
 
 
@@ -77,7 +83,7 @@ def batch(ctc_dir):
 
 
 def torch_outputs(path, batch, reduction, rows):
-  model = transformers.Wav2Vec2ForCTC.from_pretrained(path, ctc_loss_reduction=reduction).eval()
+  model = transformers.AutoModelForCTC.from_pretrained(path, ctc_loss_reduction=reduction).eval()
   labels = np.where(batch["ctc_labels"] < 0, -100, batch["ctc_labels"])[rows]
   with torch.no_grad():
     out = model(
