@@ -129,9 +129,13 @@ class Synthesiser:
       ready, _, _ = select.select([self.process.stdout], [], [], self.TIMEOUT_S)
       chunk = os.read(self.process.stdout.fileno(), n - len(data)) if ready else b""
       if not chunk:
+        from mmtl import process  # pylint: disable=g-import-not-at-top
+
+        status = self.process.poll()
+        process.kill_group(self.process, grace_s=0)  # hung or gone: nothing of it to keep
         raise RuntimeError(
           f"The eSpeak NG process gave no samples in {self.TIMEOUT_S:g} s (it stopped with "
-          f"{self.process.poll()}); its error, if any, is above."
+          f"{status}); its error, if any, is above."
         )
       data += chunk
     return data
