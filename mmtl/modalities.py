@@ -359,8 +359,8 @@ class Clip(Modality):
 
   def decode(self, value: Any) -> np.ndarray:
     x = np.asarray(value)
-    # Integer samples (tfds Audio's int16, as LibriSpeech and mmtl_spoken_digits store
-    # them) in [-1, 1), as audio libraries read them and the feature extractors expect.
+    # Integer samples (int16: tfds' Audio feature, as in LibriSpeech; mmtl_spoken_digits)
+    # in [-1, 1), as audio libraries read them and the feature extractors expect.
     scale = 1.0 / -np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.signedinteger) else 1.0
     x = x.astype(np.float32) * np.float32(scale)
     if x.ndim == 2 and x.shape[1] == 1:
