@@ -142,6 +142,17 @@ def final_params(workdir):
   return rules.flatten(jax.device_get(checkpoint.restore_variables(ckpts)["params"]))
 
 
+def assert_lora_trained(workdir, tower_dir, subtree):
+  """The LoRA run in `workdir` kept `subtree`'s checkpoint weights (from `tower_dir`) bit
+  for bit and trained its 2 layers x (query, value) adapters."""
+  after = final_params(workdir)
+  loaded = rules.flatten(hf.load_pretrained(tower_dir)[1]["params"])
+  for p, x in loaded.items():
+    np.testing.assert_array_equal(after[f"{subtree}/{p}"], x, err_msg=p)
+  adapters = [p for p in after if p.startswith(f"{subtree}/") and p.endswith("lora_b")]
+  assert len(adapters) == 2 * 2 and all(np.abs(after[p]).max() > 0 for p in adapters)
+
+
 @pytest.mark.slow
 def test_a_wav2vec2_tower_trains_fused_with_an_image_tower(tiny_wav2vec2_dir, data_dir, tmp_path):
   """Sharded over data=2, fsdp=2, model=2 with SpecAugment, LayerDrop and modality dropout
@@ -174,12 +185,7 @@ def test_lora_on_the_wav2vec2_tower(tiny_wav2vec2_dir, data_dir, tmp_path):
   optim = dict(name="adam", lr=3e-3, schedule=dict(decay="constant"), preset="lora", lora=lora)
   config = speech_config(tiny_wav2vec2_dir, data_dir, total_steps=2, evals={}, optim=optim)
   train.train(config, str(tmp_path / "run"))
-  after = final_params(tmp_path / "run")
-  loaded = rules.flatten(hf.load_pretrained(tiny_wav2vec2_dir)[1]["params"])
-  for p, x in loaded.items():
-    np.testing.assert_array_equal(after[f"waveform_encoder/{p}"], x, err_msg=p)
-  adapters = [p for p in after if p.startswith("waveform_encoder/") and p.endswith("lora_b")]
-  assert len(adapters) == 2 * 2 and all(np.abs(after[p]).max() > 0 for p in adapters)
+  assert_lora_trained(tmp_path / "run", tiny_wav2vec2_dir, "waveform_encoder")
 
 
 @pytest.mark.slow
