@@ -509,13 +509,17 @@ class Transcription(Evaluator):
   KEYS = dict(beam_size=1)
   METRICS = ("wer", "cer", "loss", "infeasible")
 
-  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+  @functools.cached_property
+  def vocab(self) -> Any:
+    """The run's CTC vocabulary (mmtl.ctc.CTCVocab), made once."""
     from mmtl import ctc  # pylint: disable=g-import-not-at-top
 
-    vocab = ctc.CTCVocab.from_config(self.context.input_config(self.cfg).target)
+    return ctc.CTCVocab.from_config(self.context.input_config(self.cfg).target)
+
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     beam_size = int(self.option("beam_size"))
     rows, metrics = transcripts(
-      lambda batch: predict(batch, beam_size=beam_size), self.batches(), vocab, self.name
+      lambda batch: predict(batch, beam_size=beam_size), self.batches(), self.vocab, self.name
     )
     self.write_rows("transcripts", rows)
     return metrics

@@ -52,6 +52,18 @@ def _load_run(workdir: str, step: int | None, head: str, does: str) -> tuple[Any
   return config, mesh, model, variables
 
 
+def _host_batches(config: Any, mesh: Any) -> Any:
+  """eval_cfg -> this process's batches of the run's eval input with `eval_cfg["input"]`'s
+  overrides, at the run's batch size."""
+  process_index, process_count = sharding.process_data_shard(mesh)
+  return lambda eval_cfg: data.make_eval_iterator(
+    {**config.input.to_dict(), **eval_cfg.get("input", {})},
+    batch_size=int(config.batch_size) // process_count,
+    process_index=process_index,
+    process_count=process_count,
+  )
+
+
 def caption_run(
   workdir: str,
   *,
@@ -93,14 +105,7 @@ def caption_run(
     {"type": "captioning"},
   )
   eval_cfg["input"] = {**dict(eval_cfg.get("input", {})), **({"split": split} if split else {})}
-  process_index, process_count = sharding.process_data_shard(mesh)
-  host_batches = lambda c: data.make_eval_iterator(
-    {**input_cfg.to_dict(), **c.get("input", {})},
-    batch_size=int(config.batch_size) // process_count,
-    process_index=process_index,
-    process_count=process_count,
-  )
-  generate_texts = evaluators.make_generate_texts(config, mesh, host_batches)
+  generate_texts = evaluators.make_generate_texts(config, mesh, _host_batches(config, mesh))
   predictions, references = generate_texts(run_generate, eval_cfg, **generate_kw)
   rows = evaluators.caption_rows(predictions, references)
   score = text_metrics.vqa_accuracy if eval_cfg["type"] == "vqa" else text_metrics.caption_scores
@@ -129,16 +134,9 @@ def transcribe_run(
     batch = _audio_batch(input_cfg, model.head_config["ctc_modality"], audio)
     texts = vocab.texts(np.asarray(run_transcribe(batch)["ids"]))
     return [{"audio": f, "hypothesis": t} for f, t in zip(audio, texts)], {}
-  eval_cfg = data.input_config({**input_cfg.to_dict(), **({"split": split} if split else {})})
-  process_index, process_count = sharding.process_data_shard(mesh)
-  host = data.make_eval_iterator(
-    eval_cfg,
-    batch_size=int(config.batch_size) // process_count,
-    process_index=process_index,
-    process_count=process_count,
-  )
+  host = _host_batches(config, mesh)({"input": {"split": split} if split else {}})
   batches = device.to_devices(host, config, mesh)
-  return evaluators.transcripts(run_transcribe, batches, vocab, split or eval_cfg.split)
+  return evaluators.transcripts(run_transcribe, batches, vocab, split or input_cfg.split)
 
 
 def _audio_batch(input_cfg: Any, modality: str, files: tuple[str, ...]) -> dict[str, Any]:
