@@ -82,6 +82,19 @@ class Modality:
     batch[self.primary()] = x * present.reshape(-1, *[1] * (x.ndim - 1)).astype(x.dtype)
     return batch
 
+  @classmethod
+  def tower(cls, encoder: Any, tower_cfg: Mapping[str, Any]) -> Any:
+    """The tower of this modality around `encoder`, the module that
+    `config.model.towers.<name>` (`tower_cfg`) builds: by default `encoder` itself."""
+    del tower_cfg
+    return encoder
+
+  @classmethod
+  def check_tower(cls, encoder: Any, input_cfg: Any) -> None:
+    """Start-up check of the tower against `config.input` (e.g. a clip longer than the
+    tower's positions): a ConfigError naming the fix."""
+    del encoder, input_cfg
+
 
 MODALITIES: dict[str, type[Modality]] = {}
 NOT_MODALITIES = ("label", "target")  # the other `config.input.fields`
@@ -125,38 +138,11 @@ class Image(Modality):
 
   def __init__(self, cfg: Any, feature: Any, *, train: bool):
     super().__init__(cfg, feature, train=train)
-    self.size, self.resize, self.mean, self.std = self._spec()
+    self.size, self.resize, self.mean, self.std = pixel_spec(cfg, "image", feature)
     aug = cfg.augment
     self.crop_scale = aug.crop_scale if train else None
     self.flip = aug.flip and train
     self.jitter = aug.color_jitter if train else 0.0
-
-  def _spec(self) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(size, resize, mean, std) with mean/std in [0, 1] pixel units."""
-    image = self.cfg.image
-    stats = {}
-    if image.stats_from:
-      from mmtl import preprocess  # Reads the checkpoint folder: only when asked.
-
-      stats = preprocess.image_stats(image.stats_from)
-    size = image.size or stats.get("size")
-    if size is None:
-      shape = self.feature.shape
-      if shape[0] is None or shape[0] != shape[1]:
-        why = (
-          f"{image.stats_from!r} (config.input.image.stats_from) gives no image size (no "
-          "preprocessor_config.json, no image_size in config.json, as with CNN checkpoints)"
-          if image.stats_from
-          else "config.input.image.size is not set"
-        )
-        raise config_keys.ConfigError(
-          f"Images of {self.cfg.dataset} have shape {shape} and {why}: set "
-          "config.input.image.size (e.g. --config.input.image.size=224)."
-        )
-      size = shape[0]
-    mean = np.asarray(image.mean or stats.get("mean") or (0.5, 0.5, 0.5), np.float32)
-    std = np.asarray(image.std or stats.get("std") or (0.5, 0.5, 0.5), np.float32)
-    return int(size), int(image.resize or size), mean, std
 
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
     img = np.asarray(value)
@@ -184,9 +170,163 @@ class Image(Modality):
       x = (x - mean) * contrast + mean
       gray = x.mean(axis=-1, keepdims=True)
       x = np.clip((x - gray) * saturation + gray, 0.0, 255.0)
-    x = x * (1.0 / (255.0 * self.std)) - self.mean / self.std  # (x / 255 - mean) / std
+    x = normalize_pixels(x, self.mean, self.std)
     batch["pixel_values"] = x if present.all() else x * present[:, None, None, None]
     return batch
+
+
+def normalize_pixels(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """(x / 255 - mean) / std of [0, 255] float pixels, channels last."""
+  return x * (1.0 / (255.0 * std)) - mean / std
+
+
+@register("video")
+class Video(Modality):
+  """Video clips (T, H, W, C) for a video tower (mmtl.models.video: an image tower on
+  each frame and a temporal model). `num_frames` frames are sampled `stride` apart: from
+  a random start in training (the element's RNG: deterministic and resumable), the
+  centred window at evaluation. A clip with fewer frames than the window spans gives its
+  frames from the start, `stride` apart, zero-padded to `num_frames` with a
+  `video_mask` of its real frames (`short_clips="pad"`), or is an error naming it
+  (`short_clips="error"`). Frames of another size are resized as images are at
+  evaluation (shorter side to `resize`, central `size` crop); grayscale frames are
+  repeated to RGB. Of `config.input.augment`, `flip` applies (to the whole clip).
+  Blanked: frames of the mean colour."""
+
+  inputs = {"video": "pixel_values", "video_mask": "frame_mask"}
+  pool = "pooler"  # the temporal model's pooling
+  config = dict(
+    num_frames=8,  # frames per clip the tower sees
+    stride=1,  # take every stride-th frame
+    short_clips="pad",  # clips shorter than (num_frames - 1) * stride + 1: "pad" | "error"
+    size=None,  # frame side; None: stats_from's image size, else the dataset's
+    resize=None,  # shorter side resized to this before the central crop; None: = size
+    mean=None,
+    std=None,  # None: from stats_from, else (0.5, 0.5, 0.5)
+    stats_from=None,  # image checkpoint whose preprocessor_config.json gives mean/std/size
+  )
+
+  def __init__(self, cfg: Any, feature: Any, *, train: bool):
+    super().__init__(cfg, feature, train=train)
+    v = cfg.video
+    if v.num_frames < 1 or v.stride < 1:
+      raise config_keys.ConfigError(
+        f"config.input.video.num_frames={v.num_frames} and stride={v.stride} must be >= 1."
+      )
+    if v.short_clips not in ("pad", "error"):
+      raise config_keys.ConfigError(
+        f"config.input.video.short_clips={v.short_clips!r}; use 'pad' or 'error'."
+      )
+    self.size, self.resize, self.mean, self.std = pixel_spec(cfg, "video", feature)
+    self.num_frames, self.stride, self.span = (
+      v.num_frames,
+      v.stride,
+      (v.num_frames - 1) * v.stride + 1,
+    )
+    self.flip = cfg.augment.flip and train
+
+  def decode(self, value: Any) -> np.ndarray:
+    x = np.asarray(value)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+      raise config_keys.ConfigError(
+        f"A clip of {self.cfg.dataset} (feature {self.cfg.fields.video!r}) has shape "
+        f"{x.shape}; a video is (frames, height, width, 1 or 3 channels): point "
+        "config.input.fields.video at such a feature."
+      )
+    return x
+
+  def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
+    clip, total = np.asarray(value), len(value)
+    if total >= self.span:
+      start = rng.integers(total - self.span + 1) if self.train else (total - self.span) // 2
+      frames = clip[start : start + self.span : self.stride]
+    elif self.cfg.video.short_clips == "pad":
+      frames = clip[:: self.stride][: self.num_frames]
+    else:
+      raise config_keys.ConfigError(
+        f"A clip of {self.cfg.dataset} has {total} frames; num_frames={self.num_frames} at "
+        f"stride={self.stride} spans {self.span}: lower config.input.video.num_frames or "
+        "stride, or set config.input.video.short_clips='pad' (padded, masked frames)."
+      )
+    out = np.zeros((self.num_frames, self.size, self.size, 3), np.uint8)
+    for i, f in enumerate(frames):
+      out[i] = _center_crop(np.repeat(f, 3, -1) if f.shape[-1] == 1 else f, self.size, self.resize)
+    return {
+      "video": out,
+      "video_frames": np.int32(len(frames)),
+      "video_flip": np.bool_(self.flip and rng.random() < 0.5),
+    }
+
+  def batch(self, batch: dict[str, Any], present: np.ndarray) -> dict[str, Any]:
+    x = batch.pop("video").astype(np.float32)
+    frames, flip = batch.pop("video_frames"), batch.pop("video_flip")
+    if flip.any():
+      x[flip] = x[flip, :, :, ::-1]
+    frames = np.where(present > 0, frames, 0)  # blanked: no frame of the clip is kept
+    real = np.arange(self.num_frames)[None] < frames[:, None]
+    # Padding and blanked clips: the mean colour; a blanked clip's frames count as real.
+    x = normalize_pixels(x, self.mean, self.std) * real[:, :, None, None, None]
+    batch["video"] = x
+    batch["video_mask"] = (real | (present[:, None] == 0)).astype(np.int32)
+    return batch
+
+  @classmethod
+  def tower(cls, encoder: Any, tower_cfg: Mapping[str, Any]) -> Any:
+    """`encoder` (an image tower) on every frame under the temporal model
+    `config.model.towers.video.temporal` (mmtl.models.video)."""
+    from mmtl.models import video  # pylint: disable=g-import-not-at-top
+
+    t = {**video.TEMPORAL_KEYS, **dict(tower_cfg.get("temporal") or {})}
+    frame_pool = t["frame_pool"] or ("cls" if encoder.num_layers else "pooler")
+    return video.VideoEncoder(
+      frame=encoder,
+      temporal=t["type"],
+      temporal_layers=t["layers"],
+      max_frames=t["max_frames"],
+      num_heads=t["num_heads"],
+      frame_pool=frame_pool,
+      dtype=encoder.dtype,
+    )
+
+  @classmethod
+  def check_tower(cls, encoder: Any, input_cfg: Any) -> None:
+    if input_cfg.video.num_frames > encoder.max_frames:
+      raise config_keys.ConfigError(
+        f"config.input.video.num_frames={input_cfg.video.num_frames}, but the video tower "
+        f"has temporal positions for {encoder.max_frames} frames: lower num_frames or raise "
+        "config.model.towers.video.temporal.max_frames."
+      )
+
+
+def pixel_spec(cfg: Any, name: str, feature: Any) -> tuple[int, int, np.ndarray, np.ndarray]:
+  """(size, resize, mean, std) of the pixels of modality `name` (its `config.input.<name>`
+  section: size, resize, mean, std, stats_from), mean/std in [0, 1] pixel units. The
+  size is the section's, else stats_from's, else the feature's fixed square frame."""
+  section = cfg[name]
+  stats = {}
+  if section.stats_from:
+    from mmtl import preprocess  # Reads the checkpoint folder: only when asked.
+
+    stats = preprocess.image_stats(section.stats_from)
+  size = section.size or stats.get("size")
+  if size is None:
+    shape = feature.shape if feature is not None else (None, None, None)
+    if shape[-3] is None or shape[-3] != shape[-2]:
+      why = (
+        f"{section.stats_from!r} (config.input.{name}.stats_from) gives no image size (no "
+        "preprocessor_config.json, no image_size in config.json, as with CNN checkpoints)"
+        if section.stats_from
+        else f"config.input.{name}.size is not set"
+      )
+      raise config_keys.ConfigError(
+        f"{'Images' if name == 'image' else 'Video clips'} of {cfg.dataset} have shape "
+        f"{shape} and {why}: set "
+        f"config.input.{name}.size (e.g. --config.input.{name}.size=224)."
+      )
+    size = shape[-3]
+  mean = np.asarray(section.mean or stats.get("mean") or (0.5, 0.5, 0.5), np.float32)
+  std = np.asarray(section.std or stats.get("std") or (0.5, 0.5, 0.5), np.float32)
+  return int(size), int(section.resize or size), mean, std
 
 
 def _center_crop(img: np.ndarray, size: int, resize: int) -> np.ndarray:

@@ -56,6 +56,7 @@ from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
 from mmtl.data import transforms
+from mmtl.modalities import MODALITIES
 from mmtl.models import fusion
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -231,7 +232,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   # Model and its params' layout (every sharding rule matched here); a fresh run
   # creates its params sharded and loads its pretrained towers now.
   model = fusion.build(config.model)
-  target_cfg = data.input_config(config.input).target
+  input_cfg = data.input_config(config.input)
+  for m in model.modalities:
+    MODALITIES[m].check_tower(model.tower(m), input_cfg)
+  target_cfg = input_cfg.target
   if model.head_type == "captioning":
     transforms.TargetTokens.from_config(target_cfg).check_vocab(model.vocab_size)
   if model.head_type == "ctc":

@@ -106,6 +106,10 @@ def new_layers(model: fusion.FusionModel, model_init: Mapping[str, Any]) -> tupl
   if getattr(model, "decoder", None) is not None:
     subtrees.append("decoder")
   scratch = [f"{s}/.*" for s in subtrees if not specs.get(s, {}).get("name")]
+  # A tower whose checkpoint fills one part of it (video: the frame tower) has new layers.
+  for m in model.modalities:
+    if specs.get(f"{m}_encoder", {}).get("name"):
+      scratch += [f"{m}_encoder/{r}" for r in getattr(model.tower(m), "new_layers", ())]
   skipped = [
     f"{subtree}/{rule}"
     for subtree, spec in specs.items()
@@ -138,6 +142,7 @@ def load_pretrained_towers(
   variables: dict[str, Any],
   model_init: Mapping[str, Any],
   note: Callable[[str], None] = print,
+  pretrained_subtrees: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
   """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
 
@@ -151,7 +156,9 @@ def load_pretrained_towers(
   cast to their dtypes, and the leaves it does not give (`dont_load`, a decoder's new
   cross-attention) are left as they were.
   An empty name keeps the random init (a from-scratch baseline is one override
-  away: `--config.model_init.text_encoder=`). Towers left out by
+  away: `--config.model_init.text_encoder=`). `pretrained_subtrees` maps a tower to the
+  part of it its checkpoint gives (`video_encoder` -> `video_encoder/frame`: an image
+  checkpoint; `pretrained_subtrees(model)`). Towers left out by
   `config.model.modalities` are skipped; any other subtree must exist.
   """
   for subtree, spec in model_init.items():
@@ -166,7 +173,7 @@ def load_pretrained_towers(
     note(f"model_init: {subtree} <- {spec['name']}")
     variables = hf.load_into(
       variables,
-      subtree,
+      (pretrained_subtrees or {}).get(subtree, subtree),
       spec["name"],
       tower=spec.get("tower"),
       dont_load=spec.get("dont_load", ()),
@@ -175,6 +182,16 @@ def load_pretrained_towers(
       report=note,  # the decoder's newly initialized params, in the start-up summary
     )
   return variables
+
+
+def pretrained_subtrees(model: fusion.FusionModel) -> dict[str, str]:
+  """Towers a checkpoint fills only part of (`pretrained_subtree` of a tower: the video
+  tower's frame tower): {"video_encoder": "video_encoder/frame"}."""
+  return {
+    f"{m}_encoder": f"{m}_encoder/{model.tower(m).pretrained_subtree}"
+    for m in model.modalities
+    if getattr(model.tower(m), "pretrained_subtree", None)
+  }
 
 
 def _note_head_pools(
@@ -242,7 +259,7 @@ def init_variables(
   }
   if pretrained:
     _note_head_pools(model, config.model_init, note)
-    shapes = load_pretrained_towers(shapes, config.model_init, note)
+    shapes = load_pretrained_towers(shapes, config.model_init, note, pretrained_subtrees(model))
   variables = _initialize_missing(init, rng_init, shapes, shardings)
   if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
     variables["params"] = jax.jit(

@@ -17,10 +17,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmtl import config_keys
-from mmtl.data import options, shapes, spoken_digits
+from mmtl.data import bounces, options, shapes, spoken_digits
 
 # Builders that generate their data offline: prepared on first use, no `download` needed.
-OFFLINE_BUILDERS = (shapes.MmtlShapes, spoken_digits.MmtlSpokenDigits)
+OFFLINE_BUILDERS = (shapes.MmtlShapes, spoken_digits.MmtlSpokenDigits, bounces.MmtlBounces)
 
 
 def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
@@ -36,8 +36,9 @@ def builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
   except tfds.core.registered.DatasetNotFoundError:
     raise config_keys.ConfigError(
       f"Unknown dataset {cfg.dataset!r}. Use a TFDS catalog name or mmtl's built-in "
-      "'mmtl_shapes' or 'mmtl_spoken_digits'; for your own builder, import the module that "
-      "defines it before building the pipeline (see docs/data.md, 'Real datasets')."
+      "'mmtl_shapes', 'mmtl_spoken_digits' or 'mmtl_bounces'; for your own builder, import "
+      "the module that defines it before building the pipeline (see docs/data.md, 'Real "
+      "datasets')."
     ) from None
   if b.is_prepared():
     return b

@@ -853,8 +853,22 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
       **kwargs,
     )
     _check_tower_inputs(m, towers[m], name)
+    if t.get("temporal") and m != "video":
+      raise config_keys.ConfigError(
+        f"config.model.towers.{m}.temporal is set, but only the video tower has a temporal "
+        "model: drop it."
+      )
     pool = t.get("pool")
-    if not towers[m].num_layers:  # a CNN: its first position is no [CLS] token
+    tower = MODALITIES[m].tower(towers[m], t)
+    if tower is not towers[m]:  # wrapped (video: frames): its first token is no [CLS] either
+      if pool == "cls":
+        raise config_keys.ConfigError(
+          f"config.model.towers.{m}.pool='cls' takes the first token, but this tower's tokens "
+          "are frames or patches of every frame: use pool='pooler' (its temporal pooling) or "
+          "'mean'."
+        )
+      towers[m] = tower
+    elif not towers[m].num_layers:  # a CNN: its first position is no [CLS] token
       if pool == "cls":
         raise config_keys.ConfigError(
           f"config.model.towers.{m}.pool='cls' takes the first token, but this tower is a CNN "
