@@ -16,6 +16,8 @@ With `--head`, a speech recognition run (ctc head) exports as transformers'
 vocabulary (`vocab.json`, `Wav2Vec2CTCTokenizer`) and the feature extractor's settings
 (`preprocessor_config.json`), so `transformers.pipeline("automatic-speech-recognition",
 model=out)` transcribes with it.
+A video tower (`--tower video`) exports its frame tower, the image model it runs on each
+frame (a ViTModel, ...); its temporal model has no transformers counterpart.
 `--out` must be new or empty: nothing is overwritten.
 """
 
@@ -65,6 +67,14 @@ def export_tower(
   exported = {"params": params[name]}
   if name in variables.get("batch_stats", {}):
     exported["batch_stats"] = jax.device_get(variables["batch_stats"][name])
+  if sub := getattr(modules[tower], "pretrained_subtree", None):
+    # A video tower: its image tower is the part transformers has a model for.
+    print(
+      f"Exporting {name}/{sub} (the image tower run on each frame); the temporal model "
+      f"({name}/temporal) has no transformers counterpart and stays in the run."
+    )
+    modules[tower] = getattr(modules[tower], sub)
+    exported = {c: t[sub] for c, t in exported.items()}
   if not head:
     return hf.save_pretrained(modules[tower], exported, out)
   if model.head_type != "ctc" or model.head_config["ctc_modality"] != tower:

@@ -15,6 +15,10 @@ A modality says everything the data pipeline and the fusion model need to know o
   (modality dropout, `config.input.blank` for missing-modality evaluation) carry its
   empty value (mean colour, empty text, silence), as the fusion model also ignores them.
 
+- `tower(encoder, tower_cfg)`: its tower around the encoder `config.model.towers.<name>`
+  builds (by default that encoder; video: the image tower under a temporal model), and
+  `check_tower(encoder, input_cfg)`: its start-up check against `config.input`.
+
 `config.input.fields.<name>` names the dataset feature it reads and
 `config.input.modality_dropout.<name>` its dropout rate; `config.model.towers.<name>` its
 tower, whose params are `<name>_encoder/...`. Adding a modality is one subclass with

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import transformers
 
-from mmtl import checkpoint, data, hf, modalities, rules, train
+from mmtl import checkpoint, data, export, hf, modalities, rules, train
 from mmtl import config as config_lib
 from mmtl.config_keys import ConfigError
 from mmtl.data import bounces
@@ -248,6 +249,29 @@ def bounces_data_dir(data_dir):
   return data_dir
 
 
+def test_clip_windows_are_deterministic_and_resume(bounces_data_dir):
+  """A restored iterator gives the next batch's very clips (the same random windows)."""
+  cfg = dict(
+    dataset="mmtl_bounces/small",
+    data_dir=bounces_data_dir,
+    fields=dict(image=None, text=None, video="video", label="label"),
+    video=dict(num_frames=4, stride=3),
+  )
+
+  def iterator():
+    return data.make_train_iterator(cfg, batch_size=8, seed=0, process_index=0, process_count=1)
+
+  it = iterator()
+  next(it)
+  state, second = it.get_state(), next(it)
+  restored = iterator()
+  restored.set_state(state)
+  again = next(restored)
+  assert second["video"].shape == (8, 4, 32, 32, 3)
+  for key in ("video", "video_mask", "labels"):
+    np.testing.assert_array_equal(again[key], second[key])
+
+
 def recipe(data_dir, arg=""):
   from configs import audio_visual  # pylint: disable=g-import-not-at-top
 
@@ -284,3 +308,7 @@ def test_recipe_with_an_image_checkpoint_in_the_locked_frame_tower(
     np.testing.assert_array_equal(last[f"video_encoder/frame/{p}"], x, err_msg=p)
   kernel = "video_encoder/temporal/layer_0/attn/query/kernel"
   assert not np.allclose(first[kernel], last[kernel])  # the temporal layers train
+  # Exported, the video tower is its frame tower: the image checkpoint transformers loads.
+  out = export.export_tower(str(tmp_path / "run"), "video", tmp_path / "frame")
+  _, info = transformers.ViTModel.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
