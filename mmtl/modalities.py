@@ -17,7 +17,7 @@ A modality says everything the data pipeline and the fusion model need to know o
 
 - `tower(encoder, tower_cfg)`: its tower around the encoder `config.model.towers.<name>`
   builds (by default that encoder; video: the image tower under a temporal model), and
-  `check_tower(encoder, input_cfg)`: its start-up check against `config.input`.
+  `check_tower(encoder, batch)`: its start-up check against a training batch.
 
 `config.input.fields.<name>` names the dataset feature it reads and
 `config.input.modality_dropout.<name>` its dropout rate; `config.model.towers.<name>` its
@@ -94,10 +94,10 @@ class Modality:
     return encoder
 
   @classmethod
-  def check_tower(cls, encoder: Any, input_cfg: Any) -> None:
-    """Start-up check of the tower against `config.input` (e.g. a clip longer than the
-    tower's positions): a ConfigError naming the fix."""
-    del encoder, input_cfg
+  def check_tower(cls, encoder: Any, batch: Mapping[str, Any]) -> None:
+    """Start-up check of the tower against a batch of the training input (e.g. a clip
+    longer than the tower's positions): a ConfigError naming the fix."""
+    del encoder, batch
 
 
 MODALITIES: dict[str, type[Modality]] = {}
@@ -222,11 +222,8 @@ class Video(Modality):
         f"config.input.video.short_clips={v.short_clips!r}; use 'pad' or 'error'."
       )
     self.size, self.resize, self.mean, self.std = pixel_spec(cfg, "video", feature)
-    self.num_frames, self.stride, self.span = (
-      v.num_frames,
-      v.stride,
-      (v.num_frames - 1) * v.stride + 1,
-    )
+    self.num_frames, self.stride = v.num_frames, v.stride
+    self.span = (v.num_frames - 1) * v.stride + 1  # frames a window covers
     self.flip = cfg.augment.flip and train
 
   def decode(self, value: Any) -> np.ndarray:
@@ -293,12 +290,20 @@ class Video(Modality):
     )
 
   @classmethod
-  def check_tower(cls, encoder: Any, input_cfg: Any) -> None:
-    if input_cfg.video.num_frames > encoder.max_frames:
+  def check_tower(cls, encoder: Any, batch: Mapping[str, Any]) -> None:
+    frames, height, width = np.shape(batch["video"])[1:4]
+    if frames > encoder.max_frames:
       raise config_keys.ConfigError(
-        f"config.input.video.num_frames={input_cfg.video.num_frames}, but the video tower "
-        f"has temporal positions for {encoder.max_frames} frames: lower num_frames or raise "
+        f"config.input.video.num_frames={frames}, but the video tower has temporal positions "
+        f"for {encoder.max_frames} frames: lower num_frames or raise "
         "config.model.towers.video.temporal.max_frames."
+      )
+    size = getattr(getattr(encoder.frame, "config", None), "image_size", None)
+    if size is not None and tuple(np.broadcast_to(size, 2)) != (height, width):
+      raise config_keys.ConfigError(
+        f"Frames are {height} x {width} but the frame tower takes {size}: set "
+        "config.input.video.size to its side (frames are resized to it), or "
+        "config.input.video.stats_from to its checkpoint."
       )
 
 

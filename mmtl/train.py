@@ -232,10 +232,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   # Model and its params' layout (every sharding rule matched here); a fresh run
   # creates its params sharded and loads its pretrained towers now.
   model = fusion.build(config.model)
-  input_cfg = data.input_config(config.input)
   for m in model.modalities:
-    MODALITIES[m].check_tower(model.tower(m), input_cfg)
-  target_cfg = input_cfg.target
+    if MODALITIES[m].primary() in example_batch:
+      MODALITIES[m].check_tower(model.tower(m), example_batch)
+  target_cfg = data.input_config(config.input).target
   if model.head_type == "captioning":
     transforms.TargetTokens.from_config(target_cfg).check_vocab(model.vocab_size)
   if model.head_type == "ctc":

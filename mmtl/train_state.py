@@ -350,11 +350,14 @@ def check_tower_parts(
   option that does."""
   for m in model.modalities:
     tower = model_cfg["towers"][m]
-    for attr, part in hf.left_out(model.tower(m), tower.get("kwargs") or {}).items():
-      if any(p.startswith(f"{m}_encoder/{part}/") for p in saved):
+    module, prefix = model.tower(m), f"{m}_encoder"
+    if sub := getattr(module, "pretrained_subtree", None):  # video: its frame tower's parts
+      module, prefix = getattr(module, sub), f"{prefix}/{sub}"
+    for attr, part in hf.left_out(module, tower.get("kwargs") or {}).items():
+      if any(p.startswith(f"{prefix}/{part}/") for p in saved):
         option = f"config.model.towers.{m}.kwargs.{attr}=True"
         raise config_lib.ConfigError(
-          f"The checkpoint in {source} holds {m}_encoder/{part}, but the {m} tower is built "
+          f"The checkpoint in {source} holds {prefix}/{part}, but the {m} tower is built "
           f"without its {part}, as {tower['name']} holds none: set {option} to build it "
           f"(mmtl.train --{option} --allow_config_change saves it in the run's config.json, "
           "which mmtl.evaluate and mmtl.export read; or edit config.json)."

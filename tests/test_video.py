@@ -186,6 +186,12 @@ def test_every_temporal_model_fuses_by_bottleneck_with_an_audio_tower(temporal):
 
 
 def test_bad_video_configs_name_the_fix():
+  from configs import audio_visual  # pylint: disable=g-import-not-at-top
+
+  config = audio_visual.get_config()
+  config.model.towers.video.temporal.layer = 3
+  with pytest.raises(ConfigError, match=r"temporal.layer. Did you mean .*temporal.layers\?"):
+    config_lib.check(config)
   with pytest.raises(ValueError, match="temporal.type='spacetime'; use one of"):
     video_tower("spacetime")
   with pytest.raises(ValueError, match="this frame tower is a CNN"):
@@ -198,11 +204,18 @@ def test_bad_video_configs_name_the_fix():
   towers = dict(image=dict(name=TINY_VIT, temporal=dict(type="mean")))
   with pytest.raises(ConfigError, match="only the video tower has a temporal model"):
     fusion.build(dict(config_lib.model_defaults(), towers=towers))
-  input_cfg = data.input_config(dict(video=dict(num_frames=8)))
+  tower = video_tower("attention", num_heads=2)
+  batch = dict(video=np.zeros((2, 8, 16, 16, 3), np.float32))
   with pytest.raises(
     ConfigError, match=r"num_frames=8, but the video tower has temporal positions for 4"
   ):
-    modalities.Video.check_tower(video_tower("attention", num_heads=2), input_cfg)
+    modalities.Video.check_tower(tower, batch)
+  batch = dict(video=np.zeros((2, 4, 32, 32, 3), np.float32))
+  with pytest.raises(
+    ConfigError, match=r"Frames are 32 x 32 but the frame tower takes 16: set config"
+  ):
+    modalities.Video.check_tower(tower, batch)
+  modalities.Video.check_tower(tower, dict(video=np.zeros((2, 4, 16, 16, 3), np.float32)))
 
 
 def test_bounces_are_heard_when_seen_and_the_label_needs_both():

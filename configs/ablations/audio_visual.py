@@ -1,4 +1,4 @@
-r"""The audio-visual table of docs/audio.md ("Recipe: seen and heard"): configs/audio_visual.py
+r"""The audio-visual table of docs/video.md ("Recipe: seen and heard"): configs/audio_visual.py
 with one modality, late fusion, MBT's bottleneck fusion (with and without modality
 dropout) and the video tower's other temporal models, 3 seeds each.
 
@@ -12,7 +12,7 @@ with a Markdown + CSV table of every run's final_metrics.json:
 
   python launch/sweep.py --config configs/ablations/audio_visual.py --sweep_dir runs/audio_visual
 
-Expected results: docs/audio.md, "Recipe: seen and heard".
+Expected results: docs/video.md, "Recipe: seen and heard".
 """
 
 import importlib.util

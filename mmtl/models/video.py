@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmtl.models import fusion
 from mmtl.models.encoder import Encoder
 
 TEMPORAL_MODELS = ("mean", "attention", "factorised", "joint")
@@ -52,8 +53,6 @@ TEMPORAL_KEYS = dict(
 
 def _frame_vectors(frame: Encoder, pixel_values: jax.Array, how: str, deterministic: bool):
   """(B*T, D) vector of every frame: the whole frame tower, pooled as `how` says."""
-  from mmtl.models import fusion  # fusion builds video towers: imported when run
-
   x, mask = frame.embed(pixel_values=pixel_values, deterministic=deterministic)
   hidden = frame.run_layers(x, mask, 0, frame.num_layers, deterministic=deterministic)
   return fusion.pool(frame.finalize(hidden, mask), mask, how)
@@ -70,8 +69,6 @@ class Temporal(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self) -> None:
-    from mmtl.models import fusion
-
     if self.kind != "mean":
       self.position = self.param(
         "position_embeddings", nn.initializers.normal(0.02), (self.max_frames, self.width)
@@ -196,7 +193,9 @@ class VideoEncoder(nn.Module):
     if self.temporal == "joint":
       return self.frame.run_layers(x, mask, start, stop, deterministic=deterministic)
     if not 0 <= start <= stop <= self.num_layers:
-      raise ValueError(f"run_layers({start}, {stop}) of a video tower with {self.num_layers}.")
+      raise ValueError(
+        f"run_layers({start}, {stop}) of a video tower with {self.num_layers} token layers."
+      )
     for i in range(start, stop):
       x = self.temporal_model.layer(i, x, mask, deterministic)
     return x
@@ -204,8 +203,6 @@ class VideoEncoder(nn.Module):
   def finalize(self, hidden: jax.Array, mask: jax.Array) -> dict[str, jax.Array | None]:
     """`pooler_output`: the temporal model's pooling (mean over real frames or tokens,
     or the attention pool)."""
-    from mmtl.models import fusion
-
     if self.temporal == "joint":
       hidden = self.frame.finalize(hidden, mask)["last_hidden_state"]
     elif self.temporal == "factorised":
