@@ -304,10 +304,10 @@ def test_recipe_with_an_image_checkpoint_in_the_locked_frame_tower(
   """The recipe's bottleneck fusion, short, with the image checkpoint loaded into the frame
   tower and locked: the frame tower ends as the checkpoint, the temporal layers train;
   the missing-modality evaluations run, and modality dropout trains."""
-  config = recipe(bounces_data_dir, "dropout=0.3")
+  config = recipe(bounces_data_dir, f"dropout=0.3,init={tiny_vit_dir}")
+  assert config.model_init.video_encoder == tiny_vit_dir
   config.model.towers.video = dict(config.model.towers.video, name=tiny_vit_dir)
   config.input.video.stats_from = tiny_vit_dir  # its 16 x 16 frames and normalization
-  config.model_init = {"video_encoder": tiny_vit_dir}
   config.optim.frozen = ["video_encoder/frame/.*"]
   config.update(ckpt_every=1, keep_ckpts=3)
   final = train.train(config, str(tmp_path / "run"))

@@ -1,16 +1,25 @@
 r"""The audio-visual table of docs/video.md ("Recipe: seen and heard"): configs/audio_visual.py
-with one modality, late fusion, MBT's bottleneck fusion (with and without modality
-dropout) and the video tower's other temporal models, 3 seeds each.
+with one modality, late fusion and MBT's bottleneck fusion from scratch; then, with each
+seed's video-only run's frame tower, late and bottleneck fusion, bottleneck fusion with
+modality dropout and with the video tower's other temporal models; 3 seeds each.
 
 A single cell:
 
   python -m mmtl.train --workdir runs/x \
       --config configs/ablations/audio_visual.py:modalities=both,fusion=concat,seed=1
 
-The whole table (`get_sweep()`; finished runs are skipped on rerun), one run after another,
-with a Markdown + CSV table of every run's final_metrics.json:
+The table (finished runs are skipped on rerun; one run after another; a Markdown + CSV
+table of every run's final_metrics.json): the rows from scratch, each seed's frame tower
+exported from its video-only run, then every row (`get_sweep(DIR)`: the frame towers are
+DIR/frame_<seed>):
 
-  python launch/sweep.py --config configs/ablations/audio_visual.py --sweep_dir runs/audio_visual
+  python launch/sweep.py --config configs/ablations/audio_visual.py --sweep_dir runs/av
+  for seed in 0 1 2; do
+    python -m mmtl.export --workdir runs/av/modalities=video__seed=$seed --tower video \
+        --out runs/av/frame_$seed
+  done
+  python launch/sweep.py --config configs/ablations/audio_visual.py \
+      --sweep configs/ablations/audio_visual.py:runs/av --sweep_dir runs/av
 
 Expected results: docs/video.md, "Recipe: seen and heard".
 """
@@ -25,9 +34,13 @@ audio_visual = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(audio_visual)
 
 SEEDS = (0, 1, 2)
-SETTINGS = (
+SCRATCH = (
   {"arg.modalities": "video"},
   {"arg.modalities": "audio"},
+  {"arg.fusion": "concat"},
+  {"arg.fusion": "bottleneck"},
+)
+PRETRAINED_FRAMES = (
   {"arg.fusion": "concat"},
   {"arg.fusion": "bottleneck"},
   {"arg.fusion": "bottleneck", "arg.dropout": 0.3},
@@ -42,6 +55,14 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """Override dicts for launch/sweep.py: `arg.*` keys are config-file arguments."""
-  del arg
-  return [{**setting, "arg.seed": seed} for setting in SETTINGS for seed in SEEDS]
+  """Override dicts for launch/sweep.py (`arg.*` keys are config-file arguments): the rows
+  from scratch, and with `arg` (the folder of the exported frame towers, frame_<seed>) the
+  rows that start from them."""
+  runs = [{**row, "arg.seed": seed} for row in SCRATCH for seed in SEEDS]
+  if arg:
+    runs += [
+      {**row, "arg.init": f"{arg}/frame_{seed}", "arg.seed": seed}
+      for row in PRETRAINED_FRAMES
+      for seed in SEEDS
+    ]
+  return runs
