@@ -8,11 +8,14 @@ keeps the param names uniform:
 (+ `attn_scale`, `mlp_scale` with layer scale).
 Uniform names let one regex (e.g. `.*/attn/(query|value)/kernel`) address every
 family for freezing, LoRA or sharding.
+
+Also here, what the modules built on towers share (fusion, the video tower): pooling a
+tower's tokens (`pool`, `masked_mean`) and the pre-LN cross-attention block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 from typing import Any, ClassVar, Self
 
@@ -642,3 +645,72 @@ def hf_layers(
     hf = {part: f"{hf_prefix}.{i}.{name}" for part, name in parts.items()}
     names.update(_hf_layer(f"encoder/layer_{i}", spec, hf))
   return names
+
+
+# What fusion modules and the video tower share: pooling tokens and pre-LN blocks.
+POOL_TYPES = ("mean", "cls", "pooler")
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over tokens (axis 1) where mask is True."""
+  w = mask.astype(x.dtype)[..., None]
+  return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+
+def pool(out: Mapping[str, jax.Array], mask: jax.Array, how: str) -> jax.Array:
+  """Tower-level representation: masked mean, first token, or the pooler."""
+  if how == "mean":
+    return masked_mean(out["last_hidden_state"], mask)
+  if how == "cls":
+    return out["last_hidden_state"][:, 0]
+  if how == "pooler":
+    if out.get("pooler_output") is None:
+      raise ValueError(
+        "pool='pooler' on a tower without a pooler (DistilBERT; a checkpoint that holds none, "
+        "such as a ViTForImageClassification or RobertaForMaskedLM; add_pooling_layer=False): "
+        "set config.model.towers.<modality>.pool='cls' or 'mean'."
+      )
+    return out["pooler_output"]
+  raise ValueError(f"Unknown pool {how!r}; use one of {POOL_TYPES}.")
+
+
+class MlpBlock(nn.Module):
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.Dense(4 * self.width, dtype=self.dtype, name="fc1")(x)
+    return nn.Dense(self.width, dtype=self.dtype, name="fc2")(nn.gelu(y))
+
+
+class CrossAttentionBlock(nn.Module):
+  """Pre-LN cross-attention + MLP: queries of one modality, keys of the others."""
+
+  width: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, q: jax.Array, q_mask: jax.Array, kv: jax.Array, kv_mask: jax.Array, *, train: bool
+  ) -> jax.Array:
+    attn_mask = q_mask[:, None, :, None] & kv_mask[:, None, None, :]
+    y = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      dropout_rate=self.dropout,
+      deterministic=not train,
+      name="attn",
+    )(
+      nn.LayerNorm(dtype=self.dtype, name="ln_q")(q),
+      nn.LayerNorm(dtype=self.dtype, name="ln_kv")(kv),
+      mask=attn_mask,
+    )
+    # Nothing to attend to (the other modalities absent): add nothing.
+    y = y * kv_mask.any(-1)[:, None, None].astype(y.dtype)
+    x = q + y
+    return x + MlpBlock(self.width, self.dtype, name="mlp")(
+      nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    )

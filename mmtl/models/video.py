@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmtl.models import fusion
+from mmtl.models import layers
 from mmtl.models.encoder import Encoder
 
 TEMPORAL_MODELS = ("mean", "attention", "factorised", "joint")
@@ -55,7 +55,7 @@ def _frame_vectors(frame: Encoder, pixel_values: jax.Array, how: str, determinis
   """(B*T, D) vector of every frame: the whole frame tower, pooled as `how` says."""
   x, mask = frame.embed(pixel_values=pixel_values, deterministic=deterministic)
   hidden = frame.run_layers(x, mask, 0, frame.num_layers, deterministic=deterministic)
-  return fusion.pool(frame.finalize(hidden, mask), mask, how)
+  return layers.pool(frame.finalize(hidden, mask), mask, how)
 
 
 class Temporal(nn.Module):
@@ -75,10 +75,10 @@ class Temporal(nn.Module):
       )
     if self.kind == "attention":
       self.probe = self.param("probe", nn.initializers.normal(0.02), (1, self.width))
-      self.pool = fusion.CrossAttentionBlock(self.width, self.num_heads, dtype=self.dtype)
+      self.pool = layers.CrossAttentionBlock(self.width, self.num_heads, dtype=self.dtype)
     # Self-attention blocks: the frames' tokens attend to themselves.
     self.layers = [
-      fusion.CrossAttentionBlock(self.width, self.num_heads, dtype=self.dtype, name=f"layer_{i}")
+      layers.CrossAttentionBlock(self.width, self.num_heads, dtype=self.dtype, name=f"layer_{i}")
       for i in range(self.num_layers)
     ]
     if self.kind == "factorised":
@@ -210,7 +210,7 @@ class VideoEncoder(nn.Module):
     if self.temporal == "attention":
       pooled = self.temporal_model.attention_pool(hidden, mask)
     else:
-      pooled = fusion.masked_mean(hidden, mask)
+      pooled = layers.masked_mean(hidden, mask)
     return dict(last_hidden_state=hidden, pooler_output=pooled)
 
   def __call__(
