@@ -291,20 +291,21 @@ class Video(Modality):
 
   @classmethod
   def check_tower(cls, encoder: Any, batch: Mapping[str, Any]) -> None:
-    frames, height, width = np.shape(batch["video"])[1:4]
-    if frames > encoder.max_frames:
+    """The tower's own shape checks, run abstractly on one clip of the batch's shape:
+    its temporal positions, and the frame size its image tower takes (a ViT's
+    `image_size`; DeiT, DINOv2 and CNNs take others)."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    clip = jax.ShapeDtypeStruct((1, *np.shape(batch["video"])[1:]), np.float32)
+    mask = jax.ShapeDtypeStruct(clip.shape[:2], np.int32)
+    try:
+      jax.eval_shape(lambda x, m: encoder.init(jax.random.key(0), x, m), clip, mask)
+    except ValueError as e:
       raise config_keys.ConfigError(
-        f"config.input.video.num_frames={frames}, but the video tower has temporal positions "
-        f"for {encoder.max_frames} frames: lower num_frames or raise "
-        "config.model.towers.video.temporal.max_frames."
-      )
-    size = getattr(getattr(encoder.frame, "config", None), "image_size", None)
-    if size is not None and tuple(np.broadcast_to(size, 2)) != (height, width):
-      raise config_keys.ConfigError(
-        f"Frames are {height} x {width} but the frame tower takes {size}: set "
-        "config.input.video.size to its side (frames are resized to it), or "
-        "config.input.video.stats_from to its checkpoint."
-      )
+        f"The video tower does not take clips of shape {clip.shape[1:]}: {e} (Frames are "
+        "resized to config.input.video.size; config.input.video.stats_from gives the "
+        "image checkpoint's.)"
+      ) from None
 
 
 def pixel_spec(cfg: Any, name: str, feature: Any) -> tuple[int, int, np.ndarray, np.ndarray]:

@@ -28,6 +28,15 @@ TINY_AST = dict(
   num_mel_bins=16,
   max_length=32,
 )
+TINY_DINOV2 = dict(
+  model_type="dinov2",
+  image_size=16,
+  patch_size=8,
+  hidden_size=16,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  mlp_ratio=2,
+)
 TINY_RESNET = dict(
   model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
 )
@@ -212,9 +221,13 @@ def test_bad_video_configs_name_the_fix():
     modalities.Video.check_tower(tower, batch)
   batch = dict(video=np.zeros((2, 4, 32, 32, 3), np.float32))
   with pytest.raises(
-    ConfigError, match=r"Frames are 32 x 32 but the frame tower takes 16: set config"
+    ConfigError,
+    match=r"clips of shape \(4, 32, 32, 3\): pixel_values .*expects NHWC \(B, 16, 16, 3\)"
+    r".*config\.input\.video\.size",
   ):
     modalities.Video.check_tower(tower, batch)
+  # A frame tower that takes any frame size (DINOv2 resizes its position embeddings).
+  modalities.Video.check_tower(video_tower("attention", frame=TINY_DINOV2, num_heads=2), batch)
   modalities.Video.check_tower(tower, dict(video=np.zeros((2, 4, 16, 16, 3), np.float32)))
 
 

@@ -88,8 +88,8 @@ class Temporal(nn.Module):
     """(T, D) temporal position embeddings of the first `num_frames` frames."""
     if num_frames > self.max_frames:
       raise ValueError(
-        f"A clip of {num_frames} frames, but the video tower has temporal positions for "
-        f"{self.max_frames}: lower config.input.video.num_frames or raise "
+        f"config.input.video.num_frames={num_frames}, but the video tower has temporal "
+        f"positions for {self.max_frames} frames: lower num_frames or raise "
         "config.model.towers.video.temporal.max_frames."
       )
     return self.position[:num_frames].astype(self.dtype)
