@@ -60,7 +60,8 @@ DEFAULTS = dict(
 MODEL_DEFAULTS = dict(
   # modality -> dict(name=<HF name/path or config.json dict>, tower=None|"vision"|"text",
   #                  pool="cls"|"mean"|"pooler", kwargs={...module attrs...},
-  #                  temporal={...}: the video tower's temporal model, mmtl.models.video)
+  #                  and the modalities' own sections: `Modality.tower_config`, e.g. the
+  #                  video tower's temporal={...})
   towers={},
   modalities="",  # comma-separated subset of `towers` to use ("" = all): ablations
   unused_towers=(),  # tower keys kept in `towers` that are no modality's (else a typo error)
@@ -109,8 +110,7 @@ def model_defaults() -> dict[str, Any]:
 
 def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
-  from mmtl import data, distill, evaluators, optim  # Their sections; imported late (JAX).
-  from mmtl.models import video
+  from mmtl import data, distill, evaluators, modalities, optim  # Imported late (JAX).
 
   input_keys = data.defaults().to_dict()
   input_keys["builder_config"] = FREE
@@ -128,7 +128,7 @@ def schema() -> dict[str, Any]:
     evals={ANY_NAME: resolve(evaluators.CONFIG_KEYS)},
     model={
       **model_defaults(),
-      "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE, "temporal": video.TEMPORAL_KEYS}},
+      "towers": {ANY_NAME: {**TOWER_KEYS, "kwargs": FREE, **modalities.tower_config_keys()}},
       "decoder": {**DECODER_KEYS, "kwargs": FREE},
     },
     model_init={ANY_NAME: FREE},

@@ -16,7 +16,8 @@ A modality says everything the data pipeline and the fusion model need to know o
   empty value (mean colour, empty text, silence), as the fusion model also ignores them.
 
 - `tower(encoder, tower_cfg)`: its tower around the encoder `config.model.towers.<name>`
-  builds (by default that encoder; video: the image tower under a temporal model), and
+  builds (by default that encoder; video: the image tower under a temporal model), reading
+  its own sections of that config (`tower_config`), and
   `check_tower(encoder, batch)`: its start-up check against a training batch.
 
 `config.input.fields.<name>` names the dataset feature it reads and
@@ -48,6 +49,8 @@ class Modality:
   inputs: ClassVar[dict[str, str]]  # batch field -> encoder input; the first is primary
   pool: ClassVar[str] = "mean"
   config: ClassVar[dict[str, Any]] = {}
+  # Its own sections of `config.model.towers.<name>`, which `tower` reads (video: temporal).
+  tower_config: ClassVar[dict[str, Any]] = {}
   # `batch` runs in Preprocess.tokenize, in the one thread that consumes batches (HF fast
   # tokenizers are not thread-safe), instead of the loader's threads.
   tokenizes: ClassVar[bool] = False
@@ -209,6 +212,15 @@ class Video(Modality):
     std=None,  # None: from stats_from, else (0.5, 0.5, 0.5)
     stats_from=None,  # image checkpoint whose preprocessor_config.json gives mean/std/size
   )
+  tower_config = dict(
+    temporal=dict(  # the temporal model (mmtl.models.video) and its size
+      type="factorised",  # "mean" | "attention" | "factorised" | "joint"
+      layers=1,  # factorised: temporal transformer layers
+      max_frames=16,  # temporal position embeddings: the most frames a clip may have
+      num_heads=4,  # attention heads of the temporal layers and of the attention pool
+      frame_pool=None,  # a frame's vector: "cls" | "mean" | "pooler"; None: cls, CNNs pooler
+    )
+  )
 
   def __init__(self, cfg: Any, feature: Any, *, train: bool):
     super().__init__(cfg, feature, train=train)
@@ -277,7 +289,7 @@ class Video(Modality):
     `config.model.towers.video.temporal` (mmtl.models.video)."""
     from mmtl.models import video  # pylint: disable=g-import-not-at-top
 
-    t = {**video.TEMPORAL_KEYS, **dict(tower_cfg.get("temporal") or {})}
+    t = {**cls.tower_config["temporal"], **dict(tower_cfg.get("temporal") or {})}
     frame_pool = t["frame_pool"] or ("cls" if encoder.num_layers else "pooler")
     return video.VideoEncoder(
       frame=encoder,
@@ -688,6 +700,11 @@ def as_texts(value: Any) -> list[str]:
   """A text feature's value (one string or a sequence of them) as a list of str."""
   texts = [value] if isinstance(value, (bytes, str)) else list(value)
   return [t.decode() if isinstance(t, bytes) else t for t in texts]
+
+
+def tower_config_keys() -> dict[str, Any]:
+  """The sections of `config.model.towers.<m>` that modalities declare (`tower_config`)."""
+  return {key: v for spec in MODALITIES.values() for key, v in spec.tower_config.items()}
 
 
 def blank_fields(keep: Sequence[str] = ()) -> dict[str, None]:

@@ -211,7 +211,9 @@ def test_bad_video_configs_name_the_fix():
   with pytest.raises(ConfigError, match=r"pool='cls' takes the first token, but this tower's"):
     fusion.build(dict(config_lib.model_defaults(), towers=towers))
   towers = dict(image=dict(name=TINY_VIT, temporal=dict(type="mean")))
-  with pytest.raises(ConfigError, match="only the video tower has a temporal model"):
+  with pytest.raises(
+    ConfigError, match=r"towers\.image\.temporal is set, but only the video tower reads it: drop it"
+  ):
     fusion.build(dict(config_lib.model_defaults(), towers=towers))
   tower = video_tower("attention", num_heads=2)
   batch = dict(video=np.zeros((2, 8, 16, 16, 3), np.float32))

@@ -788,11 +788,13 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
       **kwargs,
     )
     _check_tower_inputs(m, towers[m], name)
-    if t.get("temporal") and m != "video":
-      raise config_keys.ConfigError(
-        f"config.model.towers.{m}.temporal is set, but only the video tower has a temporal "
-        "model: drop it."
-      )
+    for key in modalities.tower_config_keys():
+      if t.get(key) and key not in MODALITIES[m].tower_config:
+        readers = [n for n, spec in MODALITIES.items() if key in spec.tower_config]
+        raise config_keys.ConfigError(
+          f"config.model.towers.{m}.{key} is set, but only the {' and '.join(readers)} "
+          "tower reads it: drop it."
+        )
     pool = t.get("pool")
     tower = MODALITIES[m].tower(towers[m], t)
     if tower is not towers[m]:  # wrapped (video: frames): its first token is no [CLS] either

@@ -9,7 +9,8 @@ pooling probe): new layers, trained from scratch, freezable apart from the frame
 (`config.optim.frozen=["video_encoder/frame/.*"]`: a locked per-frame tower under a
 trained temporal model).
 
-Temporal models (`temporal`, config.model.towers.video.temporal.type):
+Temporal models (`temporal`, config.model.towers.video.temporal.type; the section's keys
+are `mmtl.modalities.Video.tower_config`):
   mean:       the frame tower on each frame, one vector per frame (its `frame_pool`),
               averaged over the real frames (TSN-style; blind to frame order).
   attention:  per-frame vectors + temporal position embeddings, pooled by a learned query's
@@ -41,15 +42,6 @@ from mmtl.models.encoder import Encoder
 
 TEMPORAL_MODELS = ("mean", "attention", "factorised", "joint")
 FRAME_POOLS = ("cls", "mean", "pooler")
-# config.model.towers.video.temporal: the temporal model and its size.
-TEMPORAL_KEYS = dict(
-  type="factorised",  # one of TEMPORAL_MODELS
-  layers=1,  # factorised: temporal transformer layers
-  max_frames=16,  # temporal position embeddings: the most frames a clip may have
-  num_heads=4,  # attention heads of the temporal layers and of the attention pool
-  frame_pool=None,  # a frame's vector: "cls" | "mean" | "pooler"; None: cls, pooler for CNNs
-)
-
 
 def _frame_vectors(frame: Encoder, pixel_values: jax.Array, how: str, deterministic: bool):
   """(B*T, D) vector of every frame: the whole frame tower, pooled as `how` says."""
