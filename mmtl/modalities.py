@@ -152,9 +152,7 @@ class Image(Modality):
     self.jitter = aug.color_jitter if train else 0.0
 
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
-    img = np.asarray(value)
-    if img.shape[-1] == 1:
-      img = np.repeat(img, 3, axis=-1)
+    img = as_rgb(np.asarray(value))
     if self.crop_scale:
       img = _random_resized_crop(img, self.size, self.crop_scale, rng)
     else:
@@ -180,6 +178,11 @@ class Image(Modality):
     x = normalize_pixels(x, self.mean, self.std)
     batch["pixel_values"] = x if present.all() else x * present[:, None, None, None]
     return batch
+
+
+def as_rgb(img: np.ndarray) -> np.ndarray:
+  """A grayscale image (H, W, 1) repeated to RGB; RGB as it is."""
+  return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
 
 
 def normalize_pixels(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -263,7 +266,7 @@ class Video(Modality):
       )
     out = np.zeros((self.num_frames, self.size, self.size, 3), np.uint8)
     for i, f in enumerate(frames):
-      out[i] = _center_crop(np.repeat(f, 3, -1) if f.shape[-1] == 1 else f, self.size, self.resize)
+      out[i] = _center_crop(as_rgb(f), self.size, self.resize)
     return {
       "video": out,
       "video_frames": np.int32(len(frames)),

@@ -16,7 +16,7 @@ the number of bounces (1-3) and the noise.
 `motion` and `pitch` are the two halves of the label as class labels of their own,
 `bounces` how many bounces the clip has. Generation is deterministic (one numpy
 Generator per (seed, split, index)) and offline; `mmtl.data.source` prepares it on first
-use (the default configuration in about a minute).
+use (the default configuration in about 10 s).
 """
 
 from __future__ import annotations
