@@ -43,6 +43,7 @@ from mmtl.models.encoder import Encoder
 TEMPORAL_MODELS = ("mean", "attention", "factorised", "joint")
 FRAME_POOLS = ("cls", "mean", "pooler")
 
+
 def _frame_vectors(frame: Encoder, pixel_values: jax.Array, how: str, deterministic: bool):
   """(B*T, D) vector of every frame: the whole frame tower, pooled as `how` says."""
   x, mask = frame.embed(pixel_values=pixel_values, deterministic=deterministic)
