@@ -387,7 +387,7 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
       cmd,
       stdout=out,
       stderr=subprocess.STDOUT,
-      env=sweep.trainer_env(),
+      env=sweep.trainer_env(study_dir),
       preexec_fn=die_with_worker if sys.platform == "linux" else None,
     )
   try:

@@ -352,11 +352,18 @@ def write_record(
 # ---- Running ---------------------------------------------------------------------
 
 
-def trainer_env() -> dict[str, str]:
+FEATURE_CACHE_ENV = "MMTL_FEATURE_CACHE_DIR"  # mmtl.feature_cache.ENV_DIR (it loads JAX)
+
+
+def trainer_env(sweep_dir: Path) -> dict[str, str]:
   """This environment with the checkout first on PYTHONPATH, so `python -m mmtl.train` and
-  config files find mmtl from any directory."""
+  config files find mmtl from any directory, and one feature cache for the runs of
+  `sweep_dir` (SWEEP_DIR/feature_cache, unless the environment names one): runs that share
+  a locked tower compute its features once (with config.feature_cache.enable)."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+  if not workdir_lib.is_remote(str(sweep_dir)):
+    env.setdefault(FEATURE_CACHE_ENV, str(Path(sweep_dir).absolute() / "feature_cache"))
   return env
 
 
@@ -372,7 +379,7 @@ def log_tail(log: Path, lines: int = 15) -> str:
 
 def run_locally(args: Options, runs: list[tuple[str, Overrides]], sweep_dir: Path) -> list[str]:
   """Runs the unfinished runs one after another; returns the names that failed."""
-  env = trainer_env()
+  env = trainer_env(sweep_dir)
   (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
   failed = []
   for i, (name, overrides) in enumerate(runs, 1):

@@ -55,6 +55,9 @@ DEFAULTS = dict(
   mesh=dict(data=-1, fsdp=1, model=1),
   sharding_rules="replicate",  # preset name or [(regex, spec), ...] (mmtl.sharding)
   distill={},  # mmtl.distill: teacher_workdir, temperature, alpha
+  # mmtl.feature_cache: locked towers run once per example (enable); entries in `dir`,
+  # else $MMTL_FEATURE_CACHE_DIR (sweeps and searches share one), else <workdir>/feature_cache.
+  feature_cache=dict(enable=False, dir=""),
 )
 
 MODEL_DEFAULTS = dict(

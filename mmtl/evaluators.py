@@ -616,8 +616,11 @@ def _allgather(items: list[Any]) -> list[Any]:
 
 
 def eval_input_config(config: mlc.ConfigDict, eval_cfg: Mapping[str, Any]) -> mlc.ConfigDict:
-  """`config.input` with an evaluator's `input` overrides, every key filled and checked."""
-  return data.input_config({**config.input.to_dict(), **dict(eval_cfg.get("input", {}))})
+  """`config.input` with an evaluator's `input` overrides (nested sections merged key by
+  key), every key filled and checked."""
+  input_cfg = mlc.ConfigDict(config.input.to_dict())
+  input_cfg.update(eval_cfg.get("input", {}))
+  return data.input_config(input_cfg)
 
 
 def make_generate_texts(
@@ -661,10 +664,16 @@ def make_generate_texts(
 
 
 def make_evaluators(
-  config: mlc.ConfigDict, model: fusion.FusionModel, mesh: jax.sharding.Mesh, batch_size: int
+  config: mlc.ConfigDict,
+  model: fusion.FusionModel,
+  mesh: jax.sharding.Mesh,
+  batch_size: int,
+  features: Callable[[mlc.ConfigDict], data.Features | None] | None = None,
 ) -> list[Evaluator]:
   """One evaluator per `config.evals` entry; eval inputs are `config.input` + overrides.
-  Training and mmtl.evaluate both build theirs here, so they evaluate the same way."""
+  Training and mmtl.evaluate both build theirs here, so they evaluate the same way.
+  `features(input_cfg)`: the cached tower outputs of an eval input (mmtl.feature_cache),
+  which its batches then carry."""
   process_index, process_count = sharding.process_data_shard(mesh)
   head = heads.get(model.head_type)
   predict_fns = head.predict_fns(model, mesh)
@@ -675,11 +684,14 @@ def make_evaluators(
     )
 
   def host_batches(eval_cfg):
-    input_cfg = mlc.ConfigDict(config.input.to_dict())
-    input_cfg.update(eval_cfg.get("input", {}))
+    input_cfg = eval_input_config(config, eval_cfg)
     local_bs = int(eval_cfg.get("batch_size", batch_size)) // process_count
     return data.make_eval_iterator(
-      input_cfg, batch_size=local_bs, process_index=process_index, process_count=process_count
+      input_cfg,
+      batch_size=local_bs,
+      process_index=process_index,
+      process_count=process_count,
+      features=features(input_cfg) if features else None,
     )
 
   def text_embedder(tokenizer_name, max_len):

@@ -52,6 +52,9 @@ class Head:
   config: ClassVar[dict[str, Any]] = {}
   loss_config: ClassVar[dict[str, Any]] = {}
   predict_names: ClassVar[tuple[str, ...]] = ("predict",)  # the keys of `predict_fns`
+  # Reads the towers' token sequences, not only their pooled vectors (mmtl.feature_cache
+  # then stores a locked tower's tokens).
+  reads_tokens: ClassVar[bool] = False
 
   @classmethod
   def outputs(
@@ -221,6 +224,7 @@ class Captioning(Head):
   teacher-forced next-token cross-entropy, a mean over target tokens."""
 
   fields = ("decoder_target_ids", "decoder_loss_mask")
+  reads_tokens = True
   loss_config = dict(label_smoothing=0.0)
   predict_names = ("predict", "generate", "token_loss")
 
@@ -265,6 +269,7 @@ class CTC(Head):
   `transcription` evaluator counts them). The fused features are computed but unused."""
 
   fields = ("ctc_labels",)
+  reads_tokens = True
   config = dict(vocab_size=32, blank_id=0, ctc_modality="waveform")
   loss_config = dict(ctc_loss_reduction="mean")
   predict_names = ("predict", "transcribe")

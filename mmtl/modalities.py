@@ -89,6 +89,12 @@ class Modality:
     batch[self.primary()] = x * present.reshape(-1, *[1] * (x.ndim - 1)).astype(x.dtype)
     return batch
 
+  def training_randomness(self) -> str | None:
+    """Why the tower's input for one example varies between training epochs (augmentation,
+    random crops or choices), else None: mmtl.feature_cache caches a locked tower's
+    features only when its input is the one evaluation preprocessing gives, every epoch."""
+    return None
+
   @classmethod
   def tower(cls, encoder: Any, tower_cfg: Mapping[str, Any]) -> Any:
     """The tower of this modality around `encoder`, the module that
@@ -150,6 +156,11 @@ class Image(Modality):
     self.crop_scale = aug.crop_scale if train else None
     self.flip = aug.flip and train
     self.jitter = aug.color_jitter if train else 0.0
+
+  def training_randomness(self) -> str | None:
+    aug = self.cfg.augment
+    on = [f"{k}={aug[k]!r}" for k in ("crop_scale", "flip", "color_jitter") if aug[k]]
+    return f"config.input.augment ({', '.join(on)}) changes the images" if on else None
 
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
     img = as_rgb(np.asarray(value))
@@ -240,6 +251,16 @@ class Video(Modality):
     self.num_frames, self.stride = v.num_frames, v.stride
     self.span = (v.num_frames - 1) * v.stride + 1  # frames a window covers
     self.flip = cfg.augment.flip and train
+
+  def training_randomness(self) -> str | None:
+    if self.cfg.augment.flip:
+      return "config.input.augment.flip flips the clips"
+    frames = self.feature.shape[0] if self.feature is not None and self.feature.shape else None
+    if frames is None or frames > self.span:
+      return f"training draws a random window of {self.span} frames from clips " + (
+        f"of {frames}" if frames else "of varying length"
+      )
+    return None
 
   def decode(self, value: Any) -> np.ndarray:
     x = np.asarray(value)
@@ -417,6 +438,14 @@ class Text(Modality):
       )
     return texts[i : i + 1]
 
+  def training_randomness(self) -> str | None:
+    if self.feature is None or not getattr(self.feature, "shape", ()):
+      return None  # one text per example
+    return (
+      f"feature {self.cfg.fields.text!r} holds several texts per example, one drawn at "
+      "random in training"
+    )
+
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
     return {"text": value[rng.integers(len(value))] if self.train else value[0]}
 
@@ -542,6 +571,14 @@ class Clip(Modality):
 
       x = signal.resample_poly(x, self.up, self.down).astype(np.float32)
     return x
+
+  def training_randomness(self) -> str | None:
+    samples = self.feature.shape[0] if self.feature is not None and self.feature.shape else None
+    if samples and -(-samples * self.up // self.down) <= self.length:
+      return None
+    return f"training crops a random {self.length}-sample window of clips " + (
+      f"of {samples} samples" if samples else "of varying length"
+    )
 
   def crop(self, value: Any, rng: np.random.Generator) -> np.ndarray:
     """The clip cropped to `length` samples and normalized (where asked)."""

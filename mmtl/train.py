@@ -40,6 +40,7 @@ from mmtl import (
   data,
   distill,
   distributed,
+  feature_cache,
   heads,
   hf,
   memory,
@@ -174,18 +175,21 @@ class Validated:
   activations: Callable[[int], int]  # activation bytes of the step of the phase of `step`
   teacher_variables: Any
   evaluators: list[evaluators_lib.Evaluator]
+  features: feature_cache.FeatureCache
+  open_train_input: Callable[[data.Features | None], Any]  # the train iterator, given features
 
 
-def validate(config: mlc.ConfigDict, *, fresh: bool) -> Validated:
+def validate(config: mlc.ConfigDict, *, fresh: bool, workdir: str = "") -> Validated:
   """Builds and opens everything the run will use, writing nothing: the mesh and the
   batch split, the training input and every evaluator's input, the model, the
   sharding, freezing, LR and LoRA rules, the teacher. A typo anywhere fails here,
   before config.json is pinned or anything trains; errors raised by the libraries
   underneath (a missing split, a bad checkpoint) become one-line ConfigErrors.
   A `fresh` run (no checkpoint to resume) also loads its pretrained towers here.
+  `workdir` holds the feature cache unless config.feature_cache.dir says otherwise.
   """
   try:
-    return _validate(config, fresh)
+    return _validate(config, fresh, workdir)
   except (ValueError, KeyError, FileNotFoundError) as e:
     if isinstance(e, (config_lib.ConfigError, rules.RuleError, hf.CheckpointError)):
       raise  # mmtl's own errors, already one line for the user.
@@ -193,7 +197,7 @@ def validate(config: mlc.ConfigDict, *, fresh: bool) -> Validated:
     raise config_lib.ConfigError(message) from e
 
 
-def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
+def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
   total_steps, accum = int(config.total_steps), int(config.grad_accum_steps)
 
   # Mesh.
@@ -210,13 +214,15 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   note(f"Mesh {dict(mesh.shape)}; global batch {batch_size} in {accum} microbatch(es).")
 
   # Input.
-  train_iter = data.make_train_iterator(
+  open_train_input = functools.partial(
+    data.make_train_iterator,
     config.input,
     batch_size=batch_size // process_count,
     seed=config.seed,
     process_index=process_index,
     process_count=process_count,
   )
+  train_iter = open_train_input()
   start_state = train_iter.get_state()
   example_batch = next(train_iter)  # Shapes for init; the iterator is rewound below.
   train_iter.set_state(start_state)
@@ -299,8 +305,14 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
   for boundary in [0] + [b for b in boundaries if b < total_steps]:
     build_phase(boundary)  # Phase 0 even of a 0-step run: it holds the initial model's state.
 
-  # Evaluators, each with its input opened (dataset, split, fields, tokenizer).
-  evaluators = evaluators_lib.make_evaluators(config, model, mesh, batch_size)
+  # The feature cache's plan (filled once the params exist) and the evaluators, each with its
+  # input opened (dataset, split, fields, tokenizer).
+  features = feature_cache.FeatureCache(
+    config, model, layout, feature_cache.directory(config, workdir), note=note
+  )
+  evaluators = evaluators_lib.make_evaluators(
+    config, model, mesh, batch_size, features=features.features
+  )
   for evaluator in evaluators:
     evaluator.check()
   metric_names = [n for e in evaluators for n in e.metric_names()]
@@ -319,6 +331,8 @@ def _validate(config: mlc.ConfigDict, fresh: bool) -> Validated:
     activations=activations,
     teacher_variables=teacher_variables,
     evaluators=evaluators,
+    features=features,
+    open_train_input=lambda rows=None: open_train_input(features=rows),
   )
 
 
@@ -379,8 +393,10 @@ def _train(config: mlc.ConfigDict, workdir: str, allow_config_change: bool) -> d
   changes = config_lib.saved_changes(config, workdir)
   if changes and saved_steps and not allow_config_change:
     raise config_lib.refuse_change(workdir, changes)
-  v = validate(config, fresh=not saved_steps)
+  v = validate(config, fresh=not saved_steps, workdir=workdir)
   note(describe_towers(config.model, config.model_init, v.model))
+  if description := v.features.describe():
+    note(description)
   if saved_steps:
     train_state.check_tower_parts(
       v.model, config.model, train_state.saved_params(ckpt_dir, saved_steps[-1]), ckpt_dir
@@ -436,6 +452,17 @@ def _train_loop(
     state = train_state.init_state(v.initial_variables, phase.tx, phase.state_shardings)
   phase = build_phase(max(resume_step - 1, 0))
   first_step = int(jax.device_get(state["step"]))
+  if v.features.modalities:
+    # The locked towers' outputs on every split the run reads, then batches that carry them.
+    inputs = [config.input] + [
+      evaluators_lib.eval_input_config(config, cfg) for e in v.evaluators for cfg in e.inputs()
+    ]
+    v.features.fill(
+      train_state.variables_of(state), inputs, mesh, batch_size=int(config.batch_size)
+    )
+    position = train_iter.get_state()
+    train_iter = v.open_train_input(v.features.features(config.input))
+    train_iter.set_state(position)
   note(
     optim.summary(
       layout.shapes,

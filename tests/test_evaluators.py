@@ -436,8 +436,9 @@ class _StubModel:
 def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_bert_dir):
   read = []
 
-  def make_eval_iterator(input_cfg, *, batch_size, process_index, process_count):
+  def make_eval_iterator(input_cfg, *, batch_size, process_index, process_count, features):
     """Opens the input when called (a bad split fails here, as in the pipeline)."""
+    assert features is None  # no feature cache given
     read.append((input_cfg.split, input_cfg.dataset, batch_size, process_index, process_count))
     x = np.eye(2, dtype=np.float32)[[0, 1, 1, 0, 0, 1, 1, 0]]
     return iter(

@@ -7,6 +7,6 @@ onto the mesh.
 """
 
 from mmtl.data import bounces, shapes, spoken_digits  # Register the TFDS builders.
-from mmtl.data.loader import eval_num_batches, make_eval_iterator, make_train_iterator
+from mmtl.data.loader import Features, eval_num_batches, make_eval_iterator, make_train_iterator
 from mmtl.data.options import defaults, input_config
 from mmtl.data.source import builder, class_names, data_source, num_examples

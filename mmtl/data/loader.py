@@ -20,7 +20,7 @@ mmtl/checkpoint.py). The tf.data loader shards per process instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import math
 from typing import Any
 
@@ -63,16 +63,40 @@ def _to_iterator(
   return iter(ds)
 
 
+# Cached tower outputs of a split (mmtl.feature_cache): {modality: {batch field: array
+# (examples, ...) in the split's order}}.
+Features = Mapping[str, Mapping[str, np.ndarray]]
+
+
+def _decode_fn(
+  pre: transforms.Preprocess, src: Any, features: Features | None
+) -> Callable[[int], dict[str, Any]]:
+  """Example i of `src` decoded, with its rows of `features`."""
+  arrays = {k: a for fields in (features or {}).values() for k, a in fields.items()}
+  if bad := {k: len(a) for k, a in arrays.items() if len(a) != len(src)}:
+    raise ValueError(f"Cached features {bad} do not have one row per example ({len(src)}).")
+
+  def decode(i: int) -> dict[str, Any]:
+    ex = pre.decode(src[i])
+    if arrays:
+      ex[transforms.CACHED_ROWS] = {k: np.asarray(a[i]) for k, a in arrays.items()}
+    return ex
+
+  return decode
+
+
 def _decoded(
   cfg: ml_collections.ConfigDict,
   pre: transforms.Preprocess,
   src: Any,
   process_index: int = 0,
   process_count: int = 1,
+  features: Features | None = None,
 ) -> grain.MapDataset:
-  """The slice `process_index::process_count` of `src` (default: all of it), decoded (and held
-  in memory when cfg.cache)."""
-  ds = grain.MapDataset.source(src)[process_index::process_count].map(pre.decode)
+  """The slice `process_index::process_count` of `src` (default: all of it), decoded, with
+  each example's rows of `features` (and held in memory when cfg.cache)."""
+  decode = _decode_fn(pre, src, features)
+  ds = grain.MapDataset.range(len(src))[process_index::process_count].map(decode)
   if cfg.cache:
     ds = grain.MapDataset.source(list(ds))
   return ds
@@ -85,6 +109,7 @@ def make_train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  features: Features | None = None,
 ) -> Iterator[transforms.Batch]:
   """Endless, shuffled (reshuffled per epoch), augmented batches: this process's share.
 
@@ -100,7 +125,8 @@ def make_train_iterator(
   continues with exactly the batch that would have come next; a grain state is
   the global step, valid for any process count with the same global batch
   (loader="tf" instead reads a per-process slice of the split, and its state
-  only for the same process).
+  only for the same process). `features`: cached tower outputs of the split
+  (mmtl.feature_cache), which the batches carry instead of those modalities' inputs.
   """
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
@@ -115,8 +141,15 @@ def make_train_iterator(
     )
   _check_loader(cfg)
   src, b = source.data_source(cfg)
-  pre = transforms.Preprocess(cfg, b.info, train=True, class_weights=source.class_weights(cfg, b))
-  ds = _decoded(cfg, pre, src)  # Lazy without cache: reads only what this process's rows need.
+  pre = transforms.Preprocess(
+    cfg,
+    b.info,
+    train=True,
+    class_weights=source.class_weights(cfg, b),
+    cached=tuple(features or ()),
+  )
+  # Lazy without cache: reads only what this process's rows need.
+  ds = _decoded(cfg, pre, src, features=features)
   if len(ds) < batch_size * process_count:
     raise config_keys.ConfigError(
       f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
@@ -134,13 +167,21 @@ def eval_num_batches(num: int, *, batch_size: int, process_count: int) -> int:
 
 
 def make_eval_iterator(
-  input_cfg: Mapping[str, Any], *, batch_size: int, process_index: int = 0, process_count: int = 1
+  input_cfg: Mapping[str, Any],
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  features: Features | None = None,
+  start_batch: int = 0,
 ) -> Iterator[transforms.Batch]:
   """One ordered pass over this process's slice; no augmentation or modality dropout.
 
   Every process yields the same number of batches (`eval_num_batches`), as
   multi-host steps require; rows past the end repeat an example with
-  `example_weight` 0.0 (real rows have 1.0).
+  `example_weight` 0.0 (real rows have 1.0). Batch k holds rows [k*batch_size,
+  (k+1)*batch_size) of the slice (`start_batch`: the pass begins at batch k).
+  `features` as in `make_train_iterator`.
   """
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
@@ -158,10 +199,10 @@ def make_eval_iterator(
     )
   _check_loader(cfg)
   src, b = source.data_source(cfg)
-  pre = transforms.Preprocess(cfg, b.info, train=False)
-  shard = _decoded(cfg, pre, src, process_index, process_count)
+  pre = transforms.Preprocess(cfg, b.info, train=False, cached=tuple(features or ()))
+  shard = _decoded(cfg, pre, src, process_index, process_count, features)
   num_batches = eval_num_batches(len(src), batch_size=batch_size, process_count=process_count)
-  fallback = grain.MapDataset.source(src).map(pre.decode)[0]
+  fallback = _decode_fn(pre, src, features)(0)
 
   def padded(i: int):
     return (shard[i], np.float32(1.0)) if i < len(shard) else (fallback, np.float32(0.0))
@@ -173,5 +214,5 @@ def make_eval_iterator(
     return out
 
   ds = grain.MapDataset.range(num_batches * batch_size).map(padded).seed(0).random_map(example)
-  ds = ds.batch(batch_size, batch_fn=pre.stack).map(pre.arrays)
+  ds = ds.batch(batch_size, batch_fn=pre.stack)[start_batch:].map(pre.arrays)
   return _to_iterator(ds, cfg, pre)

@@ -36,6 +36,9 @@ Batch = dict[str, np.ndarray]
 HOST_FIELDS = ("target_texts",)  # Batch fields of Python objects: read on the host only.
 # config.input.target.format: the decoder's teacher-forcing fields, or a CTC head's labels.
 TARGET_FORMATS = ("decoder", "ctc")
+# The decoded example's entry holding its cached tower outputs ({batch field: row}), which
+# the loader adds from mmtl.feature_cache's tables and `Preprocess.example` passes on.
+CACHED_ROWS = "cached_rows"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +208,13 @@ class Preprocess:
     *,
     train: bool,
     class_weights: np.ndarray | None = None,
+    cached: Sequence[str] = (),
   ):
+    """`cached`: modalities whose tower outputs the examples carry (mmtl.feature_cache,
+    under `CACHED_ROWS`): their per-example step still runs (the element's RNG draws stay
+    those of an uncached run), their batch step (tokenizing, normalizing) does not."""
     self.cfg, self.train, self.class_weights = cfg, train, class_weights
+    self.cached = tuple(cached)
     self.fields = options.used_fields(cfg)
     if unknown := set(cfg.blank) - set(MODALITIES):
       raise config_keys.ConfigError(
@@ -269,7 +277,7 @@ class Preprocess:
   def example(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Each modality's per-example step, and this element's random decisions (applied
     batched in `arrays` and `tokenize`)."""
-    out = {}
+    out = dict(ex.get(CACHED_ROWS, {}))
     for m, spec in self.specs.items():
       if m in ex:
         out.update(spec.example(ex[m], rng))
@@ -321,6 +329,9 @@ class Preprocess:
   def _batch(self, batch: dict[str, Any], *, tokenizes: bool) -> dict[str, Any]:
     batch = dict(batch)
     for m, spec in self.specs.items():
-      if spec.tokenizes == tokenizes and m in batch:
+      if m in self.cached:  # its `example` entries: `m` and `m_*` (but `m_present`)
+        for k in [k for k in batch if k == m or (k.startswith(f"{m}_") and k != f"{m}_present")]:
+          del batch[k]
+      elif spec.tokenizes == tokenizes and m in batch:
         batch = spec.batch(batch, batch[f"{m}_present"])
     return batch

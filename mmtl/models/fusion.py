@@ -34,10 +34,14 @@ embeddings (ClipCap-style, `conditioning="prefix"`, for decoders without
 cross-attention). Image tokens give captions; image + question tokens give
 generative VQA.
 
-Missing modalities: a tower runs only when its modality's primary batch field is in
-the batch, and `<modality>_present` (B,) floats (1 = present) zero a modality per example,
-so a fused model can be trained with modality dropout and evaluated with a modality
-missing.
+Cached towers: a batch may carry a locked tower's outputs instead of its inputs
+(`cached_<modality>_pooled`, and `_tokens` / `_mask` where the fusion or head reads
+tokens: mmtl.feature_cache); the tower is then not run.
+
+Missing modalities: a tower runs only when its modality's primary batch field (or its
+cached outputs) is in the batch, and `<modality>_present` (B,) floats (1 = present) zero
+a modality per example, so a fused model can be trained with modality dropout and
+evaluated with a modality missing.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, ClassVar
 
 from flax.core import FrozenDict
 import flax.linen as nn
@@ -60,6 +64,13 @@ from mmtl.models.layers import CrossAttentionBlock, masked_mean, pool
 
 # How a captioning head's decoder reads the towers' tokens.
 CONDITIONINGS = ("cross_attention", "prefix")
+# The parts of a tower's output a batch can carry cached (mmtl.feature_cache).
+CACHED_PARTS = ("pooled", "tokens", "mask")
+
+
+def cached_field(modality: str, part: str) -> str:
+  """The batch field of a cached tower output `part` (one of CACHED_PARTS)."""
+  return f"cached_{modality}_{part}"
 
 
 def tower_inputs(
@@ -94,8 +105,10 @@ def _stack_present(
 class Fusion(nn.Module):
   """A fusion module: `from_model(model, name)` builds it from a FusionModel's fields,
   and `fusion(towers, train=...)` maps every tower's output (absent towers as zero
-  stand-ins) to the features (B, width) the head sees."""
+  stand-ins) to the features (B, width) the head sees. `reads_tokens`: it reads the
+  towers' token sequences, not only their pooled vectors."""
 
+  reads_tokens: ClassVar[bool] = False
   width: int
   dtype: Any = jnp.float32
 
@@ -167,6 +180,7 @@ class BilinearFusion(Fusion):
 class CrossAttentionFusion(Fusion):
   """Each modality's tokens attend to all other modalities' tokens, `depth` times."""
 
+  reads_tokens = True
   num_heads: int = 4
   depth: int = 1
   dropout: float = 0.0
@@ -456,7 +470,7 @@ class FusionModel(nn.Module):
     return batch
 
   def _present(self, m: str, batch: Mapping[str, Any], batch_size: int) -> jax.Array:
-    if MODALITIES[m].primary() not in batch:
+    if not _given(m, batch):
       return jnp.zeros((batch_size,), jnp.float32)
     return jnp.asarray(batch.get(f"{m}_present", jnp.ones((batch_size,), jnp.float32)), jnp.float32)
 
@@ -465,16 +479,28 @@ class FusionModel(nn.Module):
   ) -> dict[str, TowerOutput]:
     """Run every tower whose inputs are in the batch (`train`: per modality, whether
     in training mode); bottleneck towers exchange tokens."""
-    given = [m for m in self.modalities if MODALITIES[m].primary() in batch]
+    given = [m for m in self.modalities if _given(m, batch)]
     if not given:
       raise ValueError(
         f"The batch has none of the model's inputs "
         f"{[MODALITIES[m].primary() for m in self.modalities]}; got {sorted(batch)}."
       )
+    cached = [m for m in given if cached_field(m, "pooled") in batch]
+    if cached and bottleneck is not None:
+      raise ValueError(
+        f"Bottleneck fusion runs the towers' top layers together; the batch carries cached "
+        f"outputs of the {cached} tower(s) instead of their inputs."
+      )
     embedded = {
-      m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m])) for m in given
+      m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m]))
+      for m in given
+      if m not in cached
     }
-    batch_size = next(iter(embedded.values()))[0].shape[0]
+    batch_size = (
+      batch[cached_field(cached[0], "pooled")].shape[0]
+      if cached
+      else next(iter(embedded.values()))[0].shape[0]
+    )
     present = {m: self._present(m, batch, batch_size) for m in given}
     if bottleneck is not None:
       hidden = self._bottleneck_layers(bottleneck, embedded, present, train=train)
@@ -487,6 +513,9 @@ class FusionModel(nn.Module):
       }
     out = {}
     for m in given:
+      if m in cached:
+        out[m] = _cached_output(m, batch, present[m])
+        continue
       mask = embedded[m][1]
       final = self.tower(m).finalize(hidden[m], mask)
       out[m] = TowerOutput(
@@ -496,6 +525,12 @@ class FusionModel(nn.Module):
         present=present[m],
       )
     return out
+
+  def tower_outputs(self, batch: Mapping[str, Any], m: str) -> dict[str, jax.Array]:
+    """What fusion and head read of tower `m` on `batch`, at inference: its
+    CACHED_PARTS (mmtl.feature_cache stores them)."""
+    out = self._run_towers(batch, None, train=dict.fromkeys(self.modalities, False))[m]
+    return dict(pooled=out.pooled, tokens=out.tokens, mask=out.mask)
 
   def _fusion_starts(self) -> tuple[dict[str, int], int]:
     """First fusion layer of each tower with token layers, and the number of fusion layers."""
@@ -591,6 +626,21 @@ class FusionModel(nn.Module):
         present=jnp.zeros((b,), jnp.float32),
       )
     return out
+
+
+def _given(m: str, batch: Mapping[str, Any]) -> bool:
+  """Whether the batch gives modality `m`: its inputs, or its tower's cached outputs."""
+  return MODALITIES[m].primary() in batch or cached_field(m, "pooled") in batch
+
+
+def _cached_output(m: str, batch: Mapping[str, Any], present: jax.Array) -> TowerOutput:
+  """A tower's output read from the batch; pooled alone where nothing reads tokens."""
+  pooled = batch[cached_field(m, "pooled")]
+  if cached_field(m, "tokens") in batch:
+    tokens, mask = batch[cached_field(m, "tokens")], batch[cached_field(m, "mask")]
+  else:
+    tokens, mask = pooled[:, None], jnp.ones((pooled.shape[0], 1), bool)
+  return TowerOutput(tokens=tokens, mask=jnp.asarray(mask, bool), pooled=pooled, present=present)
 
 
 class EncoderToDecoder(nn.Module):

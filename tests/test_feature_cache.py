@@ -1,0 +1,135 @@
+"""The feature cache (mmtl.feature_cache): a locked tower's outputs computed once per
+example, read by the training step and the evaluators, exact, shared, checked."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mmtl import config as config_lib
+from mmtl import feature_cache, metrics, train, train_state
+from mmtl.models import fusion
+from tests.test_train import final_params, tiny_config
+
+
+def cached_config(text_dir, data_dir, cache_dir, **overrides):
+  """tiny_config with its BERT locked and the feature cache on."""
+  config = tiny_config(text_dir, data_dir, **overrides)
+  config.optim.frozen = (r"text_encoder/.*",)
+  config.feature_cache = dict(enable=True, dir=str(cache_dir))
+  return config
+
+
+def entries(cache_dir):
+  return sorted(p.name for p in cache_dir.iterdir() if p.is_dir())
+
+
+def assert_same_run(workdir, expected_workdir, expected_final, final):
+  assert final == expected_final  # bit-identical in float32 on CPU
+  assert (
+    metrics.read(str(workdir))["train/loss"] == metrics.read(str(expected_workdir))["train/loss"]
+  )
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(expected_workdir))
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_bert_dir, small_data_dir, tmp_path_factory):
+  """The run without the cache: (workdir, final metrics)."""
+  workdir = tmp_path_factory.mktemp("plain")
+  config = cached_config(tiny_bert_dir, small_data_dir, workdir / "unused")
+  config.feature_cache.enable = False
+  return workdir, train.train(config, str(workdir))
+
+
+def test_cached_run_equals_uncached_run(tiny_bert_dir, small_data_dir, plain_run, tmp_path, capsys):
+  cache = tmp_path / "cache"
+  final = train.train(cached_config(tiny_bert_dir, small_data_dir, cache), str(tmp_path / "a"))
+  out = capsys.readouterr().out
+  assert "text tower: cached (pooled)" in out
+  assert "image tower: not cached: it trains" in out
+  assert out.count("computed text-") == 2  # the train split and the validation split
+  assert_same_run(tmp_path / "a", plain_run[0], plain_run[1], final)
+  assert len(entries(cache)) == 2
+
+  # A second run with the same locked tower reads the entries; resumed, it still equals.
+  config = cached_config(tiny_bert_dir, small_data_dir, cache, total_steps=3)
+  train.train(config, str(tmp_path / "b"))
+  config.total_steps = 6
+  final = train.train(config, str(tmp_path / "b"), allow_config_change=True)
+  out = capsys.readouterr().out
+  assert "computed" not in out and out.count("read text-") == 4
+  assert_same_run(tmp_path / "b", plain_run[0], plain_run[1], final)
+
+
+def test_batches_carry_the_cached_features(tiny_bert_dir, small_data_dir, plain_run, tmp_path):
+  """The step reads the stored rows, not the tower: stored features scaled (with checksums
+  to match) change the run."""
+  cache = tmp_path / "cache"
+  train.train(
+    cached_config(tiny_bert_dir, small_data_dir, cache, total_steps=0), str(tmp_path / "a")
+  )
+  for name in entries(cache):
+    meta = json.loads((cache / name / "meta.json").read_text())
+    spec = meta["arrays"]["pooled"]
+    rows = np.memmap(cache / name / "pooled.bin", np.float32, "r+", shape=tuple(spec["shape"]))
+    rows *= 3.0
+    rows.flush()
+    spec["sha256"] = feature_cache._sha256(cache / name / "pooled.bin")
+    (cache / name / "meta.json").write_text(json.dumps(meta))
+  train.train(cached_config(tiny_bert_dir, small_data_dir, cache), str(tmp_path / "b"))
+  assert (
+    metrics.read(str(tmp_path / "b"))["train/loss"] != metrics.read(str(plain_run[0]))["train/loss"]
+  )
+
+
+def test_a_truncated_entry_is_recomputed_and_a_changed_key_named(
+  tiny_bert_dir, small_data_dir, plain_run, tmp_path, capsys
+):
+  cache = tmp_path / "cache"
+  config = cached_config(tiny_bert_dir, small_data_dir, cache)
+  train.train(config, str(tmp_path / "a"))
+  for name in entries(cache):
+    with open(cache / name / "pooled.bin", "r+b") as f:
+      f.truncate(100)
+  capsys.readouterr()
+  final = train.train(config, str(tmp_path / "b"))
+  out = capsys.readouterr().out
+  assert out.count("pooled.bin is truncated (100 of") == 2 and out.count("computed text-") == 2
+  assert_same_run(tmp_path / "b", plain_run[0], plain_run[1], final)
+
+  config.input.split = "train[:48]"  # another split: another key, and the run says which
+  config.total_steps = 1
+  train.train(config, str(tmp_path / "c"))
+  out = capsys.readouterr().out
+  assert "whose key differs in examples, split" in out
+
+
+def test_towers_that_cannot_be_cached_say_why(tiny_bert_dir, small_data_dir, tmp_path):
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "model"), devices=jax.devices()[:1])
+
+  def reasons(**changes):
+    config = cached_config(tiny_bert_dir, small_data_dir, tmp_path)
+    config.optim.frozen = (r"(image|text)_encoder/.*",)
+    for key, value in changes.items():
+      section, name = key.split(".")
+      config[section][name] = value
+    config = config_lib.with_defaults(config)
+    model = fusion.build(config.model)
+    return feature_cache.plan(config, model, train_state.param_layout(model, config, mesh))
+
+  assert reasons() == (("image", "text"), {})
+  cached, why = reasons(**{"input.augment": dict(flip=True)})
+  assert cached == ("text",) and why == {
+    "image": "config.input.augment (flip=True) changes the images"
+  }
+  cached, why = reasons(**{"optim.frozen": (r"text_encoder/.*",)})
+  assert why == {"image": "it trains"}
+  cached, why = reasons(**{"optim.unfreeze": ((3, [r"text_encoder/encoder/layer_1/.*"]),)})
+  assert why == {"text": "gradual unfreezing trains it from step 3"}
+  cached, why = reasons(**{"model.fusion": "bottleneck", "model.fusion_layer": -1})
+  assert cached == () and set(why.values()) == {
+    "bottleneck fusion runs the towers' top layers together with the other towers"
+  }
+  cached, why = reasons(**{"model.frozen_tower_mode": "train"})
+  assert cached == () and "dropout" in why["text"]
