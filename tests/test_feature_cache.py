@@ -2,6 +2,7 @@
 example, read by the training step and the evaluators, exact, shared, checked."""
 
 import json
+import threading
 
 import jax
 import numpy as np
@@ -133,3 +134,78 @@ def test_towers_that_cannot_be_cached_say_why(tiny_bert_dir, small_data_dir, tmp
   }
   cached, why = reasons(**{"model.frozen_tower_mode": "train"})
   assert cached == () and "dropout" in why["text"]
+
+
+@pytest.fixture
+def validated(tiny_bert_dir, small_data_dir, tmp_path):
+  """(config, the run's validated parts) of a cached tiny run, its params initialized."""
+  config = config_lib.with_defaults(cached_config(tiny_bert_dir, small_data_dir, tmp_path / "c"))
+  return config, train.validate(config, fresh=True, workdir=str(tmp_path))
+
+
+def fill(config, v, root, notes):
+  cache = feature_cache.FeatureCache(config, v.model, v.layout, root, note=notes.append)
+  cache.fill(v.initial_variables, [config.input], v.mesh, batch_size=16)
+  return cache.features(config.input)["text"]
+
+
+def test_a_killed_fill_continues_where_it_stopped(validated, tmp_path, monkeypatch):
+  config, v = validated
+  expected = fill(config, v, tmp_path / "fresh", [])
+  monkeypatch.setattr(feature_cache, "SAVE_EVERY_S", 0.0)  # progress saved after every batch
+  make_eval_iterator = feature_cache.loader.make_eval_iterator
+
+  def killed_after_one_batch(*args, **kwargs):
+    yield next(iter(make_eval_iterator(*args, **kwargs)))
+    raise KeyboardInterrupt  # the fill's process stopped here
+
+  monkeypatch.setattr(feature_cache.loader, "make_eval_iterator", killed_after_one_batch)
+  with pytest.raises(KeyboardInterrupt):
+    fill(config, v, tmp_path / "killed", [])
+  monkeypatch.setattr(feature_cache.loader, "make_eval_iterator", make_eval_iterator)
+  notes = []
+  got = fill(config, v, tmp_path / "killed", notes)
+  assert "computed (from batch 1 of 2)" in notes[-1]
+  assert got.keys() == expected.keys() == {"cached_text_pooled"}
+  np.testing.assert_array_equal(got["cached_text_pooled"], expected["cached_text_pooled"])
+
+
+def test_concurrent_runs_fill_an_entry_once(validated, tmp_path):
+  """Two runs (threads here; processes take the same flock) start on one missing entry:
+  one computes it, the other waits and reads it."""
+  config, v = validated
+  notes, results = [], []
+  start = threading.Barrier(2)
+
+  def run():
+    start.wait()
+    results.append(fill(config, v, tmp_path / "shared", notes))
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert len(results) == 2
+  done = [n for n in notes if " text features of " in n]
+  assert sum(" computed " in n for n in done) == 1 and sum(" read " in n for n in done) == 1
+  assert any("another run is filling it" in n for n in notes)
+  np.testing.assert_array_equal(results[0]["cached_text_pooled"], results[1]["cached_text_pooled"])
+
+
+def test_sweeps_give_their_runs_one_cache(monkeypatch, tmp_path):
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.delenv(feature_cache.ENV_DIR, raising=False)
+  assert sweep.FEATURE_CACHE_ENV == feature_cache.ENV_DIR
+  env = sweep.trainer_env(tmp_path / "sweep")
+  assert env[feature_cache.ENV_DIR] == str(tmp_path / "sweep" / "feature_cache")
+  config = config_lib.with_defaults(cached_config("bert", "data", ""))
+  monkeypatch.setenv(feature_cache.ENV_DIR, env[feature_cache.ENV_DIR])
+  assert (
+    feature_cache.directory(config, str(tmp_path / "run")) == tmp_path / "sweep" / "feature_cache"
+  )
+  monkeypatch.delenv(feature_cache.ENV_DIR)
+  assert (
+    feature_cache.directory(config, str(tmp_path / "run")) == tmp_path / "run" / "feature_cache"
+  )
