@@ -360,12 +360,15 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 
 def _closest(root: Path, key: Mapping[str, Any]) -> str | None:
-  """How the nearest complete entry of the same tower in `root` differs from `key`."""
+  """How the nearest complete entry in `root` of the same tower on the same split differs
+  from `key` (the entry a user expected to be reused)."""
   best = None
   for meta_file in root.glob(f"{key['modality']}-*/{META_FILE}"):
     try:
       other = json.loads(meta_file.read_text()).get("key") or {}
     except ValueError:
+      continue
+    if (other.get("dataset"), other.get("split")) != (key["dataset"], key["split"]):
       continue
     diff = _differences(other, key)
     if best is None or len(diff) < len(best[1]):
@@ -398,6 +401,21 @@ def _read(entry: Path) -> dict[str, np.ndarray]:
   }
 
 
+@functools.cache
+def _tower_fn(model: fusion.FusionModel, m: str, stored: tuple[str, ...]) -> Callable[..., Any]:
+  """The jitted tower `m` of `model` giving the `stored` parts: one per run, whatever the
+  number of splits it fills (each of the run's batch size, so compiled once)."""
+
+  def run(variables, batch):
+    return {
+      p: x
+      for p, x in model.apply(variables, batch, m, method=type(model).tower_outputs).items()
+      if p in stored
+    }
+
+  return jax.jit(run)
+
+
 def _fill(
   entry: Path,
   key: dict[str, Any],
@@ -418,16 +436,10 @@ def _fill(
     cache=False,
   )
   process_index, process_count = sharding.process_data_shard(mesh)
-  local = batch_size // process_count
   n = int(key["examples"])
+  local = batch_size // process_count
   num_batches = loader.eval_num_batches(n, batch_size=local, process_count=process_count)
-  run = jax.jit(
-    lambda v, b: {
-      p: x
-      for p, x in model.apply(v, b, m, method=type(model).tower_outputs).items()
-      if p in key["parts"]
-    }
-  )
+  run = _tower_fn(model, m, tuple(key["parts"]))
   name = _name(key)
   progress = None
   if _is_main():
