@@ -173,7 +173,7 @@ def entry_key(
       split=cfg.split,
       data_dir=cfg.data_dir,
       builder_config=cfg.builder_config,
-      examples=source.num_examples(cfg),
+      examples=b.info.splits[cfg.split].num_examples,
     )
   )
 

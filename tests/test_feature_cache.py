@@ -63,6 +63,27 @@ def test_cached_run_equals_uncached_run(tiny_bert_dir, small_data_dir, plain_run
   assert_same_run(tmp_path / "b", plain_run[0], plain_run[1], final)
 
 
+@pytest.mark.slow
+def test_cached_token_sequences_equal_the_tower_run(tiny_bert_dir, small_data_dir, tmp_path):
+  """Cross-attention fusion reads the tower's tokens and mask: they are cached too, and
+  the run (text padded to 24 tokens) equals the uncached one."""
+  runs = {}
+  for enable in (False, True):
+    config = cached_config(tiny_bert_dir, small_data_dir, tmp_path / "cache", total_steps=3)
+    config.model.fusion = "cross_attention"
+    config.feature_cache.enable = enable
+    runs[enable] = train.train(config, str(tmp_path / str(enable)))
+  assert runs[True] == runs[False]
+  entry = tmp_path / "cache" / entries(tmp_path / "cache")[0]
+  meta = json.loads((entry / "meta.json").read_text())
+  assert (
+    meta["arrays"]["tokens"]["shape"][1:] == [24, 32] and meta["arrays"]["mask"]["dtype"] == "bool"
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, final_params(tmp_path / "True"), final_params(tmp_path / "False")
+  )
+
+
 def test_batches_carry_the_cached_features(tiny_bert_dir, small_data_dir, plain_run, tmp_path):
   """The step reads the stored rows, not the tower: stored features scaled (with checksums
   to match) change the run."""
@@ -84,6 +105,7 @@ def test_batches_carry_the_cached_features(tiny_bert_dir, small_data_dir, plain_
   )
 
 
+@pytest.mark.slow
 def test_a_truncated_entry_is_recomputed_and_a_changed_key_named(
   tiny_bert_dir, small_data_dir, plain_run, tmp_path, capsys
 ):

@@ -522,3 +522,18 @@ def test_real_trainer_grid_resume_and_table(tmp_path, tiny_runs_env):
     f"- train=32__seed=0: `python -m mmtl.train --config {TINY_QUICKSTART},train=32 "
     "--config.seed=0 "
   )
+
+
+@pytest.mark.slow
+def test_runs_of_a_sweep_share_a_locked_towers_features(tmp_path, tiny_runs_env):
+  """Two runs that lock the same (random, seed 0) image tower: the first computes its
+  features on the three splits, the second reads them from SWEEP_DIR/feature_cache."""
+  sweep_dir = tmp_path / "sweep"
+  argv = ["--config", f"{TINY_QUICKSTART},train=64", "--sweep_dir", str(sweep_dir)]
+  argv += ["--grid", "optim.lr=0.001,0.003", "--", *TINY_FLAGS]
+  argv += ["--config.optim.frozen=(r'image_encoder/.*',)", "--config.feature_cache.enable=True"]
+  assert sweep.main(argv) == 0
+  first, second = (log.read_text() for log in sorted((sweep_dir / "logs").glob("*.log")))
+  assert first.count(": computed image-") == 3 and ": read image-" not in first
+  assert second.count(": read image-") == 3 and ": computed image-" not in second
+  assert len([p for p in (sweep_dir / "feature_cache").iterdir() if p.is_dir()]) == 3
