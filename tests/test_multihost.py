@@ -235,6 +235,39 @@ def test_two_process_run_resumes_on_one_process_with_the_same_data(
   _assert_same_params(resumed_trainer_run, one_process_trainer_run)
 
 
+@pytest.fixture(scope="module")
+def locked_text_configs(trainer_config):
+  """The trainer config with its text tower locked and an evaluation, with the feature
+  cache (in the workdir) and without it."""
+  config = json.loads(trainer_config.read_text())
+  config["optim"]["frozen"] = ["text_encoder/.*"]
+  config["evals"] = {"val": {"type": "classification", "input": {"split": "validation[:32]"}}}
+  files = {}
+  for enable in (True, False):
+    config["feature_cache"] = {"enable": enable}
+    files[enable] = trainer_config.parent / f"locked_text_cache={enable}.json"
+    files[enable].write_text(json.dumps(config))
+  return files
+
+
+@pytest.mark.slow
+def test_features_cached_by_two_processes_train_as_one_process_without_them(locked_text_configs):
+  """Each process computes its slice of every batch; process 0 writes the rows in the
+  split's order, which both then read: the run matches one process running the tower."""
+  cached, plain = (locked_text_configs[True].parent / name for name in ("cached", "plain"))
+  _launch(cached, str(locked_text_configs[True]), num_processes=2, devices=2)
+  _launch(plain, str(locked_text_configs[False]), num_processes=1, devices=4)
+  log = (cached / "log_0.txt").read_text()
+  assert log.count(": computed text-") == 2, log[-3000:]
+  two, one = (metrics.read(str(w)) for w in (cached, plain))
+  for key in ("train/loss", "val/accuracy", "val/loss"):
+    assert sorted(two[key]) == sorted(one[key])
+    np.testing.assert_allclose(
+      [two[key][s] for s in sorted(two[key])], [one[key][s] for s in sorted(one[key])], rtol=1e-5
+    )
+  _assert_same_params(cached, plain)
+
+
 def test_when_maybe_initialize_initializes(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
