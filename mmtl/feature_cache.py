@@ -54,7 +54,7 @@ from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import heads, optim, rules, sharding, train_step
+from mmtl import config_keys, heads, optim, rules, sharding, train_step
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
 from mmtl.data import loader, options, source
@@ -74,7 +74,13 @@ def directory(config: mlc.ConfigDict, workdir: str) -> Path:
   """Where the entries live: config.feature_cache.dir, else $MMTL_FEATURE_CACHE_DIR, else
   `<workdir>/feature_cache` (a local or mounted filesystem: entries are memory-mapped)."""
   chosen = config.feature_cache.dir or os.environ.get(ENV_DIR) or ""
-  return Path(chosen or workdir_lib.path(workdir, DIR_NAME)).absolute()
+  where = chosen or os.fspath(workdir_lib.path(workdir, DIR_NAME))
+  if config.feature_cache.enable and workdir_lib.is_remote(where):
+    raise config_keys.ConfigError(
+      f"The feature cache would be in {where}, but its entries are memory-mapped files: set "
+      "config.feature_cache.dir to a local (or mounted) directory."
+    )
+  return Path(where).absolute()
 
 
 def plan(
@@ -207,6 +213,14 @@ class FeatureCache:
       plan(config, model, layout) if config.feature_cache.enable else ((), {})
     )
     self.stored = parts(model)
+    if self.modalities:
+      try:
+        root.mkdir(parents=True, exist_ok=True)
+      except OSError as e:
+        raise config_keys.ConfigError(
+          f"Cannot create the feature cache directory {root} ({e.strerror}): set "
+          "config.feature_cache.dir to a writable directory."
+        ) from e
     self._digests: dict[str, str] = {}
     self._tables: dict[str, dict[str, np.ndarray]] = {}  # entry name -> {batch field: rows}
 

@@ -231,3 +231,23 @@ def test_sweeps_give_their_runs_one_cache(monkeypatch, tmp_path):
   assert (
     feature_cache.directory(config, str(tmp_path / "run")) == tmp_path / "run" / "feature_cache"
   )
+
+
+def test_bad_cache_settings_are_one_line_errors(tiny_bert_dir, small_data_dir, tmp_path):
+  config = cached_config(tiny_bert_dir, small_data_dir, tmp_path)
+  config.feature_cache.enabel = True
+  with pytest.raises(config_lib.ConfigError, match="config.feature_cache.enabel"):
+    config_lib.with_defaults(config)
+
+  config = config_lib.with_defaults(cached_config(tiny_bert_dir, small_data_dir, ""))
+  with pytest.raises(config_lib.ConfigError, match="set config.feature_cache.dir to a local"):
+    feature_cache.directory(config, "gs://bucket/run")
+  config.feature_cache.dir = "gs://bucket/cache"
+  with pytest.raises(config_lib.ConfigError, match="are memory-mapped files"):
+    feature_cache.directory(config, str(tmp_path))
+
+  (tmp_path / "file").write_text("")
+  config = cached_config(tiny_bert_dir, small_data_dir, tmp_path / "file" / "cache")
+  with pytest.raises(config_lib.ConfigError, match="Cannot create the feature cache directory"):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "config.json").exists()  # refused before anything is written
