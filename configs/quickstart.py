@@ -28,6 +28,9 @@ in README, "Quickstart", from `launch/sweep.py ... shapes_grid.py:small`):
   modalities=image              val 0.505   val_iid 0.504
   modalities=text               val 0.499   val_iid 0.495
   init=scratch,text=frozen      val 0.605   val_iid 0.743
+With `--config.feature_cache.enable=True` the locked MiniLM runs once per example, before
+training: the same metrics, steps 3.2x faster, the whole run 1.24x (docs/scaling.md,
+"Feature cache").
 """
 
 import ml_collections as mlc

@@ -55,6 +55,7 @@ import ml_collections as mlc
 import numpy as np
 
 from mmtl import config_keys, heads, optim, rules, sharding, train_step
+from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
 from mmtl.data import loader, options, source
@@ -341,7 +342,7 @@ def _open_or_fill(
       elif problem == "missing" and (other := _closest(entry.parent, key)):
         note(f"  no entry for this key; {other}")
     if not _agree(int(complete)):
-      how = _fill(entry, key, model, variables, input_cfg, mesh, batch_size)
+      how = _fill(entry, key, model, variables, input_cfg, mesh, batch_size, note)
   if jax.process_count() > 1:  # every process reads what process 0 wrote
     multihost_utils.sync_global_devices(f"mmtl.feature_cache.{entry.name}")
   return _read(entry), how
@@ -438,9 +439,11 @@ def _fill(
   input_cfg: Mapping[str, Any],
   mesh: jax.sharding.Mesh,
   batch_size: int,
+  note: Callable[[str], None],
 ) -> str:
   """Runs the tower over the split (only its modality read), writing rows in the split's
-  order; resumes from the progress a killed fill saved. Says which it did."""
+  order, with its progress (and ETA) noted every SAVE_EVERY_S; resumes from the progress a
+  killed fill saved. Says which it did."""
   m = key["modality"]
   cfg = options.input_config(input_cfg).to_dict()
   cfg.update(
@@ -480,7 +483,7 @@ def _fill(
       )
       for p, s in progress["arrays"].items()
     }
-  saved = time.time()
+  started = saved = time.time()
   for k, host in enumerate(batches, start=done):
     out = {p: _host(x) for p, x in run(variables, data_device.put_batch(host, mesh)).items()}
     rows = np.arange(len(next(iter(out.values()))))
@@ -499,6 +502,11 @@ def _fill(
     if time.time() - saved > SAVE_EVERY_S and k + 1 < num_batches:
       _save_progress(entry, name, arrays, k + 1)
       saved = time.time()
+      rate = (k + 1 - done) / (saved - started)
+      note(
+        f"  {name}: batch {k + 1}/{num_batches}, {rate * batch_size:.0f} examples/s, "
+        f"ETA {metrics_lib.format_duration((num_batches - k - 1) / rate)}"
+      )
   how = f"computed (from batch {done} of {num_batches})" if done else "computed"
   if not _is_main():
     return how

@@ -2,6 +2,7 @@
 example, read by the training step and the evaluators, exact, shared, checked."""
 
 import json
+import re
 import threading
 
 import jax
@@ -213,8 +214,10 @@ def test_a_killed_fill_continues_where_it_stopped(validated, tmp_path, monkeypat
     raise KeyboardInterrupt  # the fill's process stopped here
 
   monkeypatch.setattr(feature_cache.loader, "make_eval_iterator", killed_after_one_batch)
+  notes = []
   with pytest.raises(KeyboardInterrupt):
-    fill(config, v, tmp_path / "killed", [])
+    fill(config, v, tmp_path / "killed", notes)
+  assert re.fullmatch(r"  text-\w+: batch 1/2, \d+ examples/s, ETA .+", notes[-1])  # progress
   monkeypatch.setattr(feature_cache.loader, "make_eval_iterator", make_eval_iterator)
   notes = []
   got = fill(config, v, tmp_path / "killed", notes)
