@@ -262,9 +262,10 @@ class FeatureCache:
           continue
         start = time.time()
         entry = self.root / name
-        filled, how = _open_or_fill(
-          entry, key, self.model, merged, input_cfg, mesh, batch_size, self.note
+        compute = functools.partial(
+          _fill, entry, key, self.model, merged, input_cfg, mesh, batch_size, self.note
         )
+        filled, how = _open_or_fill(entry, key, compute, self.note)
         self._tables[name] = {fusion.cached_field(m, p): a for p, a in filled.items()}
         self.note(
           f"  {m} features of {key['dataset']} {key['split']!r} ({key['examples']} examples): "
@@ -319,17 +320,10 @@ def _entry_lock(entry: Path, note: Callable[[str], None]):
 
 
 def _open_or_fill(
-  entry: Path,
-  key: dict[str, Any],
-  model: fusion.FusionModel,
-  variables: Mapping[str, Any],
-  input_cfg: Mapping[str, Any],
-  mesh: jax.sharding.Mesh,
-  batch_size: int,
-  note: Callable[[str], None],
+  entry: Path, key: dict[str, Any], compute: Callable[[], str], note: Callable[[str], None]
 ) -> tuple[dict[str, np.ndarray], str]:
-  """The entry's arrays, and how they came: "read", or "computed" (from the start or from
-  where a killed fill stopped)."""
+  """The entry's arrays, and how they came: "read", or what `compute` (which fills it)
+  says."""
   how = "read"
   with _entry_lock(entry, note):
     complete = 0
@@ -342,7 +336,7 @@ def _open_or_fill(
       elif problem == "missing" and (other := _closest(entry.parent, key)):
         note(f"  no entry for this key; {other}")
     if not _agree(int(complete)):
-      how = _fill(entry, key, model, variables, input_cfg, mesh, batch_size, note)
+      how = compute()
   if jax.process_count() > 1:  # every process reads what process 0 wrote
     multihost_utils.sync_global_devices(f"mmtl.feature_cache.{entry.name}")
   return _read(entry), how
