@@ -215,13 +215,7 @@ class FeatureCache:
     )
     self.stored = parts(model)
     if self.modalities:
-      try:
-        root.mkdir(parents=True, exist_ok=True)
-      except OSError as e:
-        raise config_keys.ConfigError(
-          f"Cannot create the feature cache directory {root} ({e.strerror}): set "
-          "config.feature_cache.dir to a writable directory."
-        ) from e
+      _check_writable(root)
     self._digests: dict[str, str] = {}
     self._tables: dict[str, dict[str, np.ndarray]] = {}  # entry name -> {batch field: rows}
 
@@ -281,6 +275,19 @@ class FeatureCache:
       if _name(key) in self._tables
     }
     return out or None
+
+
+def _check_writable(root: Path) -> None:
+  """A ConfigError unless `root` is, or can be made, a writable directory; writes nothing
+  (the run is still being validated)."""
+  existing = root
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise config_keys.ConfigError(
+      f"Cannot create the feature cache directory {root} ({existing} is not a writable "
+      "directory): set config.feature_cache.dir to a writable directory."
+    )
 
 
 def _is_main() -> bool:
