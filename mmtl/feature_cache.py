@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import shutil
 import time
 from typing import Any
 
@@ -54,7 +55,7 @@ from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import config_keys, heads, optim, rules, sharding, train_step
+from mmtl import config_keys, heads, memory, optim, rules, sharding, train_step
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
@@ -261,9 +262,10 @@ class FeatureCache:
         )
         filled, how = _open_or_fill(entry, key, compute, self.note)
         self._tables[name] = {fusion.cached_field(m, p): a for p, a in filled.items()}
+        size = memory.human_bytes(sum(a.nbytes for a in filled.values()))
         self.note(
           f"  {m} features of {key['dataset']} {key['split']!r} ({key['examples']} examples): "
-          f"{how} {entry.name} in {time.time() - start:.1f} s"
+          f"{how} {entry.name} ({size}) in {time.time() - start:.1f} s"
         )
 
   def features(self, input_cfg: Mapping[str, Any]) -> Features | None:
@@ -494,6 +496,7 @@ def _fill(
     if not _is_main():
       continue
     if not arrays:
+      _check_space(entry, {p: (n, *x.shape[1:], x.dtype) for p, x in out.items()})
       arrays = {
         p: np.memmap(entry / f"{p}.bin.partial", dtype=x.dtype, mode="w+", shape=(n, *x.shape[1:]))
         for p, x in out.items()
@@ -521,6 +524,19 @@ def _fill(
   workdir_lib.write_text(entry / META_FILE, json.dumps(meta, indent=1))
   (entry / PROGRESS_FILE).unlink(missing_ok=True)
   return how
+
+
+def _check_space(entry: Path, specs: Mapping[str, tuple[Any, ...]]) -> None:
+  """A ConfigError, before writing, when the entry's arrays ((*shape, dtype) by part) would
+  not fit on its filesystem."""
+  need = sum(int(np.prod(s[:-1])) * np.dtype(s[-1]).itemsize for s in specs.values())
+  free = shutil.disk_usage(entry).free
+  if need > free:
+    raise config_keys.ConfigError(
+      f"The feature cache entry {entry} needs {memory.human_bytes(need)}, and its filesystem "
+      f"has {memory.human_bytes(free)} free: free space there, set config.feature_cache.dir "
+      "to a larger disk, or run without the cache."
+    )
 
 
 def _save_progress(entry: Path, name: str, arrays: Mapping[str, np.memmap], batches: int) -> None:

@@ -285,3 +285,13 @@ def test_bad_cache_settings_are_one_line_errors(tiny_bert_dir, small_data_dir, t
   with pytest.raises(config_lib.ConfigError, match="Cannot create the feature cache directory"):
     train.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "config.json").exists()  # refused before anything is written
+
+
+def test_a_cache_that_would_not_fit_on_its_disk_is_refused(validated, tmp_path, monkeypatch):
+  config, v = validated
+  usage = feature_cache.shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(
+    feature_cache.shutil, "disk_usage", lambda _: usage._replace(free=1000)
+  )  # 32 pooled rows of 32 float32: 4 KiB
+  with pytest.raises(config_lib.ConfigError, match=r"needs 4\.0 KiB, .* has 1000 B free"):
+    fill(config, v, tmp_path / "cache", [])
