@@ -26,14 +26,15 @@ statistics as the run holds them (its checkpoint, or its random init), its confi
 (`config.input.<m>`, its field, eval_text) and the dataset (name and version, split,
 data_dir, builder config, example count). Any change gives another key; a read checks the
 entry's meta.json against the key and each file's size and checksum, and a missing entry
-names how the closest other entry of that tower differs. A truncated or corrupt entry is
-recomputed.
+names how the closest entry of that tower on that split differs. A truncated or corrupt
+entry is recomputed.
 
-Filling runs the tower jitted over the mesh (the batch sharded as in evaluation, every
-process its slice), a lock file per entry lets one run fill it while other runs wait and
-then read it (`launch/sweep.py` and `launch/search.py` give their runs one directory:
-`$MMTL_FEATURE_CACHE_DIR`), and progress is saved every few seconds, so a fill that is
-killed continues where it stopped.
+Filling runs the tower jitted over the mesh in batches of config.batch_size (the shapes
+the step runs it on: on CPU the features are bit-identical to the step's), sharded as in
+evaluation, every process its slice; a lock file per entry lets one run fill it while
+other runs wait and then read it (`launch/sweep.py` and `launch/search.py` give their
+runs one directory: `$MMTL_FEATURE_CACHE_DIR`), and progress is saved every few seconds,
+so a fill that is killed continues where it stopped.
 """
 
 from __future__ import annotations
