@@ -549,7 +549,11 @@ class Clip(Modality):
         f"The clips of {self.cfg.dataset} vary in length: set config.input.{self.name}."
         "max_seconds (clips are cropped to it and padded to it, so every batch has one shape)."
       )
-    return -(-samples * self.up // self.down)  # resample_poly's output length
+    return self.resampled_length(samples)
+
+  def resampled_length(self, samples: int) -> int:
+    """Samples of a clip of `samples` at the tower's rate (resample_poly's output length)."""
+    return -(-samples * self.up // self.down)
 
   def decode(self, value: Any) -> np.ndarray:
     x = np.asarray(value)
@@ -574,7 +578,7 @@ class Clip(Modality):
 
   def training_randomness(self) -> str | None:
     samples = self.feature.shape[0] if self.feature is not None and self.feature.shape else None
-    if samples and -(-samples * self.up // self.down) <= self.length:
+    if samples and self.resampled_length(samples) <= self.length:
       return None
     return f"training crops a random {self.length}-sample window of clips " + (
       f"of {samples} samples" if samples else "of varying length"

@@ -4,13 +4,14 @@ example, read by the training step and the evaluators, exact, shared, checked.""
 import json
 import re
 import threading
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
 from mmtl import config as config_lib
-from mmtl import feature_cache, metrics, rules, train, train_state
+from mmtl import data, feature_cache, metrics, modalities, rules, train, train_state
 from mmtl.models import fusion
 from tests.test_captioning import caption_config
 from tests.test_train import final_params, tiny_config
@@ -295,3 +296,32 @@ def test_a_cache_that_would_not_fit_on_its_disk_is_refused(validated, tmp_path, 
   )  # 32 pooled rows of 32 float32: 4 KiB
   with pytest.raises(config_lib.ConfigError, match=r"needs 4\.0 KiB, .* has 1000 B free"):
     fill(config, v, tmp_path / "cache", [])
+
+
+@pytest.mark.parametrize(
+  "modality, overrides, shape, why",
+  [
+    ("text", {}, (), None),
+    ("text", {}, (None,), "holds several texts per example, one drawn at random"),
+    ("video", {}, (8, 32, 32, 3), None),
+    ("video", {}, (16, 32, 32, 3), "a random window of 8 frames from clips of 16"),
+    ("video", {"augment": {"flip": True}}, (8, 32, 32, 3), "augment.flip flips the clips"),
+    ("waveform", {}, (16000,), None),
+    ("waveform", {"waveform": {"max_seconds": 0.5}}, (16000,), "random 8000-sample window"),
+    ("waveform", {"waveform": {"max_seconds": 2.0}}, (None,), "clips of varying length"),
+  ],
+)
+def test_training_randomness_of_each_modality(modality, overrides, shape, why, tiny_bert_dir):
+  """What makes a locked tower's input vary between epochs (so it is not cached)."""
+  cfg = data.input_config(
+    {
+      "fields": {modality: "x"},
+      "text": {"tokenizer": tiny_bert_dir},
+      "video": {"size": 32},
+      "waveform": {"rate": 16000},
+      **overrides,
+    }
+  )
+  feature = SimpleNamespace(shape=shape, sample_rate=16000)
+  got = modalities.MODALITIES[modality](cfg, feature, train=True).training_randomness()
+  assert (got is None) if why is None else (why in got)
