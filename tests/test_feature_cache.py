@@ -2,6 +2,7 @@
 example, read by the training step and the evaluators, exact, shared, checked."""
 
 import json
+import pathlib
 import re
 import threading
 from types import SimpleNamespace
@@ -15,6 +16,8 @@ from mmtl import data, feature_cache, metrics, modalities, rules, train, train_s
 from mmtl.models import fusion
 from tests.test_captioning import caption_config
 from tests.test_train import final_params, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def cached_config(text_dir, data_dir, cache_dir, **overrides):
@@ -325,3 +328,20 @@ def test_training_randomness_of_each_modality(modality, overrides, shape, why, t
   feature = SimpleNamespace(shape=shape, sample_rate=16000)
   got = modalities.MODALITIES[modality](cfg, feature, train=True).training_randomness()
   assert (got is None) if why is None else (why in got)
+
+
+@pytest.mark.slow
+def test_linear_probe_config_runs_short(small_data_dir, tmp_path, capsys):
+  """configs/linear_probe.py for 3 steps on the small dataset (a narrower tower)."""
+  config = config_lib.load_file(str(REPO / "configs/linear_probe.py") + ":steps=3,train=64")
+  config.input.dataset, config.input.data_dir = "mmtl_shapes/small", small_data_dir
+  config.batch_size = 16
+  config.evals.val.input.split = "validation[:32]"
+  config.model.towers.image.name.update(
+    hidden_size=48, num_hidden_layers=1, num_attention_heads=6, intermediate_size=64
+  )
+  config.feature_cache.dir = str(tmp_path / "cache")
+  final = train.train(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert "image tower: cached (pooled)" in out and out.count(": computed image-") == 2
+  assert set(final) == {"val/accuracy", "val/macro_f1", "val/loss", "step"}
