@@ -211,11 +211,12 @@ class FeatureCache:
     root: Path,
     note: Callable[[str], None] = print,
   ):
-    self.config, self.model, self.root, self.note = config, model, root, note
+    self.config, self.root, self.note = config, root, note
     self.modalities, self.reasons = (
       plan(config, model, layout) if config.feature_cache.enable else ((), {})
     )
     self.stored = parts(model)
+    self._towers = {m: _tower_fn(model, m, self.stored) for m in self.modalities}
     if self.modalities:
       _check_writable(root)
     self._digests: dict[str, str] = {}
@@ -259,7 +260,7 @@ class FeatureCache:
         start = time.time()
         entry = self.root / name
         compute = functools.partial(
-          _fill, entry, key, self.model, merged, input_cfg, mesh, batch_size, self.note
+          _fill, entry, key, self._towers[m], merged, input_cfg, mesh, batch_size, self.note
         )
         filled, how = _open_or_fill(entry, key, compute, self.note)
         self._tables[name] = {fusion.cached_field(m, p): a for p, a in filled.items()}
@@ -420,10 +421,9 @@ def _read(entry: Path) -> dict[str, np.ndarray]:
   }
 
 
-@functools.cache
 def _tower_fn(model: fusion.FusionModel, m: str, stored: tuple[str, ...]) -> Callable[..., Any]:
-  """The jitted tower `m` of `model` giving the `stored` parts: one per run, whatever the
-  number of splits it fills (each of the run's batch size, so compiled once)."""
+  """The jitted tower `m` of `model` giving the `stored` parts (made once per run: every
+  split it fills has the run's batch size, so it compiles once)."""
 
   def run(variables, batch):
     return {
@@ -438,16 +438,16 @@ def _tower_fn(model: fusion.FusionModel, m: str, stored: tuple[str, ...]) -> Cal
 def _fill(
   entry: Path,
   key: dict[str, Any],
-  model: fusion.FusionModel,
+  run: Callable[..., Any],
   variables: Mapping[str, Any],
   input_cfg: Mapping[str, Any],
   mesh: jax.sharding.Mesh,
   batch_size: int,
   note: Callable[[str], None],
 ) -> str:
-  """Runs the tower over the split (only its modality read), writing rows in the split's
-  order, with its progress (and ETA) noted every SAVE_EVERY_S; resumes from the progress a
-  killed fill saved. Says which it did."""
+  """Runs the tower (`run`: `_tower_fn`'s) over the split (only its modality read), writing
+  rows in the split's order, with its progress (and ETA) noted every SAVE_EVERY_S; resumes
+  from the progress a killed fill saved. Says which it did."""
   m = key["modality"]
   cfg = options.input_config(input_cfg).to_dict()
   cfg.update(
@@ -460,7 +460,6 @@ def _fill(
   n = int(key["examples"])
   local = batch_size // process_count
   num_batches = loader.eval_num_batches(n, batch_size=local, process_count=process_count)
-  run = _tower_fn(model, m, tuple(key["parts"]))
   name = _name(key)
   progress = None
   if _is_main():
