@@ -192,6 +192,11 @@ def test_towers_that_cannot_be_cached_say_why(tiny_bert_dir, small_data_dir, tmp
   }
   cached, why = reasons(**{"model.frozen_tower_mode": "train"})
   assert cached == () and "dropout" in why["text"]
+  lora = dict(targets=[r"text_encoder/.*/attn/(query|value)/kernel"], rank=2, alpha=4)
+  cached, why = reasons(
+    **{"optim.lora": lora, "optim.preset": "lora", "optim.frozen": (r"image_encoder/.*",)}
+  )
+  assert cached == ("image",) and why == {"text": "it trains"}  # its adapters train
 
 
 @pytest.fixture
