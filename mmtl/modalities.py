@@ -54,6 +54,11 @@ class Modality:
   # `batch` runs in Preprocess.tokenize, in the one thread that consumes batches (HF fast
   # tokenizers are not thread-safe), instead of the loader's threads.
   tokenizes: ClassVar[bool] = False
+  # `example` draws from the element's RNG even when `training_randomness()` is None (a
+  # zero colour jitter, the one text of one): a cached tower's modality still runs it, so
+  # the other modalities' draws stay those of an uncached run; False skips its decoding
+  # and per-example step when its tower is cached (mmtl.feature_cache).
+  draws_when_deterministic: ClassVar[bool] = True
 
   def __init__(self, cfg: Any, feature: Any, *, train: bool):
     """`cfg`: the whole `config.input`; `feature`: the tfds feature it reads (None when
@@ -481,6 +486,8 @@ class Audio(Modality):
   """Spectrograms (mel x frames x 1) from the dataset, for an image tower (a ViT over the
   spectrogram, AST-style: it takes them as its pixel_values). Blanked: zeros."""
 
+  draws_when_deterministic = False
+
   inputs = {"audio_values": "pixel_values"}
 
   def decode(self, value: Any) -> np.ndarray:
@@ -496,6 +503,7 @@ class Clip(Modality):
   say what the checkpoint gives (`checkpoint_stats`), how long a clip is when
   `max_seconds` is not set (`default_length`) and what the tower reads of it."""
 
+  draws_when_deterministic = False  # its only draw is the crop of a longer clip
   config = dict(
     rate=None,  # The dataset's sampling rate; None: its feature's `sample_rate` (tfds Audio).
     stats_from=None,  # Checkpoint whose preprocessor_config.json gives the settings below.

@@ -15,6 +15,7 @@ from mmtl import config as config_lib
 from mmtl import data, feature_cache, metrics, modalities, rules, train, train_state
 from mmtl.models import fusion
 from tests.test_captioning import caption_config
+from tests.test_log_mel import log_mel_config
 from tests.test_train import final_params, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -118,6 +119,40 @@ def test_frozen_encoder_captioning_with_cached_tokens(tiny_bert_dir, small_data_
   assert runs[True].keys() == runs[False].keys()
   for key, value in runs[False].items():
     np.testing.assert_allclose(runs[True][key], value, rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_cached_log_mel_tower_equals_the_tower_run(tiny_whisper_dir, small_data_dir, tmp_path):
+  """A locked Whisper tower on mmtl_shapes' clips, with modality dropout of the clips,
+  sharded over (data, fsdp, model): the cached run equals the uncached one."""
+  runs = {}
+  for enable in (False, True):
+    config = log_mel_config(tiny_whisper_dir, small_data_dir)
+    config.optim.frozen = (r"log_mel_encoder/.*",)
+    config.feature_cache = dict(enable=enable, dir=str(tmp_path / "cache"))
+    runs[enable] = train.train(config, str(tmp_path / str(enable)))
+  assert_same_run(tmp_path / "True", tmp_path / "False", runs[False], runs[True])
+
+
+def test_batches_of_a_cached_clip_modality_compute_no_spectrogram(
+  tiny_whisper_dir, small_data_dir, monkeypatch
+):
+  """A clip modality's example step draws nothing once its input is deterministic: cached,
+  its clips are neither decoded nor turned into log-mel features."""
+  calls = []
+  spectrogram = modalities.log_mel.log_mel
+  monkeypatch.setattr(modalities.log_mel, "log_mel", lambda *a: calls.append(1) or spectrogram(*a))
+  input_cfg = log_mel_config(tiny_whisper_dir, small_data_dir).input
+  rows = {"log_mel": {"cached_log_mel_pooled": np.arange(32, dtype=np.float32)[:, None]}}
+  batches = data.make_train_iterator(input_cfg, batch_size=16, seed=0, features=rows)
+  cached = [next(batches) for _ in range(3)]
+  assert len(calls) == 1  # once, for silence (what blanking gives), when the pipeline is made
+  plain = data.make_train_iterator(input_cfg, batch_size=16, seed=0)
+  for got, want in zip(cached, (next(plain) for _ in range(3))):
+    assert "log_mel" not in got and "log_mel" in want and len(calls) > 2
+    assert got.keys() - want.keys() == {"cached_log_mel_pooled"}
+    for key in want.keys() - {"log_mel"}:  # labels, images, presence: the uncached rows
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_batches_carry_the_cached_features(tiny_bert_dir, small_data_dir, plain_run, tmp_path):

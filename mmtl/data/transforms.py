@@ -211,8 +211,10 @@ class Preprocess:
     cached: Sequence[str] = (),
   ):
     """`cached`: modalities whose tower outputs the examples carry (mmtl.feature_cache,
-    under `CACHED_ROWS`): their per-example step still runs (the element's RNG draws stay
-    those of an uncached run), their batch step (tokenizing, normalizing) does not."""
+    under `CACHED_ROWS`): their batch step (tokenizing, normalizing) does not run, nor their
+    decoding and per-example step unless that draws from the element's RNG
+    (`Modality.draws_when_deterministic`: then it runs, so that the other modalities'
+    draws stay those of an uncached run)."""
     self.cfg, self.train, self.class_weights = cfg, train, class_weights
     self.cached = tuple(cached)
     self.fields = options.used_fields(cfg)
@@ -226,6 +228,7 @@ class Preprocess:
       if (path := self.fields.get(m))
     }
     self.modalities = list(self.specs)
+    self.unread = {m for m in self.cached if not self.specs[m].draws_when_deterministic}
     if not self.modalities:
       raise config_keys.ConfigError(
         f"config.input.fields uses no modality: set fields.<m> for some of {list(MODALITIES)}."
@@ -262,6 +265,8 @@ class Preprocess:
     """Used fields only, in numpy (the cacheable, RNG-free part)."""
     out = {}
     for name, path in self.fields.items():
+      if name in self.unread:
+        continue
       value = source.value_at(ex, path)
       if name in self.specs:
         value = self.specs[name].decode(value)
