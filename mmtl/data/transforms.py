@@ -285,7 +285,9 @@ class Preprocess:
     out = dict(ex.get(CACHED_ROWS, {}))
     for m, spec in self.specs.items():
       if m in ex:
-        out.update(spec.example(ex[m], rng))
+        entries = spec.example(ex[m], rng)
+        if m not in self.cached:  # a cached modality's step runs for its RNG draws only
+          out.update(entries)
     if "target" in ex:
       refs = ex["target"]
       out["target"] = refs[rng.integers(len(refs))] if self.train else refs[0]
@@ -334,9 +336,6 @@ class Preprocess:
   def _batch(self, batch: dict[str, Any], *, tokenizes: bool) -> dict[str, Any]:
     batch = dict(batch)
     for m, spec in self.specs.items():
-      if m in self.cached:  # its `example` entries: `m` and `m_*` (but `m_present`)
-        for k in [k for k in batch if k == m or (k.startswith(f"{m}_") and k != f"{m}_present")]:
-          del batch[k]
-      elif spec.tokenizes == tokenizes and m in batch:
+      if spec.tokenizes == tokenizes and m in batch:
         batch = spec.batch(batch, batch[f"{m}_present"])
     return batch
