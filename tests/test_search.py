@@ -44,6 +44,8 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
     done = len(open(log).readlines()) if os.path.exists(log) else 0
     with open(os.environ["FAKE_TRAIN_CALLS"], "a") as f:
       f.write(json.dumps([os.path.basename(workdir), done + 1, lr]) + "\\n")
+    with open(os.environ["FAKE_TRAIN_CALLS"] + ".cache_dirs", "a") as f:
+      f.write(os.environ.get("MMTL_FEATURE_CACHE_DIR", "") + "\\n")
     hung = os.path.exists(os.environ["FAKE_TRAIN_CALLS"] + ".pids")
     if os.environ.get("FAKE_TRAIN_HANG") and not hung:
       hang()
@@ -97,6 +99,15 @@ def fake(tmp_path, monkeypatch):
 def table(study_dir):
   with (study_dir / "results.csv").open() as f:
     return list(csv.DictReader(f))
+
+
+def test_trials_share_the_studys_feature_cache(fake, monkeypatch):
+  """Every trial's trainer is handed STUDY_DIR/feature_cache (mmtl.feature_cache.ENV_DIR)."""
+  run, calls, study_dir = fake
+  monkeypatch.delenv("MMTL_FEATURE_CACHE_DIR", raising=False)
+  assert run("--trials", "2", "--sampler", "random", "--pruner", "none") == 0
+  dirs = Path(os.environ["FAKE_TRAIN_CALLS"] + ".cache_dirs").read_text().splitlines()
+  assert dirs == [str(study_dir.absolute() / "feature_cache")] * 2
 
 
 def test_asha_prunes_bad_trials_and_the_study_continues(fake, capsys):
