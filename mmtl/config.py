@@ -41,6 +41,7 @@ DEFAULTS = dict(
   evals={},  # name -> evaluator config (mmtl.evaluators)
   model={},  # model_defaults()
   model_init={},  # tower name -> HF name/path, or dict(name=..., dont_load=[...])
+  peft_init="",  # a folder of `mmtl.export --peft`: its LoRA/adapter/prompt params (mmtl.peft)
   optim={},  # mmtl.optim
   loss={},  # the heads' loss keys (mmtl.heads: Head.loss_config), e.g. label_smoothing
   grad_accum_steps=1,  # microbatches per step (lax.scan), same objective as the full

@@ -16,6 +16,13 @@ With `--head`, a speech recognition run (ctc head) exports as transformers'
 vocabulary (`vocab.json`, `Wav2Vec2CTCTokenizer`) and the feature extractor's settings
 (`preprocessor_config.json`), so `transformers.pipeline("automatic-speech-recognition",
 model=out)` transcribes with it.
+With `--peft` (and no `--tower`), what a parameter-efficient run trained is written on its
+own (mmtl.peft: its LoRA, adapter and prompt params and its new layers, e.g. the fusion and
+head); a run with `config.peft_init=<out>` and the same model, `model_init` and
+`config.optim` sections starts from them and computes what the exported run computed. A tower that
+holds adapters or prompts does not export with `--tower`: transformers' model has no place
+for them (LoRA merges into the kernels; adapters and prompts do not); export them with
+`--peft` (its other weights are those of its `model_init` checkpoint).
 A video tower (`--tower video`) exports its frame tower, the image model it runs on each
 frame (a ViTModel, ...); its temporal model has no transformers counterpart.
 `--out` must be new or empty: nothing is overwritten.
@@ -31,7 +38,7 @@ from absl import app, flags
 import jax
 
 from mmtl import config as config_lib
-from mmtl import config_keys, hf, lora, sharding, train_state
+from mmtl import config_keys, hf, lora, optim, peft, rules, sharding, train_state
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 
@@ -42,15 +49,20 @@ def subtree_name(tower: str) -> str:
   return tower if tower == "decoder" else f"{tower}_encoder"
 
 
+def _new_folder(out: str | Path) -> Path:
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise FileExistsError(f"{out} exists and is not an empty folder: give a new --out.")
+  return out
+
+
 def export_tower(
   workdir: str, tower: str, out: str | Path, step: int | None = None, head: bool = False
 ) -> Path:
   """Writes `tower` of the run in `workdir` at `step` (default: best, else latest) to `out`
   as a transformers checkpoint folder (with `head`, the ctc head with it: module
   docstring); returns `out`."""
-  out = Path(out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise FileExistsError(f"{out} exists and is not an empty folder: give a new --out.")
+  out = _new_folder(out)
   config = config_lib.with_defaults(
     config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
   )
@@ -64,6 +76,11 @@ def export_tower(
       f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(modules)}."
     )
   params = jax.device_get(lora.merge(variables["params"]))
+  if held := sorted(p for p in peft.leaves(params) if p.startswith(f"{name}/")):
+    raise config_lib.ConfigError(
+      f"--tower={tower}: {name} holds adapters or prompts ({held[0]}, ...), which a "
+      "transformers model cannot hold: export them with --peft instead of --tower."
+    )
   exported = {"params": params[name]}
   if name in variables.get("batch_stats", {}):
     exported["batch_stats"] = jax.device_get(variables["batch_stats"][name])
@@ -94,6 +111,29 @@ def export_tower(
   return hf.save_pretrained(modules[tower], exported, out, params["head"], head_config)
 
 
+def export_peft(workdir: str, out: str | Path, step: int | None = None) -> Path:
+  """Writes the LoRA, adapter and prompt params of the run in `workdir` at `step` (default:
+  best, else latest) to `out` with mmtl.peft.save; returns `out`."""
+  out = _new_folder(out)
+  config = config_lib.with_defaults(
+    config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
+  )
+  mesh = sharding.make_mesh(config.mesh)
+  model, variables = train_state.load_run(workdir, mesh, step, config)
+  params = jax.device_get(variables["params"])
+  new_layers = train_state.new_layers(model, config.model_init)
+  trained = peft.delta(params, new_layers)
+  step = train_state.checkpoint_step(workdir, step)
+  mask = rules.flatten(optim.freeze_mask(params, config.optim, step, new_layers=new_layers))
+  if beyond := [p for p, frozen in mask.items() if not frozen and p not in trained]:
+    raise config_lib.ConfigError(
+      f"--peft: the run in {workdir} trained {beyond[0]} (and {len(beyond) - 1} more) "
+      "beyond its LoRA, adapter and prompt params and new layers; export its towers "
+      "with --tower instead."
+    )
+  return peft.save(trained, config.optim, config.model_init, out)
+
+
 def _save_ctc_processor(config: Any, modality: str, out: Path) -> None:
   """The run's CTC vocabulary and, for a waveform tower, its `Wav2Vec2FeatureExtractor`
   settings (rate, normalization) in `out`, as a `Wav2Vec2ForCTC` folder holds them."""
@@ -122,6 +162,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool(
     "head", False, "With a ctc run's tower: its head too, as transformers' Wav2Vec2ForCTC."
   )
+  flags.DEFINE_bool(
+    "peft", False, "Instead of a tower: the run's LoRA, adapter and prompt params (mmtl.peft)."
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -130,12 +173,21 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   for flag, what in [
     ("workdir", "a run written by mmtl.train"),
-    ("tower", "e.g. image"),
+    ("tower", "e.g. image, or --peft"),
     ("out", "the folder to write"),
   ]:
-    if not f[flag].value:
+    if not f[flag].value and not (flag == "tower" and f.peft):
       sys.exit(f"--{flag} is required ({what}).")
+  if f.peft and (f.tower or f.head):
+    sys.exit("--peft exports the run's LoRA, adapter and prompt params: leave out --tower/--head.")
   try:
+    if f.peft:
+      out = export_peft(f.workdir, f.out, f.step)
+      print(
+        f"Wrote {out} (the LoRA, adapter and prompt params of {f.workdir}); start a run "
+        f"from them with --config.peft_init={out}."
+      )
+      return
     out = export_tower(f.workdir, f.tower, f.out, f.step, head=f.head)
   except (*train_state.LOAD_RUN_ERRORS, FileExistsError) as e:
     sys.exit(config_keys.error_line(e))

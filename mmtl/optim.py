@@ -11,10 +11,12 @@ mmtl.rules (whole-path match, first rule wins, a rule that matches nothing raise
     lr_mults=[("text_encoder/.*", 0.1)],           # per-param LR multipliers (> 0)
     frozen=["image_encoder/.*"],                   # never updated, no optimizer state
     trainable=None,                                # if set: everything else is frozen
-    preset=None,                                   # full | lit | linear_probe | bitfit | lora
+    preset=None,       # full | lit | linear_probe | bitfit | lora | adapters | prompts
     layer_decay=dict(rate=0.75, towers=[".*_encoder/.*"]),
     unfreeze=[(1000, ["text_encoder/encoder/layer_(10|11)/.*"]), (2000, ["text_encoder/.*"])],
     lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=8, alpha=16),
+    adapters=dict(targets=[".*_encoder/encoder/layer_\\d+/(attn|mlp)"], size=64),  # mmtl.adapters
+    prompts=dict(towers=["text_encoder"], length=10, deep=False),  # mmtl.prompts
     schedule=dict(warmup_steps=100, decay="cosine", end_mult=0.0),
     grad_clip_norm=1.0,
   )
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmtl import config_keys, lora, memory, rules
+from mmtl import adapters, config_keys, lora, memory, peft, prompts, rules
 from mmtl.models import whisper
 
 # Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
@@ -62,6 +64,8 @@ CONFIG_KEYS = dict(
   layer_decay=LAYER_DECAY_KEYS,
   unfreeze=(list, tuple),
   lora=lora.CONFIG_KEYS,
+  adapters=adapters.CONFIG_KEYS,
+  prompts=prompts.CONFIG_KEYS,
   schedule=SCHEDULE_KEYS,
   grad_clip_norm=float,
 )
@@ -73,13 +77,15 @@ CONFIG_KEYS = dict(
 NEW_LAYERS = ("fusion/.*", "head/.*")
 # Params that are never trained, whatever the rules: LoRA's scale, and what a family reads
 # from its checkpoint but keeps fixed (torch `requires_grad_(False)`: Whisper's positions).
-CONSTANTS = (lora.CONSTANT, whisper.FIXED_POSITIONS)
+CONSTANTS = (lora.CONSTANT, adapters.CONSTANT, whisper.FIXED_POSITIONS)
 PRESETS: dict[str, dict[str, list[str]]] = {
   "full": {},
   "lit": dict(frozen=["image_encoder/.*"]),  # locked image, tuned text
   "linear_probe": dict(frozen=[".*_encoder/.*"]),  # every encoder locked
   "bitfit": dict(trainable=[".*/bias"]),  # biases + new layers
   "lora": dict(trainable=[lora.TRAINABLE]),  # LoRA A/B + new layers
+  "adapters": dict(trainable=[adapters.TRAINABLE]),  # adapters + new layers
+  "prompts": dict(trainable=[prompts.TRAINABLE]),  # prompts + new layers
 }
 
 # optax scalings by config name; anything else resolves to optax.scale_by_<name>.
@@ -104,11 +110,13 @@ def _preset(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
   name = cfg.get("preset") or "full"
   if name not in PRESETS:
     raise ValueError(f"config.optim.preset={name!r} is unknown; use one of {sorted(PRESETS)}.")
-  if name == "lora" and not cfg.get("lora"):
-    raise ValueError(
-      "config.optim.preset='lora' needs config.optim.lora = dict(targets=[...], "
-      "rank=8, alpha=16), and params from mmtl.lora.init."
-    )
+  if name in peft.SECTIONS and not cfg.get(name):  # each trains what its section adds
+    example = {
+      "lora": "dict(targets=[...], rank=8, alpha=16)",
+      "adapters": "dict(targets=[...], size=64)",
+      "prompts": "dict(towers=[...], length=10)",
+    }[name]
+    raise ValueError(f"config.optim.preset={name!r} needs config.optim.{name} = {example}.")
   return PRESETS[name]
 
 
@@ -140,7 +148,7 @@ def freeze_mask(
   config_keys.check_keys(optim_cfg, CONFIG_KEYS, "config.optim")
   preset = _preset(optim_cfg)
   name = optim_cfg.get("preset")
-  hint = " (params need mmtl.lora.init)" if name == "lora" else ""
+  hint = f" (params need mmtl.{name}.init)" if name in peft.SECTIONS else ""
   flat = rules.flatten(params)
   frozen = dict.fromkeys(flat, False)
   for rule_list, what in (
@@ -466,6 +474,8 @@ def summary(
       f"{tower:<20} {f'{tn:,} ({memory.human_bytes(tb)})':>24} "
       f"{f'{fn:,} ({memory.human_bytes(fb)})':>24}  {lr}"
     )
+  share = 100 * total[0] / max(total[0] + total[2], 1)
+  lines.append(f"trainable: {total[0]:,} of {total[0] + total[2]:,} params ({share:.3g}%)")
   state_bytes = sum(memory.nbytes(x) for x in jax.tree.leaves(opt_state))
   lines.append(f"optimizer state: {memory.human_bytes(state_bytes)}")
   if _preset(optim_cfg).get("trainable"):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import checkpoint, hf, lora, optim, rules, sharding
+from mmtl import adapters, checkpoint, hf, lora, optim, peft, prompts, rules, sharding
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 from mmtl.modalities import MODALITIES
@@ -37,9 +37,9 @@ from mmtl.models import fusion
 
 @dataclasses.dataclass(frozen=True)
 class ParamLayout:
-  """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params, LoRA leaves included,
-  of its BatchNorm statistics ({} without BatchNorm), and the regexes of its params that start
-  random (`new_layers` below)."""
+  """Shapes (ShapeDtypeStructs) and NamedShardings of a model's params (LoRA, adapter and
+  prompt leaves included), of its BatchNorm statistics ({} without BatchNorm), and the
+  regexes of its params that start random (`new_layers` below)."""
 
   shapes: Any
   shardings: Any
@@ -58,9 +58,9 @@ class ParamLayout:
 
 
 def _rngs(config: mlc.ConfigDict) -> tuple[jax.Array, jax.Array]:
-  """(model init, LoRA init) keys of `config.seed`."""
-  rng_init, rng_lora = jax.random.split(jax.random.PRNGKey(config.seed))
-  return rng_init, rng_lora
+  """(model init, parameter-efficient params' init) keys of `config.seed`."""
+  rng_init, rng_peft = jax.random.split(jax.random.PRNGKey(config.seed))
+  return rng_init, rng_peft
 
 
 def _init_fn(model: fusion.FusionModel) -> Callable[[jax.Array], dict[str, Any]]:
@@ -68,10 +68,38 @@ def _init_fn(model: fusion.FusionModel) -> Callable[[jax.Array], dict[str, Any]]
   return lambda rng: dict(model.init(rng, batch))
 
 
-def _add_lora(config: mlc.ConfigDict, rng: jax.Array) -> Callable[[Any], Any]:
-  if not config.optim.get("lora"):
-    return lambda params: params
-  return lambda params: lora.init(params, config.optim.lora, rng)
+def _has_peft(config: mlc.ConfigDict) -> bool:
+  return any(config.optim.get(section) for section in peft.SECTIONS)
+
+
+def _add_peft(
+  model: fusion.FusionModel, config: mlc.ConfigDict, variables: Any, rng: jax.Array
+) -> Callable[[Any], Any]:
+  """params -> params + the LoRA, adapter and prompt params `config.optim` asks for
+  (`variables`: the model's variables or their shapes, to find the adapted modules)."""
+  cfg = config.optim
+  towers = tuple(f"{m}_encoder" for m in model.modalities)
+  dims = adapters.module_dims(model, variables) if cfg.get("adapters") else {}
+  if cfg.get("prompts") and model.fusion_type == "bottleneck":
+    raise config_lib.ConfigError(
+      "config.optim.prompts cannot go with config.model.fusion='bottleneck' (its tokens are "
+      "appended to the towers' top layers): use another fusion, or config.optim.adapters."
+    )
+  layers = {
+    t: (model.tower(m).num_layers, model.tower(m).hidden_size)
+    for t, m in zip(towers, model.modalities)
+  }
+
+  def add(params):
+    if cfg.get("lora"):
+      params = lora.init(params, cfg.lora, rng)
+    if cfg.get("adapters"):
+      params = adapters.init(params, cfg.adapters, jax.random.fold_in(rng, 1), dims, towers)
+    if cfg.get("prompts"):
+      params = prompts.init(params, cfg.prompts, jax.random.fold_in(rng, 2), layers)
+    return params
+
+  return add
 
 
 def param_layout(
@@ -79,9 +107,9 @@ def param_layout(
 ) -> ParamLayout:
   """The params' layout under `config.sharding_rules` (every rule checked against them);
   BatchNorm statistics are replicated."""
-  rng_init, rng_lora = _rngs(config)
+  rng_init, rng_peft = _rngs(config)
   variables = jax.eval_shape(_init_fn(model), rng_init)
-  shapes = jax.eval_shape(_add_lora(config, rng_lora), variables["params"])
+  shapes = jax.eval_shape(_add_peft(model, config, variables, rng_peft), variables["params"])
   stats = variables.get("batch_stats", {})
   return ParamLayout(
     shapes,
@@ -120,7 +148,8 @@ def new_layers(model: fusion.FusionModel, model_init: Mapping[str, Any]) -> tupl
 
 
 def _subtree(tree: Any, like: Any) -> Any:
-  """The leaves of `tree` at the paths `like` has (e.g. shardings without the LoRA leaves)."""
+  """The leaves of `tree` at the paths `like` has (e.g. shardings without the added
+  parameter-efficient leaves)."""
   flat = rules.flatten(tree)
   return jax.tree.unflatten(jax.tree.structure(like), [flat[p] for p in rules.flatten(like)])
 
@@ -248,9 +277,9 @@ def init_variables(
   note: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """`config.model_init`'s pretrained towers (when `pretrained`) + random init of the rest
-  + LoRA leaves, every array created in its final sharding: {"params": ...,
-  "batch_stats": ...}."""
-  rng_init, rng_lora = _rngs(config)
+  + LoRA, adapter and prompt leaves, every array created in its final sharding:
+  {"params": ..., "batch_stats": ...}."""
+  rng_init, rng_peft = _rngs(config)
   init = _init_fn(model)
   shapes = jax.eval_shape(init, rng_init)
   shardings = {
@@ -261,10 +290,15 @@ def init_variables(
     _note_head_pools(model, config.model_init, note)
     shapes = load_pretrained_towers(shapes, config.model_init, note, pretrained_subtrees(model))
   variables = _initialize_missing(init, rng_init, shapes, shardings)
-  if config.optim.get("lora"):  # Added after the pretrained load: checkpoints have no LoRA leaves.
-    variables["params"] = jax.jit(
-      _add_lora(config, rng_lora), out_shardings=layout.shardings, donate_argnums=0
-    )(variables["params"])
+  if _has_peft(config):  # Added after the pretrained load: checkpoints have none of them.
+    add = _add_peft(model, config, jax.eval_shape(init, rng_init), rng_peft)
+    variables["params"] = jax.jit(add, out_shardings=layout.shardings, donate_argnums=0)(
+      variables["params"]
+    )
+  if config.peft_init:  # A saved run's LoRA, adapter and prompt params (mmtl.peft).
+    loaded = peft.load(config.peft_init, variables["params"], layout.new_layers)
+    variables["params"] = place(loaded, layout.shardings)
+    note(f"Loaded the LoRA/adapter/prompt params and new layers of {config.peft_init}.")
   return variables
 
 

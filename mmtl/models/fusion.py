@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmtl import config_keys, heads, modalities, optim
+from mmtl import adapters, config_keys, heads, modalities, optim, prompts
 from mmtl.modalities import MODALITIES
 from mmtl.models.encoder import Encoder
 from mmtl.models.layers import CrossAttentionBlock, masked_mean, pool
@@ -491,8 +491,30 @@ class FusionModel(nn.Module):
         f"Bottleneck fusion runs the towers' top layers together; the batch carries cached "
         f"outputs of the {cached} tower(s) instead of their inputs."
       )
+    with adapters.applied():
+      return self._run_given(batch, given, cached, bottleneck, train=train)
+
+  def _run_given(
+    self,
+    batch: Mapping[str, Any],
+    given: list[str],
+    cached: list[str],
+    bottleneck: BottleneckFusion | None,
+    *,
+    train: dict[str, bool],
+  ) -> dict[str, TowerOutput]:
+    """`_run_towers`' work, with each tower's adapters applied (mmtl.adapters) and its prompts
+    (mmtl.prompts) in place, where its params hold them."""
+    prompted = [m for m in given if m not in cached and prompts.of(self.tower(m)) is not None]
+    if prompted and bottleneck is not None:
+      raise ValueError(
+        f"Bottleneck fusion appends its tokens to the towers' top layers; the {prompted} "
+        "tower(s) hold prompts (config.optim.prompts): use another fusion_type, or adapters."
+      )
     embedded = {
-      m: self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m]))
+      m: prompts.insert(
+        self.tower(m), *self.tower(m).embed(**tower_inputs(m, self.tower(m), batch, train=train[m]))
+      )
       for m in given
       if m not in cached
     }
@@ -506,8 +528,8 @@ class FusionModel(nn.Module):
       hidden = self._bottleneck_layers(bottleneck, embedded, present, train=train)
     else:
       hidden = {
-        m: self.tower(m).run_layers(
-          x, mask, 0, self.tower(m).num_layers, deterministic=not train[m]
+        m: prompts.run_layers(
+          self.tower(m), x, mask, 0, self.tower(m).num_layers, deterministic=not train[m]
         )
         for m, (x, mask) in embedded.items()
       }
@@ -516,8 +538,8 @@ class FusionModel(nn.Module):
       if m in cached:
         out[m] = _cached_output(m, batch, present[m])
         continue
-      mask = embedded[m][1]
-      final = self.tower(m).finalize(hidden[m], mask)
+      x, mask = prompts.remove(self.tower(m), hidden[m], embedded[m][1])
+      final = self.tower(m).finalize(x, mask)
       out[m] = TowerOutput(
         tokens=final["last_hidden_state"],
         mask=mask,
