@@ -16,12 +16,12 @@ import torch
 import transformers
 from transformers.masking_utils import create_bidirectional_mask
 
+from mmtl import adapters, export, peft, process, rules, sharding, train, train_state
 from mmtl import config as config_lib
-from mmtl import export, peft, process, rules, sharding, train, train_state
 from mmtl import optim as optim_lib
 from mmtl import prompts as prompts_lib
 from mmtl.models import fusion
-from tests.test_train import final_params, tiny_config
+from tests.test_train import final_params, losses, tiny_config
 
 LAYERS = r"text_encoder/encoder/layer_\d+/(attn|mlp)"
 
@@ -297,3 +297,50 @@ def test_prompts_refuse_cnn_towers_and_bottleneck_fusion(tiny_bert_dir):
       jax.random.key(0),
       {"image_encoder": (0, 8)},
     )
+
+
+def test_without_adapters_or_prompts_the_compiled_forward_is_unchanged(tiny_bert_dir, monkeypatch):
+  """The interceptor FusionModel runs its towers in adds nothing to a model without
+  adapters: the lowered program is the same with it replaced by a no-op."""
+  _, model, variables = build(tiny_bert_dir)
+  batch = {**text_batch(), "pixel_values": np.zeros((3, 16, 16, 3), np.float32)}
+  lowered = lambda: jax.jit(model.apply).lower(variables, batch).as_text()  # noqa: E731
+  with_interceptor = lowered()
+  monkeypatch.setattr(adapters, "applied", contextlib.nullcontext)
+  assert lowered() == with_interceptor
+
+
+@pytest.mark.slow
+def test_adapters_and_prompts_together_train_the_same_sharded(tiny_bert_dir, data_dir, tmp_path):
+  """Sequential adapters and deep prompts in one run (`trainable` names both), on a
+  (data 2, fsdp 2, model 2) mesh with tensor-parallel rules, train as on a data-only mesh."""
+  runs = {}
+  for name, mesh, rules_name in (
+    ("dp", dict(data=8), "replicate"),
+    ("tp", dict(data=2, fsdp=2, model=2), "fsdp_tp"),
+  ):
+    config = tiny_config(
+      tiny_bert_dir, data_dir, total_steps=3, evals={}, mesh=mesh, sharding_rules=rules_name
+    )
+    config.optim.update(
+      lr=0.05,
+      adapters=dict(targets=[LAYERS], size=4),
+      prompts=dict(towers=["text_encoder"], length=2, deep=True),
+      trainable=[
+        adapters.TRAINABLE,
+        prompts_lib.TRAINABLE,
+        "fusion/.*",
+        "head/.*",
+        "image_encoder/.*",
+      ],
+    )
+    train.train(config, str(tmp_path / name))
+    runs[name] = final_params(tmp_path / name), losses(tmp_path / name)
+  (dp, dp_losses), (tp, tp_losses) = runs["dp"], runs["tp"]
+  np.testing.assert_allclose(list(tp_losses.values()), list(dp_losses.values()), rtol=1e-5)
+  flat = rules.flatten(dp)
+  for p, x in rules.flatten(tp).items():
+    if not p.endswith("/attn/key/bias"):  # softmax ignores it: its gradient is rounding noise
+      np.testing.assert_allclose(x, flat[p], rtol=1e-4, atol=1e-5, err_msg=p)
+  assert np.any(flat["text_encoder/encoder/layer_1/mlp/adapter/up/kernel"])
+  assert flat["text_encoder/prompts"].shape == (2, 2, 32)
