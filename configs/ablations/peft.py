@@ -1,0 +1,72 @@
+r"""How to adapt the pretrained text tower: frozen, full fine-tuning, BitFit, LoRA, adapters,
+prompt tuning, prefix tuning, on the quickstart task.
+
+Every run is `configs/quickstart.py` (the offline all-MiniLM-L6-v2 text tower, a 2-layer ViT
+trained from scratch, bilinear fusion, on mmtl_shapes/colour) with the text tower adapted by
+`method`; the ViT, the fusion and the head train in full in every run (they start random:
+the presets' new layers). A single run:
+
+  python -m mmtl.train --workdir runs/peft_adapters \
+      --config configs/ablations/peft.py:method=adapters
+
+The table of docs/transfer.md ("Comparison"): every method, seeds 0, 1, 2, then the
+summary over seeds:
+
+  python launch/sweep.py --config configs/ablations/peft.py --sweep_dir runs/peft \
+      --grid seed=0,1,2
+  python launch/summarize.py --sweep_dir runs/peft --over seed
+
+Arguments: method (below), steps=1000, train=10000 (as the quickstart's).
+Methods (`method=`), on the text tower only:
+  frozen    locked (LiT; the quickstart's default): a fixed feature extractor
+  full      every text param trains, at 0.1x the LR (the quickstart's `text=tuned`)
+  bitfit    its biases (preset="bitfit")
+  lora      rank-8 LoRA on the attention query and value kernels (preset="lora")
+  adapters  sequential bottleneck adapters of width 64 after each attention and MLP block
+            (Houlsby et al. 2019; preset="adapters")
+  prompts   10 soft prompt vectors after [CLS] (Lester et al. 2021; preset="prompts")
+  prefix    10 prefix vectors per layer (Li & Liang 2021; prompts with deep=True)
+The added params train at the run's LR (3e-3, not tuned per method); `full` keeps the
+quickstart's 0.1x for the pretrained weights.
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+  "_mmtl_quickstart", os.path.join(os.path.dirname(__file__), os.pardir, "quickstart.py")
+)
+quickstart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quickstart)
+
+LAYERS = r"text_encoder/encoder/layer_\d+/(attn|mlp)"
+METHODS = {
+  "frozen": dict(frozen=[r"text_encoder/.*"]),
+  "full": dict(lr_mults=[(r"text_encoder/.*", 0.1)]),
+  "bitfit": dict(preset="bitfit"),
+  "lora": dict(
+    preset="lora", lora=dict(targets=[r"text_encoder/.*/attn/(query|value)/kernel"], rank=8)
+  ),
+  "adapters": dict(preset="adapters", adapters=dict(targets=[LAYERS], size=64)),
+  "prompts": dict(preset="prompts", prompts=dict(towers=["text_encoder"], length=10)),
+  "prefix": dict(preset="prompts", prompts=dict(towers=["text_encoder"], length=10, deep=True)),
+}
+
+
+def get_config(arg=None):
+  from mmtl.config import parse_arg
+
+  arg = parse_arg(arg, method="adapters", steps=1000, train=10000)
+  if arg.method not in METHODS:
+    raise ValueError(f"method={arg.method!r}: use one of {sorted(METHODS)}.")
+  config = quickstart.get_config(f"steps={arg.steps},train={arg.train}")
+  config.optim.frozen = ()
+  config.optim.lr_mults = ()
+  config.optim.update(METHODS[arg.method])
+  return config
+
+
+def get_sweep(arg=None):
+  """launch/sweep.py's runs: one per method (seeds come from `--grid seed=...`)."""
+  del arg
+  return [{"arg.method": m} for m in METHODS]
