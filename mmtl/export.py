@@ -184,8 +184,8 @@ def main(argv: list[str]) -> None:
     if f.peft:
       out = export_peft(f.workdir, f.out, f.step)
       print(
-        f"Wrote {out} (the LoRA, adapter and prompt params of {f.workdir}); start a run "
-        f"from them with --config.peft_init={out}."
+        f"Wrote {out} (the LoRA, adapter and prompt params and new layers of {f.workdir}); "
+        f"start a run from them with --config.peft_init={out}."
       )
       return
     out = export_tower(f.workdir, f.tower, f.out, f.step, head=f.head)

@@ -17,6 +17,7 @@ mmtl.rules (whole-path match, first rule wins, a rule that matches nothing raise
     lora=dict(targets=[".*/attn/(query|value)/kernel"], rank=8, alpha=16),
     adapters=dict(targets=[".*_encoder/encoder/layer_\\d+/(attn|mlp)"], size=64),  # mmtl.adapters
     prompts=dict(towers=["text_encoder"], length=10, deep=False),  # mmtl.prompts
+    prune=dict(targets=["text_encoder/encoder/.*/kernel"], sparsity=0.5),  # mmtl.pruning
     schedule=dict(warmup_steps=100, decay="cosine", end_mult=0.0),
     grad_clip_norm=1.0,
   )
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmtl import adapters, config_keys, lora, memory, peft, prompts, rules
+from mmtl import adapters, config_keys, lora, memory, peft, prompts, pruning, rules
 from mmtl.models import whisper
 
 # Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
@@ -66,6 +67,7 @@ CONFIG_KEYS = dict(
   lora=lora.CONFIG_KEYS,
   adapters=adapters.CONFIG_KEYS,
   prompts=prompts.CONFIG_KEYS,
+  prune=pruning.CONFIG_KEYS,
   schedule=SCHEDULE_KEYS,
   grad_clip_norm=float,
 )
@@ -342,7 +344,7 @@ def make(
   from a checkpoint) continues it.
   """
   sched = schedule(optim_cfg.get("schedule"), total_steps)
-  tx = _build(optim_cfg, params, step, sched, new_layers)
+  tx = _build(optim_cfg, params, step, sched, new_layers, total_steps)
   return tx, lambda s: float(optim_cfg["lr"]) * sched(s)
 
 
@@ -352,6 +354,7 @@ def _build(
   step: int,
   sched: optax.Schedule,
   new_layers: Sequence[str],
+  total_steps: int,
 ) -> optax.GradientTransformation:
   if "lr" not in optim_cfg:
     raise ValueError("config.optim.lr is missing: set the peak learning rate, e.g. 1e-3.")
@@ -385,7 +388,25 @@ def _build(
       labels,
     ),
     optax.scale_by_schedule(lambda count: -sched(count)),
+    *_pruning(optim_cfg, params, trainable, total_steps),
   )
+
+
+def _pruning(
+  optim_cfg: Mapping[str, Any], params: Any, trainable: Any, total_steps: int
+) -> list[optax.GradientTransformation]:
+  """[mmtl.pruning's link] when `config.optim.prune` is set (its targets trainable), else []."""
+  if not optim_cfg.get("prune"):
+    return []
+  cfg = pruning.settings(optim_cfg["prune"], total_steps)
+  targets = pruning.targets(params, cfg)
+  flat = rules.flatten(trainable)
+  if frozen := [p for p, t in rules.flatten(targets).items() if t and not flat[p]]:
+    raise config_keys.ConfigError(
+      f"config.optim.prune.targets matches frozen params ({frozen[0]}, ...): pruning acts "
+      "through the optimizer on params that train; train them or narrow the targets."
+    )
+  return [pruning.transform(cfg, targets)]
 
 
 def migrate_state(old_state: Any, new_tx: optax.GradientTransformation, params: Any) -> Any:
@@ -442,8 +463,10 @@ def summary(
   *,
   step: int = 0,
   new_layers: Sequence[str] = NEW_LAYERS,
+  total_steps: int = 0,
 ) -> str:
-  """Table of trainable/frozen params (count, bytes) and LR mult range per tower.
+  """Table of trainable/frozen params (count, bytes) and LR mult range per tower, then
+  the trainable share, the optimizer state and what the presets and pruning add.
 
   Towers are first path segments. Optimizer-state bytes come from `opt_state`,
   else from `jax.eval_shape` of a fresh state (nothing is allocated).
@@ -451,10 +474,11 @@ def summary(
   mask = rules.flatten(freeze_mask(params, optim_cfg, step, new_layers=new_layers))
   mults = rules.flatten(lr_mults(params, optim_cfg))
   if opt_state is None:
-    tx = _build(optim_cfg, params, step, optax.constant_schedule(1.0), new_layers)
+    tx = _build(optim_cfg, params, step, optax.constant_schedule(1.0), new_layers, total_steps)
     opt_state = jax.eval_shape(tx.init, params)
   rows: dict[str, list[Any]] = {}
-  for path, leaf in rules.flatten(params).items():
+  flat_params = rules.flatten(params)
+  for path, leaf in flat_params.items():
     row = rows.setdefault(path.split("/")[0], [0, 0, 0, 0, []])
     col = 2 if mask[path] else 0
     row[col] += int(np.prod(jnp.shape(leaf)))
@@ -480,4 +504,16 @@ def summary(
   lines.append(f"optimizer state: {memory.human_bytes(state_bytes)}")
   if _preset(optim_cfg).get("trainable"):
     lines.append(f"new layers (the preset trains them in full): {', '.join(new_layers)}")
+  if optim_cfg.get("prune"):
+    cfg = pruning.settings(optim_cfg["prune"], total_steps)
+    pruned: dict[str, int] = {}
+    for path, hit in rules.flatten(pruning.targets(params, cfg)).items():
+      if hit:
+        tower = path.split("/")[0]
+        pruned[tower] = pruned.get(tower, 0) + int(np.prod(jnp.shape(flat_params[path])))
+    towers = ", ".join(f"{t} {n:,}" for t, n in pruned.items())
+    lines.append(
+      f"pruning to sparsity {cfg['sparsity']:g} ({cfg['scope']}) at steps {cfg['start_step']}.."
+      f"{cfg['end_step']} every {cfg['every']}, of the params: {towers}"
+    )
   return "\n".join(lines)

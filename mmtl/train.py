@@ -470,6 +470,7 @@ def _train_loop(
       phase.state_shapes["opt_state"],
       step=phase.start,
       new_layers=layout.new_layers,
+      total_steps=total_steps,
     )
   )
   note(

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from mmtl import config_keys, distill, heads, lora, memory, optim, rules, sharding
+from mmtl import config_keys, distill, heads, lora, memory, optim, pruning, rules, sharding
 from mmtl.models import fusion, layers
 
 # config.model.batch_stats: which BatchNorm layers normalize with batch statistics and
@@ -179,6 +179,7 @@ def make_train_step(
   *,
   seed: int,
   accum_steps: int,
+  prune_targets: Any = None,
 ):
   """One optimizer update on a global batch (accumulated over `accum_steps` microbatches).
 
@@ -292,6 +293,9 @@ def make_train_step(
       "train/param_norm": optax.tree.norm(trainable),
       "train/lr": lr_fn(state["step"]),
     }
+    if prune_targets is not None:  # mmtl.pruning: zeros among each tower's pruned params
+      for tower, share in pruning.sparsity(new_state["params"], prune_targets).items():
+        measurements[f"train/sparsity_{tower}"] = share
     return new_state, measurements
 
   return train_step
@@ -336,6 +340,9 @@ def make_phase(
       lr_fn,
       seed=config.seed,
       accum_steps=int(config.grad_accum_steps),
+      prune_targets=(
+        pruning.targets(layout.shapes, config.optim.prune) if config.optim.get("prune") else None
+      ),
     ),
     in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
     out_shardings=(state_shardings, sharding.replicated(mesh)),

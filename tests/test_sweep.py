@@ -537,3 +537,59 @@ def test_runs_of_a_sweep_share_a_locked_towers_features(tmp_path, tiny_runs_env)
   assert first.count(": computed image-") == 3 and ": read image-" not in first
   assert second.count(": read image-") == 3 and ": computed image-" not in second
   assert len([p for p in (sweep_dir / "feature_cache").iterdir() if p.is_dir()]) == 3
+
+
+def test_summarize_averages_over_seeds_with_each_runs_costs(tmp_path):
+  """launch/summarize.py: one row per cell, mean ± sample sd over the seeds, the trainable
+  count and memory from each run's sweep log, the median logged step rate."""
+  import summarize  # pylint: disable=g-import-not-at-top
+
+  runs = {
+    ("a", 0): 0.5,
+    ("a", 1): 0.7,
+    ("b", 0): 0.9,
+  }
+  with (tmp_path / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, ["run", "method", "seed", "val/accuracy", "step", "command"])
+    writer.writeheader()
+    for (method, seed), acc in runs.items():
+      name = f"method={method}__seed={seed}"
+      writer.writerow(
+        dict(run=name, method=method, seed=seed, step=10, command="x", **{"val/accuracy": acc})
+      )
+      (tmp_path / "logs").mkdir(exist_ok=True)
+      (tmp_path / "logs" / f"{name}.log").write_text(
+        "trainable: 1,024 of 4,096 params (25%)\n"
+        f"Estimated memory per device: {1.5 if method == 'a' else 512} "
+        f"{'MiB' if method == 'a' else 'KiB'} (params ...)\n"
+      )
+      (tmp_path / name).mkdir()
+      (tmp_path / name / "metrics.jsonl").write_text(
+        "\n".join(
+          json.dumps({"step": s, "speed/steps_per_s": r}) for s, r in ((1, 2.0), (2, 4.0), (3, 9.0))
+        )
+      )
+  columns, table = summarize.summarize(tmp_path, ["seed"])
+  assert columns == ["method", "n", "val/accuracy", "trainable", "memory_mib", "steps_per_s"]
+  assert table == [
+    {
+      "method": "a",
+      "n": "2",
+      "val/accuracy": "0.6 ± 0.14",
+      "trainable": "1,024",
+      "memory_mib": "1.5 ± 0",
+      "steps_per_s": "4 ± 0",
+    },
+    {
+      "method": "b",
+      "n": "1",
+      "val/accuracy": "0.9",
+      "trainable": "1,024",
+      "memory_mib": "0.5",
+      "steps_per_s": "4",
+    },
+  ]
+  summarize.write(tmp_path, columns, table)
+  assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("| a | 2 | 0.6 ± 0.14 |")
+  with pytest.raises(ValueError, match=r"--over \['fold'\]: not columns"):
+    summarize.summarize(tmp_path, ["fold"])
