@@ -7,10 +7,11 @@ The folder holds `config.json` + `model.safetensors` that
 `transformers.AutoModel.from_pretrained` loads with no missing or unexpected keys (a
 Whisper encoder's folder lacks the decoder it has no weights for: transformers lists those
 keys as missing) and that computes what the tower computed in the run: LoRA adapters are
-merged into their kernels and BatchNorm running statistics (ResNet) are written with the
-weights. The step is the run's best checkpoint (its latest when no best_metric was
-tracked) unless `--step` is given; a run of `total_steps=0` exports its initial
-(`model_init`) weights.
+merged into their kernels, params stored in low precision (`config.optim.frozen_dtype`) are
+written as the float32 values the run computed with, and BatchNorm running statistics
+(ResNet) are written with the weights. The step is the run's best checkpoint (its latest
+when no best_metric was tracked) unless `--step` is given; a run of `total_steps=0` exports
+its initial (`model_init`) weights.
 With `--head`, a speech recognition run (ctc head) exports as transformers'
 `Wav2Vec2ForCTC` (`HubertForCTC`): the tower, the head as its `lm_head`, the CTC
 vocabulary (`vocab.json`, `Wav2Vec2CTCTokenizer`) and the feature extractor's settings
@@ -36,9 +37,11 @@ from typing import Any
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from mmtl import config as config_lib
-from mmtl import config_keys, hf, lora, optim, peft, rules, sharding, train_state
+from mmtl import config_keys, hf, low_precision, optim, peft, rules, sharding, train_state
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 
@@ -75,7 +78,8 @@ def export_tower(
     raise config_lib.ConfigError(
       f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(modules)}."
     )
-  params = jax.device_get(lora.merge(variables["params"]))
+  params = jax.device_get(low_precision.model_params(variables["params"]))
+  params = jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == jnp.bfloat16 else x, params)
   if held := sorted(p for p in peft.leaves(params) if p.startswith(f"{name}/")):
     raise config_lib.ConfigError(
       f"--tower={tower}: {name} holds adapters or prompts ({held[0]}, ...), which a "

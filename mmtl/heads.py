@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmtl import ctc, lora, losses, sharding
+from mmtl import ctc, losses, low_precision, sharding
 
 Outputs = Mapping[str, jax.Array]
 PredictFn = Callable[..., Any]
@@ -81,8 +81,9 @@ class Head:
 
 
 def merged(variables: Any) -> Any:
-  """`variables` with LoRA's updates merged into the params they adapt (mmtl.lora)."""
-  return {**variables, "params": lora.merge(variables["params"])}
+  """`variables` with the params the model computes with: low-precision leaves read back,
+  LoRA's updates merged into the params they adapt (mmtl.low_precision.model_params)."""
+  return {**variables, "params": low_precision.model_params(variables["params"])}
 
 
 def predict(model: Any, variables: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:

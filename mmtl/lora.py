@@ -95,6 +95,7 @@ def merge(params: Any) -> dict[str, Any]:
     if path.endswith("/kernel") and prefix + "/lora_a" in flat:
       a, b = flat[prefix + "/lora_a"], flat[prefix + "/lora_b"]
       delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * flat[prefix + "/lora_scale"]
-      leaf = leaf + delta.astype(leaf.dtype)
+      dtype = jnp.promote_types(leaf.dtype, a.dtype)  # a bfloat16-stored base: merged in A's
+      leaf = leaf.astype(dtype) + delta.astype(dtype)
     out[path] = leaf
   return rules.unflatten(out)

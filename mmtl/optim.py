@@ -18,6 +18,7 @@ mmtl.rules (whole-path match, first rule wins, a rule that matches nothing raise
     adapters=dict(targets=[".*_encoder/encoder/layer_\\d+/(attn|mlp)"], size=64),  # mmtl.adapters
     prompts=dict(towers=["text_encoder"], length=10, deep=False),  # mmtl.prompts
     prune=dict(targets=["text_encoder/encoder/.*/kernel"], sparsity=0.5),  # mmtl.pruning
+    frozen_dtype="",                               # or bfloat16, int8: mmtl.low_precision
     schedule=dict(warmup_steps=100, decay="cosine", end_mult=0.0),
     grad_clip_norm=1.0,
   )
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmtl import adapters, config_keys, lora, memory, peft, prompts, pruning, rules
+from mmtl import adapters, config_keys, lora, low_precision, memory, peft, prompts, pruning, rules
 from mmtl.models import whisper
 
 # Keys of config.optim: a default, or the type a key without one takes (see mmtl.config).
@@ -68,6 +69,7 @@ CONFIG_KEYS = dict(
   adapters=adapters.CONFIG_KEYS,
   prompts=prompts.CONFIG_KEYS,
   prune=pruning.CONFIG_KEYS,
+  frozen_dtype="",
   schedule=SCHEDULE_KEYS,
   grad_clip_norm=float,
 )
@@ -79,7 +81,7 @@ CONFIG_KEYS = dict(
 NEW_LAYERS = ("fusion/.*", "head/.*")
 # Params that are never trained, whatever the rules: LoRA's scale, and what a family reads
 # from its checkpoint but keeps fixed (torch `requires_grad_(False)`: Whisper's positions).
-CONSTANTS = (lora.CONSTANT, adapters.CONSTANT, whisper.FIXED_POSITIONS)
+CONSTANTS = (lora.CONSTANT, adapters.CONSTANT, low_precision.SCALE, whisper.FIXED_POSITIONS)
 PRESETS: dict[str, dict[str, list[str]]] = {
   "full": {},
   "lit": dict(frozen=["image_encoder/.*"]),  # locked image, tuned text

@@ -28,7 +28,18 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from mmtl import adapters, checkpoint, hf, lora, optim, peft, prompts, rules, sharding
+from mmtl import (
+  adapters,
+  checkpoint,
+  hf,
+  lora,
+  low_precision,
+  optim,
+  peft,
+  prompts,
+  rules,
+  sharding,
+)
 from mmtl import config as config_lib
 from mmtl import workdir as workdir_lib
 from mmtl.modalities import MODALITIES
@@ -68,15 +79,41 @@ def _init_fn(model: fusion.FusionModel) -> Callable[[jax.Array], dict[str, Any]]
   return lambda rng: dict(model.init(rng, batch))
 
 
-def _has_peft(config: mlc.ConfigDict) -> bool:
-  return any(config.optim.get(section) for section in peft.SECTIONS)
+def _extends(config: mlc.ConfigDict) -> bool:
+  """Whether `_extend` changes the params."""
+  return bool(
+    any(config.optim.get(section) for section in peft.SECTIONS) or config.optim.get("frozen_dtype")
+  )
+
+
+def _extend(
+  model: fusion.FusionModel,
+  config: mlc.ConfigDict,
+  variables: Any,
+  rng: jax.Array,
+  new_layers: tuple[str, ...],
+) -> Callable[[Any], Any]:
+  """params (initialized or loaded) -> the train state's: plus the LoRA, adapter and prompt
+  params `config.optim` asks for, then the params frozen for the whole run stored in
+  `config.optim.frozen_dtype` (mmtl.low_precision). `variables`: the model's variables or
+  their shapes (to find the adapted modules)."""
+  add = _add_peft(model, config, variables, rng)
+  dtype = low_precision.check(config.optim.get("frozen_dtype") or "")
+  if not dtype:
+    return add
+  added = jax.eval_shape(add, variables["params"])
+  starts = [0, *optim.phase_boundaries(config.optim)]
+  masks = [
+    rules.flatten(optim.freeze_mask(added, config.optim, s, new_layers=new_layers)) for s in starts
+  ]
+  frozen = {p: all(mask[p] for mask in masks) for p in masks[0]}
+  return lambda params: low_precision.store(add(params), frozen, dtype)
 
 
 def _add_peft(
   model: fusion.FusionModel, config: mlc.ConfigDict, variables: Any, rng: jax.Array
 ) -> Callable[[Any], Any]:
-  """params -> params + the LoRA, adapter and prompt params `config.optim` asks for
-  (`variables`: the model's variables or their shapes, to find the adapted modules)."""
+  """params -> params + the LoRA, adapter and prompt params `config.optim` asks for."""
   cfg = config.optim
   towers = tuple(f"{m}_encoder" for m in model.modalities)
   dims = adapters.module_dims(model, variables) if cfg.get("adapters") else {}
@@ -109,14 +146,16 @@ def param_layout(
   BatchNorm statistics are replicated."""
   rng_init, rng_peft = _rngs(config)
   variables = jax.eval_shape(_init_fn(model), rng_init)
-  shapes = jax.eval_shape(_add_peft(model, config, variables, rng_peft), variables["params"])
+  scratch = new_layers(model, config.model_init)
+  extend = _extend(model, config, variables, rng_peft, scratch)
+  shapes = jax.eval_shape(extend, variables["params"])
   stats = variables.get("batch_stats", {})
   return ParamLayout(
     shapes,
     sharding.param_shardings(mesh, shapes, config.sharding_rules),
     stats,
     jax.tree.map(lambda _: sharding.replicated(mesh), stats),
-    new_layers(model, config.model_init),
+    scratch,
   )
 
 
@@ -277,8 +316,8 @@ def init_variables(
   note: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """`config.model_init`'s pretrained towers (when `pretrained`) + random init of the rest
-  + LoRA, adapter and prompt leaves, every array created in its final sharding:
-  {"params": ..., "batch_stats": ...}."""
+  + LoRA, adapter and prompt leaves, frozen params in `config.optim.frozen_dtype`, every
+  array created in its final sharding: {"params": ..., "batch_stats": ...}."""
   rng_init, rng_peft = _rngs(config)
   init = _init_fn(model)
   shapes = jax.eval_shape(init, rng_init)
@@ -290,9 +329,9 @@ def init_variables(
     _note_head_pools(model, config.model_init, note)
     shapes = load_pretrained_towers(shapes, config.model_init, note, pretrained_subtrees(model))
   variables = _initialize_missing(init, rng_init, shapes, shardings)
-  if _has_peft(config):  # Added after the pretrained load: checkpoints have none of them.
-    add = _add_peft(model, config, jax.eval_shape(init, rng_init), rng_peft)
-    variables["params"] = jax.jit(add, out_shardings=layout.shardings, donate_argnums=0)(
+  if _extends(config):  # After the pretrained load: checkpoints have none of the additions.
+    extend = _extend(model, config, jax.eval_shape(init, rng_init), rng_peft, layout.new_layers)
+    variables["params"] = jax.jit(extend, out_shardings=layout.shardings, donate_argnums=0)(
       variables["params"]
     )
   if config.peft_init:  # A saved run's LoRA, adapter and prompt params (mmtl.peft).

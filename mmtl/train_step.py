@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from mmtl import config_keys, distill, heads, lora, memory, optim, pruning, rules, sharding
+from mmtl import config_keys, distill, heads, low_precision, memory, optim, pruning, rules, sharding
 from mmtl.models import fusion, layers
 
 # config.model.batch_stats: which BatchNorm layers normalize with batch statistics and
@@ -123,7 +123,7 @@ def make_objective(
   stats_frozen = frozen_batch_stats(batch_stats_shape or {}, mask, config.model.batch_stats)
 
   def forward(trainable, frozen, batch_stats, batch, rng):
-    params = lora.merge(optim.combine(trainable, frozen))
+    params = low_precision.model_params(optim.combine(trainable, frozen))
     kw = dict(train=True, inference_towers=inference_towers, rngs={"dropout": rng})
     if not batch_stats:
       return model.apply({"params": params}, batch, **kw), batch_stats
