@@ -13,7 +13,10 @@ framework on the GPU at a time), all on the first local device:
           (shardings, donated state), for CLIP contrastive `full` fine-tuning,
           `locked` image (LiT: `frozen=["image_encoder/.*"]`) and a `fused`
           cross-attention classifier over the same two towers; with `locked`
-          also `image_forward`, the image tower alone in inference mode.
+          also `image_forward`, the image tower alone in inference mode;
+          `locked_bf16` and `locked_int8` store the locked tower in bfloat16 /
+          int8 (`config.optim.frozen_dtype`, mmtl.low_precision). Each row gives
+          the bytes of its train state on the device (params + optimizer state).
   torch   HF transformers `CLIPModel` (its default SDPA attention), bf16
           autocast, fp32 params, AdamW (fused on CUDA), `eager` and
           `compile` (torch.compile of the model), for `full` and `locked`.
@@ -115,7 +118,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 FUSED = {"tiny": dict(width=32, num_heads=2, fusion_depth=1, num_classes=10)}
 FUSED_DEFAULT = dict(width=512, num_heads=8, fusion_depth=2, num_classes=1000)
 
-MMTL_VARIANTS = ("full", "locked", "fused")
+MMTL_VARIANTS = ("full", "locked", "fused", "locked_bf16", "locked_int8")
+# The locked variants: the image tower frozen, stored as loaded / in bfloat16 / int8
+# (config.optim.frozen_dtype, mmtl.low_precision).
+LOCKED_DTYPES = {"locked": "", "locked_bf16": "bfloat16", "locked_int8": "int8"}
 TORCH_VARIANTS = ("full", "locked")
 TORCH_MODES = ("eager", "compile")
 XLA_FLAG_CHECK_TIMEOUT_S = 120  # One `import jax` with candidate XLA flags.
@@ -180,7 +186,8 @@ def trainer_config(
     lr=1e-4,
     wd=1e-4,
     schedule=dict(decay="constant"),  # as the torch peers: constant LR
-    frozen=[LOCKED_RULE] if variant == "locked" else [],
+    frozen=[LOCKED_RULE] if variant in LOCKED_DTYPES else [],
+    frozen_dtype=LOCKED_DTYPES.get(variant, ""),
   )
   return config_lib.with_defaults(config)
 
@@ -230,7 +237,7 @@ def train_flops(preset: str, variant: str, batch: int) -> dict[str, float]:
     p = c["projection_dim"]
     head = 2 * p * (v["hidden_size"] + t["hidden_size"]) + 2 * batch * p  # projections; logits row
   forward = dict(image=batch * image, text=batch * text, head=batch * head)
-  image_mult = 1 if variant == "locked" else 3
+  image_mult = 1 if variant in LOCKED_DTYPES else 3
   total = image_mult * forward["image"] + 3 * (forward["text"] + forward["head"])
   return {**{f"forward_{k}": float(x) for k, x in forward.items()}, "train_step": float(total)}
 
@@ -417,6 +424,7 @@ def measure_mmtl(spec: Mapping[str, Any]) -> dict[str, Any]:
     xla_flops=lowered_flops(lowered),
     xla_memory_bytes=_memory_analysis_bytes(compiled),
     peak_bytes=_jax_peak_bytes(),
+    state_bytes=sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state)),
     final_loss=loss,
     device=jax.devices()[0].device_kind,
     jax_version=jax.__version__,
@@ -712,14 +720,14 @@ def markdown(report: Mapping[str, Any]) -> str:
     f"Input: {meta['input']}-resident. Timing: median of {meta['repeats']} x "
     f"{meta['steps']} steps after {meta['warmup']} warmup.",
     "",
-    "| run | pairs/s | step ms | TFLOP/s | MFU | peak mem GiB | compile+warmup s "
-    "| vs torch.compile | mem vs torch.compile |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| run | pairs/s | step ms | TFLOP/s | MFU | peak mem GiB | train state MiB "
+    "| compile+warmup s | vs torch.compile | mem vs torch.compile |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in report["runs"]:
     if "error" in r:
       first = r["error"].strip().splitlines()[-1][:120].replace("|", "/")
-      lines.append(f"| {r['name']} | failed: {first} | | | | | | | |")
+      lines.append(f"| {r['name']} | failed: {first} | | | | | | | | |")
       continue
     name = r["name"] + (f" (attention={r['attention']})" if r.get("attention") else "")
     name += " (cuDNN attention failed: cudnn_error in bench.json)" if r.get("cudnn_error") else ""
@@ -728,7 +736,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines.append(
       f"| {name} | {r['pairs_per_s']:.1f} | {r['step_s'] * 1e3:.2f} "
       f"| {_fmt(r.get('tflops'), '.2f')} "
-      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(peak, '.2f')} | {startup:.1f} "
+      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(peak, '.2f')} "
+      f"| {_fmt(r['state_bytes'] / 2**20 if r.get('state_bytes') else None, '.1f')} "
+      f"| {startup:.1f} "
       f"| {_fmt(r.get('vs_torch_compile'), '.2f')} "
       f"| {_fmt(r.get('memory_vs_torch_compile'), '.2f')} |"
     )

@@ -250,3 +250,22 @@ def test_log_mel_preset_measures_front_ends_and_towers(tmp_path):
     assert run["tower"]["tower_clips_per_s"] == pytest.approx(2 / run["tower"]["step_s"])
   table = (tmp_path / "bench.md").read_text()
   assert "| whisper_tiny | 13 | 0.5 | 50 |" in table and "| ast_tiny | 16 | 0.5 | 50 |" in table
+
+
+def test_locked_variants_store_the_locked_tower_in_low_precision():
+  """locked_bf16 / locked_int8: the locked variant with config.optim.frozen_dtype set; the
+  image tower's params take a half / about a quarter of the locked variant's bytes."""
+  from mmtl import memory, rules, sharding, train_state  # pylint: disable=g-import-not-at-top
+  from mmtl.models import fusion  # pylint: disable=g-import-not-at-top
+
+  image_bytes = {}
+  for variant in ("locked", "locked_bf16", "locked_int8"):
+    config = bench.trainer_config("tiny", variant, batch=2, attention=None)
+    assert config.optim.frozen == ["image_encoder/.*"]
+    assert config.optim.frozen_dtype == bench.LOCKED_DTYPES[variant]
+    model = fusion.build(config.model)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    flat = rules.flatten(train_state.param_layout(model, config, mesh).shapes)
+    image_bytes[variant] = sum(memory.nbytes(x) for p, x in flat.items() if p.startswith("image_"))
+  assert image_bytes["locked_bf16"] == image_bytes["locked"] / 2
+  assert 0.25 < image_bytes["locked_int8"] / image_bytes["locked"] < 0.35
