@@ -13,6 +13,11 @@ deviation (ddof=1; a single run shows its value), and from each run's own record
   steps_per_s     the median of the run's logged `speed/steps_per_s` (compilation and
                   evaluations excluded as far as the logging intervals allow)
 Step rates of runs measured on a busy machine are not comparable: time them alone.
+
+  python launch/summarize.py --sweep_dir runs/peft_prune --over seed --plot sparsity:val/accuracy
+
+also draws SWEEP_DIR/summary_<metric>.png: the metric's mean (error bars: one standard
+deviation) against a numeric swept key, one line per group of the other keys.
 """
 
 from __future__ import annotations
@@ -105,6 +110,39 @@ def write(sweep_dir: Path, columns: list[str], table: list[dict[str, str]]) -> s
   return markdown
 
 
+def plot(sweep_dir: Path, over: list[str], x_key: str, metric: str) -> Path:
+  """SWEEP_DIR/summary_<metric>.png of `metric` (mean, sd bars) against `x_key`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  columns, table = summarize(sweep_dir, over)
+  if x_key not in columns or metric not in columns:
+    raise ValueError(f"--plot {x_key}:{metric}: the summary has columns {columns}.")
+  lines: dict[str, list[tuple[float, float, float]]] = {}
+  for row in table:
+    label = ", ".join(f"{k}={row[k]}" for k in columns[: columns.index("n")] if k != x_key)
+    mean, _, sd = row[metric].partition(" ± ")
+    lines.setdefault(label, []).append((float(row[x_key]), float(mean), float(sd or 0)))
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for label, points in lines.items():
+    xs, ys, sds = zip(*sorted(points))
+    ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=label or None)
+  ax.set_xlabel(x_key)
+  ax.set_ylabel(metric)
+  n = sorted({row["n"] for row in table})
+  ax.set_title(f"mean ± sd over {', '.join(over)} (n={'/'.join(n)})", fontsize=9)
+  if any(lines):
+    ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  out = sweep_dir / f"summary_{metric.replace('/', '_')}.png"
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
@@ -115,9 +153,16 @@ def main(argv: list[str]) -> None:
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
   print(write(Path(f.sweep_dir), columns, table), end="")
+  if f.plot:
+    x_key, _, metric = f.plot.partition(":")
+    try:
+      print(f"Wrote {plot(Path(f.sweep_dir), f.over, x_key, metric)}")
+    except ValueError as e:
+      sys.exit(f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("sweep_dir", None, "A launch/sweep.py sweep directory.")
   flags.DEFINE_multi_string("over", ["seed"], "Swept keys to average over (repeatable).")
+  flags.DEFINE_string("plot", None, "KEY:METRIC: draw the metric against a numeric swept key.")
   app.run(main)

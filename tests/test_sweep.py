@@ -593,3 +593,19 @@ def test_summarize_averages_over_seeds_with_each_runs_costs(tmp_path):
   assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("| a | 2 | 0.6 ± 0.14 |")
   with pytest.raises(ValueError, match=r"--over \['fold'\]: not columns"):
     summarize.summarize(tmp_path, ["fold"])
+  with pytest.raises(ValueError, match=r"--plot method:val/f1: the summary has columns"):
+    summarize.plot(tmp_path, ["seed"], "method", "val/f1")
+
+
+def test_summarize_plots_a_metric_against_a_numeric_key(tmp_path):
+  import summarize  # pylint: disable=g-import-not-at-top
+
+  with (tmp_path / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, ["run", "sparsity", "seed", "val/accuracy"])
+    writer.writeheader()
+    for sparsity, seed, acc in [(0.5, 0, 0.8), (0.5, 1, 0.82), (0.0, 0, 0.9), (0.9, 0, 0.6)]:
+      writer.writerow(
+        {"run": f"r{sparsity}{seed}", "sparsity": sparsity, "seed": seed, "val/accuracy": acc}
+      )
+  png = summarize.plot(tmp_path, ["seed"], "sparsity", "val/accuracy")
+  assert png == tmp_path / "summary_val_accuracy.png" and png.read_bytes()[:4] == b"\x89PNG"
