@@ -36,7 +36,7 @@ low-precision rows and the accuracy-vs-sparsity curve of docs/transfer.md:
   python launch/sweep.py --config configs/ablations/peft.py \
       --sweep configs/ablations/peft.py:lowp --sweep_dir runs/peft --grid seed=0,1,2
   python launch/sweep.py --config configs/ablations/peft.py \
-      --sweep configs/ablations/peft.py:prune --sweep_dir runs/peft_prune --grid seed=0,1,2
+      --sweep configs/ablations/peft.py:prune --sweep_dir runs/peft_prune --grid seed=0
   python launch/summarize.py --sweep_dir runs/peft_prune --over seed \
       --plot sparsity:val/accuracy
 """
@@ -91,5 +91,5 @@ def get_sweep(arg=None):
       {"arg.method": "lora", "arg.frozen_dtype": "int8"},
     ]
   if arg == "prune":
-    return [{"arg.method": "full", "arg.sparsity": s} for s in (0.5, 0.75, 0.9)]
+    return [{"arg.method": "full", "arg.sparsity": s} for s in (0.0, 0.5, 0.75, 0.9)]
   return [{"arg.method": m} for m in METHODS]
