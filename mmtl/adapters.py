@@ -117,6 +117,13 @@ def init(
     raise ValueError("params already hold adapters: call adapters.init once, on base params.")
   targets = [cfg["targets"]] if isinstance(cfg["targets"], str) else list(cfg["targets"])
   in_towers = [p for p in dims if p.split("/")[0] in towers]
+  for target in targets:
+    outside = [p for p in dims if p not in in_towers and rules.matches(target, p)]
+    if outside and not any(rules.matches(target, p) for p in in_towers):
+      raise config_keys.ConfigError(
+        f"config.optim.adapters.targets: {target!r} matches {outside[0]}, outside the towers "
+        f"({', '.join(towers)}); adapters go into tower modules (use LoRA elsewhere)."
+      )
   hits = rules.assign(in_towers, targets, default=False, what="config.optim.adapters.targets")
   name = KINDS[cfg["kind"]]
   out = dict(flat)

@@ -59,6 +59,8 @@ def settings(prune_cfg: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
       "config.optim.prune.targets is empty: give regexes of the params to prune, e.g. "
       "['text_encoder/encoder/.*/kernel']."
     )
+  if "sparsity" not in prune_cfg:
+    raise config_keys.ConfigError("config.optim.prune.sparsity is missing: e.g. 0.5.")
   if not isinstance(cfg["sparsity"], (int, float)) or not 0 < cfg["sparsity"] < 1:
     raise config_keys.ConfigError(
       f"config.optim.prune.sparsity={cfg['sparsity']!r} must be in (0, 1), e.g. 0.5."
@@ -155,10 +157,12 @@ def transform(cfg: Mapping[str, Any], target_mask: Any) -> optax.GradientTransfo
 
 def sparsity(params: Any, target_mask: Any) -> dict[str, jax.Array]:
   """{tower: fraction of exact zeros among its targeted weights}, towers as first path parts."""
-  counts: dict[str, list[Any]] = {}
-  flat, mask = rules.flatten(params), rules.flatten(target_mask)
-  for path, x in flat.items():
+  zeros: dict[str, Any] = {}
+  sizes: dict[str, int] = {}
+  mask = rules.flatten(target_mask)
+  for path, x in rules.flatten(params).items():
     if mask[path]:
-      zeros, size = counts.setdefault(path.split("/")[0], [0, 0])
-      counts[path.split("/")[0]] = [zeros + jnp.sum(x == 0), size + math.prod(x.shape)]
-  return {tower: zeros / size for tower, (zeros, size) in counts.items()}
+      tower = path.split("/")[0]
+      zeros[tower] = zeros.get(tower, 0) + jnp.sum(x == 0)
+      sizes[tower] = sizes.get(tower, 0) + math.prod(x.shape)
+  return {tower: zeros[tower] / sizes[tower] for tower in zeros}

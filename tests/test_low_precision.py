@@ -9,7 +9,20 @@ import pytest
 import qwix
 
 from mmtl import config as config_lib
-from mmtl import lora, low_precision, memory, optim, rules, sharding, train, train_state
+from mmtl import (
+  data,
+  distill,
+  heads,
+  lora,
+  low_precision,
+  memory,
+  metrics,
+  optim,
+  rules,
+  sharding,
+  train,
+  train_state,
+)
 from mmtl.models import fusion
 from tests.test_train import final_params, tiny_config
 
@@ -120,3 +133,30 @@ def float32_lit_run(tiny_bert_dir, data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("float32") / "run"
   train.train(config, str(workdir))
   return config, workdir
+
+
+@pytest.mark.slow
+def test_a_teacher_with_an_int8_tower_distills_what_it_computes(tiny_bert_dir, data_dir, tmp_path):
+  """The distillation teacher's stored int8 params are read back (heads.merged) before it
+  runs: the student's first KD loss is the one of the teacher's dequantized model."""
+  teacher = tiny_config(tiny_bert_dir, data_dir, total_steps=2, evals={})
+  teacher.optim.update(frozen=["text_encoder/.*"], frozen_dtype="int8")
+  train.train(teacher, str(tmp_path / "teacher"))
+  student = tiny_config(
+    tiny_bert_dir,
+    data_dir,
+    evals={},
+    total_steps=1,
+    distill=dict(teacher_workdir=str(tmp_path / "teacher"), temperature=2.0, alpha=1.0),
+  )
+  train.train(student, str(tmp_path / "student"))
+  config = config_lib.with_defaults(student)
+  batch = next(data.make_train_iterator(config.input, batch_size=16, seed=config.seed))
+  model, variables = train_state.load_run(
+    str(tmp_path / "teacher"), sharding.make_mesh(config.mesh)
+  )
+  logits = np.asarray(model.apply(heads.merged(variables), batch)["logits"])
+  expected = distill.kd_loss_per_example(np.zeros_like(logits), logits, 2.0).mean()
+  assert metrics.read(str(tmp_path / "student"))["train/loss"][1] == pytest.approx(
+    float(expected), rel=1e-5
+  )

@@ -272,6 +272,7 @@ def test_bad_peft_configs_name_the_problem(tiny_bert_dir):
     (dict(adapters=dict(targets=[LAYERS], kind="serial")), r"kind='serial': use one of"),
     (dict(adapters=dict(targets=[r".*/attn/query/kernel"])), r"adapters.targets: rule.*match no"),
     (dict(prompts=dict(towers=["image_encoder"])), r"prompts.towers: rule.*match no"),
+    (dict(adapters=dict(targets=["fusion/.*"])), r"'fusion/.\*' matches fusion/.*outside the"),
     (dict(prompts=dict(towers=["text_encoder"], length=0)), r"prompts.length=0 must be >= 1"),
     (dict(preset="adapters"), r"preset='adapters' needs config.optim.adapters = dict"),
     (dict(preset="prompts"), r"preset='prompts' needs config.optim.prompts = dict"),

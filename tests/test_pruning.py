@@ -79,6 +79,7 @@ def test_pruned_weights_are_exactly_zero_at_the_schedules_sparsity(scope):
 def test_bad_pruning_configs():
   for prune, match in [
     (dict(targets=[".*"], sparsity=1.0), r"sparsity=1.0 must be in \(0, 1\)"),
+    (dict(targets=[".*"]), r"config.optim.prune.sparsity is missing"),
     (dict(targets=[".*"], sparsity=0.5, scope="row"), r"scope='row': use one of"),
     (dict(targets=[".*"], sparsity=0.5, start_step=9, end_step=4), r"need 0 <= start_step \(9\)"),
     (dict(targets=[".*"], sparsity=0.5, evry=3), r"config.optim.prune.evry.*Did you mean"),
