@@ -261,10 +261,10 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
   if config.distill:
     distill.check_config(config.distill, model.head_type)
     teacher, teacher_variables = train_state.load_run(config.distill.teacher_workdir, mesh)
-    teacher_logits = lambda variables, batch: teacher.apply(  # noqa: E731
-      heads.merged(variables),
-      batch,  # a teacher's LoRA merged, low-precision params read back
-    )["logits"]
+
+    def teacher_logits(variables, batch):  # its LoRA merged, low-precision params read back
+      return teacher.apply(heads.merged(variables), batch)["logits"]
+
     teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_variables)
     note(
       f"Distilling from {config.distill.teacher_workdir} "
