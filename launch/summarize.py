@@ -6,7 +6,8 @@ cell costs to train.
 reads SWEEP_DIR/results.csv (written by launch/sweep.py), groups its finished runs by
 every swept key except the `--over` ones (e.g. the seed), and writes SWEEP_DIR/summary.md
 and summary.csv: per group the number of runs n, each metric's mean and sample standard
-deviation (ddof=1; a single run shows its value), and from each run's own records
+deviation (ddof=1; a single run, or runs that agree, show the value), and from each
+run's own records
   trainable       the trainable parameter count (the trainer's start-up summary)
   memory_mib      the trainer's estimated memory per device (params + optimizer state +
                   activations kept for backward; mmtl.memory)
@@ -89,7 +90,7 @@ def summarize(sweep_dir: Path, over: list[str]) -> tuple[list[str], list[dict[st
       mean = statistics.fmean(values)
       if name == "trainable":
         out[name] = f"{mean:,.0f}"
-      elif len(values) > 1:
+      elif len(values) > 1 and len(set(values)) > 1:
         out[name] = f"{mean:.4g} ± {statistics.stdev(values):.2g}"
       else:
         out[name] = f"{mean:.4g}"

@@ -577,8 +577,8 @@ def test_summarize_averages_over_seeds_with_each_runs_costs(tmp_path):
       "n": "2",
       "val/accuracy": "0.6 ± 0.14",
       "trainable": "1,024",
-      "memory_mib": "1.5 ± 0",
-      "steps_per_s": "4 ± 0",
+      "memory_mib": "1.5",
+      "steps_per_s": "4",
     },
     {
       "method": "b",
