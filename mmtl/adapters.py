@@ -115,7 +115,7 @@ def init(
   flat = rules.flatten(params)
   if any(rules.matches(TRAINABLE, p) for p in flat):
     raise ValueError("params already hold adapters: call adapters.init once, on base params.")
-  targets = [cfg["targets"]] if isinstance(cfg["targets"], str) else list(cfg["targets"])
+  targets = rules.as_list(cfg["targets"])
   in_towers = [p for p in dims if p.split("/")[0] in towers]
   for target in targets:
     outside = [p for p in dims if p not in in_towers and rules.matches(target, p)]

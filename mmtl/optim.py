@@ -106,10 +106,6 @@ DEFAULT_EMBEDDINGS = (r".*/(embeddings|pre_layrnorm)/.*",)
 _LAYER = re.compile(r"layer_(\d+)")
 
 
-def _as_list(rule_or_rules: Any) -> list[Any]:
-  return [rule_or_rules] if isinstance(rule_or_rules, str) else list(rule_or_rules or ())
-
-
 def _preset(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
   name = cfg.get("preset") or "full"
   if name not in PRESETS:
@@ -129,7 +125,7 @@ def _unfreeze_phases(cfg: Mapping[str, Any]) -> list[tuple[int, list[str]]]:
   for i, entry in enumerate(cfg.get("unfreeze") or ()):
     if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], int)):
       raise ValueError(f"config.optim.unfreeze[{i}]={entry!r}: each entry is (step, [regex, ...]).")
-    phases.append((entry[0], _as_list(entry[1])))
+    phases.append((entry[0], rules.as_list(entry[1])))
   return phases
 
 
@@ -157,7 +153,7 @@ def freeze_mask(
   frozen = dict.fromkeys(flat, False)
   for rule_list, what in (
     (preset.get("frozen", []), f"config.optim.preset={name!r}"),
-    (_as_list(optim_cfg.get("frozen")), "config.optim.frozen"),
+    (rules.as_list(optim_cfg.get("frozen")), "config.optim.frozen"),
   ):
     for path, hit in rules.assign(flat, rule_list, default=False, what=what).items():
       frozen[path] |= hit
@@ -169,7 +165,7 @@ def freeze_mask(
     frozen = {path: f or not (hits[path] or new[path]) for path, f in frozen.items()}
   if optim_cfg.get("trainable"):
     hits = rules.assign(
-      flat, _as_list(optim_cfg["trainable"]), default=False, what="config.optim.trainable"
+      flat, rules.as_list(optim_cfg["trainable"]), default=False, what="config.optim.trainable"
     )
     frozen = {path: f or not hits[path] for path, f in frozen.items()}
   for i, (at, rule_list) in enumerate(_unfreeze_phases(optim_cfg)):
@@ -204,12 +200,12 @@ def _layer_decay(flat: Mapping[str, Any], ld: Mapping[str, Any] | None) -> dict[
     raise ValueError("config.optim.layer_decay.rate must be in (0, 1], e.g. 0.75.")
   towers = [
     (t, ld["rate"]) if isinstance(t, str) else tuple(t)
-    for t in _as_list(ld.get("towers", [".*_encoder/.*"]))
+    for t in rules.as_list(ld.get("towers", [".*_encoder/.*"]))
   ]
   rate = rules.assign(flat, towers, default=None, what="config.optim.layer_decay.towers")
   embeddings = rules.assign(
     flat,
-    _as_list(ld.get("embeddings", DEFAULT_EMBEDDINGS)),
+    rules.as_list(ld.get("embeddings", DEFAULT_EMBEDDINGS)),
     default=False,
     what="config.optim.layer_decay.embeddings",
     require_match="embeddings" in ld,

@@ -45,7 +45,7 @@ def init(
   hidden_size)}) that `prompts_cfg.towers` matches."""
   config_keys.check_keys(prompts_cfg, CONFIG_KEYS, "config.optim.prompts")
   cfg = {**CONFIG_KEYS, **prompts_cfg}
-  chosen = [cfg["towers"]] if isinstance(cfg["towers"], str) else list(cfg["towers"] or ())
+  chosen = rules.as_list(cfg["towers"])
   if not chosen:
     raise config_keys.ConfigError(
       "config.optim.prompts.towers is empty: give the towers to prompt, e.g. ['text_encoder']."

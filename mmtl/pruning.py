@@ -80,11 +80,8 @@ def settings(prune_cfg: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
 
 def targets(params: Any, prune_cfg: Mapping[str, Any]) -> Any:
   """Bool tree: True at the params `prune_cfg.targets` matches."""
-  rule_list = (
-    [prune_cfg["targets"]] if isinstance(prune_cfg["targets"], str) else prune_cfg["targets"]
-  )
   return rules.tree_assign(
-    params, list(rule_list), default=False, what="config.optim.prune.targets"
+    params, rules.as_list(prune_cfg["targets"]), default=False, what="config.optim.prune.targets"
   )
 
 

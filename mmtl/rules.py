@@ -71,6 +71,11 @@ def matches(pattern: str, path: str) -> bool:
   return _compile(pattern).fullmatch(path) is not None
 
 
+def as_list(rule_or_rules: Any) -> list[Any]:
+  """A config value that is one regex or a list of rules, as a list (None: [])."""
+  return [rule_or_rules] if isinstance(rule_or_rules, str) else list(rule_or_rules or ())
+
+
 def _normalize(rules: Iterable[Any], what: str) -> list[tuple[str, Any]]:
   out = []
   for rule in rules:
