@@ -79,7 +79,8 @@ def export_tower(
       f"--tower={tower}: the run in {workdir} has no {name}; its towers: {', '.join(modules)}."
     )
   params = jax.device_get(low_precision.model_params(variables["params"]))
-  params = jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == jnp.bfloat16 else x, params)
+  if config.optim.get("frozen_dtype"):  # frozen params stored in bfloat16: the model's float32 back
+    params = jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == jnp.bfloat16 else x, params)
   if held := sorted(p for p in peft.leaves(params) if p.startswith(f"{name}/")):
     raise config_lib.ConfigError(
       f"--tower={tower}: {name} holds adapters or prompts ({held[0]}, ...), which a "
