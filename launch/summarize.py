@@ -111,14 +111,21 @@ def write(sweep_dir: Path, columns: list[str], table: list[dict[str, str]]) -> s
   return markdown
 
 
-def plot(sweep_dir: Path, over: list[str], x_key: str, metric: str) -> Path:
-  """SWEEP_DIR/summary_<metric>.png of `metric` (mean, sd bars) against `x_key`."""
+def plot(
+  sweep_dir: Path,
+  columns: list[str],
+  table: list[dict[str, str]],
+  over: list[str],
+  x_key: str,
+  metric: str,
+) -> Path:
+  """SWEEP_DIR/summary_<metric>.png of `metric` (mean, sd bars) against `x_key`, from
+  `summarize`'s (columns, table) over the `over` keys."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  columns, table = summarize(sweep_dir, over)
   if x_key not in columns or metric not in columns:
     raise ValueError(f"--plot {x_key}:{metric}: the summary has columns {columns}.")
   lines: dict[str, list[tuple[float, float, float]]] = {}
@@ -157,7 +164,7 @@ def main(argv: list[str]) -> None:
   if f.plot:
     x_key, _, metric = f.plot.partition(":")
     try:
-      print(f"Wrote {plot(Path(f.sweep_dir), f.over, x_key, metric)}")
+      print(f"Wrote {plot(Path(f.sweep_dir), columns, table, f.over, x_key, metric)}")
     except ValueError as e:
       sys.exit(f"{type(e).__name__}: {e}")
 

@@ -123,12 +123,11 @@ def export_peft(workdir: str, out: str | Path, step: int | None = None) -> Path:
   config = config_lib.with_defaults(
     config_lib.load_json(workdir_lib.path(workdir, config_lib.CONFIG_FILE))
   )
-  mesh = sharding.make_mesh(config.mesh)
-  model, variables = train_state.load_run(workdir, mesh, step, config)
+  step = train_state.checkpoint_step(workdir, step)
+  model, variables = train_state.load_run(workdir, sharding.make_mesh(config.mesh), step, config)
   params = jax.device_get(variables["params"])
   new_layers = train_state.new_layers(model, config.model_init)
   trained = peft.delta(params, new_layers)
-  step = train_state.checkpoint_step(workdir, step)
   mask = rules.flatten(optim.freeze_mask(params, config.optim, step, new_layers=new_layers))
   if beyond := [p for p, frozen in mask.items() if not frozen and p not in trained]:
     raise config_lib.ConfigError(

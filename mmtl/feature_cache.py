@@ -496,10 +496,11 @@ def _fill(
     if not _is_main():
       continue
     if not arrays:
-      _check_space(entry, {p: (n, *x.shape[1:], x.dtype) for p, x in out.items()})
+      specs = {p: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype) for p, x in out.items()}
+      _check_space(entry, specs)
       arrays = {
-        p: np.memmap(entry / f"{p}.bin.partial", dtype=x.dtype, mode="w+", shape=(n, *x.shape[1:]))
-        for p, x in out.items()
+        p: np.memmap(entry / f"{p}.bin.partial", dtype=s.dtype, mode="w+", shape=s.shape)
+        for p, s in specs.items()
       }
     for p, x in out.items():
       arrays[p][index[real]] = x[real]
@@ -526,10 +527,10 @@ def _fill(
   return how
 
 
-def _check_space(entry: Path, specs: Mapping[str, tuple[Any, ...]]) -> None:
-  """A ConfigError, before writing, when the entry's arrays ((*shape, dtype) by part) would
-  not fit on its filesystem."""
-  need = sum(int(np.prod(s[:-1])) * np.dtype(s[-1]).itemsize for s in specs.values())
+def _check_space(entry: Path, specs: Mapping[str, jax.ShapeDtypeStruct]) -> None:
+  """A ConfigError, before writing, when the entry's arrays (by part) would not fit on its
+  filesystem."""
+  need = sum(memory.nbytes(s) for s in specs.values())
   free = shutil.disk_usage(entry).free
   if need > free:
     raise config_keys.ConfigError(

@@ -79,8 +79,9 @@ CONFIG_KEYS = dict(
 # list (`train_state.ParamLayout.new_layers`: e.g. a captioning model's projections and
 # decoder cross-attention, a tower's `dont_load`); this is a fused model's.
 NEW_LAYERS = ("fusion/.*", "head/.*")
-# Params that are never trained, whatever the rules: LoRA's scale, and what a family reads
-# from its checkpoint but keeps fixed (torch `requires_grad_(False)`: Whisper's positions).
+# Params that are never trained, whatever the rules: the scales LoRA, parallel adapters and
+# int8 storage add, and what a family reads from its checkpoint but keeps fixed (torch
+# `requires_grad_(False)`: Whisper's positions).
 CONSTANTS = (lora.CONSTANT, adapters.CONSTANT, low_precision.SCALE, whisper.FIXED_POSITIONS)
 PRESETS: dict[str, dict[str, list[str]]] = {
   "full": {},

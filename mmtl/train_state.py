@@ -320,7 +320,7 @@ def init_variables(
   array created in its final sharding: {"params": ..., "batch_stats": ...}."""
   rng_init, rng_peft = _rngs(config)
   init = _init_fn(model)
-  shapes = jax.eval_shape(init, rng_init)
+  init_shapes = shapes = jax.eval_shape(init, rng_init)
   shardings = {
     **layout.variables("shardings"),
     "params": _subtree(layout.shardings, shapes["params"]),
@@ -330,7 +330,7 @@ def init_variables(
     shapes = load_pretrained_towers(shapes, config.model_init, note, pretrained_subtrees(model))
   variables = _initialize_missing(init, rng_init, shapes, shardings)
   if _extends(config):  # After the pretrained load: checkpoints have none of the additions.
-    extend = _extend(model, config, jax.eval_shape(init, rng_init), rng_peft, layout.new_layers)
+    extend = _extend(model, config, init_shapes, rng_peft, layout.new_layers)
     variables["params"] = jax.jit(extend, out_shardings=layout.shardings, donate_argnums=0)(
       variables["params"]
     )

@@ -594,7 +594,7 @@ def test_summarize_averages_over_seeds_with_each_runs_costs(tmp_path):
   with pytest.raises(ValueError, match=r"--over \['fold'\]: not columns"):
     summarize.summarize(tmp_path, ["fold"])
   with pytest.raises(ValueError, match=r"--plot method:val/f1: the summary has columns"):
-    summarize.plot(tmp_path, ["seed"], "method", "val/f1")
+    summarize.plot(tmp_path, columns, table, ["seed"], "method", "val/f1")
 
 
 def test_summarize_plots_a_metric_against_a_numeric_key(tmp_path):
@@ -607,5 +607,6 @@ def test_summarize_plots_a_metric_against_a_numeric_key(tmp_path):
       writer.writerow(
         {"run": f"r{sparsity}{seed}", "sparsity": sparsity, "seed": seed, "val/accuracy": acc}
       )
-  png = summarize.plot(tmp_path, ["seed"], "sparsity", "val/accuracy")
+  columns, table = summarize.summarize(tmp_path, ["seed"])
+  png = summarize.plot(tmp_path, columns, table, ["seed"], "sparsity", "val/accuracy")
   assert png == tmp_path / "summary_val_accuracy.png" and png.read_bytes()[:4] == b"\x89PNG"
