@@ -17,6 +17,7 @@ from mmtl import ctc, heads, hf
 from mmtl.config_keys import ConfigError
 from tests.hf_fixtures import make_tiny_checkpoint, perturb_weights
 from tests.test_pretrained_heads import init
+from tests.xla_settings import production_jit
 
 # A vocab.json with the blank last (as HF's fine-tuning guide builds them); the tokenizer
 # adds <s> and </s> after it, so the head scores 32 classes.
@@ -108,7 +109,7 @@ def test_vocabulary_is_the_checkpoints(ctc_dir):
 def test_logits_and_loss_equal_transformers(ctc_dir, batch, reduction):
   config = ctc_config(ctc_dir)
   model, _, params = init(config)
-  outputs = model.apply({"params": jax.device_get(params)}, batch)
+  outputs = production_jit(model.apply)({"params": jax.device_get(params)}, batch)
   feasible = [0, 1]  # row 2 has 4 frames for 11 labels
   logits, want_loss = torch_outputs(ctc_dir, batch, reduction, feasible)
   frames = np.asarray(outputs["frame_mask"]).sum(1)

@@ -34,6 +34,7 @@ def bert_outputs(folder, input_ids, mask):
   return out.last_hidden_state.numpy()
 
 
+@pytest.mark.slow
 def test_a_tower_exports_as_the_run_computed_it_with_lora_merged(lora_run, tiny_bert_dir, tmp_path):
   out = tmp_path / "text"
   result = process.run(
@@ -64,6 +65,7 @@ def test_a_tower_exports_as_the_run_computed_it_with_lora_merged(lora_run, tiny_
   assert not np.allclose(theirs, bert_outputs(tiny_bert_dir, input_ids, mask), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_exports_are_one_line_and_overwrite_nothing(lora_run, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"--tower=audio: .* its towers: image, text"):
     export.export_tower(lora_run, "audio", tmp_path / "a")
@@ -76,6 +78,7 @@ def test_bad_exports_are_one_line_and_overwrite_nothing(lora_run, tmp_path):
   assert (taken / "config.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_a_run_of_zero_steps_is_the_pretrained_model_evaluated(tiny_bert_dir, data_dir, tmp_path):
   """`total_steps=0`: the initial model (model_init weights) evaluated and saved as step 0,
   so mmtl.evaluate and mmtl.export read it as they read a trained run."""

@@ -50,6 +50,7 @@ def plain_run(tiny_bert_dir, small_data_dir, tmp_path_factory):
   return workdir, train.train(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_cached_run_equals_uncached_run(tiny_bert_dir, small_data_dir, plain_run, tmp_path, capsys):
   cache = tmp_path / "cache"
   final = train.train(cached_config(tiny_bert_dir, small_data_dir, cache), str(tmp_path / "a"))
@@ -155,6 +156,7 @@ def test_batches_of_a_cached_clip_modality_compute_no_spectrogram(
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_batches_carry_the_cached_features(tiny_bert_dir, small_data_dir, plain_run, tmp_path):
   """The step reads the stored rows, not the tower: stored features scaled (with checksums
   to match) change the run."""

@@ -149,9 +149,9 @@ def test_a_head_reads_the_towers_tokens(monkeypatch, tiny_bert_dir, data_dir):
     attention_mask=np.array([[1, 1, 1, 0]], np.int32),  # 3 real tokens, 1 of padding
     token_type_ids=np.zeros((1, 4), np.int32),
   )
-  params = model.init(jax.random.key(0), batch)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
   assert params["head"]["kernel"].shape == (model.tower("text").hidden_size, 2)
-  out = model.apply({"params": params}, batch)
+  out = jax.jit(model.apply)({"params": params}, batch)
   assert out["token_logits"].shape == (1, 4, 2)
   loss, weight = TokenTagging.loss(out, {"token_labels": np.zeros((1, 4), np.int32)}, {})
   assert float(weight) == 3.0 and np.isfinite(float(loss))

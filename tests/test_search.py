@@ -26,7 +26,7 @@ from test_sweep import (  # noqa: E402, F401
 
 # Stands in for mmtl.train where the search's mechanics are under test. Its "checkpoint" is
 # metrics.jsonl: a rerun continues after the last step there. At each step it logs
-# val/accuracy = lr * step (a higher lr is better at every step), 0.1 s apart; its
+# val/accuracy = lr * step (a higher lr is better at every step), 0.05 s apart; its
 # calls (workdir, first step, lr) go to FAKE_TRAIN_CALLS. With FAKE_TRAIN_INTERRUPT=S, the
 # first run to reach step S sends SIGTERM to the search worker (its parent), or, with
 # FAKE_TRAIN_SIGNALLED=1 too, exits as mmtl.train does on a signal; with FAKE_TRAIN_HANG=1,
@@ -51,7 +51,7 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
       hang()
     interrupt = int(os.environ.get("FAKE_TRAIN_INTERRUPT", 0))
     for step in range(done + 1, total + 1):
-      time.sleep(0.1)
+      time.sleep(0.05)
       with open(log, "a") as f:
         f.write(json.dumps({"step": step, "val/accuracy": lr * step}) + "\\n")
       if step == interrupt and not os.path.exists(os.environ["FAKE_TRAIN_CALLS"] + ".stop"):

@@ -1,6 +1,8 @@
 """Video: the video tower (an image tower per frame + a temporal model), frame sampling in
 the pipeline, the `mmtl_bounces` dataset and its audio-visual recipe."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +133,7 @@ def video_tower(temporal: str, frame=TINY_VIT, **kw) -> video.VideoEncoder:
   return fusion.build(model_cfg).tower("video")
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def run_tower(tower, variables, pixels, mask):
   return tower.apply(variables, pixels, mask)["pooler_output"]
 
@@ -141,7 +144,7 @@ def test_padded_frames_change_nothing_and_order_matters_except_to_the_mean(tempo
   rng = np.random.default_rng(0)
   pixels = jnp.asarray(rng.normal(size=(2, 4, 16, 16, 3)), jnp.float32)
   mask = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]])
-  variables = tower.init(jax.random.PRNGKey(0), pixels, mask)
+  variables = jax.jit(tower.init)(jax.random.PRNGKey(0), pixels, mask)
   out = run_tower(tower, variables, pixels, mask)
   assert out.shape == (2, 16)
   changed = pixels.at[0, 3].set(5.0)  # the padded frame of clip 0
@@ -183,15 +186,16 @@ def test_every_temporal_model_fuses_by_bottleneck_with_an_audio_tower(temporal):
       num_classes=4,
     )
   )
-  variables = model.init(jax.random.PRNGKey(0), model.dummy_batch())
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch())
   batch = dict(
     video=jnp.ones((2, 3, 16, 16, 3)),
     video_mask=jnp.asarray([[1, 1, 1], [1, 1, 0]]),
     log_mel=jnp.ones((2, 32, 16)),
   )
-  assert model.apply(variables, batch)["logits"].shape == (2, 4)
+  apply = jax.jit(model.apply)
+  assert apply(variables, batch)["logits"].shape == (2, 4)
   audio_only = {"log_mel": batch["log_mel"]}  # no video in the batch: its tower is skipped
-  assert np.isfinite(model.apply(variables, audio_only)["logits"]).all()
+  assert np.isfinite(apply(variables, audio_only)["logits"]).all()
 
 
 def test_bad_video_configs_name_the_fix():
