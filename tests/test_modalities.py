@@ -127,12 +127,13 @@ def test_a_registered_modality_has_config_keys_batches_and_a_tower(sensor, tiny_
   model = fusion.build(config.model)
   assert model.modalities == ("image", "sensor") and model.pool_of("sensor") == "mean"
   assert set(model.dummy_batch()) == {"pixel_values", "sensor_values"}
-  params = model.init(jax.random.key(0), model.dummy_batch())["params"]
+  params = jax.jit(model.init)(jax.random.key(0), model.dummy_batch())["params"]
   assert params["sensor_encoder"]["embedding"]["kernel"].shape == (6, 16)
   # The fused features move with the sensor reading of a present row, not of a blanked one.
   b = jax.tree.map(jnp.asarray, {k: v for k, v in batch.items() if k != "labels"})
-  out = model.apply({"params": params}, b)["features"]
-  moved = model.apply({"params": params}, {**b, "sensor_values": b["sensor_values"] + 1})
+  apply = jax.jit(model.apply)
+  out = apply({"params": params}, b)["features"]
+  moved = apply({"params": params}, {**b, "sensor_values": b["sensor_values"] + 1})
   changed = np.abs(np.asarray(moved["features"] - out)).max(-1) > 1e-6
   np.testing.assert_array_equal(changed, present)
 
@@ -193,8 +194,8 @@ def test_every_fusion_takes_a_registered_modality_beside_two_others(sensor, fusi
   )
   assert model.modalities == ("image", "audio", "sensor")
   batch = model.dummy_batch()
-  params = model.init(jax.random.key(0), batch)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
   assert {"image_encoder", "audio_encoder", "sensor_encoder"} <= set(params)
   for absent in (None, "sensor"):
     given = {k: v for k, v in batch.items() if k != (absent and MODALITIES[absent].primary())}
-    assert model.apply({"params": params}, given)["logits"].shape == (1, 2)
+    assert jax.jit(model.apply)({"params": params}, given)["logits"].shape == (1, 2)
