@@ -229,7 +229,7 @@ def test_gradient_cache_backprops_the_same_dropout_masks():
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     return losses.mean_of(*objective.loss(jax.tree.map(train_step._merge, stacked), batch, None))
 
-  loss, grads = jax.value_and_grad(reference_loss)(params)
+  loss, grads = jax.jit(jax.value_and_grad(reference_loss))(params)
   new_params, reported = run_steps(objective, params, batch, mask, k, lr=lr)
   assert reported == pytest.approx(float(loss), rel=1e-6)
   for name in params:
