@@ -159,13 +159,13 @@ def test_a_hung_trial_fails_at_its_deadline_and_the_study_goes_on(fake, monkeypa
   run, calls, study_dir = fake
   monkeypatch.setenv("FAKE_TRAIN_HANG", "1")
   start = time.monotonic()
-  assert run("--trials", "3", "--pruner", "none", "--run_timeout", "3", "--keep_going") == 1
+  assert run("--trials", "3", "--pruner", "none", "--run_timeout", "2", "--keep_going") == 1
   assert time.monotonic() - start < 30
   assert_gone(Path(os.environ["FAKE_TRAIN_CALLS"] + ".pids"))
   rows = table(study_dir)
   assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "COMPLETE"]
   assert rows[0]["note"] == (
-    "timed out: still running after --run_timeout=3s; its processes were stopped: "
+    "timed out: still running after --run_timeout=2s; its processes were stopped: "
     "see logs/trial_0000.log"
   )
   assert [c[0] for c in calls()] == ["trial_0000", "trial_0001", "trial_0002"]

@@ -219,12 +219,12 @@ def test_a_hung_run_is_stopped_at_its_deadline_and_the_sweep_goes_on(
   sweep_dir = tmp_path / "sweep"
   start = time.monotonic()
   code = run(
-    "--sweep_dir", str(sweep_dir), "--grid", "hang=no,yes,no2", "--run_timeout=3", "--keep_going"
+    "--sweep_dir", str(sweep_dir), "--grid", "hang=no,yes,no2", "--run_timeout=2", "--keep_going"
   )
   assert code == 1 and time.monotonic() - start < 30
   assert workdirs_run() == ["hang=no", "hang=yes", "hang=no2"]
   err = capsys.readouterr().err
-  assert "[2/3] hang=yes: FAILED (timed out: still running after --run_timeout=3s; its " in err
+  assert "[2/3] hang=yes: FAILED (timed out: still running after --run_timeout=2s; its " in err
   assert f"last lines of {sweep_dir / 'logs/hang=yes.log'}" in err
   assert_gone(Path(os.environ["FAKE_TRAIN_CALLS"] + ".pids"))
   with (sweep_dir / "results.csv").open() as f:
