@@ -170,7 +170,7 @@ def test_frozen_tower_keeps_no_activations(monkeypatch):
     monkeypatch.setitem(bench.PRESETS, "deep", preset)
     return _lowered_step("deep", variant, 16).compile().memory_analysis().temp_size_in_bytes
 
-  per_layer = {v: (temp_bytes(v, 4) - temp_bytes(v, 1)) / 3 for v in ("full", "locked")}
+  per_layer = {v: (temp_bytes(v, 3) - temp_bytes(v, 1)) / 2 for v in ("full", "locked")}
   # One (16, 17, 32) float32 activation is 34.8 kB: a trained layer keeps about 20 of them,
   # a frozen one about 2 (XLA's CPU buffer reuse).
   assert per_layer["full"] > 10 * 34_816, per_layer
