@@ -10,8 +10,9 @@ the type expected.
 
 What mmtl knows is `schema()`: the trainer's keys and defaults (`DEFAULTS`),
 `MODEL_DEFAULTS`, and the keys each module declares for its own section
-(`input`: mmtl.data, `optim`: mmtl.optim, `distill`: mmtl.distill,
-`evals.<name>`: mmtl.evaluators, the heads' keys of `model` and `loss`: mmtl.heads).
+(`input`: mmtl.data, `optim`: mmtl.optim, `distill`: mmtl.distill, `domain_adaptation`:
+mmtl.domain_adaptation, `evals.<name>`: mmtl.evaluators, the heads' keys of `model` and
+`loss`: mmtl.heads).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ DEFAULTS = dict(
   mesh=dict(data=-1, fsdp=1, model=1),
   sharding_rules="replicate",  # preset name or [(regex, spec), ...] (mmtl.sharding)
   distill={},  # mmtl.distill: teacher_workdir, temperature, alpha
+  # mmtl.domain_adaptation: method (dann, coral, mmd), input (the unlabeled target domain,
+  # over config.input), weight, schedule, gamma, mmd_kernels, mmd_kernel_mul; {} = off
+  domain_adaptation={},
   # mmtl.feature_cache: locked towers run once per example (enable); entries in `dir`,
   # else $MMTL_FEATURE_CACHE_DIR (sweeps and searches share one), else <workdir>/feature_cache.
   feature_cache=dict(enable=False, dir=""),
@@ -78,6 +82,7 @@ MODEL_DEFAULTS = dict(
   fusion_depth=1,
   fusion_layer=-2,
   bottleneck_tokens=4,
+  domain_classifier=0,  # DANN's domain classifier's hidden width (mmtl.domain_adaptation)
   dtype="float32",  # compute dtype; "bfloat16" for mixed precision
   param_dtype="float32",
   remat="none",  # per-layer activation checkpointing of the towers
@@ -114,7 +119,8 @@ def model_defaults() -> dict[str, Any]:
 
 def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
-  from mmtl import data, distill, evaluators, modalities, optim  # Imported late (JAX).
+  # Imported late (JAX).
+  from mmtl import data, distill, domain_adaptation, evaluators, modalities, optim
 
   input_keys = data.defaults().to_dict()
   input_keys["builder_config"] = FREE
@@ -138,6 +144,7 @@ def schema() -> dict[str, Any]:
     model_init={ANY_NAME: FREE},
     optim=resolve(optim.CONFIG_KEYS),
     distill=distill.CONFIG_KEYS,
+    domain_adaptation=resolve(domain_adaptation.CONFIG_KEYS),
     sharding_rules=RULES,
   )
   return out

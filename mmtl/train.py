@@ -40,6 +40,7 @@ from mmtl import (
   data,
   distill,
   distributed,
+  domain_adaptation,
   feature_cache,
   heads,
   hf,
@@ -213,19 +214,33 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
     )
   note(f"Mesh {dict(mesh.shape)}; global batch {batch_size} in {accum} microbatch(es).")
 
-  # Input.
-  open_train_input = functools.partial(
-    data.make_train_iterator,
-    config.input,
+  # Input (with domain adaptation: the target domain's stream beside it).
+  da = domain_adaptation.check(config)
+  stream = dict(
     batch_size=batch_size // process_count,
     seed=config.seed,
     process_index=process_index,
     process_count=process_count,
   )
+
+  def open_train_input(features: data.Features | None = None) -> Any:
+    source = data.make_train_iterator(config.input, features=features, **stream)
+    if da is None:
+      return source
+    target = data.make_train_iterator(domain_adaptation.target_input(config, da), **stream)
+    return domain_adaptation.PairedIterator(source, target)
+
   train_iter = open_train_input()
   start_state = train_iter.get_state()
   example_batch = next(train_iter)  # Shapes for init; the iterator is rewound below.
   train_iter.set_state(start_state)
+  if da is not None:
+    domain_adaptation.check_batches(example_batch)
+    target = domain_adaptation.target_input(config, da)
+    note(
+      f"Domain adaptation: {da['method']} (lambda {da['schedule']}, weight {da['weight']}); "
+      f"unlabeled target domain {target['dataset']}:{target['split']}."
+    )
   absent = [f for f in heads.get(config.model.head).fields if f not in example_batch]
   if absent:
     raise config_lib.ConfigError(
@@ -251,10 +266,16 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
   initial_variables = (
     train_state.init_variables(model, config, layout, note=note) if fresh else None
   )
-  batch_shape = {
-    k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
-    for k, v in example_batch.items()
-  }
+
+  def shapes_of(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+      k: shapes_of(v)
+      if isinstance(v, Mapping)
+      else jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
+      for k, v in batch.items()
+    }
+
+  batch_shape = shapes_of(example_batch)
 
   # Distillation teacher and optimizer (every rule is matched against the params here).
   teacher_logits, teacher_variables, teacher_shardings = None, None, None
@@ -335,7 +356,7 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
     teacher_variables=teacher_variables,
     evaluators=evaluators,
     features=features,
-    open_train_input=lambda rows=None: open_train_input(features=rows),
+    open_train_input=open_train_input,
   )
 
 

@@ -20,7 +20,18 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from mmtl import config_keys, distill, heads, low_precision, memory, optim, pruning, rules, sharding
+from mmtl import (
+  config_keys,
+  distill,
+  domain_adaptation,
+  heads,
+  low_precision,
+  memory,
+  optim,
+  pruning,
+  rules,
+  sharding,
+)
 from mmtl.models import fusion, layers
 
 # config.model.batch_stats: which BatchNorm layers normalize with batch statistics and
@@ -50,18 +61,21 @@ def phase_start(step: int, boundaries: list[int]) -> int:
 class Objective:
   """The training loss as the step uses it.
 
-  `forward(trainable, frozen, batch_stats, batch, rng)` gives the model's outputs
+  `forward(trainable, frozen, batch_stats, batch, rng, step)` gives the model's outputs
   and the updated BatchNorm statistics (`batch_stats` as given, {} without BatchNorm,
   with the statistics of the layers that train them updated), and
   `loss(outputs, batch, teacher_variables)` their `(loss sum, weight sum)` over the
   batch (mmtl.losses). `separable`: the loss sum adds up over examples, so
   microbatches' sums add up to the batch's (classification, regression,
   distillation); the contrastive loss compares each example with the whole batch.
+  `logged`: scalar outputs the step reports as `train/<name>` (their weighted mean over
+  microbatches).
   """
 
   forward: Callable[..., Any]
   loss: Callable[..., tuple[jax.Array, jax.Array]]
   separable: bool
+  logged: tuple[str, ...] = ()
 
 
 def locked_towers(model: fusion.FusionModel, mask: Any) -> tuple[str, ...]:
@@ -111,7 +125,9 @@ def make_objective(
   in inference mode (no dropout: LiT's locked tower), unless
   `config.model.frozen_tower_mode="train"`. BatchNorm statistics (`batch_stats_shape`:
   the train state's, None without BatchNorm) train as `config.model.batch_stats` says; the
-  ones that do not are passed as `layers.FROZEN_BATCH_STATS` and come back bit-identical."""
+  ones that do not are passed as `layers.FROZEN_BATCH_STATS` and come back bit-identical.
+  With `config.domain_adaptation` the model runs on the source rows and the batch's target
+  rows together, and the domain loss of mmtl.domain_adaptation joins the task loss."""
   mode = config.model.frozen_tower_mode
   if mode not in ("inference", "train"):
     raise config_keys.ConfigError(
@@ -121,22 +137,37 @@ def make_objective(
   head = heads.get(model.head_type)
   inference_towers = locked_towers(model, mask) if mode == "inference" else ()
   stats_frozen = frozen_batch_stats(batch_stats_shape or {}, mask, config.model.batch_stats)
+  da = domain_adaptation.settings(config.get("domain_adaptation"))
 
-  def forward(trainable, frozen, batch_stats, batch, rng):
-    params = low_precision.model_params(optim.combine(trainable, frozen))
-    kw = dict(train=True, inference_towers=inference_towers, rngs={"dropout": rng})
+  def apply(params, batch_stats, inputs, kw):
     if not batch_stats:
-      return model.apply({"params": params}, batch, **kw), batch_stats
+      return model.apply({"params": params}, inputs, **kw), batch_stats
     updating, kept = _partition(batch_stats, stats_frozen)
     variables = {"params": params, "batch_stats": updating, layers.FROZEN_BATCH_STATS: kept}
-    outputs, updates = model.apply(variables, batch, mutable=["batch_stats"], **kw)
+    outputs, updates = model.apply(variables, inputs, mutable=["batch_stats"], **kw)
     merged = {**rules.flatten(kept), **rules.flatten(updates.get("batch_stats", updating))}
     return outputs, jax.tree.unflatten(
       jax.tree.structure(batch_stats), [merged[p] for p in rules.flatten(batch_stats)]
     )
 
+  def forward(trainable, frozen, batch_stats, batch, rng, step):
+    params = low_precision.model_params(optim.combine(trainable, frozen))
+    kw = dict(train=True, inference_towers=inference_towers, rngs={"dropout": rng})
+    if da is None:
+      return apply(params, batch_stats, batch, kw)
+    lam = domain_adaptation.coefficient(step, int(config.total_steps), da)
+    inputs, n = domain_adaptation.joint_inputs(batch)
+    if da["method"] == "dann":
+      kw["domain_grl"] = lam
+    outputs, batch_stats = apply(params, batch_stats, inputs, kw)
+    domain = domain_adaptation.domain_loss(outputs, n, da, lam)
+    outputs = domain_adaptation.source_rows(outputs, n)
+    return {**outputs, "domain_loss": domain, "domain_lambda": lam}, batch_stats
+
   def loss(outputs, batch, teacher_variables):
     total = head.loss(outputs, batch, {**config.loss, **model.head_config})
+    if da is not None:  # the domain loss counts as a batch mean: weight it by the batch's weight
+      total = (total[0] + outputs["domain_loss"] * total[1], total[1])
     if teacher_logits is not None:
       total = distill.student_loss(
         total,
@@ -147,7 +178,8 @@ def make_objective(
       )
     return total
 
-  return Objective(forward, loss, separable=head.separable)
+  logged = ("domain_loss", "domain_lambda") if da is not None else ()
+  return Objective(forward, loss, separable=head.separable, logged=logged)
 
 
 def _split(batch: Any, k: int) -> Any:
@@ -201,39 +233,42 @@ def make_train_step(
   statistics over all devices.
   """
 
-  def batch_loss(trainable, frozen, stats, batch, rng, teacher_variables):
-    outputs, stats = objective.forward(trainable, frozen, stats, batch, rng)
+  def batch_loss(trainable, frozen, stats, batch, rng, step, teacher_variables):
+    outputs, stats = objective.forward(trainable, frozen, stats, batch, rng, step)
     loss_sum, weight = objective.loss(outputs, batch, teacher_variables)
-    return loss_sum, (weight, stats)
+    logged = {k: outputs[k] * weight for k in objective.logged}
+    return loss_sum, (weight, stats, logged)
 
-  sum_and_grad = jax.value_and_grad(batch_loss, has_aux=True)  # ((sum, (weight, stats)), d sum)
+  # ((sum, (weight, stats, weighted logged outputs)), d sum)
+  sum_and_grad = jax.value_and_grad(batch_loss, has_aux=True)
   steps = jnp.arange(accum_steps)
 
-  def accumulated(trainable, frozen, stats, batch, rng, teacher_variables):
+  def accumulated(trainable, frozen, stats, batch, rng, step, teacher_variables):
     # BatchNorm statistics are updated by each microbatch in turn.
     def accumulate(carry, xs):
       i, microbatch = xs
       totals, stats = carry
-      (loss_sum, (weight, stats)), grads = sum_and_grad(
-        trainable, frozen, stats, microbatch, jax.random.fold_in(rng, i), teacher_variables
+      (loss_sum, (weight, stats, logged)), grads = sum_and_grad(
+        trainable, frozen, stats, microbatch, jax.random.fold_in(rng, i), step, teacher_variables
       )
-      return (jax.tree.map(jnp.add, totals, (loss_sum, weight, grads)), stats), None
+      return (jax.tree.map(jnp.add, totals, (loss_sum, weight, grads, logged)), stats), None
 
     zeros = (
       jnp.zeros((), jnp.float32),
       jnp.zeros((), jnp.float32),
       jax.tree.map(jnp.zeros_like, trainable),
+      {k: jnp.zeros((), jnp.float32) for k in objective.logged},
     )
     (totals, stats), _ = jax.lax.scan(
       accumulate, (zeros, stats), (steps, _split(batch, accum_steps))
     )
     return (*totals, stats)
 
-  def gradient_cache(trainable, frozen, stats, batch, rng, teacher_variables):
+  def gradient_cache(trainable, frozen, stats, batch, rng, step, teacher_variables):
     micro = _split(batch, accum_steps)
 
     def forward(params, stats, i, microbatch):
-      return objective.forward(params, frozen, stats, microbatch, jax.random.fold_in(rng, i))
+      return objective.forward(params, frozen, stats, microbatch, jax.random.fold_in(rng, i), step)
 
     def embed(stats, xs):  # BatchNorm statistics are updated here, once per microbatch
       outputs, stats = forward(trainable, stats, *xs)
@@ -255,27 +290,32 @@ def make_train_step(
     grads, _ = jax.lax.scan(
       backprop, jax.tree.map(jnp.zeros_like, trainable), (steps, micro, d_outputs)
     )
-    return loss_sum, weight, grads, new_stats
+    logged = {k: outputs[k].mean() * weight for k in objective.logged}  # one per microbatch
+    return loss_sum, weight, grads, logged, new_stats
 
-  def grads_of(trainable, frozen, stats, batch, rng, teacher_variables):
-    """(weighted-mean loss, its gradient, updated BatchNorm statistics) over the batch."""
+  def grads_of(trainable, frozen, stats, batch, rng, step, teacher_variables):
+    """(weighted-mean loss, its gradient, the logged outputs' weighted means, updated
+    BatchNorm statistics) over the batch."""
     if accum_steps == 1:
-      (loss_sum, (weight, stats)), grads = sum_and_grad(
-        trainable, frozen, stats, batch, rng, teacher_variables
+      (loss_sum, (weight, stats, logged)), grads = sum_and_grad(
+        trainable, frozen, stats, batch, rng, step, teacher_variables
       )
     else:
       accumulate = accumulated if objective.separable else gradient_cache
-      loss_sum, weight, grads, stats = accumulate(
-        trainable, frozen, stats, batch, rng, teacher_variables
+      loss_sum, weight, grads, logged, stats = accumulate(
+        trainable, frozen, stats, batch, rng, step, teacher_variables
       )
     weight = jnp.maximum(weight, 1e-6)
-    return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads), stats
+    mean = lambda x: x / weight  # noqa: E731
+    return mean(loss_sum), jax.tree.map(mean, grads), jax.tree.map(mean, logged), stats
 
   def train_step(state, batch, teacher_variables):
     trainable, frozen = optim.split(state["params"], mask)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     stats = state.get("batch_stats", {})
-    loss, grads, stats = grads_of(trainable, frozen, stats, batch, rng, teacher_variables)
+    loss, grads, logged, stats = grads_of(
+      trainable, frozen, stats, batch, rng, state["step"], teacher_variables
+    )
     full_grads = optim.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
     trainable = optax.apply_updates(trainable, optim.split(updates, mask)[0])
@@ -292,6 +332,7 @@ def make_train_step(
       "train/grad_norm": optax.tree.norm(grads),
       "train/param_norm": optax.tree.norm(trainable),
       "train/lr": lr_fn(state["step"]),
+      **{f"train/{k}": v for k, v in logged.items()},
     }
     if prune_targets is not None:  # mmtl.pruning: zeros among each tower's pruned params
       for tower, share in pruning.sparsity(new_state["params"], prune_targets).items():
@@ -369,11 +410,12 @@ def activation_bytes(
     lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum_steps, *x.shape[1:]), x.dtype), batch_shape
   )
 
-  def loss_sum(trainable, frozen, stats, batch, rng, teacher_variables):
-    outputs, _ = objective.forward(trainable, frozen, stats, batch, rng)
+  def loss_sum(trainable, frozen, stats, batch, rng, step, teacher_variables):
+    outputs, _ = objective.forward(trainable, frozen, stats, batch, rng, step)
     return objective.loss(outputs, batch, teacher_variables)[0]
 
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
   return memory.activation_bytes(
-    loss_sum, trainable, frozen, layout.batch_stats, micro, rng, teacher_variables
+    loss_sum, trainable, frozen, layout.batch_stats, micro, rng, step, teacher_variables
   )

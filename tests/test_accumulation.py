@@ -13,8 +13,9 @@ from mmtl import heads, losses, optim, train_step
 
 def stateless(forward):
   """`forward(trainable, frozen, batch, rng)` of a model without BatchNorm, as an
-  Objective's forward (which also takes and returns the BatchNorm statistics)."""
-  return lambda trainable, frozen, stats, batch, rng: (
+  Objective's forward (which also takes the BatchNorm statistics and the step, and returns
+  the statistics)."""
+  return lambda trainable, frozen, stats, batch, rng, step: (
     forward(trainable, frozen, batch, rng),
     stats,
   )
@@ -223,6 +224,7 @@ def test_gradient_cache_backprops_the_same_dropout_masks():
         {},
         jax.tree.map(lambda x, j=j: x[j], train_step._split(batch, k)),
         jax.random.fold_in(rng, j),
+        0,
       )[0]
       for j in range(k)
     ]

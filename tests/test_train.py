@@ -464,7 +464,7 @@ def test_a_locked_tower_runs_in_inference_mode(tiny_bert_dir, data_dir):
     cfg.model.frozen_tower_mode = mode
     objective = train_step.make_objective(model, cfg, None, mask)
     forward = jax.jit(objective.forward)
-    outputs, _ = forward(*optim.split(params, mask), {}, batch, jax.random.PRNGKey(seed))
+    outputs, _ = forward(*optim.split(params, mask), {}, batch, jax.random.PRNGKey(seed), 0)
     return np.asarray(outputs["features"])
 
   np.testing.assert_array_equal(features("inference", 1), features("inference", 2))

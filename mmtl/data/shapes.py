@@ -32,6 +32,15 @@ three-modality path, and as its raw samples at 16 kHz (`waveform`, 8000 float32:
 0.5 s tone, made at 8 kHz and resampled with scipy.signal.resample_poly), for speech
 towers that read waveforms.
 
+`colour_shifted` is a target domain for domain adaptation: the same colour questions
+with another look and wording. Its images are drawn in another style (outlined shapes
+with a pale fill, on a light background), with another palette (each colour's hue moved
+towards its neighbour: orange-red, teal, indigo, ochre) and twice the pixel noise; its
+questions use the held-out paraphrases in every split, training included. A model
+trained on `colour` and evaluated on `colour_shifted:validation` measures the domain
+gap; `colour_shifted:train` is the unlabeled target stream (its labels are kept for
+evaluation only: mmtl.domain_adaptation reads no label from it).
+
 Generation is deterministic (one numpy Generator per (seed, split, index)) and
 offline. Images are PNG-encoded with PIL, not TensorFlow, so
 `download_and_prepare(file_format="array_record")` works without TensorFlow.
@@ -52,6 +61,14 @@ COLOURS = {
   "blue": ((45, 85, 230), ("blue",), ("azure", "navy")),
   "yellow": ((240, 210, 40), ("yellow",), ("golden", "lemon")),
 }
+# The target domain's palette (style="shifted"): each hue moved towards a neighbour's.
+SHIFTED_RGB = {
+  "red": (215, 95, 45),
+  "green": (45, 150, 135),
+  "blue": (95, 65, 200),
+  "yellow": (200, 170, 70),
+}
+STYLES = ("plain", "shifted")
 SHAPES = {
   "square": (("square",), ("box", "block")),
   "circle": (("circle",), ("disc", "ball")),
@@ -118,6 +135,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
   heldout_rate_train: float = 0.0
   heldout_rate_eval: float = 0.5
   positive_fraction: float = 0.5  # P(label == yes); < 0.5 makes an imbalanced set.
+  style: str = "plain"  # "shifted": the target domain's rendering (module docstring)
   audio: bool = False
   seed: int = 0
 
@@ -133,6 +151,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
       raise ValueError("question_types has 'relation': set min_objects >= 2.")
     if unknown := set(self.question_types) - set(QUESTION_TYPES):
       raise ValueError(f"Unknown question_types {sorted(unknown)}; choose from {QUESTION_TYPES}.")
+    if self.style not in STYLES:
+      raise ValueError(f"style={self.style!r}; choose from {STYLES}.")
     if self.image_size < 16:
       raise ValueError(f"image_size={self.image_size} is too small to draw shapes; use >= 16.")
 
@@ -145,7 +165,7 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
     "1.0.0": "Initial release.",
     "1.1.0": "`captions`: five reference descriptions per image; other fields unchanged.",
     "1.2.0": "`count` of objects; `waveform` (configs with audio): the tone at 16 kHz. Others "
-    "unchanged.",
+    "unchanged. Config `colour_shifted` (a target domain) added later, others unchanged.",
   }
   BUILDER_CONFIGS = [
     ShapesConfig(name="default", description="32 px, 20k train, 2k per eval split."),
@@ -156,6 +176,17 @@ class MmtlShapes(tfds.core.GeneratorBasedBuilder):
       num_eval=1_000,
       question_types=("colour",),
       description="Colour questions only, 10k train, 1k per eval split.",
+    ),
+    ShapesConfig(
+      name="colour_shifted",
+      num_train=5_000,
+      num_eval=1_000,
+      question_types=("colour",),
+      heldout_rate_train=0.5,
+      style="shifted",
+      seed=1,
+      description="`colour` in another domain: render style, palette, background, noise and "
+      "wording shifted (module docstring); 5k train, 1k per eval split.",
     ),
     ShapesConfig(
       name="small",
@@ -234,7 +265,7 @@ def make_example(cfg: ShapesConfig, split: str, index: int) -> dict:
   # Captions get their own lexicon so `novel_words` counts the question only.
   caption = _caption(_Lexicon(rng, heldout_rate), objects)
   example = {
-    "image": _render(rng, cfg.image_size, objects),
+    "image": _render(rng, cfg.image_size, objects, cfg.style),
     "question": question,
     "caption": caption,
     "captions": [caption, *_descriptions(objects)],
@@ -369,25 +400,34 @@ def _join(phrases: list[str]) -> str:
   return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _render(rng: np.random.Generator, size: int, objects: list) -> Image.Image:
-  """Noisy background, jittered colours, drawn at 2x and downsampled (anti-aliasing)."""
+def _render(rng: np.random.Generator, size: int, objects: list, style: str) -> Image.Image:
+  """Noisy background, jittered colours, drawn at 2x and downsampled (anti-aliasing).
+  `plain`: filled shapes on a dark background; `shifted` (the target domain): the shifted
+  palette's outlines around a pale fill, on a light background, with twice the noise."""
   scale = 2
-  background = tuple(int(v) for v in rng.integers(50, 110) + rng.integers(-12, 13, size=3))
+  shifted = style == "shifted"
+  low, high = (160, 220) if shifted else (50, 110)
+  background = tuple(int(v) for v in rng.integers(low, high) + rng.integers(-12, 13, size=3))
   img = Image.new("RGB", (size * scale, size * scale), background)
   draw = ImageDraw.Draw(img)
   for colour, shape, (x, y), r in objects:
-    fill = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in COLOURS[colour][0])
+    rgb = SHIFTED_RGB[colour] if shifted else COLOURS[colour][0]
+    fill = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in rgb)
+    kw = dict(fill=fill)
+    if shifted:  # the colour as a 3 px outline (at 2x) around a fill halfway to the background
+      pale = tuple((c + b) // 2 for c, b in zip(fill, background))
+      kw = dict(fill=pale, outline=fill, width=3)
     x, y, r = x * size * scale, y * size * scale, r * scale
     if shape == "square":
-      draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+      draw.rectangle([x - r, y - r, x + r, y + r], **kw)
     elif shape == "circle":
-      draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+      draw.ellipse([x - r, y - r, x + r, y + r], **kw)
     elif shape == "triangle":
-      draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+      draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], **kw)
     else:
-      draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+      draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], **kw)
   pixels = np.asarray(img.resize((size, size), Image.BOX), np.float32)
-  pixels += rng.normal(0.0, 6.0, size=pixels.shape)
+  pixels += rng.normal(0.0, 12.0 if shifted else 6.0, size=pixels.shape)
   return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 

@@ -34,6 +34,10 @@ embeddings (ClipCap-style, `conditioning="prefix"`, for decoders without
 cross-attention). Image tokens give captions; image + question tokens give
 generative VQA.
 
+Domain adaptation (mmtl.domain_adaptation): with `domain_classifier` > 0 the model also
+gives `domain_logits` (B,), a domain classifier (`domain_classifier/...`, two hidden
+layers of that width) on the fused features behind a gradient reversal layer (DANN).
+
 Cached towers: a batch may carry a locked tower's outputs instead of its inputs
 (`cached_<modality>_pooled`, and `_tokens` / `_mask` where the fusion or head reads
 tokens: mmtl.feature_cache); the tower is then not run.
@@ -354,6 +358,39 @@ FUSIONS: dict[str, type[Fusion]] = {
 }
 
 
+@jax.custom_vjp
+def gradient_reversal(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """The identity forward; backward, the gradient times -scale (Ganin et al. 2016's GRL)."""
+  del scale
+  return x
+
+
+def _reversal_fwd(x, scale):
+  return x, scale
+
+
+def _reversal_bwd(scale, g):
+  return (-jnp.asarray(scale, g.dtype) * g, jnp.zeros_like(scale))
+
+
+gradient_reversal.defvjp(_reversal_fwd, _reversal_bwd)
+
+
+class DomainClassifier(nn.Module):
+  """DANN's domain classifier: features -> ReLU MLP (two hidden layers of `width`) -> one
+  logit per example (target domain vs source)."""
+
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    x = features
+    for _ in range(2):
+      x = nn.relu(nn.Dense(self.width, dtype=self.dtype)(x))
+    return nn.Dense(1, dtype=self.dtype)(x)[:, 0].astype(jnp.float32)
+
+
 class FusionModel(nn.Module):
   """Encoder towers keyed by modality, a fusion module and a head.
 
@@ -366,7 +403,9 @@ class FusionModel(nn.Module):
   classification `logits` (B, C); regression `predictions` (B, C); contrastive
   `image_embeds`, `text_embeds` (B, width, L2-normalized), `logit_scale` (and `logit_bias`
   with contrastive_loss="sigmoid").
-  `features` is the representation the head sees (the linear-probe input).
+  `features` is the representation the head sees (the linear-probe input);
+  `domain_logits` (B,) that of the domain classifier, when `domain_classifier` (its
+  width) > 0.
   """
 
   towers: Mapping[str, nn.Module] = FrozenDict()
@@ -380,6 +419,7 @@ class FusionModel(nn.Module):
   fusion_depth: int = 1
   fusion_layer: int = -2
   bottleneck_tokens: int = 4
+  domain_classifier: int = 0
   dtype: Any = jnp.float32
   # Towers keep the names given them here (`<modality>_encoder`), not their field's.
   preserve_adopted_names = True
@@ -445,8 +485,9 @@ class FusionModel(nn.Module):
   @property
   def new_layers(self) -> tuple[str, ...]:
     """Regexes of the params no tower checkpoint gives (they start random), which
-    mmtl.optim's parameter-efficient presets always train: the fusion and the head."""
-    return optim.NEW_LAYERS
+    mmtl.optim's parameter-efficient presets always train: the fusion and the head (and
+    the domain classifier)."""
+    return optim.NEW_LAYERS + (("domain_classifier/.*",) if self.domain_classifier else ())
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -613,10 +654,17 @@ class FusionModel(nn.Module):
 
   @nn.compact
   def __call__(
-    self, batch: Mapping[str, Any], *, train: bool = False, inference_towers: tuple[str, ...] = ()
+    self,
+    batch: Mapping[str, Any],
+    *,
+    train: bool = False,
+    inference_towers: tuple[str, ...] = (),
+    domain_grl: float | jax.Array = 1.0,
   ) -> dict[str, jax.Array]:
     """Outputs on `batch`. With `train`, dropout is on everywhere except in the towers
-    of `inference_towers` (modalities): locked towers run as at inference (LiT)."""
+    of `inference_towers` (modalities): locked towers run as at inference (LiT).
+    `domain_grl`: the gradient reversal's scale (DANN's lambda) before the domain
+    classifier."""
     contrastive = self.head_type == "contrastive"
     fusion = FUSIONS[self.fusion_type].from_model(self, name="head" if contrastive else "fusion")
     towers = self._run_towers(
@@ -629,6 +677,10 @@ class FusionModel(nn.Module):
     features = fusion(self._fill_absent(towers), train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(features)
     outputs = heads.get(self.head_type).outputs(self, x, towers)
+    if self.domain_classifier:
+      classifier = DomainClassifier(self.domain_classifier, self.dtype, name="domain_classifier")
+      scale = jnp.asarray(domain_grl, jnp.float32)
+      outputs["domain_logits"] = classifier(gradient_reversal(features, scale))
     return {**outputs, "features": features.astype(jnp.float32)}
 
   def _fill_absent(self, towers: dict[str, TowerOutput]) -> dict[str, TowerOutput]:
@@ -920,5 +972,6 @@ def build(model_cfg: Mapping[str, Any]) -> FusionModel:
     fusion_depth=model_cfg["fusion_depth"],
     fusion_layer=model_cfg["fusion_layer"],
     bottleneck_tokens=model_cfg["bottleneck_tokens"],
+    domain_classifier=model_cfg["domain_classifier"],
     dtype=dtype,
   )

@@ -1,0 +1,55 @@
+r"""Unsupervised domain adaptation on `mmtl_shapes`: the quickstart's model trained on the
+labeled `colour` renders (source) and adapted to the unlabeled `colour_shifted` domain
+(target: outlined shapes in another palette on a light background, twice the noise,
+paraphrased questions; mmtl/data/shapes.py), by DANN, Deep CORAL or MMD on the fused
+features (mmtl/domain_adaptation.py).
+
+Command (offline; ~2 minutes per run on 2 CPU cores):
+
+  python -m mmtl.train --config configs/domain_adaptation.py:method=dann \
+      --workdir workdirs/da_dann
+
+Arguments (`--config configs/domain_adaptation.py:key=value,...`):
+  method=none | dann | coral | mmd   none: source only (the baseline)
+  weight=W                           lambda (DANN: its final value, Ganin's schedule)
+  steps=N, train=N                   as in configs/quickstart.py
+
+Metrics: `target/accuracy` on 1000 labeled examples of the target domain's validation
+split (its labels are read only there), `val/accuracy` on the source domain's.
+
+The table of docs/domain_transfer.md (3 seeds each) comes from
+  python launch/sweep.py --config configs/domain_adaptation.py \
+      --sweep configs/domain_adaptation.py:grid --sweep_dir runs/domain_adaptation
+Expected (mean over seeds 0-2, 2-core CPU): see docs/domain_transfer.md.
+"""
+
+from configs import quickstart
+from mmtl.config import parse_arg
+
+METHODS = ("none", "dann", "coral", "mmd")
+TARGET = "mmtl_shapes/colour_shifted"
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, method="dann", weight=1.0, steps=1000, train=10000)
+  if arg.method not in METHODS:
+    raise ValueError(f"method={arg.method!r}: use one of {METHODS}.")
+  config = quickstart.get_config(f"steps={arg.steps},train={arg.train}")
+  if arg.method != "none":
+    config.domain_adaptation = dict(
+      method=arg.method,
+      input=dict(dataset=TARGET, split="train"),
+      weight=arg.weight,
+    )
+  config.model.domain_classifier = 256 if arg.method == "dann" else 0
+  config.evals = dict(
+    val=dict(type="classification", input=dict(split="validation[:1000]")),
+    target=dict(type="classification", input=dict(dataset=TARGET, split="validation[:1000]")),
+  )
+  return config
+
+
+def get_sweep(arg=None):
+  """launch/sweep.py's grid: every method, seeds 0-2."""
+  del arg
+  return [{"arg.method": m, "seed": seed} for m in METHODS for seed in range(3)]
