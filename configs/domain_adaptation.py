@@ -50,6 +50,9 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """launch/sweep.py's grid: every method, seeds 0-2."""
+  """launch/sweep.py's grid: source only, and each method at lambda 1 and at another
+  weight (DANN 0.3, CORAL 5, MMD 0.3), seeds 0-2."""
   del arg
-  return [{"arg.method": m, "seed": seed} for m in METHODS for seed in range(3)]
+  cells = [("none", 1.0), ("dann", 1.0), ("dann", 0.3), ("coral", 1.0), ("coral", 5.0)]
+  cells += [("mmd", 1.0), ("mmd", 0.3)]
+  return [{"arg.method": m, "arg.weight": w, "seed": seed} for m, w in cells for seed in range(3)]

@@ -347,6 +347,65 @@ def test_class_weights_become_example_weights(cfg, data_dir):
   np.testing.assert_array_equal(eval_batch["example_weight"], np.ones(8))
 
 
+@pytest.fixture
+def imbalanced_cfg(cfg):
+  """200 training examples, 20% of them "yes", read in class-balanced epochs."""
+  custom = dict(name="imbalanced_test", num_train=200, num_eval=8, positive_fraction=0.2)
+  return dict(cfg, fields=dict(audio=None), builder_config=custom, class_sampling="balanced")
+
+
+def test_balanced_sampling_gives_each_class_half_of_every_epoch(imbalanced_cfg):
+  epochs = [take(data.make_train_iterator(imbalanced_cfg, batch_size=50, seed=0), 16)]
+  epochs = [epochs[0][i : i + 4] for i in range(0, 16, 4)]  # 4 epochs of 200
+  seen = collections.Counter()
+  for epoch in epochs:
+    labels = np.concatenate([b["labels"] for b in epoch])
+    assert labels.sum() == 100  # exactly half "yes": its 40-odd examples 2-3 times each
+    for key, label in zip(image_keys(epoch), labels):
+      seen[key, int(label)] += 1
+  yes = [n for (_, label), n in seen.items() if label == 1]
+  no = [n for (_, label), n in seen.items() if label == 0]
+  assert 30 < len(yes) < 50 and min(yes) >= 8  # every rare example in every epoch, twice+
+  assert len(no) > 150 and max(no) <= 4  # the common class: a new subset each epoch
+  plain = dict(imbalanced_cfg, class_sampling=None)
+  labels = np.concatenate(
+    [b["labels"] for b in take(data.make_train_iterator(plain, batch_size=50, seed=0), 4)]
+  )
+  assert labels.sum() < 60
+
+
+def test_balanced_order_resumes_and_does_not_depend_on_the_process_count(imbalanced_cfg):
+  make = lambda p, n: data.make_train_iterator(  # noqa: E731
+    imbalanced_cfg, batch_size=16 // n, seed=2, process_index=p, process_count=n
+  )
+  single = take(make(0, 1), 15)  # past the first epoch (12.5 batches)
+  two = [take(make(p, 2), 15) for p in (0, 1)]
+  for want, p0, p1 in zip(single, *two):
+    assert_batches_equal(want, concat([p0, p1]))
+  it = make(0, 1)
+  take(it, 13)
+  state = json.loads(json.dumps(it.get_state()))
+  resumed = make(0, 1)
+  resumed.set_state(state)
+  for want, got in zip(single[13:], take(resumed, 2)):
+    assert_batches_equal(want, got)
+
+
+@pytest.mark.parametrize(
+  "override, match",
+  [
+    (dict(class_weights="balanced"), "both rebalance the classes: set one"),
+    (dict(class_sampling=[1.0, 2.0, 3.0]), "3 entries; the label has 2 classes"),
+    (dict(class_sampling="uniform"), "use 'balanced' or one share per class"),
+    (dict(class_sampling=[1.0, 1.0], split="train[:1]"), "no example of"),
+    (dict(loader="tf"), "needs config.input.loader='grain'"),
+  ],
+)
+def test_class_sampling_errors(imbalanced_cfg, override, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    next(data.make_train_iterator({**imbalanced_cfg, **override}, batch_size=1, seed=0))
+
+
 def test_modality_dropout_blanks_one_modality_at_a_time(cfg):
   cfg = dict(cfg, fields=dict(audio=None), modality_dropout=dict(image=0.4, text=0.4))
   batches = take(data.make_train_iterator(cfg, batch_size=64, seed=0), 4)

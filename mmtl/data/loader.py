@@ -5,7 +5,8 @@ default; `loader="tf"` reads tfrecord-only datasets with tf.data where
 TensorFlow is installed (`mmtl.data.tf_loader`). Both loaders share the numpy
 preprocessing of `mmtl.data.transforms`, so batches are identical.
 
-Training order (grain): the whole split, decoded -> shuffle -> repeat ->
+Training order (grain): the whole split, decoded -> shuffle -> repeat (or class-balanced
+epochs, mmtl.data.sampling) ->
 per-example random_map (crop/resize, draw augmentation and modality dropout
 decisions from the element's own RNG) -> batch -> this process's share of each
 global batch -> per-batch map (colour jitter, flip, normalize, blanking) ->
@@ -131,6 +132,10 @@ def make_train_iterator(
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
   if cfg.loader == "tf":
+    if cfg.class_sampling is not None:
+      raise config_keys.ConfigError(
+        "config.input.class_sampling needs config.input.loader='grain'."
+      )
     return tf_loader.TfIterator(
       cfg,
       batch_size=batch_size,
@@ -155,7 +160,13 @@ def make_train_iterator(
       f"{cfg.dataset}:{cfg.split} has only {len(ds)} examples, fewer than the "
       f"global batch size {batch_size} x {process_count} processes."
     )
-  ds = ds.seed(_grain_seed(seed)).shuffle().repeat(None).random_map(pre.example)
+  order = source.class_sampling(cfg, b, seed)
+  if order is None:
+    ds = ds.seed(_grain_seed(seed)).shuffle().repeat(None)
+  else:  # Class-balanced epochs: stream position -> example (mmtl.data.sampling).
+    picks = grain.MapDataset.range(len(ds)).repeat(None).map_with_index(order)
+    ds = picks.map(ds.__getitem__).seed(_grain_seed(seed))
+  ds = ds.random_map(pre.example)
   # Local-size batches; global batch k is local batches k*P..k*P+P-1: this process takes the p-th.
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=pre.stack)[process_index::process_count]
   return _to_iterator(ds.map(pre.arrays), cfg, pre)

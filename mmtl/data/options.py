@@ -49,6 +49,9 @@ def defaults() -> ml_collections.ConfigDict:
       color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
     ),
     class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
+    # Training order (mmtl.data.sampling): None (shuffled epochs), "balanced" (each class
+    # 1/K of every epoch: rare classes oversampled) or a list of per-class shares.
+    class_sampling=None,
     # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
     # `blank` must sum to at most their number - 1 (one such modality: rate 0).
     modality_dropout={m: 0.0 for m in MODALITIES},

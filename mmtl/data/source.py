@@ -2,8 +2,8 @@
 
 The prepared builder, a random-access source of the split that decodes only the
 used features, the split's size and class names, the checks that the configured
-split and features exist (each failing with the fix), and the class weights its
-labels give.
+split and features exist (each failing with the fix), and the class weights and
+class-balanced order its labels give.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmtl import config_keys
-from mmtl.data import bounces, options, shapes, spoken_digits
+from mmtl.data import bounces, options, sampling, shapes, spoken_digits
 
 # Builders that generate their data offline: prepared on first use, no `download` needed.
 OFFLINE_BUILDERS = (shapes.MmtlShapes, spoken_digits.MmtlSpokenDigits, bounces.MmtlBounces)
@@ -155,24 +155,33 @@ def class_names(cfg: Mapping[str, Any]) -> list[str]:
   return list(feature.names)
 
 
+def labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
+  """The label of every example of cfg.split, in order (decoding the label only)."""
+  root = cfg.fields.label.split("/")[0]
+  skip = _skip_decoding(b.info.features, {root})
+  if cfg.loader == "tf":
+    examples = tfds.as_numpy(b.as_dataset(split=cfg.split, decoders=skip))
+  else:
+    src = b.as_data_source(split=cfg.split, decoders=skip)
+    examples = (src[i] for i in range(len(src)))
+  return np.asarray([value_at(ex, cfg.fields.label) for ex in examples])
+
+
+def _check_label(cfg: ml_collections.ConfigDict, key: str) -> None:
+  if "label" not in options.used_fields(cfg):
+    raise config_keys.ConfigError(f"config.input.{key} needs config.input.fields.label.")
+
+
 def class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray | None:
   """Per-class example weights; "balanced" reads the split's labels once (labels only)."""
   if cfg.class_weights is None:
     return None
-  if "label" not in options.used_fields(cfg):
-    raise config_keys.ConfigError("config.input.class_weights needs config.input.fields.label.")
+  _check_label(cfg, "class_weights")
   num_classes = feature_at(b.info.features, cfg.fields.label).num_classes
   if cfg.class_weights == "balanced":
-    root = cfg.fields.label.split("/")[0]
-    skip = _skip_decoding(b.info.features, {root})
-    if cfg.loader == "tf":
-      examples = tfds.as_numpy(b.as_dataset(split=cfg.split, decoders=skip))
-    else:
-      src = b.as_data_source(split=cfg.split, decoders=skip)
-      examples = (src[i] for i in range(len(src)))
-    labels = np.asarray([value_at(ex, cfg.fields.label) for ex in examples])
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+    found = labels(cfg, b)
+    counts = np.bincount(found, minlength=num_classes).astype(np.float64)
+    return (len(found) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
   weights = np.asarray(cfg.class_weights, np.float32)
   if weights.shape != (num_classes,):
     raise config_keys.ConfigError(
@@ -180,3 +189,22 @@ def class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -
       f"{num_classes} classes. Give one weight per class, or 'balanced'."
     )
   return weights
+
+
+def class_sampling(
+  cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder, seed: int
+) -> sampling.ClassBalancedOrder | None:
+  """The class-balanced order of the training stream (mmtl.data.sampling), None when
+  config.input.class_sampling is not set."""
+  if cfg.class_sampling is None:
+    return None
+  _check_label(cfg, "class_sampling")
+  if cfg.class_weights is not None:
+    raise config_keys.ConfigError(
+      "config.input.class_sampling and class_weights both rebalance the classes: set one."
+    )
+  feature = feature_at(b.info.features, cfg.fields.label)
+  found = labels(cfg, b)
+  counts = np.bincount(found, minlength=feature.num_classes)
+  share = sampling.shares(cfg.class_sampling, counts, list(feature.names))
+  return sampling.ClassBalancedOrder(found, share, seed)
