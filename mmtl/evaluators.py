@@ -42,6 +42,14 @@ its batches and runs the model, so the kinds run on fakes in tests.
 
 Padding rows of the last eval batch have `example_weight == 0` and are dropped.
 
+Robustness: any evaluator with `corruptions` (names of mmtl.data.corruptions) and
+`severities` (default 1, 3, 5) also computes its metrics on every input it reads
+corrupted by each corruption at each severity, as `<name>/<corruption>_<severity>/<metric>`
+beside the clean `<name>/<metric>`, and their mean over those passes as
+`<name>/corrupted/<metric>`. Inputs never inherit `config.input.corruptions` (training
+augmentation); generating evaluators write each pass's texts to its own file
+(`..._step<N>-<name>-<corruption>_<severity>.jsonl`).
+
 Retrieval protocol: the first `captions` captions of each image (a sequence
 field such as "captions/text"; caption c is read with `input.eval_text=c`).
 `captions=1` (the default): image i and its first caption are the only positive
@@ -73,14 +81,23 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 
 from mmtl import config_keys, data, heads, losses, modalities, sharding
-from mmtl.data import device
+from mmtl.data import corruptions, device
 
 if TYPE_CHECKING:
   from mmtl.models import fusion
 
 # Keys every evaluator config takes, with their defaults or types (see mmtl.config_keys);
-# `input` entries override config.input for this evaluator.
-COMMON_KEYS = dict(type=str, every=0, input=config_keys.INPUT_SECTION, batch_size=int)
+# `input` entries override config.input for this evaluator; `corruptions` (names of
+# mmtl.data.corruptions) add a pass per corruption and severity.
+COMMON_KEYS = dict(
+  type=str,
+  every=0,
+  input=config_keys.INPUT_SECTION,
+  batch_size=int,
+  corruptions=(),
+  severities=(1, 3, 5),
+)
+CORRUPTED = "corrupted"  # `<evaluator>/corrupted/<metric>`: the mean over corrupted passes
 
 Predict = Callable[[Any], Mapping[str, Any]]  # batch -> model outputs + labels + example_weight
 
@@ -241,6 +258,7 @@ class Evaluator:
       )
     self.name, self.cfg, self.context = name, cfg, context
     self.every = int(self.option("every"))
+    self.passes = self._corrupted_passes()
 
   @classmethod
   def keys(cls) -> dict[str, Any]:
@@ -256,18 +274,37 @@ class Evaluator:
     return self.METRICS
 
   def metric_names(self) -> list[str]:
-    """The names `run` logs (`<evaluator>/<metric>`)."""
-    return [f"{self.name}/{m}" for m in self.metrics()]
+    """The names `run` logs (`<evaluator>/<metric>`, then the corrupted passes')."""
+    groups = ["", *(f"{c}_{s}/" for c, s in self.passes)] + ([f"{CORRUPTED}/"] * bool(self.passes))
+    return [f"{self.name}/{g}{m}" for g in groups for m in self.metrics()]
 
   def inputs(self) -> list[Mapping[str, Any]]:
     """The evaluator configs of every input `compute` reads."""
     return [self.cfg]
 
+  def all_inputs(self) -> list[Mapping[str, Any]]:
+    """The evaluator configs of every input `run` reads: `inputs`, then the corrupted ones."""
+    clean = self.inputs()
+    return clean + [_corrupted(cfg, c, s) for c, s in self.passes for cfg in clean]
+
+  def _corrupted_passes(self) -> list[tuple[str, int]]:
+    """(corruption, severity) of every corrupted pass (`corruptions` x `severities`)."""
+    names = list(self.cfg.get("corruptions") or ())
+    severities = list(self.option("severities"))
+    where = f"config.evals.{self.name}"
+    for name in names:
+      corruptions.get(name, f"{where}.corruptions")
+    for s in severities:
+      corruptions.check_severity(s, where)
+    if names and not severities:
+      raise config_keys.ConfigError(f"{where}.severities is empty: give severities in 1-5.")
+    return [(c, int(s)) for c in names for s in severities]
+
   def check(self) -> None:
     """Opens every input this evaluator reads, so a bad split or field fails before
     training starts rather than at the first evaluation."""
     if self.context.open_input is not None:
-      for cfg in self.inputs():
+      for cfg in self.all_inputs():
         self.context.open_input(cfg)
 
   def due(self, step: int, total_steps: int) -> bool:
@@ -284,8 +321,21 @@ class Evaluator:
     their texts to `workdir`, named by the training `step`."""
     self.step, self.workdir = step, workdir
     predict = functools.partial(self.context.predict_fns[self.PREDICT], variables)
-    metrics = self.compute(variables, predict)
-    return {f"{self.name}/{k}": v for k, v in metrics.items()}
+    out = {f"{self.name}/{k}": v for k, v in self.compute(variables, predict).items()}
+    name, clean = self.name, self.cfg
+    corrupted: dict[str, list[float]] = {}
+    for c, s in self.passes:
+      # The pass reads every input corrupted and writes its rows to files of its own.
+      self.name, self.cfg = f"{name}-{c}_{s}", _corrupted(clean, c, s)
+      try:
+        metrics = self.compute(variables, predict)
+      finally:
+        self.name, self.cfg = name, clean
+      for k, v in metrics.items():
+        out[f"{name}/{c}_{s}/{k}"] = v
+        corrupted.setdefault(k, []).append(v)
+    out.update({f"{name}/{CORRUPTED}/{k}": float(np.mean(v)) for k, v in corrupted.items()})
+    return out
 
   def write_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
     """`rows` as JSON lines in `<workdir>/<kind>_step<N>-<evaluator>.jsonl` (the main
@@ -615,10 +665,17 @@ def _allgather(items: list[Any]) -> list[Any]:
   return [x for row in gathered for x in json.loads(bytes(row).rstrip(b"\0"))]
 
 
+def _corrupted(eval_cfg: Mapping[str, Any], name: str, severity: int) -> dict[str, Any]:
+  """An evaluator config whose input is corrupted by `name` at `severity` (every example)."""
+  corrupt = [dict(name=name, severity=severity)]
+  return dict(eval_cfg, input={**eval_cfg.get("input", {}), "corruptions": corrupt})
+
+
 def eval_input_config(config: mlc.ConfigDict, eval_cfg: Mapping[str, Any]) -> mlc.ConfigDict:
   """`config.input` with an evaluator's `input` overrides (nested sections merged key by
-  key), every key filled and checked."""
+  key), every key filled and checked; the training corruptions are not inherited."""
   input_cfg = mlc.ConfigDict(config.input.to_dict())
+  input_cfg.corruptions = ()
   input_cfg.update(eval_cfg.get("input", {}))
   return data.input_config(input_cfg)
 

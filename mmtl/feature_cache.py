@@ -59,8 +59,8 @@ import numpy as np
 from mmtl import config_keys, heads, memory, optim, rules, sharding, train_step
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
+from mmtl.data import corruptions, loader, options, source
 from mmtl.data import device as data_device
-from mmtl.data import loader, options, source
 from mmtl.modalities import MODALITIES
 from mmtl.models import fusion
 
@@ -129,6 +129,8 @@ def plan(
 
 
 def _training_randomness(cfg: mlc.ConfigDict, m: str) -> str | None:
+  if names := corruptions.modalities_changed(cfg.corruptions).get(m):
+    return f"config.input.corruptions ({', '.join(names)}) change its inputs in training"
   feature = source.feature_at(source.builder(cfg).info.features, cfg.fields[m])
   return MODALITIES[m](cfg, feature, train=True).training_randomness()
 

@@ -479,7 +479,7 @@ def _train_loop(
   if v.features.modalities:
     # The locked towers' outputs on every split the run reads, then batches that carry them.
     inputs = [config.input] + [
-      evaluators_lib.eval_input_config(config, cfg) for e in v.evaluators for cfg in e.inputs()
+      evaluators_lib.eval_input_config(config, cfg) for e in v.evaluators for cfg in e.all_inputs()
     ]
     v.features.fill(
       train_state.variables_of(state), inputs, mesh, batch_size=int(config.batch_size)

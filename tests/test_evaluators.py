@@ -254,7 +254,7 @@ def _declared_value(key, spec, kind):
     return kind
   if spec == config_lib.INPUT_SECTION:
     return {}
-  if isinstance(spec, tuple) and all(isinstance(s, type) for s in spec):
+  if isinstance(spec, tuple) and spec and all(isinstance(s, type) for s in spec):
     spec = spec[0]
   return {str: "x", int: 8, list: ["x"]}[spec] if isinstance(spec, type) else spec
 

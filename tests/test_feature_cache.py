@@ -219,6 +219,10 @@ def test_towers_that_cannot_be_cached_say_why(tiny_bert_dir, small_data_dir, tmp
   assert cached == ("text",) and why == {
     "image": "config.input.augment (flip=True) changes the images"
   }
+  cached, why = reasons(**{"input.corruptions": [dict(name="typos", p=0.5)]})
+  assert cached == ("image",) and why == {
+    "text": "config.input.corruptions (typos) change its inputs in training"
+  }
   cached, why = reasons(**{"optim.frozen": (r"text_encoder/.*",)})
   assert why == {"image": "it trains"}
   cached, why = reasons(**{"optim.unfreeze": ((3, [r"text_encoder/encoder/layer_1/.*"]),)})

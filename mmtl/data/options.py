@@ -48,6 +48,9 @@ def defaults() -> ml_collections.ConfigDict:
       flip=False,  # Random horizontal flip (changes left/right: off for mmtl_shapes).
       color_jitter=0.0,  # Max relative brightness/contrast/saturation change; 0: off.
     ),
+    # Corruptions (mmtl.data.corruptions): [dict(name=..., severity=1-5 or (low, high),
+    # p=1.0), ...], applied in training; evaluators corrupt their own inputs (corruptions=).
+    corruptions=(),
     class_weights=None,  # None, "balanced" (N / (K * n_c)) or a list: -> example_weight.
     # Training order (mmtl.data.sampling): None (shuffled epochs), "balanced" (each class
     # 1/K of every epoch: rare classes oversampled) or a list of per-class shares.

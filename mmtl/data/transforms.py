@@ -1,7 +1,8 @@
 """How a decoded example becomes a row of a model batch: numpy preprocessing shared by both loaders.
 
 Each modality's steps are its `mmtl.modalities.Modality`'s: `decode`, then per example
-(`Preprocess.example`, with the element's own RNG: crop/resize, the draws of augmentation)
+(`Preprocess.example`, with the element's own RNG: corruptions (mmtl.data.corruptions),
+crop/resize, the draws of augmentation)
 and per batch (flip, colour jitter, normalization and blanking in `Preprocess.arrays`,
 then tokenization in `Preprocess.tokenize`), under the field names the models take.
 Preprocess adds what is no modality's: labels, example weights, modality dropout's draws
@@ -29,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmtl import config_keys, ctc, modalities
-from mmtl.data import options, source
+from mmtl.data import corruptions, options, source
 from mmtl.modalities import MODALITIES, as_texts
 
 Batch = dict[str, np.ndarray]
@@ -228,6 +229,7 @@ class Preprocess:
       if (path := self.fields.get(m))
     }
     self.modalities = list(self.specs)
+    self.corruptions = corruptions.parse(cfg.corruptions, self.modalities)
     self.unread = {m for m in self.cached if not self.specs[m].draws_when_deterministic}
     if not self.modalities:
       raise config_keys.ConfigError(
@@ -280,8 +282,10 @@ class Preprocess:
     return out
 
   def example(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """Each modality's per-example step, and this element's random decisions (applied
-    batched in `arrays` and `tokenize`)."""
+    """Each modality's per-example step (after the configured corruptions), and this
+    element's random decisions (applied batched in `arrays` and `tokenize`)."""
+    if self.corruptions:
+      ex = corruptions.apply(self.corruptions, ex, rng)
     out = dict(ex.get(CACHED_ROWS, {}))
     for m, spec in self.specs.items():
       if m in ex:
