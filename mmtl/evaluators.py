@@ -21,6 +21,9 @@ Types (metrics are logged as `<name>/<metric>`):
                   teacher-forced cross-entropy per target token
   vqa:            exact match and VQA accuracy of generated answers (generative VQA),
                   and `loss`
+  masked_lm:      loss (cross-entropy per masked token), accuracy of the masked tokens
+                  and perplexity (exp of the loss) of the masked_lm head, on the input's
+                  text masked as `input.text.mlm_probability` says
   transcription:  WER and CER (jiwer) of a ctc head's transcripts (`beam_size` 1:
                   greedy, more: prefix beam search) against `input.fields.target`,
                   `loss` (CTC per label) and `infeasible` (clips too short for their
@@ -371,6 +374,29 @@ class Classification(Evaluator):
     }
 
 
+class MaskedLM(Evaluator):
+  """Cross-entropy, accuracy and perplexity of the masked_lm head on the masked tokens."""
+
+  HEAD = "masked_lm"
+  PREDICT = "masked_tokens"
+  METRICS = ("loss", "accuracy", "perplexity")
+
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    out = collect(predict, self.batches(), ["loss_sum", "tokens", "correct"])
+    tokens = out["tokens"].sum()
+    if not tokens:
+      raise ValueError(
+        f"config.evals.{self.name}: no token of the split was masked; set "
+        "input.text.mlm_probability (e.g. 0.15)."
+      )
+    loss = float(out["loss_sum"].sum() / tokens)
+    return {
+      "loss": loss,
+      "accuracy": float(out["correct"].sum() / tokens),
+      "perplexity": float(np.exp(loss)),
+    }
+
+
 class Regression(Evaluator):
   """Mean squared and absolute error of the regression head."""
 
@@ -627,6 +653,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
   "captioning": Captioning,
   "vqa": Vqa,
   "transcription": Transcription,
+  "masked_lm": MaskedLM,
 }
 # Every key any evaluator takes: config.evals.<name> (each kind checks its own).
 CONFIG_KEYS = {k: v for kind in EVALUATORS.values() for k, v in kind.keys().items()}

@@ -339,3 +339,66 @@ class CTC(Head):
         transcribe, static_argnames="beam_size", out_shardings=sharding.replicated(mesh)
       ),
     }
+
+
+@register("masked_lm")
+class MaskedLM(Head):
+  """Masked-language modelling of the text tower, BERT's pretraining objective, for
+  domain-adaptive continued pretraining (Gururangan et al. 2020): the tower's tokens
+  through `BertForMaskedLM`'s `cls.predictions` (mmtl.models.bert.BertLMHead, named
+  "head": dense, activation, LayerNorm, then the tower's word embeddings, tied, and a
+  bias); cross-entropy on the masked tokens (`mlm_labels`: the original ids where
+  config.input.text.mlm_probability masked a token, -100 elsewhere), a mean over them as
+  transformers' loss. A BertForMaskedLM checkpoint's head loads with `model_init.head`;
+  without one it starts as transformers initializes it. The fused features are computed
+  but unused."""
+
+  fields = ("mlm_labels",)
+  reads_tokens = True
+  predict_names = ("predict", "masked_tokens")
+
+  @classmethod
+  def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
+    del features
+    from mmtl.models import bert  # pylint: disable=g-import-not-at-top
+
+    tower = model.towers.get("text")
+    if tower is None or not isinstance(getattr(tower, "config", None), bert.BertConfig):
+      raise ValueError(
+        "The masked_lm head predicts the text tower's tokens with BERT's MLM head: the model "
+        "needs a BERT-family text tower (config.model.towers.text)."
+      )
+    if "text" not in towers:
+      raise ValueError("The masked_lm head needs the text in the batch (config.input.fields).")
+    table = tower.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    head = bert.BertLMHead(tower.config, model.dtype, name="head")
+    return {"logits": head(towers["text"].tokens, table)}
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    del loss_cfg
+    return losses.masked_token_loss(outputs["logits"], batch)
+
+  @classmethod
+  def predict_fns(cls, model: Any, mesh: jax.sharding.Mesh) -> dict[str, PredictFn]:
+    """And "masked_tokens": per example, the loss sum over its masked tokens (`loss_sum`),
+    their number (`tokens`) and how many the argmax predicts (`correct`), reduced on device
+    so that no full-vocabulary logits leave it."""
+
+    def masked_tokens(variables, batch):
+      logits = predict(model, variables, batch)["logits"]
+      labels = batch["mlm_labels"]
+      masked = (labels >= 0).astype(jnp.float32)
+      per_token = losses.softmax_xent_per_example(logits, jnp.maximum(labels, 0))
+      hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+      return {
+        "loss_sum": (per_token * masked).sum(-1),
+        "tokens": masked.sum(-1),
+        "correct": (hits * masked).sum(-1),
+        "example_weight": batch.get("example_weight", jnp.ones(labels.shape[:1], jnp.float32)),
+      }
+
+    return {
+      **super().predict_fns(model, mesh),
+      "masked_tokens": jax.jit(masked_tokens, out_shardings=sharding.replicated(mesh)),
+    }

@@ -107,3 +107,15 @@ def ctc_per_example(
   elif reduction != "sum":
     raise ValueError(f"Unknown ctc_loss_reduction {reduction!r}; use 'mean' or 'sum'.")
   return jnp.where(feasible, per_example, 0.0), feasible
+
+
+def masked_token_loss(logits: jax.Array, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy of the masked tokens (`mlm_labels` >= 0) as (sum, weight): a mean over
+  the batch's masked tokens, as transformers' BertForMaskedLM (rows weighted by
+  `example_weight`)."""
+  labels = batch["mlm_labels"]
+  per_token = softmax_xent_per_example(logits, jnp.maximum(labels, 0))
+  weights = (labels >= 0).astype(jnp.float32)
+  if "example_weight" in batch:
+    weights = weights * batch["example_weight"][:, None]
+  return weighted_sum(per_token, weights)

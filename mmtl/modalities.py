@@ -416,7 +416,9 @@ class Text(Modality):
     "attention_mask": "attention_mask",
     "token_type_ids": "token_type_ids",
   }
-  config = dict(tokenizer=None, max_length=32)  # tokenizer: HF name or local path.
+  # tokenizer: HF name or local path; mlm_probability: the share of tokens masked for the
+  # masked_lm head (BERT: 0.15), train and eval alike, giving `mlm_labels`.
+  config = dict(tokenizer=None, max_length=32, mlm_probability=0.0)
   tokenizes = True
   CACHE_SIZE: ClassVar[int] = 200_000  # Distinct texts kept tokenized (then cleared).
 
@@ -429,6 +431,14 @@ class Text(Modality):
       )
     self.tokenizer = tokenizer(cfg.text.tokenizer)
     self._cache: dict[str, np.ndarray] = {}
+    if (p := cfg.text.mlm_probability) and not 0.0 < p < 1.0:
+      raise config_keys.ConfigError(
+        f"config.input.text.mlm_probability={p}: use a share of tokens in (0, 1) (BERT: 0.15)."
+      )
+    if p and self.tokenizer.mask_token_id is None:
+      raise config_keys.ConfigError(
+        f"Tokenizer {cfg.text.tokenizer!r} has no mask token, which masked-LM needs."
+      )
 
   def decode(self, value: Any) -> list[str]:
     texts = as_texts(value)
@@ -444,6 +454,8 @@ class Text(Modality):
     return texts[i : i + 1]
 
   def training_randomness(self) -> str | None:
+    if self.cfg.text.mlm_probability:
+      return "config.input.text.mlm_probability masks its tokens at random"
     if self.feature is None or not getattr(self.feature, "shape", ()):
       return None  # one text per example
     return (
@@ -452,13 +464,40 @@ class Text(Modality):
     )
 
   def example(self, value: Any, rng: np.random.Generator) -> dict[str, Any]:
-    return {"text": value[rng.integers(len(value))] if self.train else value[0]}
+    out = {"text": value[rng.integers(len(value))] if self.train else value[0]}
+    if self.cfg.text.mlm_probability:  # the example's masking, drawn now: tokens come later
+      out["text_mask_seed"] = rng.integers(2**32, dtype=np.uint32)
+    return out
 
   def batch(self, batch: dict[str, Any], present: np.ndarray) -> dict[str, Any]:
     texts = [t if p else "" for t, p in zip(batch.pop("text"), present)]
     rows = self._token_rows(texts)
     batch.update(input_ids=rows[:, 0], attention_mask=rows[:, 1], token_type_ids=rows[:, 2])
+    if self.cfg.text.mlm_probability:
+      seeds = batch.pop("text_mask_seed")
+      batch["input_ids"], batch["mlm_labels"] = self._mask_tokens(rows[:, 0], rows[:, 1], seeds)
     return batch
+
+  def _mask_tokens(
+    self, ids: np.ndarray, attention: np.ndarray, seeds: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masking, as transformers' DataCollatorForLanguageModeling: each real,
+    non-special token is chosen with probability `mlm_probability`; a chosen one becomes
+    [MASK] (80%), a random token (10%) or stays (10%), and is the only kind with a label.
+    Row i draws from its example's seed, so a batch is a pure function of the stream
+    position (resumable, any process count)."""
+    p = self.cfg.text.mlm_probability
+    special = np.isin(ids, self.tokenizer.all_special_ids) | (attention == 0)
+    ids, labels = ids.copy(), np.full_like(ids, -100)
+    for i, seed in enumerate(seeds):
+      rng = np.random.default_rng(int(seed))
+      chosen = (rng.random(ids.shape[1]) < p) & ~special[i]
+      kind = rng.random(ids.shape[1])
+      random_ids = rng.integers(len(self.tokenizer), size=ids.shape[1])
+      labels[i] = np.where(chosen, ids[i], -100)
+      ids[i] = np.where(chosen & (kind < 0.8), self.tokenizer.mask_token_id, ids[i])
+      ids[i] = np.where(chosen & (kind >= 0.9), random_ids, ids[i])
+    return ids, labels
 
   def _token_rows(self, texts: list[str]) -> np.ndarray:
     """(B, 3, L) int32 ids/mask/type ids. Texts repeat (templates, epochs): each string is

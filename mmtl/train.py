@@ -247,7 +247,8 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
       f"config.model.head={config.model.head!r} learns from the batch field(s) {absent}, which "
       f"config.input does not give (its batches hold {sorted(example_batch)}): name the dataset "
       "feature in config.input.fields (label=...; target=... for captioning, and for the ctc "
-      "head with config.input.target.format='ctc')."
+      "head with config.input.target.format='ctc'); the masked_lm head's mlm_labels come "
+      "from config.input.text.mlm_probability (e.g. 0.15)."
     )
 
   # Model and its params' layout (every sharding rule matched here); a fresh run

@@ -214,6 +214,8 @@ def load_pretrained_towers(
 ) -> dict[str, Any]:
   """`config.model_init`: {subtree: name_or_path | dict(name=..., tower=..., dont_load=[...])}.
 
+  A name that is an mmtl run's workdir loads that run's trained subtree (`load_from_run`).
+
   Subtrees are towers (`image_encoder`, ...), in a contrastive model `head`: a CLIP
   checkpoint's projections and logit_scale (zero-shot from step 0), and in a captioning
   model `decoder`: a decoder or encoder checkpoint (BERT warm-start, new cross-attention).
@@ -238,6 +240,11 @@ def load_pretrained_towers(
     if subtree.split("/")[0] not in params and subtree in [f"{m}_encoder" for m in MODALITIES]:
       note(f"model_init: {subtree} is not in this model (config.model.modalities); skipped.")
       continue
+    if is_run(spec["name"]):  # an mmtl run's workdir: its trained subtree
+      variables = load_from_run(
+        variables, subtree, spec["name"], dont_load=spec.get("dont_load", ()), note=note
+      )
+      continue
     note(f"model_init: {subtree} <- {spec['name']}")
     variables = hf.load_into(
       variables,
@@ -250,6 +257,59 @@ def load_pretrained_towers(
       report=note,  # the decoder's newly initialized params, in the start-up summary
     )
   return variables
+
+
+def is_run(path: str) -> bool:
+  """Whether `path` is an mmtl run's workdir (its config.json and checkpoints), not a
+  Hugging Face checkpoint."""
+  if not workdir_lib.path(path, config_lib.CONFIG_FILE).exists():
+    return False
+  return bool(checkpoint.saved_steps(workdir_lib.path(path, checkpoint.CHECKPOINT_DIR)))
+
+
+def load_from_run(
+  variables: dict[str, Any],
+  subtree: str,
+  workdir: str,
+  *,
+  dont_load: Any = (),
+  note: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """`variables` with `subtree` (e.g. "text_encoder") replaced by that subtree of the run
+  in `workdir` at its best step (its latest without a best metric): LoRA merged and
+  low-precision params read back, as the run computes with them. Every path and shape is
+  checked (mmtl.hf.merge_checkpoint), `dont_load` paths keep their values. Continued
+  pretraining, then fine-tuning from it, is `config.model_init.text_encoder=<workdir>`."""
+  step = checkpoint_step(workdir)
+  directory = workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR)
+  saved = jax.device_get(checkpoint.restore_variables(directory, step=step))
+  saved["params"] = jax.device_get(low_precision.model_params(saved["params"]))
+  out = dict(variables)
+  prefix = f"{subtree}/"
+
+  def inside(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return {p[len(prefix) :]: x for p, x in flat.items() if p.startswith(prefix)}
+
+  for c, tree in variables.items():
+    flat = rules.flatten(tree)
+    target = inside(flat)
+    if not target:
+      if c == "params":
+        raise config_lib.ConfigError(f"config.model_init.{subtree}: the model has no {subtree}.")
+      continue
+    loaded = inside(rules.flatten(saved.get(c, {})))
+    merged = hf.merge_checkpoint(
+      target,
+      loaded,
+      dont_load=rules.as_list(dont_load),
+      where=subtree,
+      source=f"the run {workdir} (step {step})",
+      fix=f"Give config.model_init.{subtree} a run whose model has the same {subtree}.",
+    )
+    flat.update({prefix + p: x for p, x in merged.items()})
+    out[c] = rules.unflatten(flat)
+  note(f"model_init: {subtree} <- the run {workdir}, step {step}")
+  return out
 
 
 def pretrained_subtrees(model: fusion.FusionModel) -> dict[str, str]:

@@ -153,6 +153,8 @@ def _context(batches=(), head_type="classification", **kw):
     )
   if head_type == "ctc":
     fns["transcribe"] = lambda params, b, beam_size=1: b
+  if head_type == "masked_lm":
+    fns["masked_tokens"] = fns["predict"]
   return ev.EvalContext(
     head_type=head_type, make_batches=lambda cfg: batches, predict_fns=fns, **kw
   )
@@ -195,6 +197,9 @@ _OUTPUT = {
   "features": _RNG.normal(size=(8, 3)),
   "loss_sum": _RNG.uniform(size=8),
   "target_tokens": np.full(8, 3.0),
+  # A masked_lm head's per-example masked tokens and how many it predicts right.
+  "tokens": np.full(8, 4.0),
+  "correct": np.array([4.0, 3, 2, 1, 0, 1, 0, 0]),
   # A ctc head's transcripts and references: label ids of the characters "abc" (5, 6, 7).
   "ids": _RNG.integers(4, 8, size=(8, 3)),
   "references": np.tile([5, 4, 6], (8, 1)),
@@ -574,3 +579,12 @@ def test_transcripts_count_infeasible_examples_and_leave_them_out_of_the_loss(ca
   )  # "a b": one deletion; "c" -> "cc": one substitution
   assert metrics["cer"] == pytest.approx(3 / 6)  # " b" deleted; one "c" inserted
   assert "1 of 3 examples have fewer frames than their transcript needs" in caplog.text
+
+
+def test_masked_lm_metrics_are_per_masked_token():
+  out = ev.make("val", {"type": "masked_lm"}, _context(_BATCHES, "masked_lm")).run(None)
+  real = slice(0, 6)  # the last two rows are padding
+  loss = _OUTPUT["loss_sum"][real].sum() / 24.0
+  assert out["val/loss"] == pytest.approx(loss)
+  assert out["val/accuracy"] == pytest.approx(11 / 24)
+  assert out["val/perplexity"] == pytest.approx(np.exp(loss))

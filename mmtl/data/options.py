@@ -78,7 +78,7 @@ def input_config(cfg: Mapping[str, Any] | None = None) -> ml_collections.ConfigD
   def merge(base: dict, override: Mapping, where: str) -> dict:
     config_keys.check_keys(override, base, f"config.input{where}")
     for key, value in override.items():
-      if isinstance(base[key], dict) and isinstance(value, Mapping):
+      if isinstance(base[key], dict) and isinstance(value, (Mapping, ml_collections.ConfigDict)):
         merge(base[key], value, f"{where}.{key}")
       else:
         base[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value

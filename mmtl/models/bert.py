@@ -175,6 +175,20 @@ class BertModel(layers.EncoderTower):
     x = self.run_layers(x, mask, 0, self.num_layers, deterministic=deterministic)
     return self.finalize(x, mask)
 
+  def head_hf_names(self) -> dict[str, layers.HFName]:
+    """{param path in a FusionModel's masked_lm `head`: HF key}: `BertForMaskedLM`'s
+    `cls.predictions` (its decoder is the tied word embeddings, unless the config unties
+    them)."""
+    return mlm_head_names(self.config, "")
+
+  def head_advice(self) -> str:
+    """What makes a checkpoint's MLM head fit the masked_lm head (mmtl.hf.load_into)."""
+    return (
+      "The masked_lm head loads a BertForMaskedLM checkpoint's cls.predictions (a BertModel "
+      "checkpoint, such as all-MiniLM-L6-v2, has none): point model_init.head at such a "
+      "checkpoint, or leave the head out of model_init to initialize it as transformers does."
+    )
+
   def hf_names(self) -> dict[str, layers.HFName]:
     """{mmtl param path: HF state-dict key}, pooler included (see mmtl.hf)."""
     c = self.config
@@ -319,12 +333,18 @@ class BertLMHeadModel(nn.Module):
       names.update(layers.hf_dense(f"{at}/mlp/fc1", f"{hf}.{parts['fc1']}"))
       names.update(layers.hf_dense(f"{at}/mlp/fc2", f"{hf}.{parts['fc2']}"))
       names.update(layers.hf_norm(f"{at}/mlp_norm", f"{hf}.{parts['mlp_norm']}"))
-    names.update(layers.hf_dense("lm_head/transform", "cls.predictions.transform.dense"))
-    names.update(layers.hf_norm("lm_head/transform_norm", "cls.predictions.transform.LayerNorm"))
-    names["lm_head/bias"] = layers.HFName("cls.predictions.bias")
-    if not c.tie_word_embeddings:
-      names.update(layers.hf_dense("lm_head/decoder", "cls.predictions.decoder", bias=False))
+    names.update(mlm_head_names(c, "lm_head/"))
     return names
+
+
+def mlm_head_names(c: BertConfig, prefix: str) -> dict[str, layers.HFName]:
+  """{`BertLMHead` param path under `prefix`: HF key} of `cls.predictions`."""
+  names = dict(layers.hf_dense(f"{prefix}transform", "cls.predictions.transform.dense"))
+  names.update(layers.hf_norm(f"{prefix}transform_norm", "cls.predictions.transform.LayerNorm"))
+  names[f"{prefix}bias"] = layers.HFName("cls.predictions.bias")
+  if not c.tie_word_embeddings:
+    names.update(layers.hf_dense(f"{prefix}decoder", "cls.predictions.decoder", bias=False))
+  return names
 
 
 class BertLMHead(nn.Module):
