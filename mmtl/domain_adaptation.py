@@ -129,16 +129,15 @@ def check(config: mlc.ConfigDict) -> dict[str, Any] | None:
 
 
 def target_input(config: mlc.ConfigDict, da: Mapping[str, Any]) -> dict[str, Any]:
-  """The target stream's config.input: the run's, overlaid with `da["input"]`; no label,
-  target text or class weights (the target domain is unlabeled)."""
+  """The target stream's config.input: the run's, overlaid with `da["input"]` (nested
+  sections key by key); no label, target text or class rebalancing (the target domain is
+  unlabeled)."""
   from mmtl.data import options  # pylint: disable=g-import-not-at-top
 
-  cfg = options.input_config(config.input).to_dict()
-  over = dict(da["input"])
-  for key, value in over.items():
-    cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
-  cfg["fields"] = {**cfg["fields"], "label": None, "target": None}
-  cfg["class_weights"] = None
+  cfg = mlc.ConfigDict(options.input_config(config.input).to_dict())
+  cfg.update(da["input"])
+  cfg.fields.update(label=None, target=None)
+  cfg.update(class_weights=None, class_sampling=None)
   return options.input_config(cfg).to_dict()
 
 

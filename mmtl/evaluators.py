@@ -381,6 +381,14 @@ class MaskedLM(Evaluator):
   PREDICT = "masked_tokens"
   METRICS = ("loss", "accuracy", "perplexity")
 
+  def check(self) -> None:
+    super().check()
+    if self.context.input_config and not self.context.input_config(self.cfg).text.mlm_probability:
+      raise config_keys.ConfigError(
+        f"config.evals.{self.name} scores masked tokens, but its input masks none: set "
+        "config.input.text.mlm_probability (or this evaluator's input.text.mlm_probability)."
+      )
+
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["loss_sum", "tokens", "correct"])
     tokens = out["tokens"].sum()

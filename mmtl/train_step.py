@@ -166,8 +166,6 @@ def make_objective(
 
   def loss(outputs, batch, teacher_variables):
     total = head.loss(outputs, batch, {**config.loss, **model.head_config})
-    if da is not None:  # the domain loss counts as a batch mean: weight it by the batch's weight
-      total = (total[0] + outputs["domain_loss"] * total[1], total[1])
     if teacher_logits is not None:
       total = distill.student_loss(
         total,
@@ -176,6 +174,8 @@ def make_objective(
         batch.get("example_weight"),
         config.distill,
       )
+    if da is not None:  # the domain loss counts as a batch mean: weight it by the batch's weight
+      total = (total[0] + outputs["domain_loss"] * total[1], total[1])
     return total
 
   logged = ("domain_loss", "domain_lambda") if da is not None else ()

@@ -588,3 +588,9 @@ def test_masked_lm_metrics_are_per_masked_token():
   assert out["val/loss"] == pytest.approx(loss)
   assert out["val/accuracy"] == pytest.approx(11 / 24)
   assert out["val/perplexity"] == pytest.approx(np.exp(loss))
+
+
+def test_a_masked_lm_evaluator_of_unmasked_text_is_refused():
+  context = _context(_BATCHES, "masked_lm", input_config=lambda cfg: data.input_config({}))
+  with pytest.raises(config_lib.ConfigError, match="its input masks none"):
+    ev.make("val", {"type": "masked_lm"}, context).check()
