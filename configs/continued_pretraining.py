@@ -19,7 +19,7 @@ BertForMaskedLM checkpoint's own head loads with `config.model_init.head=<checkp
 Arguments (`--config configs/continued_pretraining.py:key=value,...`):
   steps=N      training steps (default 1000)
 
-Metrics: `mlm/loss`, `mlm/accuracy` and `mlm/perplexity` of the masked tokens of 1000
+Metrics: `val/loss`, `val/accuracy` and `val/perplexity` of the masked tokens of 1000
 held-out target-domain questions. The measured effect on the task: docs/domain_transfer.md.
 """
 
@@ -58,7 +58,7 @@ def get_config(arg=None):
     schedule=dict(warmup_steps=min(100, arg.steps // 10), decay="linear"),
     grad_clip_norm=1.0,
   )
-  config.evals = dict(mlm=dict(type="masked_lm", input=dict(split="validation[:1000]")))
+  config.evals = dict(val=dict(type="masked_lm", input=dict(split="validation[:1000]")))
   config.log_every = 50
   config.ckpt_every = 500
   return config
