@@ -21,7 +21,7 @@ from mmtl import (
 )
 from mmtl.data import shapes
 from mmtl.models import fusion
-from tests.test_train import Preempted, assert_same_run, patch_train_batches, tiny_config
+from tests.test_train import assert_same_run, killed_at_step_5_then_resumed, tiny_config
 
 TARGET = dict(split="validation[:32]")  # the small dataset's other split: the "target domain"
 
@@ -253,15 +253,5 @@ def test_a_dann_run_logs_its_domain_loss_and_resumes_both_streams_exactly(
   assert lam[1] == 0.0 and lam[1] < lam[3] < lam[6] < 1.0
   assert all(0.3 < v < 1.5 for v in logged["train/domain_loss"].values())
   config = da_config(tiny_bert_dir, data_dir, evals={})
-
-  def dies_at_step_5(n, batch):  # as in test_train: the checkpoint of step 4 resumes
-    if n == 1 + 7:
-      raise Preempted()
-    return batch
-
-  real = patch_train_batches(monkeypatch, dies_at_step_5)
-  with pytest.raises(Preempted):
-    train.train(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(data, "make_train_iterator", real)
-  train.train(config, str(tmp_path / "resumed"))
+  killed_at_step_5_then_resumed(config, tmp_path / "resumed", monkeypatch)
   assert_same_run(dann_run, tmp_path / "resumed")

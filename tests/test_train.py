@@ -137,6 +137,25 @@ def patch_train_batches(monkeypatch, change):
   return real
 
 
+def killed_at_step_5_then_resumed(config, workdir, monkeypatch):
+  """Runs `config` in `workdir` until its input fails during step 5, then runs the same
+  command again, which resumes from the checkpoint of step 4."""
+
+  def dies_at_step_5(n, batch):
+    # The trainer's shape probe, then batches 1..7: with 2 batches prefetched to the
+    # devices, step 5 reads batch 7. The checkpoint of step 4 must resume at batch 5.
+    if n == 1 + 7:
+      raise Preempted()
+    return batch
+
+  real = patch_train_batches(monkeypatch, dies_at_step_5)
+  with pytest.raises(Preempted):
+    train.train(config, str(workdir))
+  assert not (workdir / "final_metrics.json").exists()
+  monkeypatch.setattr(data, "make_train_iterator", real)
+  train.train(config, str(workdir))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_run(tiny_bert_dir, data_dir, tmp_path_factory):
   """The workdir of 6 steps without evaluations, run in one go: what a resumed run must equal.
@@ -159,20 +178,7 @@ def test_resume_after_interruption_matches_uninterrupted(
   uninterrupted_run, tiny_bert_dir, data_dir, tmp_path, monkeypatch
 ):
   config = tiny_config(tiny_bert_dir, data_dir, evals={})
-
-  def dies_at_step_5(n, batch):
-    # The trainer's shape probe, then batches 1..7: with 2 batches prefetched to the
-    # devices, step 5 reads batch 7. The checkpoint of step 4 must resume at batch 5.
-    if n == 1 + 7:
-      raise Preempted()
-    return batch
-
-  real = patch_train_batches(monkeypatch, dies_at_step_5)
-  with pytest.raises(Preempted):
-    train.train(config, str(tmp_path / "resumed"))
-  assert not (tmp_path / "resumed" / "final_metrics.json").exists()
-  monkeypatch.setattr(data, "make_train_iterator", real)
-  train.train(config, str(tmp_path / "resumed"))  # Same command again: resumes at step 4.
+  killed_at_step_5_then_resumed(config, tmp_path / "resumed", monkeypatch)
 
   assert sorted(losses(tmp_path / "resumed")) == list(range(1, 7))
   assert_same_run(uninterrupted_run, tmp_path / "resumed")
