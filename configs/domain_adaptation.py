@@ -30,7 +30,7 @@ from configs import quickstart
 from mmtl.config import parse_arg
 
 METHODS = ("none", "dann", "coral", "mmd", "oracle")
-TARGET = "mmtl_shapes/colour_shifted"
+SOURCE, TARGET = "mmtl_shapes/colour", "mmtl_shapes/colour_shifted"
 
 
 def get_config(arg=None):
@@ -48,7 +48,7 @@ def get_config(arg=None):
     )
   config.model.domain_classifier = 256 if arg.method == "dann" else 0
   config.evals = dict(
-    val=dict(type="classification", input=dict(split="validation[:1000]")),
+    val=dict(type="classification", input=dict(dataset=SOURCE, split="validation[:1000]")),
     target=dict(type="classification", input=dict(dataset=TARGET, split="validation[:1000]")),
   )
   return config
