@@ -174,3 +174,18 @@ def test_a_run_trains_on_corrupted_inputs_and_reports_robustness(tiny_bert_dir, 
   )
   assert final["val/gaussian_noise_5/loss"] != final["val/loss"]
   assert "val/corrupted/macro_f1" in metrics.read(str(tmp_path / "run"))
+
+
+def test_audio_noise_reaches_the_waveform_batch(data_dir):
+  cfg = dict(
+    dataset="mmtl_shapes/small",
+    data_dir=data_dir,
+    fields=dict(image=None, text=None, label="label", waveform="waveform"),
+    waveform=dict(rate=16000, normalize=False),
+    num_threads=1,
+  )
+  first = lambda **kw: next(data.make_train_iterator(dict(cfg, **kw), batch_size=4, seed=0))  # noqa: E731
+  clean, noisy = first(), first(corruptions=[dict(name="audio_noise", severity=5)])
+  noise = noisy["waveform"] - clean["waveform"]
+  snr = 10 * np.log10((clean["waveform"] ** 2).mean(1) / (noise**2).mean(1))
+  np.testing.assert_allclose(snr, 0.0, atol=0.5)  # severity 5: 0 dB
