@@ -26,7 +26,6 @@ import numpy as np
 
 from mmtl import config_keys
 
-SEVERITIES = (1, 2, 3, 4, 5)
 SPEC_KEYS = dict(name=str, severity=(int, list, tuple), p=1.0)  # one config.input.corruptions entry
 
 
