@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import optax
 import pytest
 
 from mmtl import config as config_lib
@@ -255,3 +256,28 @@ def test_a_dann_run_logs_its_domain_loss_and_resumes_both_streams_exactly(
   config = da_config(tiny_bert_dir, data_dir, evals={})
   killed_at_step_5_then_resumed(config, tmp_path / "resumed", monkeypatch)
   assert_same_run(dann_run, tmp_path / "resumed")
+
+
+def test_accumulation_splits_source_and_target_rows_alike(step_problem):
+  """DANN's terms are means over rows, so 2 microbatches (each with half the source and
+  half the target rows) make the full batch's step."""
+  config, model, params, batch = step_problem
+  mask = optim.freeze_mask(params, config.optim)
+  objective = train_step.make_objective(model, config, None, mask)
+  tx = optax.sgd(0.5)
+
+  def step(accum):
+    fn = train_step.make_train_step(objective, tx, mask, lambda s: 0.5, seed=0, accum_steps=accum)
+    state = {"step": jnp.int32(3), "params": params, "opt_state": tx.init(params)}
+    new, measured = jax.jit(fn)(state, batch, None)
+    return rules.flatten(new["params"]), measured
+
+  (full, m1), (split, m2) = step(1), step(2)
+  for key in ("train/loss", "train/domain_loss", "train/domain_lambda"):
+    assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-5), key
+  for path, value in full.items():
+    np.testing.assert_allclose(split[path], value, rtol=1e-4, atol=1e-6, err_msg=path)
+  assert not np.allclose(
+    full["domain_classifier/Dense_0/kernel"],
+    rules.flatten(params)["domain_classifier/Dense_0/kernel"],
+  )
