@@ -216,6 +216,7 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
 
   # Input (with domain adaptation: the target domain's stream beside it).
   da = domain_adaptation.check(config)
+  target_input = domain_adaptation.target_input(config, da) if da is not None else None
   stream = dict(
     batch_size=batch_size // process_count,
     seed=config.seed,
@@ -227,7 +228,7 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
     source = data.make_train_iterator(config.input, features=features, **stream)
     if da is None:
       return source
-    target = data.make_train_iterator(domain_adaptation.target_input(config, da), **stream)
+    target = data.make_train_iterator(target_input, **stream)
     return domain_adaptation.PairedIterator(source, target)
 
   train_iter = open_train_input()
@@ -236,10 +237,9 @@ def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
   train_iter.set_state(start_state)
   if da is not None:
     domain_adaptation.check_batches(example_batch)
-    target = domain_adaptation.target_input(config, da)
     note(
       f"Domain adaptation: {da['method']} (lambda {da['schedule']}, weight {da['weight']}); "
-      f"unlabeled target domain {target['dataset']}:{target['split']}."
+      f"unlabeled target domain {target_input['dataset']}:{target_input['split']}."
     )
   absent = [f for f in heads.get(config.model.head).fields if f not in example_batch]
   if absent:
