@@ -22,6 +22,8 @@ Metrics: `val/macro_f1` (and accuracy) on 1000 examples of `validation` (new wor
 The table of docs/domain_transfer.md (3 seeds each) comes from
   python launch/sweep.py --config configs/class_imbalance.py \
       --grid arg.balance=none,weights,sampling --grid seed=0,1,2 --sweep_dir runs/imbalance
+Expected (val_iid/macro_f1, mean ± sd over seeds 0-2): none 0.736 ± 0.090, weights
+0.840 ± 0.190, sampling 0.993 ± 0.006; val/macro_f1 0.648 / 0.614 / 0.664.
 """
 
 from configs import quickstart

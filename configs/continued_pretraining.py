@@ -20,7 +20,9 @@ Arguments (`--config configs/continued_pretraining.py:key=value,...`):
   steps=N      training steps (default 1000)
 
 Metrics: `val/loss`, `val/accuracy` and `val/perplexity` of the masked tokens of 1000
-held-out target-domain questions. The measured effect on the task: docs/domain_transfer.md.
+held-out target-domain questions (expected after 1000 steps: accuracy 0.852, perplexity
+1.50). Step 2 then gives target/accuracy 0.532 ± 0.006 and val/accuracy 0.804 ± 0.010
+(seeds 0-2), against 0.539 and 0.843 from MiniLM itself (docs/domain_transfer.md).
 """
 
 import ml_collections as mlc

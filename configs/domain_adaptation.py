@@ -23,7 +23,9 @@ source domain's.
 The table of docs/domain_transfer.md (3 seeds each; 24 runs) comes from
   python launch/sweep.py --config configs/domain_adaptation.py \
       --sweep configs/domain_adaptation.py:grid --sweep_dir runs/domain_adaptation
-Expected (mean over seeds 0-2, 2-core CPU): see docs/domain_transfer.md.
+Expected (target/accuracy, mean ± sd over seeds 0-2, 2-core CPU; docs/domain_transfer.md):
+  none 0.539 ± 0.018   dann 0.514 ± 0.048 (weight=0.3: 0.588)   coral 0.592 ± 0.031
+  (weight=5: 0.618)   mmd 0.641 ± 0.034 (weight=0.3: 0.636)   oracle 0.964 ± 0.014
 """
 
 from configs import quickstart

@@ -21,6 +21,9 @@ Metrics: `val/accuracy` (clean), `val/<corruption>_<severity>/accuracy` and
 The table of docs/domain_transfer.md (3 seeds each) comes from
   python launch/sweep.py --config configs/robustness.py \
       --grid arg.train_corruptions=none,mixed --grid seed=0,1,2 --sweep_dir runs/robustness
+Expected (mean over seeds 0-2; none / mixed): val/accuracy 0.843 / 0.837,
+val/typos_5/accuracy 0.672 / 0.725, val/occlusion_5/accuracy 0.738 / 0.775,
+val/corrupted/accuracy 0.785 / 0.792.
 """
 
 from configs import quickstart
