@@ -4,8 +4,10 @@ and the model-facing plumbing (`make_evaluators`).
   config.evals.val = dict(type="classification", every=100,
                           input=dict(split="validation"))  # overrides of config.input
 
-Types (metrics are logged as `<name>/<metric>`):
-  classification: accuracy, macro_f1, loss
+Types (metrics are logged as `<name>/<metric>`; `metrics` picks some of them):
+  classification: accuracy, loss, macro_ and weighted_ precision, recall and f1,
+                  roc_auc, pr_auc (one-vs-rest), ece (`calibration_bins`); files with
+                  the per-class report, confusion matrix and reliability diagram
   regression:     mse, mae
   retrieval:      image->text and text->image Recall@k, `ks` (1, 5, 10), of contrastive
                   models over the first `captions` captions of each image (see below)
@@ -84,6 +86,7 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 
 from mmtl import config_keys, data, heads, losses, modalities, sharding
+from mmtl import workdir as workdir_lib
 from mmtl.data import corruptions, device
 
 if TYPE_CHECKING:
@@ -91,7 +94,8 @@ if TYPE_CHECKING:
 
 # Keys every evaluator config takes, with their defaults or types (see mmtl.config_keys);
 # `input` entries override config.input for this evaluator; `corruptions` (names of
-# mmtl.data.corruptions) add a pass per corruption and severity.
+# mmtl.data.corruptions) add a pass per corruption and severity; `metrics` (default: all)
+# chooses which of the kind's metrics are logged.
 COMMON_KEYS = dict(
   type=str,
   every=0,
@@ -99,6 +103,7 @@ COMMON_KEYS = dict(
   batch_size=int,
   corruptions=(),
   severities=(1, 3, 5),
+  metrics=(),
 )
 CORRUPTED = "corrupted"  # `<evaluator>/corrupted/<metric>`: the mean over corrupted passes
 
@@ -112,9 +117,72 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float((np.argmax(logits, -1) == labels).mean())
 
 
-def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
-  """Mean F1 over the classes that occur in `labels` or `predictions`."""
-  return float(sk_metrics.f1_score(labels, predictions, average="macro"))
+def class_report(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+  """Per-class precision, recall, F1 and support (scikit-learn; a class never predicted
+  has precision 0), their macro and support-weighted averages over the classes that
+  occur in `labels` or `predictions`, and the confusion matrix (rows: true classes,
+  columns: predicted)."""
+  classes = np.arange(num_classes)
+  precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
+    labels, predictions, labels=classes, zero_division=0
+  )
+  averages = {
+    f"{average}_{name}": float(value)
+    for average in ("macro", "weighted")
+    for name, value in zip(
+      ("precision", "recall", "f1"),
+      sk_metrics.precision_recall_fscore_support(
+        labels, predictions, average=average, zero_division=0
+      )[:3],
+    )
+  }
+  return {
+    "averages": averages,
+    "per_class": dict(
+      precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(), support=support.tolist()
+    ),
+    "confusion_matrix": sk_metrics.confusion_matrix(labels, predictions, labels=classes).tolist(),
+  }
+
+
+def ranking_auc(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """ROC-AUC and PR-AUC (average precision) by scikit-learn. Two classes: of the
+  probability of class 1. More: one-vs-rest, the macro mean over the classes that occur
+  in `labels` (a class with no positive has no ROC curve); NaN when only one class occurs."""
+  if probs.shape[-1] == 2:
+    scores, truth = probs[:, 1], labels == 1
+  else:
+    present = np.unique(labels)
+    scores = probs[:, present]
+    truth = labels[:, None] == present[None, :]
+  if truth.all() or not truth.any() or (truth.ndim == 2 and truth.shape[1] < 2):
+    return {"roc_auc": float("nan"), "pr_auc": float("nan")}
+  return {
+    "roc_auc": float(sk_metrics.roc_auc_score(truth, scores, average="macro")),
+    "pr_auc": float(sk_metrics.average_precision_score(truth, scores, average="macro")),
+  }
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> dict[str, Any]:
+  """Expected calibration error of the top-label confidence (Guo et al., 2017):
+  `num_bins` equal-width confidence bins, ECE = sum over bins of (bin share) x
+  |accuracy - mean confidence|; and each bin's edges, count, accuracy and mean
+  confidence (the reliability diagram). scikit-learn has no ECE: this is numpy."""
+  confidence, correct = probs.max(-1), probs.argmax(-1) == labels
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, num_bins - 1)
+  count = np.bincount(index, minlength=num_bins)
+  per_bin = np.maximum(count, 1)
+  bin_accuracy = np.bincount(index, correct, minlength=num_bins) / per_bin
+  bin_confidence = np.bincount(index, confidence, minlength=num_bins) / per_bin
+  ece = float(np.sum(count / len(labels) * np.abs(bin_accuracy - bin_confidence)))
+  return {
+    "ece": ece,
+    "edges": edges.tolist(),
+    "count": count.tolist(),
+    "accuracy": bin_accuracy.tolist(),
+    "confidence": bin_confidence.tolist(),
+  }
 
 
 def retrieval_recall(
@@ -218,7 +286,8 @@ class EvalContext:
   `text_embedder(tokenizer, max_len)` gives `embed(variables, texts)`, normalized text
   embeddings (zeroshot); `generate_texts(generate, eval_cfg, **generate kwargs)` runs a
   head's `generate(batch, **kw)` (variables bound) over the eval input: (generated,
-  references) texts.
+  references) texts; `class_names(eval_cfg)`: the label's class names (None or an error:
+  the class ids are shown).
   """
 
   head_type: str
@@ -228,6 +297,7 @@ class EvalContext:
   input_config: Callable[[Mapping[str, Any]], mlc.ConfigDict] | None = None
   text_embedder: Callable[[str, int], Callable[[Any, list[str]], np.ndarray]] | None = None
   generate_texts: Callable[..., tuple[list[str], list[list[str]]]] | None = None
+  class_names: Callable[[Mapping[str, Any]], list[str]] | None = None
   is_main: bool = True  # the process that writes files
 
 
@@ -262,6 +332,7 @@ class Evaluator:
     self.name, self.cfg, self.context = name, cfg, context
     self.every = int(self.option("every"))
     self.passes = self._corrupted_passes()
+    self.logged = self._logged_metrics()
 
   @classmethod
   def keys(cls) -> dict[str, Any]:
@@ -279,7 +350,29 @@ class Evaluator:
   def metric_names(self) -> list[str]:
     """The names `run` logs (`<evaluator>/<metric>`, then the corrupted passes')."""
     groups = ["", *(f"{c}_{s}/" for c, s in self.passes)] + ([f"{CORRUPTED}/"] * bool(self.passes))
-    return [f"{self.name}/{g}{m}" for g in groups for m in self.metrics()]
+    return [f"{self.name}/{g}{m}" for g in groups for m in self.logged]
+
+  def _logged_metrics(self) -> tuple[str, ...]:
+    """The metrics `run` logs: `metrics`, each one this kind computes, else all of them."""
+    asked, computed = tuple(self.cfg.get("metrics") or ()), self.metrics()
+    for metric in asked:
+      if metric not in computed:
+        makers = [
+          f"{kind!r} (head_type {cls.HEAD!r})" if cls.HEAD else f"{kind!r} (any head)"
+          for kind, cls in EVALUATORS.items()
+          if metric in cls.METRICS
+        ]
+        where = f"config.evals.{self.name}.metrics asks for {metric!r}"
+        raise config_keys.ConfigError(
+          f"{where}, which a {self.cfg.get('type')!r} evaluator does not compute (it gives "
+          f"{', '.join(computed)}); "
+          + (
+            f"{metric!r} comes from the evaluator type(s) {', '.join(makers)}."
+            if makers
+            else "no evaluator type computes it."
+          )
+        )
+    return asked or computed
 
   def inputs(self) -> list[Mapping[str, Any]]:
     """The evaluator configs of every input `compute` reads."""
@@ -324,7 +417,8 @@ class Evaluator:
     their texts to `workdir`, named by the training `step`."""
     self.step, self.workdir = step, workdir
     predict = functools.partial(self.context.predict_fns[self.PREDICT], variables)
-    out = {f"{self.name}/{k}": v for k, v in self.compute(variables, predict).items()}
+    metrics = self.compute(variables, predict)
+    out = {f"{self.name}/{k}": metrics[k] for k in self.logged}
     name, clean = self.name, self.cfg
     corrupted: dict[str, list[float]] = {}
     for c, s in self.passes:
@@ -334,22 +428,24 @@ class Evaluator:
         metrics = self.compute(variables, predict)
       finally:
         self.name, self.cfg = name, clean
-      for k, v in metrics.items():
-        out[f"{name}/{c}_{s}/{k}"] = v
-        corrupted.setdefault(k, []).append(v)
+      for k in self.logged:
+        out[f"{name}/{c}_{s}/{k}"] = metrics[k]
+        corrupted.setdefault(k, []).append(metrics[k])
     out.update({f"{name}/{CORRUPTED}/{k}": float(np.mean(v)) for k, v in corrupted.items()})
     return out
 
-  def write_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
-    """`rows` as JSON lines in `<workdir>/<kind>_step<N>-<evaluator>.jsonl` (the main
-    process; nothing without a workdir)."""
+  def output_file(self, kind: str, suffix: str) -> Any:
+    """`<workdir>/<kind>_step<N>-<evaluator><suffix>`, where this evaluation writes its
+    `kind` of file; None where nothing is written (no workdir, or not the main process)."""
     if self.workdir is None or not self.context.is_main:
-      return
-    from mmtl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-
+      return None
     step = "final" if self.step is None else self.step
-    file = workdir_lib.path(self.workdir, f"{kind}_step{step}-{self.name}.jsonl")
-    workdir_lib.write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return workdir_lib.path(self.workdir, f"{kind}_step{step}-{self.name}{suffix}")
+
+  def write_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
+    """`rows` as JSON lines in `<workdir>/<kind>_step<N>-<evaluator>.jsonl`."""
+    if (file := self.output_file(kind, ".jsonl")) is not None:
+      workdir_lib.write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     """The metrics, by name, of the model `predict` (the head's `PREDICT` function,
@@ -359,19 +455,74 @@ class Evaluator:
 
 
 class Classification(Evaluator):
-  """Accuracy, macro F1 and mean cross-entropy of the classification head."""
+  """The classification head's metrics, from one read of its predictions: accuracy, mean
+  cross-entropy, precision / recall / F1 (macro and weighted), ROC-AUC and PR-AUC, and
+  ECE over `calibration_bins` bins. Writes the per-class report and the confusion
+  matrix (`classification_step<N>-<name>.json`) and their pictures
+  (`confusion_step<N>-<name>.png`, `reliability_step<N>-<name>.png`) to the workdir."""
 
   HEAD = "classification"
-  METRICS = ("accuracy", "macro_f1", "loss")
+  KEYS = dict(calibration_bins=15)
+  METRICS = (
+    "accuracy",
+    "macro_f1",
+    "loss",
+    "macro_precision",
+    "macro_recall",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+    "roc_auc",
+    "pr_auc",
+    "ece",
+  )
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["logits", "labels"])
-    loss = losses.softmax_xent_per_example(out["logits"], out["labels"]).mean()
+    logits, labels = out["logits"].astype(np.float64), out["labels"]
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    report = class_report(logits.argmax(-1), labels, logits.shape[-1])
+    calibrated = calibration(probs, labels, int(self.option("calibration_bins")))
+    self.write_report(report, calibrated)
     return {
-      "accuracy": accuracy(out["logits"], out["labels"]),
-      "macro_f1": macro_f1(out["logits"].argmax(-1), out["labels"]),
-      "loss": float(loss),
+      "accuracy": accuracy(logits, labels),
+      "loss": float(losses.softmax_xent_per_example(logits, labels).mean()),
+      **report["averages"],
+      **ranking_auc(probs, labels),
+      "ece": calibrated["ece"],
     }
+
+  def write_report(self, report: dict[str, Any], calibrated: dict[str, Any]) -> None:
+    if (file := self.output_file("classification", ".json")) is None:
+      return
+    from mmtl import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+    names = self.classes(len(report["confusion_matrix"]))
+    per_class = {
+      name: {k: v[i] for k, v in report["per_class"].items()} for i, name in enumerate(names)
+    }
+    saved = dict(
+      classes=names,
+      per_class=per_class,
+      **report["averages"],
+      confusion_matrix=report["confusion_matrix"],
+      calibration=calibrated,
+    )
+    workdir_lib.write_text(file, json.dumps(saved, indent=1))
+    metrics_lib.plot_confusion_matrix(
+      self.output_file("confusion", ".png"), report["confusion_matrix"], names, self.name
+    )
+    metrics_lib.plot_reliability(self.output_file("reliability", ".png"), calibrated, self.name)
+
+  def classes(self, num_classes: int) -> list[str]:
+    """The label's class names where the dataset has them, else the class ids."""
+    try:
+      names = self.context.class_names(self.cfg) if self.context.class_names else None
+    except (config_keys.ConfigError, ValueError, KeyError):
+      names = None
+    if names and len(names) == num_classes:
+      return list(names)
+    return [str(i) for i in range(num_classes)]
 
 
 class MaskedLM(Evaluator):
@@ -433,7 +584,7 @@ class Retrieval(Evaluator):
       )
 
   def metrics(self) -> tuple[str, ...]:
-    return tuple(f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in self.ks)
+    return tuple(f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in self.option("ks"))
 
   def inputs(self) -> list[Mapping[str, Any]]:
     """The image pass, and the text-only pass of later captions."""
@@ -813,6 +964,7 @@ def make_evaluators(
     make_batches=lambda cfg: device.to_devices(host_batches(cfg), config, mesh),
     text_embedder=text_embedder,
     generate_texts=make_generate_texts(config, mesh, host_batches),
+    class_names=lambda cfg: data.class_names(eval_input_config(config, cfg)),
     is_main=jax.process_index() == 0,
   )
   return [make(name, cfg, context) for name, cfg in config.evals.items()]

@@ -8,7 +8,7 @@ or on an object store (`gs://`; see `MetricWriter`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import importlib
 import io
 import json
@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 from mmtl import workdir as workdir_lib
@@ -201,15 +202,30 @@ def read(workdir: str) -> dict[str, dict[int, float]]:
   return curves
 
 
-def plot_curves(workdir: str) -> str:
-  """Writes `DIR/curves.png`: one panel per metric kind (the part after the last
-  `/`), so `train/loss`, `val/loss` share a panel and `val/accuracy`,
-  `test/accuracy` another."""
+def _pyplot() -> Any:
+  """matplotlib.pyplot, drawing to files (no display)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def _figure_bytes(fig: Any) -> bytes:
+  """The figure as PNG bytes (closed: pyplot keeps no reference)."""
+  png = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(png, format="png", dpi=100)
+  _pyplot().close(fig)
+  return png.getvalue()
+
+
+def plot_curves(workdir: str) -> str:
+  """Writes `DIR/curves.png`: one panel per metric kind (the part after the last
+  `/`), so `train/loss`, `val/loss` share a panel and `val/accuracy`,
+  `test/accuracy` another."""
+  plt = _pyplot()
   curves = {k: v for k, v in read(workdir).items() if not k.startswith("speed/")}
   groups: dict[str, list[str]] = {}
   for name in curves:
@@ -229,13 +245,66 @@ def plot_curves(workdir: str) -> str:
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(groups) :]:
     ax.axis("off")
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=100)
-  plt.close(fig)
   path = workdir_lib.path(workdir, CURVES_FILE)
-  path.write_bytes(png.getvalue())
+  path.write_bytes(_figure_bytes(fig))
   return os.fspath(path)
+
+
+def plot_confusion_matrix(
+  file: epath.PathLike, matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str
+) -> None:
+  """The confusion matrix as a PNG: rows true classes, columns predicted, each cell the
+  share of its row (its count written in it up to 20 classes)."""
+  plt = _pyplot()
+  counts = np.asarray(matrix, np.float64)
+  shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+  n = len(classes)
+  size = min(3 + 0.45 * n, 14)
+  fig, ax = plt.subplots(figsize=(size + 1, size))
+  image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+  fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+  if n <= 50:
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+  if n <= 20:
+    for (i, j), count in np.ndenumerate(counts):
+      colour = "white" if shares[i, j] > 0.5 else "black"
+      ax.text(j, i, f"{count:.0f}", ha="center", va="center", fontsize=7, color=colour)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(f"{title}: confusion matrix ({int(counts.sum())} examples)", fontsize=10)
+  epath.Path(file).write_bytes(_figure_bytes(fig))
+
+
+def plot_reliability(file: epath.PathLike, bins: Mapping[str, Any], title: str) -> None:
+  """The reliability diagram of `mmtl.evaluators.calibration`'s bins: accuracy against
+  confidence per bin (the diagonal: perfect calibration), and how many examples each
+  bin holds."""
+  plt = _pyplot()
+  edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
+  centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+  used = count > 0
+  fig, (top, bottom) = plt.subplots(
+    2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw=dict(height_ratios=(3, 1))
+  )
+  top.bar(
+    centres[used],
+    np.asarray(bins["accuracy"])[used],
+    width=width[used],
+    edgecolor="black",
+    label="accuracy",
+  )
+  top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+  top.plot(centres[used], np.asarray(bins["confidence"])[used], "r.", label="mean confidence")
+  top.set_ylabel("accuracy")
+  top.set_ylim(0, 1)
+  top.legend(fontsize=8, loc="upper left")
+  top.set_title(f"{title}: ECE {bins['ece']:.3f} ({len(count)} equal-width bins)", fontsize=10)
+  bottom.bar(centres, count, width=width, color="grey")
+  bottom.set_xlabel("confidence (top-class probability)")
+  bottom.set_ylabel("examples")
+  bottom.set_xlim(0, 1)
+  epath.Path(file).write_bytes(_figure_bytes(fig))
 
 
 def format_table(metrics: Mapping[str, float], title: str = "Final metrics") -> str:

@@ -15,14 +15,69 @@ from mmtl import evaluators as ev
 from mmtl.data import options, transforms
 
 
-def test_accuracy_and_macro_f1():
+def test_accuracy_and_class_report():
   logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
   labels = np.array([0, 1, 1, 1])
   assert ev.accuracy(logits, labels) == 0.75
-  # class 0: tp=1 fp=1 fn=0 -> 2/3; class 1: tp=2 fp=0 fn=1 -> 0.8
-  assert ev.macro_f1(logits.argmax(-1), labels) == pytest.approx((2 / 3 + 0.8) / 2)
-  # A class only predicted counts (F1 0): the union of labels and predictions, as before.
-  assert ev.macro_f1(np.array([0, 1]), np.array([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
+  report = ev.class_report(logits.argmax(-1), labels, 3)
+  # class 0: tp=1 fp=1 fn=0 -> P 1/2, R 1, F1 2/3; class 1: tp=2 fp=0 fn=1 -> P 1, R 2/3,
+  # F1 0.8; class 2 never occurs: zeros, support 0, left out of the averages.
+  per_class = report["per_class"]
+  assert per_class["precision"] == pytest.approx([0.5, 1.0, 0.0])
+  assert per_class["recall"] == pytest.approx([1.0, 2 / 3, 0.0])
+  assert per_class["f1"] == pytest.approx([2 / 3, 0.8, 0.0])
+  assert per_class["support"] == [1, 3, 0]
+  averages = report["averages"]
+  assert averages["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+  assert averages["macro_precision"] == pytest.approx(0.75)
+  assert averages["weighted_recall"] == pytest.approx((1 + 3 * 2 / 3) / 4)
+  assert averages["weighted_f1"] == pytest.approx((2 / 3 + 3 * 0.8) / 4)
+  assert report["confusion_matrix"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+  # A class only predicted counts (F1 0): the union of labels and predictions.
+  only_predicted = ev.class_report(np.array([0, 1]), np.array([0, 0]), 2)["averages"]
+  assert only_predicted["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def _pairwise_auc(scores, positive):
+  """ROC-AUC as the probability that a positive outscores a negative (ties: half)."""
+  pos, neg = scores[positive], scores[~positive]
+  return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+    len(pos) * len(neg)
+  )
+
+
+def test_ranking_auc_binary_and_one_vs_rest():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 40)
+  p1 = np.clip(0.3 * labels + rng.uniform(0, 0.7, 40), 0, 1)
+  out = ev.ranking_auc(np.stack([1 - p1, p1], 1), labels)
+  assert out["roc_auc"] == pytest.approx(_pairwise_auc(p1, labels == 1))
+  # Average precision: the mean over positives of the precision at their rank.
+  order = np.argsort(-p1)
+  hits = labels[order] == 1
+  precision_at_hits = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
+  assert out["pr_auc"] == pytest.approx(precision_at_hits.mean())
+  # 4 classes, class 3 never occurs: the mean one-vs-rest AUC over classes 0-2.
+  labels = rng.integers(0, 3, 60)
+  probs = rng.dirichlet(np.ones(4), 60) + 0.5 * np.eye(4)[labels]
+  out = ev.ranking_auc(probs, labels)
+  expected = np.mean([_pairwise_auc(probs[:, c], labels == c) for c in range(3)])
+  assert out["roc_auc"] == pytest.approx(expected)
+  assert np.isnan(ev.ranking_auc(probs, np.zeros(60, int))["roc_auc"])
+
+
+def test_calibration_error_of_hand_made_bins():
+  # Bin (0.6, 0.8]: confidences 0.7, 0.7, one right -> |0.5 - 0.7|; bin (0.8, 1]: 0.9 twice,
+  # both right -> |1 - 0.9|. ECE = 2/4 * 0.2 + 2/4 * 0.1.
+  probs = np.array([[0.7, 0.3], [0.3, 0.7], [0.9, 0.1], [0.1, 0.9]])
+  labels = np.array([0, 0, 0, 1])
+  out = ev.calibration(probs, labels, num_bins=5)
+  assert out["ece"] == pytest.approx(0.15)
+  assert out["count"] == [0, 0, 0, 2, 2]
+  assert out["accuracy"][3:] == pytest.approx([0.5, 1.0])
+  assert out["confidence"][3:] == pytest.approx([0.7, 0.9])
+  # A confidence on an edge falls in the bin it closes: 0.6 -> (0.4, 0.6].
+  assert ev.calibration(np.array([[0.6, 0.4]]), np.array([0]), 5)["count"] == [0, 0, 1, 0, 0]
 
 
 def test_retrieval_recall_both_directions():
@@ -331,8 +386,48 @@ def test_classification_evaluator_runs_over_batches():
   ]
   e = ev.make("val", {"type": "classification", "every": 5}, _context(batches))
   out = e.run(variables=None)
-  assert out["val/accuracy"] == 0.5 and set(out) == {"val/accuracy", "val/macro_f1", "val/loss"}
+  assert out["val/accuracy"] == 0.5 and list(out) == [f"val/{m}" for m in e.METRICS]
   assert e.due(10, 100) and e.due(100, 100) and not e.due(7, 100)
+
+
+def test_classification_evaluator_writes_its_report_and_pictures(tmp_path):
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, 30)
+  logits = rng.normal(size=(30, 3)) + 2 * np.eye(3)[labels]
+  batches = [{"logits": logits, "labels": labels, "example_weight": np.ones(30)}]
+  context = _context(batches, class_names=lambda cfg: ["circle", "square", "triangle"])
+  e = ev.make("val", {"type": "classification", "calibration_bins": 10}, context)
+  out = e.run(variables=None, step=7, workdir=str(tmp_path))
+  report = json.loads((tmp_path / "classification_step7-val.json").read_text())
+  assert report["classes"] == ["circle", "square", "triangle"]
+  assert np.sum(report["confusion_matrix"]) == 30
+  assert report["macro_f1"] == out["val/macro_f1"]
+  assert report["per_class"]["square"]["support"] == int((labels == 1).sum())
+  assert len(report["calibration"]["count"]) == 10
+  assert report["calibration"]["ece"] == out["val/ece"]
+  for picture in ("confusion_step7-val.png", "reliability_step7-val.png"):
+    assert (tmp_path / picture).read_bytes().startswith(b"\x89PNG")
+
+
+def test_metrics_key_picks_what_is_logged():
+  batches = [{"logits": np.eye(2), "labels": np.array([0, 1]), "example_weight": np.ones(2)}]
+  e = ev.make(
+    "val", {"type": "classification", "metrics": ["roc_auc", "accuracy"]}, _context(batches)
+  )
+  assert e.metric_names() == ["val/roc_auc", "val/accuracy"]
+  assert e.run(variables=None) == {"val/roc_auc": 1.0, "val/accuracy": 1.0}
+
+
+def test_metric_an_evaluator_cannot_compute_names_the_heads_that_can():
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"metrics asks for 'roc_auc', which a 'retrieval' evaluator does not compute \(it "
+    r"gives i2t_recall@1, .*'roc_auc' comes from the evaluator type\(s\) 'classification' "
+    r"\(head_type 'classification'\)",
+  ):
+    ev.make("val", {"type": "retrieval", "metrics": ["roc_auc"]}, _context(head_type="contrastive"))
+  with pytest.raises(config_lib.ConfigError, match="no evaluator type computes it"):
+    ev.make("val", {"type": "classification", "metrics": ["bleu_9"]}, _context())
 
 
 def test_zeroshot_averages_each_class_prompts():
@@ -474,6 +569,7 @@ def test_make_evaluators_feeds_eval_inputs_through_the_model(monkeypatch, tiny_b
   evaluators["big"].check()  # Its test input and its train input.
   assert read == [("validation", "shapes", 8, 0, 1)] + [("train", "shapes", 16, 0, 1)] * 2
   out = evaluators["val"].run({"params": {"w": jnp.eye(2)}})
+  out = {k: out[k] for k in ("val/accuracy", "val/macro_f1", "val/loss")}
   # 7 real rows (the padding row dropped), 6 right: row 6 has label 0 and logits (0, 1).
   right, wrong = np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))
   assert out == pytest.approx(
