@@ -60,6 +60,8 @@ DEFAULTS = dict(
   # mmtl.domain_adaptation: method (dann, coral, mmd), input (the unlabeled target domain,
   # over config.input), weight, schedule, gamma, mmd_kernels, mmd_kernel_mul; {} = off
   domain_adaptation={},
+  # mmtl.data.folds: folds (0: off), fold (the one held out), seed, evaluator (scores it).
+  cross_validation={},
   # mmtl.feature_cache: locked towers run once per example (enable); entries in `dir`,
   # else $MMTL_FEATURE_CACHE_DIR (sweeps and searches share one), else <workdir>/feature_cache.
   feature_cache=dict(enable=False, dir=""),
@@ -121,6 +123,7 @@ def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
   # Imported late (JAX).
   from mmtl import data, distill, domain_adaptation, evaluators, modalities, optim
+  from mmtl.data import folds
 
   input_keys = data.defaults().to_dict()
   input_keys["builder_config"] = FREE
@@ -145,6 +148,7 @@ def schema() -> dict[str, Any]:
     optim=resolve(optim.CONFIG_KEYS),
     distill=distill.CONFIG_KEYS,
     domain_adaptation=resolve(domain_adaptation.CONFIG_KEYS),
+    cross_validation=folds.CONFIG_KEYS,
     sharding_rules=RULES,
   )
   return out

@@ -184,7 +184,8 @@ def entry_key(
       split=cfg.split,
       data_dir=cfg.data_dir,
       builder_config=cfg.builder_config,
-      examples=b.info.splits[cfg.split].num_examples,
+      fold=cfg.fold,
+      examples=source.num_examples(cfg),
     )
   )
 

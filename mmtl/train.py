@@ -57,7 +57,7 @@ from mmtl import evaluators as evaluators_lib
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import device as data_device
-from mmtl.data import transforms
+from mmtl.data import folds, transforms
 from mmtl.modalities import MODALITIES
 from mmtl.models import fusion
 
@@ -401,6 +401,7 @@ def train(
   """
   distributed.maybe_initialize()
   config = config_lib.with_defaults(config)
+  folds.apply(config)  # Cross-validation: the folds the input and the evaluator read.
   with hold_workdir(workdir):
     return _train(config, workdir, allow_config_change)
 

@@ -132,10 +132,7 @@ def make_train_iterator(
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
   if cfg.loader == "tf":
-    if cfg.class_sampling is not None:
-      raise config_keys.ConfigError(
-        "config.input.class_sampling needs config.input.loader='grain'."
-      )
+    _check_tf(cfg, "class_sampling")
     return tf_loader.TfIterator(
       cfg,
       batch_size=batch_size,
@@ -172,6 +169,18 @@ def make_train_iterator(
   return _to_iterator(ds.map(pre.arrays), cfg, pre)
 
 
+def _check_tf(cfg: ml_collections.ConfigDict, *keys: str) -> None:
+  """Refuses the `config.input` settings only grain reads: folds, and `keys`."""
+  for key in ("fold", *keys):
+    if cfg[key] is not None:
+      raise config_keys.ConfigError(
+        f"config.input.{key} (cross-validation folds: config.cross_validation) needs "
+        "config.input.loader='grain'."
+        if key == "fold"
+        else f"config.input.{key} needs config.input.loader='grain'."
+      )
+
+
 def eval_num_batches(num: int, *, batch_size: int, process_count: int) -> int:
   """Batches every process yields for a `num`-example split (equal on all processes)."""
   return max(1, math.ceil(math.ceil(num / process_count) / batch_size))
@@ -197,6 +206,7 @@ def make_eval_iterator(
   cfg = options.input_config(input_cfg)
   _check_process(process_index, process_count)
   if cfg.loader == "tf":
+    _check_tf(cfg)
     num_batches = eval_num_batches(
       source.num_examples(cfg), batch_size=batch_size, process_count=process_count
     )

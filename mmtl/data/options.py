@@ -55,6 +55,9 @@ def defaults() -> ml_collections.ConfigDict:
     # Training order (mmtl.data.sampling): None (shuffled epochs), "balanced" (each class
     # 1/K of every epoch: rare classes oversampled) or a list of per-class shares.
     class_sampling=None,
+    # Cross-validation folds (mmtl.data.folds), set by config.cross_validation: None (the
+    # whole split) or dict(folds, index, seed, held_out): fold `index` or all the others.
+    fold=None,
     # Training: P(blank), exactly; never all at once, so the rates of the used modalities not in
     # `blank` must sum to at most their number - 1 (one such modality: rate 0).
     modality_dropout={m: 0.0 for m in MODALITIES},

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmtl import config_keys
-from mmtl.data import bounces, options, sampling, shapes, spoken_digits
+from mmtl.data import bounces, folds, options, sampling, shapes, spoken_digits
 
 # Builders that generate their data offline: prepared on first use, no `download` needed.
 OFFLINE_BUILDERS = (shapes.MmtlShapes, spoken_digits.MmtlSpokenDigits, bounces.MmtlBounces)
@@ -127,20 +127,25 @@ def data_source(cfg: Mapping[str, Any]) -> tuple[Any, tfds.core.DatasetBuilder]:
       "config.input.split to a non-empty slice (e.g. 'train[:1000]')."
     )
   try:
-    return b.as_data_source(split=cfg.split, decoders=skip), b
+    src = b.as_data_source(split=cfg.split, decoders=skip)
   except NotImplementedError as e:  # Prepared as tfrecord: no random access.
     raise config_keys.ConfigError(
       f"{b.info.full_name} is stored as {b.info.file_format.value}, which grain cannot read. "
       "Use config.input.loader='tf' (needs TensorFlow), or rebuild it with "
       "`--file_format array_record`."
     ) from e
+  if cfg.fold is not None:
+    src = folds.Subset(src, fold_positions(cfg, b))
+  return src, b
 
 
 def num_examples(cfg: Mapping[str, Any]) -> int:
-  """Number of examples in cfg.split (over all processes)."""
+  """Number of examples in cfg.split (over all processes; of its folds with cfg.fold)."""
   cfg = options.input_config(cfg)
   b = builder(cfg)
   check_split(b, cfg.split)
+  if cfg.fold is not None:
+    return len(fold_positions(cfg, b))
   return b.info.splits[cfg.split].num_examples
 
 
@@ -156,6 +161,19 @@ def class_names(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
+  """The label of every example cfg reads (cfg.split, or its folds), in order."""
+  found = split_labels(cfg, b)
+  return found if cfg.fold is None else found[fold_positions(cfg, b)]
+
+
+def fold_positions(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
+  """The positions in cfg.split of the examples of cfg.fold (mmtl.data.folds)."""
+  _check_label(cfg, "fold")
+  where = f"config.cross_validation on {b.info.full_name}:{cfg.split}"
+  return folds.indices(split_labels(cfg, b), cfg.fold, where)
+
+
+def split_labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
   """The label of every example of cfg.split, in order (decoding the label only)."""
   root = cfg.fields.label.split("/")[0]
   skip = _skip_decoding(b.info.features, {root})
