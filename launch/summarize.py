@@ -1,13 +1,18 @@
-r"""A sweep's results over repeats: mean and standard deviation per cell, with what each
-cell costs to train.
+r"""A sweep's results over repeats: mean, standard deviation and 95% interval per cell,
+with what each cell costs to train.
 
   python launch/summarize.py --sweep_dir runs/peft --over seed
 
 reads SWEEP_DIR/results.csv (written by launch/sweep.py), groups its finished runs by
-every swept key except the `--over` ones (e.g. the seed), and writes SWEEP_DIR/summary.md
-and summary.csv: per group the number of runs n, each metric's mean and sample standard
-deviation (ddof=1; a single run, or runs that agree, show the value), and from each
-run's own records
+every swept key except the `--over` ones (seeds, folds), and writes SWEEP_DIR/summary.md
+and summary.csv: per group the number of runs n, and for each metric its mean, sample
+standard deviation (ddof=1) and the 95% confidence interval of the mean from Student's
+t distribution, mean ± t(0.975, n-1) sd / sqrt(n) (scipy.stats.t; none for one run):
+`0.85 ± 0.012 [0.82, 0.88]` in the Markdown; in the CSV `<metric> mean`, `sd`,
+`ci95_low`, `ci95_high` and `values` (every run's value, in the order of results.csv, ";"
+between them). Over folds the interval is the usual one but optimistic: the folds'
+training sets overlap, so their scores are not independent (Bengio & Grandvalet, 2004).
+From each run's own records
   trainable       the trainable parameter count (the trainer's start-up summary)
   memory_mib      the trainer's estimated memory per device (params + optimizer state +
                   activations kept for backward; mmtl.memory)
@@ -24,13 +29,17 @@ deviation) against a numeric swept key, one line per group of the other keys.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 from pathlib import Path
 import re
 import statistics
 import sys
+from typing import Any
 
 from absl import app, flags
+from scipy import stats as scipy_stats
 
 _TRAINABLE = re.compile(r"^trainable: ([\d,]+) of ([\d,]+) params")
 _MEMORY = re.compile(r"^Estimated memory per device: ([\d.]+) (B|KiB|MiB|GiB|TiB)")
@@ -58,8 +67,53 @@ def run_costs(sweep_dir: Path, run: str) -> dict[str, float]:
   return out
 
 
-def summarize(sweep_dir: Path, over: list[str]) -> tuple[list[str], list[dict[str, str]]]:
-  """(columns, rows) of the summary table."""
+@dataclasses.dataclass(frozen=True)
+class Spread:
+  """A cell's values over its runs: mean, sample sd and the 95% t-interval of the mean."""
+
+  values: tuple[float, ...]
+
+  @property
+  def mean(self) -> float:
+    return statistics.fmean(self.values)
+
+  @property
+  def sd(self) -> float:
+    return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+  @property
+  def ci95(self) -> tuple[float, float] | None:
+    n = len(self.values)
+    if n < 2:
+      return None
+    half = float(scipy_stats.t.ppf(0.975, n - 1)) * self.sd / math.sqrt(n)
+    return self.mean - half, self.mean + half
+
+  def markdown(self, interval: bool = True) -> str:
+    if len(self.values) < 2 or len(set(self.values)) < 2:
+      return f"{self.mean:.4g}"
+    text = f"{self.mean:.4g} ± {self.sd:.2g}"
+    if interval and self.ci95 is not None:
+      text += f" [{self.ci95[0]:.3g}, {self.ci95[1]:.3g}]"
+    return text
+
+  def csv(self, name: str) -> dict[str, str]:
+    low, high = self.ci95 or ("", "")
+    return {
+      f"{name} mean": repr(self.mean),
+      f"{name} sd": repr(self.sd) if len(self.values) > 1 else "",
+      f"{name} ci95_low": repr(low) if low != "" else "",
+      f"{name} ci95_high": repr(high) if high != "" else "",
+      f"{name} values": ";".join(map(repr, self.values)),
+    }
+
+
+COSTS = ("trainable", "memory_mib", "steps_per_s")
+
+
+def summarize(sweep_dir: Path, over: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+  """(columns, rows) of the summary table: per row the group's key values (strings), `n`,
+  and a `Spread` per metric and cost."""
   path = sweep_dir / "results.csv"
   if not path.exists():
     raise FileNotFoundError(f"No {path}: run launch/sweep.py (or its --collect) first.")
@@ -79,42 +133,60 @@ def summarize(sweep_dir: Path, over: list[str]) -> tuple[list[str], list[dict[st
     values = {m: float(row[m]) for m in metrics if row.get(m)}
     values.update(run_costs(sweep_dir, row["run"]))
     groups.setdefault(tuple(row[k] for k in keys), []).append(values)
-  names = [*metrics, "trainable", "memory_mib", "steps_per_s"]
-  table = []
+  names = [*metrics, *COSTS]
+  table: list[dict[str, Any]] = []
   for group, runs in groups.items():
-    out = {**dict(zip(keys, group)), "n": str(len(runs))}
+    out: dict[str, Any] = {**dict(zip(keys, group)), "n": str(len(runs))}
     for name in names:
-      values = [r[name] for r in runs if name in r]
-      if not values:
-        continue
-      mean = statistics.fmean(values)
-      if name == "trainable":
-        out[name] = f"{mean:,.0f}"
-      elif len(values) > 1 and len(set(values)) > 1:
-        out[name] = f"{mean:.4g} ± {statistics.stdev(values):.2g}"
-      else:
-        out[name] = f"{mean:.4g}"
+      if values := tuple(r[name] for r in runs if name in r):
+        out[name] = Spread(values)
     table.append(out)
   columns = [*keys, "n", *[n for n in names if any(n in r for r in table)]]
   return columns, table
 
 
-def write(sweep_dir: Path, columns: list[str], table: list[dict[str, str]]) -> str:
+def markdown_cell(name: str, value: Any) -> str:
+  """A summary cell: metrics with their interval, costs without; counts as integers."""
+  if not isinstance(value, Spread):
+    return str(value)
+  if name == "trainable":
+    return f"{value.mean:,.0f}"
+  return value.markdown(interval=name not in COSTS)
+
+
+def write(sweep_dir: Path, columns: list[str], table: list[dict[str, Any]], over: list[str]) -> str:
+  """Writes summary.md (with a line saying what the intervals are) and summary.csv."""
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in table]
+  lines += [
+    "| " + " | ".join(markdown_cell(c, r.get(c, "")) for c in columns) + " |" for r in table
+  ]
+  lines += [
+    "",
+    f"Mean ± sample standard deviation over {', '.join(over)} (n runs) [95% confidence "
+    "interval of the mean, Student's t with n - 1 degrees of freedom].",
+  ]
   markdown = "\n".join(lines) + "\n"
   (sweep_dir / "summary.md").write_text(markdown)
+  rows = [
+    {
+      k: v
+      for c in columns
+      for k, v in (r[c].csv(c) if isinstance(r.get(c), Spread) else {c: r.get(c, "")}).items()
+    }
+    for r in table
+  ]
+  fields = list(dict.fromkeys(k for row in rows for k in row))
   with (sweep_dir / "summary.csv").open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
-    writer.writerows(table)
+    writer.writerows(rows)
   return markdown
 
 
 def plot(
   sweep_dir: Path,
   columns: list[str],
-  table: list[dict[str, str]],
+  table: list[dict[str, Any]],
   over: list[str],
   x_key: str,
   metric: str,
@@ -131,8 +203,8 @@ def plot(
   lines: dict[str, list[tuple[float, float, float]]] = {}
   for row in table:
     label = ", ".join(f"{k}={row[k]}" for k in columns[: columns.index("n")] if k != x_key)
-    mean, _, sd = row[metric].partition(" ± ")
-    lines.setdefault(label, []).append((float(row[x_key]), float(mean), float(sd or 0)))
+    spread = row[metric]
+    lines.setdefault(label, []).append((float(row[x_key]), spread.mean, spread.sd))
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for label, points in lines.items():
     xs, ys, sds = zip(*sorted(points))
@@ -160,7 +232,7 @@ def main(argv: list[str]) -> None:
     columns, table = summarize(Path(f.sweep_dir), f.over)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
-  print(write(Path(f.sweep_dir), columns, table), end="")
+  print(write(Path(f.sweep_dir), columns, table, f.over), end="")
   if f.plot:
     x_key, _, metric = f.plot.partition(":")
     try:

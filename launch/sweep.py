@@ -56,10 +56,13 @@ if str(REPO_ROOT) not in sys.path:  # For mmtl.workdir here, and mmtl or configs
 from mmtl import config as config_lib  # noqa: E402
 from mmtl import preemption, process  # noqa: E402
 from mmtl import workdir as workdir_lib  # noqa: E402
+import summarize  # noqa: E402  (launch/summarize.py, beside this file)
 
 METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not imported: it loads JAX.
 RECORD_FILE = "sweep.json"  # The command each run was given: what makes a result reusable.
 ARG_PREFIX = "arg."  # Swept keys that are config-file arguments, not config keys.
+SEED_KEY = "seed"  # --seeds N sweeps config.seed over 0..N-1,
+FOLD_KEY = "cross_validation.fold"  # --folds K the held-out fold (mmtl.data.folds).
 Overrides = dict[str, Any]
 
 
@@ -78,6 +81,8 @@ class Options:
   train_module: str
   python: str
   run_timeout: float | None
+  seeds: int
+  folds: int
   train_flags: list[str]
 
 
@@ -484,6 +489,16 @@ def write_tables(columns: list[str], rows: list[dict[str, Any]], sweep_dir: Path
   return markdown
 
 
+def write_summary(sweep_dir: Path, over: list[str]) -> str | None:
+  """summary.md / .csv over the repeats (launch/summarize.py); None before any run finished."""
+  try:
+    columns, table = summarize.summarize(sweep_dir, over)
+  except ValueError as e:
+    print(f"No summary yet: {e}", file=sys.stderr)
+    return None
+  return summarize.write(sweep_dir, columns, table, over)
+
+
 # ---- Main ------------------------------------------------------------------------
 
 
@@ -541,6 +556,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     **fv,
   )
   flags.DEFINE_bool("collect", False, "Only (re)write the results table.", **fv)
+  flags.DEFINE_integer(
+    "seeds",
+    0,
+    "Run every cell with config.seed 0..N-1 and add SWEEP_DIR/summary.md and .csv: each "
+    "metric's mean, sd and 95%% t-interval over them (launch/summarize.py).",
+    lower_bound=0,
+    **fv,
+  )
+  flags.DEFINE_integer(
+    "folds",
+    0,
+    "Run every cell on each of K stratified folds of the training split, the fold held out "
+    "scored by config.evals.val (config.cross_validation, mmtl.data.folds), summarized as "
+    "--seeds.",
+    lower_bound=0,
+    **fv,
+  )
   flags.DEFINE_bool(
     "keep_going", False, "Go on with the next run after a failed one, instead of stopping.", **fv
   )
@@ -601,15 +633,55 @@ def options(
   return cls(**values, train_flags=list(train_flags))
 
 
+def repeat_axes(args: Options) -> list[tuple[str, list[Any]]]:
+  """The axes `--seeds` and `--folds` add to every run (seeds, then folds)."""
+  axes = []
+  if args.seeds:
+    axes.append((SEED_KEY, list(range(args.seeds))))
+  if args.folds:
+    axes.append((FOLD_KEY, list(range(args.folds))))
+  return axes
+
+
+def repeat_flags(args: Options) -> list[str]:
+  """The flags `--folds K` gives every run (the fold count; each run's fold is its own)."""
+  return [f"--config.cross_validation.folds={args.folds}"] if args.folds else []
+
+
+def summarized_over(args: Options) -> list[str]:
+  """The columns the summary averages over: the repeats' keys."""
+  return [column(key) for key, _ in repeat_axes(args)]
+
+
 def sweep_runs(args: Options) -> list[Overrides]:
+  """Every run's overrides: the grid and sweep file's runs, each repeated over the seeds
+  and folds (their keys last, so the repeats of a cell sit together)."""
+  axes = repeat_axes(args)
+  runs = _sweep_runs(args, repeats=bool(axes))
+  if not axes:
+    return runs
+  if clash := sorted({key for run in runs for key in run} & {key for key, _ in axes}):
+    flag = {SEED_KEY: "--seeds", FOLD_KEY: "--folds"}
+    raise ValueError(
+      f"{', '.join(flag[k] for k in clash)} sweep(s) {clash}, which the grid or sweep file "
+      "already sets; drop one of them"
+    )
+  return combine(runs, grid(axes))
+
+
+def _sweep_runs(args: Options, repeats: bool) -> list[Overrides]:
+  """The runs of --grid and --sweep (or the config's get_sweep()); with `repeats` and
+  neither, the base config alone."""
   grid_runs = grid([parse_axis(spec) for spec in args.grid]) if args.grid else None
   if args.sweep:
     sweep_file_runs = load_sweep_file(args.sweep)
   elif grid_runs is None:
     sweep_file_runs = load_sweep_file(args.config, required=False)
+    if sweep_file_runs is None and repeats:
+      return [{}]
     if sweep_file_runs is None:
       raise ValueError(
-        f"nothing to sweep: pass --grid KEY=V1,V2 or --sweep FILE, "
+        f"nothing to sweep: pass --grid KEY=V1,V2, --sweep FILE or --seeds N, "
         f"or define get_sweep() in {args.config.partition(':')[0]}"
       )
   else:
@@ -657,6 +729,9 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
   """Runs, emits or collects the sweep of parsed flags; returns the exit code (2: a bad sweep)."""
   try:
     args = options(flag_values, train_flags)
+    if args.folds == 1:
+      raise ValueError("--folds 1 holds out the whole split; use --folds K with K >= 2")
+    args = dataclasses.replace(args, train_flags=[*repeat_flags(args), *args.train_flags])
     runs = [(run_name(overrides), overrides) for overrides in sweep_runs(args)]
   except (ValueError, FileNotFoundError) as e:
     print(f"sweep.py: error: {e}", file=sys.stderr)
@@ -704,6 +779,9 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
   failed = [] if args.collect else run_locally(args, runs, sweep_dir)
   print(write_tables(*collect(runs, sweep_dir, record), sweep_dir), end="")
   print(f"Wrote {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
+  if (over := summarized_over(args)) and (summary := write_summary(sweep_dir, over)):
+    print(summary, end="")
+    print(f"Wrote {sweep_dir / 'summary.md'} and {sweep_dir / 'summary.csv'}")
   if failed:
     print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
   return 1 if failed else 0

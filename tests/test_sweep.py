@@ -65,6 +65,7 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
     if overrides.get("hang") == "yes":
       hang()
     score = float(overrides.get("lr", 0)) * 100 + len(overrides.get("fusion", ""))
+    score += int(overrides.get("seed", 0)) + 0.1 * int(overrides.get("cross_validation.fold", 0))
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"val/accuracy": score, "val/loss": 1 / (1 + score)}, f)
     """)
@@ -279,6 +280,35 @@ def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path
   assert capsys.readouterr().out == ""
 
 
+def test_seeds_and_folds_repeat_every_cell_and_summarize_it(fake_trainer, tmp_path, capsys):
+  run, workdirs_run, _ = fake_trainer
+  sweep_dir = tmp_path / "s"
+  assert (
+    run("--sweep_dir", str(sweep_dir), "--grid", "lr=0.1,0.2", "--seeds", "2", "--folds", "2") == 0
+  )
+  names = [
+    f"lr={lr}__seed={seed}__cross_validation.fold={fold}"
+    for lr in ("0.1", "0.2")
+    for seed in (0, 1)
+    for fold in (0, 1)
+  ]
+  assert workdirs_run() == names
+  calls = [
+    json.loads(line) for line in Path(os.environ["FAKE_TRAIN_CALLS"]).read_text().splitlines()
+  ]
+  assert all("--config.cross_validation.folds=2" in call for call in calls)
+  assert "--config.seed=1" in calls[2] and "--config.cross_validation.fold=1" in calls[3]
+  summary = (sweep_dir / "summary.md").read_text().splitlines()
+  assert summary[0] == "| lr | n | val/accuracy | val/loss |"
+  # lr=0.1: 10 + seed + 0.1 fold over seeds 0, 1 and folds 0, 1: mean 10.55, sd 0.5802.
+  assert summary[2].startswith("| 0.1 | 4 | 10.55 ± 0.58 [9.63, 11.5] |")
+  assert "over seed, cross_validation.fold" in summary[-1]
+  with (sweep_dir / "summary.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert rows[1]["val/accuracy values"] == "20.0;20.1;21.0;21.1"
+  assert "Wrote" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
   "args, message",
   [
@@ -290,6 +320,8 @@ def test_sweep_file_combines_with_grid_and_emits_commands(fake_trainer, tmp_path
     (["--sweep", "missing.py"], "missing.py does not exist"),
     (["--grid", "lr=1", "stray"], "unexpected arguments ['stray']: flags for every run go after"),
     (["--grid", "lr=1", "--bogus"], "Unknown command line flag 'bogus'"),
+    (["--grid", "seed=1,2", "--seeds", "3"], "--seeds sweep(s) ['seed'], which the grid"),
+    (["--seeds", "2", "--folds", "1"], "--folds 1 holds out the whole split"),
   ],
 )
 def test_bad_sweeps_are_explained(fake_trainer, tmp_path, capsys, args, message):
@@ -398,10 +430,10 @@ def test_cli_prints_then_runs_exactly_the_unfinished_runs(fake_trainer, tmp_path
 
   with (sweep_dir / "results.csv").open() as f:
     assert [(r["run"], r["val/accuracy"], r["command"]) for r in csv.DictReader(f)] == [
-      ("fusion=concat__lr=0.1", "16.0", shown("concat", "0.1")),
+      ("fusion=concat__lr=0.1", "17.0", shown("concat", "0.1")),  # 16 + seed 1
       ("fusion=concat__lr=0.2", "1.0", "unknown (no record in sweep.json)"),
-      ("fusion=gated__lr=0.1", "15.0", shown("gated", "0.1")),
-      ("fusion=gated__lr=0.2", "25.0", shown("gated", "0.2")),
+      ("fusion=gated__lr=0.1", "16.0", shown("gated", "0.1")),
+      ("fusion=gated__lr=0.2", "26.0", shown("gated", "0.2")),
     ]
 
   assert cli("--emit", "local", "--reuse-finished").stdout == ""  # Nothing left to run.
@@ -571,11 +603,13 @@ def test_summarize_averages_over_seeds_with_each_runs_costs(tmp_path):
       )
   columns, table = summarize.summarize(tmp_path, ["seed"])
   assert columns == ["method", "n", "val/accuracy", "trainable", "memory_mib", "steps_per_s"]
-  assert table == [
+  cells = [{c: summarize.markdown_cell(c, row[c]) for c in columns} for row in table]
+  # Two runs: t(0.975, 1) = 12.706 (a t table), sd = 0.1414, half-width 12.706 * 0.1414 / sqrt 2.
+  assert cells == [
     {
       "method": "a",
       "n": "2",
-      "val/accuracy": "0.6 ± 0.14",
+      "val/accuracy": "0.6 ± 0.14 [-0.671, 1.87]",
       "trainable": "1,024",
       "memory_mib": "1.5",
       "steps_per_s": "4",
@@ -589,8 +623,15 @@ def test_summarize_averages_over_seeds_with_each_runs_costs(tmp_path):
       "steps_per_s": "4",
     },
   ]
-  summarize.write(tmp_path, columns, table)
-  assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("| a | 2 | 0.6 ± 0.14 |")
+  summarize.write(tmp_path, columns, table, ["seed"])
+  markdown = (tmp_path / "summary.md").read_text().splitlines()
+  assert markdown[2].startswith("| a | 2 | 0.6 ± 0.14 [-0.671, 1.87] |")
+  assert "95% confidence interval of the mean, Student's t" in markdown[-1]
+  with (tmp_path / "summary.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert float(rows[0]["val/accuracy mean"]) == pytest.approx(0.6)
+  assert float(rows[0]["val/accuracy ci95_low"]) == pytest.approx(0.6 - 12.7062 * 0.1, abs=1e-4)
+  assert rows[0]["val/accuracy values"] == "0.5;0.7" and rows[1]["val/accuracy sd"] == ""
   with pytest.raises(ValueError, match=r"--over \['fold'\]: not columns"):
     summarize.summarize(tmp_path, ["fold"])
   with pytest.raises(ValueError, match=r"--plot method:val/f1: the summary has columns"):
