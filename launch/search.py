@@ -32,6 +32,7 @@ from pathlib import Path
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -88,6 +89,7 @@ class Options:
   train_module: str
   python: str
   run_timeout: float | None
+  seeds: int
   train_flags: list[str]
 
 
@@ -211,6 +213,7 @@ def record(args: Options, space: Space) -> dict[str, Any]:
     metric=args.metric,
     mode=args.mode,
     space={key: optuna.distributions.distribution_to_json(d) for key, d in space.items()},
+    **({"seeds": args.seeds} if args.seeds > 1 else {}),
   )
 
 
@@ -365,50 +368,82 @@ def total_steps(workdir: str) -> int | None:
     return None
 
 
+def trial_runs(args: Options, study_dir: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
+  """(workdir, extra overrides) of each trainer run of trial directory `name`: the
+  directory itself, or with `--seeds N` one `seed=S` directory in it per seed."""
+  workdir = sweep.workdir_of(str(study_dir), name)
+  if args.seeds <= 1:
+    return [(workdir, {})]
+  return [(sweep.workdir_of(workdir, f"seed={s}"), {"seed": s}) for s in range(args.seeds)]
+
+
 def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path) -> bool:
   """Asks Optuna for a trial (a queued retry first), trains it and tells the outcome;
   returns False if it failed. Interrupted, or its trainer stopped by a signal (after saving):
-  the trial is re-queued, and KeyboardInterrupt raised."""
+  the trial is re-queued, and KeyboardInterrupt raised. With `--seeds N` the trial's N
+  trainers run side by side; each evaluation step is reported (and pruned on) as the mean
+  over the seeds once all have logged it, and the trial's value is the mean of their final
+  metric (each seed's value recorded)."""
   trial = study.ask(space)
   name = trial_dir(study.get_trials(deepcopy=False)[trial.number])
-  workdir = sweep.workdir_of(str(study_dir), name)
+  runs = trial_runs(args, study_dir, name)
+  workdirs = [workdir for workdir, _ in runs]
   shown = " ".join(f"{sweep.column(k)}={sweep.cli_value(v)}" for k, v in trial.params.items())
   retry = name != f"trial_{trial.number:04d}"
   prefix = f"[trial {trial.number}, in {name}]" if retry else f"[trial {trial.number}]"
-  log = study_dir / "logs" / f"{name}.log"
-  log.parent.mkdir(parents=True, exist_ok=True)
-  cmd = sweep.train_command(dataclasses.replace(args, emit=None), workdir, trial.params)
-  print(f"{prefix} {shown}: running, log {log}\n  {shlex.join(cmd)}", flush=True)
+  logs = [
+    study_dir / "logs" / f"{name}{'-' + Path(w).name if extra else ''}.log" for w, extra in runs
+  ]
+  logs[0].parent.mkdir(parents=True, exist_ok=True)
+  trainer = dataclasses.replace(args, emit=None)
+  cmds = [sweep.train_command(trainer, w, {**trial.params, **extra}) for w, extra in runs]
+  print(f"{prefix} {shown}: running, log {', '.join(map(str, logs))}", flush=True)
+  for cmd in cmds:
+    print(f"  {shlex.join(cmd)}", flush=True)
   for key, value in dict(workdir=name, host=socket.gethostname(), heartbeat=time.time()).items():
     trial.set_user_attr(key, value)
   start, beat, reported, timed_out = time.time(), time.time(), set(), False
-  with log.open("a") as out:
-    proc = process.start(
-      cmd,
-      stdout=out,
-      stderr=subprocess.STDOUT,
-      env=sweep.trainer_env(study_dir),
-      preexec_fn=die_with_worker if sys.platform == "linux" else None,
-    )
+  procs = []
+  for cmd, log in zip(cmds, logs):
+    with log.open("a") as out:
+      procs.append(
+        process.start(
+          cmd,
+          stdout=out,
+          stderr=subprocess.STDOUT,
+          env=sweep.trainer_env(study_dir),
+          preexec_fn=die_with_worker if sys.platform == "linux" else None,
+        )
+      )
+
+  def stop_all() -> None:
+    for proc, workdir in zip(procs, workdirs):
+      stop(proc, workdir)
+
   try:
     while True:
-      exited = proc.poll() is not None
-      curve = curves(workdir).get(args.metric, {})
-      last = total_steps(workdir)
+      exited = all(proc.poll() is not None for proc in procs)
+      seed_curves = [curves(w).get(args.metric, {}) for w in workdirs]
+      curve = {
+        step: statistics.fmean(c[step] for c in seed_curves)
+        for step in set.intersection(*(set(c) for c in seed_curves))
+      }
+      last = total_steps(workdirs[0])
       for step in sorted(set(curve) - reported):
         trial.report(curve[step], step)
         reported.add(step)
         if (last is None or step < last) and trial.should_prune():
-          stop(proc, workdir)
+          stop_all()
           pruned = dict(step=step, metric=args.metric, value=curve[step], trial=trial.number)
-          workdir_lib.write_text(workdir_lib.path(workdir, PRUNED_FILE), json.dumps(pruned))
-          finish(study, trial, workdir, start, TrialState.PRUNED, pruned_step=step)
+          for workdir in workdirs:
+            workdir_lib.write_text(workdir_lib.path(workdir, PRUNED_FILE), json.dumps(pruned))
+          finish(study, trial, workdirs, start, TrialState.PRUNED, pruned_step=step)
           print(f"{prefix} pruned at step {step} ({args.metric} {curve[step]:.4g})", flush=True)
           return True
       if exited:
         break
       if args.run_timeout is not None and time.time() - start > args.run_timeout:
-        stop(proc, workdir)
+        stop_all()
         timed_out = True
         break
       if time.time() - beat > HEARTBEAT_S:
@@ -416,26 +451,37 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
         trial.set_user_attr("heartbeat", beat)
       time.sleep(POLL_S)
   except KeyboardInterrupt:
-    stop(proc, workdir)
+    stop_all()
     requeue(study, trial.number)
     print(f"{prefix} interrupted: re-queued; rerun to resume it from its checkpoint", flush=True)
     raise
-  if proc.returncode == preemption.EXIT_CODE:  # The trainer saved its step on a signal.
+  if any(proc.returncode == preemption.EXIT_CODE for proc in procs):  # Saved on a signal.
+    stop_all()
     requeue(study, trial.number)
     print(f"{prefix} stopped by a signal after saving: re-queued; rerun to resume it", flush=True)
     raise KeyboardInterrupt
-  final = sweep.final_metrics(workdir) or {}
-  if not timed_out and proc.returncode == 0 and args.metric in final:
-    finish(study, trial, workdir, start, TrialState.COMPLETE, value=final[args.metric])
-    print(f"{prefix} done: {args.metric} {final[args.metric]:.4g}", flush=True)
+  finals = [sweep.final_metrics(w) or {} for w in workdirs]
+  failed = [
+    (log, proc.returncode, final)
+    for proc, log, final in zip(procs, logs, finals)
+    if proc.returncode or args.metric not in final
+  ]
+  if not timed_out and not failed:
+    values = [final[args.metric] for final in finals]
+    value = statistics.fmean(values)
+    notes = dict(values=values, sd=statistics.stdev(values)) if len(values) > 1 else {}
+    finish(study, trial, workdirs, start, TrialState.COMPLETE, value=value, **notes)
+    over = f" (mean over {len(values)} seeds)" if len(values) > 1 else ""
+    print(f"{prefix} done: {args.metric} {value:.4g}{over}", flush=True)
     return True
+  log, returncode, _ = failed[0] if failed else (logs[0], 0, {})
   if timed_out:
     why = sweep.timed_out(args.run_timeout)
-  elif proc.returncode:
-    why = f"exit code {proc.returncode}"
+  elif returncode:
+    why = f"exit code {returncode}"
   else:
     why = f"no {args.metric} in final metrics"
-  finish(study, trial, workdir, start, TrialState.FAIL, error=f"{why}: see logs/{name}.log")
+  finish(study, trial, workdirs, start, TrialState.FAIL, error=f"{why}: see logs/{log.name}")
   print(f"{prefix} FAILED ({why}); last lines of {log}:\n{sweep.log_tail(log)}", file=sys.stderr)
   return False
 
@@ -443,14 +489,16 @@ def run_trial(args: Options, study: optuna.Study, space: Space, study_dir: Path)
 def finish(
   study: optuna.Study,
   trial: optuna.Trial,
-  workdir: str,
+  workdirs: list[str],
   start: float,
   state: TrialState,
   value: float | None = None,
   **notes: Any,
 ) -> None:
-  """Records what the trial cost (steps, seconds) and tells Optuna how it ended."""
-  for key, note in dict(steps=steps_run(workdir), seconds=time.time() - start, **notes).items():
+  """Records what the trial cost (steps over its runs, seconds) and tells Optuna how it
+  ended."""
+  steps = sum(steps_run(w) for w in workdirs)
+  for key, note in dict(steps=steps, seconds=time.time() - start, **notes).items():
     trial.set_user_attr(key, note)
   study.tell(trial, value, state=state)
 
@@ -476,13 +524,23 @@ def results(args: Options, study: optuna.Study, study_dir: Path) -> str:
         "trial": t.number,
         **{sweep.column(k): v for k, v in t.params.items()},
         args.metric: t.value,
+        **(
+          {
+            f"{args.metric} sd": t.user_attrs.get("sd"),
+            f"{args.metric} values": ";".join(map(repr, t.user_attrs.get("values", []))),
+          }
+          if args.seeds > 1
+          else {}
+        ),
         "state": t.state.name,
         "steps": t.user_attrs.get("steps"),
         "seconds": t.user_attrs.get("seconds"),
         "note": note,
       }
     )
-  columns = ["trial", *map(sweep.column, keys), args.metric, "state", "steps", "seconds", "note"]
+  spread = [f"{args.metric} sd", f"{args.metric} values"] if args.seeds > 1 else []
+  columns = ["trial", *map(sweep.column, keys), args.metric, *spread]
+  columns += ["state", "steps", "seconds", "note"]
   sweep.write_tables(columns, rows, study_dir)
   lines = [f"Wrote {study_dir / 'results.md'} and {study_dir / 'results.csv'}"]
 
@@ -490,9 +548,9 @@ def results(args: Options, study: optuna.Study, study_dir: Path) -> str:
   # trials would have run unpruned.
   ran = configured = 0
   for name in {trial_dir(t) for t in trials}:
-    workdir = sweep.workdir_of(str(study_dir), name)
-    ran += steps_run(workdir)
-    configured += total_steps(workdir) or 0
+    for workdir, _ in trial_runs(args, study_dir, name):
+      ran += steps_run(workdir)
+      configured += total_steps(workdir) or 0
   states = [t.state.name for t in trials if t.number not in retries]
   counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in dict.fromkeys(sorted(states)))
   lines.append(f"{len(states)} trials" + (f" ({counts})" if counts else "") + f"; {ran} steps run")
@@ -506,8 +564,9 @@ def results(args: Options, study: optuna.Study, study_dir: Path) -> str:
       dataclasses.replace(args, emit=None), sweep.workdir_of(str(study_dir), "best"), best.params
     )
     (study_dir / "best.txt").write_text(shlex.join(command) + "\n")
+    over = f", mean over {args.seeds} seeds" if args.seeds > 1 else ""
     lines.append(
-      f"Best {args.metric} {best.value:.4g} (trial {best.number}); {study_dir}/best.txt:"
+      f"Best {args.metric} {best.value:.4g} (trial {best.number}{over}); {study_dir}/best.txt:"
     )
     lines.append(f"  {shlex.join(command)}")
     lines += plots(study, study_dir, len(complete))
@@ -605,6 +664,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     **fv,
   )
   flags.DEFINE_integer("seed", 0, "Seed of this worker's sampler.", **fv)
+  flags.DEFINE_integer(
+    "seeds",
+    1,
+    "Train each trial with config.seed 0..N-1 side by side (workdirs trial_NNNN/seed=S); "
+    "its value, and each evaluation the pruner sees, is the mean over the seeds.",
+    lower_bound=1,
+    **fv,
+  )
   flags.DEFINE_string(
     "storage",
     None,
@@ -648,6 +715,10 @@ def run(flag_values: flags.FlagValues, train_flags: list[str]) -> int:
         "(trial workdirs and the journal are files)"
       )
     space = load_space(args.config)
+    if args.seeds > 1 and sweep.SEED_KEY in space:
+      raise ValueError(
+        f"--seeds {args.seeds} sets config.seed, which the search space searches: drop one"
+      )
     every = check(args, space)
   except (ValueError, config_lib.ConfigError) as e:
     return error(e)

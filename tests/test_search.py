@@ -37,6 +37,7 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
     workdir = args[args.index("--workdir") + 1]
     flags = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
     lr, total = float(flags.get("optim.lr", 1)), int(flags.get("total_steps", 8))
+    seed = 0.1 * int(flags.get("seed", 0))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump({"total_steps": total}, f)
@@ -53,7 +54,7 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
     for step in range(done + 1, total + 1):
       time.sleep(0.05)
       with open(log, "a") as f:
-        f.write(json.dumps({"step": step, "val/accuracy": lr * step}) + "\\n")
+        f.write(json.dumps({"step": step, "val/accuracy": lr * step + seed}) + "\\n")
       if step == interrupt and not os.path.exists(os.environ["FAKE_TRAIN_CALLS"] + ".stop"):
         open(os.environ["FAKE_TRAIN_CALLS"] + ".stop", "w").close()
         if os.environ.get("FAKE_TRAIN_SIGNALLED"):
@@ -61,7 +62,7 @@ FAKE_TRAIN = HANG + textwrap.dedent("""\
         os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(60)
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({"val/accuracy": lr * total, "step": total}, f)
+      json.dump({"val/accuracy": lr * total + seed, "step": total}, f)
     """)
 
 # A valid mmtl config (its keys are checked) whose one evaluator logs val/accuracy every step.
@@ -170,6 +171,31 @@ def test_a_hung_trial_fails_at_its_deadline_and_the_study_goes_on(fake, monkeypa
   )
   assert [c[0] for c in calls()] == ["trial_0000", "trial_0001", "trial_0002"]
   assert "[trial 0] FAILED (timed out" in capsys.readouterr().err
+
+
+def test_seeds_train_each_trial_per_seed_and_score_the_mean(fake, capsys):
+  run, calls, study_dir = fake
+  assert run("--trials", "2", "--sampler", "random", "--pruner", "median", "--seeds", "2") == 0
+  assert sorted(c[0] for c in calls()) == ["seed=0", "seed=0", "seed=1", "seed=1"]
+  rows = table(study_dir)
+  study = optuna.load_study(study_name="study", storage=search.journal_storage(study_dir))
+  for row, trial in zip(rows, study.trials):
+    lr = float(row["optim.lr"])
+    # The fake trainer scores lr * step + 0.1 * seed: the mean over seeds 0, 1 adds 0.05.
+    assert float(row["val/accuracy"]) == pytest.approx(lr * 8 + 0.05)
+    assert [float(v) for v in row["val/accuracy values"].split(";")] == pytest.approx(
+      [lr * 8, lr * 8 + 0.1]
+    )
+    assert float(row["val/accuracy sd"]) == pytest.approx(0.1 / np.sqrt(2))
+    assert trial.intermediate_values[3] == pytest.approx(lr * 3 + 0.05)
+    assert int(row["steps"]) == 16  # both seeds' steps
+    for seed in (0, 1):
+      assert (study_dir / row["run"] / f"seed={seed}" / "final_metrics.json").exists()
+  out = capsys.readouterr().out
+  assert "done: val/accuracy" in out and "(mean over 2 seeds)" in out
+  assert ", mean over 2 seeds); " in out  # the best trial's line
+  assert run("--trials", "2", "--seeds", "3") == 2  # another search in the same study
+  assert "seeds" in capsys.readouterr().err
 
 
 def test_median_pruner(fake):
