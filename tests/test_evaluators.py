@@ -80,6 +80,77 @@ def test_calibration_error_of_hand_made_bins():
   assert ev.calibration(np.array([[0.6, 0.4]]), np.array([0]), 5)["count"] == [0, 0, 1, 0, 0]
 
 
+def _clusters(num_classes, per_class, noise, seed=0):
+  """Features around one random direction per class."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(num_classes, 16))
+  labels = np.repeat(np.arange(num_classes), per_class)
+  return centres[labels] + noise * rng.normal(size=(len(labels), 16)), labels
+
+
+def test_few_shot_episodes_separate_clusters_and_not_noise():
+  kw = dict(ways=3, shots=(1, 5), queries=4, episodes=20, seed=0)
+  clear = ev.few_shot_episodes(*_clusters(6, 12, noise=0.01), **kw)
+  assert set(clear) == {"logistic_1shot", "logistic_5shot", "prototype_1shot", "prototype_5shot"}
+  assert all(v.shape == (20,) and (v == 1.0).all() for v in clear.values())
+  noise = ev.few_shot_episodes(*_clusters(6, 12, noise=100.0), **kw)
+  assert all(0.1 < v.mean() < 0.6 for v in noise.values())  # chance: 1/3
+  # Seeded: the same episodes again; more shots help on overlapping clusters.
+  features, labels = _clusters(6, 30, noise=1.5, seed=1)
+  kw = dict(kw, episodes=200)
+  a, b = ev.few_shot_episodes(features, labels, **kw), ev.few_shot_episodes(features, labels, **kw)
+  assert all((a[k] == b[k]).all() for k in a)
+  assert a["prototype_5shot"].mean() > a["prototype_1shot"].mean() + 0.05
+  assert a["logistic_5shot"].mean() > a["logistic_1shot"].mean() + 0.05
+
+
+def test_mean_and_ci95_uses_students_t():
+  mean, half = ev.mean_and_ci95(np.array([0.0, 1.0, 0.0, 1.0]))
+  # sd 0.5774, t(0.975, 3) = 3.182 (a t table): 3.182 * 0.5774 / 2.
+  assert mean == 0.5 and half == pytest.approx(0.9186, abs=1e-4)
+
+
+def test_few_shot_needs_enough_classes_and_examples():
+  features, labels = _clusters(3, 5, noise=0.1)
+  with pytest.raises(
+    ValueError,
+    match=r"config.evals.fs: 4-way episodes need 4 classes with at least 6 examples \(1 shots "
+    r"\+ 5 queries\) each; the input has 0 \(class 0: 5, class 1: 5, class 2: 5\)",
+  ):
+    ev.few_shot_episodes(
+      features, labels, ways=4, shots=(1,), queries=5, episodes=1, seed=0, where="config.evals.fs"
+    )
+  with pytest.raises(config_lib.ConfigError, match=r"config.evals.fs.ways=1; use an integer"):
+    ev.make("fs", {"type": "few_shot", "ways": 1}, _context())
+  with pytest.raises(config_lib.ConfigError, match=r"config.evals.fs.shots=\(0,\)"):
+    ev.make("fs", {"type": "few_shot", "shots": (0,)}, _context())
+
+
+def test_few_shot_evaluator_logs_mean_and_interval_per_classifier_and_k():
+  features, labels = _clusters(4, 10, noise=0.5)
+  batches = [{"features": features, "labels": labels, "example_weight": np.ones(40)}]
+  cfg = {"type": "few_shot", "ways": 3, "shots": (2, 1), "queries": 3, "episodes": 50}
+  e = ev.make("fs", cfg, _context(batches))
+  out = e.run(variables=None)
+  assert (
+    list(out)
+    == e.metric_names()
+    == [
+      f"fs/{m}_{k}shot{ci}"
+      for m in ("logistic", "prototype")
+      for k in (1, 2)
+      for ci in ("", "_ci95")
+    ]
+  )
+  direct = ev.few_shot_episodes(
+    features, labels, ways=3, shots=(1, 2), queries=3, episodes=50, seed=0
+  )
+  assert out["fs/logistic_2shot"] == pytest.approx(direct["logistic_2shot"].mean())
+  assert out["fs/logistic_2shot_ci95"] == pytest.approx(
+    ev.mean_and_ci95(direct["logistic_2shot"])[1]
+  )
+
+
 def test_retrieval_recall_both_directions():
   image = np.eye(3)
   # text 0 matches image 0; texts 1 and 2 are swapped (each is closest to the other image).
@@ -296,8 +367,11 @@ def _kind_context(kind_cls):
 
 
 def _required(kind):
-  """The keys a kind needs besides `type`."""
-  return dict(classnames=["cat", "horse"], tokenizer="tok") if kind == "zeroshot" else {}
+  """The keys a kind needs besides `type` (few_shot: episodes the 6 real rows can fill)."""
+  return {
+    "zeroshot": dict(classnames=["cat", "horse"], tokenizer="tok"),
+    "few_shot": dict(ways=2, shots=(1, 2), queries=1, episodes=4),
+  }.get(kind, {})
 
 
 @pytest.mark.parametrize("kind", list(ev.EVALUATORS))
@@ -323,7 +397,7 @@ def _declared_value(key, spec, kind):
 def test_every_declared_key_is_accepted_and_a_typo_is_not(kind):
   kind_cls = ev.EVALUATORS[kind]
   cfg = {k: _declared_value(k, spec, kind) for k, spec in kind_cls.keys().items()}
-  ev.make("val", cfg, _kind_context(kind_cls)).run(variables=None)
+  ev.make("val", {**cfg, **_required(kind)}, _kind_context(kind_cls)).run(variables=None)
   with pytest.raises(
     config_lib.ConfigError,
     match=r"Unknown config key config\.evals\.val\.evry\. "

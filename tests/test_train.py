@@ -501,3 +501,26 @@ def test_activation_estimate_counts_what_backward_keeps(tiny_bert_dir, data_dir)
   assert full - locked >= 16 * 24 * 32 * 4
   assert 0 < locked < full
   assert estimate([], 4) == pytest.approx(full / 4, rel=0.05)
+
+
+@pytest.mark.slow
+def test_few_shot_and_classification_files_during_training(tiny_bert_dir, small_data_dir, tmp_path):
+  """The few_shot evaluator on the fused features of another label of the same split, and
+  the classification report files, from a real run."""
+  config = tiny_config(tiny_bert_dir, small_data_dir, total_steps=2)
+  config.evals.few = dict(
+    type="few_shot",
+    input=dict(split="validation[:64]", fields=dict(label="question_type")),
+    ways=3,
+    shots=(1, 2),
+    queries=2,
+    episodes=10,
+  )
+  final = train.train(config, str(tmp_path))
+  for k in (1, 2):
+    assert (
+      0.0 <= final[f"few/logistic_{k}shot"] <= 1.0 and final[f"few/prototype_{k}shot_ci95"] >= 0
+    )
+  report = json.loads((tmp_path / "classification_step2-val.json").read_text())
+  assert report["classes"] == ["no", "yes"] and np.sum(report["confusion_matrix"]) == 32
+  assert (tmp_path / "reliability_step2-val.png").exists()
