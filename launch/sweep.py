@@ -62,7 +62,8 @@ METRICS_FILE = "final_metrics.json"  # mmtl.train.FINAL_METRICS_FILE; not import
 RECORD_FILE = "sweep.json"  # The command each run was given: what makes a result reusable.
 ARG_PREFIX = "arg."  # Swept keys that are config-file arguments, not config keys.
 SEED_KEY = "seed"  # --seeds N sweeps config.seed over 0..N-1,
-FOLD_KEY = "cross_validation.fold"  # --folds K the held-out fold (mmtl.data.folds).
+FOLD_KEY = "cross_validation.fold"  # --folds K the held-out fold (mmtl.data.folds),
+FOLDS_KEY = "cross_validation.folds"  # given the fold count.
 Overrides = dict[str, Any]
 
 
@@ -645,7 +646,7 @@ def repeat_axes(args: Options) -> list[tuple[str, list[Any]]]:
 
 def repeat_flags(args: Options) -> list[str]:
   """The flags `--folds K` gives every run (the fold count; each run's fold is its own)."""
-  return [f"--config.cross_validation.folds={args.folds}"] if args.folds else []
+  return [f"--config.{FOLDS_KEY}={args.folds}"] if args.folds else []
 
 
 def summarized_over(args: Options) -> list[str]:

@@ -311,6 +311,16 @@ def few_shot_episodes(
   return out
 
 
+def few_shot_names(shots: Iterable[int]) -> tuple[str, ...]:
+  """The `few_shot` evaluator's metrics: per classifier and k, the mean and `_ci95`."""
+  return tuple(
+    f"{m}_{k}shot{ci}"
+    for m in ("logistic", "prototype")
+    for k in sorted(shots)
+    for ci in ("", "_ci95")
+  )
+
+
 def mean_and_ci95(values: np.ndarray) -> tuple[float, float]:
   """The mean and the half-width of its 95% confidence interval (Student's t, scipy)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
@@ -743,12 +753,7 @@ class FewShot(Evaluator):
   over `episodes` episodes and the half-width of its 95% interval, per classifier and k."""
 
   KEYS = dict(ways=5, shots=(1, 5, 10), queries=15, episodes=600, seed=0)
-  METRICS = tuple(
-    f"{m}_{k}shot{ci}"
-    for m in ("logistic", "prototype")
-    for k in (1, 5, 10)
-    for ci in ("", "_ci95")
-  )
+  METRICS = few_shot_names(KEYS["shots"])
 
   def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
     super().__init__(name, cfg, context)
@@ -764,10 +769,7 @@ class FewShot(Evaluator):
       raise config_keys.ConfigError(f"{where}.shots={shots!r}; use positive integers, e.g. (1, 5).")
 
   def metrics(self) -> tuple[str, ...]:
-    ks = sorted(self.option("shots"))
-    return tuple(
-      f"{m}_{k}shot{ci}" for m in ("logistic", "prototype") for k in ks for ci in ("", "_ci95")
-    )
+    return few_shot_names(self.option("shots"))
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["features", "labels"])

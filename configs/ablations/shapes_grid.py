@@ -11,17 +11,20 @@ a Markdown + CSV table of every run's final_metrics.json:
 
   python launch/sweep.py --config configs/ablations/shapes_grid.py --sweep_dir runs/shapes_grid
 
-`get_sweep("small")` is the 4-run table of README, "Quickstart" (fused / image only /
-text only / fused with a scratch text encoder):
+`get_sweep("small")` is the 4-cell table of README, "Quickstart" (fused / image only /
+text only / fused with a scratch text encoder), each cell over seeds 0, 1, 2:
 
   python launch/sweep.py --config configs/ablations/shapes_grid.py \
-      --sweep configs/ablations/shapes_grid.py:small --sweep_dir runs/small
+      --sweep configs/ablations/shapes_grid.py:small --seeds 3 --sweep_dir runs/small
 
 The full grid has 5 fusions x 3 text settings x 2 inits for the fused model,
 plus the single-modality baselines (image only needs no text setting; text
 only is run for each text setting and init): 30 + 1 + 6 = 37 runs.
 
-Expected results: see the table in README, "Quickstart" (the `small` sweep).
+Expected results (the `small` sweep, val / val_iid accuracy, mean ± sd over seeds 0-2;
+README, "Quickstart", has the intervals and each seed): fused 0.843 ± 0.010 / 0.996 ±
+0.002; image only 0.505 ± 0.001 / 0.506 ± 0.002; text only 0.502 ± 0.005 / 0.498 ± 0.005;
+fused with a random-init text encoder 0.637 ± 0.110 / 0.822 ± 0.143.
 """
 
 import importlib.util
