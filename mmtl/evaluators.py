@@ -8,6 +8,8 @@ Types (metrics are logged as `<name>/<metric>`; `metrics` picks some of them):
   classification: accuracy, loss, macro_ and weighted_ precision, recall and f1,
                   roc_auc, pr_auc (one-vs-rest), ece (`calibration_bins`); files with
                   the per-class report, confusion matrix and reliability diagram
+  multilabel:     map (mean average precision over classes), roc_auc, micro_f1, macro_f1,
+                  exact_match (at `threshold`), loss of the multilabel head
   regression:     mse, mae
   retrieval:      image->text and text->image Recall@k, `ks` (1, 5, 10), of contrastive
                   models over the first `captions` captions of each image (see below)
@@ -185,6 +187,31 @@ def calibration(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> di
     "count": count.tolist(),
     "accuracy": bin_accuracy.tolist(),
     "confidence": bin_confidence.tolist(),
+  }
+
+
+def multilabel_metrics(probs: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
+  """Multi-label scores of per-class probabilities (N, C) against multi-hot `truth`
+  (scikit-learn): `map`, the mean over classes with a positive of their average precision
+  (AudioSet's mAP, as MBT reports it); `roc_auc`, the mean one-vs-rest ROC-AUC over classes
+  with positives and negatives; micro and macro F1 and the exact-match share of
+  `probs >= threshold`."""
+  truth = truth > 0.5
+  predicted = probs >= threshold
+  has_positive = truth.any(0)
+  both = has_positive & ~truth.all(0)
+  nan = float("nan")
+  average_precision = sk_metrics.average_precision_score
+  return {
+    "map": float(average_precision(truth[:, has_positive], probs[:, has_positive]))
+    if has_positive.any()
+    else nan,
+    "roc_auc": float(sk_metrics.roc_auc_score(truth[:, both], probs[:, both]))
+    if both.any()
+    else nan,
+    "micro_f1": float(sk_metrics.f1_score(truth, predicted, average="micro", zero_division=0)),
+    "macro_f1": float(sk_metrics.f1_score(truth, predicted, average="macro", zero_division=0)),
+    "exact_match": float(sk_metrics.accuracy_score(truth, predicted)),
   }
 
 
@@ -600,6 +627,23 @@ class Classification(Evaluator):
     return [str(i) for i in range(num_classes)]
 
 
+class MultiLabel(Evaluator):
+  """The multilabel head's metrics (`multilabel_metrics`, at `threshold`) and its mean
+  binary cross-entropy per class."""
+
+  HEAD = "multilabel"
+  KEYS = dict(threshold=0.5)
+  METRICS = ("map", "roc_auc", "micro_f1", "macro_f1", "exact_match", "loss")
+
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    out = collect(predict, self.batches(), ["logits", "labels"])
+    logits = out["logits"].astype(np.float64)
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    loss = losses.sigmoid_xent_per_example(logits, out["labels"]).mean()
+    scores = multilabel_metrics(probs, out["labels"], float(self.option("threshold")))
+    return {**scores, "loss": float(loss)}
+
+
 class MaskedLM(Evaluator):
   """Cross-entropy, accuracy and perplexity of the masked_lm head on the masked tokens."""
 
@@ -921,6 +965,7 @@ def _take_examples(batches: Iterable[Mapping[str, Any]], num: int) -> Iterator[M
 # config.evals.<name>.type -> its evaluator.
 EVALUATORS: dict[str, type[Evaluator]] = {
   "classification": Classification,
+  "multilabel": MultiLabel,
   "regression": Regression,
   "retrieval": Retrieval,
   "zeroshot": Zeroshot,

@@ -168,6 +168,26 @@ class Classification(Head):
     return losses.weighted_sum(per_example, batch.get("example_weight"))
 
 
+@register("multilabel")
+class MultiLabel(Head):
+  """Multi-label classification: an independent sigmoid per class (`num_classes`; each
+  present or not), trained on multi-hot labels (a label field holding a list of classes)
+  with the binary cross-entropy per class, averaged over the classes."""
+
+  config = dict(num_classes=2)
+
+  @classmethod
+  def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
+    del towers
+    return {"logits": linear(model, features)}
+
+  @classmethod
+  def loss(cls, outputs, batch, loss_cfg):
+    del loss_cfg
+    per_example = losses.sigmoid_xent_per_example(outputs["logits"], batch["labels"])
+    return losses.weighted_sum(per_example, batch.get("example_weight"))
+
+
 @register("regression")
 class Regression(Head):
   """`num_classes` real values; mean squared error."""

@@ -34,6 +34,15 @@ def mean_of(loss_sum: jax.Array, weight_sum: jax.Array) -> jax.Array:
   return loss_sum / jnp.maximum(weight_sum, 1e-6)
 
 
+def sigmoid_xent_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Multi-label: the binary cross-entropy of each class's sigmoid against multi-hot
+  `labels` (B, C) (optax), averaged over the classes, per example."""
+  losses = optax.sigmoid_binary_cross_entropy(
+    logits.astype(jnp.float32), jnp.asarray(labels, jnp.float32)
+  )
+  return losses.mean(-1)
+
+
 def softmax_xent_per_example(
   logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
 ) -> jax.Array:

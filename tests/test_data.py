@@ -406,6 +406,20 @@ def test_class_sampling_errors(imbalanced_cfg, override, match):
     next(data.make_train_iterator({**imbalanced_cfg, **override}, batch_size=1, seed=0))
 
 
+def test_a_list_of_classes_becomes_a_multi_hot_label(cfg):
+  cfg = dict(cfg, fields=dict(audio=None, text=None, label="objects/colour"), split="train[:8]")
+  batch = next(data.make_eval_iterator(cfg, batch_size=8))
+  src, _ = data.data_source(dict(cfg, fields=dict(image=None, audio=None, text=None)))
+  expected = np.zeros((8, len(shapes.COLOURS)), np.float32)
+  for i in range(8):
+    expected[i, src[i]["objects"]["colour"]] = 1.0
+  assert batch["labels"].dtype == np.float32 and (batch["labels"] == expected).all()
+  assert (expected.sum(1) >= 1).all() and (expected.sum(1) >= 2).any()  # sets, not one class
+  for key, value in (("class_sampling", "balanced"), ("class_weights", "balanced")):
+    with pytest.raises(config_lib.ConfigError, match=rf"{key} needs one class per example"):
+      next(data.make_train_iterator({**cfg, key: value}, batch_size=4, seed=0))
+
+
 def test_modality_dropout_blanks_one_modality_at_a_time(cfg):
   cfg = dict(cfg, fields=dict(audio=None), modality_dropout=dict(image=0.4, text=0.4))
   batches = take(data.make_train_iterator(cfg, batch_size=64, seed=0), 4)

@@ -151,6 +151,21 @@ def test_few_shot_evaluator_logs_mean_and_interval_per_classifier_and_k():
   )
 
 
+def test_multilabel_metrics_against_hand_computed_scores():
+  truth = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+  probs = np.array([[0.9, 0.2, 0.1], [0.4, 0.8, 0.3], [0.6, 0.7, 0.2], [0.1, 0.3, 0.4]])
+  out = ev.multilabel_metrics(probs, truth, threshold=0.5)
+  # Class 0 ranks 0.9 (+), 0.6 (-), 0.4 (+), 0.1: AP = (1/1 + 2/3) / 2; class 1 ranks
+  # 0.8 (+), 0.7 (+): AP 1; class 2 has no positive and is left out.
+  assert out["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+  assert out["roc_auc"] == pytest.approx((_pairwise_auc(probs[:, 0], truth[:, 0] == 1) + 1) / 2)
+  # At 0.5: predicted {0}, {1}, {0, 1}, {}: tp 3 (0,0), (1,1), (2,1); fp 1 (2,0); fn 1 (1,0).
+  assert out["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+  # Per class F1: class 0 tp 1 fp 1 fn 1 -> 0.5; class 1 tp 2 -> 1; class 2 nothing -> 0.
+  assert out["macro_f1"] == pytest.approx((0.5 + 1 + 0) / 3)
+  assert out["exact_match"] == 0.5  # rows 0 and 3
+
+
 def test_retrieval_recall_both_directions():
   image = np.eye(3)
   # text 0 matches image 0; texts 1 and 2 are swapped (each is closest to the other image).
@@ -357,8 +372,11 @@ def _fake_generate_texts(
 
 
 def _kind_context(kind_cls):
+  batches = _BATCHES
+  if kind_cls.HEAD == "multilabel":  # multi-hot labels: classes 0 and 1, or 1 alone
+    batches = [dict(b, labels=np.stack([b["labels"], np.ones(4)], 1)) for b in _BATCHES]
   return _context(
-    _BATCHES,
+    batches,
     head_type=kind_cls.HEAD or "classification",
     text_embedder=_fake_text_embedder,
     generate_texts=_fake_generate_texts(),

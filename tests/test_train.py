@@ -22,6 +22,7 @@ from mmtl import (
   train_step,
 )
 from mmtl import config as config_lib
+from mmtl import evaluators as ev
 from mmtl.models import fusion
 
 TINY_VIT = dict(
@@ -524,3 +525,19 @@ def test_few_shot_and_classification_files_during_training(tiny_bert_dir, small_
   report = json.loads((tmp_path / "classification_step2-val.json").read_text())
   assert report["classes"] == ["no", "yes"] and np.sum(report["confusion_matrix"]) == 32
   assert (tmp_path / "reliability_step2-val.png").exists()
+
+
+@pytest.mark.slow
+def test_multilabel_head_trains_on_a_list_of_classes(tiny_bert_dir, small_data_dir, tmp_path):
+  config = tiny_config(tiny_bert_dir, small_data_dir, total_steps=8)
+  config.input.fields.label = "objects/colour"
+  config.model.head = "multilabel"
+  config.model.num_classes = 4
+  config.evals.val.type = "multilabel"
+  final = train.train(config, str(tmp_path))
+  assert set(final) == {f"val/{m}" for m in ev.MultiLabel.METRICS} | {"step"}
+  assert all(np.isfinite(final[f"val/{m}"]) for m in ev.MultiLabel.METRICS)
+  assert losses(tmp_path)[8] < losses(tmp_path)[1]
+  with pytest.raises(config_lib.ConfigError, match="needs a 'classification' head"):
+    config.evals.val.type = "classification"
+    train.train(config, str(tmp_path / "wrong"))

@@ -168,7 +168,7 @@ def labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.nd
 
 def fold_positions(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
   """The positions in cfg.split of the examples of cfg.fold (mmtl.data.folds)."""
-  _check_label(cfg, "fold")
+  _check_label(cfg, b, "fold")
   where = f"config.cross_validation on {b.info.full_name}:{cfg.split}"
   return folds.indices(split_labels(cfg, b), cfg.fold, where)
 
@@ -185,16 +185,36 @@ def split_labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) ->
   return np.asarray([value_at(ex, cfg.fields.label) for ex in examples])
 
 
-def _check_label(cfg: ml_collections.ConfigDict, key: str) -> None:
+def multilabel_classes(features: tfds.features.FeaturesDict, path: str) -> int | None:
+  """The number of classes when feature path `path` holds a list of class ids per example
+  (a Sequence of ClassLabel, or a ClassLabel inside a Sequence: multi-label); None else."""
+  node, listed = features, False
+  for key in path.split("/"):
+    if isinstance(node, tfds.features.Sequence):
+      node, listed = node.feature, True
+    node = node[key]
+  if isinstance(node, tfds.features.Sequence):
+    node, listed = node.feature, True
+  return node.num_classes if listed and isinstance(node, tfds.features.ClassLabel) else None
+
+
+def _check_label(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder, key: str) -> None:
+  """`config.input.<key>` reads one class per example from the label field."""
   if "label" not in options.used_fields(cfg):
     raise config_keys.ConfigError(f"config.input.{key} needs config.input.fields.label.")
+  feature_at(b.info.features, cfg.fields.label)  # exists, or an error naming it
+  if multilabel_classes(b.info.features, cfg.fields.label):
+    raise config_keys.ConfigError(
+      f"config.input.{key} needs one class per example; config.input.fields.label="
+      f"{cfg.fields.label!r} holds a list of classes (multi-label)."
+    )
 
 
 def class_weights(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray | None:
   """Per-class example weights; "balanced" reads the split's labels once (labels only)."""
   if cfg.class_weights is None:
     return None
-  _check_label(cfg, "class_weights")
+  _check_label(cfg, b, "class_weights")
   num_classes = feature_at(b.info.features, cfg.fields.label).num_classes
   if cfg.class_weights == "balanced":
     found = labels(cfg, b)
@@ -216,7 +236,7 @@ def class_sampling(
   config.input.class_sampling is not set."""
   if cfg.class_sampling is None:
     return None
-  _check_label(cfg, "class_sampling")
+  _check_label(cfg, b, "class_sampling")
   if cfg.class_weights is not None:
     raise config_keys.ConfigError(
       "config.input.class_sampling and class_weights both rebalance the classes: set one."

@@ -219,6 +219,12 @@ class Preprocess:
     self.cfg, self.train, self.class_weights = cfg, train, class_weights
     self.cached = tuple(cached)
     self.fields = options.used_fields(cfg)
+    # Multi-label (a list of class ids per example): labels become multi-hot rows.
+    self.label_classes = (
+      source.multilabel_classes(info.features, self.fields["label"])
+      if info and "label" in self.fields
+      else None
+    )
     if unknown := set(cfg.blank) - set(MODALITIES):
       raise config_keys.ConfigError(
         f"config.input.blank has {sorted(unknown)}; choose from {list(MODALITIES)}."
@@ -298,7 +304,10 @@ class Preprocess:
       if not self.train:
         out["target_texts"] = list(refs)
     weight = 1.0
-    if "label" in ex:
+    if "label" in ex and self.label_classes:
+      out["labels"] = np.zeros(self.label_classes, np.float32)
+      out["labels"][np.asarray(ex["label"], np.int64)] = 1.0
+    elif "label" in ex:
       out["labels"] = np.int32(ex["label"])
       if self.class_weights is not None:
         weight = self.class_weights[ex["label"]]
