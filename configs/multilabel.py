@@ -19,6 +19,8 @@ Arguments (`--config configs/multilabel.py:key=value,...`):
 The table of docs/evaluation.md comes from
   python launch/sweep.py --config configs/multilabel.py --grid arg.label=colour,shape \
       --seeds 3 --sweep_dir runs/multilabel
+Expected (val, mean ± sd over seeds 0-2): colour map 0.9999 ± 0.0002, exact_match 0.993 ±
+0.003; shape map 0.617 ± 0.008, exact_match 0.108 ± 0.022.
 """
 
 from configs import quickstart

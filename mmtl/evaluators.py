@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import jax
 import ml_collections as mlc
 import numpy as np
+from scipy import special
 from sklearn import metrics as sk_metrics
 
 from mmtl import config_keys, data, heads, losses, modalities, sharding
@@ -582,7 +583,7 @@ class Classification(Evaluator):
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["logits", "labels"])
     logits, labels = out["logits"].astype(np.float64), out["labels"]
-    probs = np.asarray(jax.nn.softmax(logits, -1))
+    probs = special.softmax(logits, -1)
     report = class_report(logits.argmax(-1), labels, logits.shape[-1])
     calibrated = calibration(probs, labels, int(self.option("calibration_bins")))
     self.write_report(report, calibrated)
@@ -638,7 +639,7 @@ class MultiLabel(Evaluator):
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["logits", "labels"])
     logits = out["logits"].astype(np.float64)
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    probs = special.expit(logits)
     loss = losses.sigmoid_xent_per_example(logits, out["labels"]).mean()
     scores = multilabel_metrics(probs, out["labels"], float(self.option("threshold")))
     return {**scores, "loss": float(loss)}

@@ -169,17 +169,12 @@ class Classification(Head):
 
 
 @register("multilabel")
-class MultiLabel(Head):
-  """Multi-label classification: an independent sigmoid per class (`num_classes`; each
-  present or not), trained on multi-hot labels (a label field holding a list of classes)
-  with the binary cross-entropy per class, averaged over the classes."""
+class MultiLabel(Classification):
+  """Multi-label classification: the classification head's logits, each class an
+  independent sigmoid (present or not), trained on multi-hot labels (a label field holding
+  a list of classes) with the binary cross-entropy per class, averaged over the classes."""
 
-  config = dict(num_classes=2)
-
-  @classmethod
-  def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
-    del towers
-    return {"logits": linear(model, features)}
+  loss_config = {}
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):
