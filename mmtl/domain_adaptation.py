@@ -130,14 +130,14 @@ def check(config: mlc.ConfigDict) -> dict[str, Any] | None:
 
 def target_input(config: mlc.ConfigDict, da: Mapping[str, Any]) -> dict[str, Any]:
   """The target stream's config.input: the run's, overlaid with `da["input"]` (nested
-  sections key by key); no label, target text or class rebalancing (the target domain is
-  unlabeled)."""
+  sections key by key); no label, target text, class rebalancing or cross-validation fold
+  (the target domain is unlabeled)."""
   from mmtl.data import options  # pylint: disable=g-import-not-at-top
 
   cfg = mlc.ConfigDict(options.input_config(config.input).to_dict())
   cfg.update(da["input"])
   cfg.fields.update(label=None, target=None)
-  cfg.update(class_weights=None, class_sampling=None)
+  cfg.update(class_weights=None, class_sampling=None, fold=None)
   return options.input_config(cfg).to_dict()
 
 

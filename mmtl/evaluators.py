@@ -1022,10 +1022,13 @@ def _corrupted(eval_cfg: Mapping[str, Any], name: str, severity: int) -> dict[st
 
 def eval_input_config(config: mlc.ConfigDict, eval_cfg: Mapping[str, Any]) -> mlc.ConfigDict:
   """`config.input` with an evaluator's `input` overrides (nested sections merged key by
-  key), every key filled and checked; the training corruptions are not inherited."""
-  input_cfg = mlc.ConfigDict(config.input.to_dict())
+  key), every key filled and checked; the training corruptions and cross-validation fold
+  are not inherited (the held-out evaluator's input names its own fold)."""
+  input_cfg = mlc.ConfigDict(data.input_config(config.input).to_dict())
+  overrides = dict(eval_cfg.get("input", {}))
   input_cfg.corruptions = ()
-  input_cfg.update(eval_cfg.get("input", {}))
+  input_cfg.fold = overrides.pop("fold", None)
+  input_cfg.update(overrides)
   return data.input_config(input_cfg)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from mmtl import config as config_lib
 from mmtl import data, train
+from mmtl import evaluators as ev
 from mmtl.data import folds, source
 from test_train import tiny_config
 
@@ -46,7 +47,7 @@ def _config(**cv):
     dict(
       input=dict(split="train[:40]"),
       evals=dict(
-        val=dict(type="classification", input=dict(split="validation", batch_size=8)),
+        val=dict(type="classification", input=dict(split="validation", cache=True)),
         test=dict(type="classification", input=dict(split="test")),
       ),
       cross_validation=cv,
@@ -59,7 +60,7 @@ def test_apply_sets_the_training_folds_and_the_held_out_evaluator():
   folds.apply(config)
   assert config.input.fold.to_dict() == dict(folds=5, index=2, seed=0, held_out=False)
   val = config.evals.val.input
-  assert val.split == "train[:40]" and val.batch_size == 8 and val.fold.held_out
+  assert val.split == "train[:40]" and val.cache and val.fold.held_out
   assert config.evals.test.input.to_dict() == dict(split="test")  # other evaluators unchanged
   before = config.to_dict()
   folds.apply(config)
@@ -67,6 +68,13 @@ def test_apply_sets_the_training_folds_and_the_held_out_evaluator():
   unchanged = _config()
   folds.apply(unchanged)
   assert "fold" not in unchanged.input
+
+
+def test_only_the_held_out_evaluator_reads_a_fold():
+  config = _config(folds=5, fold=2)
+  folds.apply(config)
+  assert ev.eval_input_config(config, config.evals.test).fold is None
+  assert ev.eval_input_config(config, config.evals.val).fold.held_out
 
 
 @pytest.mark.parametrize(
@@ -124,7 +132,11 @@ def test_a_cross_validated_run_scores_its_held_out_fold(tiny_bert_dir, small_dat
   config = tiny_config(
     tiny_bert_dir, small_data_dir, total_steps=2, cross_validation=dict(folds=4, fold=3)
   )
+  config.evals.other = dict(type="classification", input=dict(split="validation[:24]"))
   train.train(config, str(tmp_path))
+  # Other evaluators read their whole split: the training fold is not inherited.
+  other = json.loads((tmp_path / "classification_step2-other.json").read_text())
+  assert np.sum(other["confusion_matrix"]) == 24
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["input"]["fold"]["index"] == 3 and saved["evals"]["val"]["input"]["fold"]["held_out"]
   report = json.loads((tmp_path / "classification_step2-val.json").read_text())
