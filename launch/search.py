@@ -18,6 +18,9 @@ takes the next trial until `--trials` trials exist. A worker that stops (Ctrl-C,
 SIGTERM) re-queues its trial; one that dies is found by its stopped heartbeat; either
 way the trial runs again in the same workdir, and the trainer resumes its checkpoint.
 
+With `--seeds N` a trial trains config.seed 0..N-1 side by side (STUDY_DIR/trial_NNNN/seed=S)
+and is reported, pruned and scored by the mean over its seeds.
+
 When the worker's trials end: STUDY_DIR/results.md and results.csv (every trial),
 best.txt (the best trial as a trainer command line), history.png and importance.png.
 Flags after `--` (and `--config.KEY=VALUE` before it) go to every trial.

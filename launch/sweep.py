@@ -19,6 +19,10 @@ the swept keys, the metrics, and the command that produced them.
   # The grid a config file defines with get_sweep(), printed as TPU VM launches:
   python launch/sweep.py --config configs/ablations/NAME.py \
     --sweep_dir gs://bucket/NAME --emit tpu
+  # Every cell over seeds 0-2 (and/or --folds K: stratified folds of the training split,
+  # the held-out one scored by config.evals.val), plus summary.md/.csv: mean, sd, 95% interval:
+  python launch/sweep.py --config configs/ablations/shapes_grid.py \
+    --sweep configs/ablations/shapes_grid.py:small --seeds 3 --sweep_dir runs/small
   # Only rebuild the table (e.g. after copying the workdirs back from gs://):
   python launch/sweep.py --config configs/ablations/NAME.py --sweep_dir runs/NAME --collect
 
