@@ -580,6 +580,14 @@ class Classification(Evaluator):
     "ece",
   )
 
+  def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
+    super().__init__(name, cfg, context)
+    bins = self.option("calibration_bins")
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+      raise config_keys.ConfigError(
+        f"config.evals.{name}.calibration_bins={bins!r}; use a positive integer (15 is usual)."
+      )
+
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     out = collect(predict, self.batches(), ["logits", "labels"])
     logits, labels = out["logits"].astype(np.float64), out["labels"]

@@ -518,6 +518,8 @@ def test_metric_an_evaluator_cannot_compute_names_the_heads_that_can():
     r"\(head_type 'classification'\)",
   ):
     ev.make("val", {"type": "retrieval", "metrics": ["roc_auc"]}, _context(head_type="contrastive"))
+  with pytest.raises(config_lib.ConfigError, match=r"calibration_bins=0; use a positive"):
+    ev.make("val", {"type": "classification", "calibration_bins": 0}, _context())
   with pytest.raises(config_lib.ConfigError, match="no evaluator type computes it"):
     ev.make("val", {"type": "classification", "metrics": ["bleu_9"]}, _context())
 
