@@ -111,6 +111,8 @@ def test_the_loader_reads_the_fold_or_the_rest(small_data_dir):
     parts[held_out] = np.concatenate([b["labels"] for b in batches])[real]
     assert parts[held_out].tolist() == all_labels[positions].tolist()
   assert len(parts[True]) + len(parts[False]) == 30
+  with pytest.raises(config_lib.ConfigError, match=r"\(class no: \d+, class yes: \d+\)"):
+    data.data_source(dict(base, fold=_fold(0, True, n=30)))
 
 
 def test_tf_loader_refuses_folds(small_data_dir):

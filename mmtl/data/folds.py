@@ -55,14 +55,18 @@ def apply(config: ml_collections.ConfigDict) -> None:
   held_out.input = eval_input
 
 
-def indices(labels: np.ndarray, fold: dict[str, Any], where: str) -> np.ndarray:
+def indices(
+  labels: np.ndarray, fold: dict[str, Any], where: str, names: list[str] | None = None
+) -> np.ndarray:
   """Positions in the split of the examples `fold` (config.input.fold) selects: those of
   fold `index` if `held_out`, else all others, in the split's order. A fold count above
-  the smallest class's count is refused with the counts."""
+  the smallest class's count is refused with the counts (of the classes by `names`)."""
   folds = int(fold["folds"])
   classes, counts = np.unique(labels, return_counts=True)
   if folds > counts.min():
-    shown = ", ".join(f"class {c}: {n}" for c, n in zip(classes.tolist(), counts.tolist()))
+    shown = ", ".join(
+      f"class {names[c] if names else c}: {n}" for c, n in zip(classes.tolist(), counts.tolist())
+    )
     raise config_keys.ConfigError(
       f"{where}: {folds} folds, but the smallest class of the split has {counts.min()} "
       f"example(s) ({shown}); stratified folds need each class in every fold: use at most "

@@ -170,7 +170,9 @@ def fold_positions(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) 
   """The positions in cfg.split of the examples of cfg.fold (mmtl.data.folds)."""
   _check_label(cfg, b, "fold")
   where = f"config.cross_validation on {b.info.full_name}:{cfg.split}"
-  return folds.indices(split_labels(cfg, b), cfg.fold, where)
+  feature = feature_at(b.info.features, cfg.fields.label)
+  names = list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
+  return folds.indices(split_labels(cfg, b), cfg.fold, where, names)
 
 
 def split_labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
