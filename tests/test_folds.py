@@ -115,6 +115,21 @@ def test_the_loader_reads_the_fold_or_the_rest(small_data_dir):
     data.data_source(dict(base, fold=_fold(0, True, n=30)))
 
 
+def test_a_splits_labels_are_read_once(small_data_dir, monkeypatch):
+  cfg = dict(
+    dataset="mmtl_shapes/small",
+    data_dir=small_data_dir,
+    split="train[:20]",
+    fields=dict(text=None, image="image", label="label"),
+    fold=_fold(0, True, n=2),
+  )
+  first = len(data.data_source(cfg)[0])
+  # Every later reader of the split's folds (each evaluation of the held-out fold) reuses them.
+  monkeypatch.setattr(source, "value_at", lambda *a: pytest.fail("labels read again"))
+  assert len(data.data_source(cfg)[0]) == first
+  assert data.num_examples(dict(cfg, fold=_fold(0, False, n=2))) == 20 - first
+
+
 def test_tf_loader_refuses_folds(small_data_dir):
   cfg = data.input_config(
     dict(

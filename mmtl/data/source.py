@@ -175,16 +175,27 @@ def fold_positions(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) 
   return folds.indices(split_labels(cfg, b), cfg.fold, where, names)
 
 
+# (prepared dataset dir, split, label field) -> its labels: a split's labels are read once
+# per process, not again by every reader of a fold (the held-out evaluator, each evaluation).
+_SPLIT_LABELS: dict[tuple[str, str, str], np.ndarray] = {}
+
+
 def split_labels(cfg: ml_collections.ConfigDict, b: tfds.core.DatasetBuilder) -> np.ndarray:
-  """The label of every example of cfg.split, in order (decoding the label only)."""
-  root = cfg.fields.label.split("/")[0]
-  skip = _skip_decoding(b.info.features, {root})
-  if cfg.loader == "tf":
-    examples = tfds.as_numpy(b.as_dataset(split=cfg.split, decoders=skip))
-  else:
-    src = b.as_data_source(split=cfg.split, decoders=skip)
-    examples = (src[i] for i in range(len(src)))
-  return np.asarray([value_at(ex, cfg.fields.label) for ex in examples])
+  """The label of every example of cfg.split, in order (decoding the label only; read
+  once per process, returned read-only)."""
+  key = (str(b.data_dir), cfg.split, cfg.fields.label)
+  if key not in _SPLIT_LABELS:
+    root = cfg.fields.label.split("/")[0]
+    skip = _skip_decoding(b.info.features, {root})
+    if cfg.loader == "tf":
+      examples = tfds.as_numpy(b.as_dataset(split=cfg.split, decoders=skip))
+    else:
+      src = b.as_data_source(split=cfg.split, decoders=skip)
+      examples = (src[i] for i in range(len(src)))
+    found = np.asarray([value_at(ex, cfg.fields.label) for ex in examples])
+    found.setflags(write=False)
+    _SPLIT_LABELS[key] = found
+  return _SPLIT_LABELS[key]
 
 
 def multilabel_classes(features: tfds.features.FeaturesDict, path: str) -> int | None:
