@@ -7,7 +7,7 @@ reads SWEEP_DIR/results.csv (written by launch/sweep.py), groups its finished ru
 every swept key except the `--over` ones (seeds, folds), and writes SWEEP_DIR/summary.md
 and summary.csv: per group the number of runs n, and for each metric its mean, sample
 standard deviation (ddof=1) and the 95% confidence interval of the mean from Student's
-t distribution, mean ± t(0.975, n-1) sd / sqrt(n) (scipy.stats.t; none for one run):
+t distribution, mean ± t(0.975, n-1) sd / sqrt(n) (mmtl.metrics.mean_and_ci95; none for one run):
 `0.85 ± 0.012 [0.82, 0.88]` in the Markdown; in the CSV `<metric> mean`, `sd`,
 `ci95_low`, `ci95_high` and `values` (every run's value, in the order of results.csv, ";"
 between them). Over folds the interval is the usual one but optimistic: the folds'
@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 from pathlib import Path
 import re
 import statistics
@@ -39,7 +38,11 @@ import sys
 from typing import Any
 
 from absl import app, flags
-from scipy import stats as scipy_stats
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # For mmtl.metrics, run as a script from anywhere.
+  sys.path.insert(0, str(REPO_ROOT))
+from mmtl import metrics as metrics_lib  # noqa: E402
 
 _TRAINABLE = re.compile(r"^trainable: ([\d,]+) of ([\d,]+) params")
 _MEMORY = re.compile(r"^Estimated memory per device: ([\d.]+) (B|KiB|MiB|GiB|TiB)")
@@ -83,27 +86,28 @@ class Spread:
 
   @property
   def ci95(self) -> tuple[float, float] | None:
-    n = len(self.values)
-    if n < 2:
+    """The 95% interval of the mean (mmtl.metrics.mean_and_ci95); None for one run."""
+    if len(self.values) < 2:
       return None
-    half = float(scipy_stats.t.ppf(0.975, n - 1)) * self.sd / math.sqrt(n)
-    return self.mean - half, self.mean + half
+    mean, half = metrics_lib.mean_and_ci95(self.values)
+    return mean - half, mean + half
 
   def markdown(self, interval: bool = True) -> str:
-    if len(self.values) < 2 or len(set(self.values)) < 2:
+    if len(set(self.values)) < 2:  # one run, or runs that agree
       return f"{self.mean:.4g}"
     text = f"{self.mean:.4g} ± {self.sd:.2g}"
-    if interval and self.ci95 is not None:
-      text += f" [{self.ci95[0]:.3g}, {self.ci95[1]:.3g}]"
+    if interval:
+      low, high = self.ci95
+      text += f" [{low:.3g}, {high:.3g}]"
     return text
 
   def csv(self, name: str) -> dict[str, str]:
-    low, high = self.ci95 or ("", "")
+    ci = self.ci95
     return {
       f"{name} mean": repr(self.mean),
-      f"{name} sd": repr(self.sd) if len(self.values) > 1 else "",
-      f"{name} ci95_low": repr(low) if low != "" else "",
-      f"{name} ci95_high": repr(high) if high != "" else "",
+      f"{name} sd": repr(self.sd) if ci else "",
+      f"{name} ci95_low": repr(ci[0]) if ci else "",
+      f"{name} ci95_high": repr(ci[1]) if ci else "",
       f"{name} values": ";".join(map(repr, self.values)),
     }
 

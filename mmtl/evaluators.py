@@ -92,6 +92,7 @@ from scipy import special
 from sklearn import metrics as sk_metrics
 
 from mmtl import config_keys, data, heads, losses, modalities, sharding
+from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import corruptions, device
 
@@ -155,14 +156,13 @@ def ranking_auc(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   """ROC-AUC and PR-AUC (average precision) by scikit-learn. Two classes: of the
   probability of class 1. More: one-vs-rest, the macro mean over the classes that occur
   in `labels` (a class with no positive has no ROC curve); NaN when only one class occurs."""
+  present = np.unique(labels)
+  if len(present) < 2:
+    return {"roc_auc": float("nan"), "pr_auc": float("nan")}
   if probs.shape[-1] == 2:
     scores, truth = probs[:, 1], labels == 1
   else:
-    present = np.unique(labels)
-    scores = probs[:, present]
-    truth = labels[:, None] == present[None, :]
-  if truth.all() or not truth.any() or (truth.ndim == 2 and truth.shape[1] < 2):
-    return {"roc_auc": float("nan"), "pr_auc": float("nan")}
+    scores, truth = probs[:, present], labels[:, None] == present[None, :]
   return {
     "roc_auc": float(sk_metrics.roc_auc_score(truth, scores, average="macro")),
     "pr_auc": float(sk_metrics.average_precision_score(truth, scores, average="macro")),
@@ -347,17 +347,6 @@ def few_shot_names(shots: Iterable[int]) -> tuple[str, ...]:
     for k in sorted(shots)
     for ci in ("", "_ci95")
   )
-
-
-def mean_and_ci95(values: np.ndarray) -> tuple[float, float]:
-  """The mean and the half-width of its 95% confidence interval (Student's t, scipy)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-
-  n = len(values)
-  if n < 2:
-    return float(np.mean(values)), float("nan")
-  half = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n)
-  return float(np.mean(values)), float(half)
 
 
 # Evaluator kinds.
@@ -606,8 +595,6 @@ class Classification(Evaluator):
   def write_report(self, report: dict[str, Any], calibrated: dict[str, Any]) -> None:
     if (file := self.output_file("classification", ".json")) is None:
       return
-    from mmtl import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-
     names = self.classes(len(report["confusion_matrix"]))
     per_class = {
       name: {k: v[i] for k, v in report["per_class"].items()} for i, name in enumerate(names)
@@ -838,7 +825,7 @@ class FewShot(Evaluator):
     )
     metrics = {}
     for name, values in accuracies.items():
-      metrics[name], metrics[f"{name}_ci95"] = mean_and_ci95(values)
+      metrics[name], metrics[f"{name}_ci95"] = metrics_lib.mean_and_ci95(values)
     return metrics
 
 

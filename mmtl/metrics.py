@@ -181,6 +181,17 @@ class _ObjectStoreLog:
     shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def mean_and_ci95(values: Sequence[float]) -> tuple[float, float]:
+  """The mean of `values` and the half-width of its 95% confidence interval, Student's t
+  with n - 1 degrees of freedom (scipy): t(0.975, n-1) sd / sqrt(n); NaN for one value."""
+  from scipy import stats
+
+  x = np.asarray(values, np.float64)
+  if len(x) < 2:
+    return float(x.mean()), float("nan")
+  return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(round(seconds))
   h, rest = divmod(seconds, 3600)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmtl import config as config_lib
-from mmtl import data, modalities, sharding
+from mmtl import data, metrics, modalities, sharding
 from mmtl import evaluators as ev
 from mmtl.data import options, transforms
 
@@ -105,7 +105,7 @@ def test_few_shot_episodes_separate_clusters_and_not_noise():
 
 
 def test_mean_and_ci95_uses_students_t():
-  mean, half = ev.mean_and_ci95(np.array([0.0, 1.0, 0.0, 1.0]))
+  mean, half = metrics.mean_and_ci95(np.array([0.0, 1.0, 0.0, 1.0]))
   # sd 0.5774, t(0.975, 3) = 3.182 (a t table): 3.182 * 0.5774 / 2.
   assert mean == 0.5 and half == pytest.approx(0.9186, abs=1e-4)
 
@@ -147,7 +147,7 @@ def test_few_shot_evaluator_logs_mean_and_interval_per_classifier_and_k():
   )
   assert out["fs/logistic_2shot"] == pytest.approx(direct["logistic_2shot"].mean())
   assert out["fs/logistic_2shot_ci95"] == pytest.approx(
-    ev.mean_and_ci95(direct["logistic_2shot"])[1]
+    metrics.mean_and_ci95(direct["logistic_2shot"])[1]
   )
 
 

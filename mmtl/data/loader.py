@@ -171,13 +171,11 @@ def make_train_iterator(
 
 def _check_tf(cfg: ml_collections.ConfigDict, *keys: str) -> None:
   """Refuses the `config.input` settings only grain reads: folds, and `keys`."""
+  set_by = {"fold": " (cross-validation folds: config.cross_validation)"}
   for key in ("fold", *keys):
     if cfg[key] is not None:
       raise config_keys.ConfigError(
-        f"config.input.{key} (cross-validation folds: config.cross_validation) needs "
-        "config.input.loader='grain'."
-        if key == "fold"
-        else f"config.input.{key} needs config.input.loader='grain'."
+        f"config.input.{key}{set_by.get(key, '')} needs config.input.loader='grain'."
       )
 
 
