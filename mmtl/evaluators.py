@@ -737,18 +737,22 @@ class Zeroshot(Evaluator):
 
   def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
     super().__init__(name, cfg, context)
-    if not (cfg.get("classnames") and cfg.get("tokenizer")):
+    if not cfg.get("tokenizer"):
       raise config_keys.ConfigError(
-        f"config.evals.{name}: a zeroshot evaluator needs `classnames` "
-        "and `tokenizer` (and optionally `prompts`, e.g. "
-        "['a photo of a {}.'])."
+        f"config.evals.{name}: a zeroshot evaluator needs `tokenizer` (the text tower's), "
+        "and optionally `classnames` (default: the label's class names) and `prompts`, "
+        "e.g. ['a photo of a {}.']."
       )
     self._embed_texts = context.text_embedder(cfg["tokenizer"], int(self.option("max_len")))
+
+  def classnames(self) -> list[str]:
+    """`classnames`, else the dataset's names of the label's classes (e.g. CIFAR-10's)."""
+    return list(self.cfg.get("classnames") or self.context.class_names(self.cfg))
 
   def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
     prompts = list(self.cfg.get("prompts") or ["{}"])
     class_embeds = []
-    for classname in self.cfg["classnames"]:
+    for classname in self.classnames():
       e = self._embed_texts(variables, [p.format(classname) for p in prompts]).mean(0)
       class_embeds.append(e / np.linalg.norm(e))
     out = collect(predict, self.batches(), ["image_embeds", "labels"])

@@ -41,6 +41,28 @@ from PIL import Image as PILImage
 from mmtl import config_keys, log_mel
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """What a dataset feature must hold for a field to read it, as TFDS describes the
+  feature's tensor: numpy dtype kinds ("u" unsigned, "i" signed, "f" float, "O" text),
+  ranks (empty: any), and in words, for the error naming a mismatch."""
+
+  kinds: str
+  ranks: tuple[int, ...]
+  holds: str
+
+  def problem(self, info: Any) -> str | None:
+    """Why a feature of tensor info `info` (tfds `get_tensor_info()`) does not fit, else
+    None."""
+    if not hasattr(info, "shape"):  # A dict of features.
+      return f"a group of features ({', '.join(sorted(info))}), not one"
+    kind, rank = np.dtype(info.np_dtype).kind, len(info.shape)
+    if kind in self.kinds and (not self.ranks or rank in self.ranks):
+      return None
+    what = "text" if kind in "OSU" else f"{np.dtype(info.np_dtype).name} values"
+    return f"{what} of shape {tuple(info.shape)}, where it needs {self.holds}"
+
+
 class Modality:
   """One modality (see the module docstring). Class attributes describe it to the model;
   an instance, made per pipeline from `config.input`, preprocesses it."""
@@ -48,6 +70,8 @@ class Modality:
   name: ClassVar[str]  # set by `register`
   inputs: ClassVar[dict[str, str]]  # batch field -> encoder input; the first is primary
   pool: ClassVar[str] = "mean"
+  # The dataset feature it reads (checked when the pipeline opens the dataset); None: any.
+  reads: ClassVar[FeatureSpec | None] = None
   config: ClassVar[dict[str, Any]] = {}
   # Its own sections of `config.model.towers.<name>`, which `tower` reads (video: temporal).
   tower_config: ClassVar[dict[str, Any]] = {}
@@ -146,6 +170,7 @@ class Image(Modality):
 
   inputs = {"pixel_values": "pixel_values"}
   pool = "cls"
+  reads = FeatureSpec("uif", (3,), "images (height, width, channels)")
   config = dict(
     size=None,  # Output side; None: image_stats size, else the dataset's fixed size.
     resize=None,  # Eval: shorter side resized to this, then center crop; None: = size.
@@ -221,6 +246,7 @@ class Video(Modality):
 
   inputs = {"video": "pixel_values", "video_mask": "frame_mask"}
   pool = "pooler"  # the temporal model's pooling
+  reads = FeatureSpec("uif", (4,), "clips (frames, height, width, channels)")
   config = dict(
     num_frames=8,  # frames per clip the tower sees
     stride=1,  # take every stride-th frame
@@ -416,6 +442,7 @@ class Text(Modality):
     "attention_mask": "attention_mask",
     "token_type_ids": "token_type_ids",
   }
+  reads = FeatureSpec("OSU", (0, 1), "a text or a list of texts")
   # tokenizer: HF name or local path; mlm_probability: the share of tokens masked for the
   # masked_lm head (BERT: 0.15), train and eval alike, giving `mlm_labels`.
   config = dict(tokenizer=None, max_length=32, mlm_probability=0.0)
@@ -528,6 +555,7 @@ class Audio(Modality):
   draws_when_deterministic = False
 
   inputs = {"audio_values": "pixel_values"}
+  reads = FeatureSpec("uif", (), "spectrograms (numbers)")
 
   def decode(self, value: Any) -> np.ndarray:
     return np.asarray(value, np.float32)
@@ -543,6 +571,7 @@ class Clip(Modality):
   `max_seconds` is not set (`default_length`) and what the tower reads of it."""
 
   draws_when_deterministic = False  # its only draw is the crop of a longer clip
+  reads = FeatureSpec("uif", (1, 2), "audio samples (samples,) or (samples, channels)")
   config = dict(
     rate=None,  # The dataset's sampling rate; None: its feature's `sample_rate` (tfds Audio).
     stats_from=None,  # Checkpoint whose preprocessor_config.json gives the settings below.

@@ -65,6 +65,63 @@ def coco_without_tensorflow(monkeypatch):
   monkeypatch.setattr(coco, "tf", types.SimpleNamespace(int64=np.int64))
 
 
+# The splits of the real datasets the shipped configs read, as their TFDS builders name them:
+# a builder whose data is not prepared knows its features (code) but not its splits (data).
+REAL_SPLITS = {
+  "cifar10": ("train", "test"),
+  "coco_captions": ("train", "restval", "val", "test"),  # Karpathy's
+  "imagenet2012": ("train", "validation", "test"),
+  "imagenette": ("train", "validation"),
+}
+MOCK_EXAMPLES = 24  # per split
+
+
+@pytest.fixture
+def mock_real_datasets(coco_without_tensorflow, monkeypatch):
+  """The real TFDS builders of `REAL_SPLITS` (their feature specs, from code) serving
+  random examples, through `tfds.testing.mock_data`: no download, no TensorFlow.
+
+  Each split holds `MOCK_EXAMPLES` decoded examples drawn from the builder's features by
+  TFDS's own `RandomFakeGenerator` (images of random sizes, random strings, class ids in
+  range, sequences of 5-49 items). Configs read them with `download=True`: mock_data makes
+  `download_and_prepare` a no-op."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
+
+  def splits(name):
+    template = dict(data_dir="/nonexistent", dataset_name=name, filetype_suffix="x")
+    return tfds.core.SplitDict(
+      [
+        tfds.core.SplitInfo(
+          name=split,
+          shard_lengths=[MOCK_EXAMPLES],
+          num_bytes=0,
+          filename_template=tfds.core.ShardedFileTemplate(split=split, **template),
+        )
+        for split in REAL_SPLITS[name]
+      ]
+    )
+
+  real_splits = tfds.core.DatasetInfo.splits.fget
+  monkeypatch.setattr(
+    tfds.core.DatasetInfo,
+    "splits",
+    property(lambda info: splits(info.name) if info.name in REAL_SPLITS else real_splits(info)),
+  )
+
+  def as_data_source(builder, split, decoders=None, **kw):
+    del decoders, kw  # Decoded examples: the unused features are small.
+    seed = int(np.random.default_rng(list(split.encode())).integers(1 << 30))
+    fake = mocking.RandomFakeGenerator(
+      builder.info.features, builder.info.splits[split].num_examples, seed=seed
+    )
+    return list(fake)
+
+  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+    yield
+
+
 def pytest_collection_modifyitems(items):
   """Modules with end-to-end (`slow`) tests first, each module's tests in their order.
 

@@ -23,6 +23,7 @@ import pytest
 
 _LETTERS = list(string.ascii_lowercase) + list(string.digits)
 _WORDS = ["a", "the", "photo", "of", "red", "green", "blue", "circle", "square", "triangle"]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -86,8 +87,8 @@ def _preprocessor(out: Path, processor: str, mean, std, size: dict, crop: dict |
 def make_tiny_checkpoint(
   family: str, out_dir: str | Path, seed: int = 0, **config_overrides
 ) -> str:
-  """Save a tiny random transformers `family` ("bert", "vit", "clip", "wav2vec2", "whisper",
-  "ast") model, with its tokenizer or feature extractor config, to `out_dir`.
+  """Save a tiny random transformers `family` ("bert", "vit", "resnet", "clip", "wav2vec2",
+  "whisper", "ast") model, with its tokenizer or feature extractor config, to `out_dir`.
 
   For "clip", `config_overrides` may hold `text_config` / `vision_config` dicts
   that update the tiny defaults.
@@ -109,6 +110,14 @@ def make_tiny_checkpoint(
     _preprocessor(out, "ViTImageProcessor", [0.5] * 3, [0.5] * 3, dict(height=16, width=16))
     cfg = tr.ViTConfig(**{**common, "image_size": 16, "patch_size": 4, **config_overrides})
     model = tr.ViTModel(cfg)
+  elif family == "resnet":
+    # microsoft/resnet-50's preprocessing (ImageNet mean/std, ConvNeXt's processor).
+    size = dict(shortest_edge=16)
+    _preprocessor(out, "ConvNextImageProcessor", IMAGENET_MEAN, IMAGENET_STD, size)
+    cfg = tr.ResNetConfig(
+      **{"embedding_size": 8, "hidden_sizes": [8, 12], "depths": [1, 1], **config_overrides}
+    )
+    model = tr.ResNetModel(cfg)
   elif family == "clip":
     tok = _clip_tokenizer(out)
     _preprocessor(
@@ -206,7 +215,7 @@ def make_tiny_checkpoint(
     model = tr.ASTModel(cfg)
   else:
     raise ValueError(
-      f"family={family!r}: use 'bert', 'vit', 'clip', 'wav2vec2', 'whisper' or 'ast'."
+      f"family={family!r}: use 'bert', 'vit', 'resnet', 'clip', 'wav2vec2', 'whisper' or 'ast'."
     )
   model.eval().save_pretrained(out)
   return str(out)

@@ -30,7 +30,6 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
 from mmtl import (
   checkpoint,
@@ -739,70 +738,8 @@ def test_recipe_config_runs_short(tiny_bert_dir, data_dir, tmp_path):
   assert len(lines) == 16 and all(len(line["references"]) == 5 for line in lines)
 
 
-COCO_SPLITS = ("train", "restval", "val", "test")  # Karpathy's, as TFDS coco_captions has them
-
-
-def coco_captions_example(rng: np.random.Generator, index: int) -> dict:
-  """A decoded example with every feature of TFDS `coco_captions`: an image of its own size,
-  five captions (COCO has 5-7), no objects."""
-  subjects, verbs = ("a man", "a dog", "two cats", "a red bus"), ("riding", "near", "on", "under")
-  things = ("a horse", "the beach", "a table", "a tree")
-  texts = [
-    f"{subjects[rng.integers(4)]} {verbs[rng.integers(4)]} {things[rng.integers(4)]}."
-    for _ in range(5)
-  ]
-  height, width = rng.integers(20, 48, size=2)
-  return {
-    "image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
-    "image/filename": f"COCO_val2014_{index:012d}.jpg",
-    "image/id": np.int64(index),
-    "captions": {"id": np.arange(5, dtype=np.int64) + 5 * index, "text": np.array(texts)},
-    "objects": {
-      "area": np.zeros(0, np.int64),
-      "bbox": np.zeros((0, 4), np.float32),
-      "id": np.zeros(0, np.int64),
-      "is_crowd": np.zeros(0, bool),
-      "label": np.zeros(0, np.int64),
-    },
-  }
-
-
-@pytest.fixture
-def mock_coco_captions(coco_without_tensorflow, monkeypatch):
-  """TFDS `coco_captions` with no data and no TensorFlow: the real builder (its feature
-  spec), the Karpathy splits of 24 examples each, and `tfds.testing.mock_data` serving
-  `coco_captions_example`s as its data source."""
-  splits = tfds.core.SplitDict(
-    [
-      tfds.core.SplitInfo(
-        name=name,
-        shard_lengths=[24],
-        num_bytes=0,
-        filename_template=tfds.core.ShardedFileTemplate(
-          data_dir="/nonexistent", dataset_name="coco_captions", split=name, filetype_suffix="x"
-        ),
-      )
-      for name in COCO_SPLITS
-    ]
-  )
-  real_splits = tfds.core.DatasetInfo.splits
-  monkeypatch.setattr(
-    tfds.core.DatasetInfo,
-    "splits",
-    property(lambda info: splits if info.name == "coco_captions" else real_splits.fget(info)),
-  )
-
-  def as_data_source(builder, split, decoders=None, **kw):
-    del builder, decoders, kw  # Decoded examples; the unused features are small.
-    rng = np.random.default_rng(len(split))
-    return [coco_captions_example(rng, i) for i in range(splits[split].num_examples)]
-
-  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-    yield
-
-
 @pytest.mark.slow
-def test_coco_captioning_recipe_on_mock_coco_captions(mock_coco_captions, tiny_vit_dir, tmp_path):
+def test_coco_captioning_recipe_on_mock_coco_captions(mock_real_datasets, tiny_vit_dir, tmp_path):
   """configs/coco_captioning.py as written (`captions/text` targets, GPT-2 padding with
   <|endoftext|>, the ViT's own image stats and size, beam-4 evaluation), its checkpoints
   swapped for tiny ones: 4 steps and the evaluation, on mock `coco_captions`."""
@@ -823,7 +760,8 @@ def test_coco_captioning_recipe_on_mock_coco_captions(mock_coco_captions, tiny_v
   assert final["step"] == 4 and set(final) == {f"val/{m}" for m in CAPTION_METRICS} | {"step"}
   assert np.isfinite(final["val/loss"])
   lines = read_jsonl(tmp_path / "run" / "captions_step4-val.jsonl")
-  assert len(lines) == 12 and all(len(line["references"]) == 5 for line in lines)
+  # Every caption of an image is a reference (mock sequences hold 5 to 49).
+  assert len(lines) == 12 and all(len(line["references"]) >= 5 for line in lines)
 
 
 @pytest.mark.slow

@@ -314,12 +314,13 @@ def test_a_cnn_checkpoint_gives_stats_and_the_config_the_size(cfg, tmp_path):
 def test_images_of_no_fixed_size_name_the_size_key(cfg, tmp_path, monkeypatch):
   """A dataset of images of any size, a CNN checkpoint that gives no size: the error says
   which key to set."""
-  import types
-
   import transformers
 
   transformers.ResNetConfig().save_pretrained(tmp_path / "resnet")
-  monkeypatch.setattr(source, "feature_at", lambda *_: types.SimpleNamespace(shape=(None, None, 3)))
+  real_feature_at, any_size = source.feature_at, tfds.features.Image(shape=(None, None, 3))
+  monkeypatch.setattr(
+    source, "feature_at", lambda f, path: any_size if path == "image" else real_feature_at(f, path)
+  )
   image = dict(stats_from=str(tmp_path / "resnet"))
   with pytest.raises(
     config_lib.ConfigError,

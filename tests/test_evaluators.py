@@ -548,7 +548,13 @@ def test_zeroshot_averages_each_class_prompts():
   }
   out = ev.make("zs", cfg, _context(batches, "contrastive", text_embedder=text_embedder)).run(None)
   assert out == {"zs/accuracy": pytest.approx(2 / 3)} and calls == [("tok", 16)]
-  with pytest.raises(config_lib.ConfigError, match="needs `classnames` and `tokenizer`"):
+  # Without classnames: the label's class names, from the dataset.
+  del cfg["classnames"]
+  context = _context(
+    batches, "contrastive", text_embedder=text_embedder, class_names=lambda c: ["horse", "cat"]
+  )
+  assert ev.make("zs", cfg, context).run(None) == {"zs/accuracy": pytest.approx(1 / 3)}
+  with pytest.raises(config_lib.ConfigError, match="needs `tokenizer`"):
     ev.make(
       "zs",
       {"type": "zeroshot", "classnames": ["cat"]},

@@ -301,11 +301,13 @@ def test_dummy_batch_inits_the_params_of_a_real_batch(fusion_type, tower_set):
     model_towers, real = towers(), batch()
   else:
     model_towers, real = hf_towers(), hf_batch()
-  model = fused_classifier(model_towers, fusion_type, fusion_layer=-1, head_type=kind)
-  dummy = model.dummy_batch()
   fields = {"pixel_values", "input_ids", "attention_mask"}
   if tower_set != "tiny":
     fields |= {"token_type_ids", "audio_values"}
+  if fusion_type == "pooled":  # One tower's features.
+    model_towers, fields = {"text": model_towers["text"]}, fields - {"pixel_values", "audio_values"}
+  model = fused_classifier(model_towers, fusion_type, fusion_layer=-1, head_type=kind)
+  dummy = model.dummy_batch()
   assert set(dummy) == fields and {x.shape[0] for x in dummy.values()} == {1}
   assert real["input_ids"].shape[1] > dummy["input_ids"].shape[1]  # Longer and padded.
   assert param_shapes(model, dummy) == param_shapes(model, real)
@@ -340,3 +342,19 @@ def test_tower_of_the_wrong_modality_names_both():
   ):
     fusion._check_tower_inputs("image", clip, "openai/clip")
   fusion._check_tower_inputs("audio", hf_towers()["audio"], "vit")
+
+
+def test_pooled_fusion_is_a_linear_classifier_on_the_tower_features():
+  model = fused_classifier({"image": TinyImage(depth=2)}, "pooled", fusion_layer=-1)
+  b = batch()
+  variables = model.init(jax.random.PRNGKey(0), b)
+  assert "fusion" not in variables["params"]  # No params between the tower and the head.
+  out = model.apply(variables, b)
+  pooled = model.apply(
+    variables, b, method=lambda m, x: m._run_towers(x, None, train={"image": False})["image"].pooled
+  )
+  np.testing.assert_array_equal(out["features"], pooled)
+  head = variables["params"]["head"]
+  np.testing.assert_allclose(out["logits"], pooled @ head["kernel"] + head["bias"], rtol=1e-5)
+  with pytest.raises(ValueError, match="fusion_type='pooled' reads one tower"):
+    fused_classifier(towers(), "pooled", fusion_layer=-1).init(jax.random.PRNGKey(0), b)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmtl import config_keys
+from mmtl import config_keys, modalities
 from mmtl.data import bounces, folds, options, sampling, shapes, spoken_digits
 
 # Builders that generate their data offline: prepared on first use, no `download` needed.
@@ -105,13 +105,39 @@ def _skip_decoding(features: tfds.features.FeaturesDict, keep: set[str]) -> dict
   }
 
 
+# What the label and target fields must read (each modality declares its own: `reads`).
+FIELD_SPECS = {
+  "label": modalities.FeatureSpec("uifb", (0, 1), "class ids or numbers (or a list of ids)"),
+  "target": modalities.FeatureSpec("OSU", (0, 1), "a text or a list of texts"),
+}
+
+
+def _field_spec(field: str) -> modalities.FeatureSpec | None:
+  modality = modalities.MODALITIES.get(field)
+  return FIELD_SPECS.get(field) or (modality.reads if modality else None)
+
+
+def check_fields(cfg: ml_collections.ConfigDict, features: tfds.features.FeaturesDict) -> None:
+  """A ConfigError naming the field, its feature, what that holds and the features that
+  would fit, for a used field whose feature is missing or of a kind it cannot read (an
+  image field on a class label, a label on a text)."""
+  for field, path in options.used_fields(cfg).items():
+    feature, spec = feature_at(features, path), _field_spec(field)
+    problem = spec and spec.problem(feature.get_tensor_info())
+    if problem:
+      fits = [k for k, f in features.items() if not spec.problem(f.get_tensor_info())]
+      raise config_keys.ConfigError(
+        f"config.input.fields.{field}={path!r}: that feature of {cfg.dataset} holds {problem}. "
+        f"Point it at a feature that does (here: {fits or 'none'}), or set it to None."
+      )
+
+
 def decoders(
   cfg: ml_collections.ConfigDict, features: tfds.features.FeaturesDict
 ) -> dict[str, Any]:
-  """Checks that every used field exists; decoders that skip the unused features."""
+  """Checks every used field (`check_fields`); decoders that skip the unused features."""
+  check_fields(cfg, features)
   fields = options.used_fields(cfg)
-  for path in fields.values():
-    feature_at(features, path)
   return _skip_decoding(features, {path.split("/")[0] for path in fields.values()})
 
 

@@ -23,6 +23,9 @@ Fusion types (`fusion_type`, the keys of `FUSIONS`):
                    tower without token layers (a CNN) takes part through a
                    cross-attention of the bottleneck tokens over its feature
                    map at each fusion layer.
+  pooled:          one tower's pooled features as they are: the head is a linear
+                   classifier on a backbone's features (a linear probe when the tower
+                   is locked; fine-tuning as in the ViT and ResNet papers).
   contrastive:     two towers and a CLIP/LiT/SigLIP head: projected, L2-normalized
                    embeddings and a learnable temperature (and bias: sigmoid loss).
 
@@ -134,6 +137,16 @@ class ConcatFusion(Fusion):
     x, _ = _stack_present(towers, feats)
     x = x.reshape(x.shape[0], -1)
     return nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="hidden")(x))
+
+
+class PooledFeatures(Fusion):
+  """The single tower's pooled features, unchanged (no params)."""
+
+  @nn.compact
+  def __call__(self, towers: Mapping[str, TowerOutput], *, train: bool) -> jax.Array:
+    del train
+    (tower,) = towers.values()
+    return tower.pooled
 
 
 class GatedFusion(Fusion):
@@ -354,6 +367,7 @@ FUSIONS: dict[str, type[Fusion]] = {
   "bilinear": BilinearFusion,
   "cross_attention": CrossAttentionFusion,
   "bottleneck": BottleneckFusion,
+  "pooled": PooledFeatures,
   "contrastive": ContrastiveHead,
 }
 
@@ -470,6 +484,11 @@ class FusionModel(nn.Module):
       raise ValueError(
         f"fusion_type={self.fusion_type!r} needs at least two towers, got "
         f"{names}; use fusion_type='concat' for a single-modality model."
+      )
+    if self.fusion_type == "pooled" and len(names) != 1:
+      raise ValueError(
+        f"fusion_type='pooled' reads one tower, got {names}: use it with a single modality "
+        "(config.model.modalities), or another fusion_type to combine them."
       )
     if self.fusion_type == "bottleneck" and any(
       getattr(self.tower(m), "attention_impl", None) == "cudnn" for m in names
