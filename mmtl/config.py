@@ -65,6 +65,9 @@ DEFAULTS = dict(
   # mmtl.feature_cache: locked towers run once per example (enable); entries in `dir`,
   # else $MMTL_FEATURE_CACHE_DIR (sweeps and searches share one), else <workdir>/feature_cache.
   feature_cache=dict(enable=False, dir=""),
+  # mmtl.tracking: backends ("wandb", "mlflow"; none by default), project, name, wandb_mode,
+  # mlflow_uri.
+  tracking={},
 )
 
 MODEL_DEFAULTS = dict(
@@ -122,7 +125,7 @@ def model_defaults() -> dict[str, Any]:
 def schema() -> dict[str, Any]:
   """Every key a config can set, with its default or type (see the markers above)."""
   # Imported late (JAX).
-  from mmtl import data, distill, domain_adaptation, evaluators, modalities, optim
+  from mmtl import data, distill, domain_adaptation, evaluators, modalities, optim, tracking
   from mmtl.data import folds
 
   input_keys = data.defaults().to_dict()
@@ -149,6 +152,7 @@ def schema() -> dict[str, Any]:
     distill=distill.CONFIG_KEYS,
     domain_adaptation=resolve(domain_adaptation.CONFIG_KEYS),
     cross_validation=folds.CONFIG_KEYS,
+    tracking=tracking.CONFIG_KEYS,
     sharding_rules=RULES,
   )
   return out

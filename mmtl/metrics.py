@@ -50,7 +50,9 @@ class MetricWriter:
   Only the main process (`is_main`) writes; others make every call a no-op so
   the trainer needs no `if process_index == 0` around logging. Each write
   reaches metrics.jsonl before `write` returns, in a local or a gs:// workdir
-  (`_ObjectStoreLog`).
+  (`_ObjectStoreLog`). `config` (JSON) goes to TensorBoard's text tab at the first step,
+  the final metrics table at `close(final)`; `trackers` (mmtl.tracking: W&B, MLflow) get
+  the same scalars, and the final table when they close.
   """
 
   def __init__(
@@ -61,18 +63,24 @@ class MetricWriter:
     batch_size: int,
     first_step: int = 0,
     is_main: bool = True,
+    config: Mapping[str, Any] | None = None,
+    trackers: Sequence[Any] = (),
   ):
     self.total_steps, self.batch_size, self.is_main = total_steps, batch_size, is_main
     self._last_step, self._last_time = first_step, None
-    self._log = None
+    self._log, self._trackers = None, list(trackers) if is_main else []
     if is_main:
       self._log = (_ObjectStoreLog if workdir_lib.is_remote(workdir) else _LocalLog)(workdir)
+      if config is not None:
+        self._log.text("config", _markdown_code(json.dumps(config, indent=2)), first_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.is_main or not metrics:
       return
     values = {k: _scalar(v) for k, v in metrics.items()}
     self._log.write(int(step), values, json.dumps({"step": int(step), **values}) + "\n")
+    for tracker in self._trackers:
+      tracker.log(int(step), values)
 
   def progress(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
     """Prints `step s/N | name value ... | steps/s | examples/s | ETA` and returns
@@ -97,9 +105,22 @@ class MetricWriter:
       print(" | ".join(parts), flush=True)
     return speed
 
-  def close(self) -> None:
-    if self.is_main:
-      self._log.close()
+  def close(self, final: Mapping[str, float] | None = None) -> None:
+    """Closes the logs; `final` (the run's final metrics) also goes to TensorBoard's text
+    tab and the trackers. Without it (a stopped run) the trackers mark the run unfinished."""
+    if not self.is_main:
+      return
+    if final is not None:
+      table = _markdown_code(format_table(final))
+      self._log.text("final_metrics", table, int(final.get("step", self._last_step)))
+    self._log.close()
+    for tracker in self._trackers:
+      tracker.close(final)
+
+
+def _markdown_code(text: str) -> str:
+  """`text` as a Markdown code block: TensorBoard renders its text tab as Markdown."""
+  return "```\n" + text + "\n```"
 
 
 def tensorboardx(module: str = "tensorboardX") -> Any:
@@ -131,6 +152,9 @@ class _LocalLog:
     self._file.flush()
     for name, value in values.items():
       self._tb.add_scalar(name, value, step)
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    self._tb.add_text(tag, text, step)
 
   def close(self) -> None:
     self._file.close()
@@ -168,6 +192,14 @@ class _ObjectStoreLog:
         event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(name, value))
       )
     self._upload()
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import text as text_summary
+
+    self._events.write_event(
+      event_pb2.Event(wall_time=time.time(), step=step, summary=text_summary(tag, text))
+    )
 
   def _upload(self) -> None:
     workdir_lib.write_text(self._path, "".join(self._lines))

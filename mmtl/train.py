@@ -49,6 +49,7 @@ from mmtl import (
   preemption,
   rules,
   sharding,
+  tracking,
   train_state,
   train_step,
 )
@@ -200,6 +201,7 @@ def validate(config: mlc.ConfigDict, *, fresh: bool, workdir: str = "") -> Valid
 
 def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
   total_steps, accum = int(config.total_steps), int(config.grad_accum_steps)
+  tracking.check(config.tracking)  # Its backends installed, before anything else.
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -511,12 +513,15 @@ def _train_loop(
   # Evaluators, metrics, early stopping.
   ##############################################################################
   evaluators = v.evaluators
+  is_main = distributed.is_main_process()
   writer = metrics_lib.MetricWriter(
     workdir,
     total_steps=total_steps,
     batch_size=int(config.batch_size),
     first_step=first_step,
-    is_main=distributed.is_main_process(),
+    is_main=is_main,
+    config=config_lib.to_dict(config),
+    trackers=tracking.open_trackers(config, workdir) if is_main else (),
   )
   best_value, evals_since_best = None, 0  # Early stopping; patience restarts on resume.
   if config.best_metric and ckpt.best_step() is not None:
@@ -642,9 +647,9 @@ def _train_loop(
       else evaluator.run(variables, step=final_step, workdir=workdir)
     )
   final["step"] = float(final_step)
-  writer.close()
+  writer.close(final)
   write_final(workdir, final)
-  if distributed.is_main_process():
+  if is_main:
     metrics_lib.plot_curves(workdir)
     note(metrics_lib.format_table(final, title=f"Final metrics ({workdir}, step {final_step})"))
   return final

@@ -91,7 +91,7 @@ def test_wheel_metadata_has_the_requirements_files_dependencies_and_extras(built
   assert (metadata["Name"], metadata["Version"]) == ("mmtl", "0.1.0")
   assert metadata["Requires-Python"] == ">=3.10"
   extras = metadata.get_all("Provides-Extra")
-  assert sorted(extras) == ["cuda12", "gcs", "test", "tpu"]
+  assert sorted(extras) == ["cuda12", "gcs", "test", "tpu", "tracking"]
   declared = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
   assert {key(r) for r in declared if r.marker is None} == requirements(ROOT / "requirements.txt")
   by_extra = {
@@ -103,6 +103,7 @@ def test_wheel_metadata_has_the_requirements_files_dependencies_and_extras(built
     "cuda12": {("jax", ("cuda12",), "")},
     "tpu": {("jax", ("tpu",), "")},
     "gcs": {("gcsfs", (), "")},
+    "tracking": {("wandb", (), ">=0.31"), ("mlflow", (), ">=3.0")},
   }
   assert {("ruff", (), "==0.17.6"), ("torch", (), "==2.13.0")} <= by_extra["test"]
 

@@ -79,20 +79,35 @@ def fake_gcs(tmp_path, monkeypatch):
   assert not os.listdir(cwd), "a write bypassed epath"
 
 
-def tb_scalars(tb_dir) -> dict[str, list[int]]:
-  """{tag: steps} of every TensorBoard event file in `tb_dir` (TFRecord framing)."""
+def tb_events(tb_dir):
+  """The events of every TensorBoard event file in `tb_dir` (TFRecord framing)."""
   from tensorboardX.proto import event_pb2
 
-  steps: dict[str, list[int]] = {}
   for file in sorted(tb_dir.iterdir()):
     raw, pos = file.read_bytes(), 0
     while pos < len(raw):
       (length,) = struct.unpack("Q", raw[pos : pos + 8])
-      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
+      yield event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
-      for value in event.summary.value:
-        steps.setdefault(value.tag, []).append(event.step)
+
+
+def tb_scalars(tb_dir) -> dict[str, list[int]]:
+  """{tag: steps} of the summaries in `tb_dir`."""
+  steps: dict[str, list[int]] = {}
+  for event in tb_events(tb_dir):
+    for value in event.summary.value:
+      steps.setdefault(value.tag, []).append(event.step)
   return steps
+
+
+def tb_texts(tb_dir) -> dict[str, str]:
+  """{tag: text} of the text summaries in `tb_dir` (TensorBoard's text tab)."""
+  return {
+    value.tag: value.tensor.string_val[0].decode()
+    for event in tb_events(tb_dir)
+    for value in event.summary.value
+    if value.tensor.string_val
+  }
 
 
 def test_metric_writer_on_an_object_store_rewrites_and_keeps_history(fake_gcs):
@@ -105,9 +120,13 @@ def test_metric_writer_on_an_object_store_rewrites_and_keeps_history(fake_gcs):
   writer.write(2, {"train/loss": 0.5})
   writer.close()
   time.sleep(1.1)  # Event files are named by the second they were opened in.
-  resumed = metrics.MetricWriter(RUN, total_steps=3, batch_size=1, first_step=1)  # A resume.
-  resumed.write(2, {"train/loss": 0.25})
-  resumed.close()
+  config = {"optim": {"lr": 0.1}}
+  resumed = metrics.MetricWriter(RUN, total_steps=3, batch_size=1, first_step=1, config=config)
+  resumed.write(2, {"train/loss": 0.25})  # A resume, which ends: the config and final table.
+  resumed.close(final={"val/accuracy": 0.5, "step": 2.0})
+  texts = tb_texts(tb)
+  assert json.dumps(config, indent=2) in texts["config/text_summary"]
+  assert "val/accuracy" in texts["final_metrics/text_summary"]
   assert [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()] == [1, 2, 2]
   assert metrics.read(RUN) == {"train/loss": {1: 1.0, 2: 0.25}}
   assert len(list(tb.iterdir())) == 2  # One event file per run, as locally.
