@@ -300,7 +300,10 @@ def test_concurrent_runs_fill_an_entry_once(validated, tmp_path):
 
 
 def test_sweeps_give_their_runs_one_cache(monkeypatch, tmp_path):
-  from launch import sweep  # pylint: disable=g-import-not-at-top
+  # As the launch scripts import each other (and tests/test_sweep.py imports them): from
+  # launch/ on sys.path, whichever test imported them first.
+  monkeypatch.syspath_prepend(str(REPO / "launch"))
+  import sweep  # pylint: disable=g-import-not-at-top
 
   monkeypatch.delenv(feature_cache.ENV_DIR, raising=False)
   assert sweep.FEATURE_CACHE_ENV == feature_cache.ENV_DIR
