@@ -35,6 +35,14 @@ Types (metrics are logged as `<name>/<metric>`; `metrics` picks some of them):
                   greedy, more: prefix beam search) against `input.fields.target`,
                   `loss` (CTC per label) and `infeasible` (clips too short for their
                   transcript)
+  modality_contribution:
+                  accuracy, accuracy with each modality blanked (`accuracy_without_<m>`)
+                  and the mean gradient x input share of each (`attribution_<m>`,
+                  mmtl.interpret) of a classification head; the table as a file
+  attention_maps: no metrics: for the first `examples` examples, a PNG each of the
+                  input image with the image tower's attention rollout, the
+                  cross-attention of the other modalities over its patches, and the
+                  prediction, label, gates and attributions in the title
 
 Generating evaluators write what they generated beside the metrics, one JSON line
 per example ({"id", "hypothesis", "references"}), to
@@ -91,7 +99,7 @@ import numpy as np
 from scipy import special
 from sklearn import metrics as sk_metrics
 
-from mmtl import config_keys, data, heads, losses, modalities, sharding
+from mmtl import config_keys, data, heads, interpret, losses, modalities, sharding
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
 from mmtl.data import corruptions, device
@@ -390,6 +398,7 @@ class EvalContext:
   text_embedder: Callable[[str, int], Callable[[Any, list[str]], np.ndarray]] | None = None
   generate_texts: Callable[..., tuple[list[str], list[list[str]]]] | None = None
   class_names: Callable[[Mapping[str, Any]], list[str]] | None = None
+  modalities: tuple[str, ...] = ()  # the model's, in order (modality_contribution)
   is_main: bool = True  # the process that writes files
 
 
@@ -534,6 +543,16 @@ class Evaluator:
     step = "final" if self.step is None else self.step
     return workdir_lib.path(self.workdir, f"{kind}_step{step}-{self.name}{suffix}")
 
+  def classes(self, num_classes: int) -> list[str]:
+    """The label's class names where the dataset has them, else the class ids."""
+    try:
+      names = self.context.class_names(self.cfg) if self.context.class_names else None
+    except (config_keys.ConfigError, ValueError, KeyError):
+      names = None
+    if names and len(names) == num_classes:
+      return list(names)
+    return [str(i) for i in range(num_classes)]
+
   def write_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
     """`rows` as JSON lines in `<workdir>/<kind>_step<N>-<evaluator>.jsonl`."""
     if (file := self.output_file(kind, ".jsonl")) is not None:
@@ -611,16 +630,6 @@ class Classification(Evaluator):
       self.output_file("confusion", ".png"), report["confusion_matrix"], names, self.name
     )
     metrics_lib.plot_reliability(self.output_file("reliability", ".png"), calibrated, self.name)
-
-  def classes(self, num_classes: int) -> list[str]:
-    """The label's class names where the dataset has them, else the class ids."""
-    try:
-      names = self.context.class_names(self.cfg) if self.context.class_names else None
-    except (config_keys.ConfigError, ValueError, KeyError):
-      names = None
-    if names and len(names) == num_classes:
-      return list(names)
-    return [str(i) for i in range(num_classes)]
 
 
 class MultiLabel(Evaluator):
@@ -833,6 +842,121 @@ class FewShot(Evaluator):
     return metrics
 
 
+class ModalityContribution(Evaluator):
+  """What each modality adds to a classifier: accuracy with all of them, with each one
+  blanked (`input.blank`, its empty value, as missing-modality evaluation), and each one's
+  mean share of gradient x input (mmtl.interpret). Writes the table to
+  `contribution_step<N>-<name>.json`."""
+
+  HEAD = "classification"
+  PREDICT = "explain"
+
+  def metrics(self) -> tuple[str, ...]:
+    ms = self.context.modalities
+    return ("accuracy", *(f"accuracy_without_{m}" for m in ms), *(f"attribution_{m}" for m in ms))
+
+  def inputs(self) -> list[Mapping[str, Any]]:
+    return [self.cfg, *(self._blanked(m) for m in self.context.modalities)]
+
+  def _blanked(self, modality: str) -> dict[str, Any]:
+    input_cfg = dict(self.cfg.get("input", {}))
+    input_cfg["blank"] = (*input_cfg.get("blank", ()), modality)
+    return dict(self.cfg, input=input_cfg)
+
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    plain = functools.partial(self.context.predict_fns["predict"], variables)
+    out = collect(predict, self.batches(), ["logits", "labels", "attribution"])
+    metrics = {"accuracy": accuracy(out["logits"], out["labels"])}
+    rows = []
+    for i, m in enumerate(self.context.modalities):
+      blanked = collect(plain, self.batches(self._blanked(m)), ["logits", "labels"])
+      metrics[f"accuracy_without_{m}"] = accuracy(blanked["logits"], blanked["labels"])
+      metrics[f"attribution_{m}"] = float(out["attribution"][:, i].mean())
+      rows.append(
+        dict(
+          modality=m,
+          accuracy_without=metrics[f"accuracy_without_{m}"],
+          accuracy_drop=metrics["accuracy"] - metrics[f"accuracy_without_{m}"],
+          attribution=metrics[f"attribution_{m}"],
+        )
+      )
+    if (file := self.output_file("contribution", ".json")) is not None:
+      table = dict(accuracy=metrics["accuracy"], examples=len(out["labels"]), modalities=rows)
+      workdir_lib.write_text(file, json.dumps(table, indent=1))
+    return metrics
+
+
+MAP_TITLES = {"rollout": "{} tower: attention rollout", "cross_attention": "{}: cross-attention"}
+
+
+class AttentionMaps(Evaluator):
+  """For the first `examples` examples of its input, `attention_step<N>-<name>/<i>.png`:
+  the image with the maps mmtl.interpret gives over its patches (the image tower's
+  attention rollout; each other modality's cross-attention over them), titled with the
+  prediction, the label, the text, the fusion's gates and the attributions."""
+
+  KEYS = dict(examples=8)
+  HEAD = "classification"
+  PREDICT = "explain"
+
+  def __init__(self, name: str, cfg: Mapping[str, Any], context: EvalContext):
+    super().__init__(name, cfg, context)
+    if context.input_config is not None and not context.input_config(cfg).fields.get("image"):
+      raise config_keys.ConfigError(
+        f"config.evals.{name} is an attention_maps evaluator, which draws its maps over "
+        "images: its input reads none (config.input.fields.image)."
+      )
+
+  def compute(self, variables: Any, predict: Predict) -> dict[str, float]:
+    folder = self.output_file("attention", "")
+    if folder is None:
+      return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = self._tokenizer()
+    names = None
+    written = 0
+    for batch in _take_examples(self.batches(), int(self.option("examples"))):
+      out = jax.device_get(predict(batch))
+      if names is None:
+        num_classes = np.asarray(out["logits"]).shape[-1]
+        names = self.classes(num_classes)
+      for i in np.flatnonzero(np.asarray(out["example_weight"]) > 0):
+        if written >= int(self.option("examples")):
+          return {}
+        maps = {
+          MAP_TITLES[key.split("/")[0]].format(key.split("/")[1]): grid
+          for key, value in out.items()
+          if key.startswith(("rollout/image", "cross_attention/")) and key.endswith("image")
+          if (grid := interpret.patch_grid(value[i])) is not None
+        }
+        title = self._title(out, i, names, tokenizer)
+        metrics_lib.plot_attention(folder / f"{written}.png", out["pixel_values"][i], maps, title)
+        written += 1
+    return {}
+
+  def _tokenizer(self) -> Any:
+    name = self.context.input_config(self.cfg).text.tokenizer if self.context.input_config else None
+    if not name:
+      return None
+    from mmtl import preprocess  # pylint: disable=g-import-not-at-top
+
+    return preprocess.load_tokenizer(name)
+
+  def _title(self, out: Mapping[str, Any], i: int, names: list[str], tokenizer: Any) -> str:
+    predicted = int(np.argmax(out["logits"][i]))
+    parts = [f"predicted {names[predicted]}"]
+    if "labels" in out:
+      parts.append(f"label {names[int(out['labels'][i])]}")
+    for key, what in (("gate", "gates"), ("attribution", "attribution")):
+      if key in out:
+        shares = zip(self.context.modalities, out[key][i])
+        parts.append(what + " " + ", ".join(f"{m} {v:.2f}" for m, v in shares))
+    lines = [" | ".join(parts)]
+    if tokenizer is not None and "input_ids" in out:
+      lines.insert(0, tokenizer.decode(out["input_ids"][i], skip_special_tokens=True)[:80])
+    return "\n".join(lines)
+
+
 class Captioning(Evaluator):
   """Caption metrics of generated texts against the references (mmtl.text_metrics)."""
 
@@ -975,6 +1099,8 @@ EVALUATORS: dict[str, type[Evaluator]] = {
   "vqa": Vqa,
   "transcription": Transcription,
   "masked_lm": MaskedLM,
+  "modality_contribution": ModalityContribution,
+  "attention_maps": AttentionMaps,
 }
 # Every key any evaluator takes: config.evals.<name> (each kind checks its own).
 CONFIG_KEYS = {k: v for kind in EVALUATORS.values() for k, v in kind.keys().items()}
@@ -1130,6 +1256,7 @@ def make_evaluators(
     text_embedder=text_embedder,
     generate_texts=make_generate_texts(config, mesh, host_batches),
     class_names=lambda cfg: data.class_names(eval_input_config(config, cfg)),
+    modalities=tuple(getattr(model, "modalities", ())),
     is_main=jax.process_index() == 0,
   )
   return [make(name, cfg, context) for name, cfg in config.evals.items()]

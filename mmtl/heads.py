@@ -154,11 +154,23 @@ class Classification(Head):
 
   config = dict(num_classes=2)
   loss_config = dict(label_smoothing=0.0)
+  predict_names = ("predict", "explain")
 
   @classmethod
   def outputs(cls, model: Any, features: jax.Array, towers: Mapping[str, Any]) -> dict:
     del towers
     return {"logits": linear(model, features)}
+
+  @classmethod
+  def predict_fns(cls, model: Any, mesh: jax.sharding.Mesh) -> dict[str, PredictFn]:
+    """And "explain": attention maps, gates and modality attributions (mmtl.interpret)."""
+    from mmtl import interpret  # pylint: disable=g-import-not-at-top
+
+    def explain(variables, batch):
+      return interpret.explain(model, merged(variables), batch)
+
+    jitted = jax.jit(explain, out_shardings=sharding.replicated(mesh))
+    return {**super().predict_fns(model, mesh), "explain": jitted}
 
   @classmethod
   def loss(cls, outputs, batch, loss_cfg):

@@ -319,6 +319,32 @@ def plot_confusion_matrix(
   epath.Path(file).write_bytes(_figure_bytes(fig))
 
 
+def plot_attention(
+  file: epath.PathLike, image: np.ndarray, maps: Mapping[str, np.ndarray], title: str
+) -> None:
+  """One example as a PNG: its image, then each map (a (h, w) patch grid, e.g. an
+  attention rollout) over the image as a heatmap of its patches, scaled to its own range."""
+  plt = _pyplot()
+  image = np.asarray(image, np.float32)
+  image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)  # for display
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.6 * (1 + len(maps)), 3.0), squeeze=False)
+  axes[0, 0].imshow(image)
+  axes[0, 0].set_title("input", fontsize=8)
+  extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)  # imshow's pixel edges
+  for ax, (name, grid) in zip(axes[0, 1:], maps.items()):
+    grid = np.asarray(grid, np.float32)
+    grid = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
+    ax.imshow(image)
+    ax.imshow(grid, cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")  # patches
+    ax.set_title(name, fontsize=8)
+  for ax in axes.flat:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=8)
+  epath.Path(file).write_bytes(_figure_bytes(fig))
+
+
 def plot_reliability(file: epath.PathLike, bins: Mapping[str, Any], title: str) -> None:
   """The reliability diagram of `mmtl.evaluators.calibration`'s bins: accuracy against
   confidence per bin (the diagonal: perfect calibration), and how many examples each

@@ -36,9 +36,6 @@ import secrets
 import time
 from typing import Any, Protocol
 
-import ml_collections as mlc
-
-from mmtl import config as config_lib
 from mmtl import config_keys
 from mmtl import metrics as metrics_lib
 from mmtl import workdir as workdir_lib
@@ -82,16 +79,16 @@ def check(tracking: Mapping[str, Any]) -> dict[str, Any]:
   return cfg
 
 
-def open_trackers(config: mlc.ConfigDict, workdir: str) -> list[Tracker]:
-  """The trackers `config.tracking` asks for, each continuing the tracked run this
-  workdir started (DIR/tracking.json), with the config logged."""
+def open_trackers(config: Mapping[str, Any], workdir: str) -> list[Tracker]:
+  """The trackers `config["tracking"]` asks for, each continuing the tracked run this
+  workdir started (DIR/tracking.json), with the config (a JSON-able dict) logged."""
   cfg = check(config.get("tracking", {}))
   if not cfg["backends"]:
     return []
   ids_file = workdir_lib.path(workdir, IDS_FILE)
   ids = workdir_lib.read_json(ids_file) if ids_file.exists() else {}
   name = cfg["name"] or os.path.basename(os.path.normpath(os.fspath(workdir)))
-  params = flat_config(config_lib.to_dict(config))
+  params = flat_config(config)
   opened = {
     backend: OPENERS[backend](cfg, workdir, name, ids.get(backend), params)
     for backend in cfg["backends"]

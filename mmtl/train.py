@@ -513,15 +513,15 @@ def _train_loop(
   # Evaluators, metrics, early stopping.
   ##############################################################################
   evaluators = v.evaluators
-  is_main = distributed.is_main_process()
+  is_main, config_dict = distributed.is_main_process(), config_lib.to_dict(config)
   writer = metrics_lib.MetricWriter(
     workdir,
     total_steps=total_steps,
     batch_size=int(config.batch_size),
     first_step=first_step,
     is_main=is_main,
-    config=config_lib.to_dict(config),
-    trackers=tracking.open_trackers(config, workdir) if is_main else (),
+    config=config_dict,
+    trackers=tracking.open_trackers(config_dict, workdir) if is_main else (),
   )
   best_value, evals_since_best = None, 0  # Early stopping; patience restarts on resume.
   if config.best_metric and ckpt.best_step() is not None:

@@ -296,6 +296,8 @@ def _context(batches=(), head_type="classification", **kw):
     fns["transcribe"] = lambda params, b, beam_size=1: b
   if head_type == "masked_lm":
     fns["masked_tokens"] = fns["predict"]
+  if head_type == "classification":
+    fns["explain"] = fns["predict"]
   return ev.EvalContext(
     head_type=head_type, make_batches=lambda cfg: batches, predict_fns=fns, **kw
   )
@@ -314,7 +316,8 @@ def test_evaluator_config_errors():
 
   with pytest.raises(
     config_lib.ConfigError,
-    match=r"calls the head's 'decode' function; the 'classification' head gives \['predict'\]",
+    match=r"calls the head's 'decode' function; the 'classification' head gives "
+    r"\['explain', 'predict'\]",
   ):
     Decoding("val", {"type": "decoding"}, _context())
 
@@ -346,6 +349,10 @@ _OUTPUT = {
   "references": np.tile([5, 4, 6], (8, 1)),
   "loss": _RNG.uniform(size=8),
   "feasible": np.ones(8, bool),
+  # A classification head's `explain` (mmtl.interpret): modality shares, maps, the images.
+  "attribution": _RNG.dirichlet([1.0, 1.0], size=8),
+  "rollout/image": _RNG.dirichlet(np.ones(5), size=8),
+  "pixel_values": _RNG.normal(size=(8, 4, 4, 3)),
   "example_weight": np.array([1.0] * 6 + [0.0] * 2),
 }
 _BATCHES = [{k: v[:4] for k, v in _OUTPUT.items()}, {k: v[4:] for k, v in _OUTPUT.items()}]
@@ -381,6 +388,7 @@ def _kind_context(kind_cls):
     text_embedder=_fake_text_embedder,
     generate_texts=_fake_generate_texts(),
     input_config=lambda cfg: data.input_config(dict(target=dict(format="ctc", characters="abc"))),
+    modalities=("image", "text"),
   )
 
 
@@ -396,7 +404,7 @@ def _required(kind):
 def test_every_kind_returns_its_metric_names(kind):
   e = ev.make("val", {"type": kind, **_required(kind)}, _kind_context(ev.EVALUATORS[kind]))
   out = e.run(variables=None)
-  assert list(out) == e.metric_names() and e.metric_names()
+  assert list(out) == e.metric_names() and (e.metric_names() or kind == "attention_maps")
   assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
 
 
@@ -790,3 +798,11 @@ def test_a_masked_lm_evaluator_of_unmasked_text_is_refused():
   context = _context(_BATCHES, "masked_lm", input_config=lambda cfg: data.input_config({}))
   with pytest.raises(config_lib.ConfigError, match="its input masks none"):
     ev.make("val", {"type": "masked_lm"}, context).check()
+
+
+def test_attention_maps_need_images():
+  def no_images(cfg):
+    return data.input_config(dict(fields=dict(image=None, text="question", label="label")))
+
+  with pytest.raises(config_lib.ConfigError, match=r"draws its maps over images.*fields\.image"):
+    ev.make("maps", {"type": "attention_maps"}, _context(input_config=no_images))

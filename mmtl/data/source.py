@@ -108,7 +108,8 @@ def _skip_decoding(features: tfds.features.FeaturesDict, keep: set[str]) -> dict
 # What the label and target fields must read (each modality declares its own: `reads`).
 FIELD_SPECS = {
   "label": modalities.FeatureSpec("uifb", (0, 1), "class ids or numbers (or a list of ids)"),
-  "target": modalities.FeatureSpec("OSU", (0, 1), "a text or a list of texts"),
+  # Texts, or class labels, whose names are the texts (generative VQA's answers).
+  "target": modalities.FeatureSpec("OSUiu", (0, 1), "a text, a list of texts or class labels"),
 }
 
 

@@ -169,6 +169,8 @@ class GatedFusion(Fusion):
     gate = gate.reshape(b, m, w).astype(jnp.float32)
     gate = jnp.where(present[..., None] > 0, gate, -1e9)
     z = jax.nn.softmax(gate, axis=1).astype(h.dtype)
+    # Each modality's mean gate (B, M), in `towers` order: where the fusion looks (mmtl.interpret).
+    self.sow("intermediates", "modality_gates", z.mean(-1).astype(jnp.float32))
     return (z * h).sum(1)
 
 
@@ -606,7 +608,22 @@ class FusionModel(nn.Module):
         pooled=pool(final, mask, self.pool_of(m)),
         present=present[m],
       )
-    return out
+    # What fusion reads of each tower, recorded and as `perturbations` (zero; both no-ops
+    # unless those collections are asked for, and neither is a variable `init` makes):
+    # mmtl.interpret's gradient x input.
+    if self.is_initializing():
+      return out
+    for m, t in out.items():
+      for part in ("tokens", "mask", "pooled"):
+        self.sow("intermediates", f"{m}_{part}", getattr(t, part))
+    return {
+      m: dataclasses.replace(
+        t,
+        tokens=self.perturb(f"{m}_tokens", t.tokens),
+        pooled=self.perturb(f"{m}_pooled", t.pooled),
+      )
+      for m, t in out.items()
+    }
 
   def tower_outputs(self, batch: Mapping[str, Any], m: str) -> dict[str, jax.Array]:
     """What fusion and head read of tower `m` on `batch`, at inference: its

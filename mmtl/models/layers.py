@@ -215,6 +215,8 @@ class Attention(nn.Module):
     )
     split = lambda y: y.reshape(*y.shape[:-1], s.num_heads, head_dim)
     q, k, v = (split(dense(n, s.has_bias(n))(x)) for n in ("query", "key", "value"))
+    if self.is_mutable_collection("intermediates"):  # Asked for (mmtl.interpret): no cost else.
+      self.sow("intermediates", "attention", attention_weights(q, k, mask, causal=s.causal))
     if s.attention_dropout and not deterministic:
       # jax.nn.dot_product_attention has no dropout on the probabilities.
       mask = mask[:, None, None, :]  # (B, heads, queries, keys)
@@ -256,6 +258,16 @@ class Attention(nn.Module):
         q, k, v, mask=mask[:, None, None, :], is_causal=s.causal, implementation=self.attention_impl
       )
     return dense("out", True)(out.reshape(*x.shape[:-1], s.hidden_size))
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array, *, causal: bool) -> jax.Array:
+  """Softmax attention probabilities (B, heads, queries, keys) in float32 of queries and keys
+  (B, T, heads, head_dim) over a key padding mask (B, T), as the attention computes them."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+  allowed = mask[:, None, None, :]
+  if causal:
+    allowed = allowed & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+  return jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1)
 
 
 class Mlp(nn.Module):
@@ -707,6 +719,8 @@ class CrossAttentionBlock(nn.Module):
       nn.LayerNorm(dtype=self.dtype, name="ln_q")(q),
       nn.LayerNorm(dtype=self.dtype, name="ln_kv")(kv),
       mask=attn_mask,
+      # Its probabilities (B, heads, queries, keys) as "attention_weights", when asked for.
+      sow_weights=self.is_mutable_collection("intermediates"),
     )
     # Nothing to attend to (the other modalities absent): add nothing.
     y = y * kv_mask.any(-1)[:, None, None].astype(y.dtype)
