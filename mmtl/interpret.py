@@ -97,13 +97,18 @@ def _attribution(model: Any, inter: Mapping[str, Any], grads: Mapping[str, Any],
 
 
 def _self_attention(tower: Mapping[str, Any]) -> list[jax.Array]:
-  """The self-attention probabilities (B, heads, T, T) a tower recorded, in layer order."""
-  found = [
-    (int(_LAYER.search("/".join(path)).group(1)) if _LAYER.search("/".join(path)) else 0, v[0])
+  """The self-attention probabilities (B', heads, T', T') a tower recorded, in layer order."""
+  found = {
+    path: v[0]
     for path, v in flax.traverse_util.flatten_dict(tower).items()
     if path[-1] in ("attention", "attention_weights")  # ours; flax's (a video's temporal layers)
-  ]
-  return [a for _, a in sorted(found, key=lambda item: item[0])]
+  }
+  return [found[path] for path in sorted(found, key=_layer_index)]
+
+
+def _layer_index(path: tuple[str, ...]) -> int:
+  match = _LAYER.search("/".join(path))
+  return int(match.group(1)) if match else 0
 
 
 def _rollout(attention: list[jax.Array], mask: jax.Array, pool: str) -> jax.Array:
