@@ -116,7 +116,14 @@ def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
 class WandbTracker:
   """A W&B run (offline by default: files under DIR/wandb, synced later with `wandb sync`)."""
 
-  def __init__(self, cfg, workdir, name, run_id, params):
+  def __init__(
+    self,
+    cfg: Mapping[str, Any],
+    workdir: str,
+    name: str,
+    run_id: str | None,
+    params: Mapping[str, Any],
+  ):
     import wandb
 
     self._wandb = wandb
@@ -156,7 +163,14 @@ def mlflow_name(name: str) -> str:
 class MlflowTracker:
   """An MLflow run in `mlflow_uri` (default: DIR/mlflow.db), through MlflowClient."""
 
-  def __init__(self, cfg, workdir, name, run_id, params):
+  def __init__(
+    self,
+    cfg: Mapping[str, Any],
+    workdir: str,
+    name: str,
+    run_id: str | None,
+    params: Mapping[str, Any],
+  ):
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 

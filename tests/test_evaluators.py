@@ -806,3 +806,37 @@ def test_attention_maps_need_images():
 
   with pytest.raises(config_lib.ConfigError, match=r"draws its maps over images.*fields\.image"):
     ev.make("maps", {"type": "attention_maps"}, _context(input_config=no_images))
+
+
+def test_modality_contribution_blanks_each_modality_in_turn():
+  """Accuracy of the blanked passes comes from the input with that modality blanked; the
+  attribution is the mean share over the real rows."""
+  blanked_logits = {(): [[0.0, 1.0]] * 4, ("image",): [[1.0, 0.0]] * 4, ("text",): [[0.0, 1.0]] * 4}
+
+  def make_batches(cfg):
+    blank = tuple(cfg.get("input", {}).get("blank", ()))
+    return [
+      dict(
+        logits=np.array(blanked_logits[blank]),
+        labels=np.array([1, 1, 1, 0]),
+        attribution=np.array([[0.8, 0.2], [0.6, 0.4], [0.7, 0.3], [0.0, 1.0]]),
+        example_weight=np.array([1.0, 1.0, 1.0, 0.0]),
+      )
+    ]
+
+  context = ev.EvalContext(
+    head_type="classification",
+    make_batches=make_batches,
+    predict_fns={"predict": lambda params, b: b, "explain": lambda params, b: b},
+    modalities=("image", "text"),
+  )
+  out = ev.make("c", {"type": "modality_contribution"}, context).run(None)
+  assert out == pytest.approx(
+    {
+      "c/accuracy": 1.0,
+      "c/accuracy_without_image": 0.0,
+      "c/accuracy_without_text": 1.0,
+      "c/attribution_image": 0.7,
+      "c/attribution_text": 0.3,
+    }
+  )
