@@ -13,8 +13,9 @@ table, from the main process only.
     mlflow_uri="",         # '' : a local store, DIR/mlflow.db (SQLite; see below)
   )
 
-MLflow's default here is a SQLite database in the workdir, `sqlite:///DIR/mlflow.db`
-(`mlflow ui --backend-store-uri sqlite:///DIR/mlflow.db` shows it): MLflow 3 refuses its
+MLflow's default here is a SQLite database in the workdir, `sqlite:///DIR/mlflow.db`, with
+its runs' artifacts in DIR/mlflow_artifacts (`mlflow ui --backend-store-uri
+sqlite:///DIR/mlflow.db` shows them): MLflow 3 refuses its
 directory file store (`file:DIR/mlruns`, in maintenance mode) unless
 `MLFLOW_ALLOW_FILE_STORE=true` is set, and `mlflow_uri` takes that too, or a tracking
 server's URL. A resumed run continues the same tracked run: the ids a run was given are kept in
@@ -42,6 +43,7 @@ from mmtl import workdir as workdir_lib
 
 IDS_FILE = "tracking.json"
 MLFLOW_DB = "mlflow.db"  # MLflow's local store in the workdir (SQLite)
+MLFLOW_ARTIFACTS = "mlflow_artifacts"  # its runs' artifacts (final_metrics.json, .txt)
 CONFIG_KEYS = dict(backends=(), project="mmtl", name="", wandb_mode="offline", mlflow_uri="")
 # backend -> (module it imports, the pip command that installs it)
 BACKENDS = {"wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow")}
@@ -174,19 +176,26 @@ class MlflowTracker:
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    uri = cfg["mlflow_uri"]
+    uri, artifacts = cfg["mlflow_uri"], None
     if not uri:
       if workdir_lib.is_remote(workdir):
         raise config_keys.ConfigError(
           f"MLflow's local store cannot live in {workdir}: set config.tracking.mlflow_uri "
           "(a tracking server's URL, or a local sqlite:/// database)."
         )
-      uri = "sqlite:///" + os.path.abspath(os.path.join(os.fspath(workdir), MLFLOW_DB))
+      local = os.path.abspath(os.fspath(workdir))
+      uri = "sqlite:///" + os.path.join(local, MLFLOW_DB)
+      # A database store keeps artifacts in ./mlruns of the process's directory unless
+      # its experiment names a place: the workdir's.
+      artifacts = "file://" + os.path.join(local, MLFLOW_ARTIFACTS)
     self._client = client = MlflowClient(tracking_uri=uri)
     if run_id is None:
-      experiment = client.get_experiment_by_name(cfg["project"])
+      project = cfg["project"]
+      experiment = client.get_experiment_by_name(project)
       experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(cfg["project"])
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(project, artifact_location=artifacts)
       )
       run_id = client.create_run(experiment_id, run_name=name).info.run_id
       # MLflow params are strings of limited length, set once (a resumed run keeps them).

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 import signal
 import struct
 import sys
@@ -92,6 +93,10 @@ def test_a_stopped_and_resumed_run_reports_one_tracked_run_to_each_backend(
     assert history == pytest.approx(logged[name]), name
   artifact = client.download_artifacts(run.info.run_id, "final_metrics.json", str(tmp_path))
   assert json.loads(open(artifact).read()) == pytest.approx(final)
+  # Artifacts stay in the workdir (a database store would put them in the process's ./mlruns).
+  stored = workdir / tracking.MLFLOW_ARTIFACTS / run.info.run_id / "artifacts"
+  assert sorted(p.name for p in stored.iterdir()) == ["final_metrics.json", "final_metrics.txt"]
+  assert not (Path.cwd() / "mlruns").exists()
 
   runs = sorted((workdir / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
   assert len(runs) == 2  # The first attempt and its resume: one run id, synced as one run.
