@@ -34,6 +34,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 import time
 from typing import Any, Protocol
 
@@ -58,9 +59,10 @@ class Tracker(Protocol):
   def close(self, final: Mapping[str, float] | None) -> None: ...
 
 
-def check(tracking: Mapping[str, Any]) -> dict[str, Any]:
-  """`config.tracking` with defaults; a ConfigError for an unknown backend or mode, or a
-  backend whose package is not installed (naming the pip command)."""
+def check(tracking: Mapping[str, Any], workdir: str) -> dict[str, Any]:
+  """`config.tracking` with defaults; a ConfigError for an unknown backend or mode, a
+  backend whose package is not installed (naming the pip command), or local files a
+  backend would keep in a `gs://` workdir (W&B offline, MLflow's default store)."""
   config_keys.check_keys(tracking, CONFIG_KEYS, "config.tracking")
   cfg = {**CONFIG_KEYS, **tracking}
   for backend in cfg["backends"]:
@@ -78,13 +80,24 @@ def check(tracking: Mapping[str, Any]) -> dict[str, Any]:
     raise config_keys.ConfigError(
       f"config.tracking.wandb_mode={cfg['wandb_mode']!r}; use one of {WANDB_MODES}."
     )
+  if workdir_lib.is_remote(workdir):
+    if "wandb" in cfg["backends"] and cfg["wandb_mode"] == "offline":
+      raise config_keys.ConfigError(
+        f"W&B's offline files cannot live in {workdir}: set config.tracking.wandb_mode="
+        "'online' (its local files then go to a temporary directory), or use a local workdir."
+      )
+    if "mlflow" in cfg["backends"] and not cfg["mlflow_uri"]:
+      raise config_keys.ConfigError(
+        f"MLflow's local store cannot live in {workdir}: set config.tracking.mlflow_uri "
+        "(a tracking server's URL, or a local sqlite:/// database)."
+      )
   return cfg
 
 
 def open_trackers(config: Mapping[str, Any], workdir: str) -> list[Tracker]:
   """The trackers `config["tracking"]` asks for, each continuing the tracked run this
   workdir started (DIR/tracking.json), with the config (a JSON-able dict) logged."""
-  cfg = check(config.get("tracking", {}))
+  cfg = check(config.get("tracking", {}), workdir)
   if not cfg["backends"]:
     return []
   ids_file = workdir_lib.path(workdir, IDS_FILE)
@@ -130,14 +143,15 @@ class WandbTracker:
 
     self._wandb = wandb
     self.run_id = run_id or secrets.token_hex(6)  # W&B ids: letters and digits
-    local = not workdir_lib.is_remote(workdir)
+    # Online from a gs:// workdir (`check`), its local files are only a staging area.
+    remote = workdir_lib.is_remote(workdir)
     self._run = wandb.init(
       project=cfg["project"],
       name=name,
       id=self.run_id,
       resume="allow",
       mode=cfg["wandb_mode"],
-      dir=os.fspath(workdir) if local else None,
+      dir=tempfile.mkdtemp(prefix="mmtl_wandb_") if remote else os.fspath(workdir),
       config=params,
       reinit="create_new",
     )
@@ -177,12 +191,7 @@ class MlflowTracker:
     from mlflow.tracking import MlflowClient
 
     uri, artifacts = cfg["mlflow_uri"], None
-    if not uri:
-      if workdir_lib.is_remote(workdir):
-        raise config_keys.ConfigError(
-          f"MLflow's local store cannot live in {workdir}: set config.tracking.mlflow_uri "
-          "(a tracking server's URL, or a local sqlite:/// database)."
-        )
+    if not uri:  # A local workdir (`check`).
       local = os.path.abspath(os.fspath(workdir))
       uri = "sqlite:///" + os.path.join(local, MLFLOW_DB)
       # A database store keeps artifacts in ./mlruns of the process's directory unless

@@ -201,7 +201,7 @@ def validate(config: mlc.ConfigDict, *, fresh: bool, workdir: str = "") -> Valid
 
 def _validate(config: mlc.ConfigDict, fresh: bool, workdir: str) -> Validated:
   total_steps, accum = int(config.total_steps), int(config.grad_accum_steps)
-  tracking.check(config.tracking)  # Its backends installed, before anything else.
+  tracking.check(config.tracking, workdir)  # Its backends installed, before anything else.
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)

@@ -149,7 +149,17 @@ def test_a_backend_that_is_not_installed_names_the_pip_command(
 )
 def test_bad_tracking_config(tracking_cfg, message):
   with pytest.raises(config_lib.ConfigError, match=message):
-    tracking.check(tracking_cfg)
+    tracking.check(tracking_cfg, "/tmp/run")
+
+
+def test_local_tracking_files_are_refused_in_a_gs_workdir():
+  """W&B's offline files and MLflow's default store would not reach the bucket."""
+  with pytest.raises(config_lib.ConfigError, match=r"W&B's offline files cannot live in gs://"):
+    tracking.check(dict(backends=("wandb",)), "gs://bucket/run")
+  with pytest.raises(config_lib.ConfigError, match=r"MLflow's local store cannot live in gs://"):
+    tracking.check(dict(backends=("mlflow",)), "gs://bucket/run")
+  remote = dict(backends=("wandb", "mlflow"), wandb_mode="online", mlflow_uri="http://mlflow:5000")
+  assert tracking.check(remote, "gs://bucket/run")["wandb_mode"] == "online"
 
 
 def test_mlflow_names_keep_what_mlflow_allows():
