@@ -935,12 +935,9 @@ class AttentionMaps(Evaluator):
     return {}
 
   def _tokenizer(self) -> Any:
+    """The text tower's tokenizer (the pipeline's, loaded once per process), or None."""
     name = self.context.input_config(self.cfg).text.tokenizer if self.context.input_config else None
-    if not name:
-      return None
-    from mmtl import preprocess  # pylint: disable=g-import-not-at-top
-
-    return preprocess.load_tokenizer(name)
+    return modalities.tokenizer(name) if name else None
 
   def _title(self, out: Mapping[str, Any], i: int, names: list[str], tokenizer: Any) -> str:
     predicted = int(np.argmax(out["logits"][i]))
