@@ -49,18 +49,27 @@ _LAYER = re.compile(r"layer_(\d+)")
 
 
 def explain(model: Any, variables: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """The maps, gates and attributions of `model` on `batch` (module docstring)."""
-  out, state = model.apply(variables, batch, mutable=[INTERMEDIATES, PERTURBATIONS])
-  logits = out["logits"]
+  """The maps, gates and attributions of `model` on `batch` (module docstring), from one
+  forward and backward pass."""
+  # The perturbations' shapes (tracing only), then zeros of them: what fusion reads.
+  shapes = jax.eval_shape(lambda: model.apply(variables, batch, mutable=[PERTURBATIONS])[1])
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[PERTURBATIONS])
+
+  def predicted_logit(perturbations: Any) -> tuple[jax.Array, Any]:
+    """The sum over the batch of each example's predicted-class logit (examples do not
+    interact at inference: its gradient is each one's own), with the logits and what the
+    modules recorded."""
+    out, state = model.apply(
+      {**variables, PERTURBATIONS: perturbations}, batch, mutable=[INTERMEDIATES]
+    )
+    logits = out["logits"]
+    predicted = jax.lax.stop_gradient(jnp.argmax(logits, -1))
+    score = jnp.take_along_axis(logits, predicted[:, None], -1).sum()
+    return score, (logits, state[INTERMEDIATES])
+
+  grads, (logits, state) = jax.grad(predicted_logit, has_aux=True)(zeros)
   weight = batch.get("example_weight", jnp.ones(logits.shape[:1], jnp.float32))
-  predicted = jax.lax.stop_gradient(jnp.argmax(logits, -1))
-
-  def predicted_logit(perturbations: Any) -> jax.Array:
-    z = model.apply({**variables, PERTURBATIONS: perturbations}, batch)["logits"]
-    return jnp.sum(jnp.take_along_axis(z, predicted[:, None], -1)[:, 0] * weight)
-
-  grads = jax.grad(predicted_logit)(state[PERTURBATIONS])
-  inter = flax.core.unfreeze(state[INTERMEDIATES])
+  inter = flax.core.unfreeze(state)
   attribution = _attribution(model, inter, grads, logits.shape[0])
   result = {"logits": logits, "example_weight": weight, **attribution}
   # The labels, and the inputs a picture shows (the image, the text's tokens).
